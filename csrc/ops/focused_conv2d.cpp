@@ -1,0 +1,12 @@
+// Schemas of the focused convolution and its backward. Kernels live in cpu/ and cuda/.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(fxeff, m) {
+  m.set_python_module("fxeff.ops");
+  m.def(
+      "focused_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor mask, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "focused_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mask, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,46 @@
+// Shared by the CPU and CUDA kernels of fxeff::focused_conv2d: argument checks, the output
+// geometry, and the strategy controls.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+namespace fxeff {
+namespace ops {
+
+// A conv's shape, normalised once per call.
+struct ConvGeometry {
+  int64_t n, c, h, w;        // input
+  int64_t o, kh, kw;         // weight [o, c/groups, kh, kw]
+  int64_t ho, wo;            // output
+  int64_t sh, sw, ph, pw, dh, dw, groups;
+  // Input window feeding an output block of oh x ow positions.
+  int64_t window_h(int64_t oh) const { return (oh - 1) * sh + dh * (kh - 1) + 1; }
+  int64_t window_w(int64_t ow) const { return (ow - 1) * sw + dw * (kw - 1) + 1; }
+};
+
+// Validates every argument (naming the op, the argument, expected vs got) and returns the geometry.
+ConvGeometry check_focused_conv2d_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias, const at::Tensor& mask,
+                                       at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, int64_t groups);
+
+// Strategies of the forward kernel; the index is the position in the counters.
+enum class FocusStrategy : int { Empty = 0, Dense = 1, Crop = 2, Tiles = 3 };
+constexpr int kNumFocusStrategies = 4;
+const char* focus_strategy_name(FocusStrategy s);
+
+// The forced strategy ("auto" unless a benchmark or test set one) and the forced tile size (0 = auto).
+struct FocusConfig {
+  std::string strategy;
+  int64_t tile;
+};
+FocusConfig focus_config();
+void count_focus_strategy(FocusStrategy s);
+
+}  // namespace ops
+}  // namespace fxeff

@@ -1,0 +1,13 @@
+"""fxeff: torch.fx passes and C++/CUDA operators that make trained CNNs cheaper to run.
+
+Importing fxeff loads the operator library (torch.ops.fxeff.*) and their Python faces
+(fake kernels, autograd, FLOP formulas).
+"""
+from ._library import library_path, load_library
+
+load_library()
+
+from . import ops  # noqa: E402,F401  (registers fake kernels, autograd and FLOP formulas)
+
+__version__ = "0.1.0"
+__all__ = ["library_path", "load_library", "ops"]

@@ -1,0 +1,7 @@
+"""Python faces of fxeff's operators: checked wrappers (fx leaves), fake kernels, autograd, FLOP formulas."""
+from . import flops  # noqa: F401
+from .aoi_mask import aoi_mask
+from .focused_conv2d import focused_conv2d, forced_strategy, strategy_counters
+from .mask_resize import mask_resize
+
+__all__ = ["aoi_mask", "mask_resize", "focused_conv2d", "forced_strategy", "strategy_counters"]

@@ -1,0 +1,41 @@
+"""torch.utils.flop_counter formulas for fxeff's ops, so FlopCounterMode counts what they really compute.
+
+A FLOP here is what FlopCounterMode counts for aten.convolution: 2 per multiply-accumulate.
+"""
+import torch
+from torch.utils import flop_counter
+
+_registered = False
+
+
+def _focused_conv2d_flops(x, weight, bias, mask, stride, padding, dilation, groups, out_val=None, **kwargs) -> int:
+    # Only active outputs are computed (the kernel may compute a few more inside tiles; those are overhead,
+    # not work the model asks for, and benchmarks show their cost).
+    o, cg, kh, kw = weight.shape
+    return 2 * int(mask.count_nonzero()) * o * cg * kh * kw
+
+
+def _focused_conv2d_backward_flops(grad_out, x, weight, mask, stride, padding, dilation, groups, out_val=None,
+                                   **kwargs) -> int:
+    # The backward runs the vendor conv backward on the masked gradient: input and weight gradients, dense.
+    return flop_counter.conv_backward_flop(tuple(grad_out.shape), tuple(x.shape), tuple(weight.shape), None, stride,
+                                           padding, dilation, False, [0, 0], groups, [True, True, False])
+
+
+def _zero_flops(*args, **kwargs) -> int:
+    return 0
+
+
+def register() -> None:
+    """Registers the formulas once (torch refuses duplicate registrations)."""
+    global _registered
+    if _registered:
+        return
+    ops = torch.ops.fxeff
+    flop_counter.register_flop_formula(ops.focused_conv2d, get_raw=True)(_focused_conv2d_flops)
+    flop_counter.register_flop_formula(ops.focused_conv2d_backward, get_raw=True)(_focused_conv2d_backward_flops)
+    flop_counter.register_flop_formula([ops.aoi_mask, ops.mask_resize], get_raw=True)(_zero_flops)
+    _registered = True
+
+
+register()

@@ -1,0 +1,80 @@
+"""focused_conv2d: a conv computed only at the active outputs of a per-image mask.
+
+Contract: out[n, :, i, j] == F.conv2d(x, weight, bias, ...)[n, :, i, j] where mask[n, i, j], and 0
+elsewhere. The mask is bool [N, Hout, Wout] at the conv's output resolution. Gradients flow to x,
+weight and bias (only through the active outputs).
+"""
+from contextlib import contextmanager
+from typing import Dict, Optional
+
+import torch
+
+from ._utils import IntPair, memory_format_of, pair
+
+STRATEGIES = ("empty", "dense", "crop", "tiles")
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.fx.wrap
+def focused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
+                   stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1) -> torch.Tensor:
+    """F.conv2d restricted to the outputs where ``mask`` (bool [N, Hout, Wout]) is true; zeros elsewhere."""
+    return torch.ops.fxeff.focused_conv2d(x, weight, bias, mask, pair("stride", "focused_conv2d", stride),
+                                          pair("padding", "focused_conv2d", padding),
+                                          pair("dilation", "focused_conv2d", dilation), groups)
+
+
+@torch.library.register_fake("fxeff::focused_conv2d")
+def _focused_conv2d_fake(x, weight, bias, mask, stride, padding, dilation, groups):
+    torch._check(x.dim() == 4, lambda: f"fxeff.focused_conv2d: x must be 4-D [N, C, H, W], got {x.dim()}-D")
+    torch._check(weight.dim() == 4, lambda: f"fxeff.focused_conv2d: weight must be 4-D, got {weight.dim()}-D")
+    ho = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    torch._check(mask.dtype == torch.bool and tuple(mask.shape) == (x.shape[0], ho, wo),
+                 lambda: f"fxeff.focused_conv2d: mask must be bool [N, Hout, Wout] = "
+                         f"[{x.shape[0]}, {ho}, {wo}], got {tuple(mask.shape)} {mask.dtype}")
+    out = x.new_empty((x.shape[0], weight.shape[0], ho, wo))
+    return out.contiguous(memory_format=memory_format_of(x))
+
+
+@torch.library.register_fake("fxeff::focused_conv2d_backward")
+def _focused_conv2d_backward_fake(grad_out, x, weight, mask, stride, padding, dilation, groups):
+    grad_x = torch.empty_like(x, memory_format=memory_format_of(x))
+    return grad_x, torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((weight.shape[0],))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, mask, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight, mask = ctx.saved_tensors
+    grad_x, grad_w, grad_b = torch.ops.fxeff.focused_conv2d_backward(grad_out, x, weight, mask, *ctx.conv_args)
+    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None, None, None, None
+
+
+torch.library.register_autograd("fxeff::focused_conv2d", _backward, setup_context=_setup_context)
+
+
+def strategy_counters(reset: bool = False) -> Dict[str, int]:
+    """How many calls ran each execution strategy (since start or the last reset)."""
+    return dict(zip(STRATEGIES, torch.ops.fxeff._focused_conv2d_counters(reset)))
+
+
+@contextmanager
+def forced_strategy(strategy: str, tile: int = 0):
+    """Forces one execution strategy ("auto", "dense", "crop", "tiles") and tile size (0 = auto) within the block.
+
+    For benchmarks and tests; process-wide, so do not use it from several threads at once.
+    """
+    previous = torch.ops.fxeff._focused_conv2d_set_strategy(strategy, tile)
+    try:
+        yield
+    finally:
+        torch.ops.fxeff._focused_conv2d_set_strategy(previous, 0)
