@@ -1,0 +1,55 @@
+"""The one benchmark helper: side-by-side timings as medians of repeats, tables as markdown + JSON.
+
+Every benchmark script times its candidates with ``measure`` in one process, reports ratios
+against a baseline measured in the same run, and prints ``environment()`` with the table.
+"""
+import json
+import platform
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.utils.benchmark as tbench
+
+
+def environment() -> Dict[str, object]:
+    """What the numbers depend on: printed with every table."""
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if torch.cuda.is_available():
+        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return env
+
+
+def measure(fn: Callable[[], object], min_run_time: float = 0.5, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds per call of ``fn`` over ``repeats`` blocked_autorange runs, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    medians = sorted(timer.blocked_autorange(min_run_time=min_run_time / repeats).median for _ in range(repeats))
+    return medians[len(medians) // 2]
+
+
+def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:
+    """Rows of dicts as a markdown table; floats with 3 significant digits."""
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(title: str, rows: List[Dict[str, object]], columns: Sequence[str], json_path: str = "") -> str:
+    """Prints (and returns) the environment line and the table; writes rows + environment as JSON if asked."""
+    env = environment()
+    text = f"### {title}\n\n" + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n\n" + markdown_table(rows, columns)
+    print(text, flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"title": title, "environment": env, "rows": rows}, f, indent=1)
+    return text
