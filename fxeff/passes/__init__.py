@@ -1,0 +1,14 @@
+"""torch.fx passes of fxeff, written once against the normalised graph view (graph.py).
+
+A pass is a config dataclass (serialisable: ``config_from_dict``) whose ``run`` rewrites a
+GraphModule in place and returns a Report; ``run_passes`` applies a list of them.
+"""
+from .config import PassConfig, PassContext, config_from_dict, register_pass_config, registered_passes
+from .focus import Focus
+from .graph import ConvSite, conv_sites, graph_kind, normalize_fqn
+from .runner import run_passes
+from .splits import DEFAULT_SPLITS, default_split, default_split_for_class
+
+__all__ = ["PassConfig", "PassContext", "config_from_dict", "register_pass_config", "registered_passes", "Focus",
+           "ConvSite", "conv_sites", "graph_kind", "normalize_fqn", "run_passes", "DEFAULT_SPLITS", "default_split",
+           "default_split_for_class"]

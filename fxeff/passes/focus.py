@@ -1,0 +1,313 @@
+"""The focus pass: compute the AoI once after an early layer and run every later conv only inside it.
+
+After the split node it inserts ``aoi_mask(split_out, threshold, reduce)``; each conv downstream of
+the split becomes ``focused_conv2d(x, w, b, mask_k, ...)`` with ``mask_k = mask_resize(mask, [Hout,
+Wout])`` at that conv's output grid (one resize per distinct grid). Each rewritten conv computes
+F.conv2d of its own actual input at the active positions and 0 elsewhere; everything else (BN,
+activations, residual adds) runs unchanged on the whole map. Weights are the original tensors.
+"""
+import dataclasses
+import math
+import operator
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .. import ops as fxeff_ops
+from ..nn.focus import REDUCES, AoIThreshold
+from ..report import Report, SiteReport
+from .config import PassConfig, PassContext, register_pass_config
+from .graph import ConvSite, conv_sites, module_stack, node_shape, node_value, to_networkx
+from .measure import fake_mode_of, run_recording
+from .splits import DEFAULT_SPLITS, default_split_for_class
+
+aten = torch.ops.aten
+AOI_MASK = torch.ops.fxeff.aoi_mask.default
+MASK_RESIZE = torch.ops.fxeff.mask_resize.default
+FOCUSED_CONV2D = torch.ops.fxeff.focused_conv2d.default
+_ROLE = "fxeff_focus"  # node.meta key marking the nodes this pass inserted
+
+
+@register_pass_config("focus")
+@dataclasses.dataclass
+class Focus(PassConfig):
+    """Config of the focus pass.
+
+    ``threshold``: a pixel is in the AoI when ``reduce(split_activation, dim=1) >= threshold``.
+    ``split``: the module fqn (or node name) after which the AoI is taken; None: an AoI threshold
+    already in the graph, else the built-in default of the model's family.
+    ``reduce``: "sum" (as the focusedconv seed) or "mean" over channels.
+    """
+
+    threshold: float
+    split: Optional[str] = None
+    reduce: str = "sum"
+
+    def __post_init__(self):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise TypeError(f"fxeff.passes.Focus: threshold must be a float, got {type(self.threshold).__name__} "
+                            f"{self.threshold!r}")
+        self.threshold = float(self.threshold)
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"fxeff.passes.Focus: threshold must be finite, got {self.threshold}")
+        if self.split is not None and (not isinstance(self.split, str) or not self.split):
+            raise ValueError(f"fxeff.passes.Focus: split must be a module fqn or node name (non-empty str) or None, "
+                             f"got {self.split!r}")
+        if self.reduce not in REDUCES:
+            raise ValueError(f"fxeff.passes.Focus: reduce must be one of {REDUCES}, got {self.reduce!r}")
+
+    def run(self, gm: fx.GraphModule, context: PassContext) -> Report:
+        return focus_pass(gm, self, context)
+
+
+# ---------------------------------------------------------------- locating the split
+
+_AOI_TARGETS = (torch.ops.fxeff.aoi_mask.default, torch.ops.fxeff.aoi_mask, fxeff_ops.aoi_mask)
+_REDUCE_TARGETS = {torch.sum: "sum", torch.mean: "mean", aten.sum.dim_IntList: "sum", aten.mean.dim: "mean"}
+_GE_TARGETS = (operator.ge, torch.ge, aten.ge.Scalar)
+_LE_TARGETS = (operator.le, torch.le, aten.le.Scalar)
+
+
+def _is_channel_dim(dim: Any, ndim: Optional[int]) -> bool:
+    if isinstance(dim, (list, tuple)):
+        if len(dim) != 1:
+            return False
+        dim = dim[0]
+    if not isinstance(dim, int):
+        return False
+    return dim == 1 or (ndim == 4 and dim == -3)
+
+
+def _channel_reduction_input(node: Any) -> Optional[fx.Node]:
+    """x when ``node`` is ``x.sum(1)`` / ``x.mean(dim=1)`` / ``torch.sum(x, 1)`` / aten.sum.dim_IntList(x, [1])."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method" and node.target in ("sum", "mean"):
+        pass
+    elif node.op == "call_function" and node.target in _REDUCE_TARGETS:
+        pass
+    else:
+        return None
+    if not node.args:
+        return None
+    x = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    shape = node_shape(x)
+    if keepdim or not _is_channel_dim(dim, len(shape) if shape is not None else None):
+        return None
+    if shape is not None and len(shape) != 4:
+        return None
+    return x
+
+
+def existing_aoi_thresholds(gm: fx.GraphModule) -> List[Tuple[fx.Node, str]]:
+    """Each AoI threshold already in the graph, as (node whose activation is thresholded, description).
+
+    Recognised: an ``fxeff.nn.AoIThreshold`` module, an ``fxeff::aoi_mask`` call, and the seed's
+    pattern ``x.sum(1) >= t`` (also mean, ``torch.ge``, ``t <= x.sum(1)`` and the aten forms).
+    """
+    found = []
+    for node in gm.graph.nodes:
+        if node.meta.get(_ROLE) or not node.args:
+            continue
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), AoIThreshold):
+            found.append((node.args[0], f"input of the AoIThreshold module {node.target!r}"))
+        elif node.op == "call_function" and node.target in _AOI_TARGETS:
+            found.append((node.args[0], f"input of the aoi_mask call {node.name!r}"))
+        elif (node.op == "call_function" and node.target in _GE_TARGETS) or \
+                (node.op == "call_method" and node.target == "ge"):
+            x = _channel_reduction_input(node.args[0]) if len(node.args) == 2 and \
+                isinstance(node.args[1], (int, float)) else None
+            if x is not None:
+                found.append((x, f"input of the threshold {node.args[0].name} >= {node.args[1]} ({node.name!r})"))
+        elif node.op == "call_function" and node.target in _LE_TARGETS and len(node.args) == 2 and \
+                isinstance(node.args[0], (int, float)):
+            x = _channel_reduction_input(node.args[1])
+            if x is not None:
+                found.append((x, f"input of the threshold {node.args[0]} <= {node.args[1].name} ({node.name!r})"))
+    return found
+
+
+def find_split_node(gm: fx.GraphModule, split: str) -> Optional[fx.Node]:
+    """The node whose output is module ``split``'s output (or the node named ``split``), or None.
+
+    symbolic_trace: the call_module node; dynamo/export (and containers): the last node in graph
+    order whose module stack contains ``split``.
+    """
+    last = None
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output") or node.meta.get(_ROLE):
+            continue
+        if node.op == "call_module" and node.target == split:
+            return node
+        if split in module_stack(node):
+            last = node
+    if last is not None:
+        return last
+    for node in gm.graph.nodes:
+        if node.name == split:
+            return node
+    return None
+
+
+def _class_from_graph(gm: fx.GraphModule) -> Optional[str]:
+    """The root module's class name recorded by export in nn_module_stack ('' fqn), if any."""
+    for node in gm.graph.nodes:
+        for value in (node.meta.get("nn_module_stack") or {}).values():
+            if isinstance(value, tuple) and value[0] == "":
+                cls = value[1]
+                return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+    return None
+
+
+def locate_split(gm: fx.GraphModule, config: Focus, model_class: Union[Type, str, None]) -> Tuple[fx.Node, str]:
+    """(split node, how it was found): the config's split, else an AoI threshold in the graph, else the default."""
+    if config.split is not None:
+        node = find_split_node(gm, config.split)
+        if node is None:
+            owner = getattr(model_class, "__name__", model_class) or "the graph"
+            raise ValueError(f"fxeff.passes.Focus: split {config.split!r} names no module of {owner} and no node "
+                             f"of the graph")
+        return node, f"{config.split} (given)"
+    thresholds = existing_aoi_thresholds(gm)
+    if thresholds:
+        nodes = {node for node, _ in thresholds}
+        if len(nodes) > 1:
+            raise ValueError(f"fxeff.passes.Focus: the graph holds {len(nodes)} AoI thresholds on different "
+                             f"activations ({[d for _, d in thresholds]}); pass Focus(split=...) to choose")
+        node, description = thresholds[0]
+        return node, f"{node.name}: {description}"
+    cls = model_class if model_class is not None else _class_from_graph(gm)
+    split = default_split_for_class(cls) if cls is not None else None
+    if split is None:
+        name = getattr(cls, "__name__", cls)
+        raise ValueError(f"fxeff.passes.Focus: no split given, no AoI threshold in the graph, and no default split "
+                         f"for model class {name!r}; pass Focus(split='<module fqn>') "
+                         f"(defaults exist for {sorted(set(k.rsplit('.', 1)[-1] for k in DEFAULT_SPLITS))})")
+    node = find_split_node(gm, split)
+    if node is None:
+        raise ValueError(f"fxeff.passes.Focus: the default split {split!r} of {getattr(cls, '__name__', cls)} names "
+                         f"no module of this graph; pass Focus(split='<module fqn>')")
+    return node, f"{split} (default for {getattr(cls, '__name__', str(cls).rsplit('.', 1)[-1])})"
+
+
+# ---------------------------------------------------------------- rewriting
+
+def _skip_reason(site: ConvSite, downstream: set, upstream: set, split: fx.Node) -> Optional[str]:
+    if site.node is split or site.node in upstream:
+        return "upstream of the AoI split"
+    if site.node not in downstream:
+        return "not downstream of the AoI split (a branch that does not read the split's output)"
+    if site.transposed:
+        return "transposed conv: focused_conv2d computes forward convs only"
+    if site.dims != 2:
+        return f"{site.dims}-D conv: focused_conv2d is 2-D only"
+    if site.padding_mode != "zeros":
+        return (f"padding_mode={site.padding_mode!r}: focused_conv2d pads with zeros only "
+                f"(refused rather than silently changed)")
+    if site.unsupported:
+        return site.unsupported
+    if site.weight_shape is None or len(site.weight_shape) != 4:
+        return "weight shape unknown"
+    if site.output_grid is None:
+        return f"output grid {site.output_shape} is not static: mask_resize needs int sizes"
+    return None
+
+
+def _set_value(new: fx.Node, template: fx.Node, shape: Tuple[int, ...], dtype: torch.dtype) -> None:
+    """Gives ``new`` a fake value like its neighbours' (dynamo: example_value, export: val)."""
+    for key in ("val", "example_value"):
+        value = template.meta.get(key)
+        fake_mode = getattr(value, "fake_mode", None)
+        if fake_mode is not None:
+            with fake_mode:
+                new.meta[key] = torch.empty(shape, dtype=dtype, device=value.device)
+
+
+def _param_node(graph: fx.Graph, ref: Union[fx.Node, str, None]) -> Optional[fx.Node]:
+    return graph.get_attr(ref) if isinstance(ref, str) else ref
+
+
+def _rewrite(gm: fx.GraphModule, site: ConvSite, mask: fx.Node) -> fx.Node:
+    graph = gm.graph
+    with graph.inserting_before(site.node):
+        weight = _param_node(graph, site.weight)
+        bias = _param_node(graph, site.bias)
+        new = graph.call_function(FOCUSED_CONV2D, (site.input, weight, bias, mask, list(site.stride),
+                                                   list(site.padding), list(site.dilation), site.groups))
+    for key in ("nn_module_stack", "stack_trace", "val", "example_value", "tensor_meta"):
+        if key in site.node.meta:
+            new.meta[key] = site.node.meta[key]
+    new.meta[_ROLE] = "focused_conv2d"
+    site.node.replace_all_uses_with(new)
+    graph.erase_node(site.node)
+    return new
+
+
+def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Report:
+    """Rewrites ``gm`` in place (recompiled) and returns the report; see the module docstring."""
+    flops_before, _ = run_recording(gm, context.example_inputs)
+    sites = conv_sites(gm)
+    split, split_description = locate_split(gm, config, context.model_class)
+    split_shape = node_shape(split)
+    if split_shape is None or len(split_shape) != 4:
+        raise ValueError(f"fxeff.passes.Focus: the split {split_description} must produce a 4-D activation "
+                         f"[N, C, H, W], got shape {split_shape}")
+    graph = gm.graph
+    flow = to_networkx(graph)
+    downstream, upstream = nx.descendants(flow, split), nx.ancestors(flow, split)
+
+    with graph.inserting_after(split):
+        mask = graph.call_function(AOI_MASK, (split, config.threshold, config.reduce))
+    mask.meta[_ROLE] = "aoi_mask"
+    mask_shape = (split_shape[0], split_shape[2], split_shape[3])
+    _set_value(mask, split, mask_shape, torch.bool)
+    grid_masks: Dict[Tuple[Any, Any], fx.Node] = {tuple(split_shape[2:]): mask}
+
+    site_reports: List[SiteReport] = []
+    rewritten: List[Tuple[SiteReport, ConvSite, fx.Node]] = []
+    for site in sites:
+        reason = _skip_reason(site, downstream, upstream, split)
+        macs = site.macs()
+        if reason is not None:
+            site_reports.append(SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "focus"))
+            continue
+        grid = site.output_grid
+        if grid not in grid_masks:
+            with graph.inserting_after(mask):
+                resized = graph.call_function(MASK_RESIZE, (mask, list(grid)))
+            resized.meta[_ROLE] = "mask_resize"
+            _set_value(resized, split, (split_shape[0],) + grid, torch.bool)
+            grid_masks[grid] = resized
+        mask_k = grid_masks[grid]
+        _rewrite(gm, site, mask_k)
+        entry = SiteReport(site.name, site.describe(), "rewritten", "", macs, None, "focus")
+        site_reports.append(entry)
+        rewritten.append((entry, site, mask_k))
+
+    notes = []
+    if not rewritten:
+        graph.erase_node(mask)
+        notes.append("no conv could be focused: the graph is unchanged")
+    graph.lint()
+    gm.recompile()
+
+    report = Report(pass_name="focus", sites=site_reports, split=split_description,
+                    model_macs_before=flops_before // 2, notes=notes)
+    if fake_mode_of(context.example_inputs) is not None:
+        report.notes.append("example inputs are fake tensors: AoI fractions and MACs after are n/a")
+        return report
+    keep = [mask] + [m for _, _, m in rewritten] if rewritten else []
+    flops_after, values = run_recording(gm, context.example_inputs, keep)
+    report.model_macs_after = flops_after // 2
+    if rewritten:
+        report.aoi_fractions = [float(f) for f in values[mask].float().mean(dim=(1, 2))]
+        for entry, site, mask_k in rewritten:
+            entry.macs_after = int(values[mask_k].count_nonzero()) * site.macs_per_output_position()
+    return report
+
+
+__all__ = ["Focus", "focus_pass", "locate_split", "find_split_node", "existing_aoi_thresholds"]
