@@ -2,7 +2,8 @@
 
 After the split node it inserts ``aoi_mask(split_out, threshold, reduce)``; each conv downstream of
 the split becomes ``focused_conv2d(x, w, b, mask_k, ...)`` with ``mask_k = mask_resize(mask, [Hout,
-Wout])`` at that conv's output grid (one resize per distinct grid). Each rewritten conv computes
+Wout])`` at that conv's output grid (one resize per distinct grid); a conv with a padding_mode
+other than zeros gets its input padded by F.pad in that mode first (exact, as nn.Conv2d does). Each rewritten conv computes
 F.conv2d of its own actual input at the active positions and 0 elsewhere; everything else (BN,
 activations, residual adds) runs unchanged on the whole map. Weights are the original tensors.
 """
@@ -14,12 +15,13 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union
 import networkx as nx
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from .. import ops as fxeff_ops
 from ..nn.focus import REDUCES, AoIThreshold
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
-from .graph import ConvSite, conv_sites, module_stack, node_shape, node_value, to_networkx
+from .graph import ConvSite, conv_sites, module_stack, node_shape, normalize_fqn, to_networkx
 from .measure import fake_mode_of, run_recording
 from .splits import DEFAULT_SPLITS, default_split_for_class
 
@@ -27,6 +29,7 @@ aten = torch.ops.aten
 AOI_MASK = torch.ops.fxeff.aoi_mask.default
 MASK_RESIZE = torch.ops.fxeff.mask_resize.default
 FOCUSED_CONV2D = torch.ops.fxeff.focused_conv2d.default
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _ROLE = "fxeff_focus"  # node.meta key marking the nodes this pass inserted
 
 
@@ -163,6 +166,24 @@ def _class_from_graph(gm: fx.GraphModule) -> Optional[str]:
     return None
 
 
+def graph_module_classes(gm: fx.GraphModule) -> Dict[str, str]:
+    """fqn -> class name of the modules the graph's nodes were called within, in graph order."""
+    classes: Dict[str, str] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        for value in stack.values():
+            if not isinstance(value, tuple) or len(value) < 2:
+                continue
+            fqn = normalize_fqn(str(value[0]))
+            cls = value[1]
+            name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+            if fqn and fqn not in classes:
+                classes[fqn] = name
+        if node.op == "call_module" and node.target not in classes:
+            classes[str(node.target)] = type(gm.get_submodule(node.target)).__name__
+    return classes
+
+
 def locate_split(gm: fx.GraphModule, config: Focus, model_class: Union[Type, str, None]) -> Tuple[fx.Node, str]:
     """(split node, how it was found): the config's split, else an AoI threshold in the graph, else the default."""
     if config.split is not None:
@@ -181,7 +202,7 @@ def locate_split(gm: fx.GraphModule, config: Focus, model_class: Union[Type, str
         node, description = thresholds[0]
         return node, f"{node.name}: {description}"
     cls = model_class if model_class is not None else _class_from_graph(gm)
-    split = default_split_for_class(cls) if cls is not None else None
+    split = default_split_for_class(cls, graph_module_classes(gm)) if cls is not None else None
     if split is None:
         name = getattr(cls, "__name__", cls)
         raise ValueError(f"fxeff.passes.Focus: no split given, no AoI threshold in the graph, and no default split "
@@ -205,9 +226,8 @@ def _skip_reason(site: ConvSite, downstream: set, upstream: set, split: fx.Node)
         return "transposed conv: focused_conv2d computes forward convs only"
     if site.dims != 2:
         return f"{site.dims}-D conv: focused_conv2d is 2-D only"
-    if site.padding_mode != "zeros":
-        return (f"padding_mode={site.padding_mode!r}: focused_conv2d pads with zeros only "
-                f"(refused rather than silently changed)")
+    if site.padding_mode not in _PADDING_MODES:
+        return f"padding_mode={site.padding_mode!r} is not a padding mode fxeff knows"
     if site.unsupported:
         return site.unsupported
     if site.weight_shape is None or len(site.weight_shape) != 4:
@@ -232,12 +252,20 @@ def _param_node(graph: fx.Graph, ref: Union[fx.Node, str, None]) -> Optional[fx.
 
 
 def _rewrite(gm: fx.GraphModule, site: ConvSite, mask: fx.Node) -> fx.Node:
+    """Replaces the conv by focused_conv2d. A non-zero padding_mode (reflect, replicate, circular) is kept
+    exact: the input is padded by F.pad with that mode (as nn.Conv2d itself does) and the conv pads no more."""
     graph = gm.graph
     with graph.inserting_before(site.node):
         weight = _param_node(graph, site.weight)
         bias = _param_node(graph, site.bias)
-        new = graph.call_function(FOCUSED_CONV2D, (site.input, weight, bias, mask, list(site.stride),
-                                                   list(site.padding), list(site.dilation), site.groups))
+        x, padding = site.input, list(site.padding)
+        if site.padding_mode != "zeros":
+            pads = [p for p in reversed(site.padding) for _ in range(2)]
+            x = graph.call_function(F.pad, (x, pads), {"mode": site.padding_mode})
+            x.meta[_ROLE] = "pad"
+            padding = [0, 0]
+        new = graph.call_function(FOCUSED_CONV2D, (x, weight, bias, mask, list(site.stride), padding,
+                                                   list(site.dilation), site.groups))
     for key in ("nn_module_stack", "stack_trace", "val", "example_value", "tensor_meta"):
         if key in site.node.meta:
             new.meta[key] = site.node.meta[key]

@@ -131,6 +131,8 @@ class ConvSite:
             text += f" d{_compact(self.dilation)}"
         if self.groups != 1:
             text += f" g{self.groups}"
+        if self.padding_mode != "zeros":
+            text += f" {self.padding_mode}"
         return text
 
 

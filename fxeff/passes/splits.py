@@ -4,15 +4,39 @@ The split is the module after whose output ``aoi_mask`` is computed: early enoug
 come after it (and are focused), late enough that activations separate object from background.
 Keys are qualified class names so that two families sharing a class name (torchvision's
 EfficientNet and efficientnet_lite_pytorch's) get their own split; subclasses inherit the split.
+A rule is a module fqn, or a function of the model's modules (fqn -> class name, in call order)
+where the fqn differs between members of a family (vgg11 / vgg16 / vgg16_bn).
 """
-from typing import Optional, Type, Union
+from typing import Callable, Mapping, Optional, Type, Union
 
 import torch
 
-# Qualified class name -> fully qualified name of the split module (checked on each torchvision model in tests).
+ModuleClasses = Mapping[str, str]  # module fqn -> class name, in the order the modules run
+SplitRule = Union[str, Callable[[ModuleClasses], Optional[str]]]
+
+
+def _before_first_pool(container: str) -> Callable[[ModuleClasses], Optional[str]]:
+    """The module just before the first MaxPool2d among ``container``'s children: the end of the first stage."""
+
+    def rule(modules: ModuleClasses) -> Optional[str]:
+        previous = None
+        for fqn, cls in modules.items():
+            if not fqn.startswith(container + ".") or "." in fqn[len(container) + 1:]:
+                continue
+            if cls == "MaxPool2d":
+                return previous
+            previous = fqn
+        return None
+
+    rule.__doc__ = f"the child of {container} just before its first MaxPool2d"
+    return rule
+
+
+# Qualified class name -> split rule (checked on each torchvision family in tests/test_models_focus.py).
 DEFAULT_SPLITS = {
-    # the focusedconv seed's choice: after conv-relu-conv-relu at full resolution (64 ch, 1/1)
-    "torchvision.models.vgg.VGG": "features.3",
+    # the focusedconv seed's choice for VGG16: after conv-relu-conv-relu at full resolution (features.3;
+    # vgg11: features.1, vgg16_bn: features.5)
+    "torchvision.models.vgg.VGG": _before_first_pool("features"),
     # after the stem (conv, bn, relu, maxpool; 64 ch, 1/4), before layer1
     "torchvision.models.resnet.ResNet": "maxpool",
     # after the stem and the first inverted residual (16 ch, 1/2)
@@ -34,8 +58,7 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def default_split_for_class(model_class: Union[Type[torch.nn.Module], str]) -> Optional[str]:
-    """The built-in split for a model class (a type, or a qualified class name as export records it), else None."""
+def _rule_for(model_class: Union[Type[torch.nn.Module], str]) -> Optional[SplitRule]:
     if isinstance(model_class, str):
         return DEFAULT_SPLITS.get(model_class)
     for cls in model_class.__mro__:
@@ -44,6 +67,24 @@ def default_split_for_class(model_class: Union[Type[torch.nn.Module], str]) -> O
     return None
 
 
+def default_split_for_class(model_class: Union[Type[torch.nn.Module], str],
+                            modules: Optional[ModuleClasses] = None) -> Optional[str]:
+    """The built-in split for a model class (a type, or a qualified class name as export records it).
+
+    ``modules`` (fqn -> class name in call order) is needed by families whose split depends on the
+    member (VGG); None when the family is unknown or ``modules`` is missing for such a family.
+    """
+    rule = _rule_for(model_class)
+    if rule is None or isinstance(rule, str):
+        return rule
+    return rule(modules) if modules is not None else None
+
+
+def module_classes(model: torch.nn.Module) -> ModuleClasses:
+    """fqn -> class name of every submodule of ``model`` (registration order, which is call order in Sequentials)."""
+    return {fqn: type(m).__name__ for fqn, m in model.named_modules() if fqn}
+
+
 def default_split(model: torch.nn.Module) -> Optional[str]:
     """The built-in split for ``model``'s family, or None when fxeff does not know the family."""
-    return default_split_for_class(type(model))
+    return default_split_for_class(type(model), module_classes(model))
