@@ -24,8 +24,9 @@ void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min
 }
 
 std::string set_strategy(c10::string_view strategy, int64_t tile) {
-  TORCH_CHECK(strategy == "auto" || strategy == "dense" || strategy == "crop" || strategy == "tiles",
-              "fxeff._focused_conv2d_set_strategy: strategy must be one of auto, dense, crop, tiles, got \"",
+  TORCH_CHECK(strategy == "auto" || strategy == "dense" || strategy == "crop" || strategy == "tiles" ||
+                  strategy == "pixels",
+              "fxeff._focused_conv2d_set_strategy: strategy must be one of auto, dense, crop, tiles, pixels, got \"",
               strategy, "\"");
   TORCH_CHECK(tile == 0 || tile >= 2, "fxeff._focused_conv2d_set_strategy: tile must be 0 (auto) or >= 2, got ",
               tile);
@@ -51,6 +52,7 @@ const char* focus_strategy_name(FocusStrategy s) {
     case FocusStrategy::Dense: return "dense";
     case FocusStrategy::Crop: return "crop";
     case FocusStrategy::Tiles: return "tiles";
+    case FocusStrategy::Pixels: return "pixels";
   }
   return "?";
 }
@@ -110,7 +112,7 @@ ConvGeometry check_focused_conv2d_args(const char* op, const at::Tensor& x, cons
 }
 
 // Execution-strategy controls: forcing a strategy (benchmarks, tests) and reading how often each
-// ran, indexed as [empty, dense, crop, tiles]. They take no tensors, so they are catch-all kernels.
+// ran, indexed as [empty, dense, crop, tiles, pixels]. They take no tensors, so they are catch-all kernels.
 TORCH_LIBRARY_FRAGMENT(fxeff, m) {
   m.def("_focused_conv2d_set_strategy(str strategy, int tile) -> str", &set_strategy);
   m.def("_focused_conv2d_counters(bool reset) -> int[]", &read_counters);

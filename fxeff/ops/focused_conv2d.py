@@ -11,7 +11,7 @@ import torch
 
 from ._utils import IntPair, memory_format_of, pair
 
-STRATEGIES = ("empty", "dense", "crop", "tiles")
+STRATEGIES = ("empty", "dense", "crop", "tiles", "pixels")
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -69,7 +69,9 @@ def strategy_counters(reset: bool = False) -> Dict[str, int]:
 
 @contextmanager
 def forced_strategy(strategy: str, tile: int = 0):
-    """Forces one execution strategy ("auto", "dense", "crop", "tiles") and tile size (0 = auto) within the block.
+    """Forces one execution strategy ("auto", "dense", "crop", "tiles", "pixels") within the block.
+
+    ``tile`` (0 = the kernel's pick) is the tile side for "tiles" and the pixels per GEMM chunk for "pixels".
 
     For benchmarks and tests; process-wide, so do not use it from several threads at once.
     """

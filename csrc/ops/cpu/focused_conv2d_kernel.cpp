@@ -5,22 +5,29 @@
 //            receptive-field halo (zeros where it leaves the image, i.e. the conv's padding), one
 //            conv, scatter the active outputs;
 //   tiles  - SBNet-style: the active T x T output tiles of the whole batch, their input windows
-//            gathered into one batch, one vendor conv, active outputs scattered back.
+//            gathered into one batch, one vendor conv, active outputs scattered back;
+//   pixels - im2col of the active outputs only (no tile or box overhang), one GEMM per chunk of them, written
+//            straight into the output: the work tracks the active count however scattered the mask is.
+// Every strategy writes each inactive output once with zero (no separate zero-fill of the whole output).
 // Results equal F.conv2d at every active output because each window holds exactly the inputs
 // (padding included) that the dense conv reads there.
 #include "../focused_conv2d.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/record_function.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/logical_not.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -35,36 +42,70 @@ struct Region {
   int64_t n, y, x;
 };
 
-// What the strategy choice needs to know about a mask.
+// A run of active outputs: image n, output row y, columns [x0, x1).
+struct Run {
+  int64_t n, y, x0, x1;
+};
+
+// What the strategies need to know about a mask, from one pass over it.
 struct MaskSummary {
   int64_t active = 0;
+  std::vector<Run> runs;                      // raster order
+  std::vector<int64_t> row_begin;             // runs of output row r = n * Ho + y: [row_begin[r], row_begin[r + 1])
   std::vector<std::array<int64_t, 4>> boxes;  // per image: y0, y1, x0, x1 (exclusive ends); y0 == y1 if none
 };
 
 MaskSummary summarise(const bool* m, const ConvGeometry& g) {
   MaskSummary s;
   s.boxes.assign(g.n, {0, 0, 0, 0});
+  s.row_begin.reserve(g.n * g.ho + 1);
   for (int64_t n = 0; n < g.n; ++n) {
     int64_t y0 = g.ho, y1 = 0, x0 = g.wo, x1 = 0;
     const bool* plane = m + n * g.ho * g.wo;
     for (int64_t y = 0; y < g.ho; ++y) {
+      s.row_begin.push_back(static_cast<int64_t>(s.runs.size()));
       const bool* row = plane + y * g.wo;
-      int64_t first = -1, last = -1;
-      for (int64_t x = 0; x < g.wo; ++x) {
-        if (row[x]) {
-          if (first < 0) first = x;
-          last = x;
-          ++s.active;
-        }
-      }
-      if (first >= 0) {
+      for (int64_t x = 0; x < g.wo;) {
+        if (!row[x]) { ++x; continue; }
+        const int64_t start = x;
+        while (x < g.wo && row[x]) ++x;
+        s.runs.push_back({n, y, start, x});
+        s.active += x - start;
         y0 = std::min(y0, y); y1 = y + 1;
-        x0 = std::min(x0, first); x1 = std::max(x1, last + 1);
+        x0 = std::min(x0, start); x1 = std::max(x1, x);
       }
     }
     if (y1 > y0) s.boxes[n] = {y0, y1, x0, x1};
   }
+  s.row_begin.push_back(static_cast<int64_t>(s.runs.size()));
   return s;
+}
+
+// Writes zero at every inactive output (each once); the strategies write the active ones.
+template <typename scalar_t>
+void zero_inactive(at::Tensor& out, const MaskSummary& s, const ConvGeometry& g, bool channels_last) {
+  scalar_t* base = out.mutable_data_ptr<scalar_t>();
+  const int64_t O = g.o, Ho = g.ho, Wo = g.wo;
+  auto fill_row = [&](scalar_t* row, int64_t r, int64_t width) {  // width: values per output position
+    int64_t x = 0;
+    for (int64_t k = s.row_begin[r]; k < s.row_begin[r + 1]; ++k) {
+      std::fill_n(row + x * width, (s.runs[k].x0 - x) * width, scalar_t(0));
+      x = s.runs[k].x1;
+    }
+    std::fill_n(row + x * width, (Wo - x) * width, scalar_t(0));
+  };
+  if (channels_last) {
+    at::parallel_for(0, g.n * Ho, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) fill_row(base + r * Wo * O, r, O);
+    });
+  } else {
+    at::parallel_for(0, g.n * O, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n = p / O;
+        for (int64_t y = 0; y < Ho; ++y) fill_row(base + (p * Ho + y) * Wo, n * Ho + y, 1);
+      }
+    });
+  }
 }
 
 // Active T x T tiles of the whole batch, in image-major order.
@@ -183,19 +224,172 @@ void run_regions(const at::Tensor& x, const at::Tensor& weight, const c10::optio
   });
 }
 
-// Cost model, in units of one output position of the dense conv. Tiles and crops pay for every
-// output they compute (active or not), for gathering their input windows (memory traffic, cheap
-// next to the conv's MACs except for depthwise convs), and a fixed cost per conv call.
-struct CostModel {
-  double per_output_mac;  // MACs per output position
-  double gather_weight;   // cost of gathering one input pixel (C values), in MACs
-  double call_overhead;   // one conv call, in MACs
-  double region_cost(int64_t count, int64_t oh, int64_t ow, const ConvGeometry& g) const {
-    const double outputs = static_cast<double>(count) * oh * ow;
-    const double window = static_cast<double>(count) * g.window_h(oh) * g.window_w(ow);
-    return outputs * per_output_mac + window * g.c * gather_weight;
-  }
+// ---- pixels: im2col of the active outputs only, one GEMM per chunk of them ----------------------------
+
+// The active outputs split into chunks of at most `chunk` pixels; a chunk is a list of run pieces.
+struct PixelChunks {
+  std::vector<Run> pieces;
+  std::vector<int64_t> begin;   // chunk i = pieces[begin[i], begin[i + 1])
+  std::vector<int64_t> pixels;  // pixels in chunk i
 };
+
+PixelChunks split_runs(const std::vector<Run>& runs, int64_t chunk) {
+  PixelChunks c;
+  c.begin.push_back(0);
+  int64_t filled = 0;
+  for (Run r : runs) {
+    while (r.x1 > r.x0) {
+      const int64_t take = std::min(r.x1 - r.x0, chunk - filled);
+      c.pieces.push_back({r.n, r.y, r.x0, r.x0 + take});
+      r.x0 += take;
+      filled += take;
+      if (filled == chunk) {
+        c.begin.push_back(static_cast<int64_t>(c.pieces.size()));
+        c.pixels.push_back(filled);
+        filled = 0;
+      }
+    }
+  }
+  if (filled > 0) {
+    c.begin.push_back(static_cast<int64_t>(c.pieces.size()));
+    c.pixels.push_back(filled);
+  }
+  return c;
+}
+
+// channels_last x: cols[q, :] = the receptive field of the q-th pixel, columns ordered (group, ky, kx, c) so
+// that each tap of each group is one contiguous copy of C/groups channels.
+template <typename scalar_t>
+void gather_pixels_cl(const scalar_t* x, scalar_t* cols, const Run* pieces, int64_t count, const ConvGeometry& g) {
+  const int64_t C = g.c, H = g.h, W = g.w, cg = g.c / g.groups, taps = g.kh * g.kw, kg = taps * cg;
+  const int64_t K = g.groups * kg;
+  scalar_t* row = cols;
+  for (int64_t i = 0; i < count; ++i) {
+    const Run& p = pieces[i];
+    const int64_t iy0 = p.y * g.sh - g.ph;
+    for (int64_t xo = p.x0; xo < p.x1; ++xo, row += K) {
+      const int64_t ix0 = xo * g.sw - g.pw;
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t iy = iy0 + ky * g.dh;
+        const bool y_in = iy >= 0 && iy < H;
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const int64_t ix = ix0 + kx * g.dw;
+          const int64_t t = ky * g.kw + kx;
+          if (y_in && ix >= 0 && ix < W) {
+            const scalar_t* src = x + ((p.n * H + iy) * W + ix) * C;
+            for (int64_t gi = 0; gi < g.groups; ++gi) {
+              std::memcpy(row + gi * kg + t * cg, src + gi * cg, cg * sizeof(scalar_t));
+            }
+          } else {
+            for (int64_t gi = 0; gi < g.groups; ++gi) {
+              std::fill_n(row + gi * kg + t * cg, cg, scalar_t(0));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Runs the pixels strategy: per chunk of active outputs (one chunk per task, on the task's own buffers), gather
+// their receptive fields, one GEMM per group against the weight, and write the results (plus bias) into out.
+template <typename scalar_t>
+void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                at::Tensor& out, const MaskSummary& s, const ConvGeometry& g, bool cl, int64_t chunk) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const PixelChunks chunks = split_runs(s.runs, chunk);
+  const int64_t nchunks = static_cast<int64_t>(chunks.pixels.size());
+  const int64_t O = g.o, Ho = g.ho, Wo = g.wo;
+  const int64_t og = g.o / g.groups, kg = g.c / g.groups * g.kh * g.kw, K = g.groups * kg;
+  // The gather reads channels_last input (one contiguous copy per tap): an NCHW x is converted once, which costs
+  // a few % of the dense conv and makes the gather several times faster than strided reads.
+  const at::Tensor xcl = x.contiguous(at::MemoryFormat::ChannelsLast);
+  // The weight as [O, kg] with columns in the gather's order (ky, kx, c).
+  const at::Tensor wmat = weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
+  std::vector<acc_t> b(O, acc_t(0));
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor bc = bias->contiguous();
+    const scalar_t* bp = bc.const_data_ptr<scalar_t>();
+    for (int64_t o = 0; o < O; ++o) b[o] = static_cast<acc_t>(bp[o]);
+  }
+  const int64_t threads = at::get_num_threads();
+  at::Tensor cols_buf = at::empty({threads, chunk * K}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor res_buf = at::empty({threads, chunk * O}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const scalar_t* xp = xcl.const_data_ptr<scalar_t>();
+  scalar_t* outp = out.mutable_data_ptr<scalar_t>();
+  // Chunks are handed out one at a time (not split statically), so a thread that the OS delays does not hold
+  // the others up.
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, std::min(threads, nchunks), 1, [&](int64_t, int64_t) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // the GEMMs are internal: no autograd on worker threads
+    const int64_t tid = at::get_thread_num();
+    at::Tensor cols_t = cols_buf.select(0, tid), res_t = res_buf.select(0, tid);
+    scalar_t* colsp = cols_t.mutable_data_ptr<scalar_t>();
+    const scalar_t* resp = res_t.const_data_ptr<scalar_t>();
+    for (int64_t ci = next_chunk++; ci < nchunks; ci = next_chunk++) {
+      const Run* pieces = chunks.pieces.data() + chunks.begin[ci];
+      const int64_t count = chunks.begin[ci + 1] - chunks.begin[ci];
+      const int64_t P = chunks.pixels[ci];
+      gather_pixels_cl<scalar_t>(xp, colsp, pieces, count, g);
+      const at::Tensor A = cols_t.narrow(0, 0, P * K).view({P, K});
+      if (cl) {  // R [P, O]: each pixel's O outputs are contiguous, as in out
+        at::Tensor R = res_t.narrow(0, 0, P * O).view({P, O});
+        for (int64_t gi = 0; gi < g.groups; ++gi) {
+          at::Tensor r = R.narrow(1, gi * og, og);
+          at::mm_out(r, A.narrow(1, gi * kg, kg), wmat.narrow(0, gi * og, og).t());
+        }
+        const scalar_t* src = resp;
+        for (int64_t i = 0; i < count; ++i) {
+          const Run& p = pieces[i];
+          scalar_t* dst = outp + ((p.n * Ho + p.y) * Wo + p.x0) * O;
+          for (int64_t j = 0; j < (p.x1 - p.x0) * O; j += O) {
+            for (int64_t o = 0; o < O; ++o) dst[j + o] = static_cast<scalar_t>(static_cast<acc_t>(src[j + o]) + b[o]);
+          }
+          src += (p.x1 - p.x0) * O;
+        }
+      } else {  // R [O, P]: each channel's pixels are contiguous, as in out
+        at::Tensor R = res_t.narrow(0, 0, O * P).view({O, P});
+        for (int64_t gi = 0; gi < g.groups; ++gi) {
+          at::Tensor r = R.narrow(0, gi * og, og);
+          at::mm_out(r, wmat.narrow(0, gi * og, og), A.narrow(1, gi * kg, kg).t());
+        }
+        for (int64_t o = 0; o < O; ++o) {
+          const scalar_t* src = resp + o * P;
+          const acc_t bo = b[o];
+          for (int64_t i = 0; i < count; ++i) {
+            const Run& p = pieces[i];
+            const int64_t len = p.x1 - p.x0;
+            scalar_t* dst = outp + ((p.n * O + o) * Ho + p.y) * Wo + p.x0;
+            for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) + bo);
+            src += len;
+          }
+        }
+      }
+    }
+  });
+}
+
+// Cost model, in nanoseconds on one core (2 threads share the work of every strategy alike, so only the ratios
+// matter). Constants measured with benchmarks/focus.py on a 2-core AMD EPYC (AVX-512), torch 2.14, fp32:
+//   dense_mac    oneDNN's dense conv, per multiply-accumulate (NCHW and channels_last alike within 10%);
+//   gemm_mac     the pixels GEMMs, per MAC: MKL sgemm on chunks reaches ~85% of oneDNN's conv rate;
+//   copy         gathering one input value (im2col of pixels, windows of crop/tiles);
+//   call         one vendor conv call (crop pays it per image, tiles once).
+// Writing the output costs the same for every strategy, so it is left out.
+struct CostModel {
+  double dense_mac = 0.0050, gemm_mac = 0.0060, copy = 0.10, call = 2.0e4;
+  double kmac;  // MACs per output position: O * C/groups * kh * kw
+  double conv(double outputs, double inputs) const { return outputs * kmac * dense_mac + inputs * copy + call; }
+};
+
+// Pixels per GEMM chunk: its im2col block (chunk x K) stays within about 512 KiB (half a core's L2), and the
+// chunks are at least as many as the threads.
+int64_t pixel_chunk(const ConvGeometry& g, int64_t active, int64_t element_size) {
+  const int64_t K = g.c * g.kh * g.kw;
+  int64_t chunk = std::clamp<int64_t>((512 * 1024) / (K * element_size), 16, 1024);
+  const int64_t threads = at::get_num_threads();
+  return std::max<int64_t>(1, std::min(chunk, (active + threads - 1) / threads));
+}
 
 at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                               const c10::optional<at::Tensor>& bias, const at::Tensor& mask_in,
@@ -204,55 +398,75 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   const ConvGeometry g =
       check_focused_conv2d_args("focused_conv2d", x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
   const at::MemoryFormat fmt = x_in.suggest_memory_format();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor mask = mask_in.contiguous();
   const bool* m = mask.const_data_ptr<bool>();
   const FocusConfig cfg = focus_config();
   const MaskSummary s = summarise(m, g);
+  const int64_t outputs = g.n * g.ho * g.wo;
 
-  auto zeros = [&] { return at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt)).zero_(); };
-  auto dense = [&] {
-    RECORD_FUNCTION("fxeff::focused_conv2d::dense", c10::ArrayRef<const c10::IValue>{});
-    count_focus_strategy(FocusStrategy::Dense);
-    at::Tensor out = at::conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous(fmt);
-    out.masked_fill_(at::logical_not(mask).unsqueeze(1), 0);
-    return out;
+  auto zero_rest = [&](at::Tensor& out) {
+    if (s.active == outputs) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focused_conv2d_zero", [&] {
+      zero_inactive<scalar_t>(out, s, g, cl);
+    });
   };
   if (s.active == 0 && cfg.strategy != "dense") {
     RECORD_FUNCTION("fxeff::focused_conv2d::empty", c10::ArrayRef<const c10::IValue>{});
     count_focus_strategy(FocusStrategy::Empty);
-    return zeros();
+    return at::zeros({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
   }
 
-  const CostModel cost{static_cast<double>(g.c / g.groups * g.kh * g.kw), 2.0, 2.0e5};
-  // Tile sizes tried by the auto strategy: several, since the best one depends on how scattered the mask is.
-  std::vector<int64_t> tile_sizes = cfg.tile > 0 ? std::vector<int64_t>{cfg.tile} : std::vector<int64_t>{8, 16, 32};
+  CostModel cost;
+  cost.kmac = static_cast<double>(g.o) * (g.c / g.groups) * g.kh * g.kw;
+  // Tile sizes tried by the auto strategy: the best one depends on how scattered the mask is.
+  const std::vector<int64_t> tile_sizes =
+      cfg.tile > 0 ? std::vector<int64_t>{cfg.tile} : std::vector<int64_t>{8, 16, 32};
+  const bool want_tiles = cfg.strategy == "auto" || cfg.strategy == "tiles";
   int64_t best_tile = tile_sizes[0];
   std::vector<Region> best_tiles;
   double tiles_cost = std::numeric_limits<double>::infinity();
-  if (cfg.strategy == "auto" || cfg.strategy == "tiles") {
-    for (int64_t t : tile_sizes) {
-      std::vector<Region> tiles = active_tiles(m, g, s, t);
-      const double c = cost.region_cost(static_cast<int64_t>(tiles.size()), t, t, g) + cost.call_overhead;
-      if (c < tiles_cost) { tiles_cost = c; best_tile = t; best_tiles = std::move(tiles); }
-    }
+  for (int64_t t : want_tiles ? tile_sizes : std::vector<int64_t>{}) {
+    std::vector<Region> tiles = active_tiles(m, g, s, t);
+    const double count = static_cast<double>(tiles.size());
+    const double c = cost.conv(count * t * t, count * g.window_h(t) * g.window_w(t) * g.c);
+    if (c < tiles_cost) { tiles_cost = c; best_tile = t; best_tiles = std::move(tiles); }
   }
   double crop_cost = 0.0;
   for (const auto& b : s.boxes) {
-    if (b[1] > b[0]) crop_cost += cost.region_cost(1, b[1] - b[0], b[3] - b[2], g) + cost.call_overhead;
+    const int64_t bh = b[1] - b[0], bw = b[3] - b[2];
+    if (bh > 0) crop_cost += cost.conv(static_cast<double>(bh) * bw, static_cast<double>(g.window_h(bh)) * g.window_w(bw) * g.c);
   }
-  const double dense_cost = static_cast<double>(g.n) * g.ho * g.wo * cost.per_output_mac + cost.call_overhead;
+  const double dense_cost = static_cast<double>(outputs) * cost.kmac * cost.dense_mac + cost.call;
+  // Pixels runs many small GEMMs per group: only worth it for full (groups == 1) convs.
+  const double pixels_cost = g.groups == 1
+      ? static_cast<double>(s.active) * (cost.kmac * cost.gemm_mac + static_cast<double>(g.c) * g.kh * g.kw * cost.copy)
+      : std::numeric_limits<double>::infinity();
 
   FocusStrategy pick;
   if (cfg.strategy == "dense") pick = FocusStrategy::Dense;
   else if (cfg.strategy == "crop") pick = FocusStrategy::Crop;
   else if (cfg.strategy == "tiles") pick = FocusStrategy::Tiles;
-  else if (dense_cost <= std::min(crop_cost, tiles_cost)) pick = FocusStrategy::Dense;
-  else pick = crop_cost <= tiles_cost ? FocusStrategy::Crop : FocusStrategy::Tiles;
+  else if (cfg.strategy == "pixels") pick = FocusStrategy::Pixels;
+  else {
+    pick = FocusStrategy::Dense;
+    double best = dense_cost;
+    if (crop_cost < best) { best = crop_cost; pick = FocusStrategy::Crop; }
+    if (tiles_cost < best) { best = tiles_cost; pick = FocusStrategy::Tiles; }
+    if (pixels_cost < best) { best = pixels_cost; pick = FocusStrategy::Pixels; }
+  }
 
-  if (pick == FocusStrategy::Dense) return dense();
-  at::Tensor out = zeros();
+  if (pick == FocusStrategy::Dense) {
+    RECORD_FUNCTION("fxeff::focused_conv2d::dense", c10::ArrayRef<const c10::IValue>{});
+    count_focus_strategy(FocusStrategy::Dense);
+    at::Tensor out = at::conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous(fmt);
+    zero_rest(out);
+    return out;
+  }
+  at::Tensor out = at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
+  zero_rest(out);
   if (pick == FocusStrategy::Crop) {
     RECORD_FUNCTION("fxeff::focused_conv2d::crop", c10::ArrayRef<const c10::IValue>{});
     count_focus_strategy(FocusStrategy::Crop);
@@ -261,10 +475,17 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
       if (b[1] <= b[0]) continue;
       run_regions(x, weight, bias, m, out, {Region{n, b[0], b[2]}}, g, b[1] - b[0], b[3] - b[2], fmt);
     }
-  } else {
+  } else if (pick == FocusStrategy::Tiles) {
     RECORD_FUNCTION("fxeff::focused_conv2d::tiles", c10::ArrayRef<const c10::IValue>{});
     count_focus_strategy(FocusStrategy::Tiles);
     run_regions(x, weight, bias, m, out, best_tiles, g, best_tile, best_tile, fmt);
+  } else {
+    RECORD_FUNCTION("fxeff::focused_conv2d::pixels", c10::ArrayRef<const c10::IValue>{});
+    count_focus_strategy(FocusStrategy::Pixels);
+    const int64_t chunk = cfg.tile > 0 ? cfg.tile : pixel_chunk(g, s.active, x.element_size());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focused_conv2d_pixels", [&] {
+      run_pixels<scalar_t>(x, weight, bias, out, s, g, cl, chunk);
+    });
   }
   return out;
 }

@@ -1,0 +1,162 @@
+"""One focused conv layer vs dense F.conv2d: every fxeff strategy, auto, and the focusedconv seed package.
+
+VGG16 shapes (3x3, pad 1, stride 1): 128 -> 128 channels at 112x112 and 256 -> 256 at 56x56, batch 1 and 8,
+masks shaped as one square blob, 16 scattered square blobs, or one blob per image at a different place, at
+10/25/50/100% of the output. Every candidate is timed side by side in one run (medians of repeats) and
+reported as speedup over dense F.conv2d in the same memory format. The seed package is timed as it is,
+with its max abs error vs the reference at the active outputs.
+
+    python benchmarks/focus.py [--quick] [--threads 2] [--json out.json] [--markdown out.md]
+"""
+import argparse
+import os
+import sys
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fxeff  # noqa: E402
+from _timing import measure, report  # noqa: E402
+
+FORCED = ("dense", "crop", "tiles", "pixels")
+# (pattern, AoI fraction) -> minimum auto speedup the issue asks for.
+TARGETS = {("blob", 0.25): 3.0, ("16 blobs", 0.25): 2.5, ("per-image blobs", 0.25): 2.5}
+FULL_TARGET = 0.95
+
+
+def square_blobs(h: int, w: int, fraction: float, count: int, gen: torch.Generator) -> torch.Tensor:
+    """bool [h, w] with ``count`` non-overlapping equal squares at random places covering ~fraction."""
+    side = max(1, round((fraction * h * w / count) ** 0.5))
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    placed, tries = 0, 0
+    while placed < count:
+        tries += 1
+        if tries > 10000:
+            raise RuntimeError(f"focus.py: cannot place {count} blobs of side {side} in {h}x{w}")
+        y = int(torch.randint(0, h - side + 1, (1,), generator=gen))
+        x = int(torch.randint(0, w - side + 1, (1,), generator=gen))
+        # Keep one free pixel between blobs so they stay separate blobs.
+        if mask[max(0, y - 1):y + side + 1, max(0, x - 1):x + side + 1].any():
+            continue
+        mask[y:y + side, x:x + side] = True
+        placed += 1
+    return mask
+
+
+def make_mask(pattern: str, n: int, h: int, w: int, fraction: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if fraction >= 1.0:
+        return torch.ones(n, h, w, dtype=torch.bool)
+    if pattern == "blob":  # the same blob in every image
+        return square_blobs(h, w, fraction, 1, gen).expand(n, h, w).contiguous()
+    if pattern == "16 blobs":  # 16 scattered blobs, different in every image
+        return torch.stack([square_blobs(h, w, fraction, 16, gen) for _ in range(n)])
+    if pattern == "per-image blobs":  # one blob per image, each at its own place
+        return torch.stack([square_blobs(h, w, fraction, 1, gen) for _ in range(n)])
+    raise ValueError(f"focus.py: unknown pattern {pattern!r}")
+
+
+def seed_package_conv(weight, bias, mask):
+    """The focusedconv package's FocusedConv2d fed the AoI its AoIThresholder would produce, or None."""
+    try:
+        from focusedconv import AoI, FocusedConv2d
+    except ImportError:
+        return None
+    o, c, kh, kw = weight.shape
+    conv = FocusedConv2d(c, o, (kh, kw), 1, 1, aoi=AoI(mask.squeeze(0)))  # AoIThresholder: sum(1).squeeze(0)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+    conv.weight_mat = conv.weight.view(o, -1)
+    return conv
+
+
+def bench_row(c: int, hw: int, n: int, pattern: str, fraction: float, fmt: str, min_run_time: float,
+              tile: int) -> Dict[str, object]:
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    x = torch.randn(n, c, hw, hw).contiguous(memory_format=mf)
+    weight = torch.randn(c, c, 3, 3) / (3 * c ** 0.5)
+    bias = torch.randn(c)
+    mask = make_mask(pattern, n, hw, hw, fraction)
+    ref = F.conv2d(x, weight, bias, 1, 1) * mask[:, None]
+
+    def focused():
+        return fxeff.ops.focused_conv2d(x, weight, bias, mask, 1, 1)
+
+    row: Dict[str, object] = {"shape": f"{c}ch {hw}x{hw}", "batch": n, "format": fmt, "pattern": pattern,
+                              "AoI %": round(100 * float(mask.float().mean()), 1)}
+    with torch.no_grad():
+        t_dense = measure(lambda: F.conv2d(x, weight, bias, 1, 1), min_run_time)
+        row["dense ms"] = t_dense * 1e3
+        for strategy in FORCED:
+            with fxeff.ops.forced_strategy(strategy, tile if strategy == "tiles" else 0):
+                out = focused()
+                err = float((out - ref).abs().max())
+                if err > 1e-3:
+                    raise AssertionError(f"focus.py: strategy {strategy} is wrong by {err:g} on {row}")
+                row[strategy] = t_dense / measure(focused, min_run_time)
+        fxeff.ops.strategy_counters(reset=True)
+        row["auto"] = t_dense / measure(focused, min_run_time)
+        counts = fxeff.ops.strategy_counters(reset=True)
+        row["auto picks"] = max(counts, key=counts.get)
+        seed = seed_package_conv(weight, bias, mask)
+        if seed is not None:
+            out = seed(x)
+            active = mask[:, None].expand_as(ref)
+            row["seed"] = t_dense / measure(lambda: seed(x), min_run_time)
+            row["seed err"] = float((out - ref)[active].abs().max()) if out.shape == ref.shape else float("nan")
+    target = FULL_TARGET if fraction >= 1.0 else TARGETS.get((pattern, fraction))
+    if target is not None:
+        row["target"] = target
+        row["met"] = "yes" if row["auto"] >= target else "no"
+    return row
+
+
+def rows_to_run(quick: bool):
+    shapes = [(128, 112)] if quick else [(128, 112), (256, 56)]
+    for c, hw in shapes:
+        for fraction in ([0.25, 1.0] if quick else [0.1, 0.25, 0.5, 1.0]):
+            yield c, hw, 1, "blob", fraction
+        for fraction in ([0.25] if quick else [0.1, 0.25, 0.5]):
+            yield c, hw, 1, "16 blobs", fraction
+        if quick:
+            continue
+        for fraction in (0.1, 0.25, 0.5, 1.0):
+            yield c, hw, 8, "per-image blobs", fraction
+        yield c, hw, 8, "16 blobs", 0.25
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a few rows, short timings")
+    parser.add_argument("--formats", default="nchw,channels_last", help="comma list of nchw, channels_last")
+    parser.add_argument("--tile", type=int, default=0, help="tile size forced for the tiles column (0 = its own pick)")
+    parser.add_argument("--json", default="", help="write rows + environment as JSON here")
+    parser.add_argument("--markdown", default="", help="write the markdown table here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for f in formats:
+        if f not in ("nchw", "channels_last"):
+            raise ValueError(f"focus.py: --formats must name nchw or channels_last, got {f!r}")
+    min_run_time = 0.2 if args.quick else 0.6
+    rows = []
+    for c, hw, n, pattern, fraction in rows_to_run(args.quick):
+        for fmt in formats:
+            rows.append(bench_row(c, hw, n, pattern, fraction, fmt, min_run_time, args.tile))
+            print(rows[-1], flush=True)
+    columns = ["shape", "batch", "format", "pattern", "AoI %", "dense ms", *FORCED, "auto", "auto picks",
+               "seed", "seed err", "target", "met"]
+    text = report("focused_conv2d, one 3x3 conv layer: speedup vs dense F.conv2d", rows, columns, args.json)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
