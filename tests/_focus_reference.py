@@ -33,8 +33,11 @@ def mask_resize_reference(mask: torch.Tensor, size) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def focused_reference(model: nn.Module, split: str, threshold: float, reduce: str = "sum"):
-    """Within the block, ``model`` computes the focus semantics; yields the list of masks seen (one per forward)."""
+def focused_reference(model: nn.Module, split: str, threshold: float, reduce: str = "sum", unfocused=()):
+    """Within the block, ``model`` computes the focus semantics; yields the list of masks seen (one per forward).
+
+    ``unfocused``: fqns of Conv2d modules that stay dense (convs the pass must refuse).
+    """
     state = {"mask": None}
     masks = []
     convs = (nn.Conv2d,)
@@ -55,7 +58,8 @@ def focused_reference(model: nn.Module, split: str, threshold: float, reduce: st
         state["mask"] = None
 
     handles = [model.register_forward_pre_hook(on_start), split_module.register_forward_hook(on_split)]
-    handles += [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, convs)]
+    handles += [m.register_forward_hook(on_conv) for name, m in model.named_modules()
+                if isinstance(m, convs) and name not in unfocused]
     try:
         yield masks
     finally:

@@ -1,0 +1,464 @@
+"""The focus pass: config, the normalised conv view on the three graph kinds, split location, skips, report,
+and the exact semantics against a pure-PyTorch reference (conv outputs multiplied by the resized mask)."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fxeff
+from fxeff.nn import AoIThreshold
+from fxeff.passes import Focus, config_from_dict, conv_sites, graph_kind, normalize_fqn, run_passes
+from fxeff.passes.config import PassConfig, register_pass_config
+from fxeff.passes.measure import run_recording
+from fxeff.transform import trace
+from _focus_reference import focused_reference, mask_resize_reference, threshold_for_fraction
+
+FOCUSED = torch.ops.fxeff.focused_conv2d.default
+AOI = torch.ops.fxeff.aoi_mask.default
+RESIZE = torch.ops.fxeff.mask_resize.default
+
+
+class ResidualNet(nn.Module):
+    """A stem, then a strided conv, a residual block with dilation and groups, a depthwise conv, a 1x1 head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.block_a = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.block_b = nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=4)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = F.relu(self.down(s))
+        y = y + self.block_b(F.relu(self.block_a(y)))
+        return self.head(F.relu(self.dw(y)))
+
+
+class OddConvs(nn.Module):
+    """Convs the pass must refuse (transposed, asymmetric 'same', 1-D) or handle exactly (reflect padding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.same4 = nn.Conv2d(8, 8, 4, padding="same")
+        self.line = nn.Conv1d(8, 4, 1)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        u = self.same4(self.up(self.reflect(s)))
+        return self.line(u.flatten(2)).mean(-1)
+
+
+def _eval(model):
+    model.eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def dynamo_graph(model, x):
+    """The graph dynamo hands a backend, with its example inputs."""
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.append((gm, example_inputs))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(x)
+    return captured[0]
+
+
+# ---------------------------------------------------------------- config
+
+def test_focus_config_validation():
+    assert Focus(threshold=1).threshold == 1.0
+    for bad in (float("nan"), float("inf"), -math.inf):
+        with pytest.raises(ValueError, match="fxeff.passes.Focus: threshold must be finite"):
+            Focus(threshold=bad)
+    for bad in ("0.5", None, True):
+        with pytest.raises(TypeError, match="fxeff.passes.Focus: threshold must be a float"):
+            Focus(threshold=bad)
+    with pytest.raises(ValueError, match=r"reduce must be one of \('sum', 'mean'\), got 'max'"):
+        Focus(threshold=0.5, reduce="max")
+    with pytest.raises(ValueError, match="split must be"):
+        Focus(threshold=0.5, split="")
+
+
+def test_focus_config_dict_and_json_round_trip():
+    config = Focus(threshold=0.5, split="features.3", reduce="mean")
+    d = json.loads(json.dumps(config.to_dict()))
+    assert d == {"pass": "focus", "version": 1, "threshold": 0.5, "split": "features.3", "reduce": "mean"}
+    assert config_from_dict(d) == config
+    assert Focus.from_dict(d) == config
+    assert config_from_dict({"pass": "focus", "threshold": 0.5, "split": "features.3"}) == \
+        Focus(threshold=0.5, split="features.3")
+    assert config_from_dict(config) is config
+
+
+def test_config_from_dict_errors():
+    with pytest.raises(ValueError, match="needs a 'pass' key"):
+        config_from_dict({"threshold": 0.5})
+    with pytest.raises(ValueError, match="unknown pass 'blur'"):
+        config_from_dict({"pass": "blur"})
+    with pytest.raises(ValueError, match=r"unknown keys \['treshold'\]"):
+        config_from_dict({"pass": "focus", "treshold": 0.5})
+    with pytest.raises(ValueError, match="'version' must be 1, got 7"):
+        config_from_dict({"pass": "focus", "threshold": 0.5, "version": 7})
+    with pytest.raises(TypeError, match="expected a dict or a pass config"):
+        config_from_dict("focus")
+    with pytest.raises(ValueError, match="already registered"):
+        register_pass_config("focus")(type("OtherFocus", (PassConfig,), {}))
+
+
+# ---------------------------------------------------------------- the conv view
+
+def _site_summary(sites):
+    return [(s.name, s.dims, s.transposed, s.stride, s.padding, s.dilation, s.groups, tuple(s.weight_shape),
+             tuple(s.output_shape), s.unsupported is None) for s in sites]
+
+
+def test_conv_view_is_the_same_on_symbolic_dynamo_and_export_graphs():
+    model = _eval(ResidualNet())
+    x = torch.randn(2, 3, 16, 16)
+    symbolic = trace(model)
+    run_recording(symbolic, (x,))  # symbolic graphs carry no shapes: fill them
+    dyn, _ = dynamo_graph(model, x)
+    exported = torch.export.export(model, (x,))
+    graphs = {"symbolic": symbolic, "dynamo": dyn, "export": exported.graph_module, "export_module": exported.module()}
+    assert [graph_kind(g) for g in graphs.values()] == ["symbolic", "dynamo", "export", "export"]
+    summaries = {name: _site_summary(conv_sites(g)) for name, g in graphs.items()}
+    expected = [
+        ("stem.0", 2, False, (1, 1), (1, 1), (1, 1), 1, (8, 3, 3, 3), (2, 8, 16, 16), True),
+        ("down", 2, False, (2, 2), (1, 1), (1, 1), 1, (16, 8, 3, 3), (2, 16, 8, 8), True),
+        ("block_a", 2, False, (1, 1), (1, 1), (1, 1), 1, (16, 16, 3, 3), (2, 16, 8, 8), True),
+        ("block_b", 2, False, (1, 1), (2, 2), (2, 2), 4, (16, 4, 3, 3), (2, 16, 8, 8), True),
+        ("dw", 2, False, (1, 1), (1, 1), (1, 1), 16, (16, 1, 3, 3), (2, 16, 8, 8), True),
+        ("head", 2, False, (1, 1), (0, 0), (1, 1), 1, (4, 16, 1, 1), (2, 4, 8, 8), True),
+    ]
+    for name, summary in summaries.items():
+        assert summary == expected, name
+    kinds = {name: {s.kind for s in conv_sites(g)} for name, g in graphs.items()}
+    assert kinds == {"symbolic": {"call_module"}, "dynamo": {"torch_function"}, "export": {"aten"},
+                     "export_module": {"aten"}}
+    assert conv_sites(symbolic)[2].bias is None and conv_sites(dyn)[2].bias is None
+
+
+def test_conv_view_of_odd_convs():
+    model = OddConvs().eval()
+    x = torch.randn(1, 3, 8, 8)
+    symbolic = trace(model)
+    run_recording(symbolic, (x,))
+    exported = torch.export.export(model, (x,)).module()
+    for gm in (symbolic, exported):
+        sites = {s.name: s for s in conv_sites(gm)}
+        assert sites["up"].transposed and sites["up"].dims == 2
+        assert sites["line"].dims == 1
+        assert "asymmetric" in sites["same4"].unsupported
+        assert sites["reflect"].describe().startswith("conv2d 8->8 3x3")
+    reflect = {s.name: s for s in conv_sites(symbolic)}["reflect"]
+    assert reflect.padding_mode == "reflect" and reflect.describe().endswith("reflect")
+
+
+@pytest.mark.parametrize("mangled, clean", [("L['self'].features[3]", "features.3"),
+                                            ("L['self']._modules['layer1']._modules['0'].conv1", "layer1.0.conv1"),
+                                            ("L['mod'].stem", "stem"), ("features.3", "features.3")])
+def test_normalize_fqn(mangled, clean):
+    assert normalize_fqn(mangled) == clean
+
+
+# ---------------------------------------------------------------- semantics
+
+def _masked_inputs():
+    """Three images with different bright regions, so the masks differ per image."""
+    x = torch.randn(3, 3, 32, 32) * 0.1
+    x[0, :, 2:12, 3:15] += 2.0
+    x[1, :, 18:30, 16:31] += 2.0
+    x[2, :, 5:9, 5:9] += 2.0
+    x[2, :, 20:28, 2:10] += 2.0
+    return x
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_focused_model_equals_reference(reduce):
+    model = _eval(ResidualNet())
+    x = _masked_inputs()
+    t = threshold_for_fraction(model, "stem", x, 0.3, reduce)
+    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", reduce=reduce)])
+    with torch.no_grad():
+        for inputs in (x, x.flip(0), x[[2, 0]].roll(7, dims=-1), _masked_inputs()[1:]):
+            with focused_reference(model, "stem", t, reduce) as masks:
+                expected = model(inputs)
+            assert masks[0].any() and not masks[0].all()
+            torch.testing.assert_close(gm(inputs), expected, rtol=1e-4, atol=1e-5)
+            assert (model(inputs) - expected).abs().max() > 1e-3  # the reference really differs from dense
+        with focused_reference(model, "stem", t, reduce) as masks:
+            model(x)
+    per_image = masks[0].float().mean(dim=(1, 2))
+    assert len(set(per_image.tolist())) == 3  # different masks per image within the batch
+    torch.testing.assert_close(torch.tensor(gm.fxeff_report.aoi_fractions), per_image)
+
+
+def test_rewritten_graph_structure():
+    model = _eval(ResidualNet())
+    x = torch.randn(2, 3, 16, 16)
+    gm = fxeff.transform(model, x, [Focus(threshold=0.0, split="stem")])
+    nodes = list(gm.graph.nodes)
+    masks = [n for n in nodes if n.target == AOI]
+    resizes = [n for n in nodes if n.target == RESIZE]
+    focused = [n for n in nodes if n.target == FOCUSED]
+    assert len(masks) == 1 and masks[0].args[0].target == "stem.2"  # right after the split's output
+    assert nodes.index(masks[0]) == nodes.index(masks[0].args[0]) + 1
+    assert len(resizes) == 1 and resizes[0].args == (masks[0], [8, 8])  # one resize per distinct grid
+    assert len(focused) == 5 and all(n.args[3] is resizes[0] for n in focused)
+    assert [n.target for n in nodes if n.op == "call_module" and "stem.0" == n.target] == ["stem.0"]
+    # parameters stay shared: the focused convs read the model's own Parameters through get_attr
+    weights = {n.args[1].target for n in focused}
+    assert weights == {"down.weight", "block_a.weight", "block_b.weight", "dw.weight", "head.weight"}
+    assert gm.get_parameter("down.weight") is model.down.weight
+
+
+def test_mask_follows_each_new_input():
+    model = _eval(ResidualNet())
+    x = _masked_inputs()
+    t = threshold_for_fraction(model, "stem", x, 0.3)
+    gm = fxeff.transform(model, x[:1], [Focus(threshold=t, split="stem")])
+    with torch.no_grad(), focused_reference(model, "stem", t):
+        expected = model(x[1:2])
+    torch.testing.assert_close(gm(x[1:2]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_flow_through_focused_convs():
+    model = _eval(ResidualNet())
+    x = _masked_inputs()
+    t = threshold_for_fraction(model, "stem", x, 0.4)
+    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem")])
+    gm(x).square().sum().backward()
+    focused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with focused_reference(model, "stem", t):
+        model(x).square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(focused_grads[name], p.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_training_mode_batchnorm_statistics_are_untouched_by_the_pass():
+    model = ResidualNet().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fxeff.transform(model, torch.randn(2, 3, 16, 16), [Focus(threshold=0.0, split="stem")])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ---------------------------------------------------------------- skips and odd convs
+
+def test_skip_reasons_and_exact_reflect_padding():
+    model = OddConvs().eval()
+    x = torch.randn(2, 3, 12, 12)
+    gm = fxeff.transform(model, x, [Focus(threshold=0.5, split="stem")])
+    report = gm.fxeff_report
+    status = {s.name: (s.status, s.reason) for s in report.sites}
+    assert status["stem"] == ("skipped", "upstream of the AoI split")
+    assert status["reflect"] == ("rewritten", "")
+    assert status["up"][0] == "skipped" and "transposed" in status["up"][1]
+    assert status["same4"][0] == "skipped" and "asymmetric" in status["same4"][1]
+    assert status["line"][0] == "skipped" and "1-D conv" in status["line"][1]
+    # the reflect conv is computed with reflect padding (F.pad in that mode), never silently zero-padded
+    pads = [n for n in gm.graph.nodes if n.target is F.pad]
+    assert len(pads) == 1 and pads[0].kwargs == {"mode": "reflect"}
+    with torch.no_grad(), focused_reference(model, "stem", 0.5, unfocused={"same4"}):
+        expected = model(x)
+    torch.testing.assert_close(gm(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_on_a_branch_not_reading_the_split_is_skipped():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Conv2d(3, 4, 3, padding=1)
+            self.c = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.c(F.relu(self.a(x))) + self.b(x)
+
+    gm = fxeff.transform(TwoBranches(), torch.randn(1, 3, 8, 8), [Focus(threshold=0.1, split="a")])
+    status = {s.name: (s.status, s.reason) for s in gm.fxeff_report.sites}
+    assert status["a"] == ("skipped", "upstream of the AoI split")
+    assert status["b"][0] == "skipped" and status["b"][1].startswith("not downstream of the AoI split")
+    assert status["c"] == ("rewritten", "")
+
+
+# ---------------------------------------------------------------- locating the split
+
+class SeedStyle(nn.Module):
+    """The seed's pattern: early layers, a channel-sum threshold, and later convs (spelling chosen per test)."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.top = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.aoi = AoIThreshold(0.8)
+        self.rest = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, padding=1))
+
+    def forward(self, x):
+        y = self.top(x)
+        if self.spelling == "module":
+            mask = self.aoi(y)
+        elif self.spelling == "sum_ge":
+            mask = y.sum(1) >= 0.8
+        elif self.spelling == "torch_ge":
+            mask = torch.ge(torch.sum(y, dim=1), 0.8)
+        else:
+            mask = fxeff.ops.aoi_mask(y, 0.8)
+        return self.rest(y), mask
+
+
+@pytest.mark.parametrize("spelling", ["module", "sum_ge", "torch_ge", "op"])
+def test_existing_aoi_threshold_is_found_without_split(spelling):
+    model = SeedStyle(spelling).eval()
+    x = torch.randn(2, 3, 16, 16)
+    gm = fxeff.transform(model, x, [Focus(threshold=0.8)])
+    report = gm.fxeff_report
+    assert report.split.startswith("top_1") and "input of" in report.split
+    assert [s.status for s in report.sites] == ["skipped", "rewritten", "rewritten"]
+    out, mask = gm(x)
+    with torch.no_grad(), focused_reference(model, "top", 0.8) as masks:
+        expected, _ = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mask, masks[0])
+
+
+@pytest.mark.parametrize("kind", ["dynamo", "export"])
+def test_existing_threshold_is_found_in_dynamo_and_export_graphs(kind):
+    model = SeedStyle("sum_ge").eval()
+    x = torch.randn(2, 3, 16, 16)
+    if kind == "dynamo":
+        gm, inputs = dynamo_graph(model, x)
+    else:
+        gm, inputs = torch.export.export(model, (x,)).module(), (x,)
+    report = run_passes(gm, inputs, [Focus(threshold=0.8)])
+    assert [s.status for s in report.sites] == ["skipped", "rewritten", "rewritten"]
+    with torch.no_grad(), focused_reference(model, "top", 0.8):
+        expected, _ = model(x)
+    out = gm(*inputs)[0] if kind == "dynamo" else gm(x)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "dynamo", "export"])
+def test_split_by_module_fqn_on_every_graph_kind(kind):
+    model = _eval(ResidualNet())
+    x = _masked_inputs()
+    t = threshold_for_fraction(model, "stem", x, 0.3)
+    if kind == "symbolic":
+        gm, inputs = trace(model), (x,)
+    elif kind == "dynamo":
+        gm, inputs = dynamo_graph(model, x)
+    else:
+        gm, inputs = torch.export.export(model, (x,)).module(), (x,)
+    report = run_passes(gm, inputs, [{"pass": "focus", "threshold": t, "split": "stem"}])
+    assert report.split == "stem (given)"
+    assert [s.name for s in report.rewritten] == ["down", "block_a", "block_b", "dw", "head"]
+    with torch.no_grad(), focused_reference(model, "stem", t):
+        expected = model(x)
+    out = gm(*inputs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_split_by_node_name_and_by_leaf_module():
+    model = _eval(ResidualNet())
+    x = torch.randn(1, 3, 16, 16)
+    by_leaf = fxeff.transform(model, x, [Focus(threshold=0.0, split="stem.2")]).fxeff_report
+    by_node = fxeff.transform(model, x, [Focus(threshold=0.0, split="relu")]).fxeff_report  # F.relu after down
+    assert [s.name for s in by_leaf.rewritten] == ["down", "block_a", "block_b", "dw", "head"]
+    assert [s.name for s in by_node.rewritten] == ["block_a", "block_b", "dw", "head"]
+
+
+def test_split_errors():
+    model = ResidualNet()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="split 'nope' names no module of ResidualNet"):
+        fxeff.transform(model, x, [Focus(threshold=0.0, split="nope")])
+    with pytest.raises(ValueError, match="no default split for model class 'ResidualNet'"):
+        fxeff.transform(model, x, [Focus(threshold=0.0)])
+
+
+def test_two_different_thresholds_need_an_explicit_split():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = self.b(y)
+            return z, y.sum(1) >= 0.1, z.sum(1) >= 0.1
+
+    with pytest.raises(ValueError, match="2 AoI thresholds on different activations"):
+        fxeff.transform(Two(), torch.randn(1, 3, 8, 8), [Focus(threshold=0.1)])
+
+
+# ---------------------------------------------------------------- report
+
+def test_report_counts_macs_of_the_aoi():
+    model = _eval(ResidualNet())
+    x = _masked_inputs()
+    t = threshold_for_fraction(model, "stem", x, 0.3)
+    report = fxeff.transform(model, x, [Focus(threshold=t, split="stem")]).fxeff_report
+    with torch.no_grad(), focused_reference(model, "stem", t) as masks:
+        model(x)
+    grid = mask_resize_reference(masks[0], (16, 16))  # 32x32 input, stride 2 after the stem
+    per_position = {"down": 16 * 8 * 9, "block_a": 16 * 16 * 9, "block_b": 16 * 4 * 9, "dw": 16 * 9, "head": 4 * 16}
+    for name, macs in per_position.items():
+        site = report.site(name)
+        assert site.macs_before == 3 * 16 * 16 * macs
+        assert site.macs_after == int(grid.sum()) * macs
+    stem = report.site("stem.0")
+    assert stem.macs_before == stem.macs_after == 3 * 32 * 32 * 8 * 27
+    total_before = stem.macs_before + sum(3 * 16 * 16 * m for m in per_position.values())
+    assert report.macs_before == total_before == report.model_macs_before  # FlopCounterMode agrees
+    assert report.macs_after == report.model_macs_after < report.macs_before
+    assert report.mac_ratio == pytest.approx(report.macs_after / report.macs_before)
+    text = str(report)
+    assert "AoI split: stem (given)" in text and "5 rewritten, 1 skipped" in text
+    assert "upstream of the AoI split" in text and f"ratio {report.mac_ratio:.3f}" in text
+    d = json.loads(report.to_json())
+    assert d["pass_name"] == "focus" and len(d["sites"]) == 6 and d["macs_after"] == report.macs_after
+
+
+def test_fake_inputs_give_na_rather_than_numbers():
+    model = _eval(ResidualNet())
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 16, 16)
+    report = fxeff.transform(model, x, [Focus(threshold=0.0, split="stem")]).fxeff_report
+    assert report.aoi_fractions is None and report.macs_after is None and report.model_macs_after is None
+    assert all(s.macs_after is None for s in report.rewritten)
+    assert report.site("head").macs_before == 2 * 64 * 64
+    assert "n/a" in str(report)
+
+
+def test_run_passes_argument_errors():
+    gm = trace(ResidualNet())
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="passes is empty"):
+        run_passes(gm, (x,), [])
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        run_passes(gm, (x,), Focus(threshold=0.0, split="stem"))
+    with pytest.raises(ValueError, match=r"one value per graph input \(1: \['x'\]\), got 2"):
+        run_passes(gm, (x, x), [Focus(threshold=0.0, split="stem")])
+    with pytest.raises(TypeError, match="must be a torch.fx.GraphModule"):
+        run_passes(ResidualNet(), (x,), [Focus(threshold=0.0, split="stem")])
