@@ -2,7 +2,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fxeff, m) {
-  m.set_python_module("fxeff.ops");
+  m.set_python_module("fxeff.ops.focused_conv2d");  // the module that calls register_fake for these ops
   m.def(
       "focused_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor mask, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> Tensor");

@@ -18,17 +18,17 @@ FocusConfig config{"auto", 0};
 std::array<std::atomic<int64_t>, kNumFocusStrategies> counters{};
 
 void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min_value) {
-  TORCH_CHECK(v.size() == 2, "fxeff.", op, ": ", name, " must have 2 elements, got ", v);
-  TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, "fxeff.", op, ": ", name,
+  TORCH_CHECK_VALUE(v.size() == 2, "fxeff.", op, ": ", name, " must have 2 elements, got ", v);
+  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value, "fxeff.", op, ": ", name,
               " must be >= ", min_value, ", got ", v);
 }
 
 std::string set_strategy(c10::string_view strategy, int64_t tile) {
-  TORCH_CHECK(strategy == "auto" || strategy == "dense" || strategy == "crop" || strategy == "tiles" ||
+  TORCH_CHECK_VALUE(strategy == "auto" || strategy == "dense" || strategy == "crop" || strategy == "tiles" ||
                   strategy == "pixels",
               "fxeff._focused_conv2d_set_strategy: strategy must be one of auto, dense, crop, tiles, pixels, got \"",
               strategy, "\"");
-  TORCH_CHECK(tile == 0 || tile >= 2, "fxeff._focused_conv2d_set_strategy: tile must be 0 (auto) or >= 2, got ",
+  TORCH_CHECK_VALUE(tile == 0 || tile >= 2, "fxeff._focused_conv2d_set_strategy: tile must be 0 (auto) or >= 2, got ",
               tile);
   std::lock_guard<std::mutex> lock(config_mutex);
   std::string previous = config.strategy;
@@ -68,45 +68,45 @@ ConvGeometry check_focused_conv2d_args(const char* op, const at::Tensor& x, cons
                                        const c10::optional<at::Tensor>& bias, const at::Tensor& mask,
                                        at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, "fxeff.", op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fxeff.", op, ": x must be floating point, got ",
+  TORCH_CHECK_VALUE(x.dim() == 4, "fxeff.", op, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D ", x.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "fxeff.", op, ": x must be floating point, got ",
               x.scalar_type());
-  TORCH_CHECK(weight.dim() == 4, "fxeff.", op, ": weight must be 4-D [O, C/groups, kH, kW], got ",
+  TORCH_CHECK_VALUE(weight.dim() == 4, "fxeff.", op, ": weight must be 4-D [O, C/groups, kH, kW], got ",
               weight.dim(), "-D ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "fxeff.", op, ": weight dtype must equal x dtype ",
+  TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), "fxeff.", op, ": weight dtype must equal x dtype ",
               x.scalar_type(), ", got ", weight.scalar_type());
-  TORCH_CHECK(weight.device() == x.device(), "fxeff.", op, ": weight must be on x's device ", x.device(),
+  TORCH_CHECK_VALUE(weight.device() == x.device(), "fxeff.", op, ": weight must be on x's device ", x.device(),
               ", got ", weight.device());
   check_pair(op, "stride", stride, 1);
   check_pair(op, "padding", padding, 0);
   check_pair(op, "dilation", dilation, 1);
-  TORCH_CHECK(groups >= 1, "fxeff.", op, ": groups must be >= 1, got ", groups);
+  TORCH_CHECK_VALUE(groups >= 1, "fxeff.", op, ": groups must be >= 1, got ", groups);
   ConvGeometry g{};
   g.n = x.size(0); g.c = x.size(1); g.h = x.size(2); g.w = x.size(3);
   g.o = weight.size(0); g.kh = weight.size(2); g.kw = weight.size(3);
   g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1];
   g.dh = dilation[0]; g.dw = dilation[1]; g.groups = groups;
-  TORCH_CHECK(g.c % groups == 0 && g.o % groups == 0, "fxeff.", op,
+  TORCH_CHECK_VALUE(g.c % groups == 0 && g.o % groups == 0, "fxeff.", op,
               ": groups must divide the input and output channels, got groups=", groups, " with ", g.c,
               " input and ", g.o, " output channels");
-  TORCH_CHECK(weight.size(1) * groups == g.c, "fxeff.", op, ": weight must be [", g.o, ", ", g.c / groups,
+  TORCH_CHECK_VALUE(weight.size(1) * groups == g.c, "fxeff.", op, ": weight must be [", g.o, ", ", g.c / groups,
               ", kH, kW] for ", g.c, " input channels and groups=", groups, ", got ", weight.sizes());
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.o, "fxeff.", op, ": bias must be [", g.o,
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.o, "fxeff.", op, ": bias must be [", g.o,
                 "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "fxeff.", op, ": bias dtype must equal x dtype ",
+    TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type(), "fxeff.", op, ": bias dtype must equal x dtype ",
                 x.scalar_type(), ", got ", bias->scalar_type());
   }
   g.ho = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   g.wo = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
-  TORCH_CHECK(g.h + 2 * g.ph >= g.dh * (g.kh - 1) + 1 && g.w + 2 * g.pw >= g.dw * (g.kw - 1) + 1, "fxeff.",
+  TORCH_CHECK_VALUE(g.h + 2 * g.ph >= g.dh * (g.kh - 1) + 1 && g.w + 2 * g.pw >= g.dw * (g.kw - 1) + 1, "fxeff.",
               op, ": padded input ", g.h + 2 * g.ph, "x", g.w + 2 * g.pw, " is smaller than the dilated kernel ",
               g.dh * (g.kh - 1) + 1, "x", g.dw * (g.kw - 1) + 1);
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3 && mask.size(0) == g.n &&
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool && mask.dim() == 3 && mask.size(0) == g.n &&
                   mask.size(1) == g.ho && mask.size(2) == g.wo,
               "fxeff.", op, ": mask must be bool [N, Hout, Wout] = [", g.n, ", ", g.ho, ", ", g.wo, "], got ",
               mask.sizes(), " ", mask.scalar_type());
-  TORCH_CHECK(mask.device() == x.device(), "fxeff.", op, ": mask must be on x's device ", x.device(), ", got ",
+  TORCH_CHECK_VALUE(mask.device() == x.device(), "fxeff.", op, ": mask must be on x's device ", x.device(), ", got ",
               mask.device());
   return g;
 }

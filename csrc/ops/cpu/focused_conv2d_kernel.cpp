@@ -374,7 +374,7 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
 //   dense_mac    oneDNN's dense conv, per multiply-accumulate (NCHW and channels_last alike within 10%);
 //   gemm_mac     the pixels GEMMs, per MAC: MKL sgemm on chunks reaches ~85% of oneDNN's conv rate;
 //   copy         gathering one input value (im2col of pixels, windows of crop/tiles);
-//   call         one vendor conv call (crop pays it per image, tiles once).
+//   call         one vendor conv call (crop pays it per image, tiles once), or the set-up of the pixels GEMMs.
 // Writing the output costs the same for every strategy, so it is left out.
 struct CostModel {
   double dense_mac = 0.0050, gemm_mac = 0.0060, copy = 0.10, call = 2.0e4;
@@ -442,7 +442,8 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   const double dense_cost = static_cast<double>(outputs) * cost.kmac * cost.dense_mac + cost.call;
   // Pixels runs many small GEMMs per group: only worth it for full (groups == 1) convs.
   const double pixels_cost = g.groups == 1
-      ? static_cast<double>(s.active) * (cost.kmac * cost.gemm_mac + static_cast<double>(g.c) * g.kh * g.kw * cost.copy)
+      ? static_cast<double>(s.active) * (cost.kmac * cost.gemm_mac + static_cast<double>(g.c) * g.kh * g.kw * cost.copy) +
+            cost.call
       : std::numeric_limits<double>::infinity();
 
   FocusStrategy pick;
@@ -497,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focused_conv2d_backward_cpu(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g = check_focused_conv2d_args("focused_conv2d_backward", x, weight, c10::nullopt, mask,
                                                    stride, padding, dilation, groups);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == g.n && grad_out.size(1) == g.o &&
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == g.n && grad_out.size(1) == g.o &&
                   grad_out.size(2) == g.ho && grad_out.size(3) == g.wo,
               "fxeff.focused_conv2d_backward: grad_out must be [", g.n, ", ", g.o, ", ", g.ho, ", ", g.wo,
               "], got ", grad_out.sizes());

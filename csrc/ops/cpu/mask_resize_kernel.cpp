@@ -25,14 +25,14 @@ std::vector<std::pair<int64_t, int64_t>> source_ranges(int64_t in, int64_t out) 
 }
 
 at::Tensor mask_resize_cpu(const at::Tensor& mask, at::IntArrayRef size) {
-  TORCH_CHECK(mask.dim() == 3 && mask.scalar_type() == at::kBool,
+  TORCH_CHECK_VALUE(mask.dim() == 3 && mask.scalar_type() == at::kBool,
               "fxeff.mask_resize: mask must be bool [N, H, W], got ", mask.dim(), "-D ",
               mask.sizes(), " ", mask.scalar_type());
-  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0,
+  TORCH_CHECK_VALUE(size.size() == 2 && size[0] > 0 && size[1] > 0,
               "fxeff.mask_resize: size must be two positive ints [H, W], got ", size);
   const int64_t n = mask.size(0), hi = mask.size(1), wi = mask.size(2);
   const int64_t ho = size[0], wo = size[1];
-  TORCH_CHECK(hi > 0 && wi > 0, "fxeff.mask_resize: mask must not be empty, got ", mask.sizes());
+  TORCH_CHECK_VALUE(hi > 0 && wi > 0, "fxeff.mask_resize: mask must not be empty, got ", mask.sizes());
   const at::Tensor src = mask.contiguous();
   at::Tensor out = at::empty({n, ho, wo}, mask.options());
   if (n == 0) return out;
