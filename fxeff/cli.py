@@ -1,0 +1,304 @@
+"""The ``fxeff`` command: ``demo | transform | bench | report``.
+
+``fxeff demo`` is the project's main job: EfficientNet-Lite0 with its real ImageNet weights on
+scikit-image's real photos; it calibrates the AoI threshold, focuses the model with
+``fxeff.transform`` and shows per photo what changed (AoI, top-1, MACs, latency) with overlay PNGs.
+"""
+import argparse
+import json
+import os
+import runpy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+DEFAULT_MODEL = "efficientnet-lite0"
+DEFAULT_AOI = 0.30
+
+
+# ---------------------------------------------------------------- shared pieces
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="'efficientnet-lite0' (real ImageNet weights) or 'torchvision:<name>', e.g. "
+                             "torchvision:vgg16 (random weights unless --checkpoint)")
+    parser.add_argument("--checkpoint", default=None, help="state_dict file loaded over the model's weights")
+    parser.add_argument("--size", type=int, default=None, help="input size (default: the model's, e.g. 224)")
+    parser.add_argument("--photos", default=None,
+                        help="comma-separated photo names (default: all of fxeff.data.PHOTOS)")
+    parser.add_argument("--images", type=_positive_int, default=None, help="use only the first N photos")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--aoi", type=_fraction, default=None,
+                       help=f"calibrate the threshold for this mean AoI fraction on the photos (default {DEFAULT_AOI})")
+    group.add_argument("--threshold", type=float, default=None, help="use this AoI threshold as is")
+    parser.add_argument("--split", default=None, help="module after which the AoI is taken (default: the family's)")
+    parser.add_argument("--reduce", default="sum", choices=("sum", "mean"), help="channel reduction of the AoI")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
+
+
+class _Setup:
+    """What every subcommand builds from the model arguments: model, photos, batch, threshold, focused graph."""
+
+    def __init__(self, args: argparse.Namespace):
+        from . import Focus, data, focus, models, transform
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        self.model_name = args.model
+        self.real_weights = models.has_real_weights(args.model, args.checkpoint)
+        self.model = models.load_model(args.model, args.checkpoint)
+        prep = models.preprocessing(args.model)
+        self.preprocessing = prep.at_size(args.size) if args.size is not None else prep
+        names = [n.strip() for n in args.photos.split(",") if n.strip()] if args.photos else None
+        self.photos = data.photos(names)
+        if args.images is not None:
+            self.photos = self.photos[:args.images]
+        self.batch, self.crops = data.to_batch([image for _, image in self.photos], self.preprocessing)
+        self.split = focus.resolve_split(self.model, args.split, "cli")
+        self.reduce = args.reduce
+        if args.threshold is not None:
+            self.threshold, self.target = float(args.threshold), None
+        else:
+            self.target = DEFAULT_AOI if args.aoi is None else args.aoi
+            self.threshold = focus.calibrate(self.model, self.batch, self.target, self.split, self.reduce)
+        self.focus_config = Focus(self.threshold, split=self.split, reduce=self.reduce)
+        self.focused = transform(self.model, self.batch, [self.focus_config])
+        self.report = self.focused.fxeff_report
+
+    def describe(self) -> str:
+        weights = "real ImageNet weights" if self.model_name == DEFAULT_MODEL and self.real_weights else (
+            "checkpoint weights" if self.real_weights else "RANDOM weights (top-1 names are meaningless; agreement "
+                                                           "still compares the two models)")
+        target = f"calibrated for a mean AoI of {self.target:.0%}" if self.target is not None else "given"
+        return (f"model {self.model_name} ({weights}), input {self.preprocessing.crop}x{self.preprocessing.crop}, "
+                f"{len(self.photos)} photos; AoI split {self.split!r}, reduce {self.reduce!r}, "
+                f"threshold {self.threshold:.6g} ({target})")
+
+
+def _macs(fn: Callable[[], object]) -> int:
+    """MACs of one call of ``fn`` from torch.utils.flop_counter (FLOPs / 2; fxeff's ops count active outputs)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def _latencies(fns: Sequence[Callable[[], object]], runs: int, warmup: int = 2) -> List[float]:
+    """Median seconds per call of each fn, the fns run in turn in every round so that the machine's
+    noise hits them alike."""
+    times: List[List[float]] = [[] for _ in fns]
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns:
+                fn()
+        for _ in range(runs):
+            for i, fn in enumerate(fns):
+                start = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _markdown(rows: List[Dict[str, object]], columns: Sequence[Tuple[str, str]]) -> str:
+    """Rows of dicts as a markdown table; columns: (key, header)."""
+    def cell(v):
+        if isinstance(v, bool):
+            return "yes" if v else "NO"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[k]) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _environment() -> Dict[str, object]:
+    import platform
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+
+
+# ---------------------------------------------------------------- demo
+
+DEMO_COLUMNS = (("image", "image"), ("aoi_fraction", "AoI"), ("top1_dense", "top-1 dense"),
+                ("top1_focused", "top-1 focused"), ("agree", "agree"), ("macs_dense_m", "MMACs dense"),
+                ("macs_focused_m", "MMACs focused"), ("mac_ratio", "MAC ratio"), ("ms_dense", "ms dense"),
+                ("ms_focused", "ms focused"), ("speedup", "speedup"))
+
+
+def demo(args: argparse.Namespace) -> Dict[str, object]:
+    """Runs the demo; returns the summary written to ``args.out``/summary.json."""
+    from tqdm import tqdm
+
+    from . import focus, models
+
+    setup = _Setup(args)
+    os.makedirs(args.out, exist_ok=True)
+    print(setup.describe(), flush=True)
+    masks = focus.aoi_masks(setup.model, setup.batch, setup.threshold, setup.split, setup.reduce)[0]
+    with torch.no_grad():
+        n_classes = setup.model(setup.batch[:1]).shape[-1]
+    categories = models.imagenet_categories() if n_classes == 1000 else [f"class {i}" for i in range(n_classes)]
+
+    rows = []
+    for i in tqdm(range(len(setup.photos)), desc="fxeff demo", unit="photo"):
+        name = setup.photos[i][0]
+        x = setup.batch[i:i + 1]
+        with torch.no_grad():
+            p_dense = setup.model(x).softmax(-1)[0]
+            p_focused = setup.focused(x).softmax(-1)[0]
+        c_dense, c_focused = int(p_dense.argmax()), int(p_focused.argmax())
+        macs_dense = _macs(lambda: setup.model(x))
+        macs_focused = _macs(lambda: setup.focused(x))
+        s_dense, s_focused = _latencies([lambda: setup.model(x), lambda: setup.focused(x)], args.runs)
+        aoi = float(masks[i].float().mean())
+        png = os.path.join(args.out, f"{i:02d}_{name}_aoi.png")
+        focus.render(setup.crops[i], masks[i], png,
+                     title=f"{name}: AoI {aoi:.1%}  {categories[c_dense]} -> {categories[c_focused]}")
+        row = {"image": name, "aoi_fraction": aoi, "top1_dense": categories[c_dense], "p_dense": float(p_dense.max()),
+               "top1_focused": categories[c_focused], "p_focused": float(p_focused.max()),
+               "agree": c_dense == c_focused, "macs_dense_m": macs_dense / 1e6, "macs_focused_m": macs_focused / 1e6,
+               "mac_ratio": macs_focused / macs_dense, "ms_dense": s_dense * 1e3, "ms_focused": s_focused * 1e3,
+               "speedup": s_dense / s_focused, "png": png}
+        rows.append(row)
+        tqdm.write(f"{name:>22}: AoI {aoi:6.1%}  top-1 {row['top1_dense']!r} -> {row['top1_focused']!r} "
+                   f"({'agree' if row['agree'] else 'DIFFER'})  MACs {macs_dense / 1e6:.0f}M -> "
+                   f"{macs_focused / 1e6:.0f}M  latency {s_dense * 1e3:.1f} -> {s_focused * 1e3:.1f} ms")
+
+    summary = {
+        "model": setup.model_name, "real_weights": setup.real_weights, "input_size": setup.preprocessing.crop,
+        "split": setup.split, "reduce": setup.reduce, "threshold": setup.threshold, "target_aoi": setup.target,
+        "runs": args.runs, "environment": _environment(), "rows": rows,
+        "agreement": sum(r["agree"] for r in rows) / len(rows),
+        "mean_aoi_fraction": sum(r["aoi_fraction"] for r in rows) / len(rows),
+        "mean_mac_ratio": sum(r["mac_ratio"] for r in rows) / len(rows),
+        "median_speedup": statistics.median(r["speedup"] for r in rows),
+    }
+    totals = (f"top-1 agreement {summary['agreement']:.0%} ({sum(r['agree'] for r in rows)}/{len(rows)}), "
+              f"mean AoI {summary['mean_aoi_fraction']:.1%}, mean MAC ratio {summary['mean_mac_ratio']:.3f}, "
+              f"median speedup {summary['median_speedup']:.2f}x")
+    env = ", ".join(f"{k} {v}" for k, v in summary["environment"].items())
+    markdown = (f"# fxeff demo\n\n{setup.describe()}\n\n{env}; latency: median of {args.runs} interleaved runs, "
+                f"batch 1\n\n{_markdown(rows, DEMO_COLUMNS)}\n\n{totals}\n")
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(args.out, "report.txt"), "w") as f:
+        f.write(str(setup.report) + "\n")
+    print("\n" + _markdown(rows, DEMO_COLUMNS) + "\n\n" + totals)
+    print(f"wrote {len(rows)} AoI overlays, summary.md, summary.json and report.txt to {args.out}")
+    return summary
+
+
+# ---------------------------------------------------------------- transform / report / bench
+
+def transform_command(args: argparse.Namespace) -> None:
+    """Prints the focus report and saves the focused model (torch.export .pt2 or torch.jit.trace .pt)."""
+    if args.out is None and args.trace is None:
+        raise SystemExit("fxeff transform: give --out PATH.pt2 (torch.export) and/or --trace PATH.pt (torch.jit.trace)")
+    try:
+        from . import export
+    except ImportError as error:
+        raise NotImplementedError(f"fxeff transform: saving needs fxeff.export (deployment helpers), which this "
+                                  f"install lacks ({error})") from error
+    setup = _Setup(args)
+    print(setup.describe())
+    print(setup.report)
+    example = setup.batch[:1]
+    if args.out is not None:
+        export.save_exported(setup.focused, (example,), args.out)
+        print(f"saved torch.export program to {args.out}")
+    if args.trace is not None:
+        export.save_traced(setup.focused, (example,), args.trace)
+        print(f"saved torch.jit.trace module to {args.trace}")
+
+
+def report_command(args: argparse.Namespace) -> None:
+    """Prints (or writes as JSON) the report of focusing the model on the photos; saves no model."""
+    setup = _Setup(args)
+    if args.json:
+        print(json.dumps({"setup": setup.describe(), "config": setup.focus_config.to_dict(),
+                          "report": setup.report.to_dict()}, indent=1))
+    else:
+        print(setup.describe())
+        print(setup.report)
+
+
+def _benchmarks_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not here.is_dir():
+        raise FileNotFoundError(f"fxeff bench: the benchmark scripts live in the source checkout's benchmarks/ "
+                                f"folder, not found at {here} (run from a clone installed with pip install -e .)")
+    return here
+
+
+def bench_command(args: argparse.Namespace) -> None:
+    """Runs benchmarks/focus.py (one layer) or, with --models, benchmarks/focus_models.py, passing the rest on."""
+    script = _benchmarks_dir() / ("focus_models.py" if args.models else "focus.py")
+    if not script.is_file():
+        raise FileNotFoundError(f"fxeff bench: benchmark script {script} is missing")
+    sys.argv = [str(script)] + list(args.rest)
+    sys.path.insert(0, str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")
+
+
+# ---------------------------------------------------------------- entry
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxeff", description="fxeff: make trained CNNs cheaper to run")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="focus a real model on real photos: AoI, top-1 agreement, MACs, latency, PNGs")
+    _add_model_args(p)
+    p.add_argument("--runs", type=_positive_int, default=10, help="timed runs per model and photo (median)")
+    p.add_argument("--out", default=os.path.join("out", "demo"), help="output folder (PNGs, summary.md/json)")
+    p.set_defaults(func=demo)
+
+    p = sub.add_parser("transform", help="focus a model, print its report and save it (export or trace)")
+    _add_model_args(p)
+    p.add_argument("--out", default=None, help="torch.export program to write (.pt2)")
+    p.add_argument("--trace", default=None, help="torch.jit.trace module to write (.pt)")
+    p.set_defaults(func=transform_command)
+
+    p = sub.add_parser("report", help="print the focus report of a model on the photos")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=report_command)
+
+    p = sub.add_parser("bench", help="run benchmarks/focus.py (one layer) or --models benchmarks/focus_models.py")
+    p.add_argument("--models", action="store_true", help="the whole-model benchmark instead of the one-layer one")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    p.set_defaults(func=bench_command)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = args.func(args)
+    return 0 if result is None or isinstance(result, dict) else int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
