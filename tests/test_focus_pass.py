@@ -156,6 +156,7 @@ def test_conv_view_is_the_same_on_symbolic_dynamo_and_export_graphs():
     assert conv_sites(symbolic)[2].bias is None and conv_sites(dyn)[2].bias is None
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_conv_view_of_odd_convs():
     model = OddConvs().eval()
     x = torch.randn(1, 3, 8, 8)
@@ -264,6 +265,7 @@ def test_training_mode_batchnorm_statistics_are_untouched_by_the_pass():
 
 # ---------------------------------------------------------------- skips and odd convs
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_skip_reasons_and_exact_reflect_padding():
     model = OddConvs().eval()
     x = torch.randn(2, 3, 12, 12)
@@ -376,6 +378,26 @@ def test_split_by_module_fqn_on_every_graph_kind(kind):
     out = gm(*inputs)
     out = out[0] if isinstance(out, (tuple, list)) else out
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_shapes_graph_computes_each_grid_in_the_graph():
+    model = _eval(ResidualNet())
+    t = 0.5
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(run_passes(gm, example_inputs, [Focus(threshold=t, split="stem")]))
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)
+    for shape in ((2, 3, 32, 24), (3, 3, 21, 30), (4, 3, 17, 16)):  # H != W, N > 1: no duck sizing, no 0/1 specialization
+        x = torch.randn(shape)
+        with torch.no_grad(), focused_reference(model, "stem", t):
+            expected = model(x)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+    assert len(graphs) == 1  # one graph for every size: the grids are computed from sym_size in the graph
+    assert [s.name for s in graphs[0].rewritten] == ["down", "block_a", "block_b", "dw", "head"]
 
 
 def test_split_by_node_name_and_by_leaf_module():

@@ -233,8 +233,32 @@ def _skip_reason(site: ConvSite, downstream: set, upstream: set, split: fx.Node)
     if site.weight_shape is None or len(site.weight_shape) != 4:
         return "weight shape unknown"
     if site.output_grid is None:
-        return f"output grid {site.output_shape} is not static: mask_resize needs int sizes"
+        return "output shape unknown"
     return None
+
+
+def _grid_key(grid) -> Tuple[str, str]:
+    """A hashable key of an output grid: ints, or the sympy expressions of SymInts (equal expressions, one resize)."""
+    return tuple(str(s.node.expr) if isinstance(s, torch.SymInt) else str(s) for s in grid)
+
+
+def _symbolic_grid(graph: fx.Graph, site: ConvSite) -> List[Any]:
+    """[Hout, Wout] as graph values: (size + 2p - d(k-1) - 1) // s + 1 from sym_size of the conv's input."""
+    sizes = []
+    for dim in (0, 1):
+        size = site.input_shape[2 + dim] if site.input_shape is not None else None
+        kernel = site.weight_shape[2 + dim]
+        offset = 2 * site.padding[dim] - site.dilation[dim] * (kernel - 1) - 1
+        if isinstance(size, int):
+            sizes.append((size + offset) // site.stride[dim] + 1)
+            continue
+        value = graph.call_function(aten.sym_size.int, (site.input, 2 + dim))
+        if offset:
+            value = graph.call_function(operator.add, (value, offset))
+        if site.stride[dim] != 1:
+            value = graph.call_function(operator.floordiv, (value, site.stride[dim]))
+        sizes.append(graph.call_function(operator.add, (value, 1)))
+    return sizes
 
 
 def _set_value(new: fx.Node, template: fx.Node, shape: Tuple[int, ...], dtype: torch.dtype) -> None:
@@ -293,7 +317,7 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     mask.meta[_ROLE] = "aoi_mask"
     mask_shape = (split_shape[0], split_shape[2], split_shape[3])
     _set_value(mask, split, mask_shape, torch.bool)
-    grid_masks: Dict[Tuple[Any, Any], fx.Node] = {tuple(split_shape[2:]): mask}
+    grid_masks: Dict[Tuple[str, str], fx.Node] = {_grid_key(split_shape[2:]): mask}
 
     site_reports: List[SiteReport] = []
     rewritten: List[Tuple[SiteReport, ConvSite, fx.Node]] = []
@@ -304,13 +328,18 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
             site_reports.append(SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "focus"))
             continue
         grid = site.output_grid
-        if grid not in grid_masks:
-            with graph.inserting_after(mask):
-                resized = graph.call_function(MASK_RESIZE, (mask, list(grid)))
+        key = _grid_key(grid)
+        if key not in grid_masks:
+            if all(isinstance(s, int) for s in grid):
+                with graph.inserting_after(mask):
+                    resized = graph.call_function(MASK_RESIZE, (mask, list(grid)))
+            else:  # dynamic shapes: the grid is computed in the graph from the conv's input size
+                with graph.inserting_before(site.node):
+                    resized = graph.call_function(MASK_RESIZE, (mask, _symbolic_grid(graph, site)))
             resized.meta[_ROLE] = "mask_resize"
-            _set_value(resized, split, (split_shape[0],) + grid, torch.bool)
-            grid_masks[grid] = resized
-        mask_k = grid_masks[grid]
+            _set_value(resized, split, (split_shape[0],) + tuple(grid), torch.bool)
+            grid_masks[key] = resized
+        mask_k = grid_masks[key]
         _rewrite(gm, site, mask_k)
         entry = SiteReport(site.name, site.describe(), "rewritten", "", macs, None, "focus")
         site_reports.append(entry)

@@ -83,26 +83,24 @@ class ConvSite:
         return self.module_fqn if self.module_fqn else self.node.name
 
     @property
-    def output_grid(self) -> Optional[Tuple[int, int]]:
-        """(Hout, Wout) as ints, or None when unknown or symbolic."""
+    def output_grid(self) -> Optional[Tuple[Any, Any]]:
+        """(Hout, Wout) of the graph's value: ints, or SymInts in a dynamic graph; None when unknown."""
         if self.output_shape is None or len(self.output_shape) < 2:
             return None
-        h, w = self.output_shape[-2], self.output_shape[-1]
-        if not (isinstance(h, int) and isinstance(w, int)):
-            return None
-        return (h, w)
+        return (self.output_shape[-2], self.output_shape[-1])
 
     def macs(self) -> Optional[int]:
-        """Dense MACs of this conv (torch.utils.flop_counter's formula / 2); None when shapes are unknown."""
-        if self.weight_shape is None or self.input_shape is None or self.output_shape is None:
-            return None
-        try:
-            from torch.utils.flop_counter import conv_flop_count
+        """Dense MACs of this conv on the example inputs (torch.utils.flop_counter's formula / 2).
 
-            return int(conv_flop_count(list(self.input_shape), list(self.weight_shape), list(self.output_shape),
-                                       self.transposed)) // 2
-        except TypeError:  # symbolic sizes
+        Uses the concrete shapes of the last ``measure.run_recording`` (so dynamic graphs get numbers
+        without guarding on their SymInts), else static graph shapes; None when unknown.
+        """
+        shapes = [concrete_shape(self.input), concrete_shape(self.node)]
+        if self.weight_shape is None or any(s is None for s in shapes):
             return None
+        from torch.utils.flop_counter import conv_flop_count
+
+        return int(conv_flop_count(list(shapes[0]), list(self.weight_shape), list(shapes[1]), self.transposed)) // 2
 
     def macs_per_output_position(self) -> Optional[int]:
         """MACs per output pixel (all output channels, one image): O * C/g * prod(kernel)."""
@@ -157,6 +155,17 @@ def node_shape(node: Any) -> Optional[Tuple[Any, ...]]:
     value = node_value(node)
     shape = getattr(value, "shape", None)
     return tuple(shape) if shape is not None else None
+
+
+def concrete_shape(node: Any) -> Optional[Tuple[int, ...]]:
+    """The int shape of ``node``'s value on the example inputs (``meta["fxeff_val"]``), else its static graph shape."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("fxeff_val")
+    shape = tuple(value.shape) if value is not None else node_shape(node)
+    if shape is None or not all(isinstance(s, int) for s in shape):
+        return None
+    return shape
 
 
 def node_dtype(node: fx.Node) -> Optional[torch.dtype]:
