@@ -343,9 +343,10 @@ def test_existing_aoi_threshold_is_found_without_split(spelling):
     torch.testing.assert_close(mask, masks[0])
 
 
+@pytest.mark.parametrize("spelling", ["sum_ge", "module"])
 @pytest.mark.parametrize("kind", ["dynamo", "export"])
-def test_existing_threshold_is_found_in_dynamo_and_export_graphs(kind):
-    model = SeedStyle("sum_ge").eval()
+def test_existing_threshold_is_found_in_dynamo_and_export_graphs(kind, spelling):
+    model = SeedStyle(spelling).eval()
     x = torch.randn(2, 3, 16, 16)
     if kind == "dynamo":
         gm, inputs = dynamo_graph(model, x)
