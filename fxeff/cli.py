@@ -86,8 +86,7 @@ class _Setup:
 
     def describe(self) -> str:
         weights = "real ImageNet weights" if self.model_name == DEFAULT_MODEL and self.real_weights else (
-            "checkpoint weights" if self.real_weights else "RANDOM weights (top-1 names are meaningless; agreement "
-                                                           "still compares the two models)")
+            "checkpoint weights" if self.real_weights else "RANDOM weights: top-1 names are meaningless")
         target = f"calibrated for a mean AoI of {self.target:.0%}" if self.target is not None else "given"
         return (f"model {self.model_name} ({weights}), input {self.preprocessing.crop}x{self.preprocessing.crop}, "
                 f"{len(self.photos)} photos; AoI split {self.split!r}, reduce {self.reduce!r}, "
@@ -215,24 +214,26 @@ def demo(args: argparse.Namespace) -> Dict[str, object]:
 # ---------------------------------------------------------------- transform / report / bench
 
 def transform_command(args: argparse.Namespace) -> None:
-    """Prints the focus report and saves the focused model (torch.export .pt2 or torch.jit.trace .pt)."""
-    if args.out is None and args.trace is None:
-        raise SystemExit("fxeff transform: give --out PATH.pt2 (torch.export) and/or --trace PATH.pt (torch.jit.trace)")
-    try:
-        from . import export
-    except ImportError as error:
-        raise NotImplementedError(f"fxeff transform: saving needs fxeff.export (deployment helpers), which this "
-                                  f"install lacks ({error})") from error
+    """Prints the focus report and saves the focused model: torch.export program (--out .pt2),
+    AOTInductor package (--aoti .pt2) and/or torch.jit.trace module (--trace .pt), for batch 1."""
+    from . import export
+
+    if args.out is None and args.trace is None and args.aoti is None:
+        raise SystemExit("fxeff transform: give --out PATH.pt2 (torch.export), --aoti PATH.pt2 (AOTInductor) "
+                         "and/or --trace PATH.pt (torch.jit.trace)")
     setup = _Setup(args)
     print(setup.describe())
     print(setup.report)
-    example = setup.batch[:1]
+    example = (setup.batch[:1],)
     if args.out is not None:
-        export.save_exported(setup.focused, (example,), args.out)
-        print(f"saved torch.export program to {args.out}")
+        export.export(setup.focused, example, args.out)
+        print(f"saved the torch.export program to {args.out} (load with fxeff.export.load_exported)")
+    if args.aoti is not None:
+        export.aoti_package(setup.focused, example, args.aoti)
+        print(f"saved the AOTInductor package to {args.aoti} (load with fxeff.export.load_aoti)")
     if args.trace is not None:
-        export.save_traced(setup.focused, (example,), args.trace)
-        print(f"saved torch.jit.trace module to {args.trace}")
+        export.trace(setup.focused, example, args.trace)
+        print(f"saved the torch.jit.trace module to {args.trace} (load with fxeff.export.load_traced)")
 
 
 def report_command(args: argparse.Namespace) -> None:
@@ -276,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("out", "demo"), help="output folder (PNGs, summary.md/json)")
     p.set_defaults(func=demo)
 
-    p = sub.add_parser("transform", help="focus a model, print its report and save it (export or trace)")
+    p = sub.add_parser("transform", help="focus a model, print its report and save it (export, AOTInductor, trace)")
     _add_model_args(p)
     p.add_argument("--out", default=None, help="torch.export program to write (.pt2)")
+    p.add_argument("--aoti", default=None, help="AOTInductor package to write (.pt2)")
     p.add_argument("--trace", default=None, help="torch.jit.trace module to write (.pt)")
     p.set_defaults(func=transform_command)
 

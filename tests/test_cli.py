@@ -78,6 +78,20 @@ def test_report_command_prints_the_report_as_json(capsys):
     assert len([s for s in report["sites"] if s["status"] == "rewritten"]) == 7  # vgg11: 8 convs, the first before the split
 
 
+def test_transform_command_saves_models_whose_aoi_follows_the_input(tmp_path, capsys):
+    from fxeff import export
+
+    pt2, pt = str(tmp_path / "vgg11.pt2"), str(tmp_path / "vgg11.pt")
+    assert cli.main(["transform", "--model", "torchvision:vgg11", "--size", "32", "--photos", "chelsea",
+                     "--aoi", "0.3", "--out", pt2, "--trace", pt]) == 0
+    printed = capsys.readouterr().out
+    assert "fxeff report: pass focus" in printed and "AoI fraction per example image: 30." in printed
+    program, traced = export.load_exported(pt2), export.load_traced(pt)
+    assert export.fxeff_ops_in(program)["fxeff::focused_conv2d"] == 7
+    x = torch.randn(1, 3, 32, 32)  # a new input: the saved graphs compute its own AoI
+    assert torch.allclose(program.module()(x), traced(x), atol=1e-5)
+
+
 def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--aoi", "1.5"])
