@@ -1,0 +1,141 @@
+"""The "effconv" torch.compile backend: fxeff's passes on dynamo's graph, then inductor.
+
+Usage: ``torch.compile(model, backend="effconv", options={"passes": [{"pass": "focus", "threshold": t}]})``.
+
+The name is registered once, through the entry point group ``torch_dynamo_backends`` declared in
+pyproject.toml (``effconv = "fxeff.backend:effconv"``); this module never calls register_backend,
+so ``import fxeff`` followed by ``torch.compile(..., backend="effconv")`` cannot clash with the
+entry point, and a process that never imported fxeff can use the name: torch imports this module
+on first use, which imports fxeff and so loads the operator library.
+"""
+import logging
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type, Union
+
+import torch
+import torch.fx as fx
+
+from .passes import PassConfig, config_from_dict, run_passes
+from .report import Report
+
+log = logging.getLogger(__name__)
+
+OPTION_KEYS = ("passes", "inductor", "inductor_config", "model_class")
+
+_last_report: Optional[Report] = None
+
+
+def last_report() -> Optional[Report]:
+    """The Report of the most recent graph that "effconv" compiled in this process (None before any).
+
+    One torch.compile'd model may yield several graphs (graph breaks, recompiles for new shapes);
+    each replaces the previous report. The report is also logged at INFO on logger ``fxeff.backend``.
+    """
+    return _last_report
+
+
+def parse_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Validated options of the backend, with defaults filled in.
+
+    ``passes`` (required, non-empty): pass configs or their dicts (``{"pass": "focus", "threshold": t}``).
+    ``inductor`` (default True): hand the rewritten graph to inductor; False runs it eagerly.
+    ``inductor_config``: inductor config patches (dict) for compile_fx, e.g. ``{"freezing": True}``.
+    ``model_class``: the model's class or qualified class name, for per-family pass defaults (Focus's
+    split) when the backend cannot find the compiled module itself.
+    """
+    if options is None:
+        raise ValueError("fxeff.backend.effconv: options={'passes': [...]} is required, e.g. "
+                         "torch.compile(model, backend='effconv', options={'passes': "
+                         "[{'pass': 'focus', 'threshold': 0.5}]}); without passes the backend would only be inductor")
+    if not isinstance(options, Mapping):
+        raise TypeError(f"fxeff.backend.effconv: options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"fxeff.backend.effconv: unknown options {unknown}; expected a subset of {list(OPTION_KEYS)}")
+    passes = options.get("passes")
+    if isinstance(passes, (PassConfig, Mapping)):
+        raise TypeError("fxeff.backend.effconv: options['passes'] must be a list of pass configs or dicts, got a single "
+                        f"{type(passes).__name__}; wrap it in a list")
+    if not isinstance(passes, (list, tuple)) or not passes:
+        raise ValueError("fxeff.backend.effconv: options['passes'] must be a non-empty list of pass configs or dicts "
+                         f"such as {{'pass': 'focus', 'threshold': 0.5}}, got {passes!r}")
+    inductor = options.get("inductor", True)
+    if not isinstance(inductor, bool):
+        raise TypeError(f"fxeff.backend.effconv: options['inductor'] must be a bool, got {type(inductor).__name__}")
+    inductor_config = options.get("inductor_config", {})
+    if not isinstance(inductor_config, Mapping):
+        raise TypeError(f"fxeff.backend.effconv: options['inductor_config'] must be a dict, "
+                        f"got {type(inductor_config).__name__}")
+    if inductor_config and not inductor:
+        raise ValueError("fxeff.backend.effconv: options['inductor_config'] was given with options['inductor']=False")
+    model_class = options.get("model_class")
+    if model_class is not None and not isinstance(model_class, (str, type)):
+        raise TypeError(f"fxeff.backend.effconv: options['model_class'] must be a class or a qualified class name, "
+                        f"got {type(model_class).__name__}")
+    return {"passes": [config_from_dict(p) for p in passes], "inductor": inductor,
+            "inductor_config": dict(inductor_config), "model_class": model_class}
+
+
+def _compiled_root_module(gm: fx.GraphModule) -> Optional[torch.nn.Module]:
+    """The nn.Module whose parameters dynamo lifted into ``gm``'s inputs, when there is exactly one.
+
+    Dynamo records, for each graph input, the source it was read from (``L['self']._modules['conv1']
+    ._parameters['weight']``); the innermost nn.Module source of those chains is the compiled model.
+    Uses dynamo internals (the current frame and GraphArg sources); None whenever they are missing,
+    so that the caller's pass asks for what it needs (e.g. Focus(split=...)) instead of guessing.
+    """
+    try:
+        from torch._dynamo.source import NNModuleSource
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError):
+        return None
+    if tx is None:
+        return None
+    roots = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or node.meta.get("grapharg") is None:
+            continue
+        source, innermost = getattr(node.meta["grapharg"], "source", None), None
+        while source is not None:
+            if isinstance(source, NNModuleSource):
+                innermost = source
+            source = getattr(source, "base", None)
+        if innermost is None:
+            continue
+        try:
+            # dynamo's source names read the frame's locals as L[...] and its globals as G[...]
+            module = innermost.base.get_value({"L": dict(tx.f_locals), "G": tx.f_globals}, {}, {})
+        except Exception:  # a source dynamo can evaluate but we cannot (closures, ...): no root from this input
+            continue
+        if isinstance(module, torch.nn.Module):
+            roots[id(module)] = module
+    return next(iter(roots.values())) if len(roots) == 1 else None
+
+
+def effconv(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Mapping[str, Any]] = None,
+            mode: Optional[str] = None) -> Callable[..., Any]:
+    """The "effconv" backend: runs ``options['passes']`` on dynamo's graph (the same run_passes as
+    fxeff.transform), then compiles the rewritten graph with inductor (compile_fx, which also builds
+    the backward through the ops' registered autograd and fake kernels, so training works).
+
+    With ``options['inductor'] = False`` it returns the rewritten graph's forward, run eagerly (for
+    debugging a pass without inductor). The Report is logged and kept: ``fxeff.backend.last_report()``.
+    Raises when no passes are given (compiling through "effconv" without a pass would silently be
+    plain inductor) and when a pass cannot apply (e.g. no split found): no eager fallback.
+    """
+    global _last_report
+    if mode is not None:
+        raise ValueError(f"fxeff.backend.effconv: mode={mode!r} is not supported; give "
+                         "options={'passes': [...], 'inductor_config': {...}} instead")
+    parsed = parse_options(options)
+    model_class = parsed["model_class"]
+    if model_class is None:
+        root = _compiled_root_module(gm)
+        model_class = type(root) if root is not None else None
+    report = run_passes(gm, example_inputs, parsed["passes"], model_class=model_class)
+    _last_report = report
+    log.info("fxeff effconv: rewrote the dynamo graph (%d nodes):\n%s", len(gm.graph.nodes), report)
+    if not parsed["inductor"]:
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs, config_patches=parsed["inductor_config"] or None)
