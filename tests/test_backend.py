@@ -189,3 +189,19 @@ def test_compile_without_passes_or_with_a_bad_split_raises_instead_of_running_ea
         compiled = torch.compile(make_model(), backend="effconv", **kwargs)
         with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=match):
             compiled(x)
+
+
+def test_new_image_sizes_recompile_with_the_rewrite():
+    """A second image size makes dynamo recompile with a dynamic graph: the pass rewrites it as well
+    (mask grids from the graph's sizes), and each size matches fxeff.transform on that size."""
+    model = make_model()
+    compiled = torch.compile(model, backend="effconv", options={"passes": [focus_config()]})
+    for size in (32, 48, 64):
+        x = torch.zeros(2, 3, size, size)
+        x[0, :, 3:13, 4:14] = 1.0
+        x[1, :, size - 12:size - 2, size - 12:] = 1.0
+        with torch.no_grad():
+            out = compiled(x)
+            expected = fxeff.transform(model, (x,), [focus_config()])(x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=f"size {size}")
+        assert sum(s.status == "rewritten" for s in fxeff.backend.last_report().sites) == 5
