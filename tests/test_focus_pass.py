@@ -485,3 +485,16 @@ def test_run_passes_argument_errors():
         run_passes(gm, (x, x), [Focus(threshold=0.0, split="stem")])
     with pytest.raises(TypeError, match="must be a torch.fx.GraphModule"):
         run_passes(ResidualNet(), (x,), [Focus(threshold=0.0, split="stem")])
+
+
+def test_site_report_validation():
+    from fxeff.report import SiteReport
+
+    with pytest.raises(ValueError, match="status must be one of"):
+        SiteReport("conv", "conv2d", "done")
+    with pytest.raises(ValueError, match="a skipped site needs a reason"):
+        SiteReport("conv", "conv2d", "skipped")
+    report = fxeff.Report("focus", [SiteReport("a", "conv2d", "rewritten", "", 10, 4)])
+    assert report.mac_ratio == 0.4 and report.macs_after == 4
+    with pytest.raises(KeyError, match="no site named 'b'"):
+        report.site("b")

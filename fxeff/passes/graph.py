@@ -13,7 +13,6 @@ Three kinds of graphs carry the same convolution in different clothes:
 paths are normalised too (dynamo writes ``L['self'].features[3]``; fxeff says ``features.3``).
 """
 import dataclasses
-import operator
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
