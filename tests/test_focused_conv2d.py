@@ -300,3 +300,42 @@ def test_wrapper_rejects_bad_pairs():
     x, weight, bias, mask = conv_case(n=1)
     with pytest.raises(ValueError, match=r"fxeff\.focused_conv2d: stride must be an int or 2 ints, got \[1, 1, 1\]"):
         focused_conv2d(x, weight, bias, mask, (1, 1, 1), 1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kernel, padding, dilation", [(3, 1, 1), (5, 2, 1), (3, 2, 2), (3, 0, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_active_region_equals_reference(channels_last, kernel, padding, dilation, dtype):
+    # Large enough that the cost model sends a sparse mask's backward through the pixels path; the profiler says
+    # which path ran, and the gradients must equal the reference's either way.
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 32, 31, 29, generator=gen).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = torch.randn(24, 32, kernel, kernel, generator=gen).to(dtype).requires_grad_()
+    bias = torch.randn(24, generator=gen).to(dtype).requires_grad_()
+    ref = F.conv2d(x, weight, bias, 1, padding, dilation)
+    mask = random_mask(2, ref.shape[2], ref.shape[3], gen, blobs=1, pixel_fraction=0.03)
+    grad = torch.randn(ref.shape, generator=gen).to(dtype)
+    want = torch.autograd.grad(ref * mask[:, None], (x, weight, bias), grad)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = torch.autograd.grad(focused_conv2d(x, weight, bias, mask, 1, padding, dilation), (x, weight, bias), grad)
+    ran = {e.name for e in prof.events() if e.name.startswith("fxeff::focused_conv2d_backward::")}
+    assert ran == {"fxeff::focused_conv2d_backward::pixels"}, ran
+    assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for g, w in zip(got, want):
+        assert_matches(g, w, dtype)
+
+
+def test_backward_of_empty_mask_is_zero_without_conv():
+    x, weight, bias, _ = conv_case()
+    for t in (x, weight, bias):
+        t.requires_grad_()
+    mask = torch.zeros(3, 24, 24, dtype=torch.bool)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        grads = torch.autograd.grad(focused_conv2d(x, weight, bias, mask, 1, 1).sum(), (x, weight, bias))
+    names = {e.name for e in prof.events()}
+    assert "fxeff::focused_conv2d_backward::empty" in names
+    assert not any(n.startswith("aten::conv") for n in names), names
+    assert all(not g.any() for g in grads)
