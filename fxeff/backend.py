@@ -9,7 +9,7 @@ entry point, and a process that never imported fxeff can use the name: torch imp
 on first use, which imports fxeff and so loads the operator library.
 """
 import logging
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.fx as fx
