@@ -138,6 +138,36 @@ def bench_row(c: int, hw: int, n: int, pattern: str, fraction: float, fmt: str, 
     return row
 
 
+def backward_row(c: int, hw: int, n: int, pattern: str, fraction: float, fmt: str, min_run_time: float,
+                 rounds: int) -> Dict[str, object]:
+    """Backward (grad of x, weight, bias) of the focused conv vs the dense conv's backward."""
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    x = torch.randn(n, c, hw, hw).contiguous(memory_format=mf).requires_grad_()
+    weight = (torch.randn(c, c, 3, 3) / (3 * c ** 0.5)).requires_grad_()
+    bias = torch.randn(c).requires_grad_()
+    mask = make_mask(pattern, n, hw, hw, fraction)
+    grad = torch.randn(n, c, hw, hw).contiguous(memory_format=mf)
+    dense_out = F.conv2d(x, weight, bias, 1, 1)
+    focused_out = fxeff.ops.focused_conv2d(x, weight, bias, mask, 1, 1)
+    want = torch.autograd.grad(dense_out * mask[:, None], (x, weight, bias), grad, retain_graph=True)
+    got = torch.autograd.grad(focused_out, (x, weight, bias), grad, retain_graph=True)
+    err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1.0)) for a, b in zip(got, want))
+    if err > 1e-4:
+        raise AssertionError(f"focus.py: focused backward is wrong by {err:g} (relative)")
+    candidates = {
+        "dense bwd ms": lambda: torch.autograd.grad(dense_out, (x, weight, bias), grad, retain_graph=True),
+        "focused bwd": lambda: torch.autograd.grad(focused_out, (x, weight, bias), grad, retain_graph=True),
+    }
+    times: Dict[str, List[float]] = {k: [] for k in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            times[name].append(measure(fn, min_run_time / rounds, repeats=3, warmup=1))
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"shape": f"{c}ch {hw}x{hw}", "batch": n, "format": fmt, "pattern": pattern,
+            "AoI %": round(100 * float(mask.float().mean()), 1), "dense bwd ms": median["dense bwd ms"] * 1e3,
+            "focused bwd": median["dense bwd ms"] / median["focused bwd"], "max rel err": err}
+
+
 def rows_to_run(quick: bool):
     shapes = [(128, 112)] if quick else [(128, 112), (256, 56)]
     for c, hw in shapes:
@@ -165,6 +195,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     parser.add_argument("--formats", default="nchw,channels_last", help="comma list of nchw, channels_last")
     parser.add_argument("--tile", type=int, default=0, help="tile size forced for the tiles column (0 = its own pick)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds over all candidates (median)")
+    parser.add_argument("--backward", action="store_true", help="also time the backward (a second table)")
     parser.add_argument("--json", default="", help="write rows + environment as JSON here")
     parser.add_argument("--markdown", default="", help="write the markdown table here")
     args = parser.parse_args(argv)
@@ -183,6 +214,13 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     columns = ["conv", "shape", "batch", "format", "pattern", "AoI %", "dense ms", *FORCED, "auto", "auto picks",
                "seed", "seed err", "target", "met"]
     text = report("focused_conv2d, one 3x3 conv layer: speedup vs dense F.conv2d", rows, columns, args.json)
+    if args.backward:
+        brows = [backward_row(128, 112, 1, pattern, fraction, fmt, min_run_time, args.rounds)
+                 for pattern, fraction in (("blob", 0.25), ("16 blobs", 0.25), ("blob", 1.0)) for fmt in formats]
+        text += "\n\n" + report("focused_conv2d backward (grads of x, weight, bias): speedup vs the dense conv's "
+                                 "backward", brows, ["shape", "batch", "format", "pattern", "AoI %", "dense bwd ms",
+                                                     "focused bwd", "max rel err"],
+                                 args.json.replace(".json", "_backward.json") if args.json else "")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")

@@ -609,7 +609,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focused_conv2d_backward_cpu(
   }
   if (!use_pixels) {
     RECORD_FUNCTION("fxeff::focused_conv2d_backward::dense", c10::ArrayRef<const c10::IValue>{});
-    const at::Tensor masked = grad_out.masked_fill(at::logical_not(mask).unsqueeze(1), 0);
+    const at::Tensor masked =
+        s.active == outputs ? grad_out : grad_out.masked_fill(at::logical_not(mask).unsqueeze(1), 0);
     const std::array<int64_t, 1> bias_sizes{g.o};
     const std::array<int64_t, 2> output_padding{0, 0};
     auto grads = at::convolution_backward(masked, x, weight, at::IntArrayRef(bias_sizes), stride, padding, dilation,
