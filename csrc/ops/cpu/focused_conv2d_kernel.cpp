@@ -85,28 +85,33 @@ MaskSummary summarise(const bool* m, const ConvGeometry& g) {
   return s;
 }
 
-// Writes zero at every inactive output (each once); the strategies write the active ones.
+// Writes zero at every inactive output; called after a strategy wrote the active ones (whatever the strategy left
+// at inactive outputs is overwritten). channels_last: O zeros per inactive position, run by run; NCHW: a
+// branch-free select over each plane (vectorised), measured ~10x faster than filling the gaps between runs when
+// the mask is fragmented.
 template <typename scalar_t>
-void zero_inactive(at::Tensor& out, const MaskSummary& s, const ConvGeometry& g, bool channels_last) {
+void zero_inactive(at::Tensor& out, const bool* m, const MaskSummary& s, const ConvGeometry& g, bool channels_last) {
   scalar_t* base = out.mutable_data_ptr<scalar_t>();
   const int64_t O = g.o, Ho = g.ho, Wo = g.wo;
-  auto fill_row = [&](scalar_t* row, int64_t r, int64_t width) {  // width: values per output position
-    int64_t x = 0;
-    for (int64_t k = s.row_begin[r]; k < s.row_begin[r + 1]; ++k) {
-      std::fill_n(row + x * width, (s.runs[k].x0 - x) * width, scalar_t(0));
-      x = s.runs[k].x1;
-    }
-    std::fill_n(row + x * width, (Wo - x) * width, scalar_t(0));
-  };
   if (channels_last) {
     at::parallel_for(0, g.n * Ho, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) fill_row(base + r * Wo * O, r, O);
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* row = base + r * Wo * O;
+        int64_t x = 0;
+        for (int64_t k = s.row_begin[r]; k < s.row_begin[r + 1]; ++k) {
+          std::fill_n(row + x * O, (s.runs[k].x0 - x) * O, scalar_t(0));
+          x = s.runs[k].x1;
+        }
+        std::fill_n(row + x * O, (Wo - x) * O, scalar_t(0));
+      }
     });
   } else {
+    const int64_t plane = Ho * Wo;
     at::parallel_for(0, g.n * O, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const int64_t n = p / O;
-        for (int64_t y = 0; y < Ho; ++y) fill_row(base + (p * Ho + y) * Wo, n * Ho + y, 1);
+        const bool* mp = m + (p / O) * plane;
+        scalar_t* d = base + p * plane;
+        for (int64_t i = 0; i < plane; ++i) d[i] = mp[i] ? d[i] : scalar_t(0);
       }
     });
   }
@@ -295,8 +300,48 @@ void gather_pixels_cl(const scalar_t* x, scalar_t* cols, const Run* pieces, int6
   }
 }
 
+
+// NCHW x: colsT[k, q] with rows k = (c, ky, kx) (the weight's own order), so each row of a run is one copy.
+template <typename scalar_t>
+void gather_pixels_nchw(const scalar_t* x, scalar_t* colsT, const Run* pieces, int64_t count, int64_t P,
+                        const ConvGeometry& g) {
+  const int64_t C = g.c, H = g.h, W = g.w;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        scalar_t* d = colsT + ((c * g.kh + ky) * g.kw + kx) * P;
+        for (int64_t i = 0; i < count; ++i) {
+          const Run& p = pieces[i];
+          const int64_t len = p.x1 - p.x0;
+          const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
+          if (iy < 0 || iy >= H) {
+            std::fill_n(d, len, scalar_t(0));
+            d += len;
+            continue;
+          }
+          const scalar_t* s = x + ((p.n * C + c) * H + iy) * W;
+          // Input column of output j of the run: ixs + j * sw; [jlo, jhi) of them lie inside the image.
+          const int64_t ixs = p.x0 * g.sw - g.pw + kx * g.dw;
+          const int64_t jlo = std::min(len, ixs >= 0 ? int64_t(0) : (-ixs + g.sw - 1) / g.sw);
+          const int64_t jhi = std::clamp<int64_t>(ixs >= W ? 0 : (W - ixs + g.sw - 1) / g.sw, jlo, len);
+          std::fill_n(d, jlo, scalar_t(0));
+          if (g.sw == 1) {  // runs are short: an inlined loop beats a memcpy call here
+            const scalar_t* sj = s + ixs;
+            for (int64_t j = jlo; j < jhi; ++j) d[j] = sj[j];
+          } else {
+            for (int64_t j = jlo; j < jhi; ++j) d[j] = s[ixs + j * g.sw];
+          }
+          std::fill_n(d + jhi, len - jhi, scalar_t(0));
+          d += len;
+        }
+      }
+    }
+  }
+}
+
 // Runs the pixels strategy: per chunk of active outputs (one chunk per task, on the task's own buffers), gather
 // their receptive fields, one GEMM per group against the weight, and write the results (plus bias) into out.
+// cl: out is channels_last (else NCHW); x may be either.
 template <typename scalar_t>
 void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                 at::Tensor& out, const MaskSummary& s, const ConvGeometry& g, bool cl, int64_t chunk) {
@@ -305,11 +350,12 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   const int64_t nchunks = static_cast<int64_t>(chunks.pixels.size());
   const int64_t O = g.o, Ho = g.ho, Wo = g.wo;
   const int64_t og = g.o / g.groups, kg = g.c / g.groups * g.kh * g.kw, K = g.groups * kg;
-  // The gather reads channels_last input (one contiguous copy per tap): an NCHW x is converted once, which costs
-  // a few % of the dense conv and makes the gather several times faster than strided reads.
-  const at::Tensor xcl = x.contiguous(at::MemoryFormat::ChannelsLast);
-  // The weight as [O, kg] with columns in the gather's order (ky, kx, c).
-  const at::Tensor wmat = weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
+  // channels_last x is gathered pixel by pixel (one copy per tap) into cols [P, K]; NCHW x row by row (one copy
+  // per run and (c, ky, kx)) into colsT [K, P], which saves converting x (measured: the conversion cost more
+  // than the whole gather). The weight as [O, kg] with columns in the gather's order.
+  const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const at::Tensor wmat = (cl_in ? weight.permute({0, 2, 3, 1}) : weight).contiguous().view({O, kg});
   std::vector<acc_t> b(O, acc_t(0));
   if (bias.has_value() && bias->defined()) {
     const at::Tensor bc = bias->contiguous();
@@ -319,7 +365,7 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   const int64_t threads = at::get_num_threads();
   at::Tensor cols_buf = at::empty({threads, chunk * K}, x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor res_buf = at::empty({threads, chunk * O}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  const scalar_t* xp = xcl.const_data_ptr<scalar_t>();
+  const scalar_t* xp = xin.const_data_ptr<scalar_t>();
   scalar_t* outp = out.mutable_data_ptr<scalar_t>();
   // Chunks are handed out one at a time (not split statically), so a thread that the OS delays does not hold
   // the others up.
@@ -334,9 +380,16 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
       const Run* pieces = chunks.pieces.data() + chunks.begin[ci];
       const int64_t count = chunks.begin[ci + 1] - chunks.begin[ci];
       const int64_t P = chunks.pixels[ci];
-      gather_pixels_cl<scalar_t>(xp, colsp, pieces, count, g);
-      const at::Tensor A = cols_t.narrow(0, 0, P * K).view({P, K});
-      // R [P, O] = cols @ wmat^T (MKL runs this form ~1.5x faster than R^T = wmat @ cols^T at these shapes).
+      // A: the chunk's im2col as [P, K] (a transposed view of colsT for NCHW x).
+      at::Tensor A;
+      if (cl_in) {
+        gather_pixels_cl<scalar_t>(xp, colsp, pieces, count, g);
+        A = cols_t.narrow(0, 0, P * K).view({P, K});
+      } else {
+        gather_pixels_nchw<scalar_t>(xp, colsp, pieces, count, P, g);
+        A = cols_t.narrow(0, 0, K * P).view({K, P}).t();
+      }
+      // R [P, O] = A @ wmat^T: MKL runs this form ~10% faster than R^T = wmat @ A^T at these shapes (measured).
       at::Tensor R = res_t.narrow(0, 0, P * O).view({P, O});
       for (int64_t gi = 0; gi < g.groups; ++gi) {
         at::Tensor r = R.narrow(1, gi * og, og);
@@ -410,7 +463,7 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   auto zero_rest = [&](at::Tensor& out) {
     if (s.active == outputs) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focused_conv2d_zero", [&] {
-      zero_inactive<scalar_t>(out, s, g, cl);
+      zero_inactive<scalar_t>(out, m, s, g, cl);
     });
   };
   if (s.active == 0 && cfg.strategy != "dense") {
@@ -467,7 +520,6 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
     return out;
   }
   at::Tensor out = at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
-  zero_rest(out);
   if (pick == FocusStrategy::Crop) {
     RECORD_FUNCTION("fxeff::focused_conv2d::crop", c10::ArrayRef<const c10::IValue>{});
     count_focus_strategy(FocusStrategy::Crop);
@@ -488,6 +540,7 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
       run_pixels<scalar_t>(x, weight, bias, out, s, g, cl, chunk);
     });
   }
+  zero_rest(out);
   return out;
 }
 
@@ -630,13 +683,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focused_conv2d_backward_cpu(
   at::Tensor grad_x = at::empty({g.n, g.c, g.h, g.w}, x.options().memory_format(fmt));
   at::Tensor grad_w, grad_b;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "focused_conv2d_backward_pixels", [&] {
-    zero_inactive<scalar_t>(masked, s, g, true);
+    zero_inactive<scalar_t>(masked, m, s, g, true);
     auto wb = pixels_weight_grad<scalar_t>(xcl, masked, s, g, pixel_chunk(g, s.active, x.element_size()));
     grad_w = wb.first.view({g.o, g.kh, g.kw, g.c}).permute({0, 3, 1, 2}).contiguous();
     grad_b = wb.second;
-    zero_inactive<scalar_t>(grad_x, sr, gt, fmt == at::MemoryFormat::ChannelsLast);
     run_pixels<scalar_t>(masked, wflip, c10::nullopt, grad_x, sr, gt, fmt == at::MemoryFormat::ChannelsLast,
                          pixel_chunk(gt, sr.active, x.element_size()));
+    zero_inactive<scalar_t>(grad_x, reads.const_data_ptr<bool>(), sr, gt, fmt == at::MemoryFormat::ChannelsLast);
   });
   return {grad_x, grad_w, grad_b};
 }
