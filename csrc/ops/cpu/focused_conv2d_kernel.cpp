@@ -8,7 +8,9 @@
 //            gathered into one batch, one vendor conv, active outputs scattered back;
 //   pixels - im2col of the active outputs only (no tile or box overhang), one GEMM per chunk of them, written
 //            straight into the output: the work tracks the active count however scattered the mask is.
-// Every strategy writes each inactive output once with zero (no separate zero-fill of the whole output).
+// After a strategy wrote the active outputs, each inactive output is written once with zero (no zero-fill of
+// the whole output beforehand). The strategy that ran is counted and recorded for the profiler as
+// "fxeff::focused_conv2d::<strategy>".
 // Results equal F.conv2d at every active output because each window holds exactly the inputs
 // (padding included) that the dense conv reads there.
 #include "../focused_conv2d.h"
@@ -364,7 +366,8 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   }
   const int64_t threads = at::get_num_threads();
   at::Tensor cols_buf = at::empty({threads, chunk * K}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor res_buf = at::empty({threads, chunk * O}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  // Per thread: R [chunk, O], then (NCHW out) its transpose.
+  at::Tensor res_buf = at::empty({threads, chunk * O * (cl ? 1 : 2)}, x.options().memory_format(at::MemoryFormat::Contiguous));
   const scalar_t* xp = xin.const_data_ptr<scalar_t>();
   scalar_t* outp = out.mutable_data_ptr<scalar_t>();
   // Chunks are handed out one at a time (not split statically), so a thread that the OS delays does not hold
@@ -405,16 +408,25 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
           }
           src += (p.x1 - p.x0) * O;
         }
-      } else {  // NCHW: transpose while writing; R (a chunk) is cache-resident, so its strided reads are cheap
+      } else {  // NCHW: transpose R in cache (16 x 16 blocks), then write each channel's runs contiguously
+        scalar_t* rt = res_t.mutable_data_ptr<scalar_t>() + chunk * O;
+        for (int64_t o0 = 0; o0 < O; o0 += 16) {
+          for (int64_t q0 = 0; q0 < P; q0 += 16) {
+            const int64_t o1 = std::min(O, o0 + 16), q1 = std::min(P, q0 + 16);
+            for (int64_t q = q0; q < q1; ++q) {
+              for (int64_t o = o0; o < o1; ++o) rt[o * P + q] = resp[q * O + o];
+            }
+          }
+        }
         for (int64_t o = 0; o < O; ++o) {
-          const scalar_t* src = resp + o;
+          const scalar_t* src = rt + o * P;
           const acc_t bo = b[o];
           for (int64_t i = 0; i < count; ++i) {
             const Run& p = pieces[i];
             const int64_t len = p.x1 - p.x0;
             scalar_t* dst = outp + ((p.n * O + o) * Ho + p.y) * Wo + p.x0;
-            for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j * O]) + bo);
-            src += len * O;
+            for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) + bo);
+            src += len;
           }
         }
       }
@@ -422,13 +434,19 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   });
 }
 
-// Cost model, in nanoseconds on one core (2 threads share the work of every strategy alike, so only the ratios
-// matter). Constants measured with benchmarks/focus.py on a 2-core AMD EPYC (AVX-512), torch 2.14, fp32:
-//   dense_mac    oneDNN's dense conv, per multiply-accumulate (NCHW and channels_last alike within 10%);
-//   gemm_mac     the pixels GEMMs, per MAC: MKL sgemm on chunks reaches ~85% of oneDNN's conv rate;
-//   copy         gathering one input value (im2col of pixels, windows of crop/tiles);
-//   call         one vendor conv call (crop pays it per image, tiles once), or the set-up of the pixels GEMMs.
-// Writing the output costs the same for every strategy, so it is left out.
+// Cost model, in relative units (one MAC of oneDNN's dense conv = 0.005). The strategies split the work over the
+// threads alike, so per-core ratios decide. Measured on the 2-core AMD EPYC (AVX-512) this was tuned on, torch 2.14,
+// fp32, with benchmarks/focus.py and single-op timings:
+//   dense_mac  oneDNN's dense conv per multiply-accumulate (~115 GFLOP/s per core; NCHW and channels_last within
+//              10% at 2 threads);
+//   gemm_mac   the pixels GEMMs per MAC: MKL sgemm on [chunk x K] @ [K x O] runs ~98 GFLOP/s per core, 1.2x the
+//              dense conv's cost per MAC;
+//   copy       one gathered input value (im2col of pixels, windows of crop/tiles): ~20 dense MACs;
+//   call       one vendor conv call or the set-up of the pixels GEMMs (~70 us).
+// Writing the output costs the same for every strategy, so it is left out. What this gives (one 3x3 conv,
+// 128 or 256 channels): a compact blob -> crop (its halo is thin); scattered blobs or pixels -> pixels (no
+// overhang at all); AoI above ~70-80% -> dense. Tiles (8, 16 or 32, the cheapest by the model) win only where
+// pixels cannot run cheaply, i.e. grouped/depthwise convs with a few mid-sized blobs.
 struct CostModel {
   double dense_mac = 0.0050, gemm_mac = 0.0060, copy = 0.10, call = 2.0e4;
   double kmac;  // MACs per output position: O * C/groups * kh * kw
@@ -474,10 +492,24 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
 
   CostModel cost;
   cost.kmac = static_cast<double>(g.o) * (g.c / g.groups) * g.kh * g.kw;
-  // Tile sizes tried by the auto strategy: the best one depends on how scattered the mask is.
+  double crop_cost = 0.0;
+  for (const auto& b : s.boxes) {
+    const int64_t bh = b[1] - b[0], bw = b[3] - b[2];
+    if (bh > 0) crop_cost += cost.conv(static_cast<double>(bh) * bw, static_cast<double>(g.window_h(bh)) * g.window_w(bw) * g.c);
+  }
+  const double dense_cost = static_cast<double>(outputs) * cost.kmac * cost.dense_mac + cost.call;
+  // Pixels runs one GEMM per group and chunk: only worth it for full (groups == 1) convs.
+  const double pixels_cost = g.groups == 1
+      ? static_cast<double>(s.active) * (cost.kmac * cost.gemm_mac + static_cast<double>(g.c) * g.kh * g.kw * cost.copy) +
+            cost.call
+      : std::numeric_limits<double>::infinity();
+  const double best_other = std::min({dense_cost, crop_cost, pixels_cost});
+  // Tile sizes tried by the auto strategy (the best one depends on how scattered the mask is); skipped when even
+  // tiles without overhang, halo or gather (cost >= the active outputs' conv) could not beat the others.
   const std::vector<int64_t> tile_sizes =
       cfg.tile > 0 ? std::vector<int64_t>{cfg.tile} : std::vector<int64_t>{8, 16, 32};
-  const bool want_tiles = cfg.strategy == "auto" || cfg.strategy == "tiles";
+  const bool want_tiles = cfg.strategy == "tiles" ||
+                          (cfg.strategy == "auto" && cost.conv(static_cast<double>(s.active), 0.0) < best_other);
   int64_t best_tile = tile_sizes[0];
   std::vector<Region> best_tiles;
   double tiles_cost = std::numeric_limits<double>::infinity();
@@ -487,17 +519,6 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
     const double c = cost.conv(count * t * t, count * g.window_h(t) * g.window_w(t) * g.c);
     if (c < tiles_cost) { tiles_cost = c; best_tile = t; best_tiles = std::move(tiles); }
   }
-  double crop_cost = 0.0;
-  for (const auto& b : s.boxes) {
-    const int64_t bh = b[1] - b[0], bw = b[3] - b[2];
-    if (bh > 0) crop_cost += cost.conv(static_cast<double>(bh) * bw, static_cast<double>(g.window_h(bh)) * g.window_w(bw) * g.c);
-  }
-  const double dense_cost = static_cast<double>(outputs) * cost.kmac * cost.dense_mac + cost.call;
-  // Pixels runs many small GEMMs per group: only worth it for full (groups == 1) convs.
-  const double pixels_cost = g.groups == 1
-      ? static_cast<double>(s.active) * (cost.kmac * cost.gemm_mac + static_cast<double>(g.c) * g.kh * g.kw * cost.copy) +
-            cost.call
-      : std::numeric_limits<double>::infinity();
 
   FocusStrategy pick;
   if (cfg.strategy == "dense") pick = FocusStrategy::Dense;
