@@ -260,9 +260,13 @@ def bench_command(args: argparse.Namespace) -> None:
     script = _benchmarks_dir() / ("focus_models.py" if args.models else "focus.py")
     if not script.is_file():
         raise FileNotFoundError(f"fxeff bench: benchmark script {script} is missing")
+    saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [str(script)] + list(args.rest)
     sys.path.insert(0, str(script.parent))
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
 
 
 # ---------------------------------------------------------------- entry
@@ -273,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="focus a real model on real photos: AoI, top-1 agreement, MACs, latency, PNGs")
     _add_model_args(p)
-    p.add_argument("--runs", type=_positive_int, default=10, help="timed runs per model and photo (median)")
+    p.add_argument("--runs", type=_positive_int, default=5, help="timed runs per model and photo (median)")
     p.add_argument("--out", default=os.path.join("out", "demo"), help="output folder (PNGs, summary.md/json)")
     p.set_defaults(func=demo)
 
@@ -290,14 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=report_command)
 
     p = sub.add_parser("bench", help="run benchmarks/focus.py (one layer) or --models benchmarks/focus_models.py")
-    p.add_argument("--models", action="store_true", help="the whole-model benchmark instead of the one-layer one")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the script")
-    p.set_defaults(func=bench_command)
+    p.add_argument("--models", action="store_true", help="(first) the whole-model benchmark instead of the one-layer "
+                                                         "one; every other argument goes to the script")
+    p.set_defaults(func=bench_command, rest=[])
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"]:  # the script parses its own arguments (--help included)
+        rest = argv[1:]
+        models = rest[:1] == ["--models"]  # the first --models picks the script; later ones are its own
+        args = argparse.Namespace(func=bench_command, models=models, rest=rest[1:] if models else rest)
+    else:
+        args = parser.parse_args(argv)
     result = args.func(args)
     return 0 if result is None or isinstance(result, dict) else int(result)
 

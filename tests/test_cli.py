@@ -102,6 +102,15 @@ def test_bad_arguments_exit_with_a_message(capsys):
         cli.main(["report", "--model", "vgg16"])
 
 
+def test_bench_dispatches_to_the_scripts_with_their_own_arguments(capsys):
+    for argv, script in ((["bench", "--help"], "focus.py"), (["bench", "--models", "--models", "vgg16", "--help"],
+                                                             "focus_models.py")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 0
+        assert f"usage: {script}" in capsys.readouterr().out
+
+
 def test_console_script_runs():
     exe = os.path.join(os.path.dirname(sys.executable), "fxeff")
     if not os.path.isfile(exe):
