@@ -1,0 +1,125 @@
+"""Whole models focused on real photos: latency dense vs focused, eager and compiled, against the MACs saved.
+
+For each model (VGG16, ResNet-50, EfficientNet-Lite0 at 224x224, batch 1) one AoI threshold is
+calibrated on the photos for a mean AoI of --aoi (default 25%), the model is focused with
+fxeff.transform (eager) and with torch.compile(backend="effconv") and timed on each photo beside
+the dense model (eager, and torch.compile's default inductor). The AoI is computed in the graph
+from each photo, so one compiled model serves every photo.
+
+MAC bound = dense MACs / focused MACs (torch.utils.flop_counter with fxeff's formulas, the count
+of fxeff.transform's report); efficiency = speedup / MAC bound (1.0: time falls as fast as MACs).
+
+    .venv/bin/python benchmarks/focus_models.py [--models vgg16,resnet50,efficientnet-lite0]
+        [--photos astronaut,chelsea,coffee] [--aoi 0.25] [--no-compile] [--profile] [--json out.json]
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import measure, report  # noqa: E402
+
+import fxeff  # noqa: E402
+from fxeff import data, focus, models  # noqa: E402
+
+MODELS = {"vgg16": "torchvision:vgg16", "resnet50": "torchvision:resnet50",
+          "efficientnet-lite0": "efficientnet-lite0"}
+COLUMNS = ["model", "photo", "AoI", "MAC bound", "eager dense ms", "eager focused ms", "eager speedup",
+           "eager efficiency", "inductor dense ms", "effconv focused ms", "compiled speedup", "compiled efficiency",
+           "effconv vs eager dense"]
+
+
+def _macs(model, x) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def _profile(name: str, fn, rows: int = 12) -> None:
+    """Where the time of ``fn`` goes, by op (self CPU time), printed as torch.profiler's table."""
+    with torch.no_grad():
+        for _ in range(2):
+            fn()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                fn()
+    print(f"\n#### profile: {name} (5 calls, by self CPU time)\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def bench_model(key: str, photo_names, target: float, compile_models: bool, profile: bool):
+    name = MODELS[key]
+    torch.manual_seed(0)  # torchvision models have random weights: the same ones in every run
+    model = models.load_model(name)
+    photos = data.photos(photo_names)
+    batch, _ = data.to_batch([image for _, image in photos], models.preprocessing(name))
+    threshold = focus.calibrate(model, batch, target)
+    config = fxeff.Focus(threshold)
+    focused = fxeff.transform(model, batch, [config])
+    print(f"{key}: split {focused.fxeff_report.split}, threshold {threshold:.6g} for a mean AoI of {target:.0%} "
+          f"over {len(photos)} photos; whole-model MACs on the batch {focused.fxeff_report.model_macs_before / 1e9:.2f}G"
+          f" -> {focused.fxeff_report.model_macs_after / 1e9:.2f}G", flush=True)
+    if compile_models:
+        torch._dynamo.reset()
+        inductor_dense = torch.compile(model)
+        effconv_focused = torch.compile(model, backend="effconv", options={"passes": [config.to_dict()]})
+    masks = focus.aoi_masks(model, batch, threshold)[0]
+    rows = []
+    with torch.no_grad():
+        for i, (photo, _) in enumerate(photos):
+            x = batch[i:i + 1]
+            bound = _macs(model, x) / _macs(focused, x)
+            row = {"model": key, "photo": photo, "AoI": float(masks[i].float().mean()), "MAC bound": bound}
+            eager_dense = measure(lambda: model(x))
+            eager_focused = measure(lambda: focused(x))
+            row.update({"eager dense ms": eager_dense * 1e3, "eager focused ms": eager_focused * 1e3,
+                        "eager speedup": eager_dense / eager_focused,
+                        "eager efficiency": eager_dense / eager_focused / bound})
+            if compile_models:
+                compiled_dense = measure(lambda: inductor_dense(x))
+                compiled_focused = measure(lambda: effconv_focused(x))
+                row.update({"inductor dense ms": compiled_dense * 1e3, "effconv focused ms": compiled_focused * 1e3,
+                            "compiled speedup": compiled_dense / compiled_focused,
+                            "compiled efficiency": compiled_dense / compiled_focused / bound,
+                            "effconv vs eager dense": eager_dense / compiled_focused})
+            else:
+                row.update({c: "not run" for c in COLUMNS[8:]})
+            rows.append(row)
+            print(f"  {photo}: AoI {row['AoI']:.1%}, MAC bound {bound:.2f}x, eager speedup {row['eager speedup']:.2f}x"
+                  + (f", compiled speedup {row['compiled speedup']:.2f}x" if compile_models else ""), flush=True)
+        if profile:
+            x = batch[:1]
+            _profile(f"{key} eager dense", lambda: model(x))
+            _profile(f"{key} eager focused", lambda: focused(x))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
+    parser.add_argument("--photos", default="astronaut,chelsea,coffee", help="comma-separated fxeff.data.PHOTOS")
+    parser.add_argument("--aoi", type=float, default=0.25, help="mean AoI fraction the threshold is calibrated for")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true", help="eager only (skip inductor and effconv)")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table by op, dense and focused")
+    parser.add_argument("--json", default="", help="write rows + environment here")
+    args = parser.parse_args(argv)
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; expected names from {list(MODELS)}")
+    torch.set_num_threads(args.threads)
+    photo_names = [p.strip() for p in args.photos.split(",") if p.strip()]
+    rows = []
+    for key in keys:
+        rows += bench_model(key, photo_names, args.aoi, not args.no_compile, args.profile)
+    report(f"Whole models focused on real photos (224x224, batch 1, threshold for a mean AoI of {args.aoi:.0%})",
+           rows, COLUMNS, args.json)
+
+
+if __name__ == "__main__":
+    main()
