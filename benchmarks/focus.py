@@ -28,21 +28,21 @@ FULL_TARGET = 0.95
 
 
 def square_blobs(h: int, w: int, fraction: float, count: int, gen: torch.Generator) -> torch.Tensor:
-    """bool [h, w] with ``count`` non-overlapping equal squares at random places covering ~fraction."""
+    """bool [h, w] with ``count`` equal squares covering ~fraction: one at a random place, or several at random
+    places within the cells of a sqrt(count) x sqrt(count) grid (so they stay separate)."""
     side = max(1, round((fraction * h * w / count) ** 0.5))
     mask = torch.zeros(h, w, dtype=torch.bool)
-    placed, tries = 0, 0
-    while placed < count:
-        tries += 1
-        if tries > 10000:
-            raise RuntimeError(f"focus.py: cannot place {count} blobs of side {side} in {h}x{w}")
-        y = int(torch.randint(0, h - side + 1, (1,), generator=gen))
-        x = int(torch.randint(0, w - side + 1, (1,), generator=gen))
-        # Keep one free pixel between blobs so they stay separate blobs.
-        if mask[max(0, y - 1):y + side + 1, max(0, x - 1):x + side + 1].any():
-            continue
-        mask[y:y + side, x:x + side] = True
-        placed += 1
+    per_row = round(count ** 0.5)
+    if per_row * per_row != count:
+        raise ValueError(f"focus.py: blob count must be a square number, got {count}")
+    ch, cw = h // per_row, w // per_row
+    if side > min(ch, cw):
+        raise ValueError(f"focus.py: {count} blobs of side {side} do not fit in {h}x{w}")
+    for i in range(per_row):
+        for j in range(per_row):
+            y = i * ch + int(torch.randint(0, ch - side + 1, (1,), generator=gen))
+            x = j * cw + int(torch.randint(0, cw - side + 1, (1,), generator=gen))
+            mask[y:y + side, x:x + side] = True
     return mask
 
 

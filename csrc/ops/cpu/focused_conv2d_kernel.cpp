@@ -70,11 +70,14 @@ MaskSummary summarise(const bool* m, const ConvGeometry& g) {
     const bool* plane = m + n * g.ho * g.wo;
     for (int64_t y = 0; y < g.ho; ++y) {
       s.row_begin.push_back(static_cast<int64_t>(s.runs.size()));
-      const bool* row = plane + y * g.wo;
+      // Runs found with memchr (bool is one byte, 0 or 1): a few SIMD scans per row instead of a branch per pixel.
+      const char* row = reinterpret_cast<const char*>(plane + y * g.wo);
       for (int64_t x = 0; x < g.wo;) {
-        if (!row[x]) { ++x; continue; }
-        const int64_t start = x;
-        while (x < g.wo && row[x]) ++x;
+        const void* on = std::memchr(row + x, 1, g.wo - x);
+        if (on == nullptr) break;
+        const int64_t start = static_cast<const char*>(on) - row;
+        const void* off = std::memchr(row + start, 0, g.wo - start);
+        x = off == nullptr ? g.wo : static_cast<const char*>(off) - row;
         s.runs.push_back({n, y, start, x});
         s.active += x - start;
         y0 = std::min(y0, y); y1 = y + 1;
