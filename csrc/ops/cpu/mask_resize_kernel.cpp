@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace fxeff {
@@ -40,7 +41,11 @@ at::Tensor mask_resize_cpu(const at::Tensor& mask, at::IntArrayRef size) {
   const auto cols = source_ranges(wi, wo);
   const bool* s = src.data_ptr<bool>();
   bool* d = out.data_ptr<bool>();
-  at::parallel_for(0, n * ho, 1, [&](int64_t begin, int64_t end) {
+  // A task reads at least ~32 KiB of mask: a whole VGG-sized mask is a few microseconds of work,
+  // less than waking a second thread.
+  const int64_t bytes_per_row = std::max<int64_t>(1, wi * ((hi + ho - 1) / ho));
+  const int64_t grain = std::max<int64_t>(1, int64_t{32768} / bytes_per_row);
+  at::parallel_for(0, n * ho, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / ho, i = t % ho;
       const bool* plane = s + b * hi * wi;
