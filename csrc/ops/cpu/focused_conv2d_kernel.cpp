@@ -306,41 +306,73 @@ void gather_pixels_cl(const scalar_t* x, scalar_t* cols, const Run* pieces, int6
 }
 
 
-// NCHW x: colsT[k, q] with rows k = (c, ky, kx) (the weight's own order), so each row of a run is one copy.
+// NCHW x: the same cols [P, K] as gather_pixels_cl. Per run piece and kernel row ky, the input window
+// x[n, :, iy, ixs : ixs + Ws] (all channels, the run's columns plus the kernel's halo) is first transposed into a
+// small pixel-major staging tile [Ws, C] (zeros outside the image; 8 channels at a time, so its writes are 32-byte
+// runs), then each pixel's taps are contiguous copies of C/groups channels out of it. This reads each input value
+// once per (run, ky) instead of once per (run, ky, kx) and replaces kh*kw*C short row copies per run with kh*C
+// strided reads plus P*kh*kw long copies.
 template <typename scalar_t>
-void gather_pixels_nchw(const scalar_t* x, scalar_t* colsT, const Run* pieces, int64_t count, int64_t P,
+void gather_pixels_nchw(const scalar_t* x, scalar_t* cols, scalar_t* stage, const Run* pieces, int64_t count,
                         const ConvGeometry& g) {
-  const int64_t C = g.c, H = g.h, W = g.w;
-  for (int64_t c = 0; c < C; ++c) {
+  const int64_t C = g.c, H = g.h, W = g.w, cg = g.c / g.groups, taps = g.kh * g.kw, kg = taps * cg;
+  const int64_t K = g.groups * kg;
+  scalar_t* row0 = cols;
+  for (int64_t i = 0; i < count; ++i) {
+    const Run& p = pieces[i];
+    const int64_t L = p.x1 - p.x0;
+    const int64_t ixs = p.x0 * g.sw - g.pw;
+    const int64_t Ws = (L - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+    // Staged columns [jlo, jhi) lie inside the image (input column ixs + j).
+    const int64_t jlo = std::clamp<int64_t>(-ixs, 0, Ws);
+    const int64_t jhi = std::clamp<int64_t>(W - ixs, jlo, Ws);
     for (int64_t ky = 0; ky < g.kh; ++ky) {
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
-        scalar_t* d = colsT + ((c * g.kh + ky) * g.kw + kx) * P;
-        for (int64_t i = 0; i < count; ++i) {
-          const Run& p = pieces[i];
-          const int64_t len = p.x1 - p.x0;
-          const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
-          if (iy < 0 || iy >= H) {
-            std::fill_n(d, len, scalar_t(0));
-            d += len;
-            continue;
+      const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
+      if (iy < 0 || iy >= H) {
+        for (int64_t q = 0; q < L; ++q) {
+          scalar_t* row = row0 + q * K;
+          for (int64_t kx = 0; kx < g.kw; ++kx) {
+            const int64_t t = ky * g.kw + kx;
+            for (int64_t gi = 0; gi < g.groups; ++gi) std::fill_n(row + gi * kg + t * cg, cg, scalar_t(0));
           }
-          const scalar_t* s = x + ((p.n * C + c) * H + iy) * W;
-          // Input column of output j of the run: ixs + j * sw; [jlo, jhi) of them lie inside the image.
-          const int64_t ixs = p.x0 * g.sw - g.pw + kx * g.dw;
-          const int64_t jlo = std::min(len, ixs >= 0 ? int64_t(0) : (-ixs + g.sw - 1) / g.sw);
-          const int64_t jhi = std::clamp<int64_t>(ixs >= W ? 0 : (W - ixs + g.sw - 1) / g.sw, jlo, len);
-          std::fill_n(d, jlo, scalar_t(0));
-          if (g.sw == 1) {  // runs are short: an inlined loop beats a memcpy call here
-            const scalar_t* sj = s + ixs;
-            for (int64_t j = jlo; j < jhi; ++j) d[j] = sj[j];
-          } else {
-            for (int64_t j = jlo; j < jhi; ++j) d[j] = s[ixs + j * g.sw];
+        }
+        continue;
+      }
+      std::fill_n(stage, jlo * C, scalar_t(0));
+      std::fill_n(stage + jhi * C, (Ws - jhi) * C, scalar_t(0));
+      const int64_t nj = jhi - jlo;
+      const scalar_t* src = x + (p.n * C * H + iy) * W + (ixs + jlo);  // channel 0, first staged column in image
+      scalar_t* st = stage + jlo * C;
+      const int64_t plane = H * W;
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        const scalar_t* s0 = src + c * plane;
+        const scalar_t* s1 = s0 + plane; const scalar_t* s2 = s1 + plane; const scalar_t* s3 = s2 + plane;
+        const scalar_t* s4 = s3 + plane; const scalar_t* s5 = s4 + plane; const scalar_t* s6 = s5 + plane;
+        const scalar_t* s7 = s6 + plane;
+        scalar_t* d = st + c;
+        for (int64_t j = 0; j < nj; ++j, d += C) {
+          d[0] = s0[j]; d[1] = s1[j]; d[2] = s2[j]; d[3] = s3[j];
+          d[4] = s4[j]; d[5] = s5[j]; d[6] = s6[j]; d[7] = s7[j];
+        }
+      }
+      for (; c < C; ++c) {
+        const scalar_t* s0 = src + c * plane;
+        scalar_t* d = st + c;
+        for (int64_t j = 0; j < nj; ++j, d += C) *d = s0[j];
+      }
+      for (int64_t q = 0; q < L; ++q) {
+        scalar_t* row = row0 + q * K;
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const int64_t t = ky * g.kw + kx;
+          const scalar_t* tp = stage + (q * g.sw + kx * g.dw) * C;
+          for (int64_t gi = 0; gi < g.groups; ++gi) {
+            std::memcpy(row + gi * kg + t * cg, tp + gi * cg, cg * sizeof(scalar_t));
           }
-          std::fill_n(d + jhi, len - jhi, scalar_t(0));
-          d += len;
         }
       }
     }
+    row0 += L * K;
   }
 }
 
@@ -355,12 +387,12 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   const int64_t nchunks = static_cast<int64_t>(chunks.pixels.size());
   const int64_t O = g.o, Ho = g.ho, Wo = g.wo;
   const int64_t og = g.o / g.groups, kg = g.c / g.groups * g.kh * g.kw, K = g.groups * kg;
-  // channels_last x is gathered pixel by pixel (one copy per tap) into cols [P, K]; NCHW x row by row (one copy
-  // per run and (c, ky, kx)) into colsT [K, P], which saves converting x (measured: the conversion cost more
-  // than the whole gather). The weight as [O, kg] with columns in the gather's order.
+  // channels_last x is gathered pixel by pixel (one copy per tap) into cols [P, K]; NCHW x into the same cols
+  // through a per-run staging tile (gather_pixels_nchw), which saves converting x (measured: the conversion cost
+  // more than the whole gather). The weight as [O, kg] with columns in the gather's order.
   const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  const at::Tensor wmat = (cl_in ? weight.permute({0, 2, 3, 1}) : weight).contiguous().view({O, kg});
+  const at::Tensor wmat = weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
   std::vector<acc_t> b(O, acc_t(0));
   if (bias.has_value() && bias->defined()) {
     const at::Tensor bc = bias->contiguous();
@@ -368,7 +400,9 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
     for (int64_t o = 0; o < O; ++o) b[o] = static_cast<acc_t>(bp[o]);
   }
   const int64_t threads = at::get_num_threads();
-  at::Tensor cols_buf = at::empty({threads, chunk * K}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  // Per thread: cols [chunk, K], then (NCHW x) the staging tile [Ws, C] for a run of up to chunk pixels.
+  const int64_t stage_len = cl_in ? 0 : ((chunk - 1) * g.sw + (g.kw - 1) * g.dw + 1) * g.c;
+  at::Tensor cols_buf = at::empty({threads, chunk * K + stage_len}, x.options().memory_format(at::MemoryFormat::Contiguous));
   // Per thread: R [chunk, O], then (NCHW out) its transpose.
   at::Tensor res_buf = at::empty({threads, chunk * O * (cl ? 1 : 2)}, x.options().memory_format(at::MemoryFormat::Contiguous));
   const scalar_t* xp = xin.const_data_ptr<scalar_t>();
@@ -386,15 +420,13 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
       const Run* pieces = chunks.pieces.data() + chunks.begin[ci];
       const int64_t count = chunks.begin[ci + 1] - chunks.begin[ci];
       const int64_t P = chunks.pixels[ci];
-      // A: the chunk's im2col as [P, K] (a transposed view of colsT for NCHW x).
-      at::Tensor A;
+      // A: the chunk's im2col as [P, K], columns (group, ky, kx, c) for either layout of x.
       if (cl_in) {
         gather_pixels_cl<scalar_t>(xp, colsp, pieces, count, g);
-        A = cols_t.narrow(0, 0, P * K).view({P, K});
       } else {
-        gather_pixels_nchw<scalar_t>(xp, colsp, pieces, count, P, g);
-        A = cols_t.narrow(0, 0, K * P).view({K, P}).t();
+        gather_pixels_nchw<scalar_t>(xp, colsp, colsp + chunk * K, pieces, count, g);
       }
+      const at::Tensor A = cols_t.narrow(0, 0, P * K).view({P, K});
       // R [P, O] = A @ wmat^T: MKL runs this form ~10% faster than R^T = wmat @ A^T at these shapes (measured).
       at::Tensor R = res_t.narrow(0, 0, P * O).view({P, O});
       for (int64_t gi = 0; gi < g.groups; ++gi) {
