@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._utils import pair
 from ._notrace import register_notrace_module
 
 REDUCES = ("sum", "mean")
@@ -42,12 +43,7 @@ class AoIThreshold(nn.Module):
 
 
 def _pair(name: str, value) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"fxeff.nn.FocusedConv2d: {name} must be an int or 2 ints, got {value!r}")
-    return value
+    return tuple(pair(name, "nn.FocusedConv2d", value))
 
 
 @register_notrace_module
