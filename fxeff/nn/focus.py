@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._utils import pair
+from ..ops.focused_conv2d import conv_output_size
 from ._notrace import register_notrace_module
 
 REDUCES = ("sum", "mean")
@@ -93,10 +94,9 @@ class FocusedConv2d(nn.Conv2d):
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """The output grid (Hout, Wout) for an input of height x width."""
-        out = []
-        for size, k, s, p, d in zip((height, width), self.kernel_size, self.stride, self.padding, self.dilation):
-            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-        return out[0], out[1]
+        h, w = (conv_output_size(size, k, s, p, d)
+                for size, k, s, p, d in zip((height, width), self.kernel_size, self.stride, self.padding, self.dilation))
+        return h, w
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if mask is None:
