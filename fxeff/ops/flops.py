@@ -34,7 +34,8 @@ def register() -> None:
     ops = torch.ops.fxeff
     flop_counter.register_flop_formula(ops.focused_conv2d, get_raw=True)(_focused_conv2d_flops)
     flop_counter.register_flop_formula(ops.focused_conv2d_backward, get_raw=True)(_focused_conv2d_backward_flops)
-    flop_counter.register_flop_formula([ops.aoi_mask, ops.mask_resize], get_raw=True)(_zero_flops)
+    flop_counter.register_flop_formula([ops.aoi_mask, ops.mask_resize, ops.shift, ops.shift_input_grad,
+                                          ops.shift_shifts_grad], get_raw=True)(_zero_flops)
     _registered = True
 
 

@@ -1,0 +1,12 @@
+// Schemas of the shift family (shift1d/2d/3d by the input's rank) and its two backward halves.
+// Kernels live in cpu/ (float and quantized) and cuda/.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(fxeff, m) {
+  m.set_python_module("fxeff.ops.shift");  // the module that calls register_fake for these ops
+  m.def("shift(Tensor x, Tensor shifts, str padding, str mode) -> Tensor");
+  // Adjoint of the forward w.r.t. x (grad_out has x's shape: a shift keeps the shape).
+  m.def("shift_input_grad(Tensor grad_out, Tensor shifts, str padding, str mode) -> Tensor");
+  // d loss / d shifts of the linear-interpolation forward at the real shifts ([C, dims], shifts' dtype).
+  m.def("shift_shifts_grad(Tensor grad_out, Tensor x, Tensor shifts, str padding) -> Tensor");
+}
