@@ -1,0 +1,235 @@
+"""fxeff.ops.shift against the pure-PyTorch reference (tests/_shift_reference.py): values, gradients,
+padding table, rounding, dtypes, memory formats, quantized inputs, determinism, opcheck and errors."""
+import itertools
+
+import pytest
+import torch
+
+from fxeff.ops import SHIFT_MODES, SHIFT_PADDINGS, shift
+from _shift_reference import shift_reference
+
+SPATIAL = {1: (9,), 2: (6, 7), 3: (4, 5, 6)}
+CASES = list(itertools.product((1, 2, 3), SHIFT_PADDINGS, SHIFT_MODES))
+
+
+def channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+def random_shifts(channels, dims, scale=3.0, dtype=torch.float64, gen=None):
+    """Fractional shifts in (-scale, scale), plus a zero, an exact half and one larger than the sizes."""
+    s = (torch.rand(channels, dims, dtype=torch.float64, generator=gen) * 2 - 1) * scale
+    s[0] = 0.0
+    s[1, 0] = 1.5
+    s[2, -1] = -11.25
+    return s.to(dtype)
+
+
+def test_padding_table_of_reference_md():
+    """REFERENCE.md: x = 1..6 shifted by s = +2 under each padding (op and reference agree with the table)."""
+    table = {"zeros": [0, 0, 1, 2, 3, 4], "border": [1, 1, 1, 2, 3, 4], "periodic": [5, 6, 1, 2, 3, 4],
+             "reflect": [3, 2, 1, 2, 3, 4], "symmetric": [2, 1, 1, 2, 3, 4]}
+    x = torch.arange(1.0, 7.0).reshape(1, 1, 6)
+    for padding, want in table.items():
+        for mode in SHIFT_MODES:
+            assert shift(x, torch.tensor([[2.0]]), padding, mode).flatten().tolist() == want, (padding, mode)
+        assert shift_reference(x, torch.tensor([[2.0]]), padding).flatten().tolist() == want
+
+
+@pytest.mark.parametrize("padding", SHIFT_PADDINGS)
+def test_shifts_larger_than_the_size(padding):
+    x = torch.arange(1.0, 7.0).reshape(1, 1, 6)
+    for s in (-13.0, -9.0, -6.0, 6.0, 7.0, 25.0):
+        got = shift(x, torch.tensor([[s]]), padding)
+        torch.testing.assert_close(got, shift_reference(x, torch.tensor([[s]]), padding), rtol=0, atol=0)
+
+
+def test_rounding_is_half_away_from_zero():
+    x = torch.arange(1.0, 11.0).reshape(1, 1, 10).repeat(1, 6, 1)
+    s = torch.tensor([[0.5], [-0.5], [1.5], [-1.5], [2.5], [0.49999]])
+    got = shift(x, s, "zeros", "sparse")
+    for c, r in enumerate([1, -1, 2, -2, 3, 0]):
+        want = torch.zeros(10)
+        for i in range(10):
+            if 0 <= i - r < 10:
+                want[i] = i - r + 1
+        assert got[0, c].tolist() == want.tolist(), (s[c].item(), r)
+
+
+def test_active_equals_integer_shift_at_integers_and_is_continuous():
+    x = torch.randn(2, 3, 8, 9, dtype=torch.float64)
+    s = torch.tensor([[1.0, -2.0], [0.0, 3.0], [-1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(shift(x, s, "border", "active"), shift(x, s, "border", "sparse"))
+    eps = 1e-7
+    torch.testing.assert_close(shift(x, s + eps, "border", "active"), shift(x, s, "border", "active"), atol=1e-5,
+                               rtol=0)
+    torch.testing.assert_close(shift(x, s - eps, "border", "active"), shift(x, s, "border", "active"), atol=1e-5,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("dims,padding,mode", CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_forward_and_gradients_match_reference(dims, padding, mode, layout):
+    gen = torch.Generator().manual_seed(dims * 100 + SHIFT_PADDINGS.index(padding) * 10 + SHIFT_MODES.index(mode))
+    x = torch.randn(2, 5, *SPATIAL[dims], dtype=torch.float64, generator=gen)
+    if layout == "channels_last":
+        if dims == 1:
+            pytest.skip("channels_last needs 4-D or 5-D input")
+        x = channels_last(x)
+    elif layout == "strided":  # a non-contiguous view: every other element of the last dim
+        x = torch.randn(2, 5, *SPATIAL[dims][:-1], 2 * SPATIAL[dims][-1], dtype=torch.float64, generator=gen)[..., ::2]
+    s = random_shifts(5, dims, gen=gen)
+    xr, sr = x.detach().clone().requires_grad_(), s.clone().requires_grad_()
+    xo, so = x.detach().clone().requires_grad_(), s.clone().requires_grad_()
+    want = shift_reference(xr, sr, padding, mode)
+    got = shift(xo, so, padding, mode)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    want.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    if mode == "grouped":
+        assert so.grad is None
+    else:
+        torch.testing.assert_close(so.grad, sr.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", SHIFT_MODES)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_dtypes_keep_the_input_dtype(dtype, mode, dims):
+    gen = torch.Generator().manual_seed(dims)
+    x = torch.randn(2, 6, *SPATIAL[dims], generator=gen).to(dtype)
+    s = random_shifts(6, dims, dtype=torch.float32, gen=gen)
+    got = shift(x, s, "reflect", mode)
+    want = shift_reference(x.double(), s.double(), "reflect", mode)
+    assert got.dtype == dtype
+    if mode == "active":
+        tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    else:  # an integer shift copies values: exact in every dtype
+        assert torch.equal(got.double(), want)
+    x.requires_grad_()
+    s.requires_grad_()
+    out = shift(x, s, "reflect", mode)
+    out.float().square().sum().backward()
+    assert x.grad.dtype == dtype and (s.grad is None) == (mode == "grouped")
+
+
+@pytest.mark.parametrize("dims,padding,mode", CASES)
+def test_gradcheck_float64(dims, padding, mode):
+    """Input gradients everywhere; shift gradients where the forward is differentiable in s (active)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 3, *[min(n, 5) for n in SPATIAL[dims]], dtype=torch.float64, generator=gen,
+                    requires_grad=True)
+    # Away from integers: the linear interpolation has kinks there.
+    s = (torch.rand(3, dims, dtype=torch.float64, generator=gen) * 0.8 + 0.1) * torch.tensor([1.0, -1.0, 3.0]).reshape(3, 1)
+    s = s.to(torch.float64).requires_grad_(mode == "active")
+    assert torch.autograd.gradcheck(lambda a, b: shift(a, b, padding, mode), (x, s), fast_mode=True)
+
+
+@pytest.mark.parametrize("dims,padding,mode", CASES)
+def test_opcheck(dims, padding, mode):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, *[min(n, 5) for n in SPATIAL[dims]], generator=gen, requires_grad=True)
+    s = random_shifts(3, dims, dtype=torch.float32, gen=gen).requires_grad_(mode != "grouped")
+    torch.library.opcheck(torch.ops.fxeff.shift.default, (x, s, padding, mode))
+    g = torch.randn(x.shape, generator=gen)
+    torch.library.opcheck(torch.ops.fxeff.shift_input_grad.default, (g, s.detach(), padding, mode))
+    torch.library.opcheck(torch.ops.fxeff.shift_shifts_grad.default, (g, x.detach(), s.detach(), padding))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_shift_gradient_is_deterministic_across_thread_counts(layout):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 16, 24, 24, generator=gen)
+    if layout == "channels_last":
+        x = channels_last(x)
+    s = random_shifts(16, 2, dtype=torch.float32, gen=gen)
+    g = torch.randn(x.shape, generator=gen)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            xs, ss = x.clone().requires_grad_(), s.clone().requires_grad_()
+            shift(xs, ss, "symmetric", "sparse").backward(g)
+            grads.append((xs.grad, ss.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for gx, gs in grads[1:]:
+        assert torch.equal(gx, grads[0][0]) and torch.equal(gs, grads[0][1])
+
+
+@pytest.mark.parametrize("qdtype", [torch.quint8, torch.qint8])
+@pytest.mark.parametrize("padding", SHIFT_PADDINGS)
+@pytest.mark.parametrize("mode", ["sparse", "grouped"])
+@pytest.mark.parametrize("dims,layout", [(1, "contiguous"), (2, "contiguous"), (2, "channels_last"), (3, "contiguous"),
+                                         (3, "channels_last")])
+def test_quantized_equals_float_quantized(qdtype, padding, mode, dims, layout):
+    gen = torch.Generator().manual_seed(5)
+    xf = torch.randn(2, 5, *SPATIAL[dims], generator=gen)
+    zero_point = 128 if qdtype == torch.quint8 else 3
+    q = torch.quantize_per_tensor(xf, 0.05, zero_point, qdtype)
+    if layout == "channels_last":
+        q = channels_last(q)
+    s = random_shifts(5, dims, dtype=torch.float32, gen=gen)
+    got = shift(q, s, padding, mode)
+    want = torch.quantize_per_tensor(shift_reference(q.dequantize(), s, padding, mode), 0.05, zero_point, qdtype)
+    assert got.dtype == qdtype and got.q_scale() == 0.05 and got.q_zero_point() == zero_point
+    assert torch.equal(got.int_repr(), want.int_repr())
+
+
+def test_quantized_active_is_refused():
+    q = torch.quantize_per_tensor(torch.randn(1, 2, 4, 4), 0.1, 0, torch.quint8)
+    with pytest.raises(ValueError, match=r"fxeff.shift: mode \"active\".*quantized"):
+        shift(q, torch.zeros(2, 2), "zeros", "active")
+
+
+def test_empty_batch():
+    x = torch.randn(0, 3, 4, 4)
+    assert shift(x, torch.ones(3, 2)).shape == (0, 3, 4, 4)
+
+
+@pytest.mark.parametrize("x_shape,s_shape,s_dtype,padding,mode,match", [
+    ((1, 3, 4, 4), (3, 1), torch.float32, "zeros", "sparse", r"shifts must be \[C, dims\] = \[3, 2\].*got \[3, 1\]"),
+    ((1, 3, 4, 4), (2, 2), torch.float32, "zeros", "sparse", r"shifts must be \[C, dims\] = \[3, 2\]"),
+    ((1, 3, 4, 4), (3, 2), torch.int64, "zeros", "sparse", r"shifts must be floating point, got Long"),
+    ((1, 3, 4, 4), (3, 2), torch.float32, "wrap", "sparse", r"padding must be one of .*got \"wrap\""),
+    ((1, 3, 4, 4), (3, 2), torch.float32, "zeros", "bilinear", r"mode must be one of .*got \"bilinear\""),
+    ((3, 4), (3, 0), torch.float32, "zeros", "sparse", r"x must be 3-D, 4-D or 5-D.*got 2-D"),
+])
+def test_bad_input_names_the_argument(x_shape, s_shape, s_dtype, padding, mode, match):
+    x = torch.randn(*x_shape)
+    s = torch.zeros(*s_shape, dtype=s_dtype)
+    with pytest.raises(ValueError, match=r"fxeff.shift: " + match):
+        shift(x, s, padding, mode)
+
+
+def test_non_finite_shift_is_an_error():
+    with pytest.raises(ValueError, match=r"fxeff.shift: shifts must be finite"):
+        shift(torch.randn(1, 2, 4, 4), torch.tensor([[0.0, float("nan")], [0.0, 0.0]]))
+
+
+def test_integer_input_is_an_error():
+    with pytest.raises(ValueError, match=r"fxeff.shift: x must be floating point"):
+        shift(torch.ones(1, 2, 4, dtype=torch.int32), torch.zeros(2, 1))
+
+
+def test_stays_one_leaf_under_fx():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shifts = torch.nn.Parameter(torch.zeros(3, 2))
+
+        def forward(self, x):
+            return shift(x, self.shifts, "zeros", "sparse") + 1
+
+    gm = torch.fx.symbolic_trace(M())
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    # The wrapper is a leaf where fx.wrap patched it; called from elsewhere, the op itself is the leaf.
+    assert len(calls) == 2 and calls[0].target in (shift, torch.ops.fxeff.shift), calls
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(gm(x), M()(x))
