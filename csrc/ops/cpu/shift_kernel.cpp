@@ -23,9 +23,51 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FXEFF_SHIFT_AVX2 1
+#include <immintrin.h>
+#endif
+
 namespace fxeff {
 namespace ops {
 namespace {
+
+// ------------------------------------------------------------------ channels-last gathers
+// In channels-last every channel reads its own offset, so the interior of a row is a gather. The
+// portable loop below is the reference path; on x86 with AVX2 (checked at run time, the build
+// itself targets baseline x86-64) 32-bit elements use hardware gathers, 8 channels per instruction.
+
+#ifdef FXEFF_SHIFT_AVX2
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// out[c] = base[delta[c]] for 32-bit elements.
+__attribute__((target("avx2"))) void gather_copy32_avx2(int32_t* out, const int32_t* base, const int32_t* delta,
+                                                        int64_t C) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(delta + c));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm256_i32gather_epi32(base, idx, 4));
+  }
+  for (; c < C; ++c) out[c] = base[delta[c]];
+}
+
+// acc[c] += coef[c] * base[delta[c]] for float.
+__attribute__((target("avx2,fma"))) void gather_axpy_f32_avx2(float* acc, const float* base, const int32_t* delta,
+                                                              const float* coef, int64_t C) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(delta + c));
+    const __m256 v = _mm256_i32gather_ps(base, idx, 4);
+    _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(_mm256_loadu_ps(coef + c), v, _mm256_loadu_ps(acc + c)));
+  }
+  for (; c < C; ++c) acc[c] += coef[c] * base[delta[c]];
+}
+#else
+bool cpu_has_avx2_fma() { return false; }
+#endif
 
 constexpr int kDims = 3;      // D, H, W
 constexpr int kMaxTaps = 2;   // per dim
@@ -285,6 +327,10 @@ void forward_channels_last(const T* x, T* out, const ShiftPlan& p, int64_t N, bo
     std::vector<int64_t> roff(nrow * C), delta(nterm * C);
     std::vector<A> rweight(nrow * C), coef(nterm * C), acc(C);
     std::vector<int64_t> run_start, run_delta;
+    // 32-bit offsets for the hardware gathers (4-byte elements in images of < 2^31 elements).
+    constexpr bool kFour = sizeof(T) == 4;
+    const bool use_gather = kFour && cpu_has_avx2_fma() && image < (int64_t(1) << 31);
+    std::vector<int32_t> delta32(use_gather ? nterm * C : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / (D * H), zy = r % (D * H), z = zy / H, y = zy % H;
       const T* xi = x + n * image;
@@ -323,6 +369,8 @@ void forward_channels_last(const T* x, T* out, const ShiftPlan& p, int64_t N, bo
           }
         }
       }
+      if (use_gather)
+        for (int64_t j = 0; j < nterm * C; ++j) delta32[j] = static_cast<int32_t>(delta[j]);
       if (!linear && xhi > xlo) {  // runs of consecutive channels with the same offset
         run_start.clear();
         run_delta.clear();
@@ -345,6 +393,11 @@ void forward_channels_last(const T* x, T* out, const ShiftPlan& p, int64_t N, bo
               for (size_t k = 0; k < runs; ++k)
                 std::memcpy(o + run_start[k], base + run_start[k] + run_delta[k],
                             (run_start[k + 1] - run_start[k]) * sizeof(T));
+            } else if (use_gather) {
+#ifdef FXEFF_SHIFT_AVX2
+              gather_copy32_avx2(reinterpret_cast<int32_t*>(o), reinterpret_cast<const int32_t*>(base),
+                                 delta32.data(), C);
+#endif
             } else {
               const int64_t* dl = delta.data();
               for (int64_t c = 0; c < C; ++c) o[c] = base[dl[c]];
@@ -353,6 +406,14 @@ void forward_channels_last(const T* x, T* out, const ShiftPlan& p, int64_t N, bo
             std::fill(acc.begin(), acc.end(), A(0));
             for (int term = 0; term < nterm; ++term) {
               const A* cf = coef.data() + term * C;
+#ifdef FXEFF_SHIFT_AVX2
+              if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+                if (use_gather) {
+                  gather_axpy_f32_avx2(acc.data(), base, delta32.data() + term * C, cf, C);
+                  continue;
+                }
+              }
+#endif
               const int64_t* dl = delta.data() + term * C;
               for (int64_t c = 0; c < C; ++c) acc[c] += cf[c] * static_cast<A>(base[dl[c]]);
             }
