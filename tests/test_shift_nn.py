@@ -344,6 +344,9 @@ def test_jit_trace_and_script(dims):
         torch.testing.assert_close(loaded(x), expected)
     with pytest.raises(Exception, match="too small for the emulated depthwise conv"):
         scripted(torch.randn(1, 5, *([2] * dims)))
+    other = torch.randn(1, 5, *(n + 3 for n in SPATIAL[dims]))  # both follow the input's size
+    torch.testing.assert_close(traced(other), module(other))
+    torch.testing.assert_close(scripted(other), module(other))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -439,16 +442,19 @@ def test_quantized_pipeline(mode, emulate_dw):
     assert out.shape == expected.shape
     assert (out - expected).abs().max() < 6 * scale
     assert (out - expected).abs().mean() < scale
+    torch.testing.assert_close(torch.jit.script(qmodel)(x), out)  # the quantized model deploys with TorchScript
 
 
-@pytest.mark.parametrize("dims", [1, 3])
-def test_quantized_1d_3d(dims):
-    shift = SHIFTS[dims](9 if dims == 1 else 27, mode="grouped", padding="zeros")
+@pytest.mark.parametrize("dims, dtype, zero_point", [(1, torch.quint8, 120), (3, torch.quint8, 120),
+                                                     (2, torch.qint8, -5), (3, torch.qint8, 3)])
+def test_quantized_1d_2d_3d_quint8_qint8(dims, dtype, zero_point):
+    shift = SHIFTS[dims](9 if dims < 3 else 27, mode="grouped", padding="zeros")
     x = torch.randn(2, shift.channels, *SPATIAL[dims])
-    q_in = torch.quantize_per_tensor(x, 0.05, 120, torch.quint8)
+    q_in = torch.quantize_per_tensor(x, 0.05, zero_point, dtype)
     qshift = quantized.QUANTIZED_MODULE_MAPPING[type(shift)].from_float(shift)
-    reference = torch.quantize_per_tensor(shift(q_in.dequantize()), 0.05, 120, torch.quint8)
-    assert torch.equal(qshift(q_in).int_repr(), reference.int_repr())
+    out = qshift(q_in)
+    reference = torch.quantize_per_tensor(shift(q_in.dequantize()), 0.05, zero_point, dtype)
+    assert out.dtype == dtype and torch.equal(out.int_repr(), reference.int_repr())
 
 
 def test_quantized_errors():

@@ -10,7 +10,7 @@ Use ``convert(model, mapping=static_quant_module_mappings())`` (torch's default 
 plus ``QUANTIZED_MODULE_MAPPING``). The shift layers need no observer: their output keeps the
 input's quantization parameters.
 """
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ class _QuantizedShiftNd(nn.Module):
 
     _FLOAT_MODULE = _float._ShiftNd
     dims: int = 0
+    _pad: List[int]
+    _pool: List[int]
 
     def __init__(self, shifts: torch.Tensor, padding: str = "zeros", mode: str = "sparse",
                  emulate_dw: Optional[dict] = None):

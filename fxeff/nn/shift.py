@@ -81,7 +81,7 @@ def dw_emulation(x: torch.Tensor, pad: List[int], pool: List[int], where: str) -
     """
     if len(pad) > 0:
         dims = len(pad) // 2
-        for d in range(dims):
+        for d in range(dims if not torch.jit.is_tracing() else 0):  # a traced graph would not keep the check
             size = x.shape[x.dim() - 1 - d] + pad[2 * d] + pad[2 * d + 1]
             if size < 1:
                 raise ValueError(f"{where}: input size {x.shape[x.dim() - 1 - d]} along spatial dim "
