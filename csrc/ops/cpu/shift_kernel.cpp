@@ -69,6 +69,97 @@ __attribute__((target("avx2,fma"))) void gather_axpy_f32_avx2(float* acc, const 
 bool cpu_has_avx2_fma() { return false; }
 #endif
 
+// Faster still (AVX-512F): in a block of 16 channels the shifts take few distinct values (at most 9 for
+// |s| <= 1, often 1-2 after sparse training or in grouped shifts), so a block is assembled from one
+// masked vector load per distinct source offset instead of 16 gathered lanes.
+struct LaneGroups {
+  int count = 0;
+  int64_t rel[16];     // source offset relative to the block's first channel at the current pixel
+  uint16_t mask[16];   // the lanes that read it
+};
+
+// groups[b] for the blocks of 16 of `delta` (per-channel offsets that include the channel index).
+void build_lane_groups(const int64_t* delta, int64_t C, LaneGroups* groups) {
+  for (int64_t b = 0; b * 16 < C; ++b) {
+    LaneGroups& g = groups[b];
+    g.count = 0;
+    const int64_t c0 = b * 16, n = std::min<int64_t>(16, C - c0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t rel = delta[c0 + j] - (c0 + j);
+      int k = 0;
+      while (k < g.count && g.rel[k] != rel) ++k;
+      if (k == g.count) {
+        g.rel[k] = rel;
+        g.mask[k] = 0;
+        ++g.count;
+      }
+      g.mask[k] |= static_cast<uint16_t>(1u << j);
+    }
+  }
+}
+
+#ifdef FXEFF_SHIFT_AVX2
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+__attribute__((target("avx512f"))) inline __m512 select_lanes(const float* base, const LaneGroups& g) {
+  __m512 v = _mm512_maskz_loadu_ps(g.mask[0], base + g.rel[0]);
+  for (int k = 1; k < g.count; ++k) v = _mm512_mask_loadu_ps(v, g.mask[k], base + g.rel[k]);
+  return v;
+}
+
+inline __mmask16 lanes_of(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// Interior pixels [xlo, xhi) of one channels-last output row: sum_term coef * x[src_term] (or the copy).
+__attribute__((target("avx512f"))) void select_row_f32_avx512(float* orow, const float* xi, int64_t xlo, int64_t xhi,
+                                                              int64_t C, const LaneGroups* groups, int nterm,
+                                                              const float* coef, bool linear) {
+  const int64_t nblocks = (C + 15) / 16;
+  for (int64_t xo = xlo; xo < xhi; ++xo) {
+    const float* base = xi + xo * C;
+    float* o = orow + xo * C;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t c0 = b * 16;
+      const __mmask16 valid = lanes_of(C - c0);
+      __m512 v;
+      if (!linear) {
+        v = select_lanes(base + c0, groups[b]);
+      } else {
+        v = _mm512_setzero_ps();
+        for (int term = 0; term < nterm; ++term) {
+          const __m512 cf = _mm512_maskz_loadu_ps(valid, coef + term * C + c0);
+          v = _mm512_fmadd_ps(cf, select_lanes(base + c0, groups[term * nblocks + b]), v);
+        }
+      }
+      _mm512_mask_storeu_ps(o + c0, valid, v);
+    }
+  }
+}
+
+// row_dot[term][j] += sum over pixels [xlo, xhi) of g[pixel, c0 + j] * x[src_term(pixel), c0 + j], one block.
+__attribute__((target("avx512f"))) void select_dot_f32_avx512(float* row_dot, const float* g, const float* xi,
+                                                              int64_t xlo, int64_t xhi, int64_t C, int64_t nc,
+                                                              const LaneGroups* groups, int nterm) {
+  const __mmask16 valid = lanes_of(nc);
+  __m512 acc[8];
+  for (int term = 0; term < nterm; ++term) acc[term] = _mm512_setzero_ps();
+  for (int64_t xo = xlo; xo < xhi; ++xo) {
+    const __m512 gv = _mm512_maskz_loadu_ps(valid, g + xo * C);
+    const float* base = xi + xo * C;
+    for (int term = 0; term < nterm; ++term) acc[term] = _mm512_fmadd_ps(gv, select_lanes(base, groups[term]), acc[term]);
+  }
+  for (int term = 0; term < nterm; ++term) {
+    float lanes[16];
+    _mm512_storeu_ps(lanes, acc[term]);
+    for (int64_t j = 0; j < nc; ++j) row_dot[term * nc + j] += lanes[j];
+  }
+}
+#else
+bool cpu_has_avx512f() { return false; }
+#endif
+
 constexpr int kDims = 3;      // D, H, W
 constexpr int kMaxTaps = 2;   // per dim
 constexpr int64_t kGrainElements = 16384;
@@ -90,6 +181,22 @@ struct ShiftPlan {
     return src[d].data() + (c * ntaps[d] + k) * size[d];
   }
 };
+
+// lo/hi and the lookup tables of every tap, from its shift t.
+void fill_tables(ShiftPlan& p, ShiftPadding padding) {
+  for (int64_t c = 0; c < p.C; ++c) {
+    for (int d = 0; d < kDims; ++d) {
+      const int64_t n = p.size[d];
+      for (int k = 0; k < p.ntaps[d]; ++k) {
+        const int64_t i = p.at(c, d, k), tk = p.t[i];
+        p.lo[i] = std::min(std::max<int64_t>(tk, 0), n);
+        p.hi[i] = std::max(std::min(n + tk, n), p.lo[i]);
+        int32_t* tab = p.src[d].data() + (c * p.ntaps[d] + k) * n;
+        for (int64_t j = 0; j < n; ++j) tab[j] = static_cast<int32_t>(map_shift_index(j - tk, n, padding));
+      }
+    }
+  }
+}
 
 ShiftPlan make_plan(const char* op, const at::Tensor& shifts, at::IntArrayRef spatial, ShiftPadding padding,
                     bool linear) {
@@ -122,18 +229,22 @@ ShiftPlan make_plan(const char* op, const at::Tensor& shifts, at::IntArrayRef sp
         taps[0] = static_cast<int64_t>(round_shift(v));
         weights[0] = 1.0;
       }
-      const int64_t n = p.size[d];
       for (int k = 0; k < p.ntaps[d]; ++k) {
-        const int64_t i = p.at(c, d, k), tk = taps[k];
-        p.t[i] = tk;
-        p.w[i] = d >= p.first_dim ? weights[k] : (k == 0 ? 1.0 : 0.0);
-        p.lo[i] = std::min(std::max<int64_t>(tk, 0), n);
-        p.hi[i] = std::max(std::min(n + tk, n), p.lo[i]);
-        int32_t* tab = p.src[d].data() + (c * p.ntaps[d] + k) * n;
-        for (int64_t j = 0; j < n; ++j) tab[j] = static_cast<int32_t>(map_shift_index(j - tk, n, padding));
+        p.t[p.at(c, d, k)] = taps[k];
+        p.w[p.at(c, d, k)] = d >= p.first_dim ? weights[k] : (k == 0 ? 1.0 : 0.0);
       }
     }
   }
+  fill_tables(p, padding);
+  return p;
+}
+
+// The plan of the adjoint's gather part: taps negated, zero padding. Where every source of the forward
+// is in range, the adjoint of out[i] += w x[i - t] is gx[j] += w g[j + t]: a forward with taps -t.
+ShiftPlan negated_zero_plan(const ShiftPlan& forward) {
+  ShiftPlan p = forward;
+  for (auto& t : p.t) t = -t;
+  fill_tables(p, ShiftPadding::Zeros);
   return p;
 }
 
@@ -141,35 +252,82 @@ int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, kGrainEle
 
 // ------------------------------------------------------------------ 1-D row primitives
 
-// The adjoint of one 1-D tap: acc[map(i - t)] += coef * g[i].
+// Both x taps of a linear plan at once (t0 and t0 - 1): d[k] = sum_i g[i] * row[map_k(i)], with
+// independent partial sums so the interior vectorises; the two taps read neighbouring elements.
 template <typename T, typename A>
-void scatter_row(A* acc, const T* g, A coef, int64_t n, int64_t t, int64_t lo, int64_t hi, const int32_t* tab) {
-  for (int64_t i = 0; i < lo; ++i)
-    if (tab[i] >= 0) acc[tab[i]] += coef * static_cast<A>(g[i]);
-  A* a = acc - t;
-  for (int64_t i = lo; i < hi; ++i) a[i] += coef * static_cast<A>(g[i]);
-  for (int64_t i = hi; i < n; ++i)
-    if (tab[i] >= 0) acc[tab[i]] += coef * static_cast<A>(g[i]);
+void dot2_interior(const T* g, const T* r, int64_t lo, int64_t hi, A* d0, A* d1) {
+  constexpr int kLanes = 8;
+  A p0[kLanes] = {}, p1[kLanes] = {};
+  int64_t i = lo;
+  for (; i + kLanes <= hi; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const A gv = static_cast<A>(g[i + l]);
+      p0[l] += gv * static_cast<A>(r[i + l]);
+      p1[l] += gv * static_cast<A>(r[i + l + 1]);
+    }
+  }
+  for (; i < hi; ++i) {
+    p0[0] += static_cast<A>(g[i]) * static_cast<A>(r[i]);
+    p1[0] += static_cast<A>(g[i]) * static_cast<A>(r[i + 1]);
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    *d0 += p0[l];
+    *d1 += p1[l];
+  }
 }
 
-// sum_i g[i] * row[map(i - t)], with independent partial sums so the interior vectorises.
-template <typename T, typename A>
-A dot_row(const T* g, const T* row, int64_t n, int64_t t, int64_t lo, int64_t hi, const int32_t* tab) {
-  A edge = 0;
-  for (int64_t i = 0; i < lo; ++i)
-    if (tab[i] >= 0) edge += static_cast<A>(g[i]) * static_cast<A>(row[tab[i]]);
-  for (int64_t i = hi; i < n; ++i)
-    if (tab[i] >= 0) edge += static_cast<A>(g[i]) * static_cast<A>(row[tab[i]]);
-  constexpr int kLanes = 8;
-  A part[kLanes] = {};
-  const T* r = row - t;
+#ifdef FXEFF_SHIFT_AVX2
+__attribute__((target("avx2,fma"))) void dot2_interior_f32_avx2(const float* g, const float* r, int64_t lo, int64_t hi,
+                                                                float* d0, float* d1) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int64_t i = lo;
-  for (; i + kLanes <= hi; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) part[l] += static_cast<A>(g[i + l]) * static_cast<A>(r[i + l]);
-  for (; i < hi; ++i) part[0] += static_cast<A>(g[i]) * static_cast<A>(r[i]);
-  A total = edge;
-  for (int l = 0; l < kLanes; ++l) total += part[l];
-  return total;
+  for (; i + 8 <= hi; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    a0 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(r + i), a0);
+    a1 = _mm256_fmadd_ps(gv, _mm256_loadu_ps(r + i + 1), a1);
+  }
+  float l0[8], l1[8];
+  _mm256_storeu_ps(l0, a0);
+  _mm256_storeu_ps(l1, a1);
+  float s0 = 0, s1 = 0;
+  for (int l = 0; l < 8; ++l) {
+    s0 += l0[l];
+    s1 += l1[l];
+  }
+  for (; i < hi; ++i) {
+    s0 += g[i] * r[i];
+    s1 += g[i] * r[i + 1];
+  }
+  *d0 += s0;
+  *d1 += s1;
+}
+#endif
+
+// d[k] = sum_i g[i] * row[map(i - t_k)] for the two x taps of a linear plan (t_1 = t_0 - 1).
+template <typename T, typename A>
+void dot_row2(const T* g, const T* row, const ShiftPlan& p, int64_t c, A* d) {
+  const int64_t n = p.size[2], i0 = p.at(c, 2, 0), i1 = p.at(c, 2, 1);
+  const int64_t lo = std::max(p.lo[i0], p.lo[i1]), hi = std::max(std::min(p.hi[i0], p.hi[i1]), lo);
+  const int32_t* tab[2] = {p.table(c, 2, 0), p.table(c, 2, 1)};
+  for (int k = 0; k < 2; ++k) {
+    A edge = 0;
+    for (int64_t i = 0; i < lo; ++i)
+      if (tab[k][i] >= 0) edge += static_cast<A>(g[i]) * static_cast<A>(row[tab[k][i]]);
+    for (int64_t i = hi; i < n; ++i)
+      if (tab[k][i] >= 0) edge += static_cast<A>(g[i]) * static_cast<A>(row[tab[k][i]]);
+    d[k] = edge;
+  }
+  if (hi <= lo) return;
+  const T* r = row - p.t[i0];  // r[i] = row[i - t0]; r[i + 1] = row[i - t1]
+#ifdef FXEFF_SHIFT_AVX2
+  if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+    if (cpu_has_avx2_fma()) {
+      dot2_interior_f32_avx2(g, r, lo, hi, &d[0], &d[1]);
+      return;
+    }
+  }
+#endif
+  dot2_interior<T, A>(g, r, lo, hi, &d[0], &d[1]);
 }
 
 // ------------------------------------------------------------------ forward
@@ -301,11 +459,27 @@ void forward_nchw(const T* x, T* out, const ShiftPlan& p, int64_t N, bool linear
             }
           }
         }
+        if (!linear) {  // the one term's lookups, inline: edge work is a few elements per row
+          const int32_t *ty = p.table(c, 1, 0), *tx = p.table(c, 2, 0);
+          const T* src = xp + terms[0].offset;
+          auto lookup = [&](int64_t y, int64_t x0, int64_t x1) {
+            T* orow = oz + y * W;
+            for (int64_t xo = x0; xo < x1; ++xo) orow[xo] = (ty[y] < 0 || tx[xo] < 0) ? fill : src[ty[y] * W + tx[xo]];
+          };
+          for (int64_t y = 0; y < ylo; ++y) lookup(y, 0, W);
+          if (xlo > 0 || xhi < W)
+            for (int64_t y = ylo; y < yhi; ++y) {
+              lookup(y, 0, xlo);
+              lookup(y, xhi, W);
+            }
+          for (int64_t y = std::max(yhi, ylo); y < H; ++y) lookup(y, 0, W);
+          continue;
+        }
         for (int64_t y = 0; y < H; ++y) {
           T* orow = oz + y * W;
           if (y < ylo || y >= yhi) {
             slice_row_lookup<T, A>(orow, xp, p, c, y, 0, W, terms, nterms, linear, fill);
-          } else {
+          } else if (xlo > 0 || xhi < W) {
             slice_row_lookup<T, A>(orow, xp, p, c, y, 0, xlo, terms, nterms, linear, fill);
             slice_row_lookup<T, A>(orow, xp, p, c, y, xhi, W, terms, nterms, linear, fill);
           }
@@ -331,6 +505,10 @@ void forward_channels_last(const T* x, T* out, const ShiftPlan& p, int64_t N, bo
     constexpr bool kFour = sizeof(T) == 4;
     const bool use_gather = kFour && cpu_has_avx2_fma() && image < (int64_t(1) << 31);
     std::vector<int32_t> delta32(use_gather ? nterm * C : 0);
+    const bool use_select = std::is_same<T, float>::value && std::is_same<A, float>::value && cpu_has_avx512f();
+    const int64_t nblocks = (C + 15) / 16;
+    std::vector<LaneGroups> groups(use_select ? nterm * nblocks : 0);
+    std::vector<float> coef32(use_select ? nterm * C : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / (D * H), zy = r % (D * H), z = zy / H, y = zy % H;
       const T* xi = x + n * image;
@@ -369,9 +547,20 @@ void forward_channels_last(const T* x, T* out, const ShiftPlan& p, int64_t N, bo
           }
         }
       }
-      if (use_gather)
+      bool selected = false;
+#ifdef FXEFF_SHIFT_AVX2
+      if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+        if (use_select && xhi > xlo) {
+          for (int term = 0; term < nterm; ++term) build_lane_groups(delta.data() + term * C, C, &groups[term * nblocks]);
+          for (int64_t j = 0; j < nterm * C; ++j) coef32[j] = static_cast<float>(coef[j]);
+          select_row_f32_avx512(orow, xi, xlo, xhi, C, groups.data(), nterm, coef32.data(), linear);
+          selected = true;
+        }
+      }
+#endif
+      if (use_gather && !selected)
         for (int64_t j = 0; j < nterm * C; ++j) delta32[j] = static_cast<int32_t>(delta[j]);
-      if (!linear && xhi > xlo) {  // runs of consecutive channels with the same offset
+      if (!linear && xhi > xlo && !selected) {  // runs of consecutive channels with the same offset
         run_start.clear();
         run_delta.clear();
         for (int64_t c = 0; c < C; ++c) {
@@ -386,6 +575,7 @@ void forward_channels_last(const T* x, T* out, const ShiftPlan& p, int64_t N, bo
       for (int64_t xo = 0; xo < W; ++xo) {
         T* o = orow + xo * C;
         if (xo >= xlo && xo < xhi) {
+          if (selected) continue;
           const T* base = xi + xo * C;
           if (!linear) {
             const size_t runs = run_delta.size();
@@ -445,36 +635,54 @@ void forward_channels_last(const T* x, T* out, const ShiftPlan& p, int64_t N, bo
 
 // ------------------------------------------------------------------ backward
 
+// Element offset of (n, c, pixel) in NCDHW or channels-last.
+struct Layout {
+  int64_t C, plane;
+  bool channels_last;
+  int64_t operator()(int64_t n, int64_t c, int64_t pix) const {
+    return channels_last ? (n * plane + pix) * C + c : (n * C + c) * plane + pix;
+  }
+};
+
+// The part of the adjoint the negated gather misses (paddings other than zeros): every output whose
+// source lies outside the input in some dim sends its gradient to the element the padding maps it to.
+// One thread owns a channel, so the scatter-adds neither race nor depend on the thread count.
 template <typename T, typename A>
-void adjoint_nchw(const T* g, T* gx, const ShiftPlan& p, int64_t N) {
-  const int64_t C = p.C, H = p.size[1], W = p.size[2], plane = p.size[0] * H * W;
-  constexpr bool kDirect = std::is_same<T, A>::value;
-  at::parallel_for(0, N * C, grain_for(plane), [&](int64_t begin, int64_t end) {
-    std::vector<A> buffer(kDirect ? 0 : plane);
-    RowTerm terms[4];
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t c = q % C;
-      A* acc = kDirect ? reinterpret_cast<A*>(gx + q * plane) : buffer.data();
-      std::fill(acc, acc + plane, A(0));
-      const T* gp = g + q * plane;
-      for (int64_t z = 0; z < p.size[0]; ++z) {
-        for (int64_t y = 0; y < H; ++y) {
-          const T* grow = gp + (z * H + y) * W;
-          const int nterms = row_terms(p, c, z, y, terms, false);
-          for (int r = 0; r < nterms; ++r) {
-            for (int kx = 0; kx < p.ntaps[2]; ++kx) {
-              const int64_t i = p.at(c, 2, kx);
-              const double coef = terms[r].weight * p.w[i];
-              if (coef == 0) continue;
-              scatter_row(acc + terms[r].offset, grow, static_cast<A>(coef), W, p.t[i], p.lo[i], p.hi[i],
-                          p.table(c, 2, kx));
+void adjoint_edges(const T* g, T* gx, const ShiftPlan& p, int64_t N, bool channels_last) {
+  const int64_t C = p.C, D = p.size[0], H = p.size[1], W = p.size[2];
+  const Layout at_{C, D * H * W, channels_last};
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int kz = 0; kz < p.ntaps[0]; ++kz) {
+        for (int ky = 0; ky < p.ntaps[1]; ++ky) {
+          for (int kx = 0; kx < p.ntaps[2]; ++kx) {
+            const int64_t iz = p.at(c, 0, kz), iy = p.at(c, 1, ky), ix = p.at(c, 2, kx);
+            const A w = static_cast<A>(p.w[iz] * p.w[iy] * p.w[ix]);
+            if (w == A(0)) continue;
+            const int32_t *tz = p.table(c, 0, kz), *ty = p.table(c, 1, ky), *tx = p.table(c, 2, kx);
+            for (int64_t n = 0; n < N; ++n) {
+              for (int64_t z = 0; z < D; ++z) {
+                const bool zin = z >= p.lo[iz] && z < p.hi[iz];
+                for (int64_t y = 0; y < H; ++y) {
+                  const bool inside = zin && y >= p.lo[iy] && y < p.hi[iy];
+                  const int64_t row = (z * H + y) * W, src_row = (tz[z] * H + ty[y]) * W;
+                  auto send = [&](int64_t x0, int64_t x1) {
+                    for (int64_t x = x0; x < x1; ++x) {
+                      T& dst = gx[at_(n, c, src_row + tx[x])];
+                      dst = static_cast<T>(static_cast<A>(dst) + w * static_cast<A>(g[at_(n, c, row + x)]));
+                    }
+                  };
+                  if (inside) {
+                    send(0, p.lo[ix]);
+                    send(p.hi[ix], W);
+                  } else {
+                    send(0, W);
+                  }
+                }
+              }
             }
           }
         }
-      }
-      if (!kDirect) {
-        T* out = gx + q * plane;
-        for (int64_t j = 0; j < plane; ++j) out[j] = static_cast<T>(acc[j]);
       }
     }
   });
@@ -501,24 +709,135 @@ void shifts_grad_nchw(const T* g, const T* x, const ShiftPlan& p, int64_t N, dou
             for (int r = 0; r < nterms; ++r) {
               const double wz = p.w[p.at(c, 0, terms[r].kz)], wy = p.w[p.at(c, 1, terms[r].ky)];
               const double sz = terms[r].kz == 0 ? -1.0 : 1.0, sy = terms[r].ky == 0 ? -1.0 : 1.0;
-              for (int kx = 0; kx < p.ntaps[2]; ++kx) {
-                const int64_t i = p.at(c, 2, kx);
-                const double wx = p.w[i], sx = kx == 0 ? -1.0 : 1.0;
-                const double cz = p.first_dim <= 0 ? sz * wy * wx : 0.0;
-                const double cy = p.first_dim <= 1 ? wz * sy * wx : 0.0;
-                const double cx = wz * wy * sx;
-                if (cz == 0 && cy == 0 && cx == 0) continue;
-                const double dot = static_cast<double>(dot_row<T, A>(grow, xp + terms[r].offset, W, p.t[i], p.lo[i],
-                                                                     p.hi[i], p.table(c, 2, kx)));
-                acc[0] += cz * dot;
-                acc[1] += cy * dot;
-                acc[2] += cx * dot;
+              A dots[2];
+              dot_row2<T, A>(grow, xp + terms[r].offset, p, c, dots);
+              for (int kx = 0; kx < 2; ++kx) {
+                const double wx = p.w[p.at(c, 2, kx)], sx = kx == 0 ? -1.0 : 1.0;
+                const double dot = static_cast<double>(dots[kx]);
+                if (p.first_dim <= 0) acc[0] += sz * wy * wx * dot;
+                if (p.first_dim <= 1) acc[1] += wz * sy * wx * dot;
+                acc[2] += wz * wy * sx * dot;
               }
             }
           }
         }
       }
       for (int d = 0; d < dims; ++d) grad[c * dims + d] = -acc[p.first_dim + d];  // d/ds = -d/dp
+    }
+  });
+}
+
+// Channels-last: dot[term][c] = sum over images and pixels of g[pix, c] * x[src_term(pix), c], vectorised
+// across channels (gathers in the interior, tables at the edges); then the same weighting as above.
+// Threads own blocks of 16 channels (one cache line of floats), so each channel's sum has one order.
+template <typename T, typename A>
+void shifts_grad_channels_last(const T* g, const T* x, const ShiftPlan& p, int64_t N, double* grad) {
+  const int64_t C = p.C, D = p.size[0], H = p.size[1], W = p.size[2], image = D * H * W * C;
+  const int dims = kDims - p.first_dim;
+  const int nterm = p.ntaps[0] * p.ntaps[1] * p.ntaps[2];
+  constexpr int64_t kBlock = 16;
+  at::parallel_for(0, (C + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c0 = blk * kBlock, nc = std::min(kBlock, C - c0);
+      std::vector<double> dot(nterm * nc, 0.0);
+      std::vector<A> row_dot(nterm * nc);
+      std::vector<int64_t> roff(nterm * nc), delta(nterm * nc);
+      const bool use_gather = sizeof(T) == 4 && cpu_has_avx2_fma() && image < (int64_t(1) << 31);
+      std::vector<int32_t> delta32(use_gather ? nterm * nc : 0);
+      const bool use_select = std::is_same<T, float>::value && std::is_same<A, float>::value && cpu_has_avx512f();
+      std::vector<LaneGroups> groups(use_select ? nterm : 0);
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t z = 0; z < D; ++z) {
+          for (int64_t y = 0; y < H; ++y) {
+            std::fill(row_dot.begin(), row_dot.end(), A(0));
+            // Source row of every term and channel (-1: zero padding), and the common x interior.
+            int64_t xlo = 0, xhi = W;
+            bool rows_valid = true;
+            for (int term = 0; term < nterm; ++term) {
+              const int kz = term / (p.ntaps[1] * p.ntaps[2]), ky = (term / p.ntaps[2]) % p.ntaps[1];
+              const int kx = term % p.ntaps[2];
+              for (int64_t j = 0; j < nc; ++j) {
+                const int64_t c = c0 + j;
+                const int32_t iz = p.table(c, 0, kz)[z], iy = p.table(c, 1, ky)[y];
+                roff[term * nc + j] = (iz < 0 || iy < 0) ? -1 : (iz * H + iy) * W;
+                rows_valid = rows_valid && iz >= 0 && iy >= 0;
+                xlo = std::max(xlo, p.lo[p.at(c, 2, kx)]);
+                xhi = std::min(xhi, p.hi[p.at(c, 2, kx)]);
+              }
+            }
+            if (!rows_valid || xhi < xlo) xlo = xhi = 0;
+            const T* gi = g + n * image;
+            const T* xi = x + n * image;
+            const int64_t row = (z * H + y) * W;
+            // Interior offsets per term and channel (r < 0 only happens outside the interior).
+            for (int term = 0; term < nterm; ++term) {
+              const int kx = term % p.ntaps[2];
+              for (int64_t j = 0; j < nc; ++j) {
+                const int64_t c = c0 + j, r = roff[term * nc + j];
+                delta[term * nc + j] = r < 0 ? j : r * C - p.t[p.at(c, 2, kx)] * C + j;
+                if (use_gather) delta32[term * nc + j] = static_cast<int32_t>(delta[term * nc + j]);
+              }
+            }
+            bool selected = false;
+#ifdef FXEFF_SHIFT_AVX2
+            if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+              if (use_select && xhi > xlo) {
+                for (int term = 0; term < nterm; ++term) build_lane_groups(delta.data() + term * nc, nc, &groups[term]);
+                select_dot_f32_avx512(row_dot.data(), gi + row * C + c0, xi + c0, xlo, xhi, C, nc, groups.data(),
+                                      nterm);
+                selected = true;
+              }
+            }
+#endif
+            for (int64_t xo = 0; xo < W; ++xo) {
+              const T* gp = gi + (row + xo) * C + c0;
+              if (xo >= xlo && xo < xhi) {
+                if (selected) continue;
+                const T* base = xi + xo * C + c0;  // base[delta] = x[(r + xo - t) * C + c]
+                for (int term = 0; term < nterm; ++term) {
+                  A* acc = row_dot.data() + term * nc;
+#ifdef FXEFF_SHIFT_AVX2
+                  if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+                    if (use_gather) {
+                      gather_axpy_f32_avx2(acc, base, delta32.data() + term * nc, gp, nc);
+                      continue;
+                    }
+                  }
+#endif
+                  const int64_t* dl = delta.data() + term * nc;
+                  for (int64_t j = 0; j < nc; ++j) acc[j] += static_cast<A>(gp[j]) * static_cast<A>(base[dl[j]]);
+                }
+                continue;
+              }
+              for (int term = 0; term < nterm; ++term) {
+                const int kx = term % p.ntaps[2];
+                A* acc = row_dot.data() + term * nc;
+                for (int64_t j = 0; j < nc; ++j) {
+                  const int64_t c = c0 + j, r = roff[term * nc + j];
+                  const int32_t sx = p.table(c, 2, kx)[xo];
+                  if (r >= 0 && sx >= 0) acc[j] += static_cast<A>(gp[j]) * static_cast<A>(xi[(r + sx) * C + c]);
+                }
+              }
+            }
+            for (int64_t k = 0; k < nterm * nc; ++k) dot[k] += static_cast<double>(row_dot[k]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < nc; ++j) {
+        const int64_t c = c0 + j;
+        double acc[kDims] = {0, 0, 0};
+        for (int term = 0; term < nterm; ++term) {
+          const int kz = term / (p.ntaps[1] * p.ntaps[2]), ky = (term / p.ntaps[2]) % p.ntaps[1];
+          const int kx = term % p.ntaps[2];
+          const double wz = p.w[p.at(c, 0, kz)], wy = p.w[p.at(c, 1, ky)], wx = p.w[p.at(c, 2, kx)];
+          const double sz = kz == 0 ? -1.0 : 1.0, sy = ky == 0 ? -1.0 : 1.0, sx = kx == 0 ? -1.0 : 1.0;
+          const double d = dot[term * nc + j];
+          acc[0] += sz * wy * wx * d;
+          acc[1] += wz * sy * wx * d;
+          acc[2] += wz * wy * sx * d;
+        }
+        for (int d = 0; d < dims; ++d) grad[c * dims + d] = -acc[p.first_dim + d];
+      }
     }
   });
 }
@@ -591,7 +910,8 @@ at::Tensor shift_quantized_cpu(const at::Tensor& x_in, const at::Tensor& shifts,
   return at::_make_per_tensor_quantized_tensor(out, x_in.q_scale(), zero_point);
 }
 
-// The gradients run on NCDHW; channels-last inputs are converted and the result converted back.
+// The adjoint = the forward kernels run with negated taps and zero padding (same fast paths, either
+// layout), plus the edge scatter of the other paddings.
 at::Tensor shift_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& shifts, c10::string_view padding,
                                 c10::string_view mode) {
   const char* op = "fxeff.shift_input_grad";
@@ -599,15 +919,18 @@ at::Tensor shift_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& sh
   const ShiftPadding pad = parse_shift_padding(op, padding);
   const bool linear = parse_shift_mode(op, mode) == ShiftMode::Active;
   const ShiftPlan plan = make_plan(op, shifts, grad_out.sizes().slice(2), pad, linear);
-  const at::Tensor g = grad_out.contiguous();
+  const ShiftPlan gather = negated_zero_plan(plan);
+  const at::Tensor g = dense(grad_out);
   at::Tensor gx = at::empty_like(g);
-  if (g.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fxeff_shift_input_grad", [&] {
-      adjoint_nchw<scalar_t, at::opmath_type<scalar_t>>(g.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), plan,
-                                                        g.size(0));
-    });
-  }
-  return is_channels_last(grad_out) ? gx.contiguous(channels_last_format(grad_out)) : gx;
+  if (g.numel() == 0) return gx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fxeff_shift_input_grad", [&] {
+    using A = at::opmath_type<scalar_t>;
+    run_forward<scalar_t, A>(g, gx, gather, linear, scalar_t(0));
+    if (pad != ShiftPadding::Zeros)
+      adjoint_edges<scalar_t, A>(g.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), plan, g.size(0),
+                                 is_channels_last(g));
+  });
+  return gx;
 }
 
 at::Tensor shift_shifts_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& shifts,
@@ -618,12 +941,19 @@ at::Tensor shift_shifts_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x
                     ": grad_out must have x's shape and dtype ", x_in.sizes(), " ", x_in.scalar_type(), ", got ",
                     grad_out.sizes(), " ", grad_out.scalar_type());
   const ShiftPlan plan = make_plan(op, shifts, x_in.sizes().slice(2), parse_shift_padding(op, padding), true);
-  const at::Tensor g = grad_out.contiguous(), x = x_in.contiguous();
+  const at::Tensor x = dense(x_in);
+  const bool cl = is_channels_last(x);
+  const at::Tensor g = grad_out.contiguous(cl ? channels_last_format(x) : at::MemoryFormat::Contiguous);
   at::Tensor grad = at::zeros({shifts.size(0), shifts.size(1)}, shifts.options().dtype(at::kDouble));
   if (g.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "fxeff_shift_shifts_grad", [&] {
-      shifts_grad_nchw<scalar_t, at::opmath_type<scalar_t>>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), plan,
-                                                            g.size(0), grad.data_ptr<double>());
+      using A = at::opmath_type<scalar_t>;
+      if (cl)
+        shifts_grad_channels_last<scalar_t, A>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), plan, g.size(0),
+                                               grad.data_ptr<double>());
+      else
+        shifts_grad_nchw<scalar_t, A>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), plan, g.size(0),
+                                      grad.data_ptr<double>());
     });
   }
   return grad.to(shifts.scalar_type());
