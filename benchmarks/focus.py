@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fxeff  # noqa: E402
-from _timing import measure, report  # noqa: E402
+from fxeff.bench import measure, report  # noqa: E402
 
 FORCED = ("dense", "crop", "tiles", "pixels")
 # (pattern, AoI fraction) -> minimum auto speedup the issue asks for.

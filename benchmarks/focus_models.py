@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import measure, report  # noqa: E402
+from fxeff.bench import measure, report  # noqa: E402
 
 import fxeff  # noqa: E402
 from fxeff import data, focus, models  # noqa: E402

@@ -21,7 +21,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import fxeff  # noqa: E402
 from _shift_reference import shift_reference  # noqa: E402
-from _timing import measure, report  # noqa: E402
+from fxeff.bench import measure, report  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (1, 32, 112, 112)]
 # The targets: (quantity, bound); checked per row and printed with the table.

@@ -10,12 +10,13 @@ import os
 import runpy
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from . import bench
 
 DEFAULT_MODEL = "efficientnet-lite0"
 DEFAULT_AOI = 0.30
@@ -101,43 +102,6 @@ def _macs(fn: Callable[[], object]) -> int:
     return counter.get_total_flops() // 2
 
 
-def _latencies(fns: Sequence[Callable[[], object]], runs: int, warmup: int = 2) -> List[float]:
-    """Median seconds per call of each fn, the fns run in turn in every round so that the machine's
-    noise hits them alike."""
-    times: List[List[float]] = [[] for _ in fns]
-    with torch.no_grad():
-        for _ in range(warmup):
-            for fn in fns:
-                fn()
-        for _ in range(runs):
-            for i, fn in enumerate(fns):
-                start = time.perf_counter()
-                fn()
-                times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
-def _markdown(rows: List[Dict[str, object]], columns: Sequence[Tuple[str, str]]) -> str:
-    """Rows of dicts as a markdown table; columns: (key, header)."""
-    def cell(v):
-        if isinstance(v, bool):
-            return "yes" if v else "NO"
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[k]) for k, _ in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _environment() -> Dict[str, object]:
-    import platform
-
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
-
-
 # ---------------------------------------------------------------- demo
 
 DEMO_COLUMNS = (("image", "image"), ("aoi_fraction", "AoI"), ("top1_dense", "top-1 dense"),
@@ -170,7 +134,7 @@ def demo(args: argparse.Namespace) -> Dict[str, object]:
         c_dense, c_focused = int(p_dense.argmax()), int(p_focused.argmax())
         macs_dense = _macs(lambda: setup.model(x))
         macs_focused = _macs(lambda: setup.focused(x))
-        s_dense, s_focused = _latencies([lambda: setup.model(x), lambda: setup.focused(x)], args.runs)
+        s_dense, s_focused = bench.interleaved([lambda: setup.model(x), lambda: setup.focused(x)], args.runs)
         aoi = float(masks[i].float().mean())
         png = os.path.join(args.out, f"{i:02d}_{name}_aoi.png")
         focus.render(setup.crops[i], masks[i], png,
@@ -188,7 +152,7 @@ def demo(args: argparse.Namespace) -> Dict[str, object]:
     summary = {
         "model": setup.model_name, "real_weights": setup.real_weights, "input_size": setup.preprocessing.crop,
         "split": setup.split, "reduce": setup.reduce, "threshold": setup.threshold, "target_aoi": setup.target,
-        "runs": args.runs, "environment": _environment(), "rows": rows,
+        "runs": args.runs, "environment": bench.environment(), "rows": rows,
         "agreement": sum(r["agree"] for r in rows) / len(rows),
         "mean_aoi_fraction": sum(r["aoi_fraction"] for r in rows) / len(rows),
         "mean_mac_ratio": sum(r["mac_ratio"] for r in rows) / len(rows),
@@ -199,14 +163,14 @@ def demo(args: argparse.Namespace) -> Dict[str, object]:
               f"median speedup {summary['median_speedup']:.2f}x")
     env = ", ".join(f"{k} {v}" for k, v in summary["environment"].items())
     markdown = (f"# fxeff demo\n\n{setup.describe()}\n\n{env}; latency: median of {args.runs} interleaved runs, "
-                f"batch 1\n\n{_markdown(rows, DEMO_COLUMNS)}\n\n{totals}\n")
+                f"batch 1\n\n{bench.markdown_table(rows, DEMO_COLUMNS)}\n\n{totals}\n")
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(markdown)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(args.out, "report.txt"), "w") as f:
         f.write(str(setup.report) + "\n")
-    print("\n" + _markdown(rows, DEMO_COLUMNS) + "\n\n" + totals)
+    print("\n" + bench.markdown_table(rows, DEMO_COLUMNS) + "\n\n" + totals)
     print(f"wrote {len(rows)} AoI overlays, summary.md, summary.json and report.txt to {args.out}")
     return summary
 

@@ -1,0 +1,79 @@
+"""The one benchmark helper: side-by-side timings as medians of repeats, tables as markdown + JSON.
+
+Every benchmark (benchmarks/*.py, ``fxeff demo``/``bench``) times its candidates here in one process,
+reports ratios against a baseline measured in the same run, and prints ``environment()`` with the
+table: the machines are shared, so absolute times move and ratios are what the tables claim.
+"""
+import json
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence, Tuple, Union
+
+import torch
+import torch.utils.benchmark as tbench
+
+Column = Union[str, Tuple[str, str]]  # a row key, or (row key, header)
+
+
+def environment() -> Dict[str, object]:
+    """What the numbers depend on: printed with every table."""
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if torch.cuda.is_available():
+        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return env
+
+
+def measure(fn: Callable[[], object], min_run_time: float = 0.5, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds per call of ``fn`` over ``repeats`` blocked_autorange runs, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    medians = sorted(timer.blocked_autorange(min_run_time=min_run_time / repeats).median for _ in range(repeats))
+    return medians[len(medians) // 2]
+
+
+def interleaved(fns: Sequence[Callable[[], object]], runs: int, warmup: int = 2) -> List[float]:
+    """Median seconds per call of each fn, the fns run in turn in every round (under no_grad) so that the
+    machine's noise hits them alike; for whole models, where one call is long."""
+    times: List[List[float]] = [[] for _ in fns]
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns:
+                fn()
+        for _ in range(runs):
+            for i, fn in enumerate(fns):
+                start = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[Column]) -> str:
+    """Rows of dicts as a markdown table; floats with 3 significant digits, booleans as yes/NO."""
+    def cell(v):
+        if isinstance(v, bool):
+            return "yes" if v else "NO"
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    pairs = [(c, c) if isinstance(c, str) else c for c in columns]
+    lines = ["| " + " | ".join(h for _, h in pairs) + " |", "|" + "---|" * len(pairs)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k, _ in pairs) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(title: str, rows: List[Dict[str, object]], columns: Sequence[Column], json_path: str = "") -> str:
+    """Prints (and returns) the environment line and the table; writes rows + environment as JSON if asked."""
+    env = environment()
+    text = f"### {title}\n\n" + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n\n" + markdown_table(rows, columns)
+    print(text, flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"title": title, "environment": env, "rows": rows}, f, indent=1)
+    return text
