@@ -23,6 +23,7 @@ class SiteReport:
     macs_before: Optional[int] = None
     macs_after: Optional[int] = None
     pass_name: str = ""
+    error: Optional[float] = None  # relative output error of the rewritten op on the example inputs (shift pass)
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -127,6 +128,9 @@ class Report:
         header = ("site", "op", "status", "MACs before", "MACs after", "reason")
         rows = [(s.name, s.op, s.status, _fmt_macs(s.macs_before), _fmt_macs(s.macs_after), s.reason)
                 for s in self.sites]
+        if any(s.error is not None for s in self.sites):  # only passes that approximate report an error column
+            header = header[:-1] + ("rel. error", header[-1])
+            rows = [r[:-1] + ("n/a" if s.error is None else f"{s.error:.4f}", r[-1]) for r, s in zip(rows, self.sites)]
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header[:-1])]
 
         def line(r):

@@ -7,8 +7,9 @@ from .config import PassConfig, PassContext, config_from_dict, register_pass_con
 from .focus import Focus
 from .graph import ConvSite, conv_sites, graph_kind, normalize_fqn
 from .runner import run_passes
+from .shift import Shift
 from .splits import DEFAULT_SPLITS, default_split, default_split_for_class
 
 __all__ = ["PassConfig", "PassContext", "config_from_dict", "register_pass_config", "registered_passes", "Focus",
-           "ConvSite", "conv_sites", "graph_kind", "normalize_fqn", "run_passes", "DEFAULT_SPLITS", "default_split",
-           "default_split_for_class"]
+           "Shift", "ConvSite", "conv_sites", "graph_kind", "normalize_fqn", "run_passes", "DEFAULT_SPLITS",
+           "default_split", "default_split_for_class"]
