@@ -466,3 +466,36 @@ def test_efficientnet_lite0_real_weights_and_photos_lstsq_beats_max_tap():
     assert len(errors["lstsq"]) == 16 and all(s.status == "rewritten" for s in reports["lstsq"].sites)
     assert all(a < b for a, b in zip(errors["lstsq"], errors["max_tap"])), errors
     assert sum(errors["lstsq"]) / 16 < 0.7 * sum(errors["max_tap"]) / 16
+
+
+def test_new_image_sizes_recompile_with_the_rewrite():
+    """A second size makes dynamo recompile a dynamic graph (SymInt H, W): the pass rewrites it too and each
+    size matches fxeff.transform ("max_tap": data-free, so every graph gets the same shifts; "lstsq" would
+    fit each compiled graph on the call that compiled it)."""
+    torch.manual_seed(0)
+    model = _eval(MixedNet())
+    config = {"pass": "shift", "init": "max_tap"}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="effconv", options={"passes": [config], "inductor": False})
+    for size in (15, 19, 23):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            out = compiled(x)
+            expected = fxeff.transform(model, x, [config_from_dict(config)])(x)
+        torch.testing.assert_close(out[0], expected[0], rtol=1e-5, atol=1e-5, msg=f"size {size}")
+        assert len(fxeff.backend.last_report().rewritten) == 5
+    torch._dynamo.reset()
+
+
+def test_decomposed_export_graph_folds_into_native_batch_norm():
+    """After run_decompositions BN is aten._native_batch_norm_legit_no_training (a tuple output): the fold
+    swaps its tensors the same way, and the result equals the symbolic rewrite."""
+    torch.manual_seed(0)
+    model = _eval(MixedNet())
+    x = torch.randn(2, 3, 15, 15)
+    gm = torch.export.export(model, (x,)).run_decompositions().module()
+    report = run_passes(gm, (x,), [Shift()])
+    assert "BatchNorm '_native_batch_norm_legit_no_training" in report.site("dw1").reason
+    _, _, expected = rewritten(model, x, "symbolic", Shift())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)

@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import ops as fxeff_ops
@@ -328,7 +329,7 @@ def _propagate_fake(gm: fx.GraphModule, nodes: List[fx.Node], key: Optional[str]
             node.meta[key] = fake_mode.from_tensor(_get_attr(gm, node.target))
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta[key])
-        with fake_mode:
+        with fake_mode, enable_python_dispatcher():  # the python dispatcher: meta kernels that take SymInts
             node.meta[key] = node.target(*args, **kwargs)
 
 
