@@ -27,7 +27,7 @@ aten = torch.ops.aten
 # Python-level conv functions -> (spatial dims, transposed, parameter names in order).
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-_TORCH_CONVS = {
+TORCH_CONVS = {
     torch.conv1d: (1, False, _CONV_ARGS), torch.conv2d: (2, False, _CONV_ARGS), torch.conv3d: (3, False, _CONV_ARGS),
     torch.conv_transpose1d: (1, True, _CONVT_ARGS), torch.conv_transpose2d: (2, True, _CONVT_ARGS),
     torch.conv_transpose3d: (3, True, _CONVT_ARGS),
@@ -271,7 +271,7 @@ def _weight_shape(gm: fx.GraphModule, weight: Any) -> Optional[Tuple[int, ...]]:
     if isinstance(weight, fx.Node):
         if weight.op == "get_attr":
             try:
-                return tuple(_get_attr(gm, weight.target).shape)
+                return tuple(get_attr_value(gm, weight.target).shape)
             except AttributeError:
                 pass
         shape = node_shape(weight)
@@ -279,7 +279,7 @@ def _weight_shape(gm: fx.GraphModule, weight: Any) -> Optional[Tuple[int, ...]]:
     return None
 
 
-def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+def get_attr_value(gm: fx.GraphModule, target: str) -> Any:
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -308,8 +308,8 @@ _CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Co
 
 def _function_site(gm: fx.GraphModule, node: fx.Node) -> Optional[ConvSite]:
     target = node.target
-    if target in _TORCH_CONVS:
-        dims, transposed, names = _TORCH_CONVS[target]
+    if target in TORCH_CONVS:
+        dims, transposed, names = TORCH_CONVS[target]
         a = _call_args(node, names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
                                      "output_padding": 0})
         kind = "torch_function"

@@ -33,23 +33,22 @@ import dataclasses
 import itertools
 import math
 import operator
-import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch._dispatch.python import enable_python_dispatcher
-from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import ops as fxeff_ops
 from ..nn import shift as shift_nn
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
-from .graph import _TORCH_CONVS, EXPORT, SYMBOLIC, ConvSite, _get_attr, concrete_shape, conv_site, conv_sites, \
+from .graph import TORCH_CONVS, EXPORT, SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, \
     graph_kind, node_shape
 from .measure import fake_mode_of, run_recording
+from .rewrite import fake_key_and_mode, new_attr, output_nodes, param_value, propagate_fake, \
+    relative_output_error, unique_name
 
 aten = torch.ops.aten
 INIT_RULES = ("lstsq", "max_tap")
@@ -126,24 +125,6 @@ def _skip_reason(site: ConvSite, config: Shift) -> Optional[str]:
         return (f"padding_mode={site.padding_mode!r}: its shift equivalent is Shift(padding={wanted!r}), this pass "
                 f"has padding={config.padding!r}")
     return None
-
-
-def _value(gm: fx.GraphModule, ref: Any, inputs: Dict[fx.Node, Any]) -> Tuple[Optional[torch.Tensor], str]:
-    """(real tensor behind a weight/bias/statistics reference, "") or (None, why it is unknown)."""
-    if isinstance(ref, str):
-        return _get_attr(gm, ref), ""
-    if not isinstance(ref, fx.Node):
-        return None, f"{ref!r} is not a tensor"
-    if ref.op == "get_attr":
-        return _get_attr(gm, ref.target), ""
-    if ref.op == "placeholder":
-        value = inputs.get(ref)
-        if isinstance(value, FakeTensor):  # dynamo keeps the real parameter behind a fake example input
-            value = getattr(ref.meta.get("grapharg"), "example", None)
-        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
-            return value, ""
-        return None, f"the graph input {ref.name!r} has no real value (fake example inputs)"
-    return None, f"it is computed in the graph by node {ref.name!r}, not a parameter"
 
 
 # ---------------------------------------------------------------- initialisation
@@ -262,36 +243,13 @@ def _relative_error(module: nn.Module, init: _Init, x: torch.Tensor, y: torch.Te
 
 # ---------------------------------------------------------------- graph editing helpers
 
-def _unique_name(gm: fx.GraphModule, base: str) -> str:
-    """A free attribute name at the GraphModule's root (never inside a module shared with the user's model)."""
-    base = re.sub(r"\W", "_", base)
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
-def _new_attr(gm: fx.GraphModule, base: str, tensor: torch.Tensor, parameter: bool) -> str:
-    name = _unique_name(gm, base)
-    if parameter:
-        gm.register_parameter(name, nn.Parameter(tensor.detach().clone()))
-    else:
-        gm.register_buffer(name, tensor.detach().clone())
-    sources = getattr(gm, "_param_name_to_source", None)
-    if sources is not None:  # a dynamo graph: aot_autograd wants the source of each of gm's parameters and buffers
-        from torch._dynamo.source import ConstantSource
-
-        sources[name] = ConstantSource(f"fxeff_shift_pass.{name}")
-    return name
-
-
 def _arg_names(node: fx.Node) -> Sequence[str]:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
         return [a.name for a in target._schema.arguments]
     if target in _BN_FUNCTIONS:
         return _BN_FUNCTIONS[target]
-    return _TORCH_CONVS[target][2]
+    return TORCH_CONVS[target][2]
 
 
 def _get_arg(node: fx.Node, name: str, default: Any = None) -> Any:
@@ -311,28 +269,6 @@ def _set_arg(node: fx.Node, name: str, value: Any) -> None:
         node.update_kwarg(name, value)
 
 
-def _fake_key_and_mode(site: ConvSite):
-    """("val" | "example_value", the graph's FakeTensorMode) for dynamo/export graphs, else (None, None)."""
-    for key in ("val", "example_value"):
-        mode = getattr(site.node.meta.get(key), "fake_mode", None)
-        if mode is not None:
-            return key, mode
-    return None, None
-
-
-def _propagate_fake(gm: fx.GraphModule, nodes: List[fx.Node], key: Optional[str], fake_mode) -> None:
-    """Gives inserted nodes the fake values their neighbours carry, so later passes see their shapes."""
-    if fake_mode is None:
-        return
-    for node in nodes:
-        if node.op == "get_attr":
-            node.meta[key] = fake_mode.from_tensor(_get_attr(gm, node.target))
-            continue
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta[key])
-        with fake_mode, enable_python_dispatcher():  # the python dispatcher: meta kernels that take SymInts
-            node.meta[key] = node.target(*args, **kwargs)
-
-
 # ---------------------------------------------------------------- emitting the shift
 
 def _emit_shift(gm: fx.GraphModule, kind: str, site: ConvSite, module: nn.Module, config: Shift,
@@ -342,12 +278,12 @@ def _emit_shift(gm: fx.GraphModule, kind: str, site: ConvSite, module: nn.Module
     new: List[fx.Node] = []
     with graph.inserting_before(site.node):
         if kind == SYMBOLIC:
-            name = _unique_name(gm, base)
+            name = unique_name(gm, base)
             gm.add_submodule(name, module)
             node = graph.call_module(name, (site.input,))
             return node, [node]
         shifts = module.shifts
-        attr = _new_attr(gm, f"{base}_shifts", shifts, isinstance(shifts, nn.Parameter))
+        attr = new_attr(gm, f"{base}_shifts", shifts, isinstance(shifts, nn.Parameter))
         new.append(graph.get_attr(attr))
         z = graph.call_function(torch.ops.fxeff.shift.default, (site.input, new[-1], config.padding, config.mode))
         new.append(z)
@@ -375,8 +311,8 @@ def _emit_affine(gm: fx.GraphModule, kind: str, site: ConvSite, z: fx.Node, init
     """z * scale + offset with learnable per-channel parameters on the GraphModule."""
     view = (-1,) + (1,) * site.dims
     graph = gm.graph
-    scale = _new_attr(gm, f"{base}_scale", init.scale.to(dtype).view(view), True)
-    offset = _new_attr(gm, f"{base}_offset", init.offset.to(dtype).view(view), True)
+    scale = new_attr(gm, f"{base}_scale", init.scale.to(dtype).view(view), True)
+    offset = new_attr(gm, f"{base}_offset", init.offset.to(dtype).view(view), True)
     mul, add = (aten.mul.Tensor, aten.add.Tensor) if kind == EXPORT else (operator.mul, operator.add)
     with graph.inserting_after(z):
         scale_node = graph.get_attr(scale)
@@ -414,7 +350,7 @@ def _fold_batch_norm(gm: fx.GraphModule, conv: fx.Node, user: fx.Node, init: _In
             if ref is None:
                 stats[name] = None
                 continue
-            stats[name], why = _value(gm, ref, inputs)
+            stats[name], why = param_value(gm, ref, inputs)
             if stats[name] is None:
                 return None, f"BatchNorm {user.name!r}: {name}: {why}"
         if stats["running_mean"] is None or stats["running_var"] is None:
@@ -433,13 +369,13 @@ def _fold_batch_norm(gm: fx.GraphModule, conv: fx.Node, user: fx.Node, init: _In
                 getattr(fresh, name).copy_(value)
             fresh.num_batches_tracked.copy_(bn.num_batches_tracked)
         fresh.train(bn.training)
-        name = _unique_name(gm, f"{base}_bn")
+        name = unique_name(gm, f"{base}_bn")
         gm.add_submodule(name, fresh)
         user.target = name
         return [], f"scale folded into BatchNorm {name!r} (a re-parameterised copy)"
     nodes = []
     for name, value in new.items():
-        attr = _new_attr(gm, f"{base}_bn_{name}", value.to(dtype), name in ("weight", "bias"))
+        attr = new_attr(gm, f"{base}_bn_{name}", value.to(dtype), name in ("weight", "bias"))
         with gm.graph.inserting_before(user):
             nodes.append(gm.graph.get_attr(attr))
         _set_arg(user, name, nodes[-1])
@@ -475,8 +411,8 @@ def _fold_pointwise(gm: fx.GraphModule, conv: fx.Node, user: fx.Node, init: _Ini
         return None, f"the 1x1 conv {site.name!r} pads its input (the offset would reach the padding)"
     if site.unsupported:
         return None, f"the 1x1 conv {site.name!r}: {site.unsupported}"
-    weight, why = _value(gm, site.weight, inputs)
-    bias, why_bias = _value(gm, site.bias, inputs) if site.bias is not None else (None, "")
+    weight, why = param_value(gm, site.weight, inputs)
+    bias, why_bias = param_value(gm, site.bias, inputs) if site.bias is not None else (None, "")
     if weight is None or (site.bias is not None and bias is None):
         return None, f"the 1x1 conv {site.name!r}: {why or why_bias}"
     out_channels, per_group = weight.shape[0], weight.shape[1]
@@ -496,13 +432,13 @@ def _fold_pointwise(gm: fx.GraphModule, conv: fx.Node, user: fx.Node, init: _Ini
             fresh.weight.copy_(new_weight)
             fresh.bias.copy_(new_bias)
         fresh.train(old.training)
-        name = _unique_name(gm, f"{base}_pointwise")
+        name = unique_name(gm, f"{base}_pointwise")
         gm.add_submodule(name, fresh)
         user.target = name
         return [], f"scale folded into the 1x1 conv {name!r} (a rescaled copy)"
     nodes = []
     for name, value in (("weight", new_weight), ("bias", new_bias)):
-        attr = _new_attr(gm, f"{base}_pointwise_{name}", value, True)
+        attr = new_attr(gm, f"{base}_pointwise_{name}", value, True)
         with gm.graph.inserting_before(user):
             nodes.append(gm.graph.get_attr(attr))
         _set_arg(user, name, nodes[-1])
@@ -526,29 +462,11 @@ def _fold(gm: fx.GraphModule, site: ConvSite, init: _Init, inputs: Dict[fx.Node,
 
 # ---------------------------------------------------------------- the pass
 
-def _output_nodes(gm: fx.GraphModule) -> List[fx.Node]:
-    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
-    found: List[fx.Node] = []
-    fx.node.map_arg(output.args, found.append)
-    return found
-
-
-def _relative_output_error(before: Dict[fx.Node, Any], after: Dict[fx.Node, Any], nodes_before: List[fx.Node],
-                           nodes_after: List[fx.Node]) -> Optional[float]:
-    pairs = [(before[a], after[b]) for a, b in zip(nodes_before, nodes_after)
-             if isinstance(before.get(a), torch.Tensor) and before[a].is_floating_point()]
-    if not pairs:
-        return None
-    diff = math.sqrt(sum(float((y - x).double().norm()) ** 2 for x, y in pairs))
-    norm = math.sqrt(sum(float(x.double().norm()) ** 2 for x, _ in pairs))
-    return diff / norm if norm else None
-
-
 def _rewrite(gm: fx.GraphModule, kind: str, site: ConvSite, config: Shift, init: _Init, module: nn.Module,
              inputs: Dict[fx.Node, Any], dtype: torch.dtype) -> Tuple[str, bool]:
     """Replaces the conv; returns (where the scale went, whether it stayed an explicit multiply-add)."""
     base = f"fxeff_shift_{site.name}"
-    key, fake_mode = _fake_key_and_mode(site)
+    key, fake_mode = fake_key_and_mode(site)
     _set_shifts(module, init.shifts)
     z, new = _emit_shift(gm, kind, site, module, config, base)
     folded, description = _fold(gm, site, init, inputs, base)
@@ -563,7 +481,7 @@ def _rewrite(gm: fx.GraphModule, kind: str, site: ConvSite, config: Shift, init:
         for meta in ("nn_module_stack", "stack_trace"):
             if meta in site.node.meta:
                 node.meta[meta] = site.node.meta[meta]
-    _propagate_fake(gm, [n for n in new if n.op != "call_module"], key, fake_mode)
+    propagate_fake(gm, [n for n in new if n.op != "call_module"], key, fake_mode)
     site.node.replace_all_uses_with(z)
     gm.graph.erase_node(site.node)
     return description, explicit
@@ -578,15 +496,15 @@ def shift_pass(gm: fx.GraphModule, config: Shift, context: PassContext) -> Repor
         raise ValueError("fxeff.passes.Shift: init='lstsq' fits each channel on the example inputs' values, and "
                          "these are fake tensors; give real example inputs or use Shift(init='max_tap')")
     candidates = [s for s in conv_sites(gm) if _is_candidate(s)]
-    outputs_before = _output_nodes(gm)
+    outputs_before = output_nodes(gm)
     keep = [n for s in candidates for n in (s.input, s.node)] + outputs_before
     flops_before, before = run_recording(gm, context.example_inputs, keep)
     site_reports: List[SiteReport] = []
     for site in candidates:
         macs = site.macs()
         reason = _skip_reason(site, config)
-        weight, why = _value(gm, site.weight, inputs)
-        bias, why_bias = _value(gm, site.bias, inputs) if site.bias is not None else (None, "")
+        weight, why = param_value(gm, site.weight, inputs)
+        bias, why_bias = param_value(gm, site.bias, inputs) if site.bias is not None else (None, "")
         if reason is None and (weight is None or (site.bias is not None and bias is None)):
             reason = f"the conv's {'weight' if weight is None else 'bias'} is unknown: {why or why_bias}"
         if reason is not None:
@@ -613,11 +531,11 @@ def shift_pass(gm: fx.GraphModule, config: Shift, context: PassContext) -> Repor
     if fake:
         report.notes.append("example inputs are fake tensors: relative errors and MACs after are n/a")
         return report
-    outputs_after = _output_nodes(gm)
+    outputs_after = output_nodes(gm)
     flops_after, after = run_recording(gm, context.example_inputs, outputs_after)
     report.model_macs_after = flops_after // 2
     if rewritten:
-        error = _relative_output_error(before, after, outputs_before, outputs_after)
+        error = relative_output_error(before, after, outputs_before, outputs_after)
         if error is not None:
             report.notes.append(f"model output relative error on the example inputs (before fine-tuning): {error:.4f}")
     return report
