@@ -17,42 +17,13 @@ from fxeff.passes import Shift, config_from_dict, run_passes
 from fxeff.passes.shift import tap_shifts
 from fxeff.passes.graph import conv_sites
 from fxeff.transform import trace
+from _graph_kinds import rewritten
 
 SHIFT = torch.ops.fxeff.shift.default
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BNS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
-
-
-def dynamo_graph(model, x):
-    """The graph dynamo hands a backend, with its example inputs."""
-    captured = []
-
-    def backend(gm, example_inputs):
-        captured.append((gm, example_inputs))
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=backend, fullgraph=True)(x)
-    return captured[0]
-
-
-def rewritten(model, x, kind, config):
-    """(rewritten GraphModule, report, its output on x) for a graph of ``kind`` rewritten by ``config``."""
-    if kind == "symbolic":
-        gm = fxeff.transform(model, (x,), [config])
-        report, run = gm.fxeff_report, lambda: gm(x)
-    elif kind == "dynamo":
-        gm, inputs = dynamo_graph(model, x)
-        report = run_passes(gm, inputs, [config])
-        run = lambda: (lambda out: out[0] if len(out) == 1 else tuple(out))(gm(*inputs))  # noqa: E731
-    else:
-        gm = torch.export.export(model, (x,)).module()
-        report = run_passes(gm, (x,), [config])
-        run = lambda: gm(x)  # noqa: E731
-    with torch.no_grad():
-        return gm, report, run()
 
 
 def one_hot_depthwise(conv, seed=0):

@@ -73,7 +73,7 @@ def propagate_fake(gm: fx.GraphModule, nodes: List[fx.Node], key: Optional[str],
         return
     for node in nodes:
         if node.op == "get_attr":
-            node.meta[key] = fake_mode.from_tensor(get_attr_value(gm, node.target))
+            node.meta[key] = fake_mode.from_tensor(get_attr_value(gm, node.target), static_shapes=True)
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta[key])
         with fake_mode, enable_python_dispatcher():  # the python dispatcher: meta kernels that take SymInts

@@ -1,0 +1,35 @@
+"""The three graph kinds a pass runs on (symbolic_trace, dynamo, export), built from one model for pass tests."""
+import torch
+
+import fxeff
+from fxeff.passes import run_passes
+
+
+def dynamo_graph(model, x):
+    """The graph dynamo hands a backend, with its example inputs."""
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.append((gm, example_inputs))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(x)
+    return captured[0]
+
+
+def rewritten(model, x, kind, config):
+    """(rewritten GraphModule, report, its output on x) for a graph of ``kind`` rewritten by ``config``."""
+    if kind == "symbolic":
+        gm = fxeff.transform(model, (x,), [config])
+        report, run = gm.fxeff_report, lambda: gm(x)
+    elif kind == "dynamo":
+        gm, inputs = dynamo_graph(model, x)
+        report = run_passes(gm, inputs, [config])
+        run = lambda: (lambda out: out[0] if len(out) == 1 else tuple(out))(gm(*inputs))  # noqa: E731
+    else:
+        gm = torch.export.export(model, (x,)).module()
+        report = run_passes(gm, (x,), [config])
+        run = lambda: gm(x)  # noqa: E731
+    with torch.no_grad():
+        return gm, report, run()
