@@ -4,9 +4,10 @@ They read real tensors behind weight references in any graph kind, add new param
 GraphModule (never to modules shared with the user's model; dynamo graphs get a source for each),
 give inserted nodes fake values, and measure how far a rewritten graph's outputs moved.
 """
+import dataclasses
 import math
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -14,7 +15,9 @@ from torch import nn
 from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
 
+from ..report import Report, SiteReport
 from .graph import ConvSite, get_attr_value
+from .measure import fake_mode_of, run_recording
 
 
 def param_value(gm: fx.GraphModule, ref: Any, inputs: Dict[fx.Node, Any]) -> Tuple[Optional[torch.Tensor], str]:
@@ -96,3 +99,57 @@ def relative_output_error(before: Dict[fx.Node, Any], after: Dict[fx.Node, Any],
     diff = math.sqrt(sum(float((y - x).double().norm()) ** 2 for x, y in pairs))
     norm = math.sqrt(sum(float(x.double().norm()) ** 2 for x, _ in pairs))
     return diff / norm if norm else None
+
+
+# ---------------------------------------------------------------- the frame of a weight-converting pass
+
+@dataclasses.dataclass
+class Recorded:
+    """What a pass measured on the example inputs before rewriting: placeholder values, whether they are
+    fake, the graph's output nodes, its FLOPs, and the values of the kept nodes."""
+
+    inputs: Dict[fx.Node, Any]
+    fake: bool
+    outputs: List[fx.Node]
+    flops: int
+    values: Dict[fx.Node, Any]
+
+
+def record_before(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: Sequence[ConvSite]) -> Recorded:
+    """Runs gm once, keeping every site's input and output and the graph outputs."""
+    inputs = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
+    outputs = output_nodes(gm)
+    keep = [n for s in sites for n in (s.input, s.node)] + outputs
+    flops, values = run_recording(gm, example_inputs, keep)
+    return Recorded(inputs, fake_mode_of(example_inputs) is not None, outputs, flops, values)
+
+
+def site_params(gm: fx.GraphModule, site: ConvSite, inputs: Dict[fx.Node, Any]):
+    """(weight, bias, None) as real tensors, or (None, None, why one of them is unknown)."""
+    weight, why = param_value(gm, site.weight, inputs)
+    bias, why_bias = param_value(gm, site.bias, inputs) if site.bias is not None else (None, "")
+    if weight is None or (site.bias is not None and bias is None):
+        return None, None, f"the conv's {'weight' if weight is None else 'bias'} is unknown: {why or why_bias}"
+    return weight, bias, None
+
+
+def finish_report(gm: fx.GraphModule, example_inputs: Sequence[Any], pass_name: str, sites: List[SiteReport],
+                  notes: List[str], recorded: Recorded, unchanged_note: str) -> Report:
+    """Recompiles gm and reports: model MACs before/after and, with real inputs, the output error."""
+    rewritten = [s for s in sites if s.status == "rewritten"]
+    if not rewritten:
+        notes.append(unchanged_note)
+    gm.graph.lint()
+    gm.recompile()
+    report = Report(pass_name=pass_name, sites=sites, model_macs_before=recorded.flops // 2, notes=notes)
+    if recorded.fake:
+        report.notes.append("example inputs are fake tensors: relative errors and model MACs after are n/a")
+        return report
+    outputs_after = output_nodes(gm)
+    flops_after, after = run_recording(gm, example_inputs, outputs_after)
+    report.model_macs_after = flops_after // 2
+    if rewritten:
+        error = relative_output_error(recorded.values, after, recorded.outputs, outputs_after)
+        if error is not None:
+            report.notes.append(f"model output relative error on the example inputs (before fine-tuning): {error:.4f}")
+    return report

@@ -46,9 +46,9 @@ from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import TORCH_CONVS, EXPORT, SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, \
     graph_kind, node_shape
-from .measure import fake_mode_of, run_recording
-from .rewrite import fake_key_and_mode, new_attr, output_nodes, param_value, propagate_fake, \
-    relative_output_error, unique_name
+from .measure import fake_mode_of
+from .rewrite import fake_key_and_mode, finish_report, new_attr, param_value, propagate_fake, record_before, \
+    site_params, unique_name
 
 aten = torch.ops.aten
 INIT_RULES = ("lstsq", "max_tap")
@@ -490,23 +490,17 @@ def _rewrite(gm: fx.GraphModule, kind: str, site: ConvSite, config: Shift, init:
 def shift_pass(gm: fx.GraphModule, config: Shift, context: PassContext) -> Report:
     """Rewrites ``gm`` in place (recompiled) and returns the report; see the module docstring."""
     kind = graph_kind(gm)
-    inputs = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], context.example_inputs))
-    fake = fake_mode_of(context.example_inputs) is not None
-    if fake and config.init == "lstsq":
+    if fake_mode_of(context.example_inputs) is not None and config.init == "lstsq":
         raise ValueError("fxeff.passes.Shift: init='lstsq' fits each channel on the example inputs' values, and "
                          "these are fake tensors; give real example inputs or use Shift(init='max_tap')")
     candidates = [s for s in conv_sites(gm) if _is_candidate(s)]
-    outputs_before = output_nodes(gm)
-    keep = [n for s in candidates for n in (s.input, s.node)] + outputs_before
-    flops_before, before = run_recording(gm, context.example_inputs, keep)
+    recorded = record_before(gm, context.example_inputs, candidates)
+    fake, before = recorded.fake, recorded.values
     site_reports: List[SiteReport] = []
     for site in candidates:
         macs = site.macs()
-        reason = _skip_reason(site, config)
-        weight, why = param_value(gm, site.weight, inputs)
-        bias, why_bias = param_value(gm, site.bias, inputs) if site.bias is not None else (None, "")
-        if reason is None and (weight is None or (site.bias is not None and bias is None)):
-            reason = f"the conv's {'weight' if weight is None else 'bias'} is unknown: {why or why_bias}"
+        weight, bias, unknown = site_params(gm, site, recorded.inputs)
+        reason = _skip_reason(site, config) or unknown
         if reason is not None:
             site_reports.append(SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "shift"))
             continue
@@ -517,28 +511,13 @@ def shift_pass(gm: fx.GraphModule, config: Shift, context: PassContext) -> Repor
         error = None if fake else _relative_error(module, init, x, y)
         out_shape = concrete_shape(site.node)
         site.input = conv_site(gm, site.node).input  # an earlier rewrite may have replaced the input node
-        description, explicit = _rewrite(gm, kind, site, config, init, module, inputs, weight.dtype)
+        description, explicit = _rewrite(gm, kind, site, config, init, module, recorded.inputs, weight.dtype)
         macs_after = (math.prod(out_shape) if out_shape is not None else None) if explicit else 0
         site_reports.append(SiteReport(site.name, site.describe(), "rewritten", description, macs, macs_after, "shift",
                                        error=error))
     notes = [f"init={config.init!r}" + (" (fitted on the example inputs)" if config.init == "lstsq" else "")]
-    rewritten = [s for s in site_reports if s.status == "rewritten"]
-    if not rewritten:
-        notes.append("no depthwise conv could be replaced by a shift: the graph is unchanged")
-    gm.graph.lint()
-    gm.recompile()
-    report = Report(pass_name="shift", sites=site_reports, model_macs_before=flops_before // 2, notes=notes)
-    if fake:
-        report.notes.append("example inputs are fake tensors: relative errors and MACs after are n/a")
-        return report
-    outputs_after = output_nodes(gm)
-    flops_after, after = run_recording(gm, context.example_inputs, outputs_after)
-    report.model_macs_after = flops_after // 2
-    if rewritten:
-        error = relative_output_error(before, after, outputs_before, outputs_after)
-        if error is not None:
-            report.notes.append(f"model output relative error on the example inputs (before fine-tuning): {error:.4f}")
-    return report
+    return finish_report(gm, context.example_inputs, "shift", site_reports, notes, recorded,
+                         "no depthwise conv could be replaced by a shift: the graph is unchanged")
 
 
 __all__ = ["Shift", "shift_pass", "tap_shifts", "INIT_RULES"]
