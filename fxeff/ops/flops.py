@@ -22,6 +22,14 @@ def _focused_conv2d_backward_flops(grad_out, x, weight, mask, stride, padding, d
                                            padding, dilation, False, [0, 0], groups, [True, True, False])
 
 
+def _hetconv2d_flops(x, weight_kxk, weight_1x1, bias, part, stride, padding, dilation, out_val=None, **kwargs) -> int:
+    # Per output: the own block's KxK taps (M/P * K * K) and the centre tap on the other M - M/P channels.
+    n, mb, kh, kw = weight_kxk.shape
+    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return 2 * x.shape[0] * n * ho * wo * (mb * kh * kw + weight_1x1.shape[1])
+
+
 def _zero_flops(*args, **kwargs) -> int:
     return 0
 
@@ -34,6 +42,7 @@ def register() -> None:
     ops = torch.ops.fxeff
     flop_counter.register_flop_formula(ops.focused_conv2d, get_raw=True)(_focused_conv2d_flops)
     flop_counter.register_flop_formula(ops.focused_conv2d_backward, get_raw=True)(_focused_conv2d_backward_flops)
+    flop_counter.register_flop_formula(ops.hetconv2d, get_raw=True)(_hetconv2d_flops)
     flop_counter.register_flop_formula([ops.aoi_mask, ops.mask_resize, ops.shift, ops.shift_input_grad,
                                           ops.shift_shifts_grad], get_raw=True)(_zero_flops)
     _registered = True

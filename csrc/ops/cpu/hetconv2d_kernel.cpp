@@ -1,0 +1,353 @@
+// CPU kernel of fxeff::hetconv2d: F.conv2d (groups=1) with the HetConv-masked kernel, at the HetConv MAC count.
+//
+//   out = Wc @ x_centre  +  for each block b: Wk_b @ im2col_b(x)   (+ bias)
+//
+// Wc [N, M] is the whole centre-tap matrix (weight_1x1 on the other blocks' channels, weight_kxk's centre tap on
+// the own block): one dense GEMM over all M channels. x_centre is the input sampled at every output's centre tap;
+// for stride 1 and padding = dilation * (K / 2) it is x itself (no copy). Wk_b [N/P, M/P * (K*K - 1)] holds block
+// b's KxK taps other than the centre; im2col_b gathers those taps of block b's M/P channels only. The MACs are the
+// HetConv count exactly: N * Ho * Wo * (M + M/P * (K*K - 1)).
+//
+//   NCHW:          per (image, chunk of output rows): out_chunk = bias + Wc @ x_chunk, then per block the chunk's
+//                  im2col (in cache) and out_chunk[block rows] += Wk_b @ cols (GEMMs write into out's views).
+//   channels_last: pixels as rows: out [N*Ho*Wo, N] = x_centre [.., M] @ Wc^T + bias for the whole batch in one
+//                  GEMM, then per chunk of pixels one gather of every block's off-centre taps and per block
+//                  out[chunk, block cols] += cols_b @ Wk_b^T.
+// Chunks are handed out one at a time to the pool's threads (a thread the OS delays does not hold the others up);
+// the GEMMs inside a chunk run single-threaded.
+#include "../hetconv2d.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/record_function.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+namespace fxeff {
+namespace ops {
+namespace {
+
+// Forced strategy (0 auto, 1 gemm, 2 grouped) and pixels per chunk (0 = the kernel's pick): tests and benchmarks.
+std::atomic<int> forced_strategy{0};
+std::atomic<int64_t> forced_chunk{0};
+const char* const kStrategies[] = {"auto", "gemm", "grouped"};
+
+std::string set_strategy(c10::string_view strategy, int64_t chunk) {
+  int index = -1;
+  for (int i = 0; i < 3; ++i) {
+    if (strategy == kStrategies[i]) index = i;
+  }
+  TORCH_CHECK_VALUE(index >= 0, "fxeff._hetconv2d_set_strategy: strategy must be one of auto, gemm, grouped, got \"",
+                    strategy, "\"");
+  TORCH_CHECK_VALUE(chunk >= 0, "fxeff._hetconv2d_set_strategy: chunk must be >= 0 (0 = auto), got ", chunk);
+  forced_chunk.store(chunk);
+  return kStrategies[forced_strategy.exchange(index)];
+}
+
+// Pixels per chunk: the chunk's im2col of one block (M/P * (K*K-1) values per pixel) around 256 KiB so that it
+// stays in L2 between its gather and its GEMM, at least 64 pixels (GEMM width), and enough chunks to keep every
+// thread busy.
+int64_t pick_chunk(const HetGeometry& g, int64_t per_pixel_values, int64_t elem, int64_t total_pixels) {
+  const int64_t forced = forced_chunk.load();
+  if (forced > 0) return forced;
+  // Measured: wider chunks are faster up to ~1024 pixels whatever the im2col's size (GEMM width matters more
+  // than keeping the chunk's im2col in L2).
+  (void)per_pixel_values; (void)elem;
+  int64_t chunk = 1024;
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = threads > 1 ? 4 * threads : 1;
+  if (total_pixels / chunk < want) chunk = std::max<int64_t>(32, total_pixels / want);
+  return std::max<int64_t>(1, std::min(chunk, total_pixels));
+}
+
+// Wc [O, M]: weight_1x1 at the other blocks' channels, weight_kxk's centre tap at the own block (or zero there:
+// the "grouped" strategy's Wc0).
+template <typename T>
+void fill_centre_matrix(const T* wk, const T* w1, T* wc, const HetGeometry& g, bool with_own_block) {
+  const int64_t kk = g.k * g.k, c = (g.k / 2) * g.k + g.k / 2, rest = g.m - g.mb;
+  for (int64_t j = 0; j < g.o; ++j) {
+    const int64_t b = j / g.ob;
+    T* row = wc + j * g.m;
+    const T* r1 = w1 + j * rest;
+    std::copy(r1, r1 + b * g.mb, row);
+    for (int64_t i = 0; i < g.mb; ++i) row[b * g.mb + i] = with_own_block ? wk[(j * g.mb + i) * kk + c] : T(0);
+    std::copy(r1 + b * g.mb, r1 + rest, row + (b + 1) * g.mb);
+  }
+}
+
+// The off-centre taps as [O, M/P * taps]: columns (channel, tap) for NCHW (tap_major false) or (tap, channel) for
+// channels_last (tap_major true), matching the gathers below.
+template <typename T>
+void fill_offcentre_matrix(const T* wk, T* wo, const HetGeometry& g, bool tap_major) {
+  const int64_t kk = g.k * g.k, c = (g.k / 2) * g.k + g.k / 2, taps = g.taps();
+  for (int64_t j = 0; j < g.o; ++j) {
+    for (int64_t i = 0; i < g.mb; ++i) {
+      const T* src = wk + (j * g.mb + i) * kk;
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t q = t < c ? t : t + 1;
+        wo[j * g.mb * taps + (tap_major ? t * g.mb + i : i * taps + t)] = src[q];
+      }
+    }
+  }
+}
+
+// Output columns [lo, hi) whose tap at kernel column kx reads inside the input (the rest read padding).
+struct ColRange {
+  int64_t lo, hi, off;  // input column of output column xo: xo * sw + off
+};
+
+ColRange valid_cols(int64_t kx, int64_t dil, int64_t pad, int64_t stride, int64_t in, int64_t out) {
+  const int64_t off = kx * dil - pad;
+  int64_t lo = off >= 0 ? 0 : (-off + stride - 1) / stride;
+  int64_t hi = in - 1 - off >= 0 ? std::min(out, (in - 1 - off) / stride + 1) : 0;
+  lo = std::min(lo, out);
+  hi = std::max(hi, lo);
+  return {lo, hi, off};
+}
+
+// im2col of block b's off-centre taps for output rows [y0, y1) of image n (NCHW x): cols [mb * taps, np], row
+// (channel, tap), np = (y1 - y0) * wo.
+template <typename T>
+void gather_block_nchw(const T* x, T* cols, const HetGeometry& g, const std::vector<ColRange>& cr, int64_t n,
+                       int64_t b, int64_t y0, int64_t y1) {
+  const int64_t taps = g.taps(), c = (g.k / 2) * g.k + g.k / 2, np = (y1 - y0) * g.wo;
+  for (int64_t i = 0; i < g.mb; ++i) {
+    const T* plane = x + ((n * g.m) + b * g.mb + i) * g.h * g.w;
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t q = t < c ? t : t + 1, ky = q / g.k;
+      const ColRange& r = cr[q % g.k];
+      T* dst = cols + (i * taps + t) * np;
+      for (int64_t y = y0; y < y1; ++y, dst += g.wo) {
+        const int64_t iy = y * g.sh - g.ph + ky * g.dh;
+        if (iy < 0 || iy >= g.h) {
+          std::fill_n(dst, g.wo, T(0));
+          continue;
+        }
+        const T* src = plane + iy * g.w + r.off;
+        std::fill_n(dst, r.lo, T(0));
+        if (g.sw == 1) {
+          std::memcpy(dst + r.lo, src + r.lo, (r.hi - r.lo) * sizeof(T));
+        } else {
+          for (int64_t xo = r.lo; xo < r.hi; ++xo) dst[xo] = src[xo * g.sw];
+        }
+        std::fill_n(dst + r.hi, g.wo - r.hi, T(0));
+      }
+    }
+  }
+}
+
+// The "grouped" strategy: the vendor grouped KxK conv (groups = P, centre taps included, bias) writes out, then
+// out += Wc0 @ x_centre in place, Wc0 = weight_1x1 scattered with the block diagonal zero. N * M/P more MACs than the
+// HetConv count (the zeros), but the vendor's grouped conv runs the small per-block products far better than
+// BLAS does at these shapes (measured), and no im2col is materialised.
+at::Tensor run_grouped(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wk, const at::Tensor& wc0,
+                       const c10::optional<at::Tensor>& bias, const HetGeometry& g, at::MemoryFormat fmt,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const std::array<int64_t, 2> no_output_padding{0, 0};
+  at::Tensor out = at::convolution(x, cl ? wk.contiguous(fmt) : wk, bias, stride, padding, dilation, false,
+                                   no_output_padding, g.part).contiguous(fmt);
+  const int64_t hw = g.ho * g.wo;
+  if (cl) {
+    at::Tensor out2 = out.permute({0, 2, 3, 1}).view({g.n * hw, g.o});
+    at::addmm_out(out2, out2, xc.permute({0, 2, 3, 1}).reshape({g.n * hw, g.m}), wc0.t());
+  } else {
+    at::Tensor out3 = out.view({g.n, g.o, hw});
+    const at::Tensor xc3 = xc.view({g.n, g.m, hw});
+    for (int64_t n = 0; n < g.n; ++n) {
+      at::Tensor o = out3.select(0, n);
+      at::addmm_out(o, o, wc0, xc3.select(0, n));
+    }
+  }
+  return out;
+}
+
+// The auto pick between the strategies, from measurements at 256ch@56x56 and 128ch@28x28, batch 1 and 8, P 2..16,
+// 1 and 2 threads: "grouped" wins while the output stays in the last-level cache (its in-place 1x1 GEMM re-reads
+// the output that the grouped conv wrote) and for channels_last; NCHW outputs larger than that run "gemm", whose
+// chunks write each output once while it is in cache. K = 1 has no KxK part: "gemm" is a single 1x1 GEMM.
+bool use_grouped(const HetGeometry& g, bool cl, int64_t elem) {
+  if (g.k == 1) return false;
+  if (cl) return true;
+  const int64_t out_bytes = g.n * g.o * g.ho * g.wo * elem;
+  return out_bytes <= (8 << 20);
+}
+
+// Every block's off-centre taps for output pixels [p0, p0 + np) of the batch (channels_last x): cols [np, P, taps,
+// mb], so block b's matrix is the [np, taps * mb] slice at column b * taps * mb (row stride taps * M).
+template <typename T>
+void gather_pixels_cl(const T* x, T* cols, const HetGeometry& g, int64_t p0, int64_t np) {
+  const int64_t taps = g.taps(), c = (g.k / 2) * g.k + g.k / 2, row = taps * g.m, hw = g.ho * g.wo;
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t pix = p0 + p, n = pix / hw, y = (pix % hw) / g.wo, xo = pix % g.wo;
+    T* dst = cols + p * row;
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t q = t < c ? t : t + 1;
+      const int64_t iy = y * g.sh - g.ph + (q / g.k) * g.dh, ix = xo * g.sw - g.pw + (q % g.k) * g.dw;
+      if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
+        for (int64_t b = 0; b < g.part; ++b) std::fill_n(dst + b * taps * g.mb + t * g.mb, g.mb, T(0));
+        continue;
+      }
+      const T* src = x + ((n * g.h + iy) * g.w + ix) * g.m;
+      for (int64_t b = 0; b < g.part; ++b) {
+        std::memcpy(dst + b * taps * g.mb + t * g.mb, src + b * g.mb, g.mb * sizeof(T));
+      }
+    }
+  }
+}
+
+// The input at every output's centre tap: x itself for stride 1 and "same" padding, else a strided crop/pad.
+at::Tensor centre_samples(const at::Tensor& x, const HetGeometry& g, at::MemoryFormat fmt) {
+  if (g.centre_is_x()) return x;
+  const int64_t rows = (g.ho - 1) * g.sh + 1, cols = (g.wo - 1) * g.sw + 1;
+  const int64_t top = -g.ch(), left = -g.cw();
+  const std::array<int64_t, 4> pad{left, cols - (g.w + left), top, rows - (g.h + top)};
+  return at::constant_pad_nd(x, pad, 0).slice(2, 0, rows, g.sh).slice(3, 0, cols, g.sw).contiguous(fmt);
+}
+
+template <typename T>
+void run_nchw(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc, const at::Tensor& woff,
+              const c10::optional<at::Tensor>& bias_col, at::Tensor& out, const HetGeometry& g) {
+  const int64_t taps = g.taps(), hw = g.ho * g.wo;
+  const int64_t chunk = pick_chunk(g, g.mb * taps, x.element_size(), g.n * hw);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, std::min(g.ho, (chunk + g.wo / 2) / g.wo));
+  const int64_t chunks_per_image = (g.ho + rows_per_chunk - 1) / rows_per_chunk, items = g.n * chunks_per_image;
+  std::vector<ColRange> cr(g.k);
+  for (int64_t kx = 0; kx < g.k; ++kx) cr[kx] = valid_cols(kx, g.dw, g.pw, g.sw, g.w, g.wo);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+  const int64_t buf_len = taps > 0 ? g.mb * taps * rows_per_chunk * g.wo : 1;
+  at::Tensor cols_buf = at::empty({threads, buf_len}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor out2 = out.view({g.n, g.o, hw}), xc2 = xc.view({g.n, g.m, hw});
+  const T* xp = x.const_data_ptr<T>();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // internal GEMMs: no autograd on worker threads
+    const int64_t tid = at::get_thread_num();
+    at::Tensor cols_t = cols_buf.select(0, tid);
+    T* colsp = cols_t.mutable_data_ptr<T>();
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t n = item / chunks_per_image, y0 = (item % chunks_per_image) * rows_per_chunk;
+      const int64_t y1 = std::min(g.ho, y0 + rows_per_chunk), np = (y1 - y0) * g.wo;
+      at::Tensor o = out2.select(0, n).narrow(1, y0 * g.wo, np);
+      const at::Tensor xv = xc2.select(0, n).narrow(1, y0 * g.wo, np);
+      if (bias_col.has_value()) {
+        at::addmm_out(o, *bias_col, wc, xv);
+      } else {
+        at::mm_out(o, wc, xv);
+      }
+      if (taps == 0) continue;
+      const at::Tensor cols = cols_t.narrow(0, 0, g.mb * taps * np).view({g.mb * taps, np});
+      for (int64_t b = 0; b < g.part; ++b) {
+        gather_block_nchw<T>(xp, colsp, g, cr, n, b, y0, y1);
+        at::Tensor ob = o.narrow(0, b * g.ob, g.ob);
+        at::addmm_out(ob, ob, woff.narrow(0, b * g.ob, g.ob), cols);
+      }
+    }
+  });
+}
+
+template <typename T>
+void run_cl(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc, const at::Tensor& woff,
+            const c10::optional<at::Tensor>& bias, at::Tensor& out, const HetGeometry& g) {
+  const int64_t taps = g.taps(), total = g.n * g.ho * g.wo;
+  at::Tensor out2 = out.permute({0, 2, 3, 1}).view({total, g.o});
+  const at::Tensor xc2 = xc.permute({0, 2, 3, 1}).reshape({total, g.m});
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    if (bias.has_value()) {
+      at::addmm_out(out2, *bias, xc2, wc.t());
+    } else {
+      at::mm_out(out2, xc2, wc.t());
+    }
+  }
+  if (taps == 0) return;
+  const int64_t chunk = pick_chunk(g, g.m * taps, x.element_size(), total);
+  const int64_t items = (total + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+  at::Tensor cols_buf = at::empty({threads, chunk * taps * g.m}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor woff_t = woff.t();  // [taps * mb, O]
+  const T* xp = x.const_data_ptr<T>();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const int64_t tid = at::get_thread_num();
+    at::Tensor cols_t = cols_buf.select(0, tid);
+    T* colsp = cols_t.mutable_data_ptr<T>();
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t p0 = item * chunk, np = std::min(chunk, total - p0);
+      gather_pixels_cl<T>(xp, colsp, g, p0, np);
+      const at::Tensor cols = cols_t.narrow(0, 0, np * taps * g.m).view({np, taps * g.m});
+      at::Tensor o = out2.narrow(0, p0, np);
+      for (int64_t b = 0; b < g.part; ++b) {
+        at::Tensor ob = o.narrow(1, b * g.ob, g.ob);
+        at::addmm_out(ob, ob, cols.narrow(1, b * taps * g.mb, taps * g.mb),
+                      woff_t.narrow(1, b * g.ob, g.ob));
+      }
+    }
+  });
+}
+
+at::Tensor hetconv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_kxk, const at::Tensor& weight_1x1,
+                         const c10::optional<at::Tensor>& bias, int64_t part, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const HetGeometry g =
+      check_hetconv2d_args("hetconv2d", x_in, weight_kxk, weight_1x1, bias, part, stride, padding, dilation);
+  const at::MemoryFormat fmt = x_in.suggest_memory_format();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(fmt);
+  if (x.numel() == 0 || g.o == 0) return at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
+  const at::Tensor wk = weight_kxk.contiguous(), w1 = weight_1x1.contiguous();
+  const auto wopts = wk.options().memory_format(at::MemoryFormat::Contiguous);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int forced = forced_strategy.load();
+  const bool grouped = forced == 2 || (forced == 0 && use_grouped(g, cl, x.element_size()));
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hetconv2d", [&] {
+    const at::Tensor xc = centre_samples(x, g, fmt);
+    at::Tensor wc = at::empty({g.o, g.m}, wopts);
+    fill_centre_matrix<scalar_t>(wk.const_data_ptr<scalar_t>(), w1.const_data_ptr<scalar_t>(),
+                                 wc.mutable_data_ptr<scalar_t>(), g, /*with_own_block=*/!grouped);
+    if (grouped) {
+      RECORD_FUNCTION("fxeff::hetconv2d::grouped", c10::ArrayRef<const c10::IValue>{});
+      out = run_grouped(x, xc, wk, wc, has_bias ? c10::optional<at::Tensor>(*bias) : c10::nullopt, g, fmt, stride,
+                        padding, dilation);
+      return;
+    }
+    RECORD_FUNCTION("fxeff::hetconv2d::gemm", c10::ArrayRef<const c10::IValue>{});
+    out = at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
+    at::Tensor woff = at::empty({g.o, std::max<int64_t>(1, g.mb * g.taps())}, wopts);
+    if (g.taps() > 0) fill_offcentre_matrix<scalar_t>(wk.const_data_ptr<scalar_t>(), woff.mutable_data_ptr<scalar_t>(), g, cl);
+    if (cl) {
+      run_cl<scalar_t>(x, xc, wc, woff, has_bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt, out, g);
+    } else {
+      run_nchw<scalar_t>(x, xc, wc, woff,
+                         has_bias ? c10::optional<at::Tensor>(bias->contiguous().view({g.o, 1})) : c10::nullopt,
+                         out, g);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fxeff, m) {
+  // Forces a strategy ("auto", "gemm", "grouped") and the gemm strategy's pixels per chunk (0 = the kernel's pick);
+  // returns the previous strategy. For tests and benchmarks; process-wide.
+  m.def("_hetconv2d_set_strategy(str strategy, int chunk) -> str", &set_strategy);
+}
+
+TORCH_LIBRARY_IMPL(fxeff, CPU, m) { m.impl("hetconv2d", &hetconv2d_cpu); }
+
+}  // namespace ops
+}  // namespace fxeff
