@@ -250,3 +250,65 @@ def test_channels_last_interior_float32(mode, padding, dims):
     got = shift(x, s, padding, mode)
     want = shift_reference(x.double(), s.double(), padding, mode)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- shift_pool: the fused strided/cropped emulation
+
+def shift_pool_reference(x, shifts, padding, mode, pad, pool):
+    """shift, F.pad (negative = crop), then avg_pool with kernel = stride = pool and ceil_mode (clipped windows)."""
+    z = torch.nn.functional.pad(shift_reference(x, shifts, padding, mode), pad)
+    dims = len(pool)
+    kernel = [min(p, z.shape[2 + d]) for d, p in enumerate(pool)]
+    avg = {1: torch.nn.functional.avg_pool1d, 2: torch.nn.functional.avg_pool2d, 3: torch.nn.functional.avg_pool3d}
+    return avg[dims](z, kernel, list(pool), 0, True)
+
+
+POOL_CASES = [([-1, -1], [2]), ([0, 0], [2]), ([1, 1], [3]), ([-1, 0], [1]), ([0, 1], [2])]
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("mode", SHIFT_MODES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("pad1,pool1", POOL_CASES)
+def test_shift_pool_matches_shift_pad_and_pool(dims, mode, layout, pad1, pool1):
+    if layout == "channels_last" and dims == 1:
+        pytest.skip("channels_last needs 4-D or 5-D input")
+    gen = torch.Generator().manual_seed(dims)
+    x = torch.randn(2, 5, *SPATIAL[dims], dtype=torch.float64, generator=gen)
+    if layout == "channels_last":
+        x = channels_last(x)
+    s = random_shifts(5, dims, gen=gen)
+    pad, pool = pad1 * dims, pool1 * dims
+    xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+    xo, so = x.clone().requires_grad_(), s.clone().requires_grad_()
+    want = shift_pool_reference(xr, sr, "symmetric", mode, pad, pool)
+    got = torch.ops.fxeff.shift_pool(xo, so, "symmetric", mode, pad, pool)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    want.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    if mode != "grouped":
+        torch.testing.assert_close(so.grad, sr.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", SHIFT_MODES)
+def test_shift_pool_gradcheck_and_opcheck(mode):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    s = (torch.rand(3, 2, dtype=torch.float64, generator=gen) * 0.8 + 0.1).requires_grad_(mode == "active")
+    assert torch.autograd.gradcheck(lambda a, b: torch.ops.fxeff.shift_pool(a, b, "reflect", mode, [-1, 0, 0, 1],
+                                                                          [2, 2]), (x, s), fast_mode=True)
+    torch.library.opcheck(torch.ops.fxeff.shift_pool.default, (x.float().detach().requires_grad_(),
+                                                               s.float().detach().requires_grad_(mode != "grouped"),
+                                                               "zeros", mode, [-1, -1, 0, 0], [2, 2]))
+
+
+def test_shift_pool_errors():
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"fxeff.shift_pool: pad must have 2 \* dims = 4 entries"):
+        torch.ops.fxeff.shift_pool(x, torch.zeros(2, 2), "zeros", "sparse", [0, 0], [2, 2])
+    with pytest.raises(ValueError, match=r"fxeff.shift_pool: pool must have dims = 2 entries"):
+        torch.ops.fxeff.shift_pool(x, torch.zeros(2, 2), "zeros", "sparse", [0, 0, 0, 0], [2])
+    with pytest.raises(ValueError, match=r"too small for the emulated depthwise conv"):
+        torch.ops.fxeff.shift_pool(x, torch.zeros(2, 2), "zeros", "sparse", [-2, -2, 0, 0], [1, 1])

@@ -276,7 +276,7 @@ def test_forward_errors_name_the_op():
         Shift2d(4)(torch.randn(1, 3, 5, 5))
     with pytest.raises((RuntimeError, ValueError), match="fxeff.shift"):
         Shift2d(4)(torch.randn(1, 4, 5))
-    with pytest.raises(ValueError, match=r"fxeff.nn.Shift2d: input size 2 along spatial dim 1 is too small"):
+    with pytest.raises(ValueError, match=r"fxeff.shift_pool: input size 2 along spatial dim 1 is too small"):
         Shift2d(4, emulate_dw=dict(kernel_size=5))(torch.randn(1, 4, 9, 2))
 
 
@@ -316,7 +316,7 @@ def test_fxeff_tracer_keeps_a_leaf_and_symbolic_trace_traces_through(mode):
     torch.testing.assert_close(gm(x), model(x))
     plain = torch.fx.symbolic_trace(model)
     assert "shift" not in [n.target for n in plain.graph.nodes if n.op == "call_module"]
-    assert torch.ops.fxeff.shift in [n.target for n in plain.graph.nodes]
+    assert torch.ops.fxeff.shift_pool in [n.target for n in plain.graph.nodes]  # strided: the fused op
     torch.testing.assert_close(plain(x), model(x))
 
 
@@ -377,7 +377,7 @@ def test_torch_export_round_trip():
     x = torch.randn(2, 3, 11, 10)
     exported = torch.export.export(model, (x,))
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
-    assert torch.ops.fxeff.shift.default in targets
+    assert torch.ops.fxeff.shift_pool.default in targets  # strided: the fused op
     buffer = io.BytesIO()
     torch.export.save(exported, buffer)
     buffer.seek(0)

@@ -5,6 +5,9 @@
 TORCH_LIBRARY_FRAGMENT(fxeff, m) {
   m.set_python_module("fxeff.ops.shift");  // the module that calls register_fake for these ops
   m.def("shift(Tensor x, Tensor shifts, str padding, str mode) -> Tensor");
+  // A shift layer emulating a depthwise conv's geometry: shift, F.pad(pad) (negative = crop), then
+  // avg_pool(kernel = stride = pool, ceil_mode), fused (shift layers with a stride or a crop use it).
+  m.def("shift_pool(Tensor x, Tensor shifts, str padding, str mode, int[] pad, int[] pool) -> Tensor");
   // Adjoint of the forward w.r.t. x (grad_out has x's shape: a shift keeps the shape).
   m.def("shift_input_grad(Tensor grad_out, Tensor shifts, str padding, str mode) -> Tensor");
   // d loss / d shifts of the linear-interpolation forward at the real shifts ([C, dims], shifts' dtype).

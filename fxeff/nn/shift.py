@@ -72,6 +72,11 @@ def dw_pad_and_pool(emulate_dw: Optional[Dict[str, Tuple[int, ...]]]) -> Tuple[L
     return (pad if any(pad) else []), (pool if any(s > 1 for s in pool) else [])
 
 
+def fused_pad_and_pool(pad: List[int], pool: List[int], dims: int) -> Tuple[List[int], List[int]]:
+    """dw_pad_and_pool's lists in fxeff.ops.shift_pool's form: every dim present (0 pad, window 1)."""
+    return (list(pad) if pad else [0] * (2 * dims)), (list(pool) if pool else [1] * dims)
+
+
 @torch.fx.wrap
 def dw_emulation(x: torch.Tensor, pad: List[int], pool: List[int], where: str) -> torch.Tensor:
     """Crops/zero-pads by ``pad`` then average-pools (kernel = stride = ``pool``, ceil_mode) the shifted x.
@@ -175,6 +180,8 @@ class _ShiftNd(nn.Module):
     dims: int = 0
     _pad: List[int]
     _pool: List[int]
+    _fused_pad: List[int]
+    _fused_pool: List[int]
 
     def __init__(self, channels: int, padding: str = "zeros", mode: str = "sparse", init_shift: Optional[float] = None,
                  sparsity_term: float = 5e-4, init_rule: int = 1, emulate_dw: Optional[dict] = None,
@@ -197,6 +204,7 @@ class _ShiftNd(nn.Module):
         self.channels, self.padding, self.mode, self.init_rule = channels, padding, mode, init_rule
         self._where = where
         self._pad, self._pool = dw_pad_and_pool(self.emulate_dw)
+        self._fused_pad, self._fused_pool = fused_pad_and_pool(self._pad, self._pool, self.dims)
         factory = {"device": device, "dtype": dtype}
         if mode == "grouped":
             ranges = [int(r) for r in self.init_range]
@@ -219,10 +227,9 @@ class _ShiftNd(nn.Module):
                 self.shifts.copy_(u * r * sign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = ops.shift(x, self.shifts, self.padding, self.mode)
-        if len(self._pad) > 0 or len(self._pool) > 0:
-            out = dw_emulation(out, self._pad, self._pool, self._where)
-        return out
+        if len(self._pad) > 0 or len(self._pool) > 0:  # the emulated conv's crop/pad and stride, fused
+            return ops.shift_pool(x, self.shifts, self.padding, self.mode, self._fused_pad, self._fused_pool)
+        return ops.shift(x, self.shifts, self.padding, self.mode)
 
     def sparsity_loss(self) -> torch.Tensor:
         """The L1 penalty sparsity_term * sum|shifts| (FE-Net); a constant for "grouped" (fixed shifts)."""

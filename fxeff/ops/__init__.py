@@ -4,7 +4,7 @@ from .aoi_mask import aoi_mask
 from .focused_conv2d import focused_conv2d, forced_strategy, strategy_counters
 from .hetconv2d import hetconv2d, hetconv_dense_weight
 from .mask_resize import mask_resize
-from .shift import SHIFT_MODES, SHIFT_PADDINGS, shift
+from .shift import SHIFT_MODES, SHIFT_PADDINGS, shift, shift_pool
 
-__all__ = ["aoi_mask", "mask_resize", "focused_conv2d", "forced_strategy", "strategy_counters", "shift",
+__all__ = ["aoi_mask", "mask_resize", "focused_conv2d", "forced_strategy", "strategy_counters", "shift", "shift_pool",
            "SHIFT_MODES", "SHIFT_PADDINGS", "hetconv2d", "hetconv_dense_weight"]

@@ -43,7 +43,7 @@ def register() -> None:
     flop_counter.register_flop_formula(ops.focused_conv2d, get_raw=True)(_focused_conv2d_flops)
     flop_counter.register_flop_formula(ops.focused_conv2d_backward, get_raw=True)(_focused_conv2d_backward_flops)
     flop_counter.register_flop_formula(ops.hetconv2d, get_raw=True)(_hetconv2d_flops)
-    flop_counter.register_flop_formula([ops.aoi_mask, ops.mask_resize, ops.shift, ops.shift_input_grad,
+    flop_counter.register_flop_formula([ops.aoi_mask, ops.mask_resize, ops.shift, ops.shift_pool, ops.shift_input_grad,
                                           ops.shift_shifts_grad], get_raw=True)(_zero_flops)
     _registered = True
 

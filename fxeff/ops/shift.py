@@ -7,7 +7,12 @@ outside the input follow ``padding``. "sparse" and "grouped" shift by s rounded 
 shifts get the derivative of the linear interpolation at the real s ("active" exactly, "sparse"
 straight-through); "grouped" shifts are fixed (no gradient).
 """
+from typing import List, Sequence
+
 import torch
+import torch.nn.functional as F
+
+from ._utils import memory_format_of
 
 SHIFT_PADDINGS = ("zeros", "border", "periodic", "reflect", "symmetric")
 SHIFT_MODES = ("sparse", "active", "grouped")
@@ -33,8 +38,6 @@ def _check(x, shifts, padding, mode):
 
 
 def _like(x):
-    from ._utils import memory_format_of
-
     return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
@@ -74,3 +77,72 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("fxeff::shift", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- shift_pool: a shift layer emulating a strided conv
+
+@torch.fx.wrap
+def shift_pool(x: torch.Tensor, shifts: torch.Tensor, padding: str, mode: str, pad: List[int],
+               pool: List[int]) -> torch.Tensor:
+    """``window_mean(F.pad(shift(x, shifts, padding, mode), pad), pool)`` in one op: the depthwise-conv
+    emulation of a shift layer (pad in F.pad order, negative = crop; windows = strides = ``pool``, the last
+    window clipped as avg_pool's ceil_mode)."""
+    return torch.ops.fxeff.shift_pool(x, shifts, padding, mode, pad, pool)
+
+
+def pooled_sizes(sizes: Sequence[int], pad: Sequence[int], pool: Sequence[int]) -> List[int]:
+    """Output spatial sizes of shift_pool: ceil((L + pad_before + pad_after) / pool) per dim."""
+    dims = len(sizes)
+    lengths = [sizes[d] + pad[2 * (dims - 1 - d)] + pad[2 * (dims - 1 - d) + 1] for d in range(dims)]
+    return [(n + s - 1) // s for n, s in zip(lengths, pool)]
+
+
+@torch.library.register_fake("fxeff::shift_pool")
+def _shift_pool_fake(x, shifts, padding, mode, pad, pool):
+    _check(x, shifts, padding, mode)
+    torch._check(len(pad) == 2 * (x.dim() - 2) and len(pool) == x.dim() - 2,
+                 lambda: f"fxeff.shift_pool: pad must have {2 * (x.dim() - 2)} and pool {x.dim() - 2} entries, got "
+                         f"{list(pad)} and {list(pool)}")
+    out = x.new_empty((x.shape[0], x.shape[1], *pooled_sizes(list(x.shape[2:]), pad, pool)))
+    return out.contiguous(memory_format=memory_format_of(x))
+
+
+def _window_mean_adjoint(grad: torch.Tensor, lengths: Sequence[int], pool: Sequence[int]) -> torch.Tensor:
+    """Each element of the padded signal gets its window's gradient / the window's element count."""
+    for d, (n, s) in enumerate(zip(lengths, pool)):
+        if s == 1:
+            continue
+        axis = 2 + d
+        counts = (n - s * torch.arange(grad.shape[axis], device=grad.device)).clamp(max=s).to(grad.dtype)
+        shape = [1] * grad.dim()
+        shape[axis] = -1
+        grad = (grad / counts.reshape(shape)).repeat_interleave(s, dim=axis).narrow(axis, 0, n)
+    return grad
+
+
+def _shift_pool_setup_context(ctx, inputs, output):
+    x, shifts, padding, mode, pad, pool = inputs
+    ctx.padding, ctx.mode, ctx.pad, ctx.pool = padding, mode, list(pad), list(pool)
+    ctx.sizes = list(x.shape[2:])
+    needs_shift_grad = mode != "grouped" and ctx.needs_input_grad[1]
+    ctx.save_for_backward(x if needs_shift_grad else None, shifts)
+
+
+def _shift_pool_backward(ctx, grad_out):
+    """The adjoints in reverse: window mean, F.pad (its adjoint is F.pad with the negated amounts), shift."""
+    x, shifts = ctx.saved_tensors
+    dims = len(ctx.sizes)
+    lengths = [ctx.sizes[d] + ctx.pad[2 * (dims - 1 - d)] + ctx.pad[2 * (dims - 1 - d) + 1] for d in range(dims)]
+    grad = _window_mean_adjoint(grad_out, lengths, ctx.pool)
+    if any(ctx.pad):
+        grad = F.pad(grad, [-p for p in ctx.pad])
+    grad = grad.contiguous(memory_format=memory_format_of(grad_out))
+    grad_x = grad_shifts = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.fxeff.shift_input_grad(grad, shifts, ctx.padding, ctx.mode)
+    if x is not None:
+        grad_shifts = torch.ops.fxeff.shift_shifts_grad(grad, x, shifts, ctx.padding)
+    return grad_x, grad_shifts, None, None, None, None
+
+
+torch.library.register_autograd("fxeff::shift_pool", _shift_pool_backward, setup_context=_shift_pool_setup_context)

@@ -44,8 +44,7 @@ from .. import ops as fxeff_ops
 from ..nn import shift as shift_nn
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
-from .graph import TORCH_CONVS, EXPORT, SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, \
-    graph_kind, node_shape
+from .graph import TORCH_CONVS, EXPORT, SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, graph_kind
 from .measure import fake_mode_of
 from .rewrite import fake_key_and_mode, finish_report, new_attr, param_value, propagate_fake, record_before, \
     site_params, unique_name
@@ -62,7 +61,6 @@ _BN_FUNCTIONS = {F.batch_norm: _F_BATCH_NORM_ARGS,
                  aten.batch_norm.default: tuple(a.name for a in aten.batch_norm.default._schema.arguments),
                  aten._native_batch_norm_legit_no_training.default:
                      tuple(a.name for a in aten._native_batch_norm_legit_no_training.default._schema.arguments)}
-_AVG_POOLS = {1: aten.avg_pool1d.default, 2: aten.avg_pool2d.default, 3: aten.avg_pool3d.default}
 
 
 @register_pass_config("shift")
@@ -285,24 +283,14 @@ def _emit_shift(gm: fx.GraphModule, kind: str, site: ConvSite, module: nn.Module
         shifts = module.shifts
         attr = new_attr(gm, f"{base}_shifts", shifts, isinstance(shifts, nn.Parameter))
         new.append(graph.get_attr(attr))
-        z = graph.call_function(torch.ops.fxeff.shift.default, (site.input, new[-1], config.padding, config.mode))
-        new.append(z)
         pad, pool = _pad_and_pool(site)
-        if kind != EXPORT:
-            if pad or pool:  # the modules' own function: the same crop/pad/pool by construction
-                new.append(graph.call_function(shift_nn.dw_emulation, (z, pad, pool, "fxeff.passes.Shift")))
-            return new[-1], new
-        if pad:  # aten's constant pad crops where the amounts are negative
-            new.append(graph.call_function(aten.constant_pad_nd.default, (z, pad, 0.0)))
-        if pool:
-            dims = site.dims
-            shape = node_shape(site.input)
-            sizes = [shape[2 + d] + (sum(pad[2 * (dims - 1 - d):2 * (dims - d)]) if pad else 0) if shape else None
-                     for d in range(dims)]
-            # as dw_emulation: a window never longer than the (cropped) input; partial windows at the end
-            kernel = [min(s, size) if isinstance(size, int) else s for s, size in zip(pool, sizes)]
-            args = (new[-1], kernel, pool, [0] * dims, True, True) + ((None,) if dims > 1 else ())
-            new.append(graph.call_function(_AVG_POOLS[dims], args))
+        if pad or pool:  # the conv's crop/pad and stride fused into the shift, as the modules do it
+            pad, pool = shift_nn.fused_pad_and_pool(pad, pool, site.dims)
+            new.append(graph.call_function(torch.ops.fxeff.shift_pool.default,
+                                           (site.input, new[-1], config.padding, config.mode, pad, pool)))
+        else:
+            new.append(graph.call_function(torch.ops.fxeff.shift.default,
+                                           (site.input, new[-1], config.padding, config.mode)))
     return new[-1], new
 
 

@@ -11,6 +11,10 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/_make_per_tensor_quantized_tensor.h>
+#include <ATen/ops/avg_pool1d.h>
+#include <ATen/ops/avg_pool2d.h>
+#include <ATen/ops/avg_pool3d.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/int_repr.h>
@@ -407,18 +411,16 @@ void slice_row_lookup(T* orow, const T* plane, const ShiftPlan& p, int64_t c, in
 // in flattened indices, out[k] = sum_t w_t src_t[k - (ty_t W + tx_t)]: one memcpy (rounded shifts) or
 // one fused loop (interpolation) over [Ylo W + Xlo, (Yhi - 1) W + Xhi). The columns that flattening
 // wraps and the rows outside the block are then written through the lookup tables.
+constexpr int64_t kChunk = 512;
+
+// One plane (channel c of one image): xp -> op, both [D, H, W] contiguous.
 template <typename T, typename A>
-void forward_nchw(const T* x, T* out, const ShiftPlan& p, int64_t N, bool linear, T fill) {
-  const int64_t C = p.C, H = p.size[1], W = p.size[2], hw = H * W, plane = p.size[0] * hw;
-  constexpr int64_t kChunk = 512;
-  at::parallel_for(0, N * C, grain_for(plane), [&](int64_t begin, int64_t end) {
-    A acc[kChunk];
-    SliceTerm terms[8];
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t c = q % C;
-      const T* xp = x + q * plane;
+void shift_plane(const T* xp, T* op, const ShiftPlan& p, int64_t c, bool linear, T fill) {
+  const int64_t H = p.size[1], W = p.size[2], hw = H * W;
+  A acc[kChunk];
+  SliceTerm terms[8];
       for (int64_t z = 0; z < p.size[0]; ++z) {
-        T* oz = out + q * plane + z * hw;
+        T* oz = op + z * hw;
         const int nterms = slice_terms(p, c, z, terms);
         if (nterms == 0) {
           std::fill(oz, oz + hw, fill);
@@ -482,6 +484,61 @@ void forward_nchw(const T* x, T* out, const ShiftPlan& p, int64_t N, bool linear
           } else if (xlo > 0 || xhi < W) {
             slice_row_lookup<T, A>(orow, xp, p, c, y, 0, xlo, terms, nterms, linear, fill);
             slice_row_lookup<T, A>(orow, xp, p, c, y, xhi, W, terms, nterms, linear, fill);
+          }
+        }
+      }
+}
+
+template <typename T, typename A>
+void forward_nchw(const T* x, T* out, const ShiftPlan& p, int64_t N, bool linear, T fill) {
+  const int64_t plane = p.size[0] * p.size[1] * p.size[2];
+  at::parallel_for(0, N * p.C, grain_for(plane), [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) shift_plane<T, A>(x + q * plane, out + q * plane, p, q % p.C, linear, fill);
+  });
+}
+
+// The depthwise-conv emulation of a strided/cropped shift layer: per spatial dim the shifted signal is
+// cropped (or zero-padded) to [begin, begin + len) and averaged over windows of `stride` (the last
+// window clipped, as avg_pool with ceil_mode).
+struct PoolGeometry {
+  int64_t begin[kDims] = {0, 0, 0};
+  int64_t len[kDims] = {1, 1, 1};
+  int64_t stride[kDims] = {1, 1, 1};
+  int64_t out[kDims] = {1, 1, 1};
+};
+
+// NCDHW: each plane is shifted into a thread-local scratch plane, then cropped and averaged into the
+// output, so the full-resolution shift never goes to memory.
+template <typename T, typename A>
+void shift_pool_nchw(const T* x, T* out, const ShiftPlan& p, int64_t N, bool linear, const PoolGeometry& g) {
+  const int64_t D = p.size[0], H = p.size[1], W = p.size[2], plane = D * H * W;
+  const int64_t out_plane = g.out[0] * g.out[1] * g.out[2];
+  at::parallel_for(0, N * p.C, grain_for(plane), [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(plane);
+    for (int64_t q = begin; q < end; ++q) {
+      shift_plane<T, A>(x + q * plane, scratch.data(), p, q % p.C, linear, T(0));
+      T* o = out + q * out_plane;
+      for (int64_t oz = 0; oz < g.out[0]; ++oz) {
+        const int64_t z0 = oz * g.stride[0], z1 = std::min(z0 + g.stride[0], g.len[0]);
+        for (int64_t oy = 0; oy < g.out[1]; ++oy) {
+          const int64_t y0 = oy * g.stride[1], y1 = std::min(y0 + g.stride[1], g.len[1]);
+          for (int64_t ox = 0; ox < g.out[2]; ++ox) {
+            const int64_t x0 = ox * g.stride[2], x1 = std::min(x0 + g.stride[2], g.len[2]);
+            A sum = 0;
+            for (int64_t z = z0; z < z1; ++z) {
+              const int64_t sz = z + g.begin[0];
+              if (sz < 0 || sz >= D) continue;  // a zero-padded row
+              for (int64_t y = y0; y < y1; ++y) {
+                const int64_t sy = y + g.begin[1];
+                if (sy < 0 || sy >= H) continue;
+                const T* row = scratch.data() + (sz * H + sy) * W;
+                for (int64_t xx = x0; xx < x1; ++xx) {
+                  const int64_t sx = xx + g.begin[2];
+                  if (sx >= 0 && sx < W) sum += static_cast<A>(row[sx]);
+                }
+              }
+            }
+            *o++ = static_cast<T>(sum / static_cast<A>((z1 - z0) * (y1 - y0) * (x1 - x0)));
           }
         }
       }
@@ -883,6 +940,60 @@ at::Tensor shift_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10::stri
   return out;
 }
 
+// shift, then F.pad(pad) (negative = crop), then avg_pool(kernel = stride = pool, ceil_mode): the
+// geometry of a depthwise conv emulated by a shift layer. NCDHW float inputs run fused; other layouts
+// run the shift kernel and ATen's pad and pooling (fast on channels-last).
+at::Tensor shift_pool_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10::string_view padding,
+                          c10::string_view mode, at::IntArrayRef pad, at::IntArrayRef pool) {
+  const char* op = "fxeff.shift_pool";
+  check_shift_args(op, x_in, shifts, false);
+  const int64_t dims = x_in.dim() - 2;
+  TORCH_CHECK_VALUE(static_cast<int64_t>(pad.size()) == 2 * dims, op, ": pad must have 2 * dims = ", 2 * dims,
+                    " entries (F.pad order: last dim first), got ", pad);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(pool.size()) == dims, op, ": pool must have dims = ", dims,
+                    " entries, got ", pool);
+  PoolGeometry g;
+  const int first = kDims - static_cast<int>(dims);
+  std::vector<int64_t> kernel(dims);
+  for (int64_t d = 0; d < dims; ++d) {
+    const int64_t before = pad[2 * (dims - 1 - d)], after = pad[2 * (dims - 1 - d) + 1];
+    const int64_t len = x_in.size(2 + d) + before + after;
+    TORCH_CHECK_VALUE(len >= 1, op, ": input size ", x_in.size(2 + d), " along spatial dim ", d,
+                      " is too small for the emulated depthwise conv (size after pad ", len, " < 1)");
+    TORCH_CHECK_VALUE(pool[d] >= 1, op, ": pool must be >= 1, got ", pool);
+    g.begin[first + d] = -before;
+    g.len[first + d] = len;
+    g.stride[first + d] = pool[d];
+    g.out[first + d] = (len + pool[d] - 1) / pool[d];
+    kernel[d] = std::min(pool[d], len);
+  }
+  const ShiftPadding pad_mode = parse_shift_padding(op, padding);
+  const bool linear = parse_shift_mode(op, mode) == ShiftMode::Active;
+  const ShiftPlan plan = make_plan(op, shifts, x_in.sizes().slice(2), pad_mode, linear);
+  const at::Tensor x = dense(x_in);
+  if (!is_channels_last(x) && x.numel() > 0) {
+    std::vector<int64_t> sizes = {x.size(0), x.size(1)};
+    for (int64_t d = 0; d < dims; ++d) sizes.push_back(g.out[first + d]);
+    at::Tensor out = at::empty(sizes, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxeff_shift_pool", [&] {
+      shift_pool_nchw<scalar_t, at::opmath_type<scalar_t>>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), plan,
+                                                           x.size(0), linear, g);
+    });
+    return out;
+  }
+  at::Tensor shifted = at::empty_like(x);
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxeff_shift_pool", [&] {
+      run_forward<scalar_t, at::opmath_type<scalar_t>>(x, shifted, plan, linear, scalar_t(0));
+    });
+  }
+  if (std::any_of(pad.begin(), pad.end(), [](int64_t v) { return v != 0; })) shifted = at::constant_pad_nd(shifted, pad, 0);
+  if (std::all_of(pool.begin(), pool.end(), [](int64_t v) { return v == 1; })) return shifted;
+  if (dims == 1) return at::avg_pool1d(shifted, kernel, pool, {0}, true, true);
+  if (dims == 2) return at::avg_pool2d(shifted, kernel, pool, {0, 0}, true, true);
+  return at::avg_pool3d(shifted, kernel, pool, {0, 0, 0}, true, true);
+}
+
 // Quantized sparse/grouped shift: the integer shift of the stored integers, zero padding with the
 // zero point, so the result equals the float shift quantized with the same scale and zero point.
 at::Tensor shift_quantized_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10::string_view padding,
@@ -963,6 +1074,7 @@ at::Tensor shift_shifts_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x
 
 TORCH_LIBRARY_IMPL(fxeff, CPU, m) {
   m.impl("shift", &shift_cpu);
+  m.impl("shift_pool", &shift_pool_cpu);
   m.impl("shift_input_grad", &shift_input_grad_cpu);
   m.impl("shift_shifts_grad", &shift_shifts_grad_cpu);
 }
