@@ -21,7 +21,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import fxeff  # noqa: E402
 from _shift_reference import shift_reference  # noqa: E402
-from fxeff.bench import measure, report  # noqa: E402
+from fxeff.bench import measure, model_before_after, report  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (1, 32, 112, 112)]
 # The issue's targets: (quantity, bound); checked per row and printed with the table.
@@ -85,26 +85,15 @@ def bench_shape(shape, channels_last: bool, min_run_time: float, with_reference:
     return row
 
 
-def bench_models(min_run_time: float) -> List[Dict[str, object]]:
+def bench_models(runs: int) -> List[Dict[str, object]]:
     """Whole MobileNetV2 at 224 (random weights, eval): eager latency and MACs before/after the Shift pass."""
     import torchvision
 
     from fxeff.passes import Shift
 
-    rows = []
-    for name in ("mobilenet_v2",):
-        model = getattr(torchvision.models, name)().eval()
-        x = torch.randn(1, 3, 224, 224)
-        gm = fxeff.transform(model, x, passes=[Shift()])
-        rep = gm.fxeff_report
-        with torch.no_grad():
-            dense = measure(lambda: model(x), min_run_time)
-            shifted = measure(lambda: gm(x), min_run_time)
-        rows.append({"model": name, "dense ms": dense * 1e3, "shift ms": shifted * 1e3, "speedup": dense / shifted,
-                     "MACs before (M)": rep.model_macs_before / 1e6, "MACs after (M)": rep.model_macs_after / 1e6,
-                     "MAC ratio": rep.model_macs_after / rep.model_macs_before,
-                     "rewritten": len(rep.rewritten), "skipped": len(rep.skipped)})
-    return rows
+    model = torchvision.models.mobilenet_v2().eval()
+    x = torch.rand(1, 3, 224, 224)
+    return [model_before_after("mobilenet_v2", model, fxeff.transform(model, x, passes=[Shift()]), x, runs)]
 
 
 def main(argv=None) -> None:
@@ -127,7 +116,7 @@ def main(argv=None) -> None:
     text = report("fxeff.ops.shift vs 3x3 depthwise conv, float32", rows, columns,
                   args.json.replace(".json", "_layers.json") if args.json else "")
     if args.models:
-        model_rows = bench_models(min_run_time)
+        model_rows = bench_models(10 if args.quick else 30)
         text += "\n\n" + report("Whole model at 224, eager, before/after the Shift pass", model_rows,
                                 list(model_rows[0].keys()),
                                 args.json.replace(".json", "_models.json") if args.json else "")

@@ -77,3 +77,16 @@ def report(title: str, rows: List[Dict[str, object]], columns: Sequence[Column],
         with open(json_path, "w") as f:
             json.dump({"title": title, "environment": env, "rows": rows}, f, indent=1)
     return text
+
+
+def model_before_after(name: str, model: torch.nn.Module, rewritten: torch.nn.Module, x: torch.Tensor,
+                       runs: int) -> Dict[str, object]:
+    """One table row for a whole model and its rewrite by fxeff (``rewritten.fxeff_report``): latencies timed
+    in turn (medians of ``runs``), MACs before/after, and efficiency = speedup / (MACs before / MACs after)."""
+    rep = rewritten.fxeff_report
+    before, after = interleaved([lambda: model(x), lambda: rewritten(x)], runs)
+    ratio = rep.model_macs_after / rep.model_macs_before
+    return {"model": name, "input": "x".join(map(str, x.shape)), "dense ms": before * 1e3,
+            "fxeff ms": after * 1e3, "speedup": before / after, "MACs before (G)": rep.model_macs_before / 1e9,
+            "MACs after (G)": rep.model_macs_after / 1e9, "MAC ratio": ratio, "efficiency": before / after * ratio,
+            "rewritten": len(rep.rewritten), "skipped": len(rep.skipped)}

@@ -5,11 +5,12 @@ GraphModule in place and returns a Report; ``run_passes`` applies a list of them
 """
 from .config import PassConfig, PassContext, config_from_dict, register_pass_config, registered_passes
 from .focus import Focus
+from .hetconv import HetConv
 from .graph import ConvSite, conv_sites, graph_kind, normalize_fqn
 from .runner import run_passes
 from .shift import Shift
 from .splits import DEFAULT_SPLITS, default_split, default_split_for_class
 
 __all__ = ["PassConfig", "PassContext", "config_from_dict", "register_pass_config", "registered_passes", "Focus",
-           "Shift", "ConvSite", "conv_sites", "graph_kind", "normalize_fqn", "run_passes", "DEFAULT_SPLITS",
+           "Shift", "HetConv", "ConvSite", "conv_sites", "graph_kind", "normalize_fqn", "run_passes", "DEFAULT_SPLITS",
            "default_split", "default_split_for_class"]

@@ -1,0 +1,160 @@
+"""The HetConv pass: standard KxK convs become ``fxeff::hetconv2d`` with part P (REFERENCE.md section 3).
+
+Each filter j keeps its KxK taps on its channel block g = floor(j * P / N) and one tap on every other
+channel (the conv's centre tap with ``init="centre"``, the sum of its taps with ``init="sum"``), so the
+layer costs 1/P + (1 - 1/P)/K^2 of the conv's MACs. Candidates are the 2-D convs with groups == 1 that
+are not transposed; each is rewritten or listed as skipped with the reason (the first conv when
+``skip_first``, 1x1 kernels, even or non-square kernels, fewer than ``min_channels`` channels,
+channels not divisible by P, padding modes other than zeros). The weights are new parameters on
+the GraphModule (the user's model is not changed): symbolic graphs get a ``call_module`` of
+``fxeff.nn.HetConv2d`` (fine-tune it like any layer), dynamo and export graphs a ``call_function`` of
+the op. The report gives each layer's relative output error on its own input from the example
+inputs and the MACs before/after; the notes give the whole model's output error.
+"""
+import dataclasses
+from typing import List, Optional
+
+import torch
+import torch.fx as fx
+
+from ..nn import hetconv as hetconv_nn
+from ..report import Report, SiteReport
+from .config import PassConfig, PassContext, register_pass_config
+from .graph import SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, graph_kind
+from .rewrite import fake_key_and_mode, finish_report, new_attr, propagate_fake, record_before, site_params, \
+    unique_name
+
+HETCONV2D = torch.ops.fxeff.hetconv2d.default
+_ROLE = "fxeff_hetconv"  # node.meta key marking the nodes this pass inserted
+
+
+@register_pass_config("hetconv")
+@dataclasses.dataclass
+class HetConv(PassConfig):
+    """Config of the HetConv pass.
+
+    ``part``: P, the number of channel blocks (each filter keeps KxK taps on M/P input channels).
+    ``min_channels``: convs with fewer input or output channels are skipped. ``skip_first``: keep the
+    graph's first conv (the stem reading the image) whole. ``init``: "sum" or "centre", the single tap
+    kept on the other channels (see fxeff.nn.HetConv2d.from_conv).
+    """
+
+    part: int = 4
+    min_channels: int = 16
+    skip_first: bool = True
+    init: str = "sum"
+
+    def __post_init__(self):
+        for name in ("part", "min_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"fxeff.passes.HetConv: {name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.skip_first, bool):
+            raise ValueError(f"fxeff.passes.HetConv: skip_first must be a bool, got {self.skip_first!r}")
+        if self.init not in hetconv_nn.INITS:
+            raise ValueError(f"fxeff.passes.HetConv: init must be one of {hetconv_nn.INITS}, got {self.init!r}")
+
+    def run(self, gm: fx.GraphModule, context: PassContext) -> Report:
+        return hetconv_pass(gm, self, context)
+
+
+def _is_candidate(site: ConvSite) -> bool:
+    return site.dims == 2 and not site.transposed and site.groups == 1 and site.weight_shape is not None
+
+
+def _skip_reason(site: ConvSite, config: HetConv, first: bool) -> Optional[str]:
+    n, m, kh, kw = site.weight_shape
+    if site.unsupported:
+        return site.unsupported
+    if first and config.skip_first:
+        return "first conv of the graph (skip_first=True): the stem keeps its full kernel"
+    if kh == 1 and kw == 1:
+        return "1x1 kernel: already pointwise"
+    if kh != kw or kh % 2 == 0:
+        return f"kernel {kh}x{kw}: hetconv2d needs a square, odd kernel"
+    if min(n, m) < config.min_channels:
+        return f"{m} -> {n} channels: fewer than min_channels={config.min_channels}"
+    if m % config.part or n % config.part:
+        return f"{m} -> {n} channels: not divisible by part={config.part}"
+    if site.padding_mode != "zeros":
+        return f"padding_mode={site.padding_mode!r}: hetconv2d pads with zeros"
+    return None
+
+
+def _rewrite(gm: fx.GraphModule, kind: str, site: ConvSite, module: hetconv_nn.HetConv2d) -> fx.Node:
+    """Replaces the conv by the HetConv2d module (symbolic) or the op on new parameters (dynamo, export)."""
+    graph = gm.graph
+    base = f"fxeff_hetconv_{site.name}"
+    key, fake_mode = fake_key_and_mode(site)
+    new: List[fx.Node] = []
+    with graph.inserting_before(site.node):
+        if kind == SYMBOLIC:
+            name = unique_name(gm, base)
+            gm.add_submodule(name, module)
+            out = graph.call_module(name, (site.input,))
+        else:
+            params = [module.weight_kxk, module.weight_1x1] + ([module.bias] if module.bias is not None else [])
+            for suffix, p in zip(("weight_kxk", "weight_1x1", "bias"), params):
+                new.append(graph.get_attr(new_attr(gm, f"{base}_{suffix}", p, True)))
+            bias = new[2] if module.bias is not None else None
+            out = graph.call_function(HETCONV2D, (site.input, new[0], new[1], bias, module.part, list(module.stride),
+                                                  list(module.padding), list(module.dilation)))
+        new.append(out)
+    for node in new:
+        node.meta[_ROLE] = True
+        for meta in ("nn_module_stack", "stack_trace"):
+            if meta in site.node.meta:
+                node.meta[meta] = site.node.meta[meta]
+    if kind != SYMBOLIC:
+        propagate_fake(gm, new, key, fake_mode)
+    site.node.replace_all_uses_with(out)
+    graph.erase_node(site.node)
+    return out
+
+
+def _layer_error(module: hetconv_nn.HetConv2d, x: torch.Tensor, y: torch.Tensor) -> float:
+    """||hetconv(x) - conv(x)|| / ||conv(x)|| on the conv's own input."""
+    with torch.no_grad():
+        diff = float((module(x).double() - y.double()).norm())
+        norm = float(y.double().norm())
+    return diff / norm if norm else (0.0 if diff == 0.0 else float("inf"))
+
+
+def hetconv_pass(gm: fx.GraphModule, config: HetConv, context: PassContext) -> Report:
+    """Rewrites ``gm`` in place (recompiled) and returns the report; see the module docstring."""
+    kind = graph_kind(gm)
+    candidates = [s for s in conv_sites(gm) if _is_candidate(s)]
+    recorded = record_before(gm, context.example_inputs, candidates)
+    site_reports: List[SiteReport] = []
+    for i, site in enumerate(candidates):
+        macs = site.macs()
+        weight, bias, unknown = site_params(gm, site, recorded.inputs)
+        reason = _skip_reason(site, config, first=i == 0) or unknown
+        if reason is not None:
+            site_reports.append(SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "hetconv"))
+            continue
+        n, m, k, _ = site.weight_shape
+        module = hetconv_nn.HetConv2d(m, n, k, config.part, site.stride, site.padding, site.dilation,
+                                      bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            weight_kxk, weight_1x1 = hetconv_nn.compact_weights(weight.detach(), config.part, config.init)
+            module.weight_kxk.copy_(weight_kxk)
+            module.weight_1x1.copy_(weight_1x1)
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+        error = None if recorded.fake else _layer_error(module, recorded.values[site.input],
+                                                        recorded.values[site.node])
+        out_shape = concrete_shape(site.node)
+        site.input = conv_site(gm, site.node).input  # an earlier rewrite may have replaced the input node
+        _rewrite(gm, kind, site, module)
+        macs_after = None
+        if out_shape is not None:
+            macs_after = out_shape[0] * out_shape[2] * out_shape[3] * n * module.fan_in
+        site_reports.append(SiteReport(site.name, site.describe(), "rewritten", f"part={config.part}", macs, macs_after,
+                                       "hetconv", error=error))
+    return finish_report(gm, context.example_inputs, "hetconv", site_reports,
+                         [f"init={config.init!r}, part={config.part}"], recorded,
+                         "no conv could be replaced by a HetConv: the graph is unchanged")
+
+
+__all__ = ["HetConv", "hetconv_pass"]
