@@ -513,32 +513,48 @@ template <typename T, typename A>
 void shift_pool_nchw(const T* x, T* out, const ShiftPlan& p, int64_t N, bool linear, const PoolGeometry& g) {
   const int64_t D = p.size[0], H = p.size[1], W = p.size[2], plane = D * H * W;
   const int64_t out_plane = g.out[0] * g.out[1] * g.out[2];
+  // Output columns whose window lies inside the shifted row and is whole: summed without checks.
+  const int64_t sx = g.stride[2], bx = g.begin[2];
+  const int64_t ox_lo = bx >= 0 ? 0 : (-bx + sx - 1) / sx;
+  const int64_t ox_hi = std::max(ox_lo, std::min(g.out[2], (std::min(g.len[2], W - bx) - sx) / sx + 1));
   at::parallel_for(0, N * p.C, grain_for(plane), [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(plane);
+    std::vector<A> acc(g.out[2]);
     for (int64_t q = begin; q < end; ++q) {
       shift_plane<T, A>(x + q * plane, scratch.data(), p, q % p.C, linear, T(0));
       T* o = out + q * out_plane;
       for (int64_t oz = 0; oz < g.out[0]; ++oz) {
         const int64_t z0 = oz * g.stride[0], z1 = std::min(z0 + g.stride[0], g.len[0]);
-        for (int64_t oy = 0; oy < g.out[1]; ++oy) {
+        for (int64_t oy = 0; oy < g.out[1]; ++oy, o += g.out[2]) {
           const int64_t y0 = oy * g.stride[1], y1 = std::min(y0 + g.stride[1], g.len[1]);
-          for (int64_t ox = 0; ox < g.out[2]; ++ox) {
-            const int64_t x0 = ox * g.stride[2], x1 = std::min(x0 + g.stride[2], g.len[2]);
-            A sum = 0;
-            for (int64_t z = z0; z < z1; ++z) {
-              const int64_t sz = z + g.begin[0];
-              if (sz < 0 || sz >= D) continue;  // a zero-padded row
-              for (int64_t y = y0; y < y1; ++y) {
-                const int64_t sy = y + g.begin[1];
-                if (sy < 0 || sy >= H) continue;
-                const T* row = scratch.data() + (sz * H + sy) * W;
-                for (int64_t xx = x0; xx < x1; ++xx) {
-                  const int64_t sx = xx + g.begin[2];
-                  if (sx >= 0 && sx < W) sum += static_cast<A>(row[sx]);
-                }
+          std::fill(acc.begin(), acc.end(), A(0));
+          for (int64_t z = z0; z < z1; ++z) {
+            const int64_t sz = z + g.begin[0];
+            if (sz < 0 || sz >= D) continue;  // zero padding
+            for (int64_t y = y0; y < y1; ++y) {
+              const int64_t sy = y + g.begin[1];
+              if (sy < 0 || sy >= H) continue;
+              const T* row = scratch.data() + (sz * H + sy) * W + bx;  // row[u] = shifted value at padded u
+              if (sx == 2) {
+                for (int64_t ox = ox_lo; ox < ox_hi; ++ox)
+                  acc[ox] += static_cast<A>(row[2 * ox]) + static_cast<A>(row[2 * ox + 1]);
+              } else {
+                for (int64_t ox = ox_lo; ox < ox_hi; ++ox)
+                  for (int64_t u = ox * sx; u < ox * sx + sx; ++u) acc[ox] += static_cast<A>(row[u]);
               }
+              auto edge = [&](int64_t ox) {
+                const int64_t x0 = ox * sx, x1 = std::min(x0 + sx, g.len[2]);
+                for (int64_t u = x0; u < x1; ++u)
+                  if (u + bx >= 0 && u + bx < W) acc[ox] += static_cast<A>(row[u]);
+              };
+              for (int64_t ox = 0; ox < ox_lo; ++ox) edge(ox);
+              for (int64_t ox = ox_hi; ox < g.out[2]; ++ox) edge(ox);
             }
-            *o++ = static_cast<T>(sum / static_cast<A>((z1 - z0) * (y1 - y0) * (x1 - x0)));
+          }
+          const A rows = static_cast<A>((z1 - z0) * (y1 - y0));
+          for (int64_t ox = 0; ox < g.out[2]; ++ox) {
+            const int64_t x0 = ox * sx, x1 = std::min(x0 + sx, g.len[2]);
+            o[ox] = static_cast<T>(acc[ox] / (rows * static_cast<A>(x1 - x0)));
           }
         }
       }
