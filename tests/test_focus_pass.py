@@ -16,6 +16,7 @@ from fxeff.passes.config import PassConfig, register_pass_config
 from fxeff.passes.measure import run_recording
 from fxeff.transform import trace
 from _focus_reference import focused_reference, mask_resize_reference, threshold_for_fraction
+from _graph_kinds import dynamo_graph
 
 FOCUSED = torch.ops.fxeff.focused_conv2d.default
 AOI = torch.ops.fxeff.aoi_mask.default
@@ -66,19 +67,6 @@ def _eval(model):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
     return model
-
-
-def dynamo_graph(model, x):
-    """The graph dynamo hands a backend, with its example inputs."""
-    captured = []
-
-    def backend(gm, example_inputs):
-        captured.append((gm, example_inputs))
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=backend, fullgraph=True)(x)
-    return captured[0]
 
 
 # ---------------------------------------------------------------- config
