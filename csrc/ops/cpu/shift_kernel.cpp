@@ -69,6 +69,24 @@ __attribute__((target("avx2,fma"))) void gather_axpy_f32_avx2(float* acc, const 
   }
   for (; c < C; ++c) acc[c] += coef[c] * base[delta[c]];
 }
+
+// out[j] = sum_k weight[k] * src[k][offset + j], j < n (the interior block of an interpolated shift).
+__attribute__((target("avx2,fma"))) void weighted_sum_f32_avx2(float* out, const float* const* src,
+                                                               const float* weight, int nterms, int64_t n,
+                                                               int64_t offset) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 acc = _mm256_mul_ps(_mm256_set1_ps(weight[0]), _mm256_loadu_ps(src[0] + offset + j));
+    for (int k = 1; k < nterms; ++k)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(weight[k]), _mm256_loadu_ps(src[k] + offset + j), acc);
+    _mm256_storeu_ps(out + j, acc);
+  }
+  for (; j < n; ++j) {
+    float acc = weight[0] * src[0][offset + j];
+    for (int k = 1; k < nterms; ++k) acc += weight[k] * src[k][offset + j];
+    out[j] = acc;
+  }
+}
 #else
 bool cpu_has_avx2_fma() { return false; }
 #endif
@@ -447,7 +465,16 @@ void shift_plane(const T* xp, T* op, const ShiftPlan& p, int64_t c, bool linear,
           if (!linear) {
             std::memcpy(oz + k0, src[0] + k0, (k1 - k0) * sizeof(T));
           } else {
-            for (int64_t b = k0; b < k1; b += kChunk) {
+            bool done = false;
+#ifdef FXEFF_SHIFT_AVX2
+            if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+              if (cpu_has_avx2_fma()) {
+                weighted_sum_f32_avx2(oz + k0, src, weight, nterms, k1 - k0, k0);
+                done = true;
+              }
+            }
+#endif
+            for (int64_t b = k0; b < k1 && !done; b += kChunk) {
               const int64_t len = std::min(kChunk, k1 - b);
               const T* s0 = src[0] + b;
               for (int64_t j = 0; j < len; ++j) acc[j] = weight[0] * static_cast<A>(s0[j]);
