@@ -27,6 +27,8 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/focus.py
+	$(BIN)/python benchmarks/shift.py
+	$(BIN)/python benchmarks/hetconv.py
 
 clean:
 	rm -rf build *.egg-info fxeff/_C*.so
