@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 import fxeff
 from fxeff.ops import hetconv2d, hetconv_dense_weight
+from fxeff.ops._utils import memory_format_of
 
-STRATEGIES = ["auto", "gemm", "grouped"]
+STRATEGIES = ["auto", "gemm", "grouped", "direct"]  # direct: float32 NCHW stride 1 with AVX-512, else gemm
 # Max error allowed relative to the output's scale.
 REL_TOL = {torch.float64: 1e-12, torch.float32: 3e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -64,7 +65,7 @@ def test_dense_weight_structure():
         assert dense[j][mask].abs().sum() == 0  # absent taps are structural zeros
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     strategy=st.sampled_from(STRATEGIES),
     chunk=st.sampled_from([0, 1, 7, 64]),
@@ -79,21 +80,21 @@ def test_dense_weight_structure():
     size=st.tuples(st.integers(5, 16), st.integers(5, 16)),
     bias=st.booleans(),
     channels_last=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
 )
 def test_matches_reference(strategy, chunk, n, part, mpb, opb, k, stride, padding, dilation, size, bias,
-                           channels_last):
+                           channels_last, dtype):
     h, w = size
     if h + 2 * padding[0] < dilation[0] * (k - 1) + 1 or w + 2 * padding[1] < dilation[1] * (k - 1) + 1:
         return
     gen = torch.Generator().manual_seed(n * 1000 + h * 31 + w)
-    x, wk, w1, b = make(n, part * mpb, part * opb, part, k, h, w, bias=bias, gen=gen)
+    x, wk, w1, b = make(n, part * mpb, part * opb, part, k, h, w, dtype=dtype, bias=bias, gen=gen)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with forced(strategy, chunk):
         out = hetconv2d(x, wk, w1, b, part, stride, padding, dilation)
     assert_matches(out, reference(x, wk, w1, b, part, stride, padding, dilation))
-    fmt = torch.channels_last if channels_last and out.shape[1] > 1 else torch.contiguous_format
-    assert out.is_contiguous(memory_format=fmt)
+    assert out.is_contiguous(memory_format=memory_format_of(x))  # the layout ATen reads from x (ambiguous at 1 channel)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -256,8 +257,26 @@ def test_dense_weight_errors_and_wrapper_pairs():
 
 
 def test_strategy_control_validates_and_restores():
-    with pytest.raises(ValueError, match="strategy must be one of auto, gemm, grouped"):
+    with pytest.raises(ValueError, match="strategy must be one of auto, gemm, grouped, direct"):
         torch.ops.fxeff._hetconv2d_set_strategy("fast", 0)
     with forced("gemm", 5):
         pass
     assert torch.ops.fxeff._hetconv2d_set_strategy("auto", 0) == "auto"
+
+
+def test_empty_inputs():
+    x, wk, w1, b = make(0, 4, 4, 2, 3, 5, 5)
+    assert hetconv2d(x, wk, w1, b, 2, 1, 1).shape == (0, 4, 5, 5)
+    x, wk, w1, b = make(2, 0, 4, 1, 3, 5, 5)  # no input channels: the bias alone
+    torch.testing.assert_close(hetconv2d(x, wk, w1, b, 1, 1, 1), b.view(1, 4, 1, 1).expand(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize("k,padding,dilation", [(3, 1, 1), (5, 0, 2), (3, (3, 0), (2, 1)), (7, 2, 1)])
+@pytest.mark.parametrize("strategy", ["auto", "direct"])
+def test_wide_rows_several_register_blocks(k, padding, dilation, strategy):
+    """Rows of 100 outputs (two full 48-pixel blocks and a tail), 12 filters per block (one 8-filter tile and
+    single filters), 16 channels per block: the shapes where auto picks the direct kernel."""
+    x, wk, w1, b = make(2, 32, 24, 2, k, 9, 100, dtype=torch.float32)
+    with forced(strategy):
+        out = hetconv2d(x, wk, w1, b, 2, 1, padding, dilation)
+    assert_matches(out, reference(x, wk, w1, b, 2, 1, padding, dilation))

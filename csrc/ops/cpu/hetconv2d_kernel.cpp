@@ -1,20 +1,27 @@
-// CPU kernel of fxeff::hetconv2d: F.conv2d (groups=1) with the HetConv-masked kernel, at the HetConv MAC count.
+// CPU kernel of fxeff::hetconv2d: F.conv2d (groups=1) with the HetConv-masked kernel. Two strategies (the profiler
+// records "fxeff::hetconv2d::<strategy>"; _hetconv2d_set_strategy forces one):
 //
+// gemm - at the HetConv MAC count exactly:
 //   out = Wc @ x_centre  +  for each block b: Wk_b @ im2col_b(x)   (+ bias)
+//   Wc [N, M] is the whole centre-tap matrix (weight_1x1 on the other blocks' channels, weight_kxk's centre tap on
+//   the own block): one dense GEMM over all M channels. x_centre is the input sampled at every output's centre tap;
+//   for stride 1 and padding = dilation * (K / 2) it is x itself (no copy). Wk_b [N/P, M/P * (K*K - 1)] holds block
+//   b's KxK taps other than the centre; im2col_b gathers those taps of block b's M/P channels only. MACs:
+//   N * Ho * Wo * (M + M/P * (K*K - 1)).
+//     NCHW:          per (image, chunk of output rows): out_chunk = bias + Wc @ x_chunk, then per block the chunk's
+//                    im2col (in cache) and out_chunk[block rows] += Wk_b @ cols (GEMMs write into out's views).
+//     channels_last: pixels as rows: out [B*Ho*Wo, N] = x_centre [.., M] @ Wc^T + bias for the whole batch in one
+//                    GEMM, then per chunk of pixels one gather of every block's off-centre taps and per block
+//                    out[chunk, block cols] += cols_b @ Wk_b^T.
+//   Chunks are handed out one at a time to the pool's threads (a thread the OS delays does not hold the others up);
+//   the GEMMs inside a chunk run single-threaded.
+// grouped - the vendor grouped KxK conv (groups = P) + the 1x1 part as one in-place GEMM (see run_grouped).
+// direct  - (float32 NCHW stride 1, AVX-512) the 1x1 part as in gemm, the off-centre taps by a register-blocked
+//           direct convolution over a zero-padded tile of the block's input rows (see run_direct).
 //
-// Wc [N, M] is the whole centre-tap matrix (weight_1x1 on the other blocks' channels, weight_kxk's centre tap on
-// the own block): one dense GEMM over all M channels. x_centre is the input sampled at every output's centre tap;
-// for stride 1 and padding = dilation * (K / 2) it is x itself (no copy). Wk_b [N/P, M/P * (K*K - 1)] holds block
-// b's KxK taps other than the centre; im2col_b gathers those taps of block b's M/P channels only. The MACs are the
-// HetConv count exactly: N * Ho * Wo * (M + M/P * (K*K - 1)).
-//
-//   NCHW:          per (image, chunk of output rows): out_chunk = bias + Wc @ x_chunk, then per block the chunk's
-//                  im2col (in cache) and out_chunk[block rows] += Wk_b @ cols (GEMMs write into out's views).
-//   channels_last: pixels as rows: out [N*Ho*Wo, N] = x_centre [.., M] @ Wc^T + bias for the whole batch in one
-//                  GEMM, then per chunk of pixels one gather of every block's off-centre taps and per block
-//                  out[chunk, block cols] += cols_b @ Wk_b^T.
-// Chunks are handed out one at a time to the pool's threads (a thread the OS delays does not hold the others up);
-// the GEMMs inside a chunk run single-threaded.
+// The per-block GEMMs of "gemm" have only N/P rows, where BLAS runs at about half its speed; the vendor grouped
+// conv runs the same work much faster, so "grouped" wins except where re-reading a large NCHW output costs more
+// (use_grouped).
 #include "../hetconv2d.h"
 
 #include <ATen/Dispatch.h>
@@ -33,6 +40,11 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FXEFF_HETCONV_X86 1
+#endif
+
 namespace fxeff {
 namespace ops {
 namespace {
@@ -40,14 +52,15 @@ namespace {
 // Forced strategy (0 auto, 1 gemm, 2 grouped) and pixels per chunk (0 = the kernel's pick): tests and benchmarks.
 std::atomic<int> forced_strategy{0};
 std::atomic<int64_t> forced_chunk{0};
-const char* const kStrategies[] = {"auto", "gemm", "grouped"};
+const char* const kStrategies[] = {"auto", "gemm", "grouped", "direct"};
+constexpr int kNumStrategies = 4;
 
 std::string set_strategy(c10::string_view strategy, int64_t chunk) {
   int index = -1;
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < kNumStrategies; ++i) {
     if (strategy == kStrategies[i]) index = i;
   }
-  TORCH_CHECK_VALUE(index >= 0, "fxeff._hetconv2d_set_strategy: strategy must be one of auto, gemm, grouped, got \"",
+  TORCH_CHECK_VALUE(index >= 0, "fxeff._hetconv2d_set_strategy: strategy must be one of auto, gemm, grouped, direct, got \"",
                     strategy, "\"");
   TORCH_CHECK_VALUE(chunk >= 0, "fxeff._hetconv2d_set_strategy: chunk must be >= 0 (0 = auto), got ", chunk);
   forced_chunk.store(chunk);
@@ -173,15 +186,180 @@ at::Tensor run_grouped(const at::Tensor& x, const at::Tensor& xc, const at::Tens
   return out;
 }
 
-// The auto pick between the strategies, from measurements at 256ch@56x56 and 128ch@28x28, batch 1 and 8, P 2..16,
-// 1 and 2 threads: "grouped" wins while the output stays in the last-level cache (its in-place 1x1 GEMM re-reads
-// the output that the grouped conv wrote) and for channels_last; NCHW outputs larger than that run "gemm", whose
-// chunks write each output once while it is in cache. K = 1 has no KxK part: "gemm" is a single 1x1 GEMM.
+
+// ---- direct: float32 NCHW stride 1 (AVX-512). The 1x1 part as in "gemm" (one GEMM per chunk into out), the
+// off-centre taps as a direct convolution from a zero-padded copy of the block's input rows (no im2col, no BLAS
+// packing): 8 filters x 48 pixels of accumulators in registers, one broadcast weight and 3 input loads per
+// (channel, tap). BLAS runs the per-block products of "gemm" at about half speed because their N/P rows give each
+// packed input element only N/P uses; here each loaded input vector feeds 8 FMAs straight from the tile.
+#ifdef FXEFF_HETCONV_X86
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+// out rows [OT] (row stride ostride) at pixels [x0, x0 + 48) of one output row += the taps over the tile.
+// tile: [mb][rows][tstride]; row0 points at the tile row of this output row's first tap row; w: [(c, tap), OT].
+template <int OT>
+__attribute__((target("avx512f"))) void direct_block48(float* out, int64_t ostride, const float* tile, int64_t cstride,
+                                                       const int64_t* tap_offset, int64_t taps, int64_t mb,
+                                                       const float* w, int64_t count) {
+  const __mmask16 m0 = count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+  const __mmask16 m1 = count >= 32 ? 0xFFFF : count <= 16 ? 0 : static_cast<__mmask16>((1u << (count - 16)) - 1);
+  const __mmask16 m2 = count >= 48 ? 0xFFFF : count <= 32 ? 0 : static_cast<__mmask16>((1u << (count - 32)) - 1);
+  __m512 acc[OT][3];
+  for (int o = 0; o < OT; ++o) {
+    acc[o][0] = _mm512_maskz_loadu_ps(m0, out + o * ostride);
+    acc[o][1] = _mm512_maskz_loadu_ps(m1, out + o * ostride + 16);
+    acc[o][2] = _mm512_maskz_loadu_ps(m2, out + o * ostride + 32);
+  }
+  for (int64_t c = 0; c < mb; ++c) {
+    const float* tc = tile + c * cstride;
+    for (int64_t t = 0; t < taps; ++t, w += OT) {
+      const float* src = tc + tap_offset[t];
+      const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16), d = _mm512_loadu_ps(src + 32);
+      for (int o = 0; o < OT; ++o) {
+        const __m512 wv = _mm512_set1_ps(w[o]);
+        acc[o][0] = _mm512_fmadd_ps(wv, a, acc[o][0]);
+        acc[o][1] = _mm512_fmadd_ps(wv, b, acc[o][1]);
+        acc[o][2] = _mm512_fmadd_ps(wv, d, acc[o][2]);
+      }
+    }
+  }
+  for (int o = 0; o < OT; ++o) {
+    _mm512_mask_storeu_ps(out + o * ostride, m0, acc[o][0]);
+    _mm512_mask_storeu_ps(out + o * ostride + 16, m1, acc[o][1]);
+    _mm512_mask_storeu_ps(out + o * ostride + 32, m2, acc[o][2]);
+  }
+}
+#else
+bool cpu_has_avx512f() { return false; }
+#endif
+
+bool direct_possible(const HetGeometry& g, bool cl, at::ScalarType dtype) {
+  return cpu_has_avx512f() && !cl && dtype == at::kFloat && g.sh == 1 && g.sw == 1 && g.k > 1;
+}
+
+#ifdef FXEFF_HETCONV_X86
+// Off-centre weights for the direct kernel: per block, tiles of OT filters as [(c, tap), OT]; then single filters.
+std::vector<float> direct_weights(const float* wk, const HetGeometry& g) {
+  const int64_t kk = g.k * g.k, c0 = (g.k / 2) * g.k + g.k / 2, taps = g.taps();
+  std::vector<float> out(static_cast<size_t>(g.o * g.mb * taps));
+  for (int64_t b = 0; b < g.part; ++b) {
+    float* dst = out.data() + b * g.ob * g.mb * taps;
+    for (int64_t j0 = 0; j0 < g.ob;) {
+      const int64_t ot = g.ob - j0 >= 8 ? 8 : 1;
+      for (int64_t c = 0; c < g.mb; ++c) {
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t q = t < c0 ? t : t + 1;
+          for (int64_t o = 0; o < ot; ++o) {
+            dst[j0 * g.mb * taps + (c * taps + t) * ot + o] = wk[((b * g.ob + j0 + o) * g.mb + c) * kk + q];
+          }
+        }
+      }
+      j0 += ot;
+    }
+  }
+  return out;
+}
+
+void run_direct(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc, const std::vector<float>& wd,
+                const c10::optional<at::Tensor>& bias_col, at::Tensor& out, const HetGeometry& g) {
+  const int64_t taps = g.taps(), hw = g.ho * g.wo;
+  // Tile of one block: mb channels x (rows + dilated kernel - 1) rows x tstride columns, zero outside the image;
+  // rows per chunk such that the tile stays in L2 (~256 KiB) while every filter of the block reads it.
+  const int64_t span_w = g.dw * (g.k - 1), span_h = g.dh * (g.k - 1);
+  const int64_t tstride = (g.wo + 47) / 48 * 48 + span_w + 16;
+  const int64_t l2_rows = (256 << 10) / (4 * g.mb * tstride) - span_h;
+  const int64_t rows_per_chunk = std::max<int64_t>(
+      1, std::min({g.ho, l2_rows, (pick_chunk(g, 0, 4, g.n * hw) + g.wo / 2) / g.wo}));
+  const int64_t chunks_per_image = (g.ho + rows_per_chunk - 1) / rows_per_chunk, items = g.n * chunks_per_image;
+  const int64_t trows = rows_per_chunk + span_h;
+  const int64_t cstride = trows * tstride;
+  std::vector<int64_t> tap_offset(taps);
+  const int64_t c0 = (g.k / 2) * g.k + g.k / 2;
+  for (int64_t t = 0; t < taps; ++t) {
+    const int64_t q = t < c0 ? t : t + 1;
+    tap_offset[t] = (q / g.k) * g.dh * tstride + (q % g.k) * g.dw;
+  }
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+  std::vector<std::vector<float>> tiles(threads);
+  const at::Tensor out2 = out.view({g.n, g.o, hw}), xc2 = xc.view({g.n, g.m, hw});
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::vector<float>& tile = tiles[at::get_thread_num()];
+    tile.assign(static_cast<size_t>(g.mb * cstride), 0.f);
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t n = item / chunks_per_image, y0 = (item % chunks_per_image) * rows_per_chunk;
+      const int64_t y1 = std::min(g.ho, y0 + rows_per_chunk), np = (y1 - y0) * g.wo;
+      at::Tensor o = out2.select(0, n).narrow(1, y0 * g.wo, np);
+      const at::Tensor xv = xc2.select(0, n).narrow(1, y0 * g.wo, np);
+      if (bias_col.has_value()) {
+        at::addmm_out(o, *bias_col, wc, xv);
+      } else {
+        at::mm_out(o, wc, xv);
+      }
+      const int64_t nrows = y1 - y0 + span_h;
+      for (int64_t b = 0; b < g.part; ++b) {
+        // Tile rows r <-> input row y0 - ph + r; columns j <-> input column j - pw (zeros outside; the zero
+        // columns past the image stay zero from the first assign because every row writes the same columns).
+        for (int64_t c = 0; c < g.mb; ++c) {
+          const float* plane = xp + ((n * g.m) + b * g.mb + c) * g.h * g.w;
+          float* tc = tile.data() + c * cstride;
+          for (int64_t r = 0; r < nrows; ++r) {
+            float* trow = tc + r * tstride;
+            const int64_t iy = y0 - g.ph + r;
+            if (iy < 0 || iy >= g.h) {
+              std::fill_n(trow, tstride, 0.f);
+              continue;
+            }
+            const int64_t lo = std::min<int64_t>(g.pw, tstride), cols = std::min<int64_t>(g.w, tstride - lo);
+            std::fill_n(trow, lo, 0.f);
+            std::memcpy(trow + lo, plane + iy * g.w, cols * sizeof(float));
+            std::fill_n(trow + lo + cols, tstride - lo - cols, 0.f);
+          }
+        }
+        const float* wb = wd.data() + b * g.ob * g.mb * taps;
+        for (int64_t j0 = 0; j0 < g.ob;) {
+          const int64_t ot = g.ob - j0 >= 8 ? 8 : 1;
+          const float* w = wb + j0 * g.mb * taps;
+          for (int64_t y = y0; y < y1; ++y) {
+            float* orow = op + ((n * g.o + b * g.ob + j0) * g.ho + y) * g.wo;
+            const float* trow = tile.data() + (y - y0) * tstride;
+            for (int64_t x0 = 0; x0 < g.wo; x0 += 48) {
+              const int64_t count = std::min<int64_t>(48, g.wo - x0);
+              if (ot == 8) {
+                direct_block48<8>(orow + x0, hw, trow + x0, cstride, tap_offset.data(), taps, g.mb, w, count);
+              } else {
+                direct_block48<1>(orow + x0, hw, trow + x0, cstride, tap_offset.data(), taps, g.mb, w, count);
+              }
+            }
+          }
+          j0 += ot;
+        }
+      }
+    }
+  });
+}
+#endif
+
+// The auto pick between the strategies, from side-by-side measurements on 2 threads (AVX-512 EPYC, shared machine)
+// at 256ch@56x56 and 128ch@28x28, batch 1 and 8, P 2..16:
+//   direct  - NCHW float32 stride 1 with M/P <= 16 channels per block and rows of >= 40 outputs (the 48-pixel
+//             register blocks are mostly full): fastest at 256ch@56x56 P16 (batch 1 and 8);
+//   gemm    - other NCHW layers with a large output per image (> 1 MiB): its chunks write each output once while in
+//             cache, where "grouped" re-reads the output the grouped conv wrote;
+//   grouped - small NCHW images and channels_last (the vendor's grouped conv is fastest there).
+// K = 1 has no KxK part: "gemm" is then a single 1x1 GEMM.
+bool use_direct(const HetGeometry& g) { return g.mb <= 16 && g.wo >= 40; }
+
 bool use_grouped(const HetGeometry& g, bool cl, int64_t elem) {
   if (g.k == 1) return false;
   if (cl) return true;
-  const int64_t out_bytes = g.n * g.o * g.ho * g.wo * elem;
-  return out_bytes <= (8 << 20);
+  return g.o * g.ho * g.wo * elem <= (1 << 20);
 }
 
 // Every block's off-centre taps for output pixels [p0, p0 + np) of the batch (channels_last x): cols [np, P, taps,
@@ -306,13 +484,35 @@ at::Tensor hetconv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_kxk, c
   const at::MemoryFormat fmt = x_in.suggest_memory_format();
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt);
-  if (x.numel() == 0 || g.o == 0) return at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
+  if (x.numel() == 0 || g.o == 0) {  // nothing to multiply: the output (if any) is the bias
+    at::Tensor out = at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
+    if (out.numel() > 0 && bias.has_value() && bias->defined()) {
+      out.copy_(bias->view({1, g.o, 1, 1}).expand_as(out));
+    } else if (out.numel() > 0) {
+      out.zero_();
+    }
+    return out;
+  }
   const at::Tensor wk = weight_kxk.contiguous(), w1 = weight_1x1.contiguous();
   const auto wopts = wk.options().memory_format(at::MemoryFormat::Contiguous);
   const bool has_bias = bias.has_value() && bias->defined();
   const int forced = forced_strategy.load();
-  const bool grouped = forced == 2 || (forced == 0 && use_grouped(g, cl, x.element_size()));
+  const bool direct = direct_possible(g, cl, x.scalar_type()) && (forced == 3 || (forced == 0 && use_direct(g)));
+  const bool grouped = !direct && (forced == 2 || (forced == 0 && use_grouped(g, cl, x.element_size())));
   at::Tensor out;
+#ifdef FXEFF_HETCONV_X86
+  if (direct) {
+    RECORD_FUNCTION("fxeff::hetconv2d::direct", c10::ArrayRef<const c10::IValue>{});
+    const at::Tensor xc = centre_samples(x, g, fmt);
+    at::Tensor wc = at::empty({g.o, g.m}, wopts);
+    fill_centre_matrix<float>(wk.const_data_ptr<float>(), w1.const_data_ptr<float>(), wc.mutable_data_ptr<float>(), g,
+                              true);
+    out = at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
+    run_direct(x, xc, wc, direct_weights(wk.const_data_ptr<float>(), g),
+               has_bias ? c10::optional<at::Tensor>(bias->contiguous().view({g.o, 1})) : c10::nullopt, out, g);
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hetconv2d", [&] {
     const at::Tensor xc = centre_samples(x, g, fmt);
     at::Tensor wc = at::empty({g.o, g.m}, wopts);
