@@ -283,15 +283,15 @@ void run_direct(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc,
     tap_offset[t] = (q / g.k) * g.dh * tstride + (q % g.k) * g.dw;
   }
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
-  std::vector<std::vector<float>> tiles(threads);
   const at::Tensor out2 = out.view({g.n, g.o, hw}), xc2 = xc.view({g.n, g.m, hw});
   const float* xp = x.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::vector<float>& tile = tiles[at::get_thread_num()];
-    tile.assign(static_cast<size_t>(g.mb * cstride), 0.f);
+    // Each worker's own tile (allocated here, not indexed by thread number: called inside an outer parallel
+    // region, this runs inline on a thread whose number may exceed the pool size asked for here).
+    std::vector<float> tile(static_cast<size_t>(g.mb * cstride), 0.f);
     for (int64_t item = next++; item < items; item = next++) {
       const int64_t n = item / chunks_per_image, y0 = (item % chunks_per_image) * rows_per_chunk;
       const int64_t y1 = std::min(g.ho, y0 + rows_per_chunk), np = (y1 - y0) * g.wo;
@@ -405,14 +405,13 @@ void run_nchw(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc, c
   for (int64_t kx = 0; kx < g.k; ++kx) cr[kx] = valid_cols(kx, g.dw, g.pw, g.sw, g.w, g.wo);
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
   const int64_t buf_len = taps > 0 ? g.mb * taps * rows_per_chunk * g.wo : 1;
-  at::Tensor cols_buf = at::empty({threads, buf_len}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto buf_opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   const at::Tensor out2 = out.view({g.n, g.o, hw}), xc2 = xc.view({g.n, g.m, hw});
   const T* xp = x.const_data_ptr<T>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     at::AutoDispatchBelowADInplaceOrView guard;  // internal GEMMs: no autograd on worker threads
-    const int64_t tid = at::get_thread_num();
-    at::Tensor cols_t = cols_buf.select(0, tid);
+    at::Tensor cols_t = at::empty({buf_len}, buf_opts);  // this worker's im2col buffer
     T* colsp = cols_t.mutable_data_ptr<T>();
     for (int64_t item = next++; item < items; item = next++) {
       const int64_t n = item / chunks_per_image, y0 = (item % chunks_per_image) * rows_per_chunk;
@@ -453,14 +452,13 @@ void run_cl(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc, con
   const int64_t chunk = pick_chunk(g, g.m * taps, x.element_size(), total);
   const int64_t items = (total + chunk - 1) / chunk;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
-  at::Tensor cols_buf = at::empty({threads, chunk * taps * g.m}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto buf_opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   const at::Tensor woff_t = woff.t();  // [taps * mb, O]
   const T* xp = x.const_data_ptr<T>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const int64_t tid = at::get_thread_num();
-    at::Tensor cols_t = cols_buf.select(0, tid);
+    at::Tensor cols_t = at::empty({chunk * taps * g.m}, buf_opts);  // this worker's gather buffer
     T* colsp = cols_t.mutable_data_ptr<T>();
     for (int64_t item = next++; item < items; item = next++) {
       const int64_t p0 = item * chunk, np = std::min(chunk, total - p0);
