@@ -348,18 +348,19 @@ void run_direct(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc,
 
 // The auto pick between the strategies, from side-by-side measurements on 2 threads (AVX-512 EPYC, shared machine)
 // at 256ch@56x56 and 128ch@28x28, batch 1 and 8, P 2..16:
-//   direct  - NCHW float32 stride 1 with M/P <= 16 channels per block and rows of >= 40 outputs (the 48-pixel
-//             register blocks are mostly full): fastest at 256ch@56x56 P16 (batch 1 and 8);
-//   gemm    - other NCHW layers with a large output per image (> 1 MiB): its chunks write each output once while in
-//             cache, where "grouped" re-reads the output the grouped conv wrote;
-//   grouped - small NCHW images and channels_last (the vendor's grouped conv is fastest there).
+//   direct  - NCHW float32 stride 1 with M/P <= 16 channels per block, and rows of >= 40 outputs (the 48-pixel
+//             register blocks mostly full) or >= 4096 outputs per channel over the batch: fastest at 256ch@56x56
+//             P16 and 128ch@28x28 batch 8 P8/P16;
+//   gemm    - other NCHW layers with a large output (> 1 MiB over the batch): its chunks write each output once
+//             while in cache, where "grouped" re-reads the output that the grouped conv wrote;
+//   grouped - small NCHW outputs (128ch@28x28 batch 1) and channels_last (the vendor's grouped conv is fastest).
 // K = 1 has no KxK part: "gemm" is then a single 1x1 GEMM.
-bool use_direct(const HetGeometry& g) { return g.mb <= 16 && g.wo >= 40; }
+bool use_direct(const HetGeometry& g) { return g.mb <= 16 && (g.wo >= 40 || g.n * g.ho * g.wo >= 4096); }
 
 bool use_grouped(const HetGeometry& g, bool cl, int64_t elem) {
   if (g.k == 1) return false;
   if (cl) return true;
-  return g.o * g.ho * g.wo * elem <= (1 << 20);
+  return g.n * g.o * g.ho * g.wo * elem <= (1 << 20);
 }
 
 // Every block's off-centre taps for output pixels [p0, p0 + np) of the batch (channels_last x): cols [np, P, taps,
