@@ -194,6 +194,7 @@ struct ShiftPlan {
   int64_t size[kDims] = {1, 1, 1};
   int ntaps[kDims] = {1, 1, 1};
   int first_dim = 0;  // kDims - dims: the real spatial dims are first_dim..2
+  bool zero_padding = false;  // every source outside the input reads 0 (no lookups needed there)
   std::vector<int64_t> t, lo, hi;  // [c][d][k]; [lo, hi): the interior, where map(i - t) == i - t
   std::vector<double> w;
   std::vector<int32_t> src[kDims];  // [c][k][i] = map(i - t), -1 for zero padding
@@ -206,6 +207,7 @@ struct ShiftPlan {
 
 // lo/hi and the lookup tables of every tap, from its shift t.
 void fill_tables(ShiftPlan& p, ShiftPadding padding) {
+  p.zero_padding = padding == ShiftPadding::Zeros;
   for (int64_t c = 0; c < p.C; ++c) {
     for (int d = 0; d < kDims; ++d) {
       const int64_t n = p.size[d];
@@ -487,6 +489,16 @@ void shift_plane(const T* xp, T* op, const ShiftPlan& p, int64_t c, bool linear,
               for (int64_t j = 0; j < len; ++j) o[j] = static_cast<T>(acc[j]);
             }
           }
+        }
+        if (!linear && p.zero_padding) {  // outside the block everything is the fill value: no lookups
+          for (int64_t y = 0; y < ylo; ++y) std::fill(oz + y * W, oz + (y + 1) * W, fill);
+          if (xlo > 0 || xhi < W)
+            for (int64_t y = ylo; y < yhi; ++y) {
+              std::fill(oz + y * W, oz + y * W + xlo, fill);
+              std::fill(oz + y * W + xhi, oz + (y + 1) * W, fill);
+            }
+          std::fill(oz + std::max(yhi, ylo) * W, oz + hw, fill);
+          continue;
         }
         if (!linear) {  // the one term's lookups, inline: edge work is a few elements per row
           const int32_t *ty = p.table(c, 1, 0), *tx = p.table(c, 2, 0);
