@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fxeff
 import fxeff.backend
 import fxeff.export
+import fxeff.models
 from fxeff.passes import Shift, config_from_dict, run_passes
 from fxeff.passes.shift import tap_shifts
 from fxeff.passes.graph import conv_sites
@@ -376,18 +377,23 @@ def _depthwise_count(model):
                and m.groups == m.in_channels == m.out_channels and m.kernel_size != (1, 1))
 
 
-@pytest.mark.parametrize("builder", ["mobilenet_v2", "mobilenet_v3_small"])
-def test_torchvision_mobilenets(builder, tmp_path):
+@pytest.mark.parametrize("builder", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet-lite0"])
+def test_mobilenets_and_efficientnet_lite0(builder, tmp_path):
     """transform -> every depthwise conv a shift folded into its BN; torch.compile (dynamo graph) gives the
-    same model; torch.export and jit.trace round trips keep the fxeff::shift calls and the outputs."""
-    torchvision = pytest.importorskip("torchvision")
+    same model; torch.export and jit.trace round trips keep the fxeff::shift calls and the outputs.
+    EfficientNet-Lite0 with its real ImageNet weights."""
     torch.manual_seed(0)
-    model = torchvision.models.get_model(builder, weights=None, num_classes=10).eval()
+    if builder == "efficientnet-lite0":
+        pytest.importorskip("efficientnet_lite_pytorch")
+        model = fxeff.models.load_model("efficientnet-lite0")
+    else:
+        torchvision = pytest.importorskip("torchvision")
+        model = torchvision.models.get_model(builder, weights=None, num_classes=10).eval()
     x = torch.randn(2, 3, 48, 48)
     gm = fxeff.transform(model, x, [Shift()])
     report = gm.fxeff_report
     count = _depthwise_count(model)
-    assert count == {"mobilenet_v2": 17, "mobilenet_v3_small": 11}[builder]
+    assert count == {"mobilenet_v2": 17, "mobilenet_v3_small": 11, "efficientnet-lite0": 16}[builder]
     assert len(report.rewritten) == count and not report.skipped
     assert all("BatchNorm" in s.reason and s.macs_after == 0 and math.isfinite(s.error) for s in report.sites)
     with torch.no_grad():
