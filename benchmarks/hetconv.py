@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fxeff  # noqa: E402,F401
-from _timing import measure, report  # noqa: E402
+from fxeff.bench import measure, report  # noqa: E402
 from fxeff.ops import hetconv2d, hetconv_dense_weight  # noqa: E402
 
 SHAPES = [(256, 56), (128, 28)]  # (channels in = out, spatial size)

@@ -13,10 +13,7 @@ from typing import Optional
 import torch
 
 from ._utils import IntPair, memory_format_of, pair
-
-
-def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+from .focused_conv2d import conv_output_size
 
 
 @torch.fx.wrap
@@ -96,8 +93,8 @@ def _hetconv2d_fake(x, weight_kxk, weight_1x1, bias, part, stride, padding, dila
                          f"and part={part}, got {list(weight_kxk.shape)}")
     torch._check(weight_1x1.dim() == 2 and weight_1x1.shape[0] == n and weight_1x1.shape[1] == m - mb,
                  lambda: f"fxeff.hetconv2d: weight_1x1 must be [{n}, {m - mb}], got {list(weight_1x1.shape)}")
-    ho = _output_size(x.shape[2], k, stride[0], padding[0], dilation[0])
-    wo = _output_size(x.shape[3], k, stride[1], padding[1], dilation[1])
+    ho = conv_output_size(x.shape[2], k, stride[0], padding[0], dilation[0])
+    wo = conv_output_size(x.shape[3], k, stride[1], padding[1], dilation[1])
     return x.new_empty((x.shape[0], n, ho, wo)).contiguous(memory_format=memory_format_of(x))
 
 
