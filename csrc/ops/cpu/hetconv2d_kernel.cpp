@@ -236,6 +236,19 @@ __attribute__((target("avx512f"))) void direct_block48(float* out, int64_t ostri
 bool cpu_has_avx512f() { return false; }
 #endif
 
+// The 1x1 part of every filter for pixels [p0, p0 + np) of image n, one GEMM into the NCHW output
+// ([N, O, H*W] view): out = wc @ x_centre (+ bias).
+void centre_gemm(const at::Tensor& out2, const at::Tensor& xc2, const at::Tensor& wc,
+                 const c10::optional<at::Tensor>& bias_col, int64_t n, int64_t p0, int64_t np) {
+  at::Tensor o = out2.select(0, n).narrow(1, p0, np);
+  const at::Tensor xv = xc2.select(0, n).narrow(1, p0, np);
+  if (bias_col.has_value()) {
+    at::addmm_out(o, *bias_col, wc, xv);
+  } else {
+    at::mm_out(o, wc, xv);
+  }
+}
+
 bool direct_possible(const HetGeometry& g, bool cl, at::ScalarType dtype) {
   return cpu_has_avx512f() && !cl && dtype == at::kFloat && g.sh == 1 && g.sw == 1 && g.k > 1;
 }
@@ -295,13 +308,7 @@ void run_direct(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc,
     for (int64_t item = next++; item < items; item = next++) {
       const int64_t n = item / chunks_per_image, y0 = (item % chunks_per_image) * rows_per_chunk;
       const int64_t y1 = std::min(g.ho, y0 + rows_per_chunk), np = (y1 - y0) * g.wo;
-      at::Tensor o = out2.select(0, n).narrow(1, y0 * g.wo, np);
-      const at::Tensor xv = xc2.select(0, n).narrow(1, y0 * g.wo, np);
-      if (bias_col.has_value()) {
-        at::addmm_out(o, *bias_col, wc, xv);
-      } else {
-        at::mm_out(o, wc, xv);
-      }
+      centre_gemm(out2, xc2, wc, bias_col, n, y0 * g.wo, np);
       const int64_t nrows = y1 - y0 + span_h;
       for (int64_t b = 0; b < g.part; ++b) {
         // Tile rows r <-> input row y0 - ph + r; columns j <-> input column j - pw (zeros outside; the zero
@@ -417,15 +424,10 @@ void run_nchw(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc, c
     for (int64_t item = next++; item < items; item = next++) {
       const int64_t n = item / chunks_per_image, y0 = (item % chunks_per_image) * rows_per_chunk;
       const int64_t y1 = std::min(g.ho, y0 + rows_per_chunk), np = (y1 - y0) * g.wo;
-      at::Tensor o = out2.select(0, n).narrow(1, y0 * g.wo, np);
-      const at::Tensor xv = xc2.select(0, n).narrow(1, y0 * g.wo, np);
-      if (bias_col.has_value()) {
-        at::addmm_out(o, *bias_col, wc, xv);
-      } else {
-        at::mm_out(o, wc, xv);
-      }
+      centre_gemm(out2, xc2, wc, bias_col, n, y0 * g.wo, np);
       if (taps == 0) continue;
       const at::Tensor cols = cols_t.narrow(0, 0, g.mb * taps * np).view({g.mb * taps, np});
+      const at::Tensor o = out2.select(0, n).narrow(1, y0 * g.wo, np);
       for (int64_t b = 0; b < g.part; ++b) {
         gather_block_nchw<T>(xp, colsp, g, cr, n, b, y0, y1);
         at::Tensor ob = o.narrow(0, b * g.ob, g.ob);
