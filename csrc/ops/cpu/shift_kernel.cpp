@@ -225,9 +225,15 @@ void fill_tables(ShiftPlan& p, ShiftPadding padding) {
 ShiftPlan make_plan(const char* op, const at::Tensor& shifts, at::IntArrayRef spatial, ShiftPadding padding,
                     bool linear) {
   ShiftPlan p;
-  const at::Tensor s = shifts.to(at::kDouble).contiguous();
-  const double* sp = s.data_ptr<double>();
+  // The shifts as doubles, read in place (a dtype conversion would be a dispatcher call per forward).
   const int dims = static_cast<int>(spatial.size());
+  std::vector<double> sp(shifts.size(0) * dims);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, shifts.scalar_type(), "fxeff_shift_plan", [&] {
+    const scalar_t* data = shifts.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < shifts.size(0); ++c)
+      for (int d = 0; d < dims; ++d)
+        sp[c * dims + d] = static_cast<double>(data[c * shifts.stride(0) + d * shifts.stride(1)]);
+  });
   p.C = shifts.size(0);
   p.first_dim = kDims - dims;
   for (int d = 0; d < dims; ++d) p.size[p.first_dim + d] = spatial[d];
