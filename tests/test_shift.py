@@ -304,6 +304,18 @@ def test_shift_pool_gradcheck_and_opcheck(mode):
                                                                "zeros", mode, [-1, -1, 0, 0], [2, 2]))
 
 
+@pytest.mark.parametrize("size,pad,pool", [((4, 1), [0, 0, 0, 0], [2, 2]), ((4, 5), [-2, -2, 0, 0], [1, 2]),
+                                           ((4, 3), [0, 0, 0, 0], [1, 4]), ((7, 2), [-1, 0, 1, 0], [3, 3])])
+def test_shift_pool_rows_narrower_than_a_window(size, pad, pool):
+    """Rows with no whole window inside (the unchecked fast path must not run there)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=gen)
+    s = torch.zeros(3, 2, dtype=torch.float64)
+    s[1] = torch.tensor([1.0, -1.0])
+    got = torch.ops.fxeff.shift_pool(x, s, "zeros", "sparse", pad, pool)
+    torch.testing.assert_close(got, shift_pool_reference(x, s, "zeros", "sparse", pad, pool), rtol=1e-12, atol=1e-12)
+
+
 def test_shift_pool_errors():
     x = torch.randn(1, 2, 4, 4)
     with pytest.raises(ValueError, match=r"fxeff.shift_pool: pad must have 2 \* dims = 4 entries"):

@@ -561,7 +561,8 @@ void shift_pool_nchw(const T* x, T* out, const ShiftPlan& p, int64_t N, bool lin
   // Output columns whose window lies inside the shifted row and is whole: summed without checks.
   const int64_t sx = g.stride[2], bx = g.begin[2];
   const int64_t ox_lo = bx >= 0 ? 0 : (-bx + sx - 1) / sx;
-  const int64_t ox_hi = std::max(ox_lo, std::min(g.out[2], (std::min(g.len[2], W - bx) - sx) / sx + 1));
+  const int64_t inside = std::min(g.len[2], W - bx);  // padded columns backed by the shifted row
+  const int64_t ox_hi = inside >= sx ? std::max(ox_lo, std::min(g.out[2], (inside - sx) / sx + 1)) : ox_lo;
   at::parallel_for(0, N * p.C, grain_for(plane), [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(plane);
     std::vector<A> acc(g.out[2]);
