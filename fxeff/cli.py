@@ -11,7 +11,7 @@ import runpy
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode

@@ -5,6 +5,8 @@ A FLOP here is what FlopCounterMode counts for aten.convolution: 2 per multiply-
 import torch
 from torch.utils import flop_counter
 
+from .focused_conv2d import conv_output_size
+
 _registered = False
 
 
@@ -25,8 +27,8 @@ def _focused_conv2d_backward_flops(grad_out, x, weight, mask, stride, padding, d
 def _hetconv2d_flops(x, weight_kxk, weight_1x1, bias, part, stride, padding, dilation, out_val=None, **kwargs) -> int:
     # Per output: the own block's KxK taps (M/P * K * K) and the centre tap on the other M - M/P channels.
     n, mb, kh, kw = weight_kxk.shape
-    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    wo = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
     return 2 * x.shape[0] * n * ho * wo * (mb * kh * kw + weight_1x1.shape[1])
 
 

@@ -253,7 +253,7 @@ def _resolve_padding(padding: Any, kernel: Optional[Sequence[int]], dilation: Se
         total = d * (k - 1)
         if total % 2:
             return (0,) * dims, f"padding='same' needs asymmetric padding for kernel {tuple(kernel)} (dilation " \
-                                f"{tuple(dilation)}); focused_conv2d pads symmetrically"
+                                f"{tuple(dilation)}); fxeff ops pad symmetrically"
         out.append(total // 2)
     return tuple(out), None
 

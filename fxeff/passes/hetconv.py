@@ -21,8 +21,8 @@ from ..nn import hetconv as hetconv_nn
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, graph_kind
-from .rewrite import fake_key_and_mode, finish_report, new_attr, propagate_fake, record_before, site_params, \
-    unique_name
+from .rewrite import fake_key_and_mode, finish_report, new_attr, propagate_fake, record_before, relative_error, \
+    site_params, unique_name
 
 HETCONV2D = torch.ops.fxeff.hetconv2d.default
 _ROLE = "fxeff_hetconv"  # node.meta key marking the nodes this pass inserted
@@ -115,9 +115,7 @@ def _rewrite(gm: fx.GraphModule, kind: str, site: ConvSite, module: hetconv_nn.H
 def _layer_error(module: hetconv_nn.HetConv2d, x: torch.Tensor, y: torch.Tensor) -> float:
     """||hetconv(x) - conv(x)|| / ||conv(x)|| on the conv's own input."""
     with torch.no_grad():
-        diff = float((module(x).double() - y.double()).norm())
-        norm = float(y.double().norm())
-    return diff / norm if norm else (0.0 if diff == 0.0 else float("inf"))
+        return relative_error(module(x), y)
 
 
 def hetconv_pass(gm: fx.GraphModule, config: HetConv, context: PassContext) -> Report:

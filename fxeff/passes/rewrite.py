@@ -90,6 +90,16 @@ def output_nodes(gm: fx.GraphModule) -> List[fx.Node]:
     return found
 
 
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """||approx - exact|| / ||exact|| in float64 (0 when both are 0, inf when only exact is)."""
+    with torch.no_grad():
+        diff = float((approx.double() - exact.double()).norm())
+        norm = float(exact.double().norm())
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / norm
+
+
 def relative_output_error(before: Dict[fx.Node, Any], after: Dict[fx.Node, Any], nodes_before: List[fx.Node],
                            nodes_after: List[fx.Node]) -> Optional[float]:
     pairs = [(before[a], after[b]) for a, b in zip(nodes_before, nodes_after)

@@ -47,7 +47,7 @@ from .config import PassConfig, PassContext, register_pass_config
 from .graph import TORCH_CONVS, EXPORT, SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, graph_kind
 from .measure import fake_mode_of
 from .rewrite import fake_key_and_mode, finish_report, new_attr, param_value, propagate_fake, record_before, \
-    site_params, unique_name
+    relative_error, site_params, unique_name
 
 aten = torch.ops.aten
 INIT_RULES = ("lstsq", "max_tap")
@@ -232,11 +232,7 @@ def _relative_error(module: nn.Module, init: _Init, x: torch.Tensor, y: torch.Te
     with torch.no_grad():
         z = module(x).double()
         view = (1, -1) + (1,) * (z.dim() - 2)
-        diff = float((z * init.scale.view(view) + init.offset.view(view) - y.double()).norm())
-        norm = float(y.double().norm())
-    if norm == 0.0:
-        return 0.0 if diff == 0.0 else math.inf
-    return diff / norm
+        return relative_error(z * init.scale.view(view) + init.offset.view(view), y)
 
 
 # ---------------------------------------------------------------- graph editing helpers
@@ -455,7 +451,6 @@ def _rewrite(gm: fx.GraphModule, kind: str, site: ConvSite, config: Shift, init:
     """Replaces the conv; returns (where the scale went, whether it stayed an explicit multiply-add)."""
     base = f"fxeff_shift_{site.name}"
     key, fake_mode = fake_key_and_mode(site)
-    _set_shifts(module, init.shifts)
     z, new = _emit_shift(gm, kind, site, module, config, base)
     folded, description = _fold(gm, site, init, inputs, base)
     explicit = folded is None
