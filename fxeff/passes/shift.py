@@ -180,7 +180,8 @@ class _Init:
 def _max_tap(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
     flat = weight.detach().double().reshape(weight.shape[0], -1)
     best = flat.abs().argmax(dim=1)
-    offset = bias.detach().double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    offset = (bias.detach().double() if bias is not None
+              else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device))
     return best, flat.gather(1, best[:, None])[:, 0], offset
 
 
@@ -206,7 +207,7 @@ def _lstsq(module: nn.Module, x: torch.Tensor, y: torch.Tensor, taps: torch.Tens
         means.append(mz)
     errors, scales, means = torch.stack(errors), torch.stack(scales), torch.stack(means)
     best = errors.argmin(dim=0)
-    picked = torch.arange(channels)
+    picked = torch.arange(channels, device=y.device)
     scale = scales[best, picked]
     degenerate = torch.isinf(errors[best, picked])
     if degenerate.any():
@@ -224,7 +225,7 @@ def _initialise(config: Shift, module: nn.Module, weight: torch.Tensor, bias: Op
             best, scale, offset = _max_tap(weight, bias)
         else:
             best, scale, offset = _lstsq(module, x, y, taps, weight, bias)
-    return _Init(shifts=taps[best].to(weight.dtype), scale=scale, offset=offset)
+    return _Init(shifts=taps.to(best.device)[best].to(weight.dtype), scale=scale, offset=offset)
 
 
 def _relative_error(module: nn.Module, init: _Init, x: torch.Tensor, y: torch.Tensor) -> float:
