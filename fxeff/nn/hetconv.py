@@ -103,15 +103,22 @@ class HetConv2d(nn.Module):
             raise ValueError(f"{where}: conv.padding must be ints, got {conv.padding!r}")
         if init not in INITS:
             raise ValueError(f"{where}: init must be one of {INITS}, got {init!r}")
-        n, m, kh, kw = conv.weight.shape
-        module = cls(m, n, (kh, kw), part, conv.stride, conv.padding, conv.dilation, conv.bias is not None,
-                     device=conv.weight.device, dtype=conv.weight.dtype)
+        return cls.from_weight(conv.weight, conv.bias, part, conv.stride, conv.padding, conv.dilation, init)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias, part: int, stride=1, padding=0, dilation=1,
+                    init: str = "sum") -> "HetConv2d":
+        """A HetConv2d approximating the conv with dense ``weight`` [N, M, K, K] and ``bias`` (see from_conv);
+        new parameters, the tensors are copied."""
+        n, m, kh, kw = weight.shape
+        module = cls(m, n, (kh, kw), part, stride, padding, dilation, bias is not None, device=weight.device,
+                     dtype=weight.dtype)
         with torch.no_grad():
-            weight_kxk, weight_1x1 = compact_weights(conv.weight, part, init)
+            weight_kxk, weight_1x1 = compact_weights(weight.detach(), part, init)
             module.weight_kxk.copy_(weight_kxk)
             module.weight_1x1.copy_(weight_1x1)
-            if conv.bias is not None:
-                module.bias.copy_(conv.bias)
+            if bias is not None:
+                module.bias.copy_(bias.detach())
         return module
 
     def extra_repr(self) -> str:

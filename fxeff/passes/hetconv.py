@@ -131,15 +131,9 @@ def hetconv_pass(gm: fx.GraphModule, config: HetConv, context: PassContext) -> R
         if reason is not None:
             site_reports.append(SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "hetconv"))
             continue
-        n, m, k, _ = site.weight_shape
-        module = hetconv_nn.HetConv2d(m, n, k, config.part, site.stride, site.padding, site.dilation,
-                                      bias=bias is not None, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            weight_kxk, weight_1x1 = hetconv_nn.compact_weights(weight.detach(), config.part, config.init)
-            module.weight_kxk.copy_(weight_kxk)
-            module.weight_1x1.copy_(weight_1x1)
-            if bias is not None:
-                module.bias.copy_(bias.detach())
+        n = site.weight_shape[0]
+        module = hetconv_nn.HetConv2d.from_weight(weight, bias, config.part, site.stride, site.padding, site.dilation,
+                                                  config.init)
         error = None if recorded.fake else _layer_error(module, recorded.values[site.input],
                                                         recorded.values[site.node])
         out_shape = concrete_shape(site.node)
