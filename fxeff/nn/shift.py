@@ -79,7 +79,8 @@ def fused_pad_and_pool(pad: List[int], pool: List[int], dims: int) -> Tuple[List
 
 @torch.fx.wrap
 def dw_emulation(x: torch.Tensor, pad: List[int], pool: List[int], where: str) -> torch.Tensor:
-    """Crops/zero-pads by ``pad`` then average-pools (kernel = stride = ``pool``, ceil_mode) the shifted x.
+    """Crops/zero-pads by ``pad`` then average-pools (kernel = stride = ``pool``, ceil_mode) the shifted,
+    quantized x (the quantized shift modules; float layers run the fused ``fxeff.ops.shift_pool``).
 
     A torch.fx leaf so that plain symbolic_trace keeps the size check (an input too small for the
     emulated conv is an error, as it is for the conv) out of the traced graph's Python.
@@ -94,7 +95,10 @@ def dw_emulation(x: torch.Tensor, pad: List[int], pool: List[int], where: str) -
                                  f"(output size {size} < 1)")
         x = F.pad(x, pad)
     if len(pool) > 0:
-        x = _quantized_window_mean(x, pool) if x.is_quantized else window_mean(x, pool)
+        if not x.is_quantized:
+            raise TypeError(f"{where}: dw_emulation pools quantized tensors; float shift layers use "
+                            f"fxeff.ops.shift_pool, got {x.dtype}")
+        x = _quantized_window_mean(x, pool)
     return x
 
 
@@ -106,29 +110,9 @@ def _avg_pool(x: torch.Tensor, kernel: List[int], stride: List[int], ceil_mode: 
     return F.avg_pool3d(x, kernel, stride, 0, ceil_mode)
 
 
-def window_mean(x: torch.Tensor, pool: List[int]) -> torch.Tensor:
-    """avg_pool(kernel = stride = pool, ceil_mode=True) over the last len(pool) dims: windows clipped at the end.
-
-    Written as floor-mode pooling of x zero-padded to whole windows, rescaled by s / (real elements)
-    per dim, because ceil_mode's shape rule puts guards on symbolic sizes that torch.export cannot
-    prove (dynamic H, W would fail to export).
-    """
-    first = x.dim() - len(pool)
-    sizes = [x.shape[first + i] for i in range(len(pool))]
-    outs = [(size + s - 1) // s for size, s in zip(sizes, pool)]
-    pad: List[int] = []
-    for i in range(len(pool) - 1, -1, -1):  # F.pad lists the last dim first
-        pad += [0, outs[i] * pool[i] - sizes[i]]
-    x = _avg_pool(F.pad(x, pad), pool, pool, False)
-    scale = torch.ones(1, dtype=x.dtype, device=x.device)
-    for i in range(len(pool)):
-        counts = (sizes[i] - pool[i] * torch.arange(outs[i], device=x.device)).clamp(max=pool[i])
-        scale = scale * (pool[i] / counts.to(x.dtype)).reshape([outs[i]] + [1] * (len(pool) - 1 - i))
-    return x * scale
-
-
 def _quantized_window_mean(x: torch.Tensor, pool: List[int]) -> torch.Tensor:
-    """window_mean for quantized tensors: torch's quantized avg_pool (ceil_mode) rounds once."""
+    """Means over windows = strides = pool (the last clipped) of a quantized tensor: torch's quantized
+    avg_pool with ceil_mode (it rounds once more than the float result)."""
     first = x.dim() - len(pool)
     # avg_pool3d refuses a kernel longer than the input: such a dim has one window, the whole length
     kernel = [min(s, x.shape[first + i]) for i, s in enumerate(pool)]
