@@ -49,7 +49,7 @@ namespace fxeff {
 namespace ops {
 namespace {
 
-// Forced strategy (0 auto, 1 gemm, 2 grouped) and pixels per chunk (0 = the kernel's pick): tests and benchmarks.
+// Forced strategy (0 auto, 1 gemm, 2 grouped, 3 direct) and pixels per chunk (0 = the kernel's pick): tests and benchmarks.
 std::atomic<int> forced_strategy{0};
 std::atomic<int64_t> forced_chunk{0};
 const char* const kStrategies[] = {"auto", "gemm", "grouped", "direct"};
@@ -67,15 +67,12 @@ std::string set_strategy(c10::string_view strategy, int64_t chunk) {
   return kStrategies[forced_strategy.exchange(index)];
 }
 
-// Pixels per chunk: the chunk's im2col of one block (M/P * (K*K-1) values per pixel) around 256 KiB so that it
-// stays in L2 between its gather and its GEMM, at least 64 pixels (GEMM width), and enough chunks to keep every
-// thread busy.
-int64_t pick_chunk(const HetGeometry& g, int64_t per_pixel_values, int64_t elem, int64_t total_pixels) {
+// Pixels per chunk: 1024 (measured: wider chunks are faster up to ~1024 pixels whatever the im2col's size, the
+// GEMM width matters more than keeping the chunk's im2col in L2), fewer when needed to give every thread
+// about 4 chunks, at least 32.
+int64_t pick_chunk(int64_t total_pixels) {
   const int64_t forced = forced_chunk.load();
   if (forced > 0) return forced;
-  // Measured: wider chunks are faster up to ~1024 pixels whatever the im2col's size (GEMM width matters more
-  // than keeping the chunk's im2col in L2).
-  (void)per_pixel_values; (void)elem;
   int64_t chunk = 1024;
   const int64_t threads = at::get_num_threads();
   const int64_t want = threads > 1 ? 4 * threads : 1;
@@ -285,7 +282,7 @@ void run_direct(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc,
   const int64_t tstride = (g.wo + 47) / 48 * 48 + span_w + 16;
   const int64_t l2_rows = (256 << 10) / (4 * g.mb * tstride) - span_h;
   const int64_t rows_per_chunk = std::max<int64_t>(
-      1, std::min({g.ho, l2_rows, (pick_chunk(g, 0, 4, g.n * hw) + g.wo / 2) / g.wo}));
+      1, std::min({g.ho, l2_rows, (pick_chunk(g.n * hw) + g.wo / 2) / g.wo}));
   const int64_t chunks_per_image = (g.ho + rows_per_chunk - 1) / rows_per_chunk, items = g.n * chunks_per_image;
   const int64_t trows = rows_per_chunk + span_h;
   const int64_t cstride = trows * tstride;
@@ -406,7 +403,7 @@ template <typename T>
 void run_nchw(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc, const at::Tensor& woff,
               const c10::optional<at::Tensor>& bias_col, at::Tensor& out, const HetGeometry& g) {
   const int64_t taps = g.taps(), hw = g.ho * g.wo;
-  const int64_t chunk = pick_chunk(g, g.mb * taps, x.element_size(), g.n * hw);
+  const int64_t chunk = pick_chunk(g.n * hw);
   const int64_t rows_per_chunk = std::max<int64_t>(1, std::min(g.ho, (chunk + g.wo / 2) / g.wo));
   const int64_t chunks_per_image = (g.ho + rows_per_chunk - 1) / rows_per_chunk, items = g.n * chunks_per_image;
   std::vector<ColRange> cr(g.k);
@@ -452,7 +449,7 @@ void run_cl(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc, con
     }
   }
   if (taps == 0) return;
-  const int64_t chunk = pick_chunk(g, g.m * taps, x.element_size(), total);
+  const int64_t chunk = pick_chunk(total);
   const int64_t items = (total + chunk - 1) / chunk;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
   const auto buf_opts = x.options().memory_format(at::MemoryFormat::Contiguous);
