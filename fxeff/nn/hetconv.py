@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._utils import pair
+from ..ops.hetconv2d import block_columns
 from ._notrace import register_notrace_module
 
 INITS = ("centre", "sum")
@@ -21,9 +22,8 @@ INITS = ("centre", "sum")
 
 def own_block_mask(out_channels: int, in_channels: int, part: int) -> torch.Tensor:
     """bool [N, M]: True where input channel c lies in filter j's KxK block g = floor(j * P / N)."""
-    block = torch.arange(in_channels) // (in_channels // part)
-    group = torch.arange(out_channels) * part // out_channels
-    return block[None, :] == group[:, None]
+    own, _ = block_columns(out_channels, in_channels, part, "cpu")
+    return torch.zeros(out_channels, in_channels, dtype=torch.bool).scatter(1, own, True)
 
 
 def _check_sizes(where: str, in_channels: int, out_channels: int, kernel_size: Tuple[int, int], part: int) -> None:
@@ -137,6 +137,6 @@ def compact_weights(weight: torch.Tensor, part: int, init: str = "sum") -> Tuple
     if init not in INITS:
         raise ValueError(f"fxeff.nn.hetconv.compact_weights: init must be one of {INITS}, got {init!r}")
     n, m, kh, kw = weight.shape
-    own = own_block_mask(n, m, part).to(weight.device)
+    own, other = block_columns(n, m, part, weight.device)
     single = weight[:, :, kh // 2, kw // 2] if init == "centre" else weight.sum((2, 3))
-    return weight[own].reshape(n, m // part, kh, kw), single[~own].reshape(n, m - m // part)
+    return weight.gather(1, own[:, :, None, None].expand(n, m // part, kh, kw)), single.gather(1, other)

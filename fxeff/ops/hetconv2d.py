@@ -30,7 +30,7 @@ def hetconv2d(x: torch.Tensor, weight_kxk: torch.Tensor, weight_1x1: torch.Tenso
                                      pair("padding", "hetconv2d", padding), pair("dilation", "hetconv2d", dilation))
 
 
-def _block_columns(n_filters: int, channels: int, part: int, device) -> tuple:
+def block_columns(n_filters: int, channels: int, part: int, device) -> tuple:
     """Column indices into [N, M]: each filter's own block [N, M/P] and the other channels [N, M - M/P], in order."""
     mb, ob = channels // part, n_filters // part
     block = (torch.arange(n_filters, device=device) // ob).unsqueeze(1)
@@ -58,7 +58,7 @@ def hetconv_centre_matrix(weight_kxk: torch.Tensor, weight_1x1: torch.Tensor, pa
     """The centre taps of the dense kernel as [N, M] (differentiable in both weights)."""
     n, mb, k, _ = weight_kxk.shape
     m = mb * part
-    own, other = _block_columns(n, m, part, weight_kxk.device)
+    own, other = block_columns(n, m, part, weight_kxk.device)
     centre = weight_kxk[:, :, k // 2, k // 2]
     wc = weight_kxk.new_zeros((n, m))
     return wc.scatter(1, other, weight_1x1).scatter(1, own, centre)
@@ -69,7 +69,7 @@ def hetconv_dense_weight(weight_kxk: torch.Tensor, weight_1x1: torch.Tensor, par
     _check_weights(weight_kxk, weight_1x1, part)
     n, mb, k, _ = weight_kxk.shape
     m = mb * part
-    own, _ = _block_columns(n, m, part, weight_kxk.device)
+    own, _ = block_columns(n, m, part, weight_kxk.device)
     c = k // 2
     off = weight_kxk.clone()
     off[:, :, c, c] = 0
@@ -152,7 +152,7 @@ def _backward(ctx, grad_out):
         grad_x = grad_x.contiguous(memory_format=memory_format_of(x))
     if need_wk or need_w1:
         gwc = gwc.reshape(n, mb * part)
-        own, other = _block_columns(n, mb * part, part, x.device)
+        own, other = block_columns(n, mb * part, part, x.device)
         if need_wk:
             grad_wk = gwk.clone()
             grad_wk[:, :, c, c] = gwc.gather(1, own)
