@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxeff-installed
 SOURCES := $(wildcard csrc/ops/*.cpp csrc/ops/*.h csrc/ops/cpu/*.cpp csrc/ops/cuda/*.cu)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup data demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,21 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(SOURCES)
 
 setup: $(STAMP)
 
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (no download at run time); installed
+# as root, or with sudo when that needs no password; FXEFF_FASHION_MNIST_DIR points to another copy.
+FASHION_MNIST_DIR ?= $(or $(FXEFF_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
+data:
+	@if [ ! -f "$(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz" ]; then \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist \
+	  || { echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (or set FXEFF_FASHION_MNIST_DIR)"; exit 1; }; \
+	fi
+
 demo: setup
 	$(BIN)/fxeff demo
 
-test: setup
+test: setup data
 	$(BIN)/python -m pytest -q -ra tests
 
 bench: setup

@@ -55,6 +55,17 @@ def interleaved(fns: Sequence[Callable[[], object]], runs: int, warmup: int = 2)
     return [statistics.median(t) for t in times]
 
 
+def macs(fn: Callable[[], object]) -> int:
+    """MACs of one call of ``fn`` from torch.utils.flop_counter (FLOPs / 2; fxeff's ops count what they
+    compute: focused_conv2d only its active outputs, hetconv2d its KxK and 1x1 parts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() // 2
+
+
 def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[Column]) -> str:
     """Rows of dicts as a markdown table; floats with 3 significant digits, booleans as yes/NO."""
     def cell(v):

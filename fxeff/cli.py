@@ -1,4 +1,4 @@
-"""The ``fxeff`` command: ``demo | transform | bench | report``.
+"""The ``fxeff`` command: ``demo | transform | bench | report | train``.
 
 ``fxeff demo`` is the project's main job: EfficientNet-Lite0 with its real ImageNet weights on
 scikit-image's real photos; it calibrates the AoI threshold, focuses the model with
@@ -11,10 +11,9 @@ import runpy
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import bench
 
@@ -94,14 +93,6 @@ class _Setup:
                 f"threshold {self.threshold:.6g} ({target})")
 
 
-def _macs(fn: Callable[[], object]) -> int:
-    """MACs of one call of ``fn`` from torch.utils.flop_counter (FLOPs / 2; fxeff's ops count active outputs)."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fn()
-    return counter.get_total_flops() // 2
-
-
 # ---------------------------------------------------------------- demo
 
 DEMO_COLUMNS = (("image", "image"), ("aoi_fraction", "AoI"), ("top1_dense", "top-1 dense"),
@@ -132,8 +123,8 @@ def demo(args: argparse.Namespace) -> Dict[str, object]:
             p_dense = setup.model(x).softmax(-1)[0]
             p_focused = setup.focused(x).softmax(-1)[0]
         c_dense, c_focused = int(p_dense.argmax()), int(p_focused.argmax())
-        macs_dense = _macs(lambda: setup.model(x))
-        macs_focused = _macs(lambda: setup.focused(x))
+        macs_dense = bench.macs(lambda: setup.model(x))
+        macs_focused = bench.macs(lambda: setup.focused(x))
         s_dense, s_focused = bench.interleaved([lambda: setup.model(x), lambda: setup.focused(x)], args.runs)
         aoi = float(masks[i].float().mean())
         png = os.path.join(args.out, f"{i:02d}_{name}_aoi.png")
@@ -233,6 +224,17 @@ def bench_command(args: argparse.Namespace) -> None:
         sys.argv, sys.path[:] = saved_argv, saved_path
 
 
+def train_command(args: argparse.Namespace) -> None:
+    """Trains one reference model (fxeff.training.train_reference) and prints its metrics."""
+    from . import training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    metrics = training.train_reference(args.arch, args.dataset, epochs=args.epochs, out=args.out, limit=args.limit,
+                                       seed=args.seed)
+    print(json.dumps(metrics, indent=1))
+
+
 # ---------------------------------------------------------------- entry
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", action="store_true", help="(first) the whole-model benchmark instead of the one-layer "
                                                          "one; every other argument goes to the script")
     p.set_defaults(func=bench_command, rest=[])
+
+    from .reference import ARCHS, DATASETS
+
+    p = sub.add_parser("train", help="train a reference model (VGG / ResNet-20 / MobileNetV2 on (Cluttered) "
+                                     "Fashion-MNIST) from its fixed seed")
+    p.add_argument("arch", choices=ARCHS)
+    p.add_argument("dataset", choices=DATASETS)
+    p.add_argument("--epochs", type=_positive_int, default=None, help="default: the recipe's (fxeff.training.RECIPES)")
+    p.add_argument("--out", default=None, help="state_dict file (default: the committed checkpoint, fxeff/checkpoints)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="train on the first N images only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
+    p.set_defaults(func=train_command)
     return parser
 
 

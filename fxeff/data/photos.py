@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .models import Preprocessing
+from ..models import Preprocessing
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:

@@ -1,0 +1,162 @@
+"""The reference models: small trained CNNs of three families (VGG, ResNet, MobileNetV2) on Fashion-MNIST
+and Cluttered Fashion-MNIST, whose checkpoints ship with fxeff, so every pass's accuracy cost is measured
+on real trained weights, offline.
+
+``build(arch, dataset)`` makes the architecture; ``load(arch, dataset)`` adds its committed weights
+(``fxeff/checkpoints/<arch>-<dataset>.pt``, a plain state_dict read with ``weights_only=True``);
+``fxeff train ARCH DATASET`` (``fxeff.training.train_reference``) retrains one from its fixed seed.
+On the cluttered canvases a stride-2 stem keeps the cost near that of the 28x28 models.
+"""
+import dataclasses
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+ARCHS = ("vgg", "resnet20", "mobilenetv2")
+DATASETS = ("fashion-mnist", "cluttered-fashion-mnist")
+CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What a reference model of a dataset takes: ``size`` x ``size`` grey images, ``stem_stride``."""
+
+    size: int
+    stem_stride: int
+    num_classes: int = 10
+
+
+DATASET_SPECS: Dict[str, DatasetSpec] = {
+    "fashion-mnist": DatasetSpec(size=28, stem_stride=1),
+    "cluttered-fashion-mnist": DatasetSpec(size=64, stem_stride=2),
+}
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> List[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class VGGSmall(nn.Module):
+    """VGG-style: three stages of two 3x3 conv-BN-ReLU (``width``, 2x, 4x channels) with max-pools
+    between, global average pooling and one linear classifier. torchvision's attribute names
+    (``features``, ``classifier``), so module names read like VGG's."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, stem_stride: int = 1, width: int = 32):
+        super().__init__()
+        layers = _conv_bn_relu(in_channels, width, stem_stride) + _conv_bn_relu(width, width)
+        layers += [nn.MaxPool2d(2)] + _conv_bn_relu(width, 2 * width) + _conv_bn_relu(2 * width, 2 * width)
+        layers += [nn.MaxPool2d(2)] + _conv_bn_relu(2 * width, 4 * width) + _conv_bn_relu(4 * width, 4 * width)
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class ResNet20(nn.Module):
+    """CIFAR-style ResNet-20 (He et al. 2016, section 4.2): a 3x3 stem, three stages of three
+    torchvision BasicBlocks with 16, 32, 64 channels (stride 2 at stages 2 and 3, 1x1 conv + BN
+    projection shortcuts there), global average pooling, a linear classifier."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, stem_stride: int = 1, blocks: int = 3):
+        from torchvision.models.resnet import BasicBlock
+
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=stem_stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        stages, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            units = []
+            for b in range(blocks):
+                s = stride if b == 0 else 1
+                down = None
+                if s != 1 or cin != cout:
+                    down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=s, bias=False), nn.BatchNorm2d(cout))
+                units.append(BasicBlock(cin, cout, stride=s, downsample=down))
+                cin = cout
+            stages.append(nn.Sequential(*units))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def mobilenet_v2_small(num_classes: int = 10, in_channels: int = 1, stem_stride: int = 1,
+                       width_mult: float = 0.5) -> nn.Module:
+    """torchvision's MobileNetV2 with a width multiplier, a small-image stem (a 3x3 conv of
+    ``in_channels`` with ``stem_stride``) and the ImageNet stages cut to a total stride of 8 for 28x28
+    inputs (t, c, n, s as in the paper's table 2), with a 512-wide last 1x1 conv."""
+    from torchvision.models import MobileNetV2
+
+    setting = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 3, 2], [6, 96, 2, 1], [6, 160, 2, 2]]
+    model = MobileNetV2(num_classes=num_classes, width_mult=width_mult, inverted_residual_setting=setting)
+    stem = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, stride=stem_stride, padding=1, bias=False)
+    last = model.features[-1]
+    last_width = 512
+    model.features[-1] = type(last)(last[0].in_channels, last_width, kernel_size=1, norm_layer=nn.BatchNorm2d,
+                                    activation_layer=nn.ReLU6)
+    model.classifier[-1] = nn.Linear(last_width, num_classes)
+    model.last_channel = last_width
+    return model
+
+
+_BUILDERS: Dict[str, Callable[..., nn.Module]] = {"vgg": VGGSmall, "resnet20": ResNet20,
+                                                  "mobilenetv2": mobilenet_v2_small}
+
+
+def _check(arch: str, dataset: str, caller: str) -> DatasetSpec:
+    if arch not in ARCHS:
+        raise ValueError(f"fxeff.reference.{caller}: arch must be one of {ARCHS}, got {arch!r}")
+    if dataset not in DATASETS:
+        raise ValueError(f"fxeff.reference.{caller}: dataset must be one of {DATASETS}, got {dataset!r}")
+    return DATASET_SPECS[dataset]
+
+
+def build(arch: str, dataset: str) -> nn.Module:
+    """The untrained reference architecture ``arch`` for ``dataset`` (grey inputs, 10 classes)."""
+    spec = _check(arch, dataset, "build")
+    return _BUILDERS[arch](num_classes=spec.num_classes, in_channels=1, stem_stride=spec.stem_stride)
+
+
+def checkpoint_path(arch: str, dataset: str) -> str:
+    """Where the committed weights of ``arch`` on ``dataset`` live."""
+    _check(arch, dataset, "checkpoint_path")
+    return os.path.join(CHECKPOINT_DIR, f"{arch}-{dataset}.pt")
+
+
+def load(arch: str, dataset: str, checkpoint: Optional[str] = None) -> nn.Module:
+    """The trained reference model in eval mode: ``build(arch, dataset)`` with the weights of
+    ``checkpoint`` (default: the committed ``checkpoint_path(arch, dataset)``)."""
+    path = checkpoint or checkpoint_path(arch, dataset)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"fxeff.reference.load: no checkpoint for {arch} on {dataset} at {path}; "
+                                f"train it with `fxeff train {arch} {dataset}`")
+    model = build(arch, dataset)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def dataset(name: str, split: str, limit: Optional[int] = None, augment: bool = False,
+            root: Optional[str] = None) -> torch.utils.data.Dataset:
+    """The ``split`` of dataset ``name`` (one of DATASETS) as fxeff.data builds it; ``augment`` (training
+    only) flips and shifts plain Fashion-MNIST items; cluttered items are already placed at random."""
+    from . import data
+
+    if name not in DATASETS:
+        raise ValueError(f"fxeff.reference.dataset: name must be one of {DATASETS}, got {name!r}")
+    if name == "fashion-mnist":
+        return data.FashionMNIST(split, root=root, limit=limit, augment=augment)
+    return data.ClutteredFashionMNIST(split, canvas=DATASET_SPECS[name].size, root=root, limit=limit)
+
+
+__all__ = ["ARCHS", "DATASETS", "DATASET_SPECS", "CHECKPOINT_DIR", "VGGSmall", "ResNet20", "mobilenet_v2_small",
+           "build", "checkpoint_path", "load", "dataset"]
