@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxeff-installed
 SOURCES := $(wildcard csrc/ops/*.cpp csrc/ops/*.h csrc/ops/cpu/*.cpp csrc/ops/cuda/*.cu)
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test bench accuracy clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: setup
 	$(BIN)/python benchmarks/focus.py
 	$(BIN)/python benchmarks/shift.py
 	$(BIN)/python benchmarks/hetconv.py
+
+# docs/accuracy.md and its plots (trained reference models, every pass, recovery fine-tuning; about an hour on 2 cores)
+accuracy: setup data
+	$(BIN)/python benchmarks/accuracy.py
 
 clean:
 	rm -rf build *.egg-info fxeff/_C*.so

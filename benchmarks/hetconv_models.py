@@ -1,5 +1,9 @@
-"""Whole models before/after the HetConv pass: which init approximates the convs better on real photos,
-and eager latency and MACs of VGG16 at 224 with P=4.
+"""Whole models before/after the HetConv pass: which init approximates the convs better (on trained
+reference models and on real photos), and eager latency and MACs of VGG16 at 224 with P=4.
+
+Part 0 (init, trained weights): fxeff's reference models (fxeff.reference: VGG-style and ResNet-20 trained
+on Fashion-MNIST and Cluttered Fashion-MNIST), for each P and init: the per-layer and model output
+errors on test images and the test accuracy right after the rewrite (no fine-tuning).
 
 Part 1 (init): for each model and init ("centre", "sum"), the pass's per-layer relative output error
 ||hetconv(x) - conv(x)|| / ||conv(x)|| on each layer's own input from real photos (scikit-image), and
@@ -7,7 +11,7 @@ the whole model's output error (before fine-tuning). Part 2 (latency): the model
 rewrite timed in turn (medians), with FlopCounterMode MACs.
 
     python benchmarks/hetconv_models.py [--models vgg16,resnet50] [--part 4] [--size 224] [--runs 10]
-        [--threads 2] [--json out.json] [--markdown out.md]
+        [--reference-images 2000] [--threads 2] [--json out.json] [--markdown out.md]
 """
 import argparse
 import statistics
@@ -15,8 +19,33 @@ import statistics
 import torch
 
 import fxeff
-from fxeff import data, models
+from fxeff import data, models, reference, training
 from fxeff.bench import model_before_after, report
+
+
+def _model_error(rep) -> str:
+    return next((n.split(": ")[-1] for n in rep.notes if n.startswith("model output")), "n/a")
+
+
+def reference_init_rows(parts, images: int):
+    rows = []
+    for dataset in reference.DATASETS:
+        test = reference.dataset(dataset, "test", limit=images)
+        x = torch.stack([test[i][0] for i in range(min(64, len(test)))])
+        loader = training.loader(test, 500, False)
+        for arch in ("vgg", "resnet20"):
+            model = reference.load(arch, dataset)
+            original = training.accuracy(model, loader)
+            for part in parts:
+                for init in ("centre", "sum"):
+                    rewritten = fxeff.transform(model, x, [fxeff.HetConv(part=part, init=init)])
+                    errors = [s.error for s in rewritten.fxeff_report.rewritten]
+                    rows.append({"model": arch, "dataset": dataset, "P": part, "init": init, "layers": len(errors),
+                                 "mean layer error": statistics.mean(errors), "max layer error": max(errors),
+                                 "model output error": _model_error(rewritten.fxeff_report),
+                                 "original acc. %": 100 * original,
+                                 "acc. after rewrite %": 100 * training.accuracy(rewritten, loader)})
+    return rows
 
 
 def init_rows(names, part: int, size: int):
@@ -29,7 +58,7 @@ def init_rows(names, part: int, size: int):
         for init in ("centre", "sum"):
             rep = fxeff.transform(model, x, [fxeff.HetConv(part=part, init=init)]).fxeff_report
             errors = [s.error for s in rep.rewritten]
-            model_error = next((n.split(": ")[-1] for n in rep.notes if n.startswith("model output")), "n/a")
+            model_error = _model_error(rep)
             rows.append({"model": name, "weights": weights, "photos": len(photos), "init": init,
                          "layers": len(errors), "mean layer error": statistics.mean(errors),
                          "max layer error": max(errors), "model output error": model_error})
@@ -52,15 +81,24 @@ def main(argv=None) -> None:
     parser.add_argument("--part", type=int, default=4)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--reference-images", type=int, default=2000,
+                        help="test images per reference model (0 skips part 0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="")
     parser.add_argument("--markdown", default="")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    text = ""
+    if args.reference_images:
+        with torch.no_grad():
+            rows = reference_init_rows((2, 4, 8), args.reference_images)
+        text = report(f"HetConv init on the trained reference models ({args.reference_images} test images each): "
+                      "errors and accuracy before fine-tuning", rows, list(rows[0].keys()),
+                      args.json.replace(".json", "_reference_init.json") if args.json else "") + "\n\n"
     with torch.no_grad():
         rows = init_rows(args.models.split(","), args.part, args.size)
-    text = report(f"HetConv init on real photos, P={args.part}: relative output error before fine-tuning", rows,
+    text += report(f"HetConv init on real photos, P={args.part}: relative output error before fine-tuning", rows,
                   list(rows[0].keys()), args.json.replace(".json", "_init.json") if args.json else "")
     rows = latency_rows(args.latency_models.split(","), args.part, args.size, args.runs)
     text += "\n\n" + report("Whole model, eager, batch 1, before/after the HetConv pass", rows, list(rows[0].keys()),

@@ -118,9 +118,8 @@ def finetune(student: nn.Module, teacher: nn.Module, loader: torch.utils.data.Da
     ``loader`` yields (images, labels) or (images,); the labels add (1 - alpha) * cross-entropy.
     ``features``: {student_module_name: teacher_module_name} (or a list of names used for both) whose
     outputs, captured with forward hooks, add ``feature_weight`` * MSE each (shapes must match).
-    ``student`` may be a DistributedDataParallel wrapper (use a DistributedSampler loader; call the
-    GraphModule's ``delete_all_unused_submodules()`` before wrapping it, since the layers a pass
-    replaced stay on it and DDP refuses parameters that get no gradient); the
+    ``student`` may be a DistributedDataParallel wrapper (use a DistributedSampler loader; every
+    parameter must take part in the forward, as in what fxeff.transform returns); the
     teacher is moved to the student's device, put in eval mode with frozen parameters for the call,
     and given back as it was. The student must not share weights with the teacher: fxeff.transform's
     GraphModule shares the model's, so transform a copy (``fxeff.transform(copy.deepcopy(model), ...)``).
@@ -149,7 +148,7 @@ def finetune(student: nn.Module, teacher: nn.Module, loader: torch.utils.data.Da
             raise ValueError(
                 f"fxeff.finetune: a DistributedDataParallel student expected every parameter to take part in the "
                 f"forward, got {len(dead)} its graph never reads ({', '.join(dead[:5])}"
-                f"{', ...' if len(dead) > 5 else ''}: the layers a pass replaced stay on the GraphModule). Call "
+                f"{', ...' if len(dead) > 5 else ''}). Call "
                 f"student.delete_all_unused_submodules() before wrapping it in DistributedDataParallel")
     pairs = _feature_pairs(features)
     hooks_on = [(_submodule(bare, s, "student"), _submodule(teacher, t, "teacher")) for s, t in pairs]

@@ -52,7 +52,8 @@ def fit(model: nn.Module, loader: torch.utils.data.DataLoader, loss_fn: LossFn, 
         channels_last: bool = True, progress: bool = True, description: str = "fxeff.fit",
         on_epoch_end: Optional[Callable[[int, float], None]] = None) -> Dict[str, list]:
     """Trains ``model`` in place for ``epochs`` with SGD (Nesterov momentum, weight decay on weights,
-    none on BatchNorm/bias) and a one-cycle learning rate peaking at ``lr``; ``loss_fn(model, batch)``
+    none on BatchNorm/bias) and a one-cycle learning rate peaking at ``lr`` (runs of one or two steps:
+    ``lr`` throughout); ``loss_fn(model, batch)``
     returns the loss of one batch (already on the model's device). Saves the weights to ``checkpoint``
     after each epoch when given. Returns {"loss": mean loss per epoch, "seconds": per epoch}."""
     from tqdm.auto import tqdm
@@ -71,8 +72,12 @@ def fit(model: nn.Module, loader: torch.utils.data.DataLoader, loss_fn: LossFn, 
     no_decay = [p for p in params if p.dim() <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=momentum, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader),
-                                                    pct_start=0.25)
+    steps = epochs * len(loader)
+    if steps >= 3:  # a quarter of the steps warm up (at least 2: OneCycleLR divides by the warm-up length - 1)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
+                                                        pct_start=max(0.25, 2 / steps))
+    else:  # one or two steps make no cycle
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     history: Dict[str, list] = {"loss": [], "seconds": []}
     show = progress and _rank() == 0
     for epoch in range(epochs):

@@ -1,7 +1,9 @@
 """fxeff.transform: symbolic_trace a model, apply passes, return the GraphModule with its report.
 
 The returned GraphModule shares the model's parameters (rewritten convs read them through
-get_attr), so fine-tuning it trains the original weights. Models that torch.fx cannot trace
+get_attr), so fine-tuning it trains the original weights: transform a ``copy.deepcopy`` of the model
+to fine-tune against the original (fxeff.finetune refuses shared weights). Layers a pass replaced
+are deleted from the GraphModule, so its parameters are exactly those its graph uses. Models that torch.fx cannot trace
 symbolically (data-dependent control flow, ...) go through torch.compile instead, which runs the
 same passes on dynamo's graph.
 """
@@ -57,5 +59,6 @@ def transform(model: torch.nn.Module, example_inputs: Union[torch.Tensor, Sequen
                         f"got {type(example_inputs).__name__}")
     gm = trace(model)
     report = run_passes(gm, tuple(example_inputs), passes, model_class=type(model))
+    gm.delete_all_unused_submodules()  # the layers a pass replaced: no dead parameters for optimizers or DDP
     gm.fxeff_report = report
     return gm

@@ -1,0 +1,269 @@
+"""The accuracy report: what each pass costs in accuracy on the trained reference models, and what
+recovery fine-tuning gives back, beside the MACs and CPU latency it saves. ``benchmarks/accuracy.py``
+(``make accuracy``) runs it and writes docs/accuracy.md with its plots.
+
+Per reference model (fxeff.reference, on Fashion-MNIST and Cluttered Fashion-MNIST) and pass:
+- focus at thresholds calibrated for 10-50% mean AoI: no retraining (the weights are unchanged);
+- shift (sparse, active) where the model has depthwise convs, HetConv (P = 2, 4, 8) where it has
+  standard KxK convs: accuracy right after the rewrite, and after ``fxeff.finetune`` from the original;
+plus EfficientNet-Lite0 (real ImageNet weights) top-1 agreement with the original on the real photos.
+"""
+import copy
+import dataclasses
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import bench, reference, training
+
+AOI_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
+HETCONV_PARTS = (2, 4, 8)
+SHIFT_MODES = ("sparse", "active")
+# Where each reference family's AoI is taken: after the first conv-BN-ReLU (its activation is the
+# early-layer response that focused convolution thresholds).
+FOCUS_SPLITS = {"vgg": "features.2", "resnet20": "relu", "mobilenetv2": "features.0"}
+TARGETS = {"focus": 0.5, "shift sparse": 1.0, "hetconv P=4": 0.5}  # allowed drop, points of accuracy
+
+
+@dataclasses.dataclass
+class Settings:
+    """How much work the report does. The defaults are the documented run; tests shrink them."""
+
+    archs: Sequence[str] = reference.ARCHS
+    datasets: Sequence[str] = reference.DATASETS
+    eval_images: Optional[int] = None        # test images per accuracy (None: the whole test split)
+    calibration_images: int = 512            # training images that calibrate focus thresholds / init shift
+    finetune_epochs: int = 1
+    finetune_images: Optional[int] = 20000   # training images per fine-tuning epoch (None: all)
+    finetune_lr: float = 0.01
+    latency_batch: int = 16
+    latency_runs: int = 20
+    photos: bool = True                      # the EfficientNet-Lite0 agreement table
+    aoi_fractions: Sequence[float] = AOI_FRACTIONS
+    hetconv_parts: Sequence[int] = HETCONV_PARTS
+    shift_modes: Sequence[str] = SHIFT_MODES
+    progress: bool = True
+
+
+def _batch(dataset: torch.utils.data.Dataset, n: int) -> torch.Tensor:
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+
+
+def _latency_ratio(model: torch.nn.Module, rewritten: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
+    before, after = bench.interleaved([lambda: model(x), lambda: rewritten(x)], runs)
+    return after / before
+
+
+class _Context:
+    """One reference model with its data: the original's accuracy, MACs and inputs, computed once."""
+
+    def __init__(self, arch: str, dataset: str, settings: Settings):
+        self.arch, self.dataset, self.settings = arch, dataset, settings
+        self.model = reference.load(arch, dataset)
+        test = reference.dataset(dataset, "test", limit=settings.eval_images)
+        self.test_loader = training.loader(test, 500, False)
+        self.train = reference.dataset(dataset, "train")
+        self.calibration = _batch(self.train, settings.calibration_images)
+        self.timing_input = _batch(test, settings.latency_batch)
+        self.accuracy = training.accuracy(self.model, self.test_loader)
+        self.macs = bench.macs(lambda: self.model(self.timing_input))
+
+    def row(self, pass_name: str, setting: str, rewritten: torch.nn.Module) -> Dict[str, object]:
+        """The row of one rewrite, before any fine-tuning."""
+        rewritten.eval()
+        macs = bench.macs(lambda: rewritten(self.timing_input))
+        return {"model": self.arch, "dataset": self.dataset, "pass": pass_name, "setting": setting,
+                "original": self.accuracy, "rewritten": training.accuracy(rewritten, self.test_loader),
+                "MAC ratio": macs / self.macs,
+                "latency ratio": _latency_ratio(self.model, rewritten, self.timing_input, self.settings.latency_runs)}
+
+    def finetune(self, row: Dict[str, object], student: torch.nn.Module) -> None:
+        """Recovers ``student`` by distillation from the original and records the accuracy after."""
+        from .distill import finetune
+
+        s = self.settings
+        subset = self.train if s.finetune_images is None else torch.utils.data.Subset(
+            self.train, range(min(s.finetune_images, len(self.train))))
+        start = time.perf_counter()
+        finetune(student, self.model, training.loader(subset, 128, True), s.finetune_epochs, lr=s.finetune_lr,
+                 progress=s.progress)
+        student.to(memory_format=torch.contiguous_format).eval()
+        row["fine-tuned"] = training.accuracy(student, self.test_loader)
+        row["fine-tune"] = f"{s.finetune_epochs} x {len(subset)} images, {time.perf_counter() - start:.0f} s"
+
+
+def _transform(model: torch.nn.Module, x: torch.Tensor, config) -> torch.nn.Module:
+    """fxeff.transform of a copy: the rewritten model must not share trainable modules with the teacher."""
+    from .transform import transform
+
+    return transform(copy.deepcopy(model), (x,), [config])
+
+
+def _has(model: torch.nn.Module, predicate) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) and predicate(m) for m in model.modules())
+
+
+def _depthwise(conv: torch.nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def _standard_kxk(conv: torch.nn.Conv2d) -> bool:
+    return conv.groups == 1 and conv.kernel_size[0] > 1 and conv.in_channels >= 16
+
+
+def model_rows(arch: str, dataset: str, settings: Settings) -> List[Dict[str, object]]:
+    """Every row of one reference model: focus, then shift or HetConv (with fine-tuning)."""
+    from . import focus
+    from .passes import Focus, HetConv, Shift
+
+    ctx = _Context(arch, dataset, settings)
+    rows = []
+    split = FOCUS_SPLITS[arch]
+    for fraction in settings.aoi_fractions:
+        threshold = focus.calibrate(ctx.model, ctx.calibration, fraction, split=split)
+        rows.append(ctx.row("focus", f"AoI {fraction:.0%}", _transform(ctx.model, ctx.calibration[:8],
+                                                                       Focus(threshold, split=split))))
+    if _has(ctx.model, _depthwise):
+        for mode in settings.shift_modes:
+            student = _transform(ctx.model, ctx.calibration, Shift(mode=mode))
+            rows.append(ctx.row(f"shift {mode}", mode, student))
+            ctx.finetune(rows[-1], student)
+    if _has(ctx.model, _standard_kxk):
+        for part in settings.hetconv_parts:
+            student = _transform(ctx.model, ctx.calibration[:8], HetConv(part=part))
+            rows.append(ctx.row("hetconv", f"P={part}", student))
+            ctx.finetune(rows[-1], student)
+    for row in rows:
+        row["drop"] = 100 * (row["original"] - row.get("fine-tuned", row["rewritten"]))
+    return rows
+
+
+def photo_rows(settings: Settings) -> List[Dict[str, object]]:
+    """EfficientNet-Lite0 (real ImageNet weights) on the real photos: top-1 agreement of each rewrite
+    with the original (no fine-tuning: ImageNet does not install offline)."""
+    from . import data, focus, models
+    from .passes import Focus, Shift
+
+    model = models.load_model(models.EFFICIENTNET_LITE0)
+    x, _ = data.to_batch([image for _, image in data.photos()], models.preprocessing(models.EFFICIENTNET_LITE0))
+    with torch.no_grad():
+        top1 = model(x).argmax(1)
+    dense_macs = bench.macs(lambda: model(x))
+    configs = [(f"focus AoI {f:.0%}", Focus(focus.calibrate(model, x, f))) for f in settings.aoi_fractions]
+    configs += [(f"shift {mode} (no fine-tuning)", Shift(mode=mode)) for mode in settings.shift_modes]
+    rows = []
+    for name, config in configs:
+        rewritten = _transform(model, x, config).eval()
+        with torch.no_grad():
+            agree = float((rewritten(x).argmax(1) == top1).float().mean())
+        rows.append({"rewrite": name, "photos": len(x), "top-1 agreement": agree,
+                     "MAC ratio": bench.macs(lambda: rewritten(x)) / dense_macs})
+    return rows
+
+
+COLUMNS = ("model", "dataset", "pass", "setting", ("original", "original acc."), ("rewritten", "after rewrite"),
+           ("fine-tuned", "after fine-tuning"), ("drop", "drop (points)"), "MAC ratio", "latency ratio", "fine-tune")
+PHOTO_COLUMNS = ("rewrite", "photos", "top-1 agreement", "MAC ratio")
+
+
+def _percent(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    keys = ("original", "rewritten", "fine-tuned")
+    return [{k: (f"{100 * v:.2f}%" if k in keys and isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+
+
+def targets(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """The issue's accuracy targets against the measured rows: focus at <= 30% AoI on the cluttered set
+    without retraining, sparse shift and HetConv P=4 after recovery."""
+    checks = []
+    for r in rows:
+        name = None
+        if r["pass"] == "focus" and r["dataset"] == "cluttered-fashion-mnist" and float(r["setting"][4:-1]) <= 30:
+            name = "focus"
+        elif r["pass"] == "shift sparse":
+            name = "shift sparse"
+        elif r["pass"] == "hetconv" and r["setting"] == "P=4":
+            name = "hetconv P=4"
+        if name is not None:
+            checks.append({"target": f"{name}: drop <= {TARGETS[name]} points", "model": r["model"],
+                           "dataset": r["dataset"], "setting": r["setting"], "drop (points)": r["drop"],
+                           "met": r["drop"] <= TARGETS[name]})
+    return checks
+
+
+def plot(rows: List[Dict[str, object]], folder: str) -> List[str]:
+    """accuracy vs MAC ratio and accuracy vs latency ratio, one PNG each per dataset; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    markers = {"vgg": "o", "resnet20": "s", "mobilenetv2": "^"}
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for x_key, label in (("MAC ratio", "MACs after / before"), ("latency ratio", "CPU latency after / before")):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for i, pass_name in enumerate(sorted({r["pass"] for r in rows})):
+                for arch, marker in markers.items():
+                    pts = [r for r in rows if r["dataset"] == dataset and r["pass"] == pass_name and r["model"] == arch]
+                    if not pts:
+                        continue
+                    acc = [100 * r.get("fine-tuned", r["rewritten"]) for r in pts]
+                    ax.scatter([r[x_key] for r in pts], acc, marker=marker, color=f"C{i}",
+                               label=f"{arch}: {pass_name}")
+                    originals = sorted({100 * r["original"] for r in pts})
+                    for o in originals:
+                        ax.axhline(o, color="grey", lw=0.5, ls=":")
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy (%), after fine-tuning where it applies")
+            ax.set_title(f"{dataset}: accuracy vs {x_key} (dotted: the originals)")
+            ax.legend(fontsize=7, ncol=2)
+            ax.grid(alpha=0.3)
+            path = os.path.join(folder, f"{dataset}-{x_key.split()[0].lower()}.png")
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def run(settings: Settings, markdown_path: str, plot_folder: str) -> str:
+    """Computes every row, writes the markdown report and the plots; returns the markdown."""
+    from tqdm.auto import tqdm
+
+    rows: List[Dict[str, object]] = []
+    pairs = [(a, d) for d in settings.datasets for a in settings.archs]
+    for arch, dataset in tqdm(pairs, desc="accuracy report", disable=not settings.progress):
+        rows += model_rows(arch, dataset, settings)
+    env = bench.environment()
+    lines = ["# Accuracy of each pass on the reference models", "",
+             "Generated by `benchmarks/accuracy.py` (`make accuracy`); "
+             + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", "",
+             "Accuracy is top-1 on the test split"
+             + (" (whole)" if settings.eval_images is None else f" (first {settings.eval_images} images)")
+             + f". MAC and latency ratios are rewritten / original on a batch of {settings.latency_batch} test "
+               f"images (latency: medians of {settings.latency_runs} interleaved runs). Fine-tuning: "
+               f"`fxeff.finetune` (distillation from the original) for {settings.finetune_epochs} epoch(s) of "
+               f"{settings.finetune_images or 'all'} training images at peak lr {settings.finetune_lr}; focus "
+               "is never fine-tuned (its weights are the original's).", "",
+             bench.markdown_table(_percent(rows), COLUMNS), "", "## Targets", "",
+             bench.markdown_table(targets(rows), ("target", "model", "dataset", "setting", "drop (points)", "met")),
+             ""]
+    for path in plot(rows, plot_folder):
+        rel = os.path.relpath(path, os.path.dirname(os.path.abspath(markdown_path)))
+        lines += [f"![{os.path.basename(path)}]({rel})", ""]
+    if settings.photos:
+        lines += ["## EfficientNet-Lite0 on the real photos", "",
+                  "Real ImageNet weights; agreement of the rewritten model's top-1 with the original's.", "",
+                  bench.markdown_table(photo_rows(settings), PHOTO_COLUMNS), ""]
+    text = "\n".join(lines)
+    os.makedirs(os.path.dirname(os.path.abspath(markdown_path)), exist_ok=True)
+    with open(markdown_path, "w") as f:
+        f.write(text)
+    return text
+
+
+__all__ = ["Settings", "model_rows", "photo_rows", "targets", "plot", "run", "AOI_FRACTIONS", "HETCONV_PARTS",
+           "SHIFT_MODES", "FOCUS_SPLITS", "TARGETS"]
