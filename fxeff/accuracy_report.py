@@ -24,6 +24,7 @@ SHIFT_MODES = ("sparse", "active")
 # Where each reference family's AoI is taken: after the first conv-BN-ReLU (its activation is the
 # early-layer response that focused convolution thresholds).
 FOCUS_SPLITS = {"vgg": "features.2", "resnet20": "relu", "mobilenetv2": "features.0"}
+NOTES_FILE = "accuracy_notes.md"  # beside the report: included as written after the targets
 TARGETS = {"focus": 0.5, "shift sparse": 1.0, "hetconv P=4": 0.5}  # allowed drop, points of accuracy
 
 
@@ -251,6 +252,10 @@ def run(settings: Settings, markdown_path: str, plot_folder: str) -> str:
              bench.markdown_table(_percent(rows), COLUMNS), "", "## Targets", "",
              bench.markdown_table(targets(rows), ("target", "model", "dataset", "setting", "drop (points)", "met")),
              ""]
+    notes = os.path.join(os.path.dirname(os.path.abspath(markdown_path)), NOTES_FILE)
+    if os.path.isfile(notes):  # the hand-written reading of the numbers (the gaps and their causes)
+        with open(notes) as f:
+            lines += [f.read().strip(), ""]
     for path in plot(rows, plot_folder):
         rel = os.path.relpath(path, os.path.dirname(os.path.abspath(markdown_path)))
         lines += [f"![{os.path.basename(path)}]({rel})", ""]
