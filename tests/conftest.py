@@ -19,8 +19,13 @@ def device():
 
 
 def pytest_generate_tests(metafunc):
-    if "device" in metafunc.fixturenames and len(DEVICES) > 1:
-        metafunc.parametrize("device", DEVICES)
+    if "device" not in metafunc.fixturenames or len(DEVICES) == 1:
+        return
+    for marker in metafunc.definition.iter_markers("parametrize"):  # a test that parametrizes device itself
+        names = marker.args[0]
+        if "device" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)):
+            return
+    metafunc.parametrize("device", DEVICES)
 
 
 @pytest.fixture(autouse=True)
