@@ -28,6 +28,20 @@ def use_cuda(cuda_sources):
     return flag != "0" and usable and bool(cuda_sources)
 
 
+def cuda_runpath():
+    """Link flags that let the library find libc10_cuda/libtorch_cuda and torch's libcudart by itself: a libtorch
+    C++ program that dlopens it has loaded only libc10/libtorch_cpu (Python's torch has loaded all of them), and
+    a program's own RUNPATH does not apply to a dlopened library's dependencies. Both the paths relative to an
+    installed fxeff/ (site-packages/torch, site-packages/nvidia/*) and this build's absolute ones (in-place builds)."""
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    cudart_dirs = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*"))})
+    dirs = ["$ORIGIN/../torch/lib", torch_lib]
+    for d in cudart_dirs:
+        dirs += ["$ORIGIN/../" + os.path.relpath(d, site), d]
+    return ["-Wl,-rpath," + ":".join(dirs)]
+
+
 def extension():
     debug = os.environ.get("DEBUG", "0") == "1"
     sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
@@ -42,6 +56,7 @@ def extension():
     if use_cuda(cuda_sources):
         if not torch.cuda.is_available():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        kwargs["extra_link_args"] = kwargs["extra_link_args"] + cuda_runpath()
         return CUDAExtension(sources=sources + cuda_sources,
                              extra_compile_args={"cxx": cxx + ["-DFXEFF_WITH_CUDA"],
                                                  "nvcc": ["-O3", "-DFXEFF_WITH_CUDA"]}, **kwargs)

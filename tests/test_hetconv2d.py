@@ -25,12 +25,13 @@ def forced(strategy, chunk=0):
         torch.ops.fxeff._hetconv2d_set_strategy(previous, 0)
 
 
-def make(n, m, o, part, k, h, w, dtype=torch.float64, bias=True, gen=None):
+def make(n, m, o, part, k, h, w, dtype=torch.float64, bias=True, gen=None, device="cpu"):
+    """Random inputs drawn on the CPU (the same values on every device), then moved to `device`."""
     x = torch.randn(n, m, h, w, dtype=dtype, generator=gen)
     wk = torch.randn(o, m // part, k, k, dtype=dtype, generator=gen)
     w1 = torch.randn(o, m - m // part, dtype=dtype, generator=gen)
     b = torch.randn(o, dtype=dtype, generator=gen) if bias else None
-    return x, wk, w1, b
+    return tuple(None if t is None else t.to(device) for t in (x, wk, w1, b))
 
 
 def reference(x, wk, w1, b, part, stride=1, padding=0, dilation=1):
@@ -100,8 +101,8 @@ def test_matches_reference(strategy, chunk, n, part, mpb, opb, k, stride, paddin
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_dtypes(strategy, dtype, channels_last):
-    x, wk, w1, b = make(2, 16, 8, 4, 3, 9, 11, dtype=dtype)
+def test_dtypes(strategy, dtype, channels_last, device):
+    x, wk, w1, b = make(2, 16, 8, 4, 3, 9, 11, dtype=dtype, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with forced(strategy):
@@ -110,12 +111,12 @@ def test_dtypes(strategy, dtype, channels_last):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_layer_shapes(strategy):
+def test_layer_shapes(strategy, device):
     """The benchmark's layer kinds at a smaller size: 64 channels, P 2..16, batch 1 and 3, both layouts."""
     for part in (2, 4, 8, 16):
         for n in (1, 3):
             for cl in (False, True):
-                x, wk, w1, b = make(n, 64, 64, part, 3, 14, 14, dtype=torch.float32)
+                x, wk, w1, b = make(n, 64, 64, part, 3, 14, 14, dtype=torch.float32, device=device)
                 if cl:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with forced(strategy):
@@ -124,12 +125,12 @@ def test_layer_shapes(strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_non_contiguous_inputs(strategy):
-    x, wk, w1, b = make(2, 8, 12, 2, 3, 10, 9)
-    xs = torch.randn(2, 16, 20, 9, dtype=torch.float64)[:, ::2, ::2]  # strided, neither layout
+def test_non_contiguous_inputs(strategy, device):
+    x, wk, w1, b = make(2, 8, 12, 2, 3, 10, 9, device=device)
+    xs = torch.randn(2, 16, 20, 9, dtype=torch.float64).to(device)[:, ::2, ::2]  # strided, neither layout
     wkt = wk.transpose(2, 3).contiguous().transpose(2, 3)  # same values, transposed strides
     w1t = w1.t().contiguous().t()
-    bs = torch.randn(24, dtype=torch.float64)[::2]
+    bs = torch.randn(24, dtype=torch.float64).to(device)[::2]
     with forced(strategy):
         out = hetconv2d(xs, wkt, w1t, bs, 2, 1, 1)
     assert_matches(out, reference(xs, wk, w1, bs, 2, 1, 1))
@@ -140,8 +141,8 @@ def test_part_inferred_from_shapes():
     assert torch.equal(hetconv2d(x, wk, w1, b, padding=1), hetconv2d(x, wk, w1, b, 3, 1, 1))
 
 
-def test_channels_last_stays_channels_last():
-    x, wk, w1, b = make(2, 8, 8, 2, 3, 6, 6)
+def test_channels_last_stays_channels_last(device):
+    x, wk, w1, b = make(2, 8, 8, 2, 3, 6, 6, device=device)
     out = hetconv2d(x.contiguous(memory_format=torch.channels_last), wk, w1, b, 2, 1, 1)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert hetconv2d(x, wk, w1, b, 2, 1, 1).is_contiguous()
@@ -150,18 +151,18 @@ def test_channels_last_stays_channels_last():
 @pytest.mark.parametrize("k,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 0, 1), (5, 1, 3, 2), (1, 2, 1, 1),
                                                        (3, (2, 1), (2, 0), (1, 2))])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gradcheck(k, stride, padding, dilation, channels_last):
-    x, wk, w1, b = make(2, 4, 4, 2, k, 6, 7)
+def test_gradcheck(k, stride, padding, dilation, channels_last, device):
+    x, wk, w1, b = make(2, 4, 4, 2, k, 6, 7, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     inputs = [t.requires_grad_() for t in (x, wk, w1, b)]
     assert torch.autograd.gradcheck(lambda *a: hetconv2d(*a, 2, stride, padding, dilation), inputs)
 
 
-def test_gradients_equal_reference():
+def test_gradients_equal_reference(device):
     """float32 gradients of a bigger layer equal those through the dense kernel (scattered back by autograd)."""
-    x, wk, w1, b = make(2, 16, 16, 4, 3, 12, 12, dtype=torch.float32)
-    g = torch.randn(2, 16, 12, 12)
+    x, wk, w1, b = make(2, 16, 16, 4, 3, 12, 12, dtype=torch.float32, device=device)
+    g = torch.randn(2, 16, 12, 12).to(device)
     ours = [t.clone().requires_grad_() for t in (x, wk, w1, b)]
     hetconv2d(*ours, 4, 1, 1).backward(g)
     ref = [t.clone().requires_grad_() for t in (x, wk, w1, b)]
@@ -179,8 +180,8 @@ def test_no_bias_gets_no_gradient_slot():
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(requires_grad, channels_last):
-    x, wk, w1, b = make(2, 8, 4, 2, 3, 6, 5, dtype=torch.float32)
+def test_opcheck(requires_grad, channels_last, device):
+    x, wk, w1, b = make(2, 8, 4, 2, 3, 6, 5, dtype=torch.float32, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     args = [t.requires_grad_(requires_grad) for t in (x, wk, w1, b)]
@@ -264,10 +265,10 @@ def test_strategy_control_validates_and_restores():
     assert torch.ops.fxeff._hetconv2d_set_strategy("auto", 0) == "auto"
 
 
-def test_empty_inputs():
-    x, wk, w1, b = make(0, 4, 4, 2, 3, 5, 5)
+def test_empty_inputs(device):
+    x, wk, w1, b = make(0, 4, 4, 2, 3, 5, 5, device=device)
     assert hetconv2d(x, wk, w1, b, 2, 1, 1).shape == (0, 4, 5, 5)
-    x, wk, w1, b = make(2, 0, 4, 1, 3, 5, 5)  # no input channels: the bias alone
+    x, wk, w1, b = make(2, 0, 4, 1, 3, 5, 5, device=device)  # no input channels: the bias alone
     torch.testing.assert_close(hetconv2d(x, wk, w1, b, 1, 1, 1), b.view(1, 4, 1, 1).expand(2, 4, 5, 5))
 
 

@@ -25,29 +25,31 @@ def random_shifts(channels, dims, scale=3.0, dtype=torch.float64, gen=None):
     return s.to(dtype)
 
 
-def test_padding_table_of_reference_md():
+def test_padding_table_of_reference_md(device):
     """REFERENCE.md: x = 1..6 shifted by s = +2 under each padding (op and reference agree with the table)."""
     table = {"zeros": [0, 0, 1, 2, 3, 4], "border": [1, 1, 1, 2, 3, 4], "periodic": [5, 6, 1, 2, 3, 4],
              "reflect": [3, 2, 1, 2, 3, 4], "symmetric": [2, 1, 1, 2, 3, 4]}
     x = torch.arange(1.0, 7.0).reshape(1, 1, 6)
+    s = torch.tensor([[2.0]])
     for padding, want in table.items():
         for mode in SHIFT_MODES:
-            assert shift(x, torch.tensor([[2.0]]), padding, mode).flatten().tolist() == want, (padding, mode)
-        assert shift_reference(x, torch.tensor([[2.0]]), padding).flatten().tolist() == want
+            got = shift(x.to(device), s.to(device), padding, mode)
+            assert got.flatten().tolist() == want, (padding, mode)
+        assert shift_reference(x, s, padding).flatten().tolist() == want
 
 
 @pytest.mark.parametrize("padding", SHIFT_PADDINGS)
-def test_shifts_larger_than_the_size(padding):
+def test_shifts_larger_than_the_size(padding, device):
     x = torch.arange(1.0, 7.0).reshape(1, 1, 6)
     for s in (-13.0, -9.0, -6.0, 6.0, 7.0, 25.0):
-        got = shift(x, torch.tensor([[s]]), padding)
+        got = shift(x.to(device), torch.tensor([[s]], device=device), padding).cpu()
         torch.testing.assert_close(got, shift_reference(x, torch.tensor([[s]]), padding), rtol=0, atol=0)
 
 
-def test_rounding_is_half_away_from_zero():
+def test_rounding_is_half_away_from_zero(device):
     x = torch.arange(1.0, 11.0).reshape(1, 1, 10).repeat(1, 6, 1)
     s = torch.tensor([[0.5], [-0.5], [1.5], [-1.5], [2.5], [0.49999]])
-    got = shift(x, s, "zeros", "sparse")
+    got = shift(x.to(device), s.to(device), "zeros", "sparse").cpu()
     for c, r in enumerate([1, -1, 2, -2, 3, 0]):
         want = torch.zeros(10)
         for i in range(10):
@@ -69,46 +71,48 @@ def test_active_equals_integer_shift_at_integers_and_is_continuous():
 
 @pytest.mark.parametrize("dims,padding,mode", CASES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_forward_and_gradients_match_reference(dims, padding, mode, layout):
+def test_forward_and_gradients_match_reference(dims, padding, mode, layout, device):
     gen = torch.Generator().manual_seed(dims * 100 + SHIFT_PADDINGS.index(padding) * 10 + SHIFT_MODES.index(mode))
     x = torch.randn(2, 5, *SPATIAL[dims], dtype=torch.float64, generator=gen)
     if layout == "channels_last":
         if dims == 1:
             pytest.skip("channels_last needs 4-D or 5-D input")
         x = channels_last(x)
-    elif layout == "strided":  # a non-contiguous view: every other element of the last dim
-        x = torch.randn(2, 5, *SPATIAL[dims][:-1], 2 * SPATIAL[dims][-1], dtype=torch.float64, generator=gen)[..., ::2]
+    elif layout == "strided":  # a non-contiguous view: every other element of the last dim (made on the device)
+        x = torch.randn(2, 5, *SPATIAL[dims][:-1], 2 * SPATIAL[dims][-1], dtype=torch.float64,
+                        generator=gen).to(device)[..., ::2]
     s = random_shifts(5, dims, gen=gen)
-    xr, sr = x.detach().clone().requires_grad_(), s.clone().requires_grad_()
-    xo, so = x.detach().clone().requires_grad_(), s.clone().requires_grad_()
+    xr, sr = x.detach().cpu().clone().requires_grad_(), s.clone().requires_grad_()
+    xo, so = x.detach().to(device).requires_grad_(), s.to(device).requires_grad_()
     want = shift_reference(xr, sr, padding, mode)
     got = shift(xo, so, padding, mode)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
     if layout == "channels_last":
         assert got.is_contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
     g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
     want.backward(g)
-    got.backward(g)
-    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    got.backward(g.to(device))
+    torch.testing.assert_close(xo.grad.cpu(), xr.grad, rtol=1e-12, atol=1e-12)
     if mode == "grouped":
         assert so.grad is None
     else:
-        torch.testing.assert_close(so.grad, sr.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(so.grad.cpu(), sr.grad, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", SHIFT_MODES)
 @pytest.mark.parametrize("dims,layout", [(1, "contiguous"), (2, "contiguous"), (2, "channels_last"),
                                          (3, "contiguous"), (3, "channels_last")])
-def test_dtypes_keep_the_input_dtype(dtype, mode, dims, layout):
+def test_dtypes_keep_the_input_dtype(dtype, mode, dims, layout, device):
     """Also the vectorised channels-last paths: 19 channels = two 8-wide gathers and a remainder."""
     gen = torch.Generator().manual_seed(dims)
     x = torch.randn(2, 19, *SPATIAL[dims], generator=gen).to(dtype)
     if layout == "channels_last":
         x = channels_last(x)
     s = random_shifts(19, dims, dtype=torch.float32, gen=gen)
-    got = shift(x, s, "reflect", mode)
-    want = shift_reference(x.double(), s.double(), "reflect", mode)
+    x, s = x.to(device), s.to(device)
+    got = shift(x, s, "reflect", mode).cpu()
+    want = shift_reference(x.cpu().double(), s.cpu().double(), "reflect", mode)
     assert got.dtype == dtype
     if mode == "active":
         tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
@@ -123,24 +127,24 @@ def test_dtypes_keep_the_input_dtype(dtype, mode, dims, layout):
 
 
 @pytest.mark.parametrize("dims,padding,mode", CASES)
-def test_gradcheck_float64(dims, padding, mode):
+def test_gradcheck_float64(dims, padding, mode, device):
     """Input gradients everywhere; shift gradients where the forward is differentiable in s (active)."""
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(1, 3, *[min(n, 5) for n in SPATIAL[dims]], dtype=torch.float64, generator=gen,
-                    requires_grad=True)
+    x = torch.randn(1, 3, *[min(n, 5) for n in SPATIAL[dims]], dtype=torch.float64, generator=gen)
+    x = x.to(device).requires_grad_()
     # Away from integers: the linear interpolation has kinks there.
     s = (torch.rand(3, dims, dtype=torch.float64, generator=gen) * 0.8 + 0.1) * torch.tensor([1.0, -1.0, 3.0]).reshape(3, 1)
-    s = s.to(torch.float64).requires_grad_(mode == "active")
+    s = s.to(device=device, dtype=torch.float64).requires_grad_(mode == "active")
     assert torch.autograd.gradcheck(lambda a, b: shift(a, b, padding, mode), (x, s), fast_mode=True)
 
 
 @pytest.mark.parametrize("dims,padding,mode", CASES)
-def test_opcheck(dims, padding, mode):
+def test_opcheck(dims, padding, mode, device):
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3, *[min(n, 5) for n in SPATIAL[dims]], generator=gen, requires_grad=True)
-    s = random_shifts(3, dims, dtype=torch.float32, gen=gen).requires_grad_(mode != "grouped")
+    x = torch.randn(2, 3, *[min(n, 5) for n in SPATIAL[dims]], generator=gen).to(device).requires_grad_()
+    s = random_shifts(3, dims, dtype=torch.float32, gen=gen).to(device).requires_grad_(mode != "grouped")
     torch.library.opcheck(torch.ops.fxeff.shift.default, (x, s, padding, mode))
-    g = torch.randn(x.shape, generator=gen)
+    g = torch.randn(x.shape, generator=gen).to(device)
     torch.library.opcheck(torch.ops.fxeff.shift_input_grad.default, (g, s.detach(), padding, mode))
     torch.library.opcheck(torch.ops.fxeff.shift_shifts_grad.default, (g, x.detach(), s.detach(), padding))
 
@@ -192,9 +196,9 @@ def test_quantized_active_is_refused():
         shift(q, torch.zeros(2, 2), "zeros", "active")
 
 
-def test_empty_batch():
-    x = torch.randn(0, 3, 4, 4)
-    assert shift(x, torch.ones(3, 2)).shape == (0, 3, 4, 4)
+def test_empty_batch(device):
+    x = torch.randn(0, 3, 4, 4, device=device)
+    assert shift(x, torch.ones(3, 2, device=device)).shape == (0, 3, 4, 4)
 
 
 @pytest.mark.parametrize("x_shape,s_shape,s_dtype,padding,mode,match", [
@@ -212,9 +216,9 @@ def test_bad_input_names_the_argument(x_shape, s_shape, s_dtype, padding, mode, 
         shift(x, s, padding, mode)
 
 
-def test_non_finite_shift_is_an_error():
+def test_non_finite_shift_is_an_error(device):
     with pytest.raises(ValueError, match=r"fxeff.shift: shifts must be finite"):
-        shift(torch.randn(1, 2, 4, 4), torch.tensor([[0.0, float("nan")], [0.0, 0.0]]))
+        shift(torch.randn(1, 2, 4, 4, device=device), torch.tensor([[0.0, float("nan")], [0.0, 0.0]], device=device))
 
 
 def test_integer_input_is_an_error():
@@ -242,12 +246,12 @@ def test_stays_one_leaf_under_fx():
 @pytest.mark.parametrize("mode", SHIFT_MODES)
 @pytest.mark.parametrize("padding", ["zeros", "symmetric"])
 @pytest.mark.parametrize("dims", [2, 3])
-def test_channels_last_interior_float32(mode, padding, dims):
+def test_channels_last_interior_float32(mode, padding, dims, device):
     """Small shifts on a larger map: the channels-last interior (hardware gathers on x86) does most pixels."""
     gen = torch.Generator().manual_seed(dims)
     x = channels_last(torch.randn(2, 19, *([6] * (dims - 2)), 10, 12, generator=gen))
     s = torch.rand(19, dims, generator=gen) * 2 - 1
-    got = shift(x, s, padding, mode)
+    got = shift(x.to(device), s.to(device), padding, mode).cpu()
     want = shift_reference(x.double(), s.double(), padding, mode)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
@@ -270,7 +274,7 @@ POOL_CASES = [([-1, -1], [2]), ([0, 0], [2]), ([1, 1], [3]), ([-1, 0], [1]), ([0
 @pytest.mark.parametrize("mode", SHIFT_MODES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("pad1,pool1", POOL_CASES)
-def test_shift_pool_matches_shift_pad_and_pool(dims, mode, layout, pad1, pool1):
+def test_shift_pool_matches_shift_pad_and_pool(dims, mode, layout, pad1, pool1, device):
     if layout == "channels_last" and dims == 1:
         pytest.skip("channels_last needs 4-D or 5-D input")
     gen = torch.Generator().manual_seed(dims)
@@ -280,23 +284,23 @@ def test_shift_pool_matches_shift_pad_and_pool(dims, mode, layout, pad1, pool1):
     s = random_shifts(5, dims, gen=gen)
     pad, pool = pad1 * dims, pool1 * dims
     xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
-    xo, so = x.clone().requires_grad_(), s.clone().requires_grad_()
+    xo, so = x.to(device).requires_grad_(), s.to(device).requires_grad_()
     want = shift_pool_reference(xr, sr, "symmetric", mode, pad, pool)
     got = torch.ops.fxeff.shift_pool(xo, so, "symmetric", mode, pad, pool)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
     g = torch.randn(want.shape, dtype=torch.float64, generator=gen)
     want.backward(g)
-    got.backward(g)
-    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    got.backward(g.to(device))
+    torch.testing.assert_close(xo.grad.cpu(), xr.grad, rtol=1e-12, atol=1e-12)
     if mode != "grouped":
-        torch.testing.assert_close(so.grad, sr.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(so.grad.cpu(), sr.grad, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", SHIFT_MODES)
-def test_shift_pool_gradcheck_and_opcheck(mode):
+def test_shift_pool_gradcheck_and_opcheck(mode, device):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 3, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
-    s = (torch.rand(3, 2, dtype=torch.float64, generator=gen) * 0.8 + 0.1).requires_grad_(mode == "active")
+    x = torch.randn(1, 3, 5, 6, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+    s = (torch.rand(3, 2, dtype=torch.float64, generator=gen) * 0.8 + 0.1).to(device).requires_grad_(mode == "active")
     assert torch.autograd.gradcheck(lambda a, b: torch.ops.fxeff.shift_pool(a, b, "reflect", mode, [-1, 0, 0, 1],
                                                                           [2, 2]), (x, s), fast_mode=True)
     torch.library.opcheck(torch.ops.fxeff.shift_pool.default, (x.float().detach().requires_grad_(),
@@ -306,13 +310,13 @@ def test_shift_pool_gradcheck_and_opcheck(mode):
 
 @pytest.mark.parametrize("size,pad,pool", [((4, 1), [0, 0, 0, 0], [2, 2]), ((4, 5), [-2, -2, 0, 0], [1, 2]),
                                            ((4, 3), [0, 0, 0, 0], [1, 4]), ((7, 2), [-1, 0, 1, 0], [3, 3])])
-def test_shift_pool_rows_narrower_than_a_window(size, pad, pool):
+def test_shift_pool_rows_narrower_than_a_window(size, pad, pool, device):
     """Rows with no whole window inside (the unchecked fast path must not run there)."""
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, *size, dtype=torch.float64, generator=gen)
     s = torch.zeros(3, 2, dtype=torch.float64)
     s[1] = torch.tensor([1.0, -1.0])
-    got = torch.ops.fxeff.shift_pool(x, s, "zeros", "sparse", pad, pool)
+    got = torch.ops.fxeff.shift_pool(x.to(device), s.to(device), "zeros", "sparse", pad, pool).cpu()
     torch.testing.assert_close(got, shift_pool_reference(x, s, "zeros", "sparse", pad, pool), rtol=1e-12, atol=1e-12)
 
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/string_view.h>
 
 #include <cmath>
@@ -24,7 +25,8 @@ void check_shift_args(const char* op, const at::Tensor& x, const at::Tensor& shi
 inline double round_shift(double s) { return std::round(s); }
 
 // The source index of integer position j in a dim of size n under `padding`; -1 means "zero".
-inline int64_t map_shift_index(int64_t j, int64_t n, ShiftPadding padding) {
+// Host and device (the CUDA kernels call it per element).
+C10_HOST_DEVICE inline int64_t map_shift_index(int64_t j, int64_t n, ShiftPadding padding) {
   if (j >= 0 && j < n) return j;
   switch (padding) {
     case ShiftPadding::Zeros:
