@@ -48,12 +48,13 @@ class VGGSmall(nn.Module):
         layers = _conv_bn_relu(in_channels, width, stem_stride) + _conv_bn_relu(width, width)
         layers += [nn.MaxPool2d(2)] + _conv_bn_relu(width, 2 * width) + _conv_bn_relu(2 * width, 2 * width)
         layers += [nn.MaxPool2d(2)] + _conv_bn_relu(2 * width, 4 * width) + _conv_bn_relu(4 * width, 4 * width)
+        self.input = nn.Identity()  # names the image itself as a focus split ("input")
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+        return self.classifier(torch.flatten(self.avgpool(self.features(self.input(x))), 1))
 
 
 class ResNet20(nn.Module):
@@ -65,6 +66,7 @@ class ResNet20(nn.Module):
         from torchvision.models.resnet import BasicBlock
 
         super().__init__()
+        self.input = nn.Identity()  # names the image itself as a focus split ("input")
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=stem_stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
@@ -84,7 +86,7 @@ class ResNet20(nn.Module):
         self.fc = nn.Linear(64, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn1(self.conv1(self.input(x))))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
@@ -96,8 +98,19 @@ def mobilenet_v2_small(num_classes: int = 10, in_channels: int = 1, stem_stride:
     inputs (t, c, n, s as in the paper's table 2), with a 512-wide last 1x1 conv."""
     from torchvision.models import MobileNetV2
 
+    class MobileNetV2Small(MobileNetV2):
+        """torchvision's MobileNetV2 (same state_dict) whose input passes an ``input`` identity: the focus split
+        that names the image itself."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.input = nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(self.input(x))
+
     setting = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 3, 2], [6, 96, 2, 1], [6, 160, 2, 2]]
-    model = MobileNetV2(num_classes=num_classes, width_mult=width_mult, inverted_residual_setting=setting)
+    model = MobileNetV2Small(num_classes=num_classes, width_mult=width_mult, inverted_residual_setting=setting)
     stem = model.features[0][0]
     model.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, stride=stem_stride, padding=1, bias=False)
     last = model.features[-1]

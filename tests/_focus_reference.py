@@ -33,10 +33,11 @@ def mask_resize_reference(mask: torch.Tensor, size) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def focused_reference(model: nn.Module, split: str, threshold: float, reduce: str = "sum", unfocused=()):
+def focused_reference(model: nn.Module, split: str, threshold: float, reduce: str = "sum", unfocused=(), fills=None):
     """Within the block, ``model`` computes the focus semantics; yields the list of masks seen (one per forward).
 
-    ``unfocused``: fqns of Conv2d modules that stay dense (convs the pass must refuse).
+    ``unfocused``: fqns of Conv2d modules that stay dense (convs the pass must refuse). ``fills``: {conv fqn:
+    per-channel values [C]} put outside the AoI instead of 0 (Focus(fill="mean")).
     """
     state = {"mask": None}
     masks = []
@@ -48,11 +49,16 @@ def focused_reference(model: nn.Module, split: str, threshold: float, reduce: st
 
     split_module = model.get_submodule(split)
 
+    names = {m: name for name, m in model.named_modules()}
+
     def on_conv(module, args, out):
         if state["mask"] is None or module is split_module:  # the split and before: unchanged
             return out
-        mask = mask_resize_reference(state["mask"], out.shape[-2:])
-        return out * mask[:, None].to(out.dtype)
+        mask = mask_resize_reference(state["mask"], out.shape[-2:])[:, None]
+        fill = (fills or {}).get(names[module])
+        if fill is None:
+            return out * mask.to(out.dtype)
+        return torch.where(mask, out, fill.to(out.dtype).view(1, -1, 1, 1))
 
     def on_start(module, args):
         state["mask"] = None
@@ -82,3 +88,25 @@ def threshold_for_fraction(model: nn.Module, split: str, x: torch.Tensor, fracti
     finally:
         handle.remove()
     return float(torch.quantile(seen["r"].flatten().double(), 1.0 - fraction))
+
+
+def outside_means(model: nn.Module, split: str, threshold: float, x: torch.Tensor, convs, reduce: str = "sum"):
+    """{conv fqn: per-channel mean of the ORIGINAL model's conv output outside the AoI on x} (Focus(fill="mean"))."""
+    seen = {}
+    handles = [model.get_submodule(split).register_forward_hook(
+        lambda m, a, out: seen.__setitem__("mask", aoi_mask_reference(out, threshold, reduce)))]
+    for name in convs:
+        handles.append(model.get_submodule(name).register_forward_hook(
+            lambda m, a, out, name=name: seen.__setitem__(name, out.detach().double())))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    means = {}
+    for name in convs:
+        out = seen[name]
+        outside = ~mask_resize_reference(seen["mask"], out.shape[-2:])[:, None]
+        means[name] = (out * outside).sum(dim=(0, 2, 3)) / outside.sum()
+    return means

@@ -11,22 +11,29 @@ HAVE_FMNIST = os.path.isfile("/usr/share/datasets/fashion-mnist/t10k-labels-idx1
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
 def test_report_generator_writes_table_targets_and_plots(tmp_path):
-    settings = accuracy_report.Settings(archs=("vgg",), datasets=("cluttered-fashion-mnist",), eval_images=200,
+    settings = accuracy_report.Settings(archs=("resnet20",), datasets=("fashion-mnist",), eval_images=200,
                                         calibration_images=32, finetune_images=96, latency_runs=2,
                                         latency_batch=4, photos=False, aoi_fractions=(0.3,), hetconv_parts=(4,),
                                         progress=False)
     md = str(tmp_path / "docs" / "accuracy.md")
     text = accuracy_report.run(settings, md, str(tmp_path / "docs" / "plots"))
     assert open(md).read() == text
-    table = [line for line in text.splitlines() if line.startswith("| vgg |")]
-    assert len(table) == 2  # focus at 30% AoI, HetConv P=4 (the VGG-style model has no depthwise conv)
-    focus, het = (line.split(" | ") for line in table)
-    assert focus[2:4] == ["focus", "AoI 30%"] and het[2:4] == ["hetconv", "P=4"]
-    assert het[6].endswith("%") and focus[6] == ""  # only the rewrite that changes weights is fine-tuned
-    assert float(focus[8]) < 1 and float(het[8]) < 1  # both cut MACs
-    assert "## Targets" in text and "hetconv P=4: drop <= 0.5 points" in text and "focus: drop <= 0.5 points" in text
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    names = [c.strip() for c in header.strip("|").split("|")]
+    rows = [dict(zip(names, (c.strip() for c in line.strip("|").split("|"))))
+            for line in text.splitlines() if line.startswith("| resnet20 |")]
+    # focus: input split with fill mean, then the three other variants at 30%; HetConv P=4 (no depthwise conv)
+    assert [(r["pass"], r["setting"]) for r in rows] == [
+        ("focus", "AoI 30%, input split, fill mean"), ("focus", "AoI 30%, input split, fill zeros"),
+        ("focus", "AoI 30%, stem split, fill mean"), ("focus", "AoI 30%, stem split, fill zeros"), ("hetconv", "P=4")]
+    for r in rows:
+        assert 0 < float(r["MAC ratio"]) < 1  # every rewrite cuts MACs
+        assert r["original acc."].endswith("%") and r["after rewrite"].endswith("%")
+        assert (r["after fine-tuning"] != "") == (r["pass"] == "hetconv")  # only weight-changing rewrites fine-tune
+        assert (r["AoI (measured)"] != "") == (r["pass"] == "focus")
+    assert "## Targets" in text and "hetconv P=4: drop <= 0.5 points" in text
     plots = sorted(os.listdir(tmp_path / "docs" / "plots"))
-    assert plots == ["cluttered-fashion-mnist-latency.png", "cluttered-fashion-mnist-mac.png"]
+    assert plots == ["fashion-mnist-latency.png", "fashion-mnist-mac.png"]
     for name in plots:
         with open(tmp_path / "docs" / "plots" / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

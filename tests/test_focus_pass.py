@@ -15,8 +15,8 @@ from fxeff.passes import Focus, config_from_dict, conv_sites, graph_kind, normal
 from fxeff.passes.config import PassConfig, register_pass_config
 from fxeff.passes.measure import run_recording
 from fxeff.transform import trace
-from _focus_reference import focused_reference, mask_resize_reference, threshold_for_fraction
-from _graph_kinds import dynamo_graph
+from _focus_reference import focused_reference, mask_resize_reference, outside_means, threshold_for_fraction
+from _graph_kinds import dynamo_graph, rewritten
 
 FOCUSED = torch.ops.fxeff.focused_conv2d.default
 AOI = torch.ops.fxeff.aoi_mask.default
@@ -86,9 +86,10 @@ def test_focus_config_validation():
 
 
 def test_focus_config_dict_and_json_round_trip():
-    config = Focus(threshold=0.5, split="features.3", reduce="mean")
+    config = Focus(threshold=0.5, split="features.3", reduce="mean", fill="mean")
     d = json.loads(json.dumps(config.to_dict()))
-    assert d == {"pass": "focus", "version": 1, "threshold": 0.5, "split": "features.3", "reduce": "mean"}
+    assert d == {"pass": "focus", "version": 1, "threshold": 0.5, "split": "features.3", "reduce": "mean",
+                 "fill": "mean"}
     assert config_from_dict(d) == config
     assert Focus.from_dict(d) == config
     assert config_from_dict({"pass": "focus", "threshold": 0.5, "split": "features.3"}) == \
@@ -486,3 +487,58 @@ def test_site_report_validation():
     assert report.mac_ratio == 0.4 and report.macs_after == 4
     with pytest.raises(KeyError, match="no site named 'b'"):
         report.site("b")
+
+
+# ---------------------------------------------------------------- fill="mean"
+
+FOCUSED_CONVS = ["down", "block_a", "block_b", "dw", "head"]
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "dynamo", "export"])
+def test_fill_mean_puts_the_original_background_outside_the_aoi(kind):
+    model = _eval(ResidualNet())
+    x = _masked_inputs()
+    t = threshold_for_fraction(model, "stem", x, 0.3)
+    fills = outside_means(model, "stem", t, x, FOCUSED_CONVS)
+    _, report, out = rewritten(model, x, kind, Focus(threshold=t, split="stem", fill="mean"))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert [s.name for s in report.rewritten] == FOCUSED_CONVS
+    assert any("fill='mean'" in note for note in report.notes)
+    with torch.no_grad(), focused_reference(model, "stem", t, fills=fills):
+        expected = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), focused_reference(model, "stem", t):
+        zeros = model(x)
+    assert (zeros - expected).abs().max() > 1e-2  # the fill really changes the result
+
+
+def test_fill_mean_buffers_and_closeness_on_a_flat_background():
+    model = _eval(ResidualNet())
+    x = torch.full((4, 3, 32, 32), -0.5)  # a flat background with one bright object per image
+    for i, (r, c) in enumerate([(4, 4), (12, 18), (20, 6), (8, 22)]):
+        x[i, :, r:r + 8, c:c + 8] = torch.rand(3, 8, 8) + 1.0
+    t = threshold_for_fraction(model, "stem", x, 0.3)
+    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", fill="mean")])
+    fills = outside_means(model, "stem", t, x, FOCUSED_CONVS)
+    stored = {n.target: gm.get_buffer(n.target) for n in gm.graph.nodes if n.op == "get_attr" and "aoi_fill" in n.target}
+    assert len(stored) == len(FOCUSED_CONVS)
+    for name in FOCUSED_CONVS:
+        buffer = stored[f"{name}_aoi_fill"]
+        assert buffer.shape == (1, model.get_submodule(name).out_channels, 1, 1)
+        torch.testing.assert_close(buffer.flatten().double(), fills[name], rtol=1e-5, atol=1e-6)
+    zeros = fxeff.transform(model, x, [Focus(threshold=t, split="stem")])
+    with torch.no_grad():
+        dense = model(x)
+        error_mean = (gm(x) - dense).norm() / dense.norm()
+        error_zeros = (zeros(x) - dense).norm() / dense.norm()
+    assert error_mean < 0.5 * error_zeros  # the background the later layers expect, instead of zeros
+
+
+def test_fill_errors():
+    with pytest.raises(ValueError, match=r"fill must be one of \('zeros', 'mean'\), got 'max'"):
+        Focus(threshold=0.0, fill="max")
+    model = _eval(ResidualNet())
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="fill='mean' measures the background on real example inputs, got fake"):
+        run_passes(trace(model), (fake,), [Focus(threshold=0.0, split="stem", fill="mean")])

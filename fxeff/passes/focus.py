@@ -23,6 +23,7 @@ from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import ConvSite, conv_sites, module_stack, node_shape, normalize_fqn, to_networkx
 from .measure import fake_mode_of, run_recording
+from .rewrite import new_attr
 from .splits import DEFAULT_SPLITS, default_split_for_class
 
 aten = torch.ops.aten
@@ -31,6 +32,7 @@ MASK_RESIZE = torch.ops.fxeff.mask_resize.default
 FOCUSED_CONV2D = torch.ops.fxeff.focused_conv2d.default
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _ROLE = "fxeff_focus"  # node.meta key marking the nodes this pass inserted
+FILLS = ("zeros", "mean")
 
 
 @register_pass_config("focus")
@@ -42,11 +44,16 @@ class Focus(PassConfig):
     ``split``: the module fqn (or node name) after which the AoI is taken; None: an AoI threshold
     already in the graph, else the built-in default of the model's family.
     ``reduce``: "sum" (as the focusedconv seed) or "mean" over channels.
+    ``fill``: what a focused conv outputs outside the AoI. "zeros": nothing (the published
+    technique). "mean": per output channel, the mean of the original conv's output outside the AoI
+    on the example inputs (measured once by the pass, stored as a buffer): BatchNorm, residual adds
+    and global pooling then see the background they were trained with instead of zeros; no MACs.
     """
 
     threshold: float
     split: Optional[str] = None
     reduce: str = "sum"
+    fill: str = "zeros"
 
     def __post_init__(self):
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
@@ -60,6 +67,8 @@ class Focus(PassConfig):
                              f"got {self.split!r}")
         if self.reduce not in REDUCES:
             raise ValueError(f"fxeff.passes.Focus: reduce must be one of {REDUCES}, got {self.reduce!r}")
+        if self.fill not in FILLS:
+            raise ValueError(f"fxeff.passes.Focus: fill must be one of {FILLS}, got {self.fill!r}")
 
     def run(self, gm: fx.GraphModule, context: PassContext) -> Report:
         return focus_pass(gm, self, context)
@@ -299,6 +308,48 @@ def _rewrite(gm: fx.GraphModule, site: ConvSite, mask: fx.Node) -> fx.Node:
     return new
 
 
+def _outside_means(gm: fx.GraphModule, config: Focus, context: PassContext, split: fx.Node,
+                   sites: List[ConvSite]) -> Dict[fx.Node, torch.Tensor]:
+    """conv node -> per-channel mean of the original conv's output outside the AoI (at its own grid) over
+    the example inputs, for fill="mean"; zeros for a conv whose AoI covers everything."""
+    if fake_mode_of(context.example_inputs) is not None:
+        raise ValueError("fxeff.passes.Focus: fill='mean' measures the background on real example inputs, got fake "
+                         "tensors; pass real images (or use fill='zeros')")
+    _, values = run_recording(gm, context.example_inputs, [split] + [site.node for site in sites])
+    mask = AOI_MASK(values[split], config.threshold, config.reduce)
+    means = {}
+    for site in sites:
+        out = values[site.node].double()
+        grid = list(out.shape[2:])
+        outside = (~(mask if list(mask.shape[1:]) == grid else MASK_RESIZE(mask, grid))).unsqueeze(1)
+        count = int(outside.sum())
+        total = (out * outside).sum(dim=(0, 2, 3))
+        means[site.node] = (total / count if count else torch.zeros_like(total)).to(values[site.node].dtype)
+    return means
+
+
+def _fill_outside(gm: fx.GraphModule, site: ConvSite, new: fx.Node, mask: fx.Node, mean: torch.Tensor,
+                  split: fx.Node) -> None:
+    """new -> where(mask, new, mean): the focused conv's output with ``mean`` outside the AoI."""
+    graph = gm.graph
+    dtype = mean.dtype
+    name = new_attr(gm, f"{site.name.replace('.', '_')}_aoi_fill", mean.view(1, -1, 1, 1), parameter=False)
+    with graph.inserting_after(new):
+        fill = graph.get_attr(name)
+    with graph.inserting_after(fill):
+        inside = graph.call_function(aten.unsqueeze.default, (mask, 1))
+    with graph.inserting_after(inside):
+        filled = graph.call_function(aten.where.self, (inside, new, fill))
+    for node, role in ((fill, "aoi_fill"), (inside, "aoi_fill"), (filled, "aoi_fill")):
+        node.meta[_ROLE] = role
+    shape = node_shape(new)
+    if shape is not None:
+        _set_value(fill, split, (1, shape[1], 1, 1), dtype)
+        _set_value(inside, split, (shape[0], 1) + tuple(shape[2:]), torch.bool)
+        _set_value(filled, split, tuple(shape), dtype)
+    new.replace_all_uses_with(filled, delete_user_cb=lambda user: user is not filled)
+
+
 def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Report:
     """Rewrites ``gm`` in place (recompiled) and returns the report; see the module docstring."""
     flops_before, _ = run_recording(gm, context.example_inputs)
@@ -321,8 +372,12 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
 
     site_reports: List[SiteReport] = []
     rewritten: List[Tuple[SiteReport, ConvSite, fx.Node]] = []
+    reasons = {site.node: _skip_reason(site, downstream, upstream, split) for site in sites}
+    means = {}
+    if config.fill == "mean":
+        means = _outside_means(gm, config, context, split, [site for site in sites if reasons[site.node] is None])
     for site in sites:
-        reason = _skip_reason(site, downstream, upstream, split)
+        reason = reasons[site.node]
         macs = site.macs()
         if reason is not None:
             site_reports.append(SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "focus"))
@@ -340,12 +395,18 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
             _set_value(resized, split, (split_shape[0],) + tuple(grid), torch.bool)
             grid_masks[key] = resized
         mask_k = grid_masks[key]
-        _rewrite(gm, site, mask_k)
+        mean = means.get(site.node)
+        new = _rewrite(gm, site, mask_k)
+        if mean is not None:
+            _fill_outside(gm, site, new, mask_k, mean, split)
         entry = SiteReport(site.name, site.describe(), "rewritten", "", macs, None, "focus")
         site_reports.append(entry)
         rewritten.append((entry, site, mask_k))
 
     notes = []
+    if config.fill == "mean" and rewritten:
+        notes.append("fill='mean': outside the AoI each focused conv outputs the per-channel mean of the original "
+                     "conv's output there on the example inputs")
     if not rewritten:
         graph.erase_node(mask)
         notes.append("no conv could be focused: the graph is unchanged")
