@@ -43,7 +43,7 @@ class Settings:
     calibration_images: int = 512            # training images that calibrate focus thresholds / init shift
     finetune_epochs: int = 1
     finetune_images: Optional[int] = 20000   # training images per fine-tuning epoch (None: all)
-    finetune_lr: float = 0.01
+    finetune_lr: float = 0.05
     latency_batch: int = 16
     latency_runs: int = 20
     photos: bool = True                      # the EfficientNet-Lite0 agreement table
