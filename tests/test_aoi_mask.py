@@ -24,14 +24,16 @@ def assert_mask_matches(got, x, threshold, reduce):
 
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_matches_reference(reduce, dtype):
+def test_matches_reference(reduce, dtype, device):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 11, 13, generator=gen).to(dtype)
     # A different AoI per image: the reduction differs per image, so one shared mask would be wrong.
     x[1] += 1.0
     x[2] -= 1.0
     threshold = 0.5 if reduce == "sum" else 0.1
-    got = aoi_mask(x, threshold, reduce)
+    got = aoi_mask(x.to(device), threshold, reduce)
+    assert got.device.type == device
+    got = got.cpu()
     assert_mask_matches(got, x, threshold, reduce)
     assert not torch.equal(got[0], got[1]) and not torch.equal(got[1], got[2])
 
@@ -41,24 +43,32 @@ def test_default_reduce_is_sum_like_the_seed():
     torch.testing.assert_close(aoi_mask(x, 1.5), x.sum(1) >= 1.5)
 
 
-def test_channels_last_and_non_contiguous():
-    x = torch.randn(2, 6, 9, 9)
+def test_channels_last_and_non_contiguous(device):
+    x = torch.randn(2, 6, 9, 9, device=device)
     for xi in (x.contiguous(memory_format=torch.channels_last), x[:, ::2], x.transpose(2, 3)):
         got = aoi_mask(xi, 0.0)
         assert got.is_contiguous()
-        assert_mask_matches(got, xi, 0.0, "sum")
+        assert_mask_matches(got.cpu(), xi.cpu(), 0.0, "sum")
 
 
 @pytest.mark.parametrize("bad", [float("nan")])
-def test_nan_threshold_is_an_error(bad):
+def test_nan_threshold_is_an_error(bad, device):
     with pytest.raises(ValueError, match="fxeff.aoi_mask: threshold must be a number, got nan"):
-        aoi_mask(torch.randn(1, 2, 3, 3), bad)
+        aoi_mask(torch.randn(1, 2, 3, 3, device=device), bad)
 
 
-def test_infinite_thresholds_give_empty_and_full_masks():
-    x = torch.randn(2, 3, 4, 4)
+def test_infinite_thresholds_give_empty_and_full_masks(device):
+    x = torch.randn(2, 3, 4, 4, device=device)
     assert not aoi_mask(x, math.inf).any()
     assert aoi_mask(x, -math.inf).all()
+
+
+def test_nan_is_never_in_the_aoi(device):
+    x = torch.randn(2, 3, 4, 4, device=device)
+    x[0, 1, 2, 3] = float("nan")
+    for reduce in ("sum", "mean"):
+        got = aoi_mask(x, -math.inf, reduce).cpu()
+        assert not got[0, 2, 3] and int(got.sum()) == 2 * 4 * 4 - 1
 
 
 def test_bad_reduce_and_shape_are_errors():
@@ -71,8 +81,8 @@ def test_bad_reduce_and_shape_are_errors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_opcheck(dtype):
-    x = torch.randn(2, 3, 5, 5).to(dtype)
+def test_opcheck(dtype, device):
+    x = torch.randn(2, 3, 5, 5).to(device=device, dtype=dtype)
     for reduce in ("sum", "mean"):
         torch.library.opcheck(torch.ops.fxeff.aoi_mask.default, (x, 0.25, reduce))
 

@@ -1,19 +1,24 @@
-"""The CUDA kernels of the shift family and hetconv2d: a build check that runs anywhere (a CUDA build registers a
+"""The CUDA kernels of the shift family, hetconv2d and the Focus ops (focused_conv2d, aoi_mask, mask_resize): a build check that runs anywhere (a CUDA build registers a
 CUDA kernel for every op that has a CPU one), and CPU-vs-CUDA agreement on the same inputs, which needs a GPU
-(bitwise for the sparse and grouped shifts: they copy values; allclose where the two devices sum differently)."""
+(bitwise for the sparse and grouped shifts and the mask ops: they copy values or compare exact sums; allclose where the
+two devices sum differently). The device code's index arithmetic also runs on the CPU (the *_on_the_host tests)."""
 import hashlib
 import itertools
+import math
 import os
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils.cpp_extension
 
-from fxeff.ops import SHIFT_MODES, SHIFT_PADDINGS, hetconv2d, shift
+from fxeff.ops import (SHIFT_MODES, SHIFT_PADDINGS, aoi_mask, focused_conv2d, forced_strategy, hetconv2d, mask_resize,
+                       shift, strategy_counters)
 
-# The ops of this part of issue 6 (focused_conv2d and the mask ops are not in it).
-CUDA_OPS = ["shift", "shift_pool", "shift_input_grad", "shift_shifts_grad", "hetconv2d"]
+# The ops of issue 6 (parts 1 and 2).
+CUDA_OPS = ["shift", "shift_pool", "shift_input_grad", "shift_shifts_grad", "hetconv2d", "focused_conv2d",
+            "focused_conv2d_backward", "aoi_mask", "mask_resize"]
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -228,3 +233,229 @@ def test_hetconv2d_cpu_equals_cuda(case, channels_last, dtype, bias):
     scale = max(1.0, float(want.double().abs().max()))
     tol = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-2}[dtype] * scale
     torch.testing.assert_close(got.cpu().double(), want.double(), rtol=0, atol=tol)
+
+
+# ---- the Focus ops: focused_conv2d, aoi_mask, mask_resize ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def focus_emulation():
+    """tests/_focus_cuda_emulation.cpp built (seconds; cached by torch.utils.cpp_extension): the CUDA Focus kernels'
+    per-element and host-side code run on the CPU as torch.ops.fxeff_focus_emu.*."""
+    if shutil.which("c++") is None:
+        pytest.skip("building the host emulation needs a C++ compiler (c++) on PATH")
+    here = os.path.dirname(os.path.abspath(__file__))
+    source = os.path.join(here, "_focus_cuda_emulation.cpp")
+    digest = hashlib.sha1()
+    for path in (source, os.path.join(here, "..", "csrc", "ops", "cuda", "focus_elements.cuh"),
+                 os.path.join(here, "..", "csrc", "ops", "focused_conv2d.h")):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    torch.utils.cpp_extension.load(f"fxeff_focus_cuda_emulation_{digest.hexdigest()[:12]}", [source],
+                                   extra_cflags=["-O2"], is_python_module=False)
+    return torch.ops.fxeff_focus_emu
+
+
+def dyadic_input(shape, dtype, seed=0):
+    """Multiples of 1/4 in [-2, 2]: every channel sum is exact in float, so any summation order gives the same
+    mask bitwise, and many pixels sum exactly to the thresholds used (ties: >= must hold)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(-8, 9, shape, generator=gen).double() / 4).to(dtype)
+
+
+def aoi_views(x):
+    return {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+            "sliced": x[:, ::2], "transposed": x.transpose(2, 3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_aoi_mask_code_on_the_host(focus_emulation, dtype):
+    x = dyadic_input((2, 6, 7, 9), dtype)
+    x[1, 2, 3, 4] = float("nan")
+    for name, xv in aoi_views(x).items():
+        for reduce, threshold in (("sum", 0.5), ("sum", 0.0), ("mean", 0.25), ("sum", math.inf), ("mean", -math.inf)):
+            got = focus_emulation.aoi_mask(xv, threshold, reduce == "mean")
+            assert torch.equal(got, aoi_mask(xv, threshold, reduce)), (name, reduce, threshold)
+
+
+def test_mask_resize_code_on_the_host(focus_emulation):
+    gen = torch.Generator().manual_seed(0)
+    for n, h, w, oh, ow in itertools.product((1, 2), (1, 5, 16), (3, 17), (1, 4, 16, 33), (2, 17, 40)):
+        mask = torch.rand(n, h, w, generator=gen) < 0.15
+        assert torch.equal(focus_emulation.mask_resize(mask, oh, ow), mask_resize(mask, (oh, ow))), (h, w, oh, ow)
+    mask = (torch.rand(10, 12, 2, generator=gen) < 0.3).permute(2, 0, 1)
+    assert torch.equal(focus_emulation.mask_resize(mask, 5, 4), mask_resize(mask, (5, 4)))
+
+
+def reference_tiles(mask, t):
+    """The active t x t tiles of every image, image-major raster order, as flat tile indices."""
+    n, ho, wo = mask.shape
+    th, tw = -(-ho // t), -(-wo // t)
+    padded = torch.zeros(n, th * t, tw * t, dtype=torch.bool)
+    padded[:, :ho, :wo] = mask
+    active = padded.view(n, th, t, tw, t).any(4).any(2)
+    return active.flatten().nonzero().flatten()
+
+
+FOCUS_CASES = [  # n, c, o, groups, kernel, stride, padding, dilation, h, w
+    (2, 4, 6, 1, 3, 1, 1, 1, 19, 23),
+    (1, 6, 6, 6, 3, 2, 1, 1, 20, 17),
+    (3, 4, 4, 2, 5, 1, 2, 2, 16, 16),
+    (2, 3, 5, 1, 1, 1, 0, 1, 9, 13),
+    (2, 4, 2, 1, 3, (2, 1), (0, 2), (1, 2), 15, 21),
+]
+
+
+def focus_case(case, dtype=torch.float64, seed=0, density=0.05):
+    n, c, o, groups, k, stride, padding, dilation, h, w = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    weight = torch.randn(o, c // groups, k, k, generator=gen, dtype=torch.float64)
+    bias = torch.randn(o, generator=gen, dtype=torch.float64)
+    ref = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    mask = torch.rand(n, ref.shape[2], ref.shape[3], generator=gen) < density
+    mask[0, :3, -4:] = True  # a blob at the border
+    return [t.to(dtype) for t in (x, weight, bias)] + [mask], (stride, padding, dilation, groups)
+
+
+def pair_of(v):
+    return list(v) if isinstance(v, tuple) else [v, v]
+
+
+@pytest.mark.parametrize("case", FOCUS_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("tile", [0, 2, 3, 8, 32])
+def test_focused_conv2d_tiles_code_on_the_host(focus_emulation, case, channels_last, tile):
+    """The tile flags, scan and compaction, halo gather and masked scatter of the CUDA tiles strategy equal
+    F.conv2d * mask (float64), and the tile list is every active tile in image-major raster order."""
+    (x, weight, bias, mask), (stride, padding, dilation, groups) = focus_case(case)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out, tiles, t, _ = focus_emulation.tiles(x, weight, bias, mask, pair_of(stride), pair_of(padding),
+                                             pair_of(dilation), groups, tile)
+    assert tile == 0 or t == tile
+    assert torch.equal(tiles, reference_tiles(mask, t))
+    want = F.conv2d(x, weight, bias, stride, padding, dilation, groups) * mask[:, None]
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_focused_conv2d_choice_on_the_host(focus_emulation):
+    """The auto rule: a full mask runs dense, a small blob runs tiles (cheaper_than_dense) with a tile side that
+    fits it."""
+    x = torch.randn(1, 16, 64, 64)
+    w = torch.randn(16, 16, 3, 3)
+    full = torch.ones(1, 64, 64, dtype=torch.bool)
+    blob = torch.zeros(1, 64, 64, dtype=torch.bool)
+    blob[0, 10:20, 30:42] = True
+    args = ([1, 1], [1, 1], [1, 1], 1, 0)
+    assert not focus_emulation.tiles(x, w, None, full, *args)[3]
+    _, tiles, t, cheaper = focus_emulation.tiles(x, w, None, blob, *args)
+    assert cheaper and len(tiles) * t * t < 64 * 64 // 2
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_focused_conv2d_masking_code_on_the_host(focus_emulation, channels_last, dtype):
+    """The dense strategy's zeroing and the backward's masked gradient keep the active outputs bitwise, zero the
+    rest, in the tensor's own layout."""
+    out = torch.randn(2, 5, 7, 9).to(dtype)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    mask = torch.rand(2, 7, 9) < 0.4
+    got = focus_emulation.keep_active(out, mask)
+    assert got.stride() == out.stride()
+    assert torch.equal(got, torch.where(mask[:, None], out, torch.zeros((), dtype=dtype)))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduce,threshold", [("sum", 0.5), ("sum", 0.0), ("mean", 0.25), ("sum", -math.inf)])
+def test_aoi_mask_cpu_equals_cuda(dtype, reduce, threshold):
+    x = dyadic_input((3, 6, 17, 19), dtype, seed=7)
+    x[2, 1, 5, 5] = float("nan")
+    for name, xv in aoi_views(x).items():
+        want = aoi_mask(xv, threshold, reduce)
+        got = aoi_mask(xv.cuda(), threshold, reduce)
+        assert got.is_cuda and got.dtype == torch.bool and got.is_contiguous()
+        assert torch.equal(got.cpu(), want), name
+
+
+@needs_gpu
+def test_aoi_mask_cuda_large_random():
+    """Random inputs (sums not exact): equal except within rounding of the threshold."""
+    x = torch.randn(4, 64, 56, 56)
+    want, got = aoi_mask(x, 0.5), aoi_mask(x.cuda(), 0.5).cpu()
+    differs = got != want
+    assert not differs.any() or bool(((x.double().sum(1) - 0.5).abs()[differs] < 1e-4).all())
+
+
+@needs_gpu
+def test_mask_resize_cpu_equals_cuda():
+    gen = torch.Generator().manual_seed(1)
+    for n, h, w, oh, ow in itertools.product((1, 3), (1, 7, 56), (5, 56), (1, 4, 28, 112), (3, 28, 113)):
+        mask = torch.rand(n, h, w, generator=gen) < 0.05
+        assert torch.equal(mask_resize(mask.cuda(), (oh, ow)).cpu(), mask_resize(mask, (oh, ow))), (h, w, oh, ow)
+    mask = (torch.rand(10, 12, 2, generator=gen) < 0.3).permute(2, 0, 1)
+    assert torch.equal(mask_resize(mask.cuda(), (5, 4)).cpu(), mask_resize(mask, (5, 4)))
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", FOCUS_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("strategy,tile", [("dense", 0), ("tiles", 0), ("tiles", 5), ("auto", 0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_focused_conv2d_cpu_equals_cuda(case, channels_last, strategy, tile, dtype):
+    (x, weight, bias, mask), conv = focus_case(case, dtype, seed=3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = focused_conv2d(x, weight, bias, mask, *conv)
+    with forced_strategy(strategy, tile):
+        got = focused_conv2d(x.cuda(), weight.cuda(), bias.cuda(), mask.cuda(), *conv)
+    assert got.dtype == dtype and got.stride() == want.stride()
+    assert not got.cpu()[~mask[:, None].expand_as(want)].any()  # exactly 0 outside the mask
+    scale = max(1.0, float(want.double().abs().max()))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-2}[dtype] * scale
+    torch.testing.assert_close(got.cpu().double(), want.double(), rtol=0, atol=tol)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", FOCUS_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_focused_conv2d_gradients_cpu_equal_cuda(case, channels_last, dtype):
+    (x, weight, bias, mask), conv = focus_case(case, dtype, seed=4, density=0.3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(focused_conv2d(x, weight, bias, mask, *conv).shape, dtype=dtype)
+    grads = []
+    for device in ("cpu", "cuda"):
+        ts = [t.detach().to(device).requires_grad_() for t in (x, weight, bias)]
+        grads.append([t.cpu() for t in torch.autograd.grad(focused_conv2d(*ts, mask.to(device), *conv), ts,
+                                                            g.to(device))])
+    assert grads[1][0].stride() == grads[0][0].stride()
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@needs_gpu
+def test_focused_conv2d_cuda_strategies_are_observable():
+    x = torch.randn(2, 32, 64, 64, device="cuda")
+    w = torch.randn(32, 32, 3, 3, device="cuda")
+    full = torch.ones(2, 64, 64, dtype=torch.bool, device="cuda")
+    blob = torch.zeros_like(full)
+    blob[:, 10:20, 30:40] = True
+
+    def ran(mask, strategy="auto"):
+        strategy_counters(reset=True)
+        with forced_strategy(strategy):
+            focused_conv2d(x, w, None, mask, 1, 1)
+        counts = strategy_counters(reset=True)
+        return [k for k, v in counts.items() if v]
+
+    assert ran(full) == ["dense"]
+    assert ran(blob) == ["tiles"]
+    assert ran(torch.zeros_like(full)) == ["empty"]
+    assert ran(blob, "dense") == ["dense"]
+    assert ran(blob, "crop") == ["tiles"] and ran(blob, "pixels") == ["tiles"]  # no crop/pixels on CUDA

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxeff.ops import mask_resize
@@ -27,22 +27,25 @@ def expected_fn(mask, size):
     return out
 
 
-@settings(max_examples=60, deadline=None)
+# `device` is a constant per test case (conftest.py), so hypothesis may reuse it across examples.
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 3), h=st.integers(1, 17), w=st.integers(1, 17), oh=st.integers(1, 17), ow=st.integers(1, 17),
        density=st.sampled_from([0.02, 0.2, 0.6]), seed=st.integers(0, 2 ** 16))
-def test_matches_reference(n, h, w, oh, ow, density, seed):
+def test_matches_reference(n, h, w, oh, ow, density, seed, device):
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(n, h, w, generator=gen) < density
-    assert torch.equal(mask_resize(mask, (oh, ow)), expected_fn(mask, (oh, ow)))
+    got = mask_resize(mask.to(device), (oh, ow))
+    assert got.device.type == device
+    assert torch.equal(got.cpu(), expected_fn(mask, (oh, ow)))
 
 
-def test_identity():
-    mask = torch.rand(2, 9, 7) < 0.3
+def test_identity(device):
+    mask = torch.rand(2, 9, 7, device=device) < 0.3
     assert torch.equal(mask_resize(mask, (9, 7)), mask)
 
 
-def test_grow_is_nearest_like_interpolate():
-    mask = torch.rand(2, 5, 7) < 0.4
+def test_grow_is_nearest_like_interpolate(device):
+    mask = torch.rand(2, 5, 7, device=device) < 0.4
     want = torch.nn.functional.interpolate(mask[:, None].float(), size=(13, 16), mode="nearest")[:, 0].bool()
     assert torch.equal(mask_resize(mask, (13, 16)), want)
 
@@ -66,10 +69,10 @@ def test_mixed_shrink_one_dim_grow_the_other():
     assert got[0, 2].tolist() == [False, False, True, True, False, False]
 
 
-def test_non_contiguous_mask():
+def test_non_contiguous_mask(device):
     mask = torch.rand(10, 12, 2) < 0.3
     mask = mask.permute(2, 0, 1)
-    assert torch.equal(mask_resize(mask, (5, 4)), expected_fn(mask.contiguous(), (5, 4)))
+    assert torch.equal(mask_resize(mask.to(device), (5, 4)).cpu(), expected_fn(mask.contiguous(), (5, 4)))
 
 
 def test_bad_input_is_an_error():
@@ -83,8 +86,8 @@ def test_bad_input_is_an_error():
         mask_resize(torch.ones(1, 4, 4, dtype=torch.bool), (1, 2, 3))
 
 
-def test_opcheck():
-    mask = torch.rand(2, 9, 11) < 0.3
+def test_opcheck(device):
+    mask = torch.rand(2, 9, 11, device=device) < 0.3
     for size in ([3, 4], [9, 11], [20, 5]):
         torch.library.opcheck(torch.ops.fxeff.mask_resize.default, (mask, size))
 
