@@ -150,6 +150,8 @@ def test_empty_mask_runs_no_conv(strategy):
     assert not any(n.startswith("aten::conv") or n in ("aten::mm", "aten::mm.out") for n in names), names
     assert strategy_counters(reset=True)["empty"] == 1
     assert out.shape == (3, 6, 24, 24) and out.dtype == x.dtype and not out.any()
+    out = run(strategy, 0, x.contiguous(memory_format=torch.channels_last), weight, bias, mask, 1, 1)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.any()  # the format is kept when empty
 
 
 @pytest.mark.parametrize("strategy", FORCED)

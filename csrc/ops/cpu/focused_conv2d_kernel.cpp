@@ -522,7 +522,8 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   if (s.active == 0 && cfg.strategy != "dense") {
     RECORD_FUNCTION("fxeff::focused_conv2d::empty", c10::ArrayRef<const c10::IValue>{});
     count_focus_strategy(FocusStrategy::Empty);
-    return at::zeros({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
+    // at::zeros ignores memory_format: allocate in the input's format, then zero
+    return at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt)).zero_();
   }
 
   CostModel cost;
