@@ -42,7 +42,7 @@ class Settings:
     eval_images: Optional[int] = None        # test images per accuracy (None: the whole test split)
     calibration_images: int = 512            # training images that calibrate focus thresholds / init shift
     finetune_epochs: int = 1
-    finetune_images: Optional[int] = 20000   # training images per fine-tuning epoch (None: all)
+    finetune_images: Optional[int] = 15000   # training images per fine-tuning epoch (None: all)
     finetune_lr: float = 0.05
     latency_batch: int = 16
     latency_runs: int = 20
