@@ -32,8 +32,22 @@ def mask_resize_reference(mask: torch.Tensor, size) -> torch.Tensor:
     return (rows @ mask.to(torch.float64) @ cols.T) > 0
 
 
+def dilate_reference(mask: torch.Tensor, halo: int) -> torch.Tensor:
+    """mask grown by ``halo`` pixels in each direction (a pixel is in if any pixel within halo is), by shifting."""
+    out = mask.clone()
+    h, w = mask.shape[-2:]
+    for dy in range(-halo, halo + 1):
+        for dx in range(-halo, halo + 1):
+            shifted = torch.zeros_like(mask)
+            shifted[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+                mask[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+            out |= shifted
+    return out
+
+
 @contextlib.contextmanager
-def focused_reference(model: nn.Module, split: str, threshold: float, reduce: str = "sum", unfocused=(), fills=None):
+def focused_reference(model: nn.Module, split: str, threshold: float, reduce: str = "sum", unfocused=(), fills=None,
+                      halo: int = 0):
     """Within the block, ``model`` computes the focus semantics; yields the list of masks seen (one per forward).
 
     ``unfocused``: fqns of Conv2d modules that stay dense (convs the pass must refuse). ``fills``: {conv fqn:
@@ -44,7 +58,7 @@ def focused_reference(model: nn.Module, split: str, threshold: float, reduce: st
     convs = (nn.Conv2d,)
 
     def on_split(module, args, out):
-        state["mask"] = aoi_mask_reference(out, threshold, reduce)
+        state["mask"] = dilate_reference(aoi_mask_reference(out, threshold, reduce), halo)
         masks.append(state["mask"])
 
     split_module = model.get_submodule(split)

@@ -86,10 +86,10 @@ def test_focus_config_validation():
 
 
 def test_focus_config_dict_and_json_round_trip():
-    config = Focus(threshold=0.5, split="features.3", reduce="mean", fill="mean")
+    config = Focus(threshold=0.5, split="features.3", reduce="mean", fill="mean", halo=2)
     d = json.loads(json.dumps(config.to_dict()))
     assert d == {"pass": "focus", "version": 1, "threshold": 0.5, "split": "features.3", "reduce": "mean",
-                 "fill": "mean"}
+                 "fill": "mean", "halo": 2}
     assert config_from_dict(d) == config
     assert Focus.from_dict(d) == config
     assert config_from_dict({"pass": "focus", "threshold": 0.5, "split": "features.3"}) == \
@@ -542,3 +542,32 @@ def test_fill_errors():
         fake = mode.from_tensor(torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="fill='mean' measures the background on real example inputs, got fake"):
         run_passes(trace(model), (fake,), [Focus(threshold=0.0, split="stem", fill="mean")])
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "dynamo", "export"])
+def test_halo_grows_the_aoi_before_the_convs_read_it(kind):
+    model = _eval(ResidualNet())
+    x = _masked_inputs()
+    t = threshold_for_fraction(model, "stem", x, 0.2)
+    _, report, out = rewritten(model, x, kind, Focus(threshold=t, split="stem", halo=2))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    with torch.no_grad(), focused_reference(model, "stem", t, halo=2) as masks:
+        expected = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    grown = masks[0].float().mean(dim=(1, 2))
+    with torch.no_grad(), focused_reference(model, "stem", t) as plain:
+        model(x)
+    assert (grown > plain[0].float().mean(dim=(1, 2))).all()  # the halo really adds pixels
+    if kind == "symbolic":
+        torch.testing.assert_close(torch.tensor(report.aoi_fractions), grown)  # the report shows the grown AoI
+
+
+def test_dilate_mask_matches_the_shift_reference():
+    from fxeff.passes.focus import dilate_mask
+    from _focus_reference import dilate_reference
+
+    mask = torch.rand(3, 11, 14) < 0.08
+    for halo in (0, 1, 3):
+        assert torch.equal(dilate_mask(mask, halo), dilate_reference(mask, halo))
+    with pytest.raises(ValueError, match="halo must be an int >= 0, got -1"):
+        Focus(threshold=0.0, halo=-1)

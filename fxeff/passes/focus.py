@@ -48,12 +48,15 @@ class Focus(PassConfig):
     technique). "mean": per output channel, the mean of the original conv's output outside the AoI
     on the example inputs (measured once by the pass, stored as a buffer): BatchNorm, residual adds
     and global pooling then see the background they were trained with instead of zeros; no MACs.
+    ``halo``: the AoI grows by this many pixels at the split's grid (a (2 halo + 1)^2 max filter of
+    the mask), so convs at the AoI's edge still see the context they saw in the original.
     """
 
     threshold: float
     split: Optional[str] = None
     reduce: str = "sum"
     fill: str = "zeros"
+    halo: int = 0
 
     def __post_init__(self):
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
@@ -69,6 +72,8 @@ class Focus(PassConfig):
             raise ValueError(f"fxeff.passes.Focus: reduce must be one of {REDUCES}, got {self.reduce!r}")
         if self.fill not in FILLS:
             raise ValueError(f"fxeff.passes.Focus: fill must be one of {FILLS}, got {self.fill!r}")
+        if isinstance(self.halo, bool) or not isinstance(self.halo, int) or self.halo < 0:
+            raise ValueError(f"fxeff.passes.Focus: halo must be an int >= 0, got {self.halo!r}")
 
     def run(self, gm: fx.GraphModule, context: PassContext) -> Report:
         return focus_pass(gm, self, context)
@@ -308,6 +313,33 @@ def _rewrite(gm: fx.GraphModule, site: ConvSite, mask: fx.Node) -> fx.Node:
     return new
 
 
+def dilate_mask(mask: torch.Tensor, halo: int) -> torch.Tensor:
+    """bool [N, H, W]: ``mask`` grown by ``halo`` pixels (a (2 halo + 1)^2 max filter, clipped at the borders)."""
+    if halo == 0:
+        return mask
+    grown = F.max_pool2d(mask.unsqueeze(1).to(torch.float32), 2 * halo + 1, stride=1, padding=halo)
+    return grown.squeeze(1) > 0
+
+
+def _emit_dilation(graph: fx.Graph, mask: fx.Node, halo: int, split: fx.Node, shape: Tuple[int, ...]) -> fx.Node:
+    """dilate_mask(mask, halo) as aten nodes after ``mask`` (valid in symbolic, dynamo and export graphs)."""
+    n, h, w = shape
+    k = 2 * halo + 1
+    steps = [(aten.unsqueeze.default, (1,), {}, (n, 1, h, w), torch.bool),
+             (aten._to_copy.default, (), {"dtype": torch.float32}, (n, 1, h, w), torch.float32),
+             (aten.max_pool2d.default, ([k, k], [1, 1], [halo, halo]), {}, (n, 1, h, w), torch.float32),
+             (aten.squeeze.dim, (1,), {}, (n, h, w), torch.float32),
+             (aten.gt.Scalar, (0,), {}, (n, h, w), torch.bool)]
+    node = mask
+    for target, args, kwargs, out_shape, dtype in steps:
+        with graph.inserting_after(node):
+            new = graph.call_function(target, (node,) + args, kwargs)
+        new.meta[_ROLE] = "aoi_halo"
+        _set_value(new, split, out_shape, dtype)
+        node = new
+    return node
+
+
 def _outside_means(gm: fx.GraphModule, config: Focus, context: PassContext, split: fx.Node,
                    sites: List[ConvSite]) -> Dict[fx.Node, torch.Tensor]:
     """conv node -> per-channel mean of the original conv's output outside the AoI (at its own grid) over
@@ -316,7 +348,7 @@ def _outside_means(gm: fx.GraphModule, config: Focus, context: PassContext, spli
         raise ValueError("fxeff.passes.Focus: fill='mean' measures the background on real example inputs, got fake "
                          "tensors; pass real images (or use fill='zeros')")
     _, values = run_recording(gm, context.example_inputs, [split] + [site.node for site in sites])
-    mask = AOI_MASK(values[split], config.threshold, config.reduce)
+    mask = dilate_mask(AOI_MASK(values[split], config.threshold, config.reduce), config.halo)
     means = {}
     for site in sites:
         out = values[site.node].double()
@@ -368,6 +400,8 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     mask.meta[_ROLE] = "aoi_mask"
     mask_shape = (split_shape[0], split_shape[2], split_shape[3])
     _set_value(mask, split, mask_shape, torch.bool)
+    if config.halo:
+        mask = _emit_dilation(graph, mask, config.halo, split, mask_shape)
     grid_masks: Dict[Tuple[str, str], fx.Node] = {_grid_key(split_shape[2:]): mask}
 
     site_reports: List[SiteReport] = []
@@ -408,7 +442,9 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
         notes.append("fill='mean': outside the AoI each focused conv outputs the per-channel mean of the original "
                      "conv's output there on the example inputs")
     if not rewritten:
-        graph.erase_node(mask)
+        for node in reversed(list(graph.nodes)):  # the dilation chain (if any), then aoi_mask
+            if node.meta.get(_ROLE) in ("aoi_halo", "aoi_mask"):
+                graph.erase_node(node)
         notes.append("no conv could be focused: the graph is unchanged")
     graph.lint()
     gm.recompile()
