@@ -13,7 +13,8 @@ HAVE_FMNIST = os.path.isfile("/usr/share/datasets/fashion-mnist/t10k-labels-idx1
 def test_report_generator_writes_table_targets_and_plots(tmp_path):
     settings = accuracy_report.Settings(archs=("resnet20",), datasets=("fashion-mnist",), eval_images=200,
                                         calibration_images=32, finetune_images=96, latency_runs=2,
-                                        latency_batch=4, photos=False, aoi_fractions=(0.3,), hetconv_parts=(4,),
+                                        latency_batch=4, photos=False, focus_halos=(2,), stem_fractions=(0.3,),
+                                        hetconv_parts=(4,),
                                         progress=False)
     md = str(tmp_path / "docs" / "accuracy.md")
     text = accuracy_report.run(settings, md, str(tmp_path / "docs" / "plots"))
@@ -22,10 +23,12 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path):
     names = [c.strip() for c in header.strip("|").split("|")]
     rows = [dict(zip(names, (c.strip() for c in line.strip("|").split("|"))))
             for line in text.splitlines() if line.startswith("| resnet20 |")]
-    # focus: input split with fill mean, then the three other variants at 30%; HetConv P=4 (no depthwise conv)
+    # focus: the input split (every pixel brighter than black, halo 2) with fill mean and zeros, the stem split
+    # calibrated for 30% with both fills; HetConv P=4 (ResNet-20 has no depthwise conv)
     assert [(r["pass"], r["setting"]) for r in rows] == [
-        ("focus", "AoI 30%, input split, fill mean"), ("focus", "AoI 30%, input split, fill zeros"),
-        ("focus", "AoI 30%, stem split, fill mean"), ("focus", "AoI 30%, stem split, fill zeros"), ("hetconv", "P=4")]
+        ("focus", "input > black, halo 2, fill mean"), ("focus", "input > black, halo 2, fill zeros"),
+        ("focus", "stem calibrated 30%, fill mean"), ("focus", "stem calibrated 30%, fill zeros"), ("hetconv", "P=4")]
+    assert rows[0]["AoI (measured)"] == rows[1]["AoI (measured)"]  # the same AoI, two fills
     for r in rows:
         assert 0 < float(r["MAC ratio"]) < 1  # every rewrite cuts MACs
         assert r["original acc."].endswith("%") and r["after rewrite"].endswith("%")
@@ -41,9 +44,10 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path):
 
 
 def test_targets_read_the_rows():
-    rows = [{"model": "m", "dataset": "cluttered-fashion-mnist", "pass": "focus", "setting": "AoI 30%", "drop": 0.2},
-            {"model": "m", "dataset": "cluttered-fashion-mnist", "pass": "focus", "setting": "AoI 40%", "drop": 5.0},
-            {"model": "m", "dataset": "fashion-mnist", "pass": "focus", "setting": "AoI 10%", "drop": 9.0},
+    rows = [{"model": "m", "dataset": "cluttered-fashion-mnist", "pass": "focus", "setting": "a", "AoI": 0.28,
+             "drop": 0.2},
+            {"model": "m", "dataset": "cluttered-fashion-mnist", "pass": "focus", "setting": "b", "AoI": 0.4, "drop": 5.0},
+            {"model": "m", "dataset": "fashion-mnist", "pass": "focus", "setting": "c", "AoI": 0.1, "drop": 9.0},
             {"model": "m", "dataset": "fashion-mnist", "pass": "hetconv", "setting": "P=4", "drop": 0.7},
             {"model": "m", "dataset": "fashion-mnist", "pass": "shift sparse", "setting": "sparse", "drop": 0.9}]
     checks = accuracy_report.targets(rows)
