@@ -256,6 +256,21 @@ def plot(rows: List[Dict[str, object]], folder: str) -> List[str]:
     return paths
 
 
+def checkpoint_rows(settings: Settings) -> List[Dict[str, object]]:
+    """The reference models as trained (the JSON written beside each committed checkpoint)."""
+    import json
+
+    rows = []
+    for dataset in settings.datasets:
+        for arch in settings.archs:
+            with open(os.path.splitext(reference.checkpoint_path(arch, dataset))[0] + ".json") as f:
+                m = json.load(f)
+            rows.append({"model": arch, "dataset": dataset, "test accuracy": f"{100 * m['test_accuracy']:.2f}%",
+                         "epochs": m["epochs"], "train minutes": m["train_seconds"] / 60,
+                         "checkpoint MB": m["checkpoint_bytes"] / 2 ** 20, "torch": m["torch"]})
+    return rows
+
+
 def run(settings: Settings, markdown_path: str, plot_folder: str) -> str:
     """Computes every row, writes the markdown report and the plots; returns the markdown."""
     from tqdm.auto import tqdm
@@ -275,6 +290,12 @@ def run(settings: Settings, markdown_path: str, plot_folder: str) -> str:
                f"`fxeff.finetune` (distillation from the original) for {settings.finetune_epochs} epoch(s) of "
                f"{settings.finetune_images or 'all'} training images at peak lr {settings.finetune_lr}; focus "
                "is never fine-tuned (its weights are the original's).", "",
+             "## Reference models", "",
+             "Trained by `fxeff train ARCH DATASET` (fixed seed, 2 threads); the minutes include time shared with "
+             "other jobs where the machine was busy (see the notes).", "",
+             bench.markdown_table(checkpoint_rows(settings), ("model", "dataset", "test accuracy", "epochs",
+                                                              "train minutes", "checkpoint MB", "torch")), "",
+             "## Every pass", "",
              bench.markdown_table(_percent(rows), COLUMNS), "", "## Targets", "",
              bench.markdown_table(targets(rows), ("target", "model", "dataset", "setting", "drop (points)", "met")),
              ""]
