@@ -9,8 +9,12 @@ from each photo, so one compiled model serves every photo.
 MAC bound = dense MACs / focused MACs (torch.utils.flop_counter with fxeff's formulas, the count
 of fxeff.transform's report); efficiency = speedup / MAC bound (1.0: time falls as fast as MACs).
 
+With --device cuda the models, photos and masks live on the GPU (dense = cuDNN); issue 6's GPU target is an
+efficiency >= 0.75 for VGG16 and ResNet-50 at a 25% AoI. --quick: the first photo only, eager only.
+
     .venv/bin/python benchmarks/focus_models.py [--models vgg16,resnet50,efficientnet-lite0]
-        [--photos astronaut,chelsea,coffee] [--aoi 0.25] [--no-compile] [--profile] [--json out.json]
+        [--photos astronaut,chelsea,coffee] [--aoi 0.25] [--device cpu|cuda] [--quick] [--no-compile] [--profile]
+        [--json out.json]
 """
 import argparse
 import os
@@ -20,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fxeff.bench import measure, report  # noqa: E402
+from fxeff.bench import add_device_arg, measure, report  # noqa: E402
 
 import fxeff  # noqa: E402
 from fxeff import data, focus, models  # noqa: E402
@@ -39,24 +43,28 @@ def _macs(model, x) -> int:
     return counter.get_total_flops() // 2
 
 
-def _profile(name: str, fn, rows: int = 12) -> None:
-    """Where the time of ``fn`` goes, by op (self CPU time), printed as torch.profiler's table."""
+def _profile(name: str, fn, rows: int = 12, cuda: bool = False) -> None:
+    """Where the time of ``fn`` goes, by op (self CPU time, or self CUDA time on a GPU), as torch.profiler's table."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     with torch.no_grad():
         for _ in range(2):
             fn()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=activities) as prof:
             for _ in range(5):
                 fn()
-    print(f"\n#### profile: {name} (5 calls, by self CPU time)\n")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    print(f"\n#### profile: {name} (5 calls, by {key})\n")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
-def bench_model(key: str, photo_names, target: float, compile_models: bool, profile: bool):
+def bench_model(key: str, photo_names, target: float, compile_models: bool, profile: bool,
+                device: torch.device = torch.device("cpu")):
     name = MODELS[key]
     torch.manual_seed(0)  # torchvision models have random weights: the same ones in every run
-    model = models.load_model(name)
+    model = models.load_model(name).to(device)
     photos = data.photos(photo_names)
     batch, _ = data.to_batch([image for _, image in photos], models.preprocessing(name))
+    batch = batch.to(device)
     threshold = focus.calibrate(model, batch, target)
     config = fxeff.Focus(threshold)
     focused = fxeff.transform(model, batch, [config])
@@ -93,12 +101,12 @@ def bench_model(key: str, photo_names, target: float, compile_models: bool, prof
                   + (f", compiled speedup {row['compiled speedup']:.2f}x" if compile_models else ""), flush=True)
         if profile:
             x = batch[:1]
-            _profile(f"{key} eager dense", lambda: model(x))
-            _profile(f"{key} eager focused", lambda: focused(x))
+            _profile(f"{key} eager dense", lambda: model(x), cuda=device.type == "cuda")
+            _profile(f"{key} eager focused", lambda: focused(x), cuda=device.type == "cuda")
     return rows
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
     parser.add_argument("--photos", default="astronaut,chelsea,coffee", help="comma-separated fxeff.data.PHOTOS")
@@ -107,18 +115,29 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="eager only (skip inductor and effconv)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table by op, dense and focused")
     parser.add_argument("--json", default="", help="write rows + environment here")
+    parser.add_argument("--quick", action="store_true", help="the first photo only, eager only (no compile)")
+    add_device_arg(parser)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
+    device = args.device
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     unknown = [k for k in keys if k not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; expected names from {list(MODELS)}")
     torch.set_num_threads(args.threads)
     photo_names = [p.strip() for p in args.photos.split(",") if p.strip()]
+    if args.quick:
+        photo_names = photo_names[:1]
+    compile_models = not (args.no_compile or args.quick)
     rows = []
     for key in keys:
-        rows += bench_model(key, photo_names, args.aoi, not args.no_compile, args.profile)
-    report(f"Whole models focused on real photos (224x224, batch 1, threshold for a mean AoI of {args.aoi:.0%})",
-           rows, COLUMNS, args.json)
+        rows += bench_model(key, photo_names, args.aoi, compile_models, args.profile, device)
+    report(f"Whole models focused on real photos (224x224, batch 1, {device.type}, threshold for a mean AoI of "
+           f"{args.aoi:.0%})", rows, COLUMNS, args.json, device)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ errors on test images and the test accuracy right after the rewrite (no fine-tun
 Part 1 (init): for each model and init ("centre", "sum"), the pass's per-layer relative output error
 ||hetconv(x) - conv(x)|| / ||conv(x)|| on each layer's own input from real photos (scikit-image), and
 the whole model's output error (before fine-tuning). Part 2 (latency): the model and its HetConv
-rewrite timed in turn (medians), with FlopCounterMode MACs.
+rewrite timed in turn (medians), with FlopCounterMode MACs; --device cuda runs this latency part on the GPU
+(parts 0 and 1, errors and accuracy, stay on the CPU).
 
     python benchmarks/hetconv_models.py [--models vgg16,resnet50] [--part 4] [--size 224] [--runs 10]
-        [--reference-images 2000] [--threads 2] [--json out.json] [--markdown out.md]
+        [--reference-images 2000] [--threads 2] [--device cpu|cuda] [--json out.json] [--markdown out.md]
 """
 import argparse
 import statistics
@@ -20,7 +21,7 @@ import torch
 
 import fxeff
 from fxeff import data, models, reference, training
-from fxeff.bench import model_before_after, report
+from fxeff.bench import add_device_arg, model_before_after, report
 
 
 def _model_error(rep) -> str:
@@ -65,16 +66,16 @@ def init_rows(names, part: int, size: int):
     return rows
 
 
-def latency_rows(names, part: int, size: int, runs: int):
+def latency_rows(names, part: int, size: int, runs: int, device: torch.device = torch.device("cpu")):
     rows = []
     for name in names:
-        model = models.load_model(f"torchvision:{name}").eval()
-        x = torch.rand(1, 3, size, size)
+        model = models.load_model(f"torchvision:{name}").eval().to(device)
+        x = torch.rand(1, 3, size, size).to(device)
         rows.append(model_before_after(name, model, fxeff.transform(model, x, [fxeff.HetConv(part=part)]), x, runs))
     return rows
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="vgg16,resnet50")
     parser.add_argument("--latency-models", default="vgg16")
@@ -86,7 +87,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="")
     parser.add_argument("--markdown", default="")
-    args = parser.parse_args(argv)
+    add_device_arg(parser)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     text = ""
@@ -100,9 +106,10 @@ def main(argv=None) -> None:
         rows = init_rows(args.models.split(","), args.part, args.size)
     text += report(f"HetConv init on real photos, P={args.part}: relative output error before fine-tuning", rows,
                   list(rows[0].keys()), args.json.replace(".json", "_init.json") if args.json else "")
-    rows = latency_rows(args.latency_models.split(","), args.part, args.size, args.runs)
-    text += "\n\n" + report("Whole model, eager, batch 1, before/after the HetConv pass", rows, list(rows[0].keys()),
-                            args.json.replace(".json", "_latency.json") if args.json else "")
+    rows = latency_rows(args.latency_models.split(","), args.part, args.size, args.runs, args.device)
+    text += "\n\n" + report(f"Whole model, eager, batch 1, {args.device.type}, before/after the HetConv pass", rows,
+                            list(rows[0].keys()), args.json.replace(".json", "_latency.json") if args.json else "",
+                            args.device)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")

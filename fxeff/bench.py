@@ -4,6 +4,7 @@ Every benchmark (benchmarks/*.py, ``fxeff demo``/``bench``) times its candidates
 reports ratios against a baseline measured in the same run, and prints ``environment()`` with the
 table: the machines are shared, so absolute times move and ratios are what the tables claim.
 """
+import argparse
 import json
 import platform
 import statistics
@@ -16,15 +17,54 @@ import torch.utils.benchmark as tbench
 Column = Union[str, Tuple[str, str]]  # a row key, or (row key, header)
 
 
-def environment() -> Dict[str, object]:
-    """What the numbers depend on: printed with every table."""
-    env = {
+def device_arg(text: str) -> torch.device:
+    """``--device`` of every benchmark script (argparse ``type=``): cpu or cuda[:i]; cuda without a GPU is a clear
+    error (argparse prints it and exits with status 2)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"fxeff bench: --device must be cpu or cuda, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"fxeff bench: --device must be cpu or cuda, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                "fxeff bench: --device cuda needs a GPU; torch.cuda.is_available() is False")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"fxeff bench: --device {text}: only {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """The scripts' ``--device cpu|cuda`` (default cpu)."""
+    parser.add_argument("--device", type=device_arg, default="cpu",
+                        help="cpu (default) or cuda: where every tensor and model of the run lives")
+
+
+def _on_cuda(device: Union[str, torch.device, None]) -> bool:
+    if device is None:  # unspecified: whether this process has put work on a GPU
+        return torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.device(device).type == "cuda"
+
+
+def _sync() -> None:
+    """Waits for queued GPU work, if this process has any (a CPU-only run never initializes CUDA: no-op)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def environment(device: Union[str, torch.device, None] = None) -> Dict[str, object]:
+    """What the numbers depend on: printed with every table. The GPU name and CUDA version are listed only
+    when the run is on CUDA (``device`` cuda, or no device given and this process has used a GPU)."""
+    env: Dict[str, object] = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
     }
-    if torch.cuda.is_available():
-        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    if _on_cuda(device):
+        index = torch.device(device).index if device is not None else None
+        env.update(device="cuda", gpu=torch.cuda.get_device_name(index), cuda=torch.version.cuda)
     return env
 
 
@@ -32,8 +72,7 @@ def measure(fn: Callable[[], object], min_run_time: float = 0.5, repeats: int = 
     """Median seconds per call of ``fn`` over ``repeats`` blocked_autorange runs, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync()
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     medians = sorted(timer.blocked_autorange(min_run_time=min_run_time / repeats).median for _ in range(repeats))
     return medians[len(medians) // 2]
@@ -41,7 +80,9 @@ def measure(fn: Callable[[], object], min_run_time: float = 0.5, repeats: int = 
 
 def interleaved(fns: Sequence[Callable[[], object]], runs: int, warmup: int = 2) -> List[float]:
     """Median seconds per call of each fn, the fns run in turn in every round (under no_grad) so that the
-    machine's noise hits them alike; for whole models, where one call is long."""
+    machine's noise hits them alike; for whole models, where one call is long. When the process has GPU work
+    (CUDA initialized), the GPU is synchronized before starting and before stopping each call's clock, so a
+    call's time includes its kernels; on a CPU-only run nothing changes."""
     times: List[List[float]] = [[] for _ in fns]
     with torch.no_grad():
         for _ in range(warmup):
@@ -49,8 +90,10 @@ def interleaved(fns: Sequence[Callable[[], object]], runs: int, warmup: int = 2)
                 fn()
         for _ in range(runs):
             for i, fn in enumerate(fns):
+                _sync()
                 start = time.perf_counter()
                 fn()
+                _sync()
                 times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
@@ -79,9 +122,11 @@ def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[Column])
     return "\n".join(lines)
 
 
-def report(title: str, rows: List[Dict[str, object]], columns: Sequence[Column], json_path: str = "") -> str:
-    """Prints (and returns) the environment line and the table; writes rows + environment as JSON if asked."""
-    env = environment()
+def report(title: str, rows: List[Dict[str, object]], columns: Sequence[Column], json_path: str = "",
+           device: Union[str, torch.device, None] = None) -> str:
+    """Prints (and returns) the environment line (``environment(device)``) and the table; writes rows +
+    environment as JSON if asked."""
+    env = environment(device)
     text = f"### {title}\n\n" + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n\n" + markdown_table(rows, columns)
     print(text, flush=True)
     if json_path:

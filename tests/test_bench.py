@@ -1,0 +1,83 @@
+"""fxeff.bench and the benchmark scripts' --device flag (fast: no benchmark is run without a GPU)."""
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fxeff import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["focus", "focus_models", "shift", "hetconv", "hetconv_models"]
+NO_GPU = "fxeff bench: --device cuda needs a GPU; torch.cuda.is_available() is False"
+# The quickest settings of each script, for the GPU run.
+QUICK = {"focus": ["--quick", "--formats", "nchw"], "focus_models": ["--quick", "--models", "resnet50"],
+         "shift": ["--quick"], "hetconv": ["--quick"],
+         "hetconv_models": ["--reference-images", "0", "--models", "vgg16", "--size", "64", "--runs", "2"]}
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_script_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interleaved_cpu_positive_medians():
+    a = torch.randn(64, 64)
+    times = bench.interleaved([lambda: a @ a, lambda: a + a], runs=3, warmup=1)
+    assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_device_arg():
+    assert bench.device_arg("cpu") == torch.device("cpu")
+    with pytest.raises(argparse.ArgumentTypeError, match="cpu or cuda"):
+        bench.device_arg("meta")
+    with pytest.raises(argparse.ArgumentTypeError, match="cpu or cuda"):
+        bench.device_arg("gpu0")
+    assert "gpu" not in bench.environment("cpu")
+
+
+@needs_no_gpu
+def test_device_arg_cuda_without_gpu():
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        bench.device_arg("cuda")
+    assert str(info.value) == NO_GPU
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_parser_device(name):
+    parser = _script(name).build_parser()
+    assert parser.parse_args([]).device == torch.device("cpu")
+    assert parser.parse_args(["--device", "cpu"]).device == torch.device("cpu")
+
+
+@needs_no_gpu
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_rejects_cuda_without_gpu(name, capsys):
+    argv = ["--device", "cuda"] + (["--quick"] if name != "hetconv_models" else [])
+    with pytest.raises(SystemExit) as info:
+        _script(name).main(argv)
+    assert info.value.code == 2
+    assert NO_GPU in capsys.readouterr().err
+
+
+@needs_no_gpu
+def test_script_cli_rejects_cuda_without_gpu():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "shift.py"), "--device", "cuda",
+                           "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert NO_GPU in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_runs_on_cuda(name):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--device", "cuda",
+                           *QUICK[name]], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu " in proc.stdout and "cuda " in proc.stdout  # environment() names the GPU and the CUDA version
