@@ -571,3 +571,14 @@ def test_dilate_mask_matches_the_shift_reference():
         assert torch.equal(dilate_mask(mask, halo), dilate_reference(mask, halo))
     with pytest.raises(ValueError, match="halo must be an int >= 0, got -1"):
         Focus(threshold=0.0, halo=-1)
+
+
+def test_a_pass_that_focuses_nothing_removes_only_its_own_mask_and_halo():
+    model = _eval(ResidualNet())
+    x = _masked_inputs()
+    t = threshold_for_fraction(model, "stem", x, 0.3)
+    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem")])
+    before = [n.target for n in gm.graph.nodes]
+    report = run_passes(gm, (x,), [Focus(threshold=t, split="stem", halo=1)])  # nothing left to focus
+    assert not report.rewritten and "no conv could be focused" in " ".join(report.notes)
+    assert [n.target for n in gm.graph.nodes] == before  # the first pass's mask stays, the new chain is gone

@@ -400,6 +400,7 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     mask.meta[_ROLE] = "aoi_mask"
     mask_shape = (split_shape[0], split_shape[2], split_shape[3])
     _set_value(mask, split, mask_shape, torch.bool)
+    aoi = mask  # the thresholded AoI; with a halo, ``mask`` becomes the end of its dilation chain
     if config.halo:
         mask = _emit_dilation(graph, mask, config.halo, split, mask_shape)
     grid_masks: Dict[Tuple[str, str], fx.Node] = {_grid_key(split_shape[2:]): mask}
@@ -442,9 +443,13 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
         notes.append("fill='mean': outside the AoI each focused conv outputs the per-channel mean of the original "
                      "conv's output there on the example inputs")
     if not rewritten:
-        for node in reversed(list(graph.nodes)):  # the dilation chain (if any), then aoi_mask
-            if node.meta.get(_ROLE) in ("aoi_halo", "aoi_mask"):
-                graph.erase_node(node)
+        node = mask  # this call's dilation chain (if any), back to its aoi_mask
+        while True:
+            previous = node.args[0] if node is not aoi else None
+            graph.erase_node(node)
+            if previous is None:
+                break
+            node = previous
         notes.append("no conv could be focused: the graph is unchanged")
     graph.lint()
     gm.recompile()
