@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fxeff  # noqa: E402
-from fxeff.bench import add_device_arg, measure, report  # noqa: E402
+from fxeff.bench import script_parser, write_markdown, measure, report  # noqa: E402
 
 FORCED = ("dense", "crop", "tiles", "pixels")
 # (pattern, AoI fraction) -> minimum auto speedup the issue asks for.
@@ -200,16 +200,12 @@ def rows_to_run(quick: bool, cuda: bool = False):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = script_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a few rows, short timings")
     parser.add_argument("--formats", default="nchw,channels_last", help="comma list of nchw, channels_last")
     parser.add_argument("--tile", type=int, default=0, help="tile size forced for the tiles column (0 = its own pick)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds over all candidates (median)")
     parser.add_argument("--backward", action="store_true", help="also time the backward (a second table)")
-    parser.add_argument("--json", default="", help="write rows + environment as JSON here")
-    parser.add_argument("--markdown", default="", help="write the markdown table here")
-    add_device_arg(parser)
     return parser
 
 
@@ -242,9 +238,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
                                  "backward", brows, ["shape", "batch", "format", "pattern", "AoI %", "dense bwd ms",
                                                      "focused bwd", "max rel err"],
                                  args.json.replace(".json", "_backward.json") if args.json else "", device)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    write_markdown(args.markdown, text)
     return rows
 
 

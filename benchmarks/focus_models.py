@@ -14,7 +14,7 @@ efficiency >= 0.75 for VGG16 and ResNet-50 at a 25% AoI. --quick: the first phot
 
     .venv/bin/python benchmarks/focus_models.py [--models vgg16,resnet50,efficientnet-lite0]
         [--photos astronaut,chelsea,coffee] [--aoi 0.25] [--device cpu|cuda] [--quick] [--no-compile] [--profile]
-        [--json out.json]
+        [--json out.json] [--markdown out.md]
 """
 import argparse
 import os
@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fxeff.bench import add_device_arg, measure, report  # noqa: E402
+from fxeff.bench import script_parser, write_markdown, measure, report  # noqa: E402
 
 import fxeff  # noqa: E402
 from fxeff import data, focus, models  # noqa: E402
@@ -107,16 +107,13 @@ def bench_model(key: str, photo_names, target: float, compile_models: bool, prof
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
     parser.add_argument("--photos", default="astronaut,chelsea,coffee", help="comma-separated fxeff.data.PHOTOS")
     parser.add_argument("--aoi", type=float, default=0.25, help="mean AoI fraction the threshold is calibrated for")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="eager only (skip inductor and effconv)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table by op, dense and focused")
-    parser.add_argument("--json", default="", help="write rows + environment here")
     parser.add_argument("--quick", action="store_true", help="the first photo only, eager only (no compile)")
-    add_device_arg(parser)
     return parser
 
 
@@ -136,8 +133,9 @@ def main(argv=None):
     rows = []
     for key in keys:
         rows += bench_model(key, photo_names, args.aoi, compile_models, args.profile, device)
-    report(f"Whole models focused on real photos (224x224, batch 1, {device.type}, threshold for a mean AoI of "
-           f"{args.aoi:.0%})", rows, COLUMNS, args.json, device)
+    text = report(f"Whole models focused on real photos (224x224, batch 1, {device.type}, threshold for a mean AoI "
+                  f"of {args.aoi:.0%})", rows, COLUMNS, args.json, device)
+    write_markdown(args.markdown, text)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fxeff  # noqa: E402,F401
-from fxeff.bench import add_device_arg, measure, report  # noqa: E402
+from fxeff.bench import script_parser, write_markdown, measure, report  # noqa: E402
 from fxeff.ops import hetconv2d, hetconv_dense_weight  # noqa: E402
 
 SHAPES = [(256, 56), (128, 28)]  # (channels in = out, spatial size)
@@ -109,14 +109,10 @@ def bench_row(c: int, size: int, batch: int, part: int, k: int, channels_last: b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="P 4 and 16 only, shorter timing")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--channels-last", action="store_true", help="also the channels_last rows")
     parser.add_argument("--backward", action="store_true", help="also forward+backward (dense vs fxeff)")
-    parser.add_argument("--json", default="")
-    parser.add_argument("--markdown", default="")
-    add_device_arg(parser)
     return parser
 
 
@@ -143,9 +139,7 @@ def main(argv=None) -> None:
         path = args.json.replace(".json", f"_{name}.json") if args.json else ""
         text += report(f"HetConv layer, K=3 pad 1, float32, {name}, {device.type}: dense vs seed vs "
                        "fxeff.ops.hetconv2d", rows, columns, path, device) + "\n\n"
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
+    write_markdown(args.markdown, text)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 import fxeff
 from fxeff import data, models, reference, training
-from fxeff.bench import add_device_arg, model_before_after, report
+from fxeff.bench import script_parser, write_markdown, model_before_after, report
 
 
 def _model_error(rep) -> str:
@@ -76,7 +76,7 @@ def latency_rows(names, part: int, size: int, runs: int, device: torch.device = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--models", default="vgg16,resnet50")
     parser.add_argument("--latency-models", default="vgg16")
     parser.add_argument("--part", type=int, default=4)
@@ -84,10 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--reference-images", type=int, default=2000,
                         help="test images per reference model (0 skips part 0)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default="")
-    parser.add_argument("--markdown", default="")
-    add_device_arg(parser)
     return parser
 
 
@@ -110,9 +106,7 @@ def main(argv=None) -> None:
     text += "\n\n" + report(f"Whole model, eager, batch 1, {args.device.type}, before/after the HetConv pass", rows,
                             list(rows[0].keys()), args.json.replace(".json", "_latency.json") if args.json else "",
                             args.device)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    write_markdown(args.markdown, text)
 
 
 if __name__ == "__main__":

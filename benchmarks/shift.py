@@ -27,7 +27,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import fxeff  # noqa: E402
 from _shift_reference import shift_reference  # noqa: E402
-from fxeff.bench import add_device_arg, measure, model_before_after, report  # noqa: E402
+from fxeff.bench import script_parser, write_markdown, measure, model_before_after, report  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (1, 32, 112, 112)]
 # The targets: (quantity, bound); checked per row and printed with the table.
@@ -112,14 +112,10 @@ def bench_models(runs: int, device: torch.device = torch.device("cpu")) -> List[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="one shape, shorter timing")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", action="store_true", help="also whole MobileNetV2 before/after the Shift pass")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) pure-PyTorch reference")
-    parser.add_argument("--json", default="")
-    parser.add_argument("--markdown", default="")
-    add_device_arg(parser)
     return parser
 
 
@@ -146,9 +142,7 @@ def main(argv=None) -> None:
         text += "\n\n" + report(f"Whole model at 224, eager, {device.type}, before/after the Shift pass", model_rows,
                                 list(model_rows[0].keys()),
                                 args.json.replace(".json", "_models.json") if args.json else "", device)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+    write_markdown(args.markdown, text)
 
 
 if __name__ == "__main__":

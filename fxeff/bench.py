@@ -36,10 +36,23 @@ def device_arg(text: str) -> torch.device:
     return device
 
 
-def add_device_arg(parser: argparse.ArgumentParser) -> None:
-    """The scripts' ``--device cpu|cuda`` (default cpu)."""
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """The argument parser every benchmark script starts from (its module docstring as the help), with the
+    options they share: ``--threads``, ``--json``, ``--markdown`` and ``--device cpu|cuda``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--json", default="", help="write the rows and the environment as JSON here")
+    parser.add_argument("--markdown", default="", help="write the markdown tables here")
     parser.add_argument("--device", type=device_arg, default="cpu",
                         help="cpu (default) or cuda: where every tensor and model of the run lives")
+    return parser
+
+
+def write_markdown(path: str, text: str) -> None:
+    """``--markdown``: the tables a script printed, to a file (nothing when ``path`` is empty)."""
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
 
 
 def _on_cuda(device: Union[str, torch.device, None]) -> bool:

@@ -50,10 +50,20 @@ def test_device_arg_cuda_without_gpu():
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_script_parser_device(name):
+def test_script_parser_shared_options(name):
     parser = _script(name).build_parser()
-    assert parser.parse_args([]).device == torch.device("cpu")
-    assert parser.parse_args(["--device", "cpu"]).device == torch.device("cpu")
+    defaults = parser.parse_args([])
+    assert (defaults.device, defaults.threads, defaults.json, defaults.markdown) == (torch.device("cpu"), 2, "", "")
+    args = parser.parse_args(["--device", "cpu", "--threads", "1", "--json", "a.json", "--markdown", "a.md"])
+    assert (args.device, args.threads, args.json, args.markdown) == (torch.device("cpu"), 1, "a.json", "a.md")
+
+
+def test_write_markdown(tmp_path):
+    path = tmp_path / "table.md"
+    bench.write_markdown(str(path), "| a |\n|---|")
+    assert path.read_text() == "| a |\n|---|\n"
+    bench.write_markdown("", "not written")  # --markdown not given
+    assert list(tmp_path.iterdir()) == [path]
 
 
 @needs_no_gpu
