@@ -10,14 +10,20 @@ HAVE_FMNIST = os.path.isfile("/usr/share/datasets/fashion-mnist/t10k-labels-idx1
 
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
-def test_report_generator_writes_table_targets_and_plots(tmp_path):
+def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
+    full = reference.dataset
+
+    def small_train(name, split, limit=None, **kw):  # a target row fine-tunes on the whole training split
+        return full(name, split, limit=96 if split == "train" else limit, **kw)
+
+    monkeypatch.setattr(reference, "dataset", small_train)
     settings = accuracy_report.Settings(archs=("resnet20",), datasets=("fashion-mnist",), eval_images=200,
-                                        calibration_images=32, finetune_images=96, latency_runs=2,
-                                        latency_batch=4, photos=False, focus_halos=(2,), stem_fractions=(0.3,),
-                                        hetconv_parts=(4,),
-                                        progress=False)
+                                        calibration_images=32, finetune_images=64, target_finetune_epochs=1,
+                                        latency_runs=2, latency_batch=4, photos=False, focus_halos=(2,),
+                                        stem_fractions=(0.3,), hetconv_parts=(2, 4), progress=False)
     md = str(tmp_path / "docs" / "accuracy.md")
-    text = accuracy_report.run(settings, md, str(tmp_path / "docs" / "plots"))
+    rows_path = str(tmp_path / "out" / "rows.json")
+    text = accuracy_report.run(settings, md, str(tmp_path / "docs" / "plots"), rows_path=rows_path)
     assert open(md).read() == text
     section = text.split("## Every pass")[1].split("## Targets")[0].strip().splitlines()
     names = [c.strip() for c in section[0].strip("|").split("|")]
@@ -28,7 +34,10 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path):
     # calibrated for 30% with both fills; HetConv P=4 (ResNet-20 has no depthwise conv)
     assert [(r["pass"], r["setting"]) for r in rows] == [
         ("focus", "input > black, halo 2, fill mean"), ("focus", "input > black, halo 2, fill zeros"),
-        ("focus", "stem calibrated 30%, fill mean"), ("focus", "stem calibrated 30%, fill zeros"), ("hetconv", "P=4")]
+        ("focus", "stem calibrated 30%, fill mean"), ("focus", "stem calibrated 30%, fill zeros"), ("hetconv", "P=2"),
+        ("hetconv", "P=4")]
+    # P=4 has a target: the longer budget over the whole training split; P=2 the short one
+    assert rows[-2]["fine-tune"].startswith("1 x 64 images") and rows[-1]["fine-tune"].startswith("1 x 96 images")
     assert rows[0]["AoI (measured)"] == rows[1]["AoI (measured)"]  # the same AoI, two fills
     for r in rows:
         assert 0 < float(r["MAC ratio"]) < 1  # every rewrite cuts MACs
@@ -42,6 +51,11 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path):
         with open(tmp_path / "docs" / "plots" / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert f"(plots/{name})" in text
+    # the rows were saved as measured; a resumed run reuses them (nothing is measured again) and writes the same
+    monkeypatch.setattr(accuracy_report, "model_rows", lambda *a: pytest.fail("resume measured a model again"))
+    again = accuracy_report.run(settings, str(tmp_path / "again.md"), str(tmp_path / "plots2"), rows_path=rows_path,
+                                resume=True)
+    assert again.split("## Every pass")[1].split("![")[0] == text.split("## Every pass")[1].split("![")[0]
 
 
 def test_targets_read_the_rows():
@@ -55,3 +69,35 @@ def test_targets_read_the_rows():
     assert [(c["target"].split(":")[0], c["met"]) for c in checks] == [("focus", True), ("hetconv P=4", False),
                                                                        ("shift sparse", True)]
     assert set(reference.ARCHS) == set(accuracy_report.FOCUS_SPLITS)
+
+
+def test_row_cache_resumes_only_with_the_same_settings(tmp_path):
+    path = str(tmp_path / "out" / "rows.json")
+    settings = accuracy_report.Settings(archs=("vgg",), eval_images=100, hetconv_parts=(4,))
+    rows = [{"model": "vgg", "dataset": "fashion-mnist", "pass": "hetconv", "setting": "P=4", "drop": 0.25}]
+    cache = accuracy_report.RowCache(path, settings)
+    assert cache.get("vgg", "fashion-mnist") is None  # nothing saved yet
+    cache.put("vgg", "fashion-mnist", rows)
+    # a new process: the same settings (other models, photos and progress do not count) find the saved rows
+    same = accuracy_report.Settings(archs=("resnet20", "vgg"), eval_images=100, hetconv_parts=(4,), photos=False,
+                                    progress=False)
+    assert accuracy_report.RowCache(path, same).get("vgg", "fashion-mnist") == rows
+    assert accuracy_report.RowCache(path, same).get("resnet20", "fashion-mnist") is None
+    # any setting that changes the measurement makes the saved rows stale
+    for changed in ({"eval_images": 200}, {"hetconv_parts": (2, 4)}, {"target_finetune_epochs": 1},
+                    {"finetune_lr": 0.01}):
+        other = accuracy_report.Settings(archs=("vgg",), **{**{"eval_images": 100, "hetconv_parts": (4,)}, **changed})
+        assert accuracy_report.RowCache(path, other).get("vgg", "fashion-mnist") is None, changed
+
+
+def test_run_resume_needs_a_rows_path(tmp_path):
+    with pytest.raises(ValueError, match="resume=True needs rows_path"):
+        accuracy_report.run(accuracy_report.Settings(), str(tmp_path / "a.md"), str(tmp_path), resume=True)
+
+
+def test_finetune_budget_follows_the_targets():
+    assert accuracy_report._target_name({"pass": "hetconv", "setting": "P=4", "dataset": "fashion-mnist"}) == \
+        "hetconv P=4"
+    assert accuracy_report._target_name({"pass": "hetconv", "setting": "P=2", "dataset": "fashion-mnist"}) is None
+    assert accuracy_report._target_name({"pass": "shift sparse", "setting": "sparse", "dataset": "x"}) == "shift sparse"
+    assert accuracy_report._target_name({"pass": "shift active", "setting": "active", "dataset": "x"}) is None
