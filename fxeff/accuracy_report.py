@@ -289,10 +289,17 @@ def _fingerprint(settings: Settings) -> Dict[str, object]:
     return json.loads(json.dumps({**kept, "torch": torch.__version__}))  # tuples as lists, as read back
 
 
+def _checkpoint_digest(arch: str, dataset: str) -> str:
+    import hashlib
+
+    with open(reference.checkpoint_path(arch, dataset), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 class RowCache:
     """The rows of each (model, dataset), saved to a JSON file as soon as they are measured, so that a long
     report resumes where it stopped: ``get`` returns saved rows only when they were measured with the same
-    settings (``_fingerprint``) and the same torch."""
+    settings (``_fingerprint``), the same torch and the same checkpoint (a retrained model is measured again)."""
 
     def __init__(self, path: str, settings: Settings):
         self.path, self.fingerprint = path, _fingerprint(settings)
@@ -303,10 +310,13 @@ class RowCache:
 
     def get(self, arch: str, dataset: str) -> Optional[List[Dict[str, object]]]:
         entry = self.saved.get(f"{arch}/{dataset}")
-        return entry["rows"] if entry and entry["settings"] == self.fingerprint else None
+        if not entry or entry["settings"] != self.fingerprint:
+            return None
+        return entry["rows"] if entry.get("checkpoint") == _checkpoint_digest(arch, dataset) else None
 
     def put(self, arch: str, dataset: str, rows: List[Dict[str, object]]) -> None:
-        self.saved[f"{arch}/{dataset}"] = {"settings": self.fingerprint, "rows": rows}
+        self.saved[f"{arch}/{dataset}"] = {"settings": self.fingerprint,
+                                           "checkpoint": _checkpoint_digest(arch, dataset), "rows": rows}
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path + ".tmp", "w") as f:
             json.dump(self.saved, f, indent=1)

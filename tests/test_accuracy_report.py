@@ -71,7 +71,7 @@ def test_targets_read_the_rows():
     assert set(reference.ARCHS) == set(accuracy_report.FOCUS_SPLITS)
 
 
-def test_row_cache_resumes_only_with_the_same_settings(tmp_path):
+def test_row_cache_resumes_only_with_the_same_settings(tmp_path, monkeypatch):
     path = str(tmp_path / "out" / "rows.json")
     settings = accuracy_report.Settings(archs=("vgg",), eval_images=100, hetconv_parts=(4,))
     rows = [{"model": "vgg", "dataset": "fashion-mnist", "pass": "hetconv", "setting": "P=4", "drop": 0.25}]
@@ -83,6 +83,10 @@ def test_row_cache_resumes_only_with_the_same_settings(tmp_path):
                                     progress=False)
     assert accuracy_report.RowCache(path, same).get("vgg", "fashion-mnist") == rows
     assert accuracy_report.RowCache(path, same).get("resnet20", "fashion-mnist") is None
+    # so does another checkpoint (a retrained model)
+    monkeypatch.setattr(accuracy_report, "_checkpoint_digest", lambda arch, dataset: "retrained")
+    assert accuracy_report.RowCache(path, same).get("vgg", "fashion-mnist") is None
+    monkeypatch.undo()
     # any setting that changes the measurement makes the saved rows stale
     for changed in ({"eval_images": 200}, {"hetconv_parts": (2, 4)}, {"target_finetune_epochs": 1},
                     {"finetune_lr": 0.01}):
