@@ -5,6 +5,7 @@
 // code is focus_elements.cuh's aoi_element (also run on the CPU by tests/_focus_cuda_emulation.cpp). The
 // CPU's sum may add the channels in another order than this kernel's sequential loop, so the two agree
 // bitwise except where a pixel's sum lies within rounding of the threshold.
+#include "launch.cuh"
 #include "focus_elements.cuh"
 
 #include <ATen/Dispatch.h>
@@ -25,8 +26,7 @@ namespace {
 
 using namespace focus_device;
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops beyond this
+using namespace cuda_launch;
 
 template <typename T, typename A>
 __global__ void aoi_mask_kernel(const T* __restrict__ x, bool* __restrict__ out, int64_t c, int64_t h, int64_t w,
@@ -49,7 +49,7 @@ at::Tensor aoi_mask_cuda(const at::Tensor& x, double threshold, c10::string_view
   const int64_t total = n * h * w;
   if (total == 0) return out;
   const bool mean = reduce == "mean";
-  const int64_t blocks = std::max<int64_t>(1, std::min(kMaxBlocks, (total + kThreads - 1) / kThreads));
+  const int64_t blocks = blocks_for(total);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxeff_aoi_mask_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
     aoi_mask_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -24,6 +24,7 @@
 // case and without a host synchronisation (so an all-empty mask still runs the conv backward, unlike the CPU).
 // The index arithmetic of every kernel here is focus_elements.cuh's (also run on the CPU by
 // tests/_focus_cuda_emulation.cpp).
+#include "launch.cuh"
 #include "../focused_conv2d.h"
 #include "focus_elements.cuh"
 
@@ -53,12 +54,8 @@ namespace {
 
 using namespace focus_device;
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops beyond this
+using namespace cuda_launch;
 
-int64_t blocks_for(int64_t total) {
-  return std::max<int64_t>(1, std::min(kMaxBlocks, (total + kThreads - 1) / kThreads));
-}
 
 #define FXEFF_GRID_STRIDE(e, total) \
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < (total); e += int64_t(blockDim.x) * gridDim.x)

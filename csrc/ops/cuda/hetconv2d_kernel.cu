@@ -4,6 +4,7 @@
 // own channel block zero. N * M/P more MACs than the HetConv count (the zeros of Wc0) in exchange for two vendor
 // calls and no im2col. _hetconv2d_set_strategy does not apply here (CPU only). Backward: the Python autograd
 // (fxeff/ops/hetconv2d.py) uses the vendor conv backward, which runs on CUDA as is.
+#include "launch.cuh"
 #include "../hetconv2d.h"
 
 #include <ATen/Dispatch.h>
@@ -24,7 +25,7 @@ namespace fxeff {
 namespace ops {
 namespace {
 
-constexpr int kThreads = 256;
+using namespace cuda_launch;
 
 // wc0 [O, M]: weight_1x1 [O, M - M/P] at the other blocks' channels, zero at the filter's own block
 // (filter j's block is j / (O/P)).

@@ -3,6 +3,7 @@
 // growing (F.interpolate(mode="nearest")). Same semantics and checks as cpu/mask_resize_kernel.cpp; the per-cell
 // code is focus_elements.cuh's resize_element (also run on the CPU by tests/_focus_cuda_emulation.cpp). Pure
 // boolean logic: bitwise equal to the CPU kernel.
+#include "launch.cuh"
 #include "focus_elements.cuh"
 
 #include <ATen/core/Tensor.h>
@@ -20,8 +21,7 @@ namespace {
 
 using namespace focus_device;
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops beyond this
+using namespace cuda_launch;
 
 __global__ void mask_resize_kernel(const bool* __restrict__ src, bool* __restrict__ out, int64_t hi, int64_t wi,
                                    int64_t ho, int64_t wo, int64_t total) {
@@ -43,7 +43,7 @@ at::Tensor mask_resize_cuda(const at::Tensor& mask, at::IntArrayRef size) {
   at::Tensor out = at::empty({n, ho, wo}, mask.options());
   const int64_t total = n * ho * wo;
   if (total == 0) return out;
-  const int64_t blocks = std::max<int64_t>(1, std::min(kMaxBlocks, (total + kThreads - 1) / kThreads));
+  const int64_t blocks = blocks_for(total);
   mask_resize_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       src.const_data_ptr<bool>(), out.mutable_data_ptr<bool>(), hi, wi, ho, wo, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

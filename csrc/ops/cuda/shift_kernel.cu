@@ -13,6 +13,7 @@
 // gradients that read it, in a fixed order); the shift gradient reduces per channel in two fixed-order passes
 // (blocks of a channel write partial sums, a second kernel adds them in order), so results are bitwise
 // reproducible run to run for a given shape.
+#include "launch.cuh"
 #include "shift_elements.cuh"
 
 #include <ATen/Dispatch.h>
@@ -38,8 +39,7 @@ namespace {
 
 using namespace shift_device;
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops beyond this
+using namespace cuda_launch;
 
 // The plan on x's device (see shift_elements.cuh), from a host copy of the shifts: the one synchronisation.
 at::Tensor make_device_plan(const char* op, const at::Tensor& shifts, at::IntArrayRef spatial, bool linear,
@@ -50,7 +50,6 @@ at::Tensor make_device_plan(const char* op, const at::Tensor& shifts, at::IntArr
   return plan.to(shifts.device());
 }
 
-int64_t blocks_for(int64_t total) { return std::max<int64_t>(1, std::min(kMaxBlocks, (total + kThreads - 1) / kThreads)); }
 
 template <typename T, typename A, bool kLinear>
 __global__ void shift_forward_kernel(const T* __restrict__ x, T* __restrict__ out, const double* __restrict__ plan,
