@@ -222,6 +222,9 @@ def _ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
         history = fxeff.finetune(student, teacher, data, 1, lr=0.05, checkpoint=f"{folder}/ckpt.pt", progress=False)
         assert len(history["loss"]) == 1 and len(data) == 8
         torch.save({k: v.detach().cpu() for k, v in student.module.named_parameters()}, f"{folder}/rank{rank}.pt")
+        # both ranks reach teardown together: a rank that destroys its gloo group while the other still writes
+        # the checkpoint can abort ("terminate called without an active exception"), seen once in CI
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
