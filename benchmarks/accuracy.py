@@ -4,6 +4,7 @@ top-1 agreement on the real photos. See fxeff.accuracy_report for what is measur
 
     python benchmarks/accuracy.py [--archs vgg,resnet20,mobilenetv2] [--datasets fashion-mnist,...]
         [--eval-images N] [--finetune-epochs 1] [--finetune-images 15000] [--target-finetune-epochs 3]
+        [--hetconv-init fit]
         [--no-photos] [--threads 2] [--out docs/accuracy.md] [--plots docs/accuracy]
         [--rows out/accuracy-rows.json] [--resume]
 
@@ -40,6 +41,8 @@ def main(argv=None) -> None:
     parser.add_argument("--target-finetune-epochs", type=int,
                         default=accuracy_report.Settings.target_finetune_epochs,
                         help="fine-tuning epochs (whole training split) of the rows with a target")
+    parser.add_argument("--hetconv-init", default=accuracy_report.Settings.hetconv_init,
+                        choices=("fit", "sum", "centre"), help="fxeff.passes.HetConv's init for the HetConv rows")
     parser.add_argument("--latency-runs", type=int, default=accuracy_report.Settings.latency_runs)
     parser.add_argument("--no-photos", action="store_true", help="skip the EfficientNet-Lite0 photo table")
     parser.add_argument("--threads", type=int, default=2)
@@ -55,7 +58,8 @@ def main(argv=None) -> None:
         archs=_names(args.archs, reference.ARCHS, "--archs"),
         datasets=_names(args.datasets, reference.DATASETS, "--datasets"), eval_images=args.eval_images,
         finetune_epochs=args.finetune_epochs, finetune_images=args.finetune_images or None,
-        target_finetune_epochs=args.target_finetune_epochs, latency_runs=args.latency_runs,
+        target_finetune_epochs=args.target_finetune_epochs, hetconv_init=args.hetconv_init,
+        latency_runs=args.latency_runs,
         photos=not args.no_photos)
     print(accuracy_report.run(settings, args.out, args.plots, rows_path=args.rows, resume=args.resume))
 

@@ -2,17 +2,19 @@
 reference models and on real photos), and eager latency and MACs of VGG16 at 224 with P=4.
 
 Part 0 (init, trained weights): fxeff's reference models (fxeff.reference: VGG-style and ResNet-20 trained
-on Fashion-MNIST and Cluttered Fashion-MNIST), for each P and init: the per-layer and model output
-errors on test images and the test accuracy right after the rewrite (no fine-tuning).
+on Fashion-MNIST and Cluttered Fashion-MNIST), for each P and init ("centre", "sum", "fit"): the per-layer
+and model output errors on the example inputs (training images: "fit" is fitted on them, so its
+errors there are in-sample) and the test accuracy right after the rewrite (no fine-tuning).
 
-Part 1 (init): for each model and init ("centre", "sum"), the pass's per-layer relative output error
+Part 1 (init): for each model and init ("centre", "sum"; not "fit", which would be fitted and
+measured on the same 4 photos), the pass's per-layer relative output error
 ||hetconv(x) - conv(x)|| / ||conv(x)|| on each layer's own input from real photos (scikit-image), and
 the whole model's output error (before fine-tuning). Part 2 (latency): the model and its HetConv
 rewrite timed in turn (medians), with FlopCounterMode MACs; --device cuda runs this latency part on the GPU
 (parts 0 and 1, errors and accuracy, stay on the CPU).
 
     python benchmarks/hetconv_models.py [--models vgg16,resnet50] [--part 4] [--size 224] [--runs 10]
-        [--reference-images 2000] [--threads 2] [--device cpu|cuda] [--json out.json] [--markdown out.md]
+        [--reference-images 2000] [--fit-images 256] [--threads 2] [--device cpu|cuda] [--json out.json] [--markdown out.md]
 """
 import argparse
 import statistics
@@ -28,20 +30,22 @@ def _model_error(rep) -> str:
     return next((n.split(": ")[-1] for n in rep.notes if n.startswith("model output")), "n/a")
 
 
-def reference_init_rows(parts, images: int):
+def reference_init_rows(parts, images: int, fit_images: int):
     rows = []
     for dataset in reference.DATASETS:
         test = reference.dataset(dataset, "test", limit=images)
-        x = torch.stack([test[i][0] for i in range(min(64, len(test)))])
+        train = reference.dataset(dataset, "train", limit=fit_images)
+        x = torch.stack([train[i][0] for i in range(len(train))])  # example inputs: what "fit" fits on
         loader = training.loader(test, 500, False)
         for arch in ("vgg", "resnet20"):
             model = reference.load(arch, dataset)
             original = training.accuracy(model, loader)
             for part in parts:
-                for init in ("centre", "sum"):
+                for init in ("centre", "sum", "fit"):
                     rewritten = fxeff.transform(model, x, [fxeff.HetConv(part=part, init=init)])
                     errors = [s.error for s in rewritten.fxeff_report.rewritten]
-                    rows.append({"model": arch, "dataset": dataset, "P": part, "init": init, "layers": len(errors),
+                    rows.append({"model": arch, "dataset": dataset, "P": part, "init": init,
+                                 "example (training) images": len(x), "layers": len(errors),
                                  "mean layer error": statistics.mean(errors), "max layer error": max(errors),
                                  "model output error": _model_error(rewritten.fxeff_report),
                                  "original acc. %": 100 * original,
@@ -84,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--reference-images", type=int, default=2000,
                         help="test images per reference model (0 skips part 0)")
+    parser.add_argument("--fit-images", type=int, default=256,
+                        help="part 0: training images given as the example inputs (init='fit' fits on them)")
     return parser
 
 
@@ -94,7 +100,7 @@ def main(argv=None) -> None:
     text = ""
     if args.reference_images:
         with torch.no_grad():
-            rows = reference_init_rows((2, 4, 8), args.reference_images)
+            rows = reference_init_rows((2, 4, 8), args.reference_images, args.fit_images)
         text = report(f"HetConv init on the trained reference models ({args.reference_images} test images each): "
                       "errors and accuracy before fine-tuning", rows, list(rows[0].keys()),
                       args.json.replace(".json", "_reference_init.json") if args.json else "") + "\n\n"

@@ -46,7 +46,9 @@ class Settings:
     archs: Sequence[str] = reference.ARCHS
     datasets: Sequence[str] = reference.DATASETS
     eval_images: Optional[int] = None        # test images per accuracy (None: the whole test split)
-    calibration_images: int = 512            # training images that calibrate focus thresholds / init shift
+    calibration_images: int = 512            # training images that calibrate focus thresholds / fit shift
+    hetconv_init: str = "fit"                # HetConv's init (fxeff.passes.HetConv)
+    hetconv_fit_images: int = 256            # the first of those images, which "fit" fits HetConv on
     finetune_epochs: int = 1                 # the fine-tuned rows without a target (HetConv P=2, 8; active shift)
     finetune_images: Optional[int] = 15000   # training images per epoch of those rows (None: all)
     target_finetune_epochs: int = 3          # the rows with a target (HetConv P=4, sparse shift): every training
@@ -165,7 +167,8 @@ def model_rows(arch: str, dataset: str, settings: Settings) -> List[Dict[str, ob
             ctx.finetune(rows[-1], student)
     if _has(ctx.model, _standard_kxk):
         for part in settings.hetconv_parts:
-            student = _transform(ctx.model, ctx.calibration[:8], HetConv(part=part))
+            student = _transform(ctx.model, ctx.calibration[:settings.hetconv_fit_images],
+                                 HetConv(part=part, init=settings.hetconv_init))
             rows.append(ctx.row("hetconv", f"P={part}", student))
             ctx.finetune(rows[-1], student)
     for row in rows:
@@ -353,7 +356,10 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
                f"with a target (HetConv P=4, sparse shift) for {settings.target_finetune_epochs} epoch(s) of "
                f"the whole training split, the others for {settings.finetune_epochs} epoch(s) of "
                f"{settings.finetune_images or 'all'} training images (the fine-tune column says which); focus "
-               "is never fine-tuned (its weights are the original's).", "",
+               "is never fine-tuned (its weights are the original's). The rewrites start from weights fitted "
+               f"on training images: shift `init=\"lstsq\"` on {settings.calibration_images}, HetConv "
+               f"`init=\"{settings.hetconv_init}\"` on {min(settings.hetconv_fit_images, settings.calibration_images)}"
+               " (each layer fitted to the input it sees once the layers before it are rewritten).", "",
              "## Reference models", "",
              "Trained by `fxeff train ARCH DATASET` (fixed seed, 2 threads); the minutes include time shared with "
              "other jobs where the machine was busy (see the notes).", "",

@@ -199,3 +199,100 @@ def test_torchvision_vgg16_and_resnet50_end_to_end(name, size, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.module()(x), expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(traced(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def _fit_reference(weight, part, x, x_ref, stride, padding, dilation, ridge):
+    """init="fit" by brute force: one ridge least-squares problem per filter over the taps its dense mask keeps."""
+    n, m, k, _ = weight.shape
+    w = weight.double()
+    cols = F.unfold(x.double(), k, dilation, padding, stride).transpose(1, 2).reshape(-1, m * k * k)
+    target = F.conv2d(x_ref.double(), w, None, stride, padding, dilation).permute(0, 2, 3, 1).reshape(-1, n)
+    start = HetConv2d.from_weight(w, None, part, init="sum").dense_weight().detach().reshape(n, -1)
+    mask = HetConv2d(m, n, k, part, bias=False).requires_grad_(False)
+    mask.weight_kxk.fill_(1)
+    mask.weight_1x1.fill_(1)
+    keep = mask.dense_weight().reshape(n, -1).bool()
+    dense = torch.zeros(n, m * k * k, dtype=torch.float64)
+    for j in range(n):
+        a = cols[:, keep[j]]
+        lam = ridge * (a * a).sum(0).mean()
+        gram = a.T @ a + lam * torch.eye(a.shape[1], dtype=torch.float64)
+        dense[j, keep[j]] = torch.linalg.solve(gram, a.T @ target[:, j] + lam * start[j, keep[j]])
+    return dense.reshape(n, m, k, k)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,k,part", [(1, 1, 1, 3, 4), (2, 1, 1, 3, 2), (1, 0, 1, 3, 4),
+                                                            (1, 2, 2, 3, 4), (2, 2, 1, 5, 2)])
+def test_fit_init_solves_the_least_squares_problem(stride, padding, dilation, k, part, monkeypatch):
+    import fxeff.nn.hetconv as hetconv_nn
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, k, stride, padding, dilation, bias=False)
+    x = torch.randn(6, 8, 11, 10).cumsum(2)  # correlated pixels, as in images
+    x_seen = x + 0.3 * torch.randn_like(x)     # what a layer sees once the ones before it are rewritten
+    want = _fit_reference(conv.weight.detach(), part, x_seen, x, stride, padding, dilation, hetconv_nn.FIT_RIDGE)
+    module = HetConv2d.from_weight(conv.weight, None, part, stride, padding, dilation, "fit", x_seen, x)
+    torch.testing.assert_close(module.dense_weight().double(), want, rtol=1e-4, atol=1e-5)
+    assert module.weight_kxk.dtype == torch.float32
+    monkeypatch.setattr(hetconv_nn, "FIT_CHUNK_ELEMENTS", 1)  # one image at a time: the same Gram sums
+    chunked = HetConv2d.from_weight(conv.weight, None, part, stride, padding, dilation, "fit", x_seen, x)
+    torch.testing.assert_close(chunked.dense_weight(), module.dense_weight(), rtol=1e-5, atol=1e-6)
+
+
+def test_fit_init_recovers_a_hetconv_and_beats_sum_on_its_data():
+    torch.manual_seed(0)
+    het = HetConv2d(16, 8, 3, 4, padding=1, bias=False).double()
+    x = torch.randn(20, 16, 9, 9, dtype=torch.float64)
+    dense = het.dense_weight().detach()
+    kxk, one = fxeff.nn.hetconv.fit_weights(dense, 4, x, padding=1, ridge=1e-12)
+    torch.testing.assert_close(kxk, het.weight_kxk.detach())
+    torch.testing.assert_close(one, het.weight_1x1.detach())
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    x = torch.randn(4, 16, 12, 12).cumsum(3)
+    y = conv(x).detach()
+    errors = {init: float((HetConv2d.from_conv(conv, 4, init, x)(x) - y).norm() / y.norm())
+              for init in ("sum", "fit")}
+    assert errors["fit"] < 0.8 * errors["sum"]
+    with pytest.raises(ValueError, match=r"init='fit' .* expected inputs=\[B, M, H, W\], got None"):
+        HetConv2d.from_conv(conv, 4, "fit")
+    with pytest.raises(ValueError, match=r"inputs expected \[B, 16, H, W\], got \[4, 8, 12, 12\]"):
+        HetConv2d.from_conv(conv, 4, "fit", x[:, :8])
+
+
+def test_pass_init_fit_fits_each_layer_to_the_input_it_sees():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(8, 3, 16, 16).cumsum(3)
+    errors = {}
+    for init in ("sum", "fit"):
+        gm, report, _ = rewritten(model, x, "symbolic", HetConv(part=4, init=init))
+        note = next(n for n in report.notes if n.startswith("model output relative error"))
+        errors[init] = float(note.rsplit(" ", 1)[1])
+    assert errors["fit"] < 0.8 * errors["sum"]
+    # layer b: fitted to what the rewritten layer a gives it, against what the original a gave
+    a_in = F.relu(model.stem(x))
+    b_seen = F.relu(gm.get_submodule("fxeff_hetconv_a")(a_in))
+    b_ref = F.relu(model.a(a_in))
+    want = HetConv2d.from_weight(model.b.weight, None, 4, 2, 1, 1, "fit", b_seen, b_ref)
+    torch.testing.assert_close(gm.get_submodule("fxeff_hetconv_b").dense_weight(), want.dense_weight())
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = mode.from_tensor(x)
+    with pytest.raises(ValueError, match=r"init='fit' .* expected real example inputs, got fake tensors"):
+        fxeff.transform(model, (fake,), [HetConv(part=4, init="fit")])
+
+
+def test_fit_init_is_the_same_with_two_threads():
+    """The fit's batched solve ran into an MKL LU failure (inf weights) with 2 threads; it must not depend on threads."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    x = torch.randn(16, 64, 8, 8).relu()
+    threads = torch.get_num_threads()
+    try:
+        weights = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            weights.append(HetConv2d.from_conv(conv, 4, "fit", x).dense_weight().detach())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.isfinite(weights[1]).all()
+    torch.testing.assert_close(weights[1], weights[0])

@@ -482,3 +482,26 @@ def test_decomposed_export_graph_folds_into_native_batch_norm():
     _, _, expected = rewritten(model, x, "symbolic", Shift())
     with torch.no_grad():
         torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lstsq_fits_each_layer_on_the_input_it_sees():
+    """The second of two depthwise convs is fitted on what the rewritten first one gives it (against the
+    original output), which beats fitting each layer alone on the original inputs; its reported error
+    is the error in the rewritten network."""
+    torch.manual_seed(0)
+    dw1, dw2 = (nn.Conv2d(6, 6, 3, padding=1, groups=6) for _ in range(2))
+    model = nn.Sequential(dw1, dw2).eval()
+    x = torch.randn(4, 6, 12, 12)
+
+    def error(approx, exact):
+        return float((approx - exact).norm() / exact.norm())
+
+    with torch.no_grad():
+        want = model(x)
+        gm = fxeff.transform(model, x, [Shift()])
+        in_context = error(gm(x), want)
+        first = fxeff.transform(nn.Sequential(dw1), x, [Shift()])
+        alone = fxeff.transform(nn.Sequential(dw2), dw1(x), [Shift()])  # fitted on the original input
+        separately = error(alone(first(x)), want)
+    assert in_context < separately - 1e-3  # equal if the second layer were fitted on the original input
+    assert gm.fxeff_report.site("1").error == pytest.approx(in_context, rel=1e-4)

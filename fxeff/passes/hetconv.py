@@ -1,15 +1,17 @@
 """The HetConv pass: standard KxK convs become ``fxeff::hetconv2d`` with part P (REFERENCE.md section 3).
 
 Each filter j keeps its KxK taps on its channel block g = floor(j * P / N) and one tap on every other
-channel (the conv's centre tap with ``init="centre"``, the sum of its taps with ``init="sum"``), so the
+channel (the conv's centre tap with ``init="centre"``, the sum of its taps with ``init="sum"``, or all of
+them fitted to the example inputs with ``init="fit"``), so the
 layer costs 1/P + (1 - 1/P)/K^2 of the conv's MACs. Candidates are the 2-D convs with groups == 1 that
 are not transposed; each is rewritten or listed as skipped with the reason (the first conv when
 ``skip_first``, 1x1 kernels, even or non-square kernels, fewer than ``min_channels`` channels,
 channels not divisible by P, padding modes other than zeros). The weights are new parameters on
 the GraphModule (the user's model is not changed): symbolic graphs get a ``call_module`` of
 ``fxeff.nn.HetConv2d`` (fine-tune it like any layer), dynamo and export graphs a ``call_function`` of
-the op. The report gives each layer's relative output error on its own input from the example
-inputs and the MACs before/after; the notes give the whole model's output error.
+the op. The report gives each layer's relative output error on the example inputs (the layer on the
+input it sees once the layers before it are rewritten, against the conv's output in the original model,
+so it includes their error) and the MACs before/after; the notes give the whole model's output error.
 """
 import dataclasses
 from typing import List, Optional
@@ -21,8 +23,8 @@ from ..nn import hetconv as hetconv_nn
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, graph_kind
-from .rewrite import fake_key_and_mode, finish_report, new_attr, propagate_fake, record_before, relative_error, \
-    site_params, unique_name
+from .rewrite import fake_key_and_mode, finish_report, input_as_rewritten, new_attr, propagate_fake, \
+    record_before, relative_error, site_params, unique_name
 
 HETCONV2D = torch.ops.fxeff.hetconv2d.default
 _ROLE = "fxeff_hetconv"  # node.meta key marking the nodes this pass inserted
@@ -36,7 +38,9 @@ class HetConv(PassConfig):
     ``part``: P, the number of channel blocks (each filter keeps KxK taps on M/P input channels).
     ``min_channels``: convs with fewer input or output channels are skipped. ``skip_first``: keep the
     graph's first conv (the stem reading the image) whole. ``init``: "sum" or "centre", the single tap
-    kept on the other channels (see fxeff.nn.HetConv2d.from_conv).
+    kept on the other channels, or "fit": every weight fitted by least squares to reproduce the conv's
+    output on its input from the example inputs, which must then be real, representative data (a few
+    hundred images), not random tensors (see fxeff.nn.HetConv2d.from_conv).
     """
 
     part: int = 4
@@ -113,7 +117,7 @@ def _rewrite(gm: fx.GraphModule, kind: str, site: ConvSite, module: hetconv_nn.H
 
 
 def _layer_error(module: hetconv_nn.HetConv2d, x: torch.Tensor, y: torch.Tensor) -> float:
-    """||hetconv(x) - conv(x)|| / ||conv(x)|| on the conv's own input."""
+    """||hetconv(x) - y|| / ||y||: the layer on the input it sees, against the conv's output in the original."""
     with torch.no_grad():
         return relative_error(module(x), y)
 
@@ -131,13 +135,18 @@ def hetconv_pass(gm: fx.GraphModule, config: HetConv, context: PassContext) -> R
         if reason is not None:
             site_reports.append(SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "hetconv"))
             continue
+        if config.init == "fit" and recorded.fake:
+            raise ValueError("fxeff.passes.HetConv: init='fit' fits each layer to its input on the example inputs "
+                             "and expected real example inputs, got fake tensors; use init='sum' or real inputs")
         n = site.weight_shape[0]
-        module = hetconv_nn.HetConv2d.from_weight(weight, bias, config.part, site.stride, site.padding, site.dilation,
-                                                  config.init)
-        error = None if recorded.fake else _layer_error(module, recorded.values[site.input],
-                                                        recorded.values[site.node])
-        out_shape = concrete_shape(site.node)
+        original_input = None if recorded.fake else recorded.values[site.input]
         site.input = conv_site(gm, site.node).input  # an earlier rewrite may have replaced the input node
+        # the input it sees after the rewrites before it: "fit" fits on it, the error is measured on it
+        seen = None if recorded.fake else input_as_rewritten(gm, context.example_inputs, site, recorded, site_reports)
+        module = hetconv_nn.HetConv2d.from_weight(weight, bias, config.part, site.stride, site.padding, site.dilation,
+                                                  config.init, seen, original_input)
+        error = None if recorded.fake else _layer_error(module, seen, recorded.values[site.node])
+        out_shape = concrete_shape(site.node)
         _rewrite(gm, kind, site, module)
         macs_after = None
         if out_shape is not None:

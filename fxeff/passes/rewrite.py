@@ -134,6 +134,16 @@ def record_before(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: Sequ
     return Recorded(inputs, fake_mode_of(example_inputs) is not None, outputs, flops, values)
 
 
+def input_as_rewritten(gm: fx.GraphModule, example_inputs: Sequence[Any], site: ConvSite, recorded: Recorded,
+                       done: Sequence[SiteReport]) -> torch.Tensor:
+    """The site's input on the example inputs as the graph computes it now (``site.input`` must name the
+    current input node): the recorded value while none of ``done`` was rewritten, else a run of the partly
+    rewritten graph. Fits to it correct the error of the layers rewritten before (He et al., ICCV'17)."""
+    if site.input in recorded.values and not any(s.status == "rewritten" for s in done):
+        return recorded.values[site.input]
+    return run_recording(gm, example_inputs, [site.input])[1][site.input]
+
+
 def site_params(gm: fx.GraphModule, site: ConvSite, inputs: Dict[fx.Node, Any]):
     """(weight, bias, None) as real tensors, or (None, None, why one of them is unknown)."""
     weight, why = param_value(gm, site.weight, inputs)
