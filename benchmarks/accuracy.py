@@ -4,7 +4,7 @@ top-1 agreement on the real photos. See fxeff.accuracy_report for what is measur
 
     python benchmarks/accuracy.py [--archs vgg,resnet20,mobilenetv2] [--datasets fashion-mnist,...]
         [--eval-images N] [--finetune-epochs 1] [--finetune-images 15000] [--target-finetune-epochs 3]
-        [--hetconv-init fit]
+        [--finetune-lr 0.1] [--hetconv-init fit]
         [--no-photos] [--threads 2] [--out docs/accuracy.md] [--plots docs/accuracy]
         [--rows out/accuracy-rows.json] [--resume]
 
@@ -41,6 +41,8 @@ def main(argv=None) -> None:
     parser.add_argument("--target-finetune-epochs", type=int,
                         default=accuracy_report.Settings.target_finetune_epochs,
                         help="fine-tuning epochs (whole training split) of the rows with a target")
+    parser.add_argument("--finetune-lr", type=float, default=accuracy_report.Settings.finetune_lr,
+                        help="peak learning rate of every fine-tuning (fxeff.finetune's lr)")
     parser.add_argument("--hetconv-init", default=accuracy_report.Settings.hetconv_init,
                         choices=("fit", "sum", "centre"), help="fxeff.passes.HetConv's init for the HetConv rows")
     parser.add_argument("--latency-runs", type=int, default=accuracy_report.Settings.latency_runs)
@@ -58,7 +60,8 @@ def main(argv=None) -> None:
         archs=_names(args.archs, reference.ARCHS, "--archs"),
         datasets=_names(args.datasets, reference.DATASETS, "--datasets"), eval_images=args.eval_images,
         finetune_epochs=args.finetune_epochs, finetune_images=args.finetune_images or None,
-        target_finetune_epochs=args.target_finetune_epochs, hetconv_init=args.hetconv_init,
+        target_finetune_epochs=args.target_finetune_epochs, finetune_lr=args.finetune_lr,
+        hetconv_init=args.hetconv_init,
         latency_runs=args.latency_runs,
         photos=not args.no_photos)
     print(accuracy_report.run(settings, args.out, args.plots, rows_path=args.rows, resume=args.resume))

@@ -53,7 +53,7 @@ class Settings:
     finetune_images: Optional[int] = 15000   # training images per epoch of those rows (None: all)
     target_finetune_epochs: int = 3          # the rows with a target (HetConv P=4, sparse shift): every training
                                              # image, this many epochs (does recovery reach the original?)
-    finetune_lr: float = 0.05
+    finetune_lr: float = 0.1                 # peak of the one-cycle schedule (probes in accuracy_notes.md)
     latency_batch: int = 16
     latency_runs: int = 20
     photos: bool = True                      # the EfficientNet-Lite0 agreement table
