@@ -191,6 +191,7 @@ def fit_weights(weight: torch.Tensor, part: int, inputs: torch.Tensor, stride=1,
     cross = torch.zeros(part, features, nb, dtype=torch.float64, device=weight.device)
     per_image = m * taps * max(1, (inputs.shape[2] * inputs.shape[3]) // (stride[0] * stride[1]))
     chunk = max(1, FIT_CHUNK_ELEMENTS // per_image)
+
     def columns(x: torch.Tensor) -> torch.Tensor:  # [M, K*K, samples]
         cols = F.unfold(x.to(weight.device, torch.float64), (k, k2), dilation, padding, stride)
         return cols.transpose(0, 1).reshape(m, taps, -1)

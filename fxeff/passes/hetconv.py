@@ -1,10 +1,10 @@
 """The HetConv pass: standard KxK convs become ``fxeff::hetconv2d`` with part P (REFERENCE.md section 3).
 
 Each filter j keeps its KxK taps on its channel block g = floor(j * P / N) and one tap on every other
-channel (the conv's centre tap with ``init="centre"``, the sum of its taps with ``init="sum"``, or all of
-them fitted to the example inputs with ``init="fit"``), so the
-layer costs 1/P + (1 - 1/P)/K^2 of the conv's MACs. Candidates are the 2-D convs with groups == 1 that
-are not transposed; each is rewritten or listed as skipped with the reason (the first conv when
+channel (the conv's centre tap with ``init="centre"``, the sum of its taps with ``init="sum"``, or all
+of them fitted to the example inputs with ``init="fit"``), so the layer costs 1/P + (1 - 1/P)/K^2 of
+the conv's MACs. Candidates are the 2-D convs with groups == 1 that are not transposed; each is
+rewritten or listed as skipped with the reason (the first conv when
 ``skip_first``, 1x1 kernels, even or non-square kernels, fewer than ``min_channels`` channels,
 channels not divisible by P, padding modes other than zeros). The weights are new parameters on
 the GraphModule (the user's model is not changed): symbolic graphs get a ``call_module`` of

@@ -8,10 +8,10 @@ stride, so the output has the conv's shape. Each channel keeps ONE tap of its ke
 
 * ``"lstsq"`` (default): per channel, the tap and (a, b) that minimise ||a z_tap + b - y||^2 on the
   example inputs (y: the conv's output in the original model; z: the shifted input this layer sees
-  once the layers before it are rewritten, so the fit also corrects their error). On EfficientNet-Lite0 with 8 real photos it halves the
-  layers' relative output error of "max_tap" (mean 0.45 vs 1.00; fitted on 4 photos and measured
-  on the other 4: 0.48 vs 1.00). Under torch.compile the fit uses the inputs of the call that
-  compiles the graph (each recompile fits again).
+  once the layers before it are rewritten, so the fit also corrects their error). On
+  EfficientNet-Lite0 with 8 real photos it halves the layers' relative output error of "max_tap"
+  (mean 0.59 vs 1.12, docs/benchmarks.md). Under torch.compile the fit uses the inputs of the call
+  that compiles the graph (each recompile fits again).
 * ``"max_tap"``: data-free: the largest-magnitude tap, a = its weight, b = the conv's bias.
 
 The tap's position gives the shift: the emulation reads x[i + o - s] where conv's tap k reads
@@ -490,7 +490,7 @@ def shift_pass(gm: fx.GraphModule, config: Shift, context: PassContext) -> Repor
         if reason is not None:
             site_reports.append(SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "shift"))
             continue
-        x, y = (None, None) if fake else (before[site.input], before[site.node])
+        y = None if fake else before[site.node]
         site.input = conv_site(gm, site.node).input  # an earlier rewrite may have replaced the input node
         # the input it sees after the rewrites before it: "lstsq" fits on it, the error is measured on it
         seen = None if fake else input_as_rewritten(gm, context.example_inputs, site, recorded, site_reports)
