@@ -3,14 +3,16 @@
 top-1 agreement on the real photos. See fxeff.accuracy_report for what is measured.
 
     python benchmarks/accuracy.py [--archs vgg,resnet20,mobilenetv2] [--datasets fashion-mnist,...]
-        [--eval-images N] [--finetune-epochs 1] [--finetune-images 15000] [--target-finetune-epochs 3]
+        [--eval-images N] [--finetune-epochs 1] [--finetune-images 15000]
+        [--hetconv-target-epochs 10] [--shift-target-epochs 3]
         [--finetune-lr 0.1] [--hetconv-init fit]
         [--no-photos] [--threads 2] [--out docs/accuracy.md] [--plots docs/accuracy]
         [--rows out/accuracy-rows.json] [--resume]
 
-The whole run takes about two hours on 2 cores, most of it in fine-tuning. Each model's rows are saved to
---rows as soon as they are measured; --resume reuses the rows saved there with the same settings (an
-interrupted run goes on where it stopped), so the report can also be built a few models at a time.
+The whole run takes about three hours on 2 cores, most of it in fine-tuning. Each row is saved to --rows as
+soon as it is measured; --resume reuses the rows saved there that were measured the same way (an
+interrupted run goes on where it stopped, and a changed setting measures again only the rows it changes),
+so the report can also be built a few models at a time.
 """
 import argparse
 import os
@@ -38,9 +40,10 @@ def main(argv=None) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=accuracy_report.Settings.finetune_epochs)
     parser.add_argument("--finetune-images", type=int, default=accuracy_report.Settings.finetune_images,
                         help="training images per fine-tuning epoch of the rows without a target (0: all)")
-    parser.add_argument("--target-finetune-epochs", type=int,
-                        default=accuracy_report.Settings.target_finetune_epochs,
-                        help="fine-tuning epochs (whole training split) of the rows with a target")
+    parser.add_argument("--hetconv-target-epochs", type=int, default=accuracy_report.Settings.hetconv_target_epochs,
+                        help="fine-tuning epochs (whole training split) of the HetConv P=4 rows (they have a target)")
+    parser.add_argument("--shift-target-epochs", type=int, default=accuracy_report.Settings.shift_target_epochs,
+                        help="fine-tuning epochs (whole training split) of the sparse shift rows (they have a target)")
     parser.add_argument("--finetune-lr", type=float, default=accuracy_report.Settings.finetune_lr,
                         help="peak learning rate of every fine-tuning (fxeff.finetune's lr)")
     parser.add_argument("--hetconv-init", default=accuracy_report.Settings.hetconv_init,
@@ -60,7 +63,8 @@ def main(argv=None) -> None:
         archs=_names(args.archs, reference.ARCHS, "--archs"),
         datasets=_names(args.datasets, reference.DATASETS, "--datasets"), eval_images=args.eval_images,
         finetune_epochs=args.finetune_epochs, finetune_images=args.finetune_images or None,
-        target_finetune_epochs=args.target_finetune_epochs, finetune_lr=args.finetune_lr,
+        hetconv_target_epochs=args.hetconv_target_epochs, shift_target_epochs=args.shift_target_epochs,
+        finetune_lr=args.finetune_lr,
         hetconv_init=args.hetconv_init,
         latency_runs=args.latency_runs,
         photos=not args.no_photos)

@@ -10,10 +10,11 @@ plus EfficientNet-Lite0 (real ImageNet weights) top-1 agreement with the origina
 """
 import copy
 import dataclasses
+import functools
 import json
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,8 +52,11 @@ class Settings:
     hetconv_fit_images: int = 256            # the first of those images, which "fit" fits HetConv on
     finetune_epochs: int = 1                 # the fine-tuned rows without a target (HetConv P=2, 8; active shift)
     finetune_images: Optional[int] = 15000   # training images per epoch of those rows (None: all)
-    target_finetune_epochs: int = 3          # the rows with a target (HetConv P=4, sparse shift): every training
-                                             # image, this many epochs (does recovery reach the original?)
+    # The rows with a target fine-tune on every training image, this many epochs (does recovery reach the
+    # original?). HetConv P=4 gets more: on the VGG-style model (no residual path) 3 epochs end 0.93 points
+    # below on the cluttered set, 6 end 0.62 and 10 end 0.49 (probes in accuracy_notes.md).
+    shift_target_epochs: int = 3             # sparse shift
+    hetconv_target_epochs: int = 10          # HetConv P=4
     finetune_lr: float = 0.1                 # peak of the one-cycle schedule (probes in accuracy_notes.md)
     latency_batch: int = 16
     latency_runs: int = 20
@@ -75,18 +79,36 @@ def _latency_ratio(model: torch.nn.Module, rewritten: torch.nn.Module, x: torch.
 
 
 class _Context:
-    """One reference model with its data: the original's accuracy, MACs and inputs, computed once."""
+    """One reference model with its data: the original's accuracy, MACs and inputs, computed once, when a
+    row is first measured (a resumed report whose rows are all saved computes none of them)."""
 
     def __init__(self, arch: str, dataset: str, settings: Settings):
         self.arch, self.dataset, self.settings = arch, dataset, settings
         self.model = reference.load(arch, dataset)
-        test = reference.dataset(dataset, "test", limit=settings.eval_images)
-        self.test_loader = training.loader(test, 500, False)
-        self.train = reference.dataset(dataset, "train")
-        self.calibration = _batch(self.train, settings.calibration_images)
-        self.timing_input = _batch(test, settings.latency_batch)
-        self.accuracy = training.accuracy(self.model, self.test_loader)
-        self.macs = bench.macs(lambda: self.model(self.timing_input))
+
+    @functools.cached_property
+    def test_loader(self) -> torch.utils.data.DataLoader:
+        return training.loader(reference.dataset(self.dataset, "test", limit=self.settings.eval_images), 500, False)
+
+    @functools.cached_property
+    def train(self) -> torch.utils.data.Dataset:
+        return reference.dataset(self.dataset, "train")
+
+    @functools.cached_property
+    def calibration(self) -> torch.Tensor:
+        return _batch(self.train, self.settings.calibration_images)
+
+    @functools.cached_property
+    def timing_input(self) -> torch.Tensor:
+        return _batch(self.test_loader.dataset, self.settings.latency_batch)
+
+    @functools.cached_property
+    def accuracy(self) -> float:
+        return training.accuracy(self.model, self.test_loader)
+
+    @functools.cached_property
+    def macs(self) -> int:
+        return bench.macs(lambda: self.model(self.timing_input))
 
     def row(self, pass_name: str, setting: str, rewritten: torch.nn.Module) -> Dict[str, object]:
         """The row of one rewrite, before any fine-tuning."""
@@ -98,24 +120,30 @@ class _Context:
                 "latency ratio": _latency_ratio(self.model, rewritten, self.timing_input, self.settings.latency_runs)}
 
     def finetune(self, row: Dict[str, object], student: torch.nn.Module) -> None:
-        """Recovers ``student`` by distillation from the original and records the accuracy after: a row with
-        a target gets ``target_finetune_epochs`` over the whole training split, the others the shorter
-        ``finetune_epochs`` x ``finetune_images``."""
+        """Recovers ``student`` by distillation from the original and records the accuracy after, with the
+        budget of ``_finetune_budget``."""
         from .distill import finetune
 
-        s = self.settings
-        if _target_name(row) is not None:
-            epochs, subset = s.target_finetune_epochs, self.train
-        else:
-            epochs = s.finetune_epochs
-            subset = self.train if s.finetune_images is None else torch.utils.data.Subset(
-                self.train, range(min(s.finetune_images, len(self.train))))
+        epochs, images = _finetune_budget(row["pass"], row["setting"], self.settings)
+        subset = self.train if images is None else torch.utils.data.Subset(
+            self.train, range(min(images, len(self.train))))
         start = time.perf_counter()
-        finetune(student, self.model, training.loader(subset, 128, True), epochs, lr=s.finetune_lr,
-                 progress=s.progress)
+        finetune(student, self.model, training.loader(subset, 128, True), epochs, lr=self.settings.finetune_lr,
+                 progress=self.settings.progress)
         student.to(memory_format=torch.contiguous_format).eval()
         row["fine-tuned"] = training.accuracy(student, self.test_loader)
         row["fine-tune"] = f"{epochs} x {len(subset)} images, {time.perf_counter() - start:.0f} s"
+
+
+def _finetune_budget(pass_name: str, setting: str, settings: Settings) -> Tuple[int, Optional[int]]:
+    """(epochs, training images per epoch or None for all) of a fine-tuned row: a row with a target gets its
+    target's epochs over the whole training split, the others ``finetune_epochs`` x ``finetune_images``."""
+    target = _target_name({"pass": pass_name, "setting": setting})
+    if target == "shift sparse":
+        return settings.shift_target_epochs, None
+    if target == "hetconv P=4":
+        return settings.hetconv_target_epochs, None
+    return settings.finetune_epochs, settings.finetune_images
 
 
 def _transform(model: torch.nn.Module, x: torch.Tensor, config) -> torch.nn.Module:
@@ -137,42 +165,73 @@ def _standard_kxk(conv: torch.nn.Conv2d) -> bool:
     return conv.groups == 1 and conv.kernel_size[0] > 1 and conv.in_channels >= 16
 
 
-def model_rows(arch: str, dataset: str, settings: Settings) -> List[Dict[str, object]]:
-    """Every row of one reference model: focus, then shift or HetConv (with fine-tuning)."""
+def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["RowCache"] = None
+               ) -> List[Dict[str, object]]:
+    """Every row of one reference model: focus, then shift or HetConv (with fine-tuning). With ``cache``
+    each row is saved there as soon as it is measured, and a row it already holds, measured the same way
+    (``_row_fingerprint``), is taken from it instead of measured again."""
     from . import data, focus
     from .passes import Focus, HetConv, Shift
     from .passes.focus import dilate_mask
 
     ctx = _Context(arch, dataset, settings)
     rows = []
-    background = (0.5 / 255 - data.MEAN) / data.STD  # the normalised value halfway between black and 1/255
-    runs = [("input", background, "mean", h, f"input > black, halo {h}, fill mean") for h in settings.focus_halos]
-    if COMPARE_HALO in settings.focus_halos:
-        runs.append(("input", background, "zeros", COMPARE_HALO, f"input > black, halo {COMPARE_HALO}, fill zeros"))
-    for i, fraction in enumerate(settings.stem_fractions):
-        threshold = focus.calibrate(ctx.model, ctx.calibration, fraction, split=FOCUS_SPLITS[arch]["stem"])
-        fills = ("mean", "zeros") if i == len(settings.stem_fractions) - 1 else ("mean",)
-        runs += [("stem", threshold, fill, 0, f"stem calibrated {fraction:.0%}, fill {fill}") for fill in fills]
-    for where, threshold, fill, halo, setting in runs:
+
+    def measure(pass_name: str, setting: str, measure_row) -> None:
+        saved = cache.get(arch, dataset, pass_name, setting) if cache is not None else None
+        row = saved
+        if row is None:
+            row = measure_row()
+            row["drop"] = 100 * (row["original"] - row.get("fine-tuned", row["rewritten"]))
+            if cache is not None:
+                cache.put(arch, dataset, row)
+        rows.append(row)
+
+    def focus_row(where: str, threshold, fill: str, halo: int, setting: str) -> Dict[str, object]:
         split = FOCUS_SPLITS[arch][where]
+        threshold = threshold()
         rewritten = _transform(ctx.model, ctx.calibration[:64], Focus(threshold, split=split, fill=fill, halo=halo))
-        rows.append(ctx.row("focus", setting, rewritten))
+        row = ctx.row("focus", setting, rewritten)
         with torch.no_grad():
             masks = [dilate_mask(m, halo) for m in focus.aoi_masks(ctx.model, ctx.timing_input, threshold, split=split)]
-        rows[-1]["AoI"] = float(torch.cat([m.float().flatten() for m in masks]).mean())
+        row["AoI"] = float(torch.cat([m.float().flatten() for m in masks]).mean())
+        return row
+
+    def finetuned_row(pass_name: str, setting: str, images: int, config) -> Dict[str, object]:
+        student = _transform(ctx.model, ctx.calibration[:images], config)
+        row = ctx.row(pass_name, setting, student)
+        ctx.finetune(row, student)
+        return row
+
+    background = (0.5 / 255 - data.MEAN) / data.STD  # the normalised value halfway between black and 1/255
+    runs = [("input", lambda: background, "mean", h, f"input > black, halo {h}, fill mean")
+            for h in settings.focus_halos]
+    if COMPARE_HALO in settings.focus_halos:
+        runs.append(("input", lambda: background, "zeros", COMPARE_HALO,
+                     f"input > black, halo {COMPARE_HALO}, fill zeros"))
+    stem_thresholds: Dict[float, float] = {}
+
+    def stem_threshold(fraction: float) -> float:  # calibrated once, and only for a row measured
+        if fraction not in stem_thresholds:
+            stem_thresholds[fraction] = focus.calibrate(ctx.model, ctx.calibration, fraction,
+                                                        split=FOCUS_SPLITS[arch]["stem"])
+        return stem_thresholds[fraction]
+
+    for i, fraction in enumerate(settings.stem_fractions):
+        fills = ("mean", "zeros") if i == len(settings.stem_fractions) - 1 else ("mean",)
+        runs += [("stem", functools.partial(stem_threshold, fraction), fill, 0,
+                  f"stem calibrated {fraction:.0%}, fill {fill}") for fill in fills]
+    for run in runs:
+        measure("focus", run[-1], functools.partial(focus_row, *run))
     if _has(ctx.model, _depthwise):
         for mode in settings.shift_modes:
-            student = _transform(ctx.model, ctx.calibration, Shift(mode=mode))
-            rows.append(ctx.row(f"shift {mode}", mode, student))
-            ctx.finetune(rows[-1], student)
+            measure(f"shift {mode}", mode, functools.partial(
+                finetuned_row, f"shift {mode}", mode, settings.calibration_images, Shift(mode=mode)))
     if _has(ctx.model, _standard_kxk):
         for part in settings.hetconv_parts:
-            student = _transform(ctx.model, ctx.calibration[:settings.hetconv_fit_images],
-                                 HetConv(part=part, init=settings.hetconv_init))
-            rows.append(ctx.row("hetconv", f"P={part}", student))
-            ctx.finetune(rows[-1], student)
-    for row in rows:
-        row["drop"] = 100 * (row["original"] - row.get("fine-tuned", row["rewritten"]))
+            measure("hetconv", f"P={part}", functools.partial(
+                finetuned_row, "hetconv", f"P={part}", settings.hetconv_fit_images,
+                HetConv(part=part, init=settings.hetconv_init)))
     return rows
 
 
@@ -286,9 +345,19 @@ def checkpoint_rows(settings: Settings) -> List[Dict[str, object]]:
     return rows
 
 
-def _fingerprint(settings: Settings) -> Dict[str, object]:
-    """What decides a model's rows: every setting but which models run, the photos and the progress bars."""
-    kept = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("archs", "datasets", "photos", "progress")}
+def _row_fingerprint(pass_name: str, setting: str, settings: Settings) -> Dict[str, object]:
+    """What decides one row: the test images, the calibration images (focus thresholds, shift's and
+    HetConv's fitted inits), the latency batch and runs, torch, and for a fine-tuned row its init and
+    fine-tuning budget. Which rows run (halos, parts, modes, models), the photos and the progress bars do
+    not count: a row keeps its name (``setting``) for one way of measuring it."""
+    fields = ["eval_images", "calibration_images", "latency_batch", "latency_runs"]
+    if pass_name != "focus":
+        fields.append("finetune_lr")
+    if pass_name == "hetconv":
+        fields += ["hetconv_init", "hetconv_fit_images"]
+    kept = {k: getattr(settings, k) for k in fields}
+    if pass_name != "focus":
+        kept["finetune"] = _finetune_budget(pass_name, setting, settings)
     return json.loads(json.dumps({**kept, "torch": torch.__version__}))  # tuples as lists, as read back
 
 
@@ -300,26 +369,36 @@ def _checkpoint_digest(arch: str, dataset: str) -> str:
 
 
 class RowCache:
-    """The rows of each (model, dataset), saved to a JSON file as soon as they are measured, so that a long
-    report resumes where it stopped: ``get`` returns saved rows only when they were measured with the same
-    settings (``_fingerprint``), the same torch and the same checkpoint (a retrained model is measured again)."""
+    """Every measured row, saved to a JSON file as soon as it is measured, so that a long report resumes
+    where it stopped and a change of settings measures again only the rows it changes. With ``reuse``,
+    ``get`` returns a saved row only when it was measured the same way (``_row_fingerprint``: settings and
+    torch) from the same checkpoint (a retrained model is measured again); without, it returns nothing and
+    the cache only saves."""
 
-    def __init__(self, path: str, settings: Settings):
-        self.path, self.fingerprint = path, _fingerprint(settings)
-        self.saved: Dict[str, object] = {}
+    def __init__(self, path: str, settings: Settings, reuse: bool = True):
+        self.path, self.settings, self.reuse = path, settings, reuse
+        self.saved: Dict[str, Dict[str, object]] = {}
         if os.path.isfile(path):
             with open(path) as f:
                 self.saved = json.load(f)
+        self._digests: Dict[str, str] = {}
 
-    def get(self, arch: str, dataset: str) -> Optional[List[Dict[str, object]]]:
-        entry = self.saved.get(f"{arch}/{dataset}")
-        if not entry or entry["settings"] != self.fingerprint:
+    def _digest(self, arch: str, dataset: str) -> str:
+        key = f"{arch}/{dataset}"
+        if key not in self._digests:
+            self._digests[key] = _checkpoint_digest(arch, dataset)
+        return self._digests[key]
+
+    def get(self, arch: str, dataset: str, pass_name: str, setting: str) -> Optional[Dict[str, object]]:
+        entry = self.saved.get(f"{arch}/{dataset}/{pass_name}/{setting}")
+        if not self.reuse or not entry or entry["settings"] != _row_fingerprint(pass_name, setting, self.settings):
             return None
-        return entry["rows"] if entry.get("checkpoint") == _checkpoint_digest(arch, dataset) else None
+        return entry["row"] if entry["checkpoint"] == self._digest(arch, dataset) else None
 
-    def put(self, arch: str, dataset: str, rows: List[Dict[str, object]]) -> None:
-        self.saved[f"{arch}/{dataset}"] = {"settings": self.fingerprint,
-                                           "checkpoint": _checkpoint_digest(arch, dataset), "rows": rows}
+    def put(self, arch: str, dataset: str, row: Dict[str, object]) -> None:
+        self.saved[f"{arch}/{dataset}/{row['pass']}/{row['setting']}"] = {
+            "settings": _row_fingerprint(row["pass"], row["setting"], self.settings),
+            "checkpoint": self._digest(arch, dataset), "row": row}
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path + ".tmp", "w") as f:
             json.dump(self.saved, f, indent=1)
@@ -329,21 +408,17 @@ class RowCache:
 def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Optional[str] = None,
         resume: bool = False) -> str:
     """Computes every row, writes the markdown report and the plots; returns the markdown. With
-    ``rows_path`` each model's rows are also saved there as they are measured; with ``resume`` the rows
-    saved there with the same settings are used instead of measured again."""
+    ``rows_path`` each row is also saved there as it is measured; with ``resume`` the rows saved there,
+    measured the same way, are used instead of measured again (``RowCache``)."""
     from tqdm.auto import tqdm
 
     if resume and not rows_path:
         raise ValueError("fxeff.accuracy_report.run: resume=True needs rows_path (where the rows were saved)")
-    cache = RowCache(rows_path, settings) if rows_path else None
+    cache = RowCache(rows_path, settings, reuse=resume) if rows_path else None
     rows: List[Dict[str, object]] = []
     pairs = [(a, d) for d in settings.datasets for a in settings.archs]
     for arch, dataset in tqdm(pairs, desc="accuracy report", disable=not settings.progress):
-        saved = cache.get(arch, dataset) if resume else None
-        measured = saved if saved is not None else model_rows(arch, dataset, settings)
-        if cache is not None and saved is None:
-            cache.put(arch, dataset, measured)
-        rows += measured
+        rows += model_rows(arch, dataset, settings, cache)
     env = bench.environment()
     lines = ["# Accuracy of each pass on the reference models", "",
              "Generated by `benchmarks/accuracy.py` (`make accuracy`); "
@@ -353,8 +428,8 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
              + f". MAC and latency ratios are rewritten / original on a batch of {settings.latency_batch} test "
                f"images (latency: medians of {settings.latency_runs} interleaved runs). Fine-tuning: "
                f"`fxeff.finetune` (distillation from the original) at peak lr {settings.finetune_lr}: the rows "
-               f"with a target (HetConv P=4, sparse shift) for {settings.target_finetune_epochs} epoch(s) of "
-               f"the whole training split, the others for {settings.finetune_epochs} epoch(s) of "
+               f"with a target for whole epochs of the training split (HetConv P=4: {settings.hetconv_target_epochs}, "
+               f"sparse shift: {settings.shift_target_epochs}), the others for {settings.finetune_epochs} epoch(s) of "
                f"{settings.finetune_images or 'all'} training images (the fine-tune column says which); focus "
                "is never fine-tuned (its weights are the original's). The rewrites start from weights fitted "
                f"on training images: shift `init=\"lstsq\"` on {settings.calibration_images}, HetConv "

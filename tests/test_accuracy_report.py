@@ -1,4 +1,5 @@
 """fxeff.accuracy_report on a tiny setting: one reference model, a few hundred images, one short fine-tuning."""
+import dataclasses
 import os
 
 import pytest
@@ -18,7 +19,7 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reference, "dataset", small_train)
     settings = accuracy_report.Settings(archs=("resnet20",), datasets=("fashion-mnist",), eval_images=200,
-                                        calibration_images=32, finetune_images=64, target_finetune_epochs=1,
+                                        calibration_images=32, finetune_images=64, hetconv_target_epochs=1,
                                         latency_runs=2, latency_batch=4, photos=False, focus_halos=(2,),
                                         stem_fractions=(0.3,), hetconv_parts=(2, 4), progress=False)
     md = str(tmp_path / "docs" / "accuracy.md")
@@ -51,11 +52,31 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
         with open(tmp_path / "docs" / "plots" / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert f"(plots/{name})" in text
-    # the rows were saved as measured; a resumed run reuses them (nothing is measured again) and writes the same
-    monkeypatch.setattr(accuracy_report, "model_rows", lambda *a: pytest.fail("resume measured a model again"))
-    again = accuracy_report.run(settings, str(tmp_path / "again.md"), str(tmp_path / "plots2"), rows_path=rows_path,
+    # the rows were saved as measured; a resumed run reuses them (nothing is measured again, not even the
+    # original's accuracy: no dataset is read) and writes the same
+    with monkeypatch.context() as m:
+        m.setattr(accuracy_report, "_transform", lambda *a: pytest.fail("resume measured a row again"))
+        m.setattr(reference, "dataset", lambda *a, **k: pytest.fail("resume read a dataset"))
+        again = accuracy_report.run(settings, str(tmp_path / "again.md"), str(tmp_path / "plots2"),
+                                    rows_path=rows_path, resume=True)
+    table = text.split("## Every pass")[1].split("![")[0]
+    assert again.split("## Every pass")[1].split("![")[0] == table
+    # a longer HetConv P=4 budget measures that row again, and only it
+    measured = []
+
+    def recording_transform(model, x, config):
+        measured.append(type(config).__name__ + (f" P={config.part}" if hasattr(config, "part") else ""))
+        return transform(model, x, config)
+
+    transform = accuracy_report._transform
+    monkeypatch.setattr(accuracy_report, "_transform", recording_transform)
+    longer = dataclasses.replace(settings, hetconv_target_epochs=2)
+    third = accuracy_report.run(longer, str(tmp_path / "third.md"), str(tmp_path / "plots3"), rows_path=rows_path,
                                 resume=True)
-    assert again.split("## Every pass")[1].split("![")[0] == text.split("## Every pass")[1].split("![")[0]
+    assert measured == ["HetConv P=4"]
+    assert "| 2 x 96 images" in third and "| 1 x 96 images" not in third
+    assert [line for line in third.split("## Every pass")[1].split("![")[0].splitlines() if "P=4" not in line] == \
+        [line for line in table.splitlines() if "P=4" not in line]
 
 
 def test_targets_read_the_rows():
@@ -71,27 +92,43 @@ def test_targets_read_the_rows():
     assert set(reference.ARCHS) == set(accuracy_report.FOCUS_SPLITS)
 
 
-def test_row_cache_resumes_only_with_the_same_settings(tmp_path, monkeypatch):
+def test_row_cache_reuses_a_row_only_when_measured_the_same_way(tmp_path, monkeypatch):
     path = str(tmp_path / "out" / "rows.json")
     settings = accuracy_report.Settings(archs=("vgg",), eval_images=100, hetconv_parts=(4,))
-    rows = [{"model": "vgg", "dataset": "fashion-mnist", "pass": "hetconv", "setting": "P=4", "drop": 0.25}]
+    rows = [{"model": "vgg", "dataset": "fashion-mnist", "pass": "hetconv", "setting": "P=4", "drop": 0.25},
+            {"model": "vgg", "dataset": "fashion-mnist", "pass": "hetconv", "setting": "P=2", "drop": 1.5},
+            {"model": "vgg", "dataset": "fashion-mnist", "pass": "focus", "setting": "input", "drop": 0.1},
+            {"model": "vgg", "dataset": "fashion-mnist", "pass": "shift sparse", "setting": "sparse", "drop": 0.5}]
+    keys = [(r["pass"], r["setting"]) for r in rows]
     cache = accuracy_report.RowCache(path, settings)
-    assert cache.get("vgg", "fashion-mnist") is None  # nothing saved yet
-    cache.put("vgg", "fashion-mnist", rows)
-    # a new process: the same settings (other models, photos and progress do not count) find the saved rows
-    same = accuracy_report.Settings(archs=("resnet20", "vgg"), eval_images=100, hetconv_parts=(4,), photos=False,
-                                    progress=False)
-    assert accuracy_report.RowCache(path, same).get("vgg", "fashion-mnist") == rows
-    assert accuracy_report.RowCache(path, same).get("resnet20", "fashion-mnist") is None
-    # so does another checkpoint (a retrained model)
-    monkeypatch.setattr(accuracy_report, "_checkpoint_digest", lambda arch, dataset: "retrained")
-    assert accuracy_report.RowCache(path, same).get("vgg", "fashion-mnist") is None
-    monkeypatch.undo()
-    # any setting that changes the measurement makes the saved rows stale
-    for changed in ({"eval_images": 200}, {"hetconv_parts": (2, 4)}, {"target_finetune_epochs": 1},
-                    {"finetune_lr": 0.01}):
-        other = accuracy_report.Settings(archs=("vgg",), **{**{"eval_images": 100, "hetconv_parts": (4,)}, **changed})
-        assert accuracy_report.RowCache(path, other).get("vgg", "fashion-mnist") is None, changed
+    assert cache.get("vgg", "fashion-mnist", "hetconv", "P=4") is None  # nothing saved yet
+    for row in rows:
+        cache.put("vgg", "fashion-mnist", row)
+
+    def found(s, arch="vgg", reuse=True):
+        again = accuracy_report.RowCache(path, s, reuse=reuse)  # a new process
+        return [k for k, row in zip(keys, rows) if again.get(arch, "fashion-mnist", *k) == row]
+
+    # the same settings find every row; which rows run, other models, photos and progress do not count
+    assert found(accuracy_report.Settings(archs=("resnet20", "vgg"), eval_images=100, hetconv_parts=(2, 4, 8),
+                                          photos=False, progress=False)) == keys
+    assert found(settings, "resnet20") == [] and found(settings, reuse=False) == []
+    # another checkpoint (a retrained model) finds none
+    with monkeypatch.context() as m:
+        m.setattr(accuracy_report, "_checkpoint_digest", lambda arch, dataset: "retrained")
+        assert found(settings) == []
+    # a setting makes stale exactly the rows it changes
+    for changed, stale in (({"eval_images": 200}, keys), ({"latency_runs": 3}, keys),
+                           ({"calibration_images": 64}, keys),
+                           ({"hetconv_target_epochs": 1}, [("hetconv", "P=4")]),
+                           ({"shift_target_epochs": 1}, [("shift sparse", "sparse")]),
+                           ({"finetune_epochs": 2}, [("hetconv", "P=2")]),
+                           ({"finetune_images": 100}, [("hetconv", "P=2")]),
+                           ({"hetconv_init": "sum"}, [k for k in keys if k[0] == "hetconv"]),
+                           ({"hetconv_fit_images": 64}, [k for k in keys if k[0] == "hetconv"]),
+                           ({"finetune_lr": 0.01}, [k for k in keys if k[0] != "focus"])):
+        other = dataclasses.replace(settings, **changed)
+        assert found(other) == [k for k in keys if k not in stale], changed
 
 
 def test_run_resume_needs_a_rows_path(tmp_path):
