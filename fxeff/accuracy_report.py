@@ -187,9 +187,8 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
                 cache.put(arch, dataset, row)
         rows.append(row)
 
-    def focus_row(where: str, threshold, fill: str, halo: int, setting: str) -> Dict[str, object]:
-        split = FOCUS_SPLITS[arch][where]
-        threshold = threshold()
+    def focus_row(where: str, threshold_of, fill: str, halo: int, setting: str) -> Dict[str, object]:
+        split, threshold = FOCUS_SPLITS[arch][where], threshold_of()  # a stem threshold is calibrated here
         rewritten = _transform(ctx.model, ctx.calibration[:64], Focus(threshold, split=split, fill=fill, halo=halo))
         row = ctx.row("focus", setting, rewritten)
         with torch.no_grad():
