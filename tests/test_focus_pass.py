@@ -370,6 +370,48 @@ def test_split_by_module_fqn_on_every_graph_kind(kind):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+class ConvIntoConv(nn.Module):
+    """A conv whose output feeds the next conv directly (ConvNeXt's downsampling conv into a 7x7 depthwise)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 16, 2, stride=2)
+        self.dw = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.dw(self.down(F.relu(self.stem(x)))))
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "dynamo", "export", "dynamic"])
+def test_a_conv_feeding_a_conv_reads_the_rewritten_conv(kind):
+    """Each focused conv is wired to its input as the graph holds it when it is rewritten (the conv before it
+    may already be a focused_conv2d): ConvNeXt crashed in graph.lint() with 'used before it has been defined'."""
+    model = ConvIntoConv().eval()
+    x = _masked_inputs()
+    t = threshold_for_fraction(model, "stem", x, 0.3)
+    config = Focus(threshold=t, split="stem")
+    if kind == "dynamic":
+        reports = []
+
+        def backend(gm, example_inputs):
+            reports.append(run_passes(gm, example_inputs, [config]))
+            return gm
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)(x)
+        report = reports[0]
+    else:
+        _, report, out = rewritten(model, x, kind, config)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+    assert [s.name for s in report.rewritten] == ["down", "dw", "head"]
+    with torch.no_grad(), focused_reference(model, "stem", t):
+        expected = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_dynamic_shapes_graph_computes_each_grid_in_the_graph():
     model = _eval(ResidualNet())
     t = 0.5

@@ -21,7 +21,7 @@ from .. import ops as fxeff_ops
 from ..nn.focus import REDUCES, AoIThreshold
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
-from .graph import ConvSite, conv_sites, module_stack, node_shape, normalize_fqn, to_networkx
+from .graph import ConvSite, conv_site, conv_sites, module_stack, node_shape, normalize_fqn, to_networkx
 from .measure import fake_mode_of, run_recording
 from .rewrite import new_attr
 from .splits import DEFAULT_SPLITS, default_split_for_class
@@ -424,6 +424,7 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
         if reason is not None:
             site_reports.append(SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "focus"))
             continue
+        site.input = conv_site(gm, site.node).input  # a conv feeding this one may have been rewritten already
         grid = site.output_grid
         key = _grid_key(grid)
         if key not in grid_masks:
