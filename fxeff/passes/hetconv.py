@@ -23,8 +23,9 @@ from ..nn import hetconv as hetconv_nn
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, graph_kind
-from .rewrite import fake_key_and_mode, finish_report, input_as_rewritten, new_attr, propagate_fake, \
-    record_before, relative_error, site_params, unique_name
+from .measure import IncrementalRun
+from .rewrite import Recorded, fake_key_and_mode, finish_report, new_attr, propagate_fake, \
+    record_before, relative_error, site_params, sweep, unique_name
 
 HETCONV2D = torch.ops.fxeff.hetconv2d.default
 _ROLE = "fxeff_hetconv"  # node.meta key marking the nodes this pass inserted
@@ -127,35 +128,39 @@ def hetconv_pass(gm: fx.GraphModule, config: HetConv, context: PassContext) -> R
     kind = graph_kind(gm)
     candidates = [s for s in conv_sites(gm) if _is_candidate(s)]
     recorded = record_before(gm, context.example_inputs, candidates)
-    site_reports: List[SiteReport] = []
-    for i, site in enumerate(candidates):
-        macs = site.macs()
-        weight, bias, unknown = site_params(gm, site, recorded.inputs)
-        reason = _skip_reason(site, config, first=i == 0) or unknown
-        if reason is not None:
-            site_reports.append(SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "hetconv"))
-            continue
-        if config.init == "fit" and recorded.fake:
-            raise ValueError("fxeff.passes.HetConv: init='fit' fits each layer to its input on the example inputs "
-                             "and expected real example inputs, got fake tensors; use init='sum' or real inputs")
-        n = site.weight_shape[0]
-        original_input = None if recorded.fake else recorded.values[site.input]
-        site.input = conv_site(gm, site.node).input  # an earlier rewrite may have replaced the input node
-        # the input it sees after the rewrites before it: "fit" fits on it, the error is measured on it
-        seen = None if recorded.fake else input_as_rewritten(gm, context.example_inputs, site, recorded, site_reports)
-        module = hetconv_nn.HetConv2d.from_weight(weight, bias, config.part, site.stride, site.padding, site.dilation,
-                                                  config.init, seen, original_input)
-        error = None if recorded.fake else _layer_error(module, seen, recorded.values[site.node])
-        out_shape = concrete_shape(site.node)
-        _rewrite(gm, kind, site, module)
-        macs_after = None
-        if out_shape is not None:
-            macs_after = out_shape[0] * out_shape[2] * out_shape[3] * n * module.fan_in
-        site_reports.append(SiteReport(site.name, site.describe(), "rewritten", f"part={config.part}", macs, macs_after,
-                                       "hetconv", error=error))
-    return finish_report(gm, context.example_inputs, "hetconv", site_reports,
-                         [f"init={config.init!r}, part={config.part}"], recorded,
-                         "no conv could be replaced by a HetConv: the graph is unchanged")
+    with sweep(gm, context.example_inputs, recorded) as run:
+        site_reports = [_rewrite_site(gm, kind, site, config, recorded, run, first=i == 0)
+                        for i, site in enumerate(candidates)]
+        return finish_report(gm, run, "hetconv", site_reports, [f"init={config.init!r}, part={config.part}"], recorded,
+                             "no conv could be replaced by a HetConv: the graph is unchanged")
+
+
+def _rewrite_site(gm: fx.GraphModule, kind: str, site: ConvSite, config: HetConv, recorded: Recorded,
+                  run: Optional[IncrementalRun], first: bool) -> SiteReport:
+    """Rewrites one candidate (or says why not); ``run`` gives the input it sees after the rewrites before it."""
+    macs = site.macs()
+    weight, bias, unknown = site_params(gm, site, recorded.inputs)
+    reason = _skip_reason(site, config, first) or unknown
+    if reason is not None:
+        return SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "hetconv")
+    if config.init == "fit" and recorded.fake:
+        raise ValueError("fxeff.passes.HetConv: init='fit' fits each layer to its input on the example inputs "
+                         "and expected real example inputs, got fake tensors; use init='sum' or real inputs")
+    n = site.weight_shape[0]
+    original_input = None if recorded.fake else recorded.values[site.input]
+    site.input = conv_site(gm, site.node).input  # an earlier rewrite may have replaced the input node
+    # the input it sees after the rewrites before it: "fit" fits on it, the error is measured on it
+    seen = None if recorded.fake else run.value(site.input)
+    module = hetconv_nn.HetConv2d.from_weight(weight, bias, config.part, site.stride, site.padding, site.dilation,
+                                              config.init, seen, original_input)
+    error = None if recorded.fake else _layer_error(module, seen, recorded.values[site.node])
+    out_shape = concrete_shape(site.node)
+    _rewrite(gm, kind, site, module)
+    macs_after = None
+    if out_shape is not None:
+        macs_after = out_shape[0] * out_shape[2] * out_shape[3] * n * module.fan_in
+    return SiteReport(site.name, site.describe(), "rewritten", f"part={config.part}", macs, macs_after, "hetconv",
+                      error=error)
 
 
 __all__ = ["HetConv", "hetconv_pass"]

@@ -24,25 +24,40 @@ def fake_mode_of(example_inputs: Sequence[Any]) -> Optional[FakeTensorMode]:
     return None
 
 
+class _SavedState:
+    """Copies of tensors taken before a run may change them in place (BatchNorm statistics in training mode)."""
+
+    def __init__(self):
+        self.saved = []
+        self.seen = set()
+
+    def save(self, tensors) -> None:
+        for t in tensors:
+            if id(t) in self.seen or isinstance(t, FakeTensor) or isinstance(t, torch.nn.Parameter):
+                continue
+            self.seen.add(id(t))
+            self.saved.append((t, t.detach().clone()))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, copy in self.saved:
+                if t.shape == copy.shape:
+                    t.copy_(copy)
+
+
+def _state_of(gm: fx.GraphModule, example_inputs: Sequence[Any]):
+    return list(gm.buffers()) + [x for x in example_inputs if isinstance(x, torch.Tensor)]
+
+
 @contextlib.contextmanager
 def preserved_state(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Iterator[None]:
     """Restores gm's buffers and every non-Parameter tensor input to their values on exit."""
-    saved = []
-    tensors = [b for b in gm.buffers()] + [x for x in example_inputs
-                                           if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)]
-    seen = set()
-    for t in tensors:
-        if id(t) in seen or isinstance(t, FakeTensor):
-            continue
-        seen.add(id(t))
-        saved.append((t, t.detach().clone()))
+    state = _SavedState()
+    state.save(_state_of(gm, example_inputs))
     try:
         yield
     finally:
-        with torch.no_grad():
-            for t, copy in saved:
-                if t.shape == copy.shape:
-                    t.copy_(copy)
+        state.restore()
 
 
 class _Recorder(fx.Interpreter):
@@ -55,11 +70,15 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
-            n.meta[VALUE_KEY] = torch.empty(result.shape, dtype=result.dtype, device="meta")
+        _record_meta(n, result)
         if n in self.keep:
             self.kept[n] = result
         return result
+
+
+def _record_meta(n: fx.Node, result: Any) -> None:
+    if isinstance(result, torch.Tensor):
+        n.meta[VALUE_KEY] = torch.empty(result.shape, dtype=result.dtype, device="meta")
 
 
 def run_recording(gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -83,3 +102,83 @@ def run_recording(gm: fx.GraphModule, example_inputs: Sequence[Any],
         stack.enter_context(counter)
         recorder.run(*example_inputs)
     return int(counter.get_total_flops()), recorder.kept
+
+
+class IncrementalRun:
+    """One run of a graph that a pass rewrites while it runs: the values a partly rewritten graph computes,
+    for every site, at the cost of one forward pass in all.
+
+    A weight-converting pass rewrites its sites in graph order, and each rewrite inserts nodes just before
+    the site's node and edits only nodes after it. The run computes nodes in graph order up to what the pass
+    asks for (``value``); every node before that point is already what the rewritten graph computes, and every
+    rewrite lands after it. So ``value(site.input)`` is the site's input once the sites before it are
+    rewritten (the same tensor a fresh run of the partly rewritten graph gives), and ``finish`` runs the rest
+    of the final graph: its outputs and FLOPs, without another forward pass. Values are freed once all their
+    users ran. Real example inputs only; use as a context manager (no_grad, and every buffer or input the
+    graph changes in place, such as BatchNorm statistics in training mode, is restored on exit).
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        if fake_mode_of(example_inputs) is not None:
+            raise ValueError("fxeff.passes.measure.IncrementalRun: example inputs must be real tensors, got fake ones")
+        self.gm = gm
+        self.interpreter = fx.Interpreter(gm, garbage_collect_values=False)
+        self.interpreter.args_iter = iter(example_inputs)
+        self.example_inputs = example_inputs
+        self.env: Dict[fx.Node, Any] = self.interpreter.env
+        self.done = set()  # nodes already run (their values may be freed)
+        self.keep = set()  # nodes whose values are never freed
+        self.cursor: Optional[fx.Node] = None  # the last node run; None before the first
+        self.flops = 0
+        self.state = _SavedState()
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "IncrementalRun":
+        self.stack.enter_context(torch.no_grad())
+        self.state.save(_state_of(self.gm, self.example_inputs))
+        self.stack.callback(self.state.restore)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def _advance(self, stop: Optional[fx.Node]) -> None:
+        """Runs the nodes after the cursor up to ``stop`` (included), or to the graph's output when None."""
+        self.state.save(self.gm.buffers())  # buffers added by the rewrites so far
+        root = self.gm.graph._root
+        counter = FlopCounterMode(display=False)
+        with counter:
+            node = self.cursor.next if self.cursor is not None else root.next
+            while node is not root:
+                result = self.interpreter.run_node(node)
+                _record_meta(node, result)
+                self.env[node] = result
+                self.done.add(node)
+                self.cursor = node
+                for used in node.all_input_nodes:
+                    if used in self.env and used not in self.keep and all(u in self.done for u in used.users):
+                        del self.env[used]
+                if node is stop:
+                    break
+                node = node.next
+        self.flops += int(counter.get_total_flops())
+
+    def value(self, node: fx.Node) -> Any:
+        """``node``'s value in the graph as rewritten up to now (``node`` must be at or after every node the
+        rewrites since the last call touched, which holds for a site's input when sites go in graph order)."""
+        if node not in self.done:
+            self._advance(node)
+        if node not in self.env:
+            raise RuntimeError(f"fxeff.passes.measure.IncrementalRun: the value of {node.name!r} was freed: all its "
+                               f"users had run")
+        return self.env[node]
+
+    def finish(self, keep: Collection[fx.Node]) -> Tuple[int, Dict[fx.Node, Any]]:
+        """Runs the rest of the graph: (FLOPs of the whole final graph, values of ``keep``: nodes that have not
+        run yet or whose values are still held, such as the graph's outputs)."""
+        self.keep.update(keep)
+        missing = [n.name for n in keep if n in self.done and n not in self.env]
+        if missing:
+            raise RuntimeError(f"fxeff.passes.measure.IncrementalRun: the values of {missing} were freed already")
+        self._advance(None)
+        return self.flops, {node: self.env[node] for node in keep}

@@ -4,6 +4,7 @@ They read real tensors behind weight references in any graph kind, add new param
 GraphModule (never to modules shared with the user's model; dynamo graphs get a source for each),
 give inserted nodes fake values, and measure how far a rewritten graph's outputs moved.
 """
+import contextlib
 import dataclasses
 import math
 import re
@@ -17,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ..report import Report, SiteReport
 from .graph import ConvSite, get_attr_value
-from .measure import fake_mode_of, run_recording
+from .measure import IncrementalRun, fake_mode_of, run_recording
 
 
 def param_value(gm: fx.GraphModule, ref: Any, inputs: Dict[fx.Node, Any]) -> Tuple[Optional[torch.Tensor], str]:
@@ -134,14 +135,12 @@ def record_before(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: Sequ
     return Recorded(inputs, fake_mode_of(example_inputs) is not None, outputs, flops, values)
 
 
-def input_as_rewritten(gm: fx.GraphModule, example_inputs: Sequence[Any], site: ConvSite, recorded: Recorded,
-                       done: Sequence[SiteReport]) -> torch.Tensor:
-    """The site's input on the example inputs as the graph computes it now (``site.input`` must name the
-    current input node): the recorded value while none of ``done`` was rewritten, else a run of the partly
-    rewritten graph. Fits to it correct the error of the layers rewritten before (He et al., ICCV'17)."""
-    if site.input in recorded.values and not any(s.status == "rewritten" for s in done):
-        return recorded.values[site.input]
-    return run_recording(gm, example_inputs, [site.input])[1][site.input]
+def sweep(gm: fx.GraphModule, example_inputs: Sequence[Any], recorded: Recorded) -> contextlib.AbstractContextManager:
+    """The one run of the graph that a weight-converting pass rewrites as it goes (an IncrementalRun), or
+    None (as a context) for fake example inputs. ``run.value(site.input)`` is the input a site sees once
+    the sites before it are rewritten: fits to it correct the error of the layers rewritten before (He et
+    al., ICCV'17); the whole pass costs the run before rewriting, this one, and the fits, whatever the depth."""
+    return contextlib.nullcontext() if recorded.fake else IncrementalRun(gm, example_inputs)
 
 
 def site_params(gm: fx.GraphModule, site: ConvSite, inputs: Dict[fx.Node, Any]):
@@ -153,9 +152,10 @@ def site_params(gm: fx.GraphModule, site: ConvSite, inputs: Dict[fx.Node, Any]):
     return weight, bias, None
 
 
-def finish_report(gm: fx.GraphModule, example_inputs: Sequence[Any], pass_name: str, sites: List[SiteReport],
+def finish_report(gm: fx.GraphModule, run: Optional[IncrementalRun], pass_name: str, sites: List[SiteReport],
                   notes: List[str], recorded: Recorded, unchanged_note: str) -> Report:
-    """Recompiles gm and reports: model MACs before/after and, with real inputs, the output error."""
+    """Recompiles gm and reports: model MACs before/after and, with real inputs (``run``: the pass's sweep,
+    which this finishes), the output error."""
     rewritten = [s for s in sites if s.status == "rewritten"]
     if not rewritten:
         notes.append(unchanged_note)
@@ -166,7 +166,7 @@ def finish_report(gm: fx.GraphModule, example_inputs: Sequence[Any], pass_name: 
         report.notes.append("example inputs are fake tensors: relative errors and model MACs after are n/a")
         return report
     outputs_after = output_nodes(gm)
-    flops_after, after = run_recording(gm, example_inputs, outputs_after)
+    flops_after, after = run.finish(outputs_after)
     report.model_macs_after = flops_after // 2
     if rewritten:
         error = relative_output_error(recorded.values, after, recorded.outputs, outputs_after)

@@ -47,9 +47,9 @@ from ..nn import shift as shift_nn
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import TORCH_CONVS, EXPORT, SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, graph_kind
-from .measure import fake_mode_of
-from .rewrite import fake_key_and_mode, finish_report, input_as_rewritten, new_attr, param_value, propagate_fake, \
-    record_before, relative_error, site_params, unique_name
+from .measure import IncrementalRun, fake_mode_of
+from .rewrite import Recorded, fake_key_and_mode, finish_report, new_attr, param_value, propagate_fake, \
+    record_before, relative_error, site_params, sweep, unique_name
 
 aten = torch.ops.aten
 INIT_RULES = ("lstsq", "max_tap")
@@ -481,31 +481,34 @@ def shift_pass(gm: fx.GraphModule, config: Shift, context: PassContext) -> Repor
                          "these are fake tensors; give real example inputs or use Shift(init='max_tap')")
     candidates = [s for s in conv_sites(gm) if _is_candidate(s)]
     recorded = record_before(gm, context.example_inputs, candidates)
-    fake, before = recorded.fake, recorded.values
-    site_reports: List[SiteReport] = []
-    for site in candidates:
-        macs = site.macs()
-        weight, bias, unknown = site_params(gm, site, recorded.inputs)
-        reason = _skip_reason(site, config) or unknown
-        if reason is not None:
-            site_reports.append(SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "shift"))
-            continue
-        y = None if fake else before[site.node]
-        site.input = conv_site(gm, site.node).input  # an earlier rewrite may have replaced the input node
-        # the input it sees after the rewrites before it: "lstsq" fits on it, the error is measured on it
-        seen = None if fake else input_as_rewritten(gm, context.example_inputs, site, recorded, site_reports)
-        module = _shift_module(site, config, weight.dtype, weight.device)
-        init = _initialise(config, module, weight, bias, tap_shifts(site), seen, y)
-        _set_shifts(module, init.shifts)
-        error = None if fake else _relative_error(module, init, seen, y)
-        out_shape = concrete_shape(site.node)
-        description, explicit = _rewrite(gm, kind, site, config, init, module, recorded.inputs, weight.dtype)
-        macs_after = (math.prod(out_shape) if out_shape is not None else None) if explicit else 0
-        site_reports.append(SiteReport(site.name, site.describe(), "rewritten", description, macs, macs_after, "shift",
-                                       error=error))
-    notes = [f"init={config.init!r}" + (" (fitted on the example inputs)" if config.init == "lstsq" else "")]
-    return finish_report(gm, context.example_inputs, "shift", site_reports, notes, recorded,
-                         "no depthwise conv could be replaced by a shift: the graph is unchanged")
+    with sweep(gm, context.example_inputs, recorded) as run:
+        site_reports = [_rewrite_site(gm, kind, site, config, recorded, run) for site in candidates]
+        notes = [f"init={config.init!r}" + (" (fitted on the example inputs)" if config.init == "lstsq" else "")]
+        return finish_report(gm, run, "shift", site_reports, notes, recorded,
+                             "no depthwise conv could be replaced by a shift: the graph is unchanged")
+
+
+def _rewrite_site(gm: fx.GraphModule, kind: str, site: ConvSite, config: Shift, recorded: Recorded,
+                  run: Optional[IncrementalRun]) -> SiteReport:
+    """Rewrites one candidate (or says why not); ``run`` gives the input it sees after the rewrites before it."""
+    fake = recorded.fake
+    macs = site.macs()
+    weight, bias, unknown = site_params(gm, site, recorded.inputs)
+    reason = _skip_reason(site, config) or unknown
+    if reason is not None:
+        return SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "shift")
+    y = None if fake else recorded.values[site.node]
+    site.input = conv_site(gm, site.node).input  # an earlier rewrite may have replaced the input node
+    # the input it sees after the rewrites before it: "lstsq" fits on it, the error is measured on it
+    seen = None if fake else run.value(site.input)
+    module = _shift_module(site, config, weight.dtype, weight.device)
+    init = _initialise(config, module, weight, bias, tap_shifts(site), seen, y)
+    _set_shifts(module, init.shifts)
+    error = None if fake else _relative_error(module, init, seen, y)
+    out_shape = concrete_shape(site.node)
+    description, explicit = _rewrite(gm, kind, site, config, init, module, recorded.inputs, weight.dtype)
+    macs_after = (math.prod(out_shape) if out_shape is not None else None) if explicit else 0
+    return SiteReport(site.name, site.describe(), "rewritten", description, macs, macs_after, "shift", error=error)
 
 
 __all__ = ["Shift", "shift_pass", "tap_shifts", "INIT_RULES"]

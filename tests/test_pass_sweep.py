@@ -1,0 +1,156 @@
+"""The one run that the weight-converting passes (Shift, HetConv) rewrite a graph in (passes.measure.IncrementalRun).
+
+Each site is fitted on the input it sees once the sites before it are rewritten. That used to cost a run of
+the whole partly rewritten graph per site (HetConv on ResNet-152: 17.5 s, about 60 forward passes); now a
+pass costs the run before rewriting and one run that goes along with the rewrites, whatever the depth.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxeff
+from fxeff.passes import HetConv, Shift
+from fxeff.passes.measure import IncrementalRun
+from fxeff.passes.rewrite import relative_error
+from fxeff.transform import trace
+
+
+class Deep(nn.Module):
+    """``depth`` blocks of conv 3x3 - BN - ReLU - depthwise 3x3 - BN - ReLU (every conv a candidate), then a head."""
+
+    def __init__(self, depth: int, channels: int = 16):
+        super().__init__()
+        layers = [nn.Conv2d(3, channels, 3, padding=1)]
+        for _ in range(depth):
+            layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
+                       nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+                       nn.BatchNorm2d(channels), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def _deep(depth):
+    torch.manual_seed(0)
+    model = Deep(depth)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+CONFIGS = [HetConv(part=4, init="sum"), HetConv(part=4, init="fit"), Shift(init="lstsq"), Shift(init="max_tap")]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.pass_name}-{c.init}")
+def test_a_pass_runs_the_model_twice_whatever_its_depth(config):
+    """The head runs once before rewriting and once in the sweep (which also gives the report's MACs and
+    output error): 2 calls for 2 blocks and for 8. A run per rewritten site gave 2 + sites calls."""
+    calls = {}
+    for depth in (2, 8):
+        model = _deep(depth)
+        count = []
+        model.head.register_forward_hook(lambda *_: count.append(1))
+        gm = fxeff.transform(model, torch.randn(4, 3, 12, 12), [config])
+        assert len(gm.fxeff_report.rewritten) >= depth
+        calls[depth] = len(count)
+    assert calls == {2: 2, 8: 2}
+
+
+def _inputs_seen(gm, x, nodes):
+    """The input of each of ``nodes`` in a plain run of the final graph."""
+    seen = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n in nodes:
+                seen[n] = self.env[n.args[0]]
+            return super().run_node(n)
+
+    with torch.no_grad():
+        Recorder(gm).run(x)
+    return seen
+
+
+@pytest.mark.parametrize("config", [HetConv(part=4, init="fit"), Shift(init="lstsq")], ids=lambda c: c.pass_name)
+def test_each_layer_error_is_the_error_in_the_rewritten_network(config):
+    """A site's input in the final graph depends only on the sites before it, so what the sweep fitted it on and
+    measured it with is its input in the final graph: the reported error of every layer is recomputed there."""
+    model = _deep(4)
+    x = torch.randn(6, 3, 12, 12).cumsum(3)
+    gm = fxeff.transform(model, x, [config])
+    report = gm.fxeff_report
+    originals = {}
+    with torch.no_grad():
+        traced = trace(model)
+        recorder_nodes = {n.target: n for n in traced.graph.nodes if n.op == "call_module"}
+        env = {}
+
+        class Keep(torch.fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                env[n] = out
+                return out
+
+        Keep(traced).run(x)
+    new_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(f"fxeff_{config.pass_name}_")
+                 and not n.target.endswith(("_bn", "_pointwise"))]
+    assert len(new_nodes) == len(report.rewritten) == 4
+    seen = _inputs_seen(gm, x, set(new_nodes))
+    for node, site in zip(new_nodes, report.rewritten):
+        assert node.target == f"fxeff_{config.pass_name}_{site.name.replace('.', '_')}"
+        module = gm.get_submodule(node.target)
+        originals[site.name] = env[recorder_nodes[site.name]]
+        with torch.no_grad():
+            out = module(seen[node])
+        if config.pass_name == "shift":  # a and b went into the next BatchNorm (exact in eval mode): undo the BN
+            bn = model.get_submodule(_next_module(model, site.name))
+            with torch.no_grad():
+                y = gm.get_submodule(next(iter(node.users)).target)(out)
+                scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).view(1, -1, 1, 1)
+                out = (y - bn.bias.view(1, -1, 1, 1)) / scale + bn.running_mean.view(1, -1, 1, 1)
+        error = relative_error(out, originals[site.name])
+        assert site.error == pytest.approx(error, rel=1e-4, abs=1e-6), site.name
+
+
+def _next_module(model, name):
+    names = [n for n, _ in model.named_modules()]
+    return names[names.index(name) + 1]
+
+
+def test_training_mode_statistics_are_restored_including_the_folded_copies():
+    """In training mode BatchNorm updates its running statistics in every run; the sweep restores them, those of
+    the BatchNorm copies the shift pass folds its scales into included (made after the sweep began)."""
+    model = _deep(2)
+    x = torch.randn(4, 3, 12, 12)
+    eval_gm = fxeff.transform(model, x, [Shift(init="max_tap")])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_gm = fxeff.transform(model.train(), x, [Shift(init="max_tap")])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    folded = [k for k in eval_gm.state_dict() if "_bn." in k]
+    assert folded
+    for k in folded:
+        torch.testing.assert_close(train_gm.state_dict()[k], eval_gm.state_dict()[k], rtol=0, atol=0)
+
+
+def test_incremental_run_values_and_errors():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    gm, x = trace(model), torch.randn(2, 3, 9, 9)
+    nodes = list(gm.graph.nodes)
+    with IncrementalRun(gm, (x,)) as run:
+        torch.testing.assert_close(run.value(nodes[2]), F.relu(model[0](x)))
+        run.value(nodes[3])  # the ReLU's only user ran: its value is freed
+        with pytest.raises(RuntimeError, match="the value of '_1' was freed"):
+            run.value(nodes[2])
+        flops, values = run.finish([nodes[3]])
+    torch.testing.assert_close(values[nodes[3]], model(x))
+    assert flops == 2 * (2 * 4 * 7 * 7 * 3 * 9 + 2 * 4 * 5 * 5 * 4 * 9)
+    fake = torch._subclasses.fake_tensor.FakeTensorMode().from_tensor(x)
+    with pytest.raises(ValueError, match="example inputs must be real tensors"):
+        IncrementalRun(gm, (fake,))
