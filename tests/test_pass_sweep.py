@@ -154,3 +154,48 @@ def test_incremental_run_values_and_errors():
     fake = torch._subclasses.fake_tensor.FakeTensorMode().from_tensor(x)
     with pytest.raises(ValueError, match="example inputs must be real tensors"):
         IncrementalRun(gm, (fake,))
+
+
+class Mixed(nn.Module):
+    """Convs of every kind the passes treat differently: a reflect-padded conv, a depthwise conv with a BatchNorm
+    after it (folded), one with a 1x1 conv after it (folded), one followed by two users (explicit scale), 1x1s."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.reflect = nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect")
+        self.dw_bn = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw_pw = nn.Conv2d(16, 16, 5, stride=2, padding=2, groups=16)
+        self.pw = nn.Conv2d(16, 32, 1)
+        self.dw_two = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.conv = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.reflect(F.relu(self.stem(x))))
+        x = self.pw(self.dw_pw(F.relu(self.bn(self.dw_bn(x)))))
+        y = self.dw_two(x)
+        x = self.conv(F.relu(y)) + y
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("config", [HetConv(part=4), Shift(), Shift(init="max_tap"),
+                                    fxeff.Focus(threshold=0.0, split="stem", fill="mean", halo=1)],
+                         ids=["hetconv", "shift", "shift-max_tap", "focus"])
+def test_model_macs_before_are_flop_counters_count_of_the_original(config):
+    """The runs before rewriting count no FLOPs (the counter costs a third of a forward pass): the MACs before
+    come from the final graph's count and the rewritten sites' formulas, and must equal a count of the model."""
+    model = Mixed().eval()
+    x = torch.randn(3, 3, 16, 16)
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    gm = fxeff.transform(model, x, [config])
+    report = gm.fxeff_report
+    assert report.rewritten
+    assert report.model_macs_before == counter.get_total_flops() // 2
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        gm(x)
+    assert report.model_macs_after == counter.get_total_flops() // 2 < report.model_macs_before

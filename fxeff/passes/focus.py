@@ -340,14 +340,11 @@ def _emit_dilation(graph: fx.Graph, mask: fx.Node, halo: int, split: fx.Node, sh
     return node
 
 
-def _outside_means(gm: fx.GraphModule, config: Focus, context: PassContext, split: fx.Node,
+def _outside_means(config: Focus, values: Dict[fx.Node, torch.Tensor], split: fx.Node,
                    sites: List[ConvSite]) -> Dict[fx.Node, torch.Tensor]:
     """conv node -> per-channel mean of the original conv's output outside the AoI (at its own grid) over
-    the example inputs, for fill="mean"; zeros for a conv whose AoI covers everything."""
-    if fake_mode_of(context.example_inputs) is not None:
-        raise ValueError("fxeff.passes.Focus: fill='mean' measures the background on real example inputs, got fake "
-                         "tensors; pass real images (or use fill='zeros')")
-    _, values = run_recording(gm, context.example_inputs, [split] + [site.node for site in sites])
+    the example inputs (``values``: the original graph's), for fill="mean"; zeros for a conv whose AoI
+    covers everything."""
     mask = dilate_mask(AOI_MASK(values[split], config.threshold, config.reduce), config.halo)
     means = {}
     for site in sites:
@@ -390,10 +387,19 @@ def _fill_outside(gm: fx.GraphModule, site: ConvSite, new: fx.Node, mean: torch.
 
 
 def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Report:
-    """Rewrites ``gm`` in place (recompiled) and returns the report; see the module docstring."""
-    flops_before, _ = run_recording(gm, context.example_inputs)
-    sites = conv_sites(gm)
+    """Rewrites ``gm`` in place (recompiled) and returns the report; see the module docstring.
+
+    Two runs of the graph: one before rewriting (shapes, and for fill="mean" the background), one after
+    (MACs, AoI fractions). With real inputs the first counts no FLOPs: the model's MACs before are those
+    after plus what each focused conv saved, which its dense and focused MAC formulas give exactly."""
+    fake = fake_mode_of(context.example_inputs) is not None
     split, split_description = locate_split(gm, config, context.model_class)
+    if config.fill == "mean" and fake:
+        raise ValueError("fxeff.passes.Focus: fill='mean' measures the background on real example inputs, got fake "
+                         "tensors; pass real images (or use fill='zeros')")
+    keep = [split] + [site.node for site in conv_sites(gm)] if config.fill == "mean" else []
+    flops_before, before = run_recording(gm, context.example_inputs, keep, count_flops=fake)
+    sites = conv_sites(gm)  # after the run: symbolic graphs now carry shapes
     split_shape = node_shape(split)
     if split_shape is None or len(split_shape) != 4:
         raise ValueError(f"fxeff.passes.Focus: the split {split_description} must produce a 4-D activation "
@@ -417,7 +423,8 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     reasons = {site.node: _skip_reason(site, downstream, upstream, split) for site in sites}
     means = {}
     if config.fill == "mean":
-        means = _outside_means(gm, config, context, split, [site for site in sites if reasons[site.node] is None])
+        means = _outside_means(config, before, split, [site for site in sites if reasons[site.node] is None])
+        del before
     for site in sites:
         reason = reasons[site.node]
         macs = site.macs()
@@ -463,8 +470,8 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     gm.recompile()
 
     report = Report(pass_name="focus", sites=site_reports, split=split_description,
-                    model_macs_before=flops_before // 2, notes=notes)
-    if fake_mode_of(context.example_inputs) is not None:
+                    model_macs_before=flops_before // 2 if fake else None, notes=notes)
+    if fake:
         report.notes.append("example inputs are fake tensors: AoI fractions and MACs after are n/a")
         return report
     keep = [mask] + [m for _, _, m in rewritten] if rewritten else []
@@ -474,6 +481,8 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
         report.aoi_fractions = [float(f) for f in values[mask].float().mean(dim=(1, 2))]
         for entry, site, mask_k in rewritten:
             entry.macs_after = int(values[mask_k].count_nonzero()) * site.macs_per_output_position()
+    # the graph is the original one but for the focused convs, each counted at its active outputs (ops/flops.py)
+    report.model_macs_before = report.model_macs_after + sum(e.macs_before - e.macs_after for e, _, _ in rewritten)
     return report
 
 

@@ -117,12 +117,6 @@ def _rewrite(gm: fx.GraphModule, kind: str, site: ConvSite, module: hetconv_nn.H
     return out
 
 
-def _layer_error(module: hetconv_nn.HetConv2d, x: torch.Tensor, y: torch.Tensor) -> float:
-    """||hetconv(x) - y|| / ||y||: the layer on the input it sees, against the conv's output in the original."""
-    with torch.no_grad():
-        return relative_error(module(x), y)
-
-
 def hetconv_pass(gm: fx.GraphModule, config: HetConv, context: PassContext) -> Report:
     """Rewrites ``gm`` in place (recompiled) and returns the report; see the module docstring."""
     kind = graph_kind(gm)
@@ -132,7 +126,7 @@ def hetconv_pass(gm: fx.GraphModule, config: HetConv, context: PassContext) -> R
         site_reports = [_rewrite_site(gm, kind, site, config, recorded, run, first=i == 0)
                         for i, site in enumerate(candidates)]
         return finish_report(gm, run, "hetconv", site_reports, [f"init={config.init!r}, part={config.part}"], recorded,
-                             "no conv could be replaced by a HetConv: the graph is unchanged")
+                             "no conv could be replaced by a HetConv: the graph is unchanged", _ROLE)
 
 
 def _rewrite_site(gm: fx.GraphModule, kind: str, site: ConvSite, config: HetConv, recorded: Recorded,
@@ -153,12 +147,18 @@ def _rewrite_site(gm: fx.GraphModule, kind: str, site: ConvSite, config: HetConv
     seen = None if recorded.fake else run.value(site.input)
     module = hetconv_nn.HetConv2d.from_weight(weight, bias, config.part, site.stride, site.padding, site.dilation,
                                               config.init, seen, original_input)
-    error = None if recorded.fake else _layer_error(module, seen, recorded.values[site.node])
     out_shape = concrete_shape(site.node)
-    _rewrite(gm, kind, site, module)
     macs_after = None
     if out_shape is not None:
         macs_after = out_shape[0] * out_shape[2] * out_shape[3] * n * module.fan_in
+    error = None
+    if not recorded.fake:
+        with torch.no_grad():
+            out = module(seen)
+        error = relative_error(out, recorded.values[site.node])
+    new = _rewrite(gm, kind, site, module)
+    if not recorded.fake:  # the sweep takes the layer's output from here instead of computing it again
+        run.seed(new, out, 2 * macs_after)
     return SiteReport(site.name, site.describe(), "rewritten", f"part={config.part}", macs, macs_after, "hetconv",
                       error=error)
 

@@ -81,9 +81,10 @@ def _record_meta(n: fx.Node, result: Any) -> None:
         n.meta[VALUE_KEY] = torch.empty(result.shape, dtype=result.dtype, device="meta")
 
 
-def run_recording(gm: fx.GraphModule, example_inputs: Sequence[Any],
-                  keep: Collection[fx.Node] = ()) -> Tuple[int, Dict[fx.Node, Any]]:
-    """Runs gm on the example inputs: returns (FLOPs counted by FlopCounterMode, values of ``keep``).
+def run_recording(gm: fx.GraphModule, example_inputs: Sequence[Any], keep: Collection[fx.Node] = (),
+                  count_flops: bool = True) -> Tuple[int, Dict[fx.Node, Any]]:
+    """Runs gm on the example inputs: returns (FLOPs counted by FlopCounterMode, or 0 without
+    ``count_flops``, which saves the counter's cost, about a third of a forward pass; values of ``keep``).
 
     Every tensor-valued node gets ``meta["fxeff_val"]`` (a meta-device tensor with its shape and
     dtype). Fake inputs run under their FakeTensorMode (real parameters are treated as constants).
@@ -99,9 +100,10 @@ def run_recording(gm: fx.GraphModule, example_inputs: Sequence[Any],
             fake_mode.allow_non_fake_inputs = True
             stack.callback(setattr, fake_mode, "allow_non_fake_inputs", previous)
             stack.enter_context(fake_mode)
-        stack.enter_context(counter)
+        if count_flops:
+            stack.enter_context(counter)
         recorder.run(*example_inputs)
-    return int(counter.get_total_flops()), recorder.kept
+    return (int(counter.get_total_flops()) if count_flops else 0), recorder.kept
 
 
 class IncrementalRun:
@@ -128,8 +130,10 @@ class IncrementalRun:
         self.env: Dict[fx.Node, Any] = self.interpreter.env
         self.done = set()  # nodes already run (their values may be freed)
         self.keep = set()  # nodes whose values are never freed
+        self.seeded: Dict[fx.Node, Tuple[Any, int]] = {}  # nodes not yet run whose value the pass computed
         self.cursor: Optional[fx.Node] = None  # the last node run; None before the first
         self.flops = 0
+        self.node_flops: Dict[fx.Node, int] = {}  # FLOPs counted in each node's run
         self.state = _SavedState()
         self.stack = contextlib.ExitStack()
 
@@ -144,13 +148,23 @@ class IncrementalRun:
 
     def _advance(self, stop: Optional[fx.Node]) -> None:
         """Runs the nodes after the cursor up to ``stop`` (included), or to the graph's output when None."""
-        self.state.save(self.gm.buffers())  # buffers added by the rewrites so far
         root = self.gm.graph._root
         counter = FlopCounterMode(display=False)
+        counted = seeded = 0
         with counter:
             node = self.cursor.next if self.cursor is not None else root.next
             while node is not root:
-                result = self.interpreter.run_node(node)
+                if node in self.seeded:
+                    result, self.node_flops[node] = self.seeded.pop(node)
+                    seeded += self.node_flops[node]
+                else:
+                    if node.op == "call_module":  # its buffers, before it may change them (new modules included)
+                        self.state.save(self.gm.get_submodule(node.target).buffers())
+                    result = self.interpreter.run_node(node)
+                    if node.op == "get_attr" and isinstance(result, torch.Tensor):
+                        self.state.save([result])  # a buffer the pass added, which a functional BatchNorm may update
+                    total = counter.get_total_flops()
+                    self.node_flops[node], counted = total - counted, total
                 _record_meta(node, result)
                 self.env[node] = result
                 self.done.add(node)
@@ -161,7 +175,14 @@ class IncrementalRun:
                 if node is stop:
                     break
                 node = node.next
-        self.flops += int(counter.get_total_flops())
+        self.flops += int(counter.get_total_flops()) + seeded
+
+    def seed(self, node: fx.Node, value: Any, flops: int) -> None:
+        """Gives a node that has not run yet the value (and FLOP count) the pass already computed for it, such
+        as a rewritten layer's output on the input it sees: the run takes it instead of computing it again."""
+        if node in self.done:
+            raise RuntimeError(f"fxeff.passes.measure.IncrementalRun: {node.name!r} has run already")
+        self.seeded[node] = (value, int(flops))
 
     def value(self, node: fx.Node) -> Any:
         """``node``'s value in the graph as rewritten up to now (``node`` must be at or after every node the

@@ -117,12 +117,13 @@ def relative_output_error(before: Dict[fx.Node, Any], after: Dict[fx.Node, Any],
 @dataclasses.dataclass
 class Recorded:
     """What a pass measured on the example inputs before rewriting: placeholder values, whether they are
-    fake, the graph's output nodes, its FLOPs, and the values of the kept nodes."""
+    fake, the graph's output nodes, its FLOPs (counted for fake inputs only: with real ones the sweep
+    gives them, see finish_report), and the values of the kept nodes."""
 
     inputs: Dict[fx.Node, Any]
     fake: bool
     outputs: List[fx.Node]
-    flops: int
+    flops: Optional[int]
     values: Dict[fx.Node, Any]
 
 
@@ -131,8 +132,9 @@ def record_before(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: Sequ
     inputs = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
     outputs = output_nodes(gm)
     keep = [n for s in sites for n in (s.input, s.node)] + outputs
-    flops, values = run_recording(gm, example_inputs, keep)
-    return Recorded(inputs, fake_mode_of(example_inputs) is not None, outputs, flops, values)
+    fake = fake_mode_of(example_inputs) is not None
+    flops, values = run_recording(gm, example_inputs, keep, count_flops=fake)
+    return Recorded(inputs, fake, outputs, flops if fake else None, values)
 
 
 def sweep(gm: fx.GraphModule, example_inputs: Sequence[Any], recorded: Recorded) -> contextlib.AbstractContextManager:
@@ -153,21 +155,28 @@ def site_params(gm: fx.GraphModule, site: ConvSite, inputs: Dict[fx.Node, Any]):
 
 
 def finish_report(gm: fx.GraphModule, run: Optional[IncrementalRun], pass_name: str, sites: List[SiteReport],
-                  notes: List[str], recorded: Recorded, unchanged_note: str) -> Report:
+                  notes: List[str], recorded: Recorded, unchanged_note: str, role: str) -> Report:
     """Recompiles gm and reports: model MACs before/after and, with real inputs (``run``: the pass's sweep,
-    which this finishes), the output error."""
+    which this finishes), the output error. ``role``: the node.meta key marking the nodes the pass inserted.
+
+    With real inputs the FLOPs are counted once, by the sweep, in the final graph: the graph before is the
+    final one with each inserted node's counted FLOPs replaced by its conv's (flop_counter's formula, as
+    ``ConvSite.macs``), which saves the counter's cost in the run before rewriting."""
     rewritten = [s for s in sites if s.status == "rewritten"]
     if not rewritten:
         notes.append(unchanged_note)
     gm.graph.lint()
     gm.recompile()
-    report = Report(pass_name=pass_name, sites=sites, model_macs_before=recorded.flops // 2, notes=notes)
+    report = Report(pass_name=pass_name, sites=sites, notes=notes)
     if recorded.fake:
+        report.model_macs_before = recorded.flops // 2
         report.notes.append("example inputs are fake tensors: relative errors and model MACs after are n/a")
         return report
     outputs_after = output_nodes(gm)
     flops_after, after = run.finish(outputs_after)
     report.model_macs_after = flops_after // 2
+    inserted = sum(f for node, f in run.node_flops.items() if node.meta.get(role))
+    report.model_macs_before = (flops_after - inserted) // 2 + sum(s.macs_before for s in rewritten)
     if rewritten:
         error = relative_output_error(recorded.values, after, recorded.outputs, outputs_after)
         if error is not None:

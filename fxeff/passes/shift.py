@@ -485,7 +485,7 @@ def shift_pass(gm: fx.GraphModule, config: Shift, context: PassContext) -> Repor
         site_reports = [_rewrite_site(gm, kind, site, config, recorded, run) for site in candidates]
         notes = [f"init={config.init!r}" + (" (fitted on the example inputs)" if config.init == "lstsq" else "")]
         return finish_report(gm, run, "shift", site_reports, notes, recorded,
-                             "no depthwise conv could be replaced by a shift: the graph is unchanged")
+                             "no depthwise conv could be replaced by a shift: the graph is unchanged", _ROLE)
 
 
 def _rewrite_site(gm: fx.GraphModule, kind: str, site: ConvSite, config: Shift, recorded: Recorded,
