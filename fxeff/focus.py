@@ -12,7 +12,7 @@ import torch
 
 from . import ops as fxeff_ops
 from .nn.focus import REDUCES
-from .passes.splits import DEFAULT_SPLITS, default_split
+from .passes.splits import default_split, no_split_message
 
 Images = Union[torch.Tensor, Iterable[torch.Tensor]]
 
@@ -26,9 +26,8 @@ def resolve_split(model: torch.nn.Module, split: Optional[str], caller: str) -> 
     if split is None:
         split = default_split(model)
         if split is None:
-            raise ValueError(f"fxeff.focus.{caller}: no default split for {type(model).__name__}; pass "
-                             f"split='<module fqn>' (defaults exist for "
-                             f"{sorted(set(k.rsplit('.', 1)[-1] for k in DEFAULT_SPLITS))})")
+            convs = [fqn for fqn, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+            raise ValueError(no_split_message(f"fxeff.focus.{caller}", type(model).__name__, convs))
     if not isinstance(split, str) or not split:
         raise ValueError(f"fxeff.focus.{caller}: split must be a module fqn (non-empty str), got {split!r}")
     try:

@@ -446,8 +446,28 @@ def test_split_errors():
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(ValueError, match="split 'nope' names no module of ResidualNet"):
         fxeff.transform(model, x, [Focus(threshold=0.0, split="nope")])
-    with pytest.raises(ValueError, match="no default split for model class 'ResidualNet'"):
+    with pytest.raises(ValueError, match="no default split for model class 'ResidualNet'.*no AoI threshold"):
         fxeff.transform(model, x, [Focus(threshold=0.0)])
+
+
+class PatchEmbedding(nn.Module):
+    """A transformer's shape: one conv (the patch embedding), then only linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.mlp = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.mlp(self.patch(x).flatten(2).transpose(1, 2)).mean(1)
+
+
+def test_a_model_with_one_conv_is_told_that_focus_saves_nothing():
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"Focus: PatchEmbedding has one conv \('patch'\): .* focusing saves nothing"):
+        fxeff.transform(PatchEmbedding(), x, [Focus(threshold=0.0)])
+    with pytest.raises(ValueError, match=r"calibrate: PatchEmbedding has one conv \('patch'\): .* saves nothing"):
+        fxeff.focus.calibrate(PatchEmbedding(), x, 0.3)
 
 
 def test_two_different_thresholds_need_an_explicit_split():

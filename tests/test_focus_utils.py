@@ -97,7 +97,7 @@ def test_calibrate_uses_the_family_default_split_and_matches_the_focus_pass():
 def test_calibrate_errors_name_the_function_and_argument():
     model = Tiny().eval()
     x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"fxeff.focus.calibrate: no default split for Tiny"):
+    with pytest.raises(ValueError, match=r"fxeff.focus.calibrate: no split given and no default split for model class 'Tiny'"):
         focus.calibrate(model, x, 0.3)
     with pytest.raises(ValueError, match=r"split 'nope' names no module of Tiny"):
         focus.calibrate(model, x, 0.3, split="nope")

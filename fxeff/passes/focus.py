@@ -24,7 +24,7 @@ from .config import PassConfig, PassContext, register_pass_config
 from .graph import ConvSite, conv_site, conv_sites, module_stack, node_shape, normalize_fqn, to_networkx
 from .measure import fake_mode_of, run_recording
 from .rewrite import new_attr
-from .splits import DEFAULT_SPLITS, default_split_for_class
+from .splits import default_split_for_class, no_split_message
 
 aten = torch.ops.aten
 AOI_MASK = torch.ops.fxeff.aoi_mask.default
@@ -218,10 +218,9 @@ def locate_split(gm: fx.GraphModule, config: Focus, model_class: Union[Type, str
     cls = model_class if model_class is not None else _class_from_graph(gm)
     split = default_split_for_class(cls, graph_module_classes(gm)) if cls is not None else None
     if split is None:
-        name = getattr(cls, "__name__", cls)
-        raise ValueError(f"fxeff.passes.Focus: no split given, no AoI threshold in the graph, and no default split "
-                         f"for model class {name!r}; pass Focus(split='<module fqn>') "
-                         f"(defaults exist for {sorted(set(k.rsplit('.', 1)[-1] for k in DEFAULT_SPLITS))})")
+        name = str(getattr(cls, "__name__", cls)).rsplit(".", 1)[-1]
+        raise ValueError(no_split_message("fxeff.passes.Focus", name, [site.name for site in conv_sites(gm)]) +
+                         ("" if len(conv_sites(gm)) <= 1 else " (no AoI threshold was found in the graph either)"))
     node = find_split_node(gm, split)
     if node is None:
         raise ValueError(f"fxeff.passes.Focus: the default split {split!r} of {getattr(cls, '__name__', cls)} names "

@@ -7,7 +7,7 @@ EfficientNet and efficientnet_lite_pytorch's) get their own split; subclasses in
 A rule is a module fqn, or a function of the model's modules (fqn -> class name, in call order)
 where the fqn differs between members of a family (vgg11 / vgg16 / vgg16_bn).
 """
-from typing import Callable, Mapping, Optional, Type, Union
+from typing import Callable, Mapping, Optional, Sequence, Type, Union
 
 import torch
 
@@ -51,6 +51,22 @@ DEFAULT_SPLITS = {
     "torchvision.models.densenet.DenseNet": "features.pool0",
     # EfficientNet-Lite (PyPI efficientnet-lite-pytorch): after the stem and the first MBConv block (16 ch, 1/2)
     "efficientnet_lite_pytorch.model.EfficientNet": "_blocks.0",
+    # after conv-relu at 1/4 (64 ch), before the first max pool (features.1)
+    "torchvision.models.alexnet.AlexNet": _before_first_pool("features"),
+    # after the patchify stem (4x4 conv s4 + LayerNorm2d; 1/4, NCHW), before the first stage
+    "torchvision.models.convnext.ConvNeXt": "features.0",
+    # after the stem's 7x7 conv and first max pool (64 ch, 1/4), as ResNet
+    "torchvision.models.googlenet.GoogLeNet": "maxpool1",
+    # after the three stem convs and the first max pool (64 ch, about 1/4)
+    "torchvision.models.inception.Inception3": "maxpool1",
+    # after the stem and the depthwise-separable first block (conv, dw conv, 1x1 conv + BN; 16 ch, 1/2), as MobileNetV2
+    "torchvision.models.mnasnet.MNASNet": "layers.7",
+    # after the stem conv and max pool (24 ch, 1/4)
+    "torchvision.models.shufflenetv2.ShuffleNetV2": "maxpool",
+    # after the first conv-relu (1_0: 96 ch, 1_1: 64 ch; 1/2), before the first max pool (features.1)
+    "torchvision.models.squeezenet.SqueezeNet": _before_first_pool("features"),
+    # after the two stem convs (64 ch, 1/2): the MBConv of every block is focused, attention runs on whole maps
+    "torchvision.models.maxvit.MaxVit": "stem",
 }
 
 
@@ -88,3 +104,16 @@ def module_classes(model: torch.nn.Module) -> ModuleClasses:
 def default_split(model: torch.nn.Module) -> Optional[str]:
     """The built-in split for ``model``'s family, or None when fxeff does not know the family."""
     return default_split_for_class(type(model), module_classes(model))
+
+
+def no_split_message(where: str, model_name: str, convs: Sequence[str]) -> str:
+    """Why no split can be given by default: the model has no conv after its first one (a transformer whose
+    only conv is its patch embedding, such as Swin or ViT), so focusing it saves nothing; or its family has
+    no built-in default."""
+    if len(convs) <= 1:
+        which = f"one conv ({convs[0]!r})" if convs else "no conv"
+        return (f"{where}: {model_name} has {which}: an AoI taken after it leaves no conv to focus, so focusing "
+                f"saves nothing on this model (a transformer whose only conv is its patch embedding computes "
+                f"everything else in attention and MLP layers, which fxeff does not focus)")
+    return (f"{where}: no split given and no default split for model class {model_name!r}; pass split='<module "
+            f"fqn>' (defaults exist for {sorted(set(k.rsplit('.', 1)[-1] for k in DEFAULT_SPLITS))})")
