@@ -12,6 +12,7 @@ import torch
 
 from . import ops as fxeff_ops
 from .nn.focus import REDUCES
+from .passes.layout import ChannelAxes, channels_first_error
 from .passes.splits import default_split, no_split_message
 
 Images = Union[torch.Tensor, Iterable[torch.Tensor]]
@@ -61,6 +62,10 @@ def split_activations(model: torch.nn.Module, images: Images, split: Optional[st
             got = f"{tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
             raise ValueError(f"fxeff.focus.split_activations: split {split!r} must output a 4-D activation "
                              f"[N, C, H, W], got {got}")
+        wrong_axis = channels_first_error("fxeff.focus.split_activations", f"the output of split {split!r}",
+                                          axes.of(output), output.shape)
+        if wrong_axis:
+            raise ValueError(wrong_axis)
         captured.append(output.detach())
         raise _ReachedSplit
 
@@ -69,8 +74,10 @@ def split_activations(model: torch.nn.Module, images: Images, split: Optional[st
     try:
         with torch.no_grad():
             for batch in _batches(images, "split_activations"):
+                axes = ChannelAxes([batch])  # which axis of the split's output holds the channels
                 try:
-                    model(batch)
+                    with axes:
+                        model(batch)
                 except _ReachedSplit:
                     pass
                 if not captured:

@@ -686,3 +686,64 @@ def test_a_pass_that_focuses_nothing_removes_only_its_own_mask_and_halo():
     report = run_passes(gm, (x,), [Focus(threshold=t, split="stem", halo=1)])  # nothing left to focus
     assert not report.rewritten and "no conv could be focused" in " ".join(report.notes)
     assert [n.target for n in gm.graph.nodes] == before  # the first pass's mask stays, the new chain is gone
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt's and Swin's shape: a conv, then channels-last [N, H, W, C] around a LayerNorm and a Linear, then
+    channels-first again for the next conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.mlp = nn.Linear(8, 8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.mlp(self.norm(self.stem(x).permute(0, 2, 3, 1)))
+        return self.conv(y.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "dynamo", "export"])
+def test_a_channels_last_split_is_refused_and_channels_first_is_taken(kind):
+    """The AoI reduces over axis 1: a split whose output is [N, H, W, C] (Swin's patch embedding, the inside of
+    a ConvNeXt block) was reduced over H without a word; now it is refused, and the same model split where it is
+    channels-first again is focused exactly."""
+    model = ChannelsLastBlock().eval()
+    x = torch.randn(2, 3, 12, 10)  # H != W: a reduction over the wrong axis would not even fit the grid
+    for split in ("norm", "mlp"):
+        with pytest.raises(ValueError, match=r"split " + split + r" \(given\) \[shape \(2, 12, 10, 8\)\] is "
+                                             r"\[N, H, W, C\]: its channels are on axis 3"):
+            rewritten(model, x, kind, Focus(threshold=0.0, split=split))
+    with pytest.raises(ValueError, match=r"split_activations: the output of split 'mlp' .* is \[N, H, W, C\]"):
+        fxeff.focus.calibrate(model, x, 0.3, split="mlp")
+    t = threshold_for_fraction(model, "stem", x, 0.4)
+    _, report, out = rewritten(model, x, kind, Focus(threshold=t, split="stem"))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert [s.name for s in report.rewritten] == ["conv"]
+    with torch.no_grad(), focused_reference(model, "stem", t):
+        expected = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_channel_axes_follow_permutes_and_lose_reshapes():
+    from fxeff.passes.layout import ChannelAxes, channels_first_error
+
+    x = torch.randn(2, 3, 4, 5)
+    w = torch.randn(6, 3, 1, 1)
+    with ChannelAxes([x]) as axes:
+        y = F.conv2d(x, w)
+        nhwc = y.permute(0, 2, 3, 1)
+        back = torch.ops.aten.permute.default(F.layer_norm(nhwc, (6,)), [0, 3, 1, 2])
+        swapped = y.transpose(1, 3)
+        moved = torch.movedim(y, 1, -1)
+        summed = y + torch.ones(6, 1, 1)
+        same = y.reshape(2, 6, 4, 5)
+        other = y.reshape(2, 4, 6, 5)
+        flat = y.flatten(2)
+    assert axes.of(x) == axes.of(y) == axes.of(back) == axes.of(summed) == axes.of(same) == (0, 1, 2, 3)
+    assert axes.of(nhwc) == axes.of(moved) == (0, 2, 3, 1) and axes.of(swapped) == (0, 3, 2, 1)
+    assert axes.of(other) is None and axes.of(flat) is None
+    assert channels_first_error("f", "y", axes.of(y), y.shape) is None
+    assert "is [N, H, W, C]: its channels are on axis 3" in channels_first_error("f", "y", axes.of(nhwc), nhwc.shape)
+    assert "cannot tell which axis" in channels_first_error("f", "y", None, other.shape)

@@ -22,6 +22,7 @@ from ..nn.focus import REDUCES, AoIThreshold
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import ConvSite, conv_site, conv_sites, module_stack, node_shape, normalize_fqn, to_networkx
+from .layout import ChannelAxes, channels_first_error
 from .measure import fake_mode_of, run_recording
 from .rewrite import new_attr
 from .splits import default_split_for_class, no_split_message
@@ -396,13 +397,18 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     if config.fill == "mean" and fake:
         raise ValueError("fxeff.passes.Focus: fill='mean' measures the background on real example inputs, got fake "
                          "tensors; pass real images (or use fill='zeros')")
-    keep = [split] + [site.node for site in conv_sites(gm)] if config.fill == "mean" else []
-    flops_before, before = run_recording(gm, context.example_inputs, keep, count_flops=fake)
+    keep = [split] + ([site.node for site in conv_sites(gm)] if config.fill == "mean" else [])
+    axes = ChannelAxes(context.example_inputs)  # which axis of the split's output holds the channels
+    flops_before, before = run_recording(gm, context.example_inputs, keep, count_flops=fake, mode=axes)
     sites = conv_sites(gm)  # after the run: symbolic graphs now carry shapes
     split_shape = node_shape(split)
     if split_shape is None or len(split_shape) != 4:
         raise ValueError(f"fxeff.passes.Focus: the split {split_description} must produce a 4-D activation "
                          f"[N, C, H, W], got shape {split_shape}")
+    wrong_axis = channels_first_error("fxeff.passes.Focus", f"the output of the split {split_description}",
+                                      axes.of(before[split]), split_shape)
+    if wrong_axis:
+        raise ValueError(wrong_axis)
     graph = gm.graph
     flow = to_networkx(graph)
     downstream, upstream = nx.descendants(flow, split), nx.ancestors(flow, split)

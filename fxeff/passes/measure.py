@@ -82,12 +82,13 @@ def _record_meta(n: fx.Node, result: Any) -> None:
 
 
 def run_recording(gm: fx.GraphModule, example_inputs: Sequence[Any], keep: Collection[fx.Node] = (),
-                  count_flops: bool = True) -> Tuple[int, Dict[fx.Node, Any]]:
+                  count_flops: bool = True, mode: Optional[Any] = None) -> Tuple[int, Dict[fx.Node, Any]]:
     """Runs gm on the example inputs: returns (FLOPs counted by FlopCounterMode, or 0 without
     ``count_flops``, which saves the counter's cost, about a third of a forward pass; values of ``keep``).
 
     Every tensor-valued node gets ``meta["fxeff_val"]`` (a meta-device tensor with its shape and
-    dtype). Fake inputs run under their FakeTensorMode (real parameters are treated as constants).
+    dtype). Fake inputs run under their FakeTensorMode (real parameters are treated as constants). ``mode``:
+    a context (such as a TorchFunctionMode watching the run) entered around the run.
     """
     fake_mode = fake_mode_of(example_inputs)
     recorder = _Recorder(gm, keep)
@@ -100,6 +101,8 @@ def run_recording(gm: fx.GraphModule, example_inputs: Sequence[Any], keep: Colle
             fake_mode.allow_non_fake_inputs = True
             stack.callback(setattr, fake_mode, "allow_non_fake_inputs", previous)
             stack.enter_context(fake_mode)
+        if mode is not None:
+            stack.enter_context(mode)
         if count_flops:
             stack.enter_context(counter)
         recorder.run(*example_inputs)
