@@ -39,9 +39,10 @@ class _SavedState:
             self.saved.append((t, t.detach().clone()))
 
     def restore(self) -> None:
+        """Writes back only what changed: the user's tensors are not written (their version counters stay)."""
         with torch.no_grad():
             for t, copy in self.saved:
-                if t.shape == copy.shape:
+                if t.shape == copy.shape and not torch.equal(t, copy):
                     t.copy_(copy)
 
 

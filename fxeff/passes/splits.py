@@ -32,6 +32,15 @@ def _before_first_pool(container: str) -> Callable[[ModuleClasses], Optional[str
     return rule
 
 
+def _backbone_stem(modules: ModuleClasses) -> Optional[str]:
+    """A segmentation model's backbone split as its classifier's: after a ResNet's stem (backbone.maxpool) or
+    a MobileNetV3's stem and first block (backbone.1)."""
+    for split in ("backbone.maxpool", "backbone.1"):
+        if split in modules:
+            return split
+    return None
+
+
 # Qualified class name -> split rule (checked on each torchvision family in tests/test_models_focus.py).
 DEFAULT_SPLITS = {
     # the focusedconv seed's choice for VGG16: after conv-relu-conv-relu at full resolution (features.3;
@@ -67,6 +76,10 @@ DEFAULT_SPLITS = {
     "torchvision.models.squeezenet.SqueezeNet": _before_first_pool("features"),
     # after the two stem convs (64 ch, 1/2): the MBConv of every block is focused, attention runs on whole maps
     "torchvision.models.maxvit.MaxVit": "stem",
+    # segmentation (FCN, DeepLabV3, LR-ASPP): at the backbone's split, so the heads run only in the AoI too
+    "torchvision.models.segmentation.fcn.FCN": _backbone_stem,
+    "torchvision.models.segmentation.deeplabv3.DeepLabV3": _backbone_stem,
+    "torchvision.models.segmentation.lraspp.LRASPP": _backbone_stem,
 }
 
 
