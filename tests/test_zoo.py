@@ -6,7 +6,8 @@ and HetConv (P=4): each is rewritten, or skipped for a reason stated below and m
 report; outputs are finite and of the model's shape; the user's model is unchanged (every parameter and buffer
 the same tensor, never written, and the same modules).
 
-CI runs one model of each family at a small input (``test_zoo_family``). The whole zoo at 224x224, batch 2,
+CI runs one model of each family at a small input (``test_zoo_family``), Focus also through torch.compile
+(backend "effconv" on dynamo's graph). The whole zoo at 224x224, batch 2,
 random weights, runs with ``pytest -m zoo tests/test_zoo.py`` (about an hour on 2 cores); with
 ``FXEFF_ZOO_TABLE=docs/zoo.md`` it writes its result table there (docs/zoo.md holds the last one).
 """
@@ -129,13 +130,40 @@ def check(name: str, model: nn.Module, x: torch.Tensor, pass_name: str):
     return "rewritten", detail
 
 
-def _run(name: str, size: int, batch: int):
+def check_dynamo(name: str, model: nn.Module, x: torch.Tensor, pass_name: str = "focus"):
+    """The torch.compile path (backend "effconv", the rewritten graph run eagerly) with the all-active Focus:
+    dynamo's graph and the default split found from the compiled module; equal to the dense model."""
+    with torch.no_grad():
+        dense = _outputs(model(x))
+    skip = _expected_skip(pass_name, name)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="effconv", fullgraph=True,
+                             options={"passes": [_config(pass_name)], "inductor": False})
+    try:
+        with torch.no_grad():
+            out = _outputs(compiled(x))
+    except Exception as error:  # dynamo wraps the pass's ValueError in BackendCompilerFailed
+        assert skip is not None and re.search(skip, str(error)), f"{name} {pass_name} (dynamo): unexpected: {error}"
+        return "skipped", re.search(skip, str(error)).group(0)
+    finally:
+        torch._dynamo.reset()
+    report = fxeff.backend.last_report()
+    assert skip is None and report.rewritten, f"{name} {pass_name} (dynamo): expected {skip}, got {report.notes}"
+    for a, b in zip(out, dense):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    return "rewritten", f"{len(report.rewritten)} convs focused, equal to dense; split {report.split}"
+
+
+def _run(name: str, size: int, batch: int, dynamo: bool = False):
     model = build(name)
     x = torch.rand(batch, 3, size, size)
     failures = []
-    for pass_name in ("focus", "shift", "hetconv"):
+    for pass_name in ("focus", "shift", "hetconv") + (("focus (dynamo)",) if dynamo else ()):
         try:
-            outcome, detail = check(name, model, x, pass_name)
+            if pass_name == "focus (dynamo)":
+                outcome, detail = check_dynamo(name, model, x)
+            else:
+                outcome, detail = check(name, model, x, pass_name)
         except AssertionError as error:
             outcome, detail = "FAILED", str(error).splitlines()[0]
             failures.append(f"{pass_name}: {error}")
@@ -145,8 +173,8 @@ def _run(name: str, size: int, batch: int):
 
 @pytest.mark.parametrize("name", sorted(FAMILY))
 def test_zoo_family(name):
-    """One model per family at a small input, batch 2 (the CI subset)."""
-    _run(name, FAMILY[name], 2)
+    """One model per family at a small input, batch 2 (the CI subset), Focus also through torch.compile."""
+    _run(name, FAMILY[name], 2, dynamo=True)
 
 
 @pytest.mark.zoo
