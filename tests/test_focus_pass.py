@@ -741,9 +741,13 @@ def test_channel_axes_follow_permutes_and_lose_reshapes():
         same = y.reshape(2, 6, 4, 5)
         other = y.reshape(2, 4, 6, 5)
         flat = y.flatten(2)
+        shuffled = y.view(2, 2, 3, 4, 5).transpose(1, 2).contiguous().view(2, 6, 4, 5)  # ShuffleNet's channel shuffle
+        copied = torch.ops.aten.permute_copy.default(y, [0, 2, 3, 1])
+        mixed = torch.einsum("nchw->nhwc", y)
     assert axes.of(x) == axes.of(y) == axes.of(back) == axes.of(summed) == axes.of(same) == (0, 1, 2, 3)
-    assert axes.of(nhwc) == axes.of(moved) == (0, 2, 3, 1) and axes.of(swapped) == (0, 3, 2, 1)
-    assert axes.of(other) is None and axes.of(flat) is None
+    assert axes.of(shuffled) == (0, 1, 2, 3)
+    assert axes.of(nhwc) == axes.of(moved) == axes.of(copied) == (0, 2, 3, 1) and axes.of(swapped) == (0, 3, 2, 1)
+    assert axes.of(other) is None and axes.of(flat) is None and axes.of(mixed) is None
     assert channels_first_error("f", "y", axes.of(y), y.shape) is None
     assert "is [N, H, W, C]: its channels are on axis 3" in channels_first_error("f", "y", axes.of(nhwc), nhwc.shape)
     assert "cannot tell which axis" in channels_first_error("f", "y", None, other.shape)

@@ -199,3 +199,18 @@ def test_model_macs_before_are_flop_counters_count_of_the_original(config):
     with torch.no_grad(), counter:
         gm(x)
     assert report.model_macs_after == counter.get_total_flops() // 2 < report.model_macs_before
+
+
+def test_a_conv_output_that_an_inplace_relu_overwrites_is_kept_as_the_conv_gave_it():
+    """VGG's conv -> ReLU(inplace=True): the run before rewriting kept the conv's output by reference, the ReLU
+    overwrote it, and HetConv's fits and errors used the ReLU'd map as the conv's output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ReLU(inplace=True), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(4, 3, 10, 10)
+    gm = fxeff.transform(model, x, [HetConv(part=4)])
+    with torch.no_grad():
+        seen = F.relu(model[0](x))
+        out = gm.get_submodule("fxeff_hetconv_2")(seen)
+    assert gm.fxeff_report.site("2").error == pytest.approx(relative_error(out, model[2](seen)), rel=1e-5)
+    assert gm.fxeff_report.site("2").error != pytest.approx(relative_error(out, F.relu(model[2](seen))), rel=1e-2)

@@ -21,9 +21,13 @@ Axes = Tuple[int, ...]  # position i holds axis Axes[i] of [N, C, *spatial]: (0,
 _CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
           "conv_transpose3d", "focused_conv2d", "hetconv2d"}
 _RESHAPES = {"view", "_unsafe_view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "_reshape_alias",
-             "as_strided", "unfold", "view_copy"}
+             "view_copy", "squeeze", "unsqueeze", "squeeze_", "unsqueeze_"}
+_PERMUTES = {"permute", "permute_copy"}
 _TRANSPOSES = {"transpose", "transpose_", "swapaxes", "swapaxes_", "swapdims", "swapdims_", "transpose_copy"}
 _MOVEDIMS = {"movedim", "moveaxis"}
+# ops that move data between axes in ways not followed here: their outputs' layout is unknown
+_UNFOLLOWED = {"einsum", "mT", "mH", "T", "H", "t", "adjoint", "as_strided", "unfold", "tensordot", "rot90",
+               "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle"}
 
 
 def _name(func: Any) -> str:
@@ -49,6 +53,23 @@ def _dims(args: Sequence[Any], kwargs: dict, key: str) -> List[int]:
     else:
         dims = args[1:]
     return [int(d) for d in dims]
+
+
+def _reshaped(axes: Axes, before: Sequence[int], after: Sequence[int]) -> Optional[Axes]:
+    """The axes of a reshape from shape ``before`` to ``after``: the leading and trailing dims it keeps keep
+    their axes, and the dims between (split or merged) keep theirs when they all belonged to one axis, as in
+    ShuffleNet's channel shuffle (C -> (groups, C / groups) -> C); None otherwise."""
+    lead = 0
+    while lead < min(len(before), len(after)) and before[lead] == after[lead]:
+        lead += 1
+    trail = 0
+    while trail < min(len(before), len(after)) - lead and before[-1 - trail] == after[-1 - trail]:
+        trail += 1
+    middle = set(axes[lead:len(before) - trail])
+    if len(middle) > 1 or (not middle and len(before) != len(after)):
+        return None
+    fill = list(middle) * (len(after) - lead - trail)
+    return tuple(axes[:lead]) + tuple(fill) + tuple(axes[len(before) - trail:])
 
 
 def _moved(axes: Axes, source: Any, destination: Any) -> Axes:
@@ -97,7 +118,9 @@ class ChannelAxes(TorchFunctionMode):
             return
         x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input", kwargs.get("self"))
         source = self.axes.get(x) if isinstance(x, torch.Tensor) else None
-        if name == "permute" and source is not None:
+        if name in _UNFOLLOWED:
+            return
+        if name in _PERMUTES and source is not None:
             self.axes[outputs[0]] = tuple(source[d % len(source)] for d in _dims(args, kwargs, "dims"))
             return
         if name in _TRANSPOSES and source is not None:
@@ -111,9 +134,11 @@ class ChannelAxes(TorchFunctionMode):
             dst = args[2] if len(args) > 2 else kwargs["destination"]
             self.axes[outputs[0]] = _moved(source, src, dst)
             return
-        if name in _RESHAPES or name in ("permute",) or name in _TRANSPOSES or name in _MOVEDIMS:
-            if source is not None and outputs[0].shape == x.shape:
-                self.axes[outputs[0]] = source
+        if name in _RESHAPES or name in _PERMUTES or name in _TRANSPOSES or name in _MOVEDIMS:
+            if source is not None and name in _RESHAPES:
+                axes = _reshaped(source, list(x.shape), list(outputs[0].shape))
+                if axes is not None:
+                    self.axes[outputs[0]] = axes
             return
         if source is None or x.dim() != outputs[0].dim():
             candidates = [t for t in _tensors(list(args) + list(kwargs.values())) if t in self.axes]
@@ -130,13 +155,15 @@ def channels_first_error(where: str, what: str, axes: Optional[Axes], shape: Seq
     if axes is not None and len(axes) == len(shape) and axes[1] == 1:
         return None
     if axes is None:
-        return (f"{where}: cannot tell which axis of {what} [shape {tuple(shape)}] holds the channels: a reshape or "
-                f"flatten between the model's input (or its last conv) and it hides the layout. The AoI reduces "
-                f"over axis 1 and needs a channels-first [N, C, H, W] activation: take the split at a conv's or a "
-                f"block's output")
+        return (f"{where}: cannot tell which axis of {what} [shape {tuple(shape)}] holds the channels: an op between "
+                f"the model's input (or its last conv) and it moves data between axes in a way fxeff does not "
+                f"follow (a reshape that mixes channels with other axes, einsum, ...). The AoI reduces over axis 1 "
+                f"and needs a channels-first [N, C, H, W] activation: take the split at a conv's output, or where "
+                f"only elementwise ops, norms and pooling follow a conv")
     names = ["N", "C"] + (["H", "W"] if len(axes) == 4 else [f"S{i}" for i in range(len(axes) - 2)])
     layout = ", ".join(names[a] for a in axes)
-    return (f"{where}: {what} [shape {tuple(shape)}] is [{layout}]: its channels are on axis {axes.index(1)} (a "
-            f"permute or transpose after the last conv), and the AoI would reduce over axis 1, a spatial axis. "
+    where_c = f"on axis {axes.index(1)}" if 1 in axes else "nowhere (merged into another axis)"
+    return (f"{where}: {what} [shape {tuple(shape)}] is [{layout}]: its channels are {where_c} (a permute or "
+            f"transpose after the last conv), and the AoI would reduce over axis 1, which holds {names[axes[1]]}. "
             f"Take the split where the activation is channels-first [N, C, H, W], e.g. at a conv's output or "
             f"after the permute back")

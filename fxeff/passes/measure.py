@@ -61,8 +61,23 @@ def preserved_state(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Iterat
         state.restore()
 
 
+def _writes_in_place(gm: fx.GraphModule, user: fx.Node) -> bool:
+    """Whether ``user`` may overwrite its input: a module with ``inplace=True`` (ReLU, Hardswish, Dropout, ...),
+    an in-place method or function (``relu_``, ``add_``, ``operator.iadd``) or an ``inplace=True`` argument."""
+    if user.kwargs.get("inplace") is True:
+        return True
+    if user.op == "call_module":
+        return getattr(gm.get_submodule(user.target), "inplace", False) is True
+    name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+    if isinstance(user.target, torch._ops.OpOverload):
+        return user.target._schema.is_mutable
+    return (name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv", "ior",
+                                                                        "iand", "__iadd__", "__imul__")
+
+
 class _Recorder(fx.Interpreter):
-    """Runs the graph, stores a meta-device copy of each tensor value in node.meta and keeps chosen values."""
+    """Runs the graph, stores a meta-device copy of each tensor value in node.meta and keeps chosen values
+    (copied when a later node may overwrite them in place, such as the conv before a ReLU(inplace=True))."""
 
     def __init__(self, gm: fx.GraphModule, keep: Collection[fx.Node]):
         super().__init__(gm)
@@ -73,7 +88,8 @@ class _Recorder(fx.Interpreter):
         result = super().run_node(n)
         _record_meta(n, result)
         if n in self.keep:
-            self.kept[n] = result
+            written = isinstance(result, torch.Tensor) and any(_writes_in_place(self.module, u) for u in n.users)
+            self.kept[n] = result.clone() if written else result
         return result
 
 
@@ -180,6 +196,9 @@ class IncrementalRun:
                     break
                 node = node.next
         self.flops += int(counter.get_total_flops()) + seeded
+        if stop is not None and stop not in self.done:
+            raise RuntimeError(f"fxeff.passes.measure.IncrementalRun: {stop.name!r} is not after the nodes already "
+                               f"run: a rewrite inserted it before them (rewrites must go in graph order)")
 
     def seed(self, node: fx.Node, value: Any, flops: int) -> None:
         """Gives a node that has not run yet the value (and FLOP count) the pass already computed for it, such

@@ -68,7 +68,7 @@ DEFAULT_SPLITS = {
     "torchvision.models.googlenet.GoogLeNet": "maxpool1",
     # after the three stem convs and the first max pool (64 ch, about 1/4)
     "torchvision.models.inception.Inception3": "maxpool1",
-    # after the stem and the depthwise-separable first block (conv, dw conv, 1x1 conv + BN; 16 ch, 1/2), as MobileNetV2
+    # after the stem and the depthwise-separable first block (conv, dw conv, 1x1 conv + BN; 1/2), as MobileNetV2
     "torchvision.models.mnasnet.MNASNet": "layers.7",
     # after the stem conv and max pool (24 ch, 1/4)
     "torchvision.models.shufflenetv2.ShuffleNetV2": "maxpool",
@@ -127,6 +127,7 @@ def no_split_message(where: str, model_name: str, convs: Sequence[str]) -> str:
         which = f"one conv ({convs[0]!r})" if convs else "no conv"
         return (f"{where}: {model_name} has {which}: an AoI taken after it leaves no conv to focus, so focusing "
                 f"saves nothing on this model (a transformer whose only conv is its patch embedding computes "
-                f"everything else in attention and MLP layers, which fxeff does not focus)")
+                f"everything else in attention and MLP layers, which fxeff does not focus); only an AoI taken on "
+                f"the input image itself, split='<the forward's input name>', would focus that one conv")
     return (f"{where}: no split given and no default split for model class {model_name!r}; pass split='<module "
             f"fqn>' (defaults exist for {sorted(set(k.rsplit('.', 1)[-1] for k in DEFAULT_SPLITS))})")
