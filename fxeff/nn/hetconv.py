@@ -118,8 +118,9 @@ class HetConv2d(nn.Module):
         """A HetConv2d approximating the conv with dense ``weight`` [N, M, K, K] and ``bias`` (see from_conv;
         ``inputs``, ``reference_inputs``: see fit_weights); new parameters, the tensors are copied."""
         n, m, kh, kw = weight.shape
-        module = cls(m, n, (kh, kw), part, stride, padding, dilation, bias is not None, device=weight.device,
-                     dtype=weight.dtype)
+        # no random init: every parameter is written below
+        module = torch.nn.utils.skip_init(cls, m, n, (kh, kw), part, stride, padding, dilation, bias is not None,
+                                          device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             if init == "fit":
                 if inputs is None:
