@@ -8,7 +8,7 @@ the same tensor, never written, and the same modules).
 
 CI runs one model of each family at a small input (``test_zoo_family``), Focus also through torch.compile
 (backend "effconv" on dynamo's graph). The whole zoo at 224x224, batch 2,
-random weights, runs with ``pytest -m zoo tests/test_zoo.py`` (about an hour on 2 cores); with
+random weights, runs with ``pytest -m zoo tests/test_zoo.py`` (6 minutes on 2 cores); with
 ``FXEFF_ZOO_TABLE=docs/zoo.md`` it writes its result table there (docs/zoo.md holds the last one).
 """
 import datetime
