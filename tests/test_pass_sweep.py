@@ -4,6 +4,8 @@ Each site is fitted on the input it sees once the sites before it are rewritten.
 the whole partly rewritten graph per site (HetConv on ResNet-152: 17.5 s, about 60 forward passes); now a
 pass costs the run before rewriting and one run that goes along with the rewrites, whatever the depth.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,3 +216,53 @@ def test_a_conv_output_that_an_inplace_relu_overwrites_is_kept_as_the_conv_gave_
         out = gm.get_submodule("fxeff_hetconv_2")(seen)
     assert gm.fxeff_report.site("2").error == pytest.approx(relative_error(out, model[2](seen)), rel=1e-5)
     assert gm.fxeff_report.site("2").error != pytest.approx(relative_error(out, F.relu(model[2](seen))), rel=1e-2)
+
+
+class ConvChain(nn.Module):
+    """HetConv candidates feeding each other directly (the sweep hands a rewritten layer's output, which the pass
+    computed itself, to the next layer), with a BatchNorm and a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(32)
+        self.c = nn.Conv2d(32, 32, 3, padding=2, dilation=2)
+
+    def forward(self, x):
+        y = self.bn(self.b(self.a(F.relu(self.stem(x)))))
+        return self.c(y) + y
+
+
+@pytest.mark.parametrize("config", [HetConv(part=4, init="fit"), Shift(init="lstsq")], ids=lambda c: c.pass_name)
+def test_the_sweep_gives_the_same_fits_on_every_graph_kind(config):
+    """Dynamo and export graphs rewrite into op calls on new get_attr parameters (not modules): the sweep must
+    fit and measure them as on the symbolic graph."""
+    from _graph_kinds import rewritten
+
+    model = ConvChain().eval() if config.pass_name == "hetconv" else _deep(3)
+    x = torch.randn(4, 3, 10, 10).cumsum(2)
+    results = {kind: rewritten(model, x, kind, config) for kind in ("symbolic", "dynamo", "export")}
+    symbolic = results["symbolic"][1]
+    assert len(symbolic.rewritten) == 3
+    for kind in ("dynamo", "export"):
+        _, report, out = results[kind]
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        assert [s.error for s in report.rewritten] == pytest.approx([s.error for s in symbolic.rewritten], rel=1e-4)
+        assert (report.model_macs_before, report.model_macs_after) == (symbolic.model_macs_before,
+                                                                       symbolic.model_macs_after)
+        torch.testing.assert_close(out, results["symbolic"][2], rtol=1e-4, atol=1e-4)
+
+
+def test_training_mode_lstsq_restores_the_statistics_its_runs_update():
+    """In training mode every run updates BatchNorm's running statistics, the sweep's included (which runs the
+    folded BatchNorm copies too): lstsq fits in training mode, and the user's statistics are as before."""
+    model = _deep(2).train()
+    x = torch.randn(4, 3, 12, 12)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = fxeff.transform(model, x, [Shift(init="lstsq")])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert len(gm.fxeff_report.rewritten) == 2
+    assert all(math.isfinite(s.error) for s in gm.fxeff_report.rewritten)
