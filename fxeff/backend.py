@@ -1,6 +1,9 @@
 """The "effconv" torch.compile backend: fxeff's passes on dynamo's graph, then inductor.
 
-Usage: ``torch.compile(model, backend="effconv", options={"passes": [{"pass": "focus", "threshold": t}]})``.
+Usage: ``torch.compile(model, backend="effconv", options={"passes": [{"pass": "focus", "threshold": t}]})``, or
+``torch.compile(model, backend="effconv")`` on a model whose graph holds an AoI threshold (Focus with the
+graph's own split and threshold; a model without such a pattern is compiled by inductor unchanged and
+``last_report()`` says why).
 
 The name is registered once, through the entry point group ``torch_dynamo_backends`` declared in
 pyproject.toml (``effconv = "fxeff.backend:effconv"``); this module never calls register_backend,
@@ -9,12 +12,13 @@ entry point, and a process that never imported fxeff can use the name: torch imp
 on first use, which imports fxeff and so loads the operator library.
 """
 import logging
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
-from .passes import PassConfig, config_from_dict, run_passes
+from .passes import Focus, PassConfig, config_from_dict, run_passes
+from .passes.focus import existing_aoi_thresholds
 from .report import Report
 
 log = logging.getLogger(__name__)
@@ -36,26 +40,28 @@ def last_report() -> Optional[Report]:
 def parse_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """Validated options of the backend, with defaults filled in.
 
-    ``passes`` (required, non-empty): pass configs or their dicts (``{"pass": "focus", "threshold": t}``).
+    ``passes``: pass configs or their dicts (``{"pass": "focus", "threshold": t}``); when absent (or no
+    options at all), the backend runs the passes whose pattern the graph already expresses (see
+    ``passes_from_graph``), and plain inductor with a report saying why when there is none.
     ``inductor`` (default True): hand the rewritten graph to inductor; False runs it eagerly.
     ``inductor_config``: inductor config patches (dict) for compile_fx, e.g. ``{"freezing": True}``.
     ``model_class``: the model's class or qualified class name, for per-family pass defaults (Focus's
     split) when the backend cannot find the compiled module itself.
     """
     if options is None:
-        raise ValueError("fxeff.backend.effconv: options={'passes': [...]} is required, e.g. "
-                         "torch.compile(model, backend='effconv', options={'passes': "
-                         "[{'pass': 'focus', 'threshold': 0.5}]}); without passes the backend would only be inductor")
+        options = {}
     if not isinstance(options, Mapping):
         raise TypeError(f"fxeff.backend.effconv: options must be a dict, got {type(options).__name__}")
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
         raise ValueError(f"fxeff.backend.effconv: unknown options {unknown}; expected a subset of {list(OPTION_KEYS)}")
     passes = options.get("passes")
-    if isinstance(passes, (PassConfig, Mapping)):
+    if passes is None:
+        pass  # found in the graph (passes_from_graph)
+    elif isinstance(passes, (PassConfig, Mapping)):
         raise TypeError("fxeff.backend.effconv: options['passes'] must be a list of pass configs or dicts, got a single "
                         f"{type(passes).__name__}; wrap it in a list")
-    if not isinstance(passes, (list, tuple)) or not passes:
+    elif not isinstance(passes, (list, tuple)) or not passes:
         raise ValueError("fxeff.backend.effconv: options['passes'] must be a non-empty list of pass configs or dicts "
                          f"such as {{'pass': 'focus', 'threshold': 0.5}}, got {passes!r}")
     inductor = options.get("inductor", True)
@@ -71,7 +77,7 @@ def parse_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     if model_class is not None and not isinstance(model_class, (str, type)):
         raise TypeError(f"fxeff.backend.effconv: options['model_class'] must be a class or a qualified class name, "
                         f"got {type(model_class).__name__}")
-    return {"passes": [config_from_dict(p) for p in passes], "inductor": inductor,
+    return {"passes": None if passes is None else [config_from_dict(p) for p in passes], "inductor": inductor,
             "inductor_config": dict(inductor_config), "model_class": model_class}
 
 
@@ -112,6 +118,35 @@ def _compiled_root_module(gm: fx.GraphModule) -> Optional[torch.nn.Module]:
     return next(iter(roots.values())) if len(roots) == 1 else None
 
 
+_PATTERNS = ("an AoI threshold (an fxeff.nn.AoIThreshold module, an fxeff.ops.aoi_mask call, or x.sum(1) >= t "
+             "on a 4-D activation): the Focus pass")
+
+
+def passes_from_graph(gm: fx.GraphModule) -> Tuple[List[PassConfig], str]:
+    """(the passes whose pattern ``gm`` already expresses, why not when none): the compile form without options.
+
+    Focus where the graph holds one AoI threshold with a constant threshold (its split and its threshold
+    and reduce are the graph's own). Several thresholds on different activations, or a threshold computed
+    in the graph, are left alone and said why: choosing among them is the user's call (options['passes']).
+    """
+    thresholds = existing_aoi_thresholds(gm)
+    if not thresholds:
+        return [], (f"no options were given and the graph holds no pattern that fxeff rewrites without options "
+                    f"({_PATTERNS}): nothing was rewritten, the graph was compiled as it is; give "
+                    f"options={{'passes': [...]}} to choose passes")
+    distinct = {(found.node, found.threshold, found.reduce) for found in thresholds}
+    if len(distinct) > 1:
+        return [], (f"no options were given and the graph holds {len(distinct)} different AoI thresholds "
+                    f"({[found.description for found in thresholds]}): nothing was rewritten; choose one with "
+                    f"options={{'passes': [{{'pass': 'focus', 'threshold': t, 'split': ...}}]}}")
+    found = thresholds[0]
+    if found.threshold is None:
+        return [], (f"no options were given and the AoI threshold in the graph ({found.description}) is not a "
+                    f"constant: nothing was rewritten; give options={{'passes': [{{'pass': 'focus', "
+                    f"'threshold': t}}]}}")
+    return [Focus(threshold=found.threshold, reduce=found.reduce)], ""
+
+
 def effconv(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Mapping[str, Any]] = None,
             mode: Optional[str] = None) -> Callable[..., Any]:
     """The "effconv" backend: runs ``options['passes']`` on dynamo's graph (the same run_passes as
@@ -120,8 +155,9 @@ def effconv(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Map
 
     With ``options['inductor'] = False`` it returns the rewritten graph's forward, run eagerly (for
     debugging a pass without inductor). The Report is logged and kept: ``fxeff.backend.last_report()``.
-    Raises when no passes are given (compiling through "effconv" without a pass would silently be
-    plain inductor) and when a pass cannot apply (e.g. no split found): no eager fallback.
+    Without ``options['passes']`` it runs the passes whose pattern the graph expresses (passes_from_graph);
+    where there is none it compiles the graph unchanged and the report says why. A pass that was given
+    and cannot apply (e.g. no split found) raises: no eager fallback.
     """
     global _last_report
     if mode is not None:
@@ -132,7 +168,11 @@ def effconv(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Map
     if model_class is None:
         root = _compiled_root_module(gm)
         model_class = type(root) if root is not None else None
-    report = run_passes(gm, example_inputs, parsed["passes"], model_class=model_class)
+    passes, why = (parsed["passes"], "") if parsed["passes"] is not None else passes_from_graph(gm)
+    if passes:
+        report = run_passes(gm, example_inputs, passes, model_class=model_class)
+    else:
+        report = Report(pass_name="effconv", notes=[why])
     _last_report = report
     log.info("fxeff effconv: rewrote the dynamo graph (%d nodes):\n%s", len(gm.graph.nodes), report)
     if not parsed["inductor"]:

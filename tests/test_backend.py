@@ -167,7 +167,6 @@ def test_default_split_found_from_the_compiled_module():
 
 
 @pytest.mark.parametrize("options, error, match", [
-    (None, ValueError, r"options=\{'passes': \[\.\.\.\]\} is required"),
     ({"passes": []}, ValueError, "non-empty list"),
     ({"passes": FOCUS_DICT}, TypeError, "got a single dict"),
     ({"passes": [FOCUS_DICT], "fusion": True}, ValueError, r"unknown options \['fusion'\]"),
@@ -179,10 +178,9 @@ def test_bad_options_are_refused(options, error, match):
         fxeff.backend.parse_options(options)
 
 
-def test_compile_without_passes_or_with_a_bad_split_raises_instead_of_running_eagerly():
+def test_a_bad_mode_or_split_raises_instead_of_running_eagerly():
     x = two_images()
-    for kwargs, match in [({}, "options=.*is required"),
-                          ({"mode": "max-autotune"}, "mode='max-autotune' is not supported"),
+    for kwargs, match in [({"mode": "max-autotune"}, "mode='max-autotune' is not supported"),
                           ({"options": {"passes": [{"pass": "focus", "threshold": 0.5, "split": "nope"}]}},
                            "split 'nope' names no module")]:
         torch._dynamo.reset()
@@ -205,3 +203,70 @@ def test_new_image_sizes_recompile_with_the_rewrite():
             expected = fxeff.transform(model, (x,), [focus_config()])(x)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=f"size {size}")
         assert sum(s.status == "rewritten" for s in fxeff.backend.last_report().sites) == 5
+
+
+class ThresholdInTheGraph(torch.nn.Module):
+    """TinyFocusNet with the AoI threshold written into its forward, as the project's card shows: an
+    fxeff.nn.AoIThreshold module, or the seed's ``x.sum(1) >= t`` (the mask itself unused by the model)."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.net = make_model()
+        self.spelling = spelling
+        self.aoi = fxeff.nn.AoIThreshold(THRESHOLD) if spelling == "module" else None
+
+    def forward(self, x):
+        s = self.net.stem(x)
+        mask = self.aoi(s) if self.spelling == "module" else s.sum(1) >= THRESHOLD
+        x = torch.relu(self.net.bn1(self.net.conv1(s)))
+        y = torch.relu(self.net.conv2(x))
+        y = self.net.conv3(y) + self.net.shortcut(x)
+        return self.net.head(torch.relu(y)), mask
+
+
+@pytest.mark.parametrize("spelling", ["module", "sum_ge"])
+def test_the_cards_compile_form_without_options_focuses_at_the_graphs_threshold(spelling):
+    """``torch.compile(model, backend="effconv")``, no options: Focus with the graph's own split and threshold,
+    through inductor, equal to the pure-PyTorch focus reference."""
+    model, x = ThresholdInTheGraph(spelling).eval(), two_images()
+    compiled = torch.compile(model, backend="effconv")
+    with torch.no_grad():
+        out, mask = compiled(x)
+        with focused_reference(model.net, SPLIT, THRESHOLD) as masks:
+            reference = model.net(x)
+    report = fxeff.backend.last_report()
+    assert [s.name for s in report.rewritten] == ["net.conv1", "net.conv2", "net.conv3", "net.shortcut", "net.head"]
+    # dynamo inlines the AoIThreshold module: its graph holds the aoi_mask call
+    assert ("aoi_mask call" if spelling == "module" else ">= 0.5") in report.split
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mask, masks[0])
+
+
+def test_without_options_a_model_without_a_pattern_compiles_unchanged_and_says_why():
+    model, x = make_model(), two_images()
+    compiled = torch.compile(model, backend="effconv")
+    with torch.no_grad():
+        out = compiled(x)
+    report = fxeff.backend.last_report()
+    assert report.pass_name == "effconv" and not report.sites
+    assert "holds no pattern that fxeff rewrites without options" in report.notes[0]
+    torch.testing.assert_close(out, model(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_without_options_two_different_thresholds_are_left_to_the_user():
+    from fxeff.backend import passes_from_graph
+    from fxeff.transform import trace
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model()
+
+        def forward(self, x):
+            s = self.net.stem(x)
+            return self.net.head(self.net.conv1(s)), s.sum(1) >= 0.5, s.sum(1) >= 0.7
+
+    passes, why = passes_from_graph(trace(Two()))
+    assert passes == [] and "holds 2 different AoI thresholds" in why
+    passes, why = passes_from_graph(trace(ThresholdInTheGraph("module")))
+    assert passes == [fxeff.Focus(threshold=THRESHOLD)] and why == ""

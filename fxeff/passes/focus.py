@@ -10,7 +10,7 @@ activations, residual adds) runs unchanged on the whole map. Weights are the ori
 import dataclasses
 import math
 import operator
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Type, Union
 
 import networkx as nx
 import torch
@@ -121,8 +121,27 @@ def _channel_reduction_input(node: Any) -> Optional[fx.Node]:
     return x
 
 
-def existing_aoi_thresholds(gm: fx.GraphModule) -> List[Tuple[fx.Node, str]]:
-    """Each AoI threshold already in the graph, as (node whose activation is thresholded, description).
+class FoundThreshold(NamedTuple):
+    """An AoI threshold already in a graph: the node whose activation it thresholds, its threshold and reduce
+    (None when not a constant), and a description for reports."""
+
+    node: fx.Node
+    threshold: Optional[float]
+    reduce: str
+    description: str
+
+
+def _reduce_of(node: fx.Node) -> str:
+    target = node.target if node.op == "call_method" else _REDUCE_TARGETS.get(node.target, "sum")
+    return "mean" if target == "mean" else "sum"
+
+
+def _constant(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def existing_aoi_thresholds(gm: fx.GraphModule) -> List[FoundThreshold]:
+    """Each AoI threshold already in the graph (see FoundThreshold).
 
     Recognised: an ``fxeff.nn.AoIThreshold`` module, an ``fxeff::aoi_mask`` call, and the seed's
     pattern ``x.sum(1) >= t`` (also mean, ``torch.ge``, ``t <= x.sum(1)`` and the aten forms).
@@ -132,20 +151,29 @@ def existing_aoi_thresholds(gm: fx.GraphModule) -> List[Tuple[fx.Node, str]]:
         if node.meta.get(_ROLE) or not node.args:
             continue
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), AoIThreshold):
-            found.append((node.args[0], f"input of the AoIThreshold module {node.target!r}"))
+            module = gm.get_submodule(node.target)
+            found.append(FoundThreshold(node.args[0], module.threshold, module.reduce,
+                                        f"input of the AoIThreshold module {node.target!r}"))
         elif node.op == "call_function" and node.target in _AOI_TARGETS:
-            found.append((node.args[0], f"input of the aoi_mask call {node.name!r}"))
+            threshold = node.args[1] if len(node.args) > 1 else node.kwargs.get("threshold")
+            reduce = node.args[2] if len(node.args) > 2 else node.kwargs.get("reduce", "sum")
+            found.append(FoundThreshold(node.args[0], _constant(threshold), reduce,
+                                        f"input of the aoi_mask call {node.name!r}"))
         elif (node.op == "call_function" and node.target in _GE_TARGETS) or \
                 (node.op == "call_method" and node.target == "ge"):
             x = _channel_reduction_input(node.args[0]) if len(node.args) == 2 and \
                 isinstance(node.args[1], (int, float)) else None
             if x is not None:
-                found.append((x, f"input of the threshold {node.args[0].name} >= {node.args[1]} ({node.name!r})"))
+                found.append(FoundThreshold(x, _constant(node.args[1]), _reduce_of(node.args[0]),
+                                            f"input of the threshold {node.args[0].name} >= {node.args[1]} "
+                                            f"({node.name!r})"))
         elif node.op == "call_function" and node.target in _LE_TARGETS and len(node.args) == 2 and \
                 isinstance(node.args[0], (int, float)):
             x = _channel_reduction_input(node.args[1])
             if x is not None:
-                found.append((x, f"input of the threshold {node.args[0]} <= {node.args[1].name} ({node.name!r})"))
+                found.append(FoundThreshold(x, _constant(node.args[0]), _reduce_of(node.args[1]),
+                                            f"input of the threshold {node.args[0]} <= {node.args[1].name} "
+                                            f"({node.name!r})"))
     return found
 
 
@@ -210,11 +238,12 @@ def locate_split(gm: fx.GraphModule, config: Focus, model_class: Union[Type, str
         return node, f"{config.split} (given)"
     thresholds = existing_aoi_thresholds(gm)
     if thresholds:
-        nodes = {node for node, _ in thresholds}
+        nodes = {found.node for found in thresholds}
         if len(nodes) > 1:
             raise ValueError(f"fxeff.passes.Focus: the graph holds {len(nodes)} AoI thresholds on different "
-                             f"activations ({[d for _, d in thresholds]}); pass Focus(split=...) to choose")
-        node, description = thresholds[0]
+                             f"activations ({[found.description for found in thresholds]}); pass "
+                             f"Focus(split=...) to choose")
+        node, description = thresholds[0].node, thresholds[0].description
         return node, f"{node.name}: {description}"
     cls = model_class if model_class is not None else _class_from_graph(gm)
     split = default_split_for_class(cls, graph_module_classes(gm)) if cls is not None else None
@@ -491,4 +520,4 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     return report
 
 
-__all__ = ["Focus", "focus_pass", "locate_split", "find_split_node", "existing_aoi_thresholds"]
+__all__ = ["Focus", "focus_pass", "locate_split", "find_split_node", "existing_aoi_thresholds", "FoundThreshold"]
