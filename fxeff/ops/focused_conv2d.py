@@ -46,20 +46,8 @@ def _focused_conv2d_backward_fake(grad_out, x, weight, mask, stride, padding, di
     return grad_x, torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty((weight.shape[0],))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, mask, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, weight, mask)
-    ctx.conv_args = (stride, padding, dilation, groups)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out):
-    x, weight, mask = ctx.saved_tensors
-    grad_x, grad_w, grad_b = torch.ops.fxeff.focused_conv2d_backward(grad_out, x, weight, mask, *ctx.conv_args)
-    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None, None, None, None
-
-
-torch.library.register_autograd("fxeff::focused_conv2d", _backward, setup_context=_setup_context)
+# Autograd: csrc/ops/autograd.cpp (C++, so that inference never enters Python); the backward is the op
+# focused_conv2d_backward above.
 
 
 def strategy_counters(reset: bool = False) -> Dict[str, int]:

@@ -10,7 +10,6 @@ straight-through); "grouped" shifts are fixed (no gradient).
 from typing import List, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ._utils import memory_format_of
 
@@ -59,24 +58,8 @@ def _shift_shifts_grad_fake(grad_out, x, shifts, padding):
     return torch.empty_like(shifts, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    x, shifts, padding, mode = inputs
-    ctx.padding, ctx.mode = padding, mode
-    needs_shift_grad = mode != "grouped" and ctx.needs_input_grad[1]
-    ctx.save_for_backward(x if needs_shift_grad else None, shifts)
-
-
-def _backward(ctx, grad_out):
-    x, shifts = ctx.saved_tensors
-    grad_x = grad_shifts = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.fxeff.shift_input_grad(grad_out, shifts, ctx.padding, ctx.mode)
-    if x is not None:
-        grad_shifts = torch.ops.fxeff.shift_shifts_grad(grad_out, x, shifts, ctx.padding)
-    return grad_x, grad_shifts, None, None
-
-
-torch.library.register_autograd("fxeff::shift", _backward, setup_context=_setup_context)
+# Autograd of shift and shift_pool: csrc/ops/autograd.cpp (C++, so that inference never enters Python), with the
+# ops shift_input_grad (the adjoint) and shift_shifts_grad.
 
 
 # ---------------------------------------------------------------- shift_pool: a shift layer emulating a strided conv
@@ -105,44 +88,3 @@ def _shift_pool_fake(x, shifts, padding, mode, pad, pool):
                          f"{list(pad)} and {list(pool)}")
     out = x.new_empty((x.shape[0], x.shape[1], *pooled_sizes(list(x.shape[2:]), pad, pool)))
     return out.contiguous(memory_format=memory_format_of(x))
-
-
-def _window_mean_adjoint(grad: torch.Tensor, lengths: Sequence[int], pool: Sequence[int]) -> torch.Tensor:
-    """Each element of the padded signal gets its window's gradient / the window's element count."""
-    for d, (n, s) in enumerate(zip(lengths, pool)):
-        if s == 1:
-            continue
-        axis = 2 + d
-        counts = (n - s * torch.arange(grad.shape[axis], device=grad.device)).clamp(max=s).to(grad.dtype)
-        shape = [1] * grad.dim()
-        shape[axis] = -1
-        grad = (grad / counts.reshape(shape)).repeat_interleave(s, dim=axis).narrow(axis, 0, n)
-    return grad
-
-
-def _shift_pool_setup_context(ctx, inputs, output):
-    x, shifts, padding, mode, pad, pool = inputs
-    ctx.padding, ctx.mode, ctx.pad, ctx.pool = padding, mode, list(pad), list(pool)
-    ctx.sizes = list(x.shape[2:])
-    needs_shift_grad = mode != "grouped" and ctx.needs_input_grad[1]
-    ctx.save_for_backward(x if needs_shift_grad else None, shifts)
-
-
-def _shift_pool_backward(ctx, grad_out):
-    """The adjoints in reverse: window mean, F.pad (its adjoint is F.pad with the negated amounts), shift."""
-    x, shifts = ctx.saved_tensors
-    dims = len(ctx.sizes)
-    lengths = [ctx.sizes[d] + ctx.pad[2 * (dims - 1 - d)] + ctx.pad[2 * (dims - 1 - d) + 1] for d in range(dims)]
-    grad = _window_mean_adjoint(grad_out, lengths, ctx.pool)
-    if any(ctx.pad):
-        grad = F.pad(grad, [-p for p in ctx.pad])
-    grad = grad.contiguous(memory_format=memory_format_of(grad_out))
-    grad_x = grad_shifts = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.fxeff.shift_input_grad(grad, shifts, ctx.padding, ctx.mode)
-    if x is not None:
-        grad_shifts = torch.ops.fxeff.shift_shifts_grad(grad, x, shifts, ctx.padding)
-    return grad_x, grad_shifts, None, None, None, None
-
-
-torch.library.register_autograd("fxeff::shift_pool", _shift_pool_backward, setup_context=_shift_pool_setup_context)
