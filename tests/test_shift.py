@@ -328,3 +328,21 @@ def test_shift_pool_errors():
         torch.ops.fxeff.shift_pool(x, torch.zeros(2, 2), "zeros", "sparse", [0, 0, 0, 0], [2])
     with pytest.raises(ValueError, match=r"too small for the emulated depthwise conv"):
         torch.ops.fxeff.shift_pool(x, torch.zeros(2, 2), "zeros", "sparse", [-2, -2, 0, 0], [1, 1])
+
+
+def test_autograd_records_only_what_needs_grad():
+    """The ops' autograd (C++): no graph under no_grad or without inputs that need grad, and each gradient only
+    for the inputs that need it (the shifts' gradient reads x, which is saved only then)."""
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    shifts = torch.randn(3, 2)
+    with torch.no_grad():
+        assert torch.ops.fxeff.shift(x, shifts.requires_grad_(), "zeros", "sparse").grad_fn is None
+    shifts = shifts.detach()
+    assert torch.ops.fxeff.shift(x.detach(), shifts, "zeros", "sparse").grad_fn is None
+    out = torch.ops.fxeff.shift(x, shifts, "zeros", "sparse")
+    out.sum().backward()
+    assert x.grad is not None and shifts.grad is None
+    s = shifts.clone().requires_grad_()
+    pooled = torch.ops.fxeff.shift_pool(x.detach(), s, "zeros", "active", [0, 0, 0, 0], [2, 2])
+    pooled.sum().backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
