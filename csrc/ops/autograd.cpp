@@ -328,9 +328,56 @@ at::Tensor hetconv2d_autograd(const at::Tensor& x, const at::Tensor& weight_kxk,
   return HetConv2dFunction::apply(x, weight_kxk, weight_1x1, bias, part, stride, padding, dilation);
 }
 
+// ---------------------------------------------------------------- tile_conv2d
+
+using TileConv2dSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                 at::IntArrayRef, at::IntArrayRef, int64_t);
+
+class TileConv2dFunction : public torch::autograd::Function<TileConv2dFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& tiles, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef dilation,
+                            int64_t groups) {
+    static auto op = op_handle<TileConv2dSig>("fxeff::tile_conv2d");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({tiles, weight});
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return op.call(tiles, weight, bias, stride, dilation, groups);
+  }
+
+  // The vendor conv backward with padding 0 (the tiles carry their halo).
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const int64_t out_channels = saved[1].size(0);
+    auto [grad_x, grad_w, grad_b] = at::convolution_backward(
+        grads[0].contiguous(saved[0].suggest_memory_format()), saved[0], saved[1],
+        has_bias ? c10::OptionalIntArrayRef(at::IntArrayRef{out_channels}) : c10::nullopt,
+        ints(ctx->saved_data["stride"]), {0, 0}, ints(ctx->saved_data["dilation"]), false, {0, 0},
+        ctx->saved_data["groups"].toInt(),
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(2)});
+    return {grad_x, grad_w, has_bias ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor tile_conv2d_autograd(const at::Tensor& tiles, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef dilation, int64_t groups) {
+  if (!records({&tiles, &weight, &or_undefined(bias)})) {
+    static auto op = op_handle<TileConv2dSig>("fxeff::tile_conv2d");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(tiles, weight, bias, stride, dilation, groups);
+  }
+  return TileConv2dFunction::apply(tiles, weight, bias, stride, dilation, groups);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fxeff, Autograd, m) {
+  m.impl("tile_conv2d", &tile_conv2d_autograd);
   m.impl("focused_conv2d", &focused_conv2d_autograd);
   m.impl("shift", &shift_autograd);
   m.impl("shift_pool", &shift_pool_autograd);
