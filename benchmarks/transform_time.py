@@ -2,7 +2,7 @@
 
 Issue 18's target: on ResNet-152 at 224, batch 2, each pass's transform costs no more than 3 forward passes.
 For each model (random weights, eval mode) the eager forward and each pass's transform are timed in turn
-(medians of --runs rounds, after one warm-up round). A transform is: symbolic_trace, the pass (its runs of the
+(fxeff.bench.interleaved: medians of --runs rounds after one warm-up round). A transform is: symbolic_trace, the pass (its runs of the
 graph on the example inputs: shapes, values for the fits, the report's MACs and errors) and recompile.
 
 Passes: Focus at a calibrated 25% AoI (default split), HetConv P=4 with init "sum" and "fit" (each layer
@@ -13,15 +13,13 @@ same in-context fit).
         [--batch 2] [--size 224] [--runs 3] [--json out.json] [--markdown out.md]
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fxeff.bench import report, script_parser, write_markdown  # noqa: E402
+from fxeff.bench import interleaved, report, script_parser, write_markdown  # noqa: E402
 
 import fxeff  # noqa: E402
 from fxeff.passes import Focus, HetConv, Shift  # noqa: E402
@@ -40,27 +38,12 @@ def bench_model(name: str, batch: int, size: int, runs: int):
     model = torchvision.models.get_model(name, weights=None).eval()
     x = torch.rand(batch, 3, size, size)
     passes = _passes(model, x)
-    forward, transform = [], {key: [] for key in passes}
-    rewritten = {}
-    for round_ in range(runs + 1):  # round 0 warms up
-        with torch.no_grad():
-            start = time.perf_counter()
-            model(x)
-            elapsed = time.perf_counter() - start
-        if round_:
-            forward.append(elapsed)
-        for key, config in passes.items():
-            start = time.perf_counter()
-            gm = fxeff.transform(model, x, [config])
-            elapsed = time.perf_counter() - start
-            if round_:
-                transform[key].append(elapsed)
-            rewritten[key] = len(gm.fxeff_report.rewritten)
-            del gm
-    fwd = statistics.median(forward)
+    # the forward and each transform timed in turn, one warm-up round (fxeff.bench, as every benchmark)
+    fwd, *times = interleaved([lambda: model(x)] + [lambda c=c: fxeff.transform(model, x, [c]) for c in passes.values()],
+                              runs, warmup=1)
+    rewritten = {key: len(fxeff.transform(model, x, [c]).fxeff_report.rewritten) for key, c in passes.items()}
     rows = []
-    for key in passes:
-        t = statistics.median(transform[key])
+    for key, t in zip(passes, times):
         rows.append({"model": name, "pass": key, "input": f"{batch}x3x{size}x{size}", "forward s": fwd,
                      "transform s": t, "forward passes": t / fwd, "rewritten": rewritten[key]})
     return rows

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxeff
 from fxeff.passes import HetConv, Shift
-from fxeff.passes.measure import IncrementalRun
+from fxeff.passes.measure import IncrementalRun, run_recording
 from fxeff.passes.rewrite import relative_error
 from fxeff.transform import trace
 
@@ -64,21 +64,6 @@ def test_a_pass_runs_the_model_twice_whatever_its_depth(config):
     assert calls == {2: 2, 8: 2}
 
 
-def _inputs_seen(gm, x, nodes):
-    """The input of each of ``nodes`` in a plain run of the final graph."""
-    seen = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            if n in nodes:
-                seen[n] = self.env[n.args[0]]
-            return super().run_node(n)
-
-    with torch.no_grad():
-        Recorder(gm).run(x)
-    return seen
-
-
 @pytest.mark.parametrize("config", [HetConv(part=4, init="fit"), Shift(init="lstsq")], ids=lambda c: c.pass_name)
 def test_each_layer_error_is_the_error_in_the_rewritten_network(config):
     """A site's input in the final graph depends only on the sites before it, so what the sweep fitted it on and
@@ -87,29 +72,21 @@ def test_each_layer_error_is_the_error_in_the_rewritten_network(config):
     x = torch.randn(6, 3, 12, 12).cumsum(3)
     gm = fxeff.transform(model, x, [config])
     report = gm.fxeff_report
-    originals = {}
-    with torch.no_grad():
-        traced = trace(model)
-        recorder_nodes = {n.target: n for n in traced.graph.nodes if n.op == "call_module"}
-        env = {}
-
-        class Keep(torch.fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                env[n] = out
-                return out
-
-        Keep(traced).run(x)
+    # the original conv outputs, and each new layer's input in a plain run of the final graph (run_recording: the
+    # per-site run the passes made before the sweep)
+    traced = trace(model)
+    modules = {n.target: n for n in traced.graph.nodes if n.op == "call_module"}
+    values = run_recording(traced, (x,), list(modules.values()))[1]
+    originals = {name: values[node] for name, node in modules.items()}
     new_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(f"fxeff_{config.pass_name}_")
                  and not n.target.endswith(("_bn", "_pointwise"))]
     assert len(new_nodes) == len(report.rewritten) == 4
-    seen = _inputs_seen(gm, x, set(new_nodes))
+    seen = run_recording(gm, (x,), [n.args[0] for n in new_nodes])[1]
     for node, site in zip(new_nodes, report.rewritten):
         assert node.target == f"fxeff_{config.pass_name}_{site.name.replace('.', '_')}"
         module = gm.get_submodule(node.target)
-        originals[site.name] = env[recorder_nodes[site.name]]
         with torch.no_grad():
-            out = module(seen[node])
+            out = module(seen[node.args[0]])
         if config.pass_name == "shift":  # a and b went into the next BatchNorm (exact in eval mode): undo the BN
             bn = model.get_submodule(_next_module(model, site.name))
             with torch.no_grad():

@@ -249,8 +249,9 @@ def locate_split(gm: fx.GraphModule, config: Focus, model_class: Union[Type, str
     split = default_split_for_class(cls, graph_module_classes(gm)) if cls is not None else None
     if split is None:
         name = str(getattr(cls, "__name__", cls)).rsplit(".", 1)[-1]
-        raise ValueError(no_split_message("fxeff.passes.Focus", name, [site.name for site in conv_sites(gm)]) +
-                         ("" if len(conv_sites(gm)) <= 1 else " (no AoI threshold was found in the graph either)"))
+        convs = [site.name for site in conv_sites(gm)]
+        raise ValueError(no_split_message("fxeff.passes.Focus", name, convs) +
+                         ("" if len(convs) <= 1 else " (no AoI threshold was found in the graph either)"))
     node = find_split_node(gm, split)
     if node is None:
         raise ValueError(f"fxeff.passes.Focus: the default split {split!r} of {getattr(cls, '__name__', cls)} names "

@@ -109,6 +109,20 @@ class ChannelAxes(TorchFunctionMode):
             pass
         return out
 
+    @staticmethod
+    def _moved_axes(name: str, source: Axes, args: Sequence[Any], kwargs: dict) -> Axes:
+        """The axes after a permute, transpose or movedim of a tensor with axes ``source``."""
+        if name in _PERMUTES:
+            return tuple(source[d % len(source)] for d in _dims(args, kwargs, "dims"))
+        if name in _TRANSPOSES:
+            d0, d1 = (int(a) % len(source) for a in (list(args[1:3]) + [kwargs.get("dim0"), kwargs.get("dim1")])[:2])
+            swapped = list(source)
+            swapped[d0], swapped[d1] = swapped[d1], swapped[d0]
+            return tuple(swapped)
+        src = args[1] if len(args) > 1 else kwargs["source"]
+        dst = args[2] if len(args) > 2 else kwargs["destination"]
+        return _moved(source, src, dst)
+
     def _label(self, name: str, args: Sequence[Any], kwargs: dict, out: Any) -> None:
         outputs = _tensors(out)
         if not outputs:
@@ -120,25 +134,14 @@ class ChannelAxes(TorchFunctionMode):
         source = self.axes.get(x) if isinstance(x, torch.Tensor) else None
         if name in _UNFOLLOWED:
             return
-        if name in _PERMUTES and source is not None:
-            self.axes[outputs[0]] = tuple(source[d % len(source)] for d in _dims(args, kwargs, "dims"))
+        if name in _PERMUTES or name in _TRANSPOSES or name in _MOVEDIMS:  # moves axes: followed when known
+            if source is not None:
+                self.axes[outputs[0]] = self._moved_axes(name, source, args, kwargs)
             return
-        if name in _TRANSPOSES and source is not None:
-            d0, d1 = (int(a) % len(source) for a in (list(args[1:3]) + [kwargs.get("dim0"), kwargs.get("dim1")])[:2])
-            swapped = list(source)
-            swapped[d0], swapped[d1] = swapped[d1], swapped[d0]
-            self.axes[outputs[0]] = tuple(swapped)
-            return
-        if name in _MOVEDIMS and source is not None:
-            src = args[1] if len(args) > 1 else kwargs["source"]
-            dst = args[2] if len(args) > 2 else kwargs["destination"]
-            self.axes[outputs[0]] = _moved(source, src, dst)
-            return
-        if name in _RESHAPES or name in _PERMUTES or name in _TRANSPOSES or name in _MOVEDIMS:
-            if source is not None and name in _RESHAPES:
-                axes = _reshaped(source, list(x.shape), list(outputs[0].shape))
-                if axes is not None:
-                    self.axes[outputs[0]] = axes
+        if name in _RESHAPES:  # keeps the axes of the dims it keeps, and of a split or merged axis
+            axes = _reshaped(source, list(x.shape), list(outputs[0].shape)) if source is not None else None
+            if axes is not None:
+                self.axes[outputs[0]] = axes
             return
         if source is None or x.dim() != outputs[0].dim():
             candidates = [t for t in _tensors(list(args) + list(kwargs.values())) if t in self.axes]

@@ -159,8 +159,7 @@ class IncrementalRun:
         self.keep = set()  # nodes whose values are never freed
         self.seeded: Dict[fx.Node, Tuple[Any, int]] = {}  # nodes not yet run whose value the pass computed
         self.cursor: Optional[fx.Node] = None  # the last node run; None before the first
-        self.flops = 0
-        self.node_flops: Dict[fx.Node, int] = {}  # FLOPs counted in each node's run
+        self.node_flops: Dict[fx.Node, int] = {}  # FLOPs counted in each node's run (their sum: the graph's)
         self.state = _SavedState()
         self.stack = contextlib.ExitStack()
 
@@ -177,13 +176,12 @@ class IncrementalRun:
         """Runs the nodes after the cursor up to ``stop`` (included), or to the graph's output when None."""
         root = self.gm.graph._root
         counter = FlopCounterMode(display=False)
-        counted = seeded = 0
+        counted = 0
         with counter:
             node = self.cursor.next if self.cursor is not None else root.next
             while node is not root:
                 if node in self.seeded:
                     result, self.node_flops[node] = self.seeded.pop(node)
-                    seeded += self.node_flops[node]
                 else:
                     if node.op == "call_module":  # its buffers, before it may change them (new modules included)
                         self.state.save(self.gm.get_submodule(node.target).buffers())
@@ -202,7 +200,6 @@ class IncrementalRun:
                 if node is stop:
                     break
                 node = node.next
-        self.flops += int(counter.get_total_flops()) + seeded
         if stop is not None and stop not in self.done:
             raise RuntimeError(f"fxeff.passes.measure.IncrementalRun: {stop.name!r} is not after the nodes already "
                                f"run: a rewrite inserted it before them (rewrites must go in graph order)")
@@ -232,4 +229,4 @@ class IncrementalRun:
         if missing:
             raise RuntimeError(f"fxeff.passes.measure.IncrementalRun: the values of {missing} were freed already")
         self._advance(None)
-        return self.flops, {node: self.env[node] for node in keep}
+        return int(sum(self.node_flops.values())), {node: self.env[node] for node in keep}
