@@ -89,7 +89,7 @@ def test_focus_config_dict_and_json_round_trip():
     config = Focus(threshold=0.5, split="features.3", reduce="mean", fill="mean", halo=2)
     d = json.loads(json.dumps(config.to_dict()))
     assert d == {"pass": "focus", "version": 1, "threshold": 0.5, "split": "features.3", "reduce": "mean",
-                 "fill": "mean", "halo": 2}
+                 "fill": "mean", "halo": 2, "execution": "layer", "tile": None, "dense_above": 0.9}
     assert config_from_dict(d) == config
     assert Focus.from_dict(d) == config
     assert config_from_dict({"pass": "focus", "threshold": 0.5, "split": "features.3"}) == \

@@ -24,6 +24,7 @@ from .config import PassConfig, PassContext, register_pass_config
 from .graph import ConvSite, conv_site, conv_sites, module_stack, node_shape, normalize_fqn, to_networkx
 from .layout import ChannelAxes, channels_first_error
 from .measure import fake_mode_of, run_recording
+from .regions import Planner, fill_means, grid_masks_for, tile_macs
 from .rewrite import new_attr
 from .splits import default_split_for_class, no_split_message
 
@@ -34,6 +35,7 @@ FOCUSED_CONV2D = torch.ops.fxeff.focused_conv2d.default
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _ROLE = "fxeff_focus"  # node.meta key marking the nodes this pass inserted
 FILLS = ("zeros", "mean")
+EXECUTIONS = ("region", "layer")
 
 
 @register_pass_config("focus")
@@ -51,6 +53,12 @@ class Focus(PassConfig):
     and global pooling then see the background they were trained with instead of zeros; no MACs.
     ``halo``: the AoI grows by this many pixels at the split's grid (a (2 halo + 1)^2 max filter of
     the mask), so convs at the AoI's edge still see the context they saw in the original.
+    ``execution``: "layer" (default for now): the published per-layer semantics, each conv a ``focused_conv2d``
+    with everything else on whole maps (as the seed package); "region": runs of local layers computed on the
+    AoI's tiles, gathered and scattered once per region (passes/regions.py).
+    ``tile``: region execution's tile side (None: chosen per grid by the cost model).
+    ``dense_above``: a grid whose modelled region time is above this fraction of dense runs dense (reported);
+    None: every grid runs in regions.
     """
 
     threshold: float
@@ -58,6 +66,9 @@ class Focus(PassConfig):
     reduce: str = "sum"
     fill: str = "zeros"
     halo: int = 0
+    execution: str = "layer"
+    tile: Optional[int] = None
+    dense_above: Optional[float] = 0.9
 
     def __post_init__(self):
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
@@ -75,6 +86,13 @@ class Focus(PassConfig):
             raise ValueError(f"fxeff.passes.Focus: fill must be one of {FILLS}, got {self.fill!r}")
         if isinstance(self.halo, bool) or not isinstance(self.halo, int) or self.halo < 0:
             raise ValueError(f"fxeff.passes.Focus: halo must be an int >= 0, got {self.halo!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"fxeff.passes.Focus: execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        if self.tile is not None and (isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1):
+            raise ValueError(f"fxeff.passes.Focus: tile must be an int >= 1 or None, got {self.tile!r}")
+        if self.dense_above is not None and (isinstance(self.dense_above, bool) or
+                                             not isinstance(self.dense_above, (int, float)) or self.dense_above <= 0):
+            raise ValueError(f"fxeff.passes.Focus: dense_above must be a float > 0 or None, got {self.dense_above!r}")
 
     def run(self, gm: fx.GraphModule, context: PassContext) -> Report:
         return focus_pass(gm, self, context)
@@ -427,9 +445,10 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     if config.fill == "mean" and fake:
         raise ValueError("fxeff.passes.Focus: fill='mean' measures the background on real example inputs, got fake "
                          "tensors; pass real images (or use fill='zeros')")
-    keep = [split] + ([site.node for site in conv_sites(gm)] if config.fill == "mean" else [])
+    region = config.execution == "region"
+    keep = [split] + ([site.node for site in conv_sites(gm)] if config.fill == "mean" and not region else [])
     axes = ChannelAxes(context.example_inputs)  # which axis of the split's output holds the channels
-    flops_before, before = run_recording(gm, context.example_inputs, keep, count_flops=fake, mode=axes)
+    flops_before, before = run_recording(gm, context.example_inputs, keep, count_flops=fake or region, mode=axes)
     sites = conv_sites(gm)  # after the run: symbolic graphs now carry shapes
     split_shape = node_shape(split)
     if split_shape is None or len(split_shape) != 4:
@@ -442,15 +461,11 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     graph = gm.graph
     flow = to_networkx(graph)
     downstream, upstream = nx.descendants(flow, split), nx.ancestors(flow, split)
+    if region:
+        return _region_focus(gm, config, context, split, split_description, split_shape, flops_before,
+                             before[split], downstream, upstream, sites)
 
-    with graph.inserting_after(split):
-        mask = graph.call_function(AOI_MASK, (split, config.threshold, config.reduce))
-    mask.meta[_ROLE] = "aoi_mask"
-    mask_shape = (split_shape[0], split_shape[2], split_shape[3])
-    _set_value(mask, split, mask_shape, torch.bool)
-    aoi = mask  # the thresholded AoI; with a halo, ``mask`` becomes the end of its dilation chain
-    if config.halo:
-        mask = _emit_dilation(graph, mask, config.halo, split, mask_shape)
+    aoi, mask = _emit_aoi(graph, config, split, split_shape)  # with a halo, ``mask`` ends the dilation chain
     grid_masks: Dict[Tuple[str, str], fx.Node] = {_grid_key(split_shape[2:]): mask}
 
     site_reports: List[SiteReport] = []
@@ -493,13 +508,7 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
         notes.append("fill='mean': outside the AoI each focused conv outputs the per-channel mean of the original "
                      "conv's output there on the example inputs")
     if not rewritten:
-        node = mask  # this call's dilation chain (if any), back to its aoi_mask
-        while True:
-            previous = node.args[0] if node is not aoi else None
-            graph.erase_node(node)
-            if previous is None:
-                break
-            node = previous
+        _erase_chain(graph, mask, aoi)
         notes.append("no conv could be focused: the graph is unchanged")
     graph.lint()
     gm.recompile()
@@ -518,6 +527,104 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
             entry.macs_after = int(values[mask_k].count_nonzero()) * site.macs_per_output_position()
     # the graph is the original one but for the focused convs, each counted at its active outputs (ops/flops.py)
     report.model_macs_before = report.model_macs_after + sum(e.macs_before - e.macs_after for e, _, _ in rewritten)
+    return report
+
+
+def _erase_chain(graph: fx.Graph, mask: fx.Node, aoi: fx.Node) -> None:
+    """Removes the AoI mask this pass inserted (its dilation chain, back to its aoi_mask)."""
+    node = mask
+    while True:
+        previous = node.args[0] if node is not aoi else None
+        graph.erase_node(node)
+        if previous is None:
+            break
+        node = previous
+
+
+def _emit_aoi(graph: fx.Graph, config: Focus, split: fx.Node, split_shape) -> Tuple[fx.Node, fx.Node]:
+    """(the thresholded AoI node, the mask the convs read: the AoI grown by the halo) inserted after the split."""
+    with graph.inserting_after(split):
+        mask = graph.call_function(AOI_MASK, (split, config.threshold, config.reduce))
+    mask.meta[_ROLE] = "aoi_mask"
+    mask_shape = (split_shape[0], split_shape[2], split_shape[3])
+    _set_value(mask, split, mask_shape, torch.bool)
+    return mask, (_emit_dilation(graph, mask, config.halo, split, mask_shape) if config.halo else mask)
+
+
+def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split: fx.Node, split_description: str,
+                  split_shape, flops_before: int, split_value: torch.Tensor, downstream: set, upstream: set,
+                  sites: List[ConvSite]) -> Report:
+    """Region execution (passes/regions.py): plans each grid on the example inputs, rewrites, and reports."""
+    graph = gm.graph
+    fake = fake_mode_of(context.example_inputs) is not None
+    batch = split_shape[0]
+    if not isinstance(batch, int) or not all(isinstance(s, int) for s in split_shape):
+        raise NotImplementedError("fxeff.passes.Focus: region execution needs static shapes (each grid's tiles are "
+                                  "planned at transform time); this graph has dynamic shapes "
+                                  f"{tuple(split_shape)}: use Focus(execution='layer')")
+    by_node = {site.node: site for site in sites if site.node in downstream}
+    planner = Planner(gm, split, downstream, by_node, batch, config.tile, config.dense_above)
+    planner.classify()
+    mask_value = None if fake else dilate_mask(AOI_MASK(split_value, config.threshold, config.reduce), config.halo)
+    grids = sorted({planner.grid[n] for n in planner.tiled})
+    value_masks = grid_masks_for(mask_value, grids) if mask_value is not None else None
+    planner.plan_grids(value_masks)
+    if config.fill == "mean":
+        nodes = planner.needs_fill()
+        _, values = run_recording(gm, context.example_inputs, nodes, count_flops=False)
+        planner.fills = fill_means(values, mask_value, nodes, planner.grid)
+        del values
+    aoi, mask = _emit_aoi(graph, config, split, split_shape)
+    masks = {}
+    for grid, plan in sorted(planner.grids.items()):
+        if not plan.region:
+            continue
+        if grid == tuple(split_shape[2:]):
+            masks[grid] = mask
+            continue
+        with graph.inserting_after(mask):
+            masks[grid] = graph.call_function(MASK_RESIZE, (mask, list(grid)))
+        masks[grid].meta[_ROLE] = "mask_resize"
+    planner.rewrite(masks)
+
+    site_reports: List[SiteReport] = []
+    tiled: List[Tuple[SiteReport, ConvSite]] = []
+    for site in sites:
+        macs = site.macs()
+        if site.node in planner.tiled:
+            plan = planner.grids[planner.grid[site.node]]
+            entry = SiteReport(site.name, f"{site.describe()} [tiles {plan.tile}, margin {plan.margins[site.node]}]",
+                               "rewritten", "", macs, None, "focus")
+            tiled.append((entry, site))
+        else:
+            reason = (_skip_reason(site, downstream, upstream, split) or planner.why_not.get(site.node) or
+                      "not computed on tiles")
+            entry = SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "focus")
+        site_reports.append(entry)
+    notes = [plan.describe() for _, plan in sorted(planner.grids.items(), key=lambda item: -item[0][0])]
+    if config.fill == "mean" and tiled:
+        notes.append("fill='mean': outside the AoI each region output holds the per-channel mean of the original "
+                     "value there on the example inputs")
+    if not tiled:
+        notes.append("no conv runs on tiles: the graph computes the dense model")
+    if not tiled:
+        _erase_chain(graph, mask, aoi)
+    graph.lint()
+    gm.recompile()
+    report = Report(pass_name="focus", sites=site_reports, split=split_description, notes=notes,
+                    model_macs_before=flops_before // 2)
+    if fake:
+        report.notes.append("example inputs are fake tensors: tiles not costed, AoI fractions and MACs after are n/a")
+        return report
+    plans = {grid: plan.plan for grid, plan in planner.grids.items() if plan.plan is not None}
+    flops_after, values = run_recording(gm, context.example_inputs, list(plans.values()) + ([mask] if tiled else []))
+    report.model_macs_after = flops_after // 2
+    if tiled:
+        report.aoi_fractions = [float(f) for f in values[mask].float().mean(dim=(1, 2))]
+    for entry, site in tiled:
+        grid = planner.grid[site.node]
+        plan = planner.grids[grid]
+        entry.macs_after = tile_macs(plan, site.node, site, int(values[plan.plan].shape[1]))
     return report
 
 

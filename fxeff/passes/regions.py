@@ -1,0 +1,514 @@
+"""Region execution of the focus pass: runs of spatially local layers computed on the AoI's tiles only.
+
+After the AoI split, every conv on a grid the cost model accepts becomes ``fxeff::tile_conv2d`` on a *tile batch*:
+the tiles of side T (per grid) that hold an active AoI pixel, each with the halo (margin) the following layers of
+its region still need. BatchNorm, activations, residual adds and other pointwise ops between maps of the same grid
+run unchanged on the tile batch. Data moves between whole maps and tile batches only at a region's edges
+(``fxeff/ops/regions.py``): a *gather* where a region reads a whole map (its entry conv, with that conv's stride
+and padding, or a skip connection), a *scatter* where a whole map is read (an op the pass does not run on tiles, a
+grid change, the output), and ``region_mean`` where a global average pool reads a region (the head's pool,
+squeeze-excitation), computed from the tiles and the fill without a map.
+
+Semantics (what the tests check):
+- inside the AoI, a region's output equals the dense region applied to the same region inputs;
+- outside the AoI, a scattered map holds the fill (0, or fill="mean": per channel, the mean of the original value
+  there on the example inputs);
+- positions outside the image read zeros before every conv inside a region (multiplied by an inside mask), as the
+  conv's padding reads; a BatchNorm shift or a bias never leaks across the border.
+
+The margin of each node is the halo its tile-batch consumers need (a same-grid conv adds its padding). A node
+whose margin would exceed the budget of its grid (T // 4, at least 1) ends its region: it is computed at margin 0,
+scattered, and its consumers gather it again with their halo. That keeps regions short (two or three layers), so
+halos stay small against T (docs/regions.md).
+
+Cost model (docs/regions.md, numbers of benchmarks/region_cost.py): a grid's modelled time relative to dense is
+``MAC ratio / throughput(T) + 0.1`` where the MAC ratio counts the tile batch's MACs (halo and tile rounding
+included) on the example inputs, throughput(T) is the tile conv's measured speed per MAC relative to the dense conv
+(0.45 at T=4, 0.62 at T in 7-8, 0.75 at 14-16, 0.8 at 28-32) and 0.1 is gather and scatter. T is the candidate with
+the least modelled time; a grid whose best modelled time is above ``dense_above`` runs dense, reported per grid.
+"""
+import dataclasses
+import operator
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import regions as R
+from ..ops.mask_resize import mask_resize
+from .graph import ConvSite, concrete_shape
+from .measure import _writes_in_place
+from .rewrite import new_attr
+
+aten = torch.ops.aten
+TILE_CONV2D = torch.ops.fxeff.tile_conv2d.default
+ROLE = "fxeff_focus"
+
+# throughput of the tile batch's convs per MAC relative to the dense conv, by tile side (docs/benchmarks.md)
+THROUGHPUT = {4: 0.45, 7: 0.62, 8: 0.62, 14: 0.75, 16: 0.75, 28: 0.8, 32: 0.8}
+GATHER_SCATTER = 0.1  # gather and scatter, as a fraction of the dense region's time
+TILE_SIDES = tuple(sorted(THROUGHPUT))
+DEFAULT_TILE = 8  # without real example inputs there is no mask to cost tiles with
+
+_POINTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.GELU,
+                      nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.PReLU, nn.Identity)
+_EVAL_ONLY_MODULES = (nn.BatchNorm2d, nn.Dropout, nn.Dropout2d)
+_POINTWISE_FUNCTIONS = {
+    torch.relu, torch.relu_, F.relu, F.relu6, F.hardtanh, F.silu, F.hardswish, F.hardsigmoid, F.gelu, F.leaky_relu,
+    F.elu, F.mish, torch.sigmoid, torch.tanh, F.sigmoid if hasattr(F, "sigmoid") else torch.sigmoid,
+    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, torch.add, torch.mul,
+    torch.sub, torch.clamp, torch.clamp_min,
+    aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default, aten.silu.default,
+    aten.silu_.default, aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default,
+    aten.hardsigmoid_.default, aten.sigmoid.default, aten.tanh.default, aten.gelu.default, aten.leaky_relu.default,
+    aten.elu.default, aten.add.Tensor, aten.add_.Tensor, aten.mul.Tensor, aten.mul_.Tensor, aten.sub.Tensor,
+    aten.div.Tensor, aten.clamp.default, aten.clamp_min.default, aten.clone.default, aten.alias.default,
+    aten._native_batch_norm_legit_no_training.default,
+}
+_POINTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "add_", "mul", "mul_", "sub", "div", "clamp",
+                      "clamp_", "clamp_min", "contiguous", "clone"}
+_MEANS = {F.adaptive_avg_pool2d, aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default, torch.mean,
+          aten.mean.dim}
+
+
+@dataclasses.dataclass
+class GridPlan:
+    """How one grid (H, W) of the graph runs: its tile side, margins, and the cost model's numbers."""
+
+    size: Tuple[int, int]
+    tile: int = 0
+    budget: int = 0
+    mac_ratio: float = 1.0
+    modelled: float = 1.0
+    tiles: int = 0
+    region: bool = False
+    reason: str = ""
+    margins: Dict[fx.Node, int] = dataclasses.field(default_factory=dict)
+    cuts: Set[fx.Node] = dataclasses.field(default_factory=set)
+    gather_margin: Dict[fx.Node, int] = dataclasses.field(default_factory=dict)
+    convs: List[fx.Node] = dataclasses.field(default_factory=list)
+    mask: Optional[fx.Node] = None
+    plan: Optional[fx.Node] = None
+    inside: Dict[int, fx.Node] = dataclasses.field(default_factory=dict)
+
+    def describe(self) -> str:
+        h, w = self.size
+        if not self.region:
+            return f"grid {h}x{w}: dense ({self.reason})"
+        cut = f", {len(self.cuts)} region cut(s)" if self.cuts else ""
+        return (f"grid {h}x{w}: regions of {self.tile}x{self.tile} tiles, margin <= {self.budget}{cut}; "
+                f"{self.tiles} active tiles on the example inputs, MAC ratio {self.mac_ratio:.2f}, modelled time "
+                f"{self.modelled:.2f} of dense")
+
+
+class Planner:
+    """Classifies the nodes after the split (tile-form or whole-map), plans each grid and rewrites the graph."""
+
+    def __init__(self, gm: fx.GraphModule, split: fx.Node, downstream: Set[fx.Node], sites: Dict[fx.Node, ConvSite],
+                 batch: int, tile: Optional[int], dense_above: Optional[float]):
+        self.gm, self.graph, self.split = gm, gm.graph, split
+        self.downstream, self.sites, self.batch = downstream, sites, batch
+        self.tile, self.dense_above = tile, dense_above
+        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        self.grid: Dict[fx.Node, Tuple[int, int]] = {}
+        self.tiled: Set[fx.Node] = set()  # nodes computed on a tile batch
+        self.why_not: Dict[fx.Node, str] = {}  # conv -> why it is not on tiles
+        self.grids: Dict[Tuple[int, int], GridPlan] = {}
+        self.scatters: Dict[fx.Node, fx.Node] = {}
+        self.gathers: Dict[Tuple[fx.Node, Tuple[int, int]], fx.Node] = {}
+        self.fills: Dict[fx.Node, Optional[torch.Tensor]] = {}
+        self.whole_users: Dict[fx.Node, List[fx.Node]] = {}
+
+    # ------------------------------------------------------------ classification
+
+    def _grid_of(self, node: Any) -> Optional[Tuple[int, int]]:
+        shape = concrete_shape(node)
+        if shape is None or len(shape) != 4 or shape[0] != self.batch:
+            return None
+        return (shape[2], shape[3])
+
+    def conv_kind(self, node: fx.Node) -> Optional[str]:
+        """"same" (stride 1, output on the input's grid), "entry" (reads a whole map), or None (not on tiles)."""
+        site = self.sites.get(node)
+        if site is None:
+            return None
+        if site.transposed or site.dims != 2 or site.unsupported or site.weight_shape is None:
+            self.why_not[node] = site.unsupported or "not a forward 2-D conv"
+            return None
+        if site.padding_mode != "zeros":
+            self.why_not[node] = f"padding_mode={site.padding_mode!r}: tiles are gathered with zero padding"
+            return None
+        kernel = site.weight_shape[2:]
+        same = all(s == 1 and 2 * p == d * (k - 1) for s, p, d, k in
+                   zip(site.stride, site.padding, site.dilation, kernel))
+        return "same" if same and self._grid_of(site.input) == self._grid_of(node) else "entry"
+
+    def _module_pointwise(self, node: fx.Node) -> bool:
+        module = self.gm.get_submodule(node.target)
+        if isinstance(module, _POINTWISE_MODULES):
+            return True
+        if isinstance(module, _EVAL_ONLY_MODULES) or type(module).__name__ == "FrozenBatchNorm2d":
+            return not module.training or type(module).__name__ == "FrozenBatchNorm2d"
+        return False
+
+    def _is_pointwise(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return self._module_pointwise(node)
+        if node.op == "call_method":
+            return node.target in _POINTWISE_METHODS
+        if node.op != "call_function":
+            return False
+        if node.target in (F.batch_norm, aten.batch_norm.default):
+            training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+            return training is False
+        if node.target in (F.dropout, aten.dropout.default):
+            training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+            return training is False
+        return node.target in _POINTWISE_FUNCTIONS
+
+    def arg_kind(self, arg: Any, grid: Tuple[int, int]) -> Optional[str]:
+        """How a pointwise op's argument is read on a tile batch: "map" (gathered or cropped), "image" (per-image,
+        indexed by the tiles' images), "const" (as is); None: it cannot be."""
+        if not isinstance(arg, fx.Node):
+            return "const" if not isinstance(arg, (list, tuple)) or not any(isinstance(a, fx.Node) for a in arg) \
+                else None
+        shape = concrete_shape(arg)
+        if shape is None:
+            return None
+        if len(shape) == 4 and shape[0] == self.batch and (shape[2], shape[3]) == grid:
+            return "map"
+        if arg.op == "get_attr" or arg not in self.downstream and arg.op != "placeholder":
+            spatial = shape[-2:] if len(shape) >= 3 else ()
+            return "const" if all(s == 1 for s in spatial) else None
+        if len(shape) == 4 and shape[2:] == (1, 1) and shape[0] == self.batch:
+            return "image"
+        if len(shape) <= 1:
+            return "const"
+        return None
+
+    def classify(self) -> None:
+        """Fills ``tiled``: convs downstream of the split on a static grid, and pointwise ops that read at least one
+        tiled map of their own grid (and nothing that cannot be read per tile)."""
+        for node in self.graph.nodes:
+            if node not in self.downstream or node.meta.get(ROLE):
+                continue
+            if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.tiled \
+                    and node.args[1] == 0 and self.grid.get(node.args[0]) is not None:
+                self.grid[node] = self.grid[node.args[0]]
+                self.tiled.add(node)
+                continue
+            if node in self.sites:
+                if self.conv_kind(node) is not None and self._grid_of(node) is not None:
+                    self.grid[node] = self._grid_of(node)
+                    self.tiled.add(node)
+                elif node not in self.why_not:
+                    self.why_not[node] = "its output grid is not static"
+                continue
+            if not self._is_pointwise(node):
+                continue
+            first = node.args[0] if node.args else None
+            grid = self._grid_of(node) or (self._grid_of(first) if node.target is
+                                           aten._native_batch_norm_legit_no_training.default else None)
+            if grid is None:
+                continue
+            kinds = [self.arg_kind(a, grid) for a in list(node.args) + list(node.kwargs.values())]
+            maps = [a for a, k in zip(list(node.args) + list(node.kwargs.values()), kinds) if k == "map"]
+            if None in kinds or not any(a in self.tiled and self.grid.get(a) == grid for a in maps):
+                continue
+            self.grid[node] = grid
+            self.tiled.add(node)
+
+    # ------------------------------------------------------------ planning
+
+    def tile_users(self, node: fx.Node) -> List[fx.Node]:
+        """Users of ``node`` that read it as a tile batch of its own grid (same-grid convs and pointwise ops)."""
+        grid = self.grid.get(node)
+        return [u for u in node.users if u in self.tiled and self.grid.get(u) == grid and
+                not (u in self.sites and self.conv_kind(u) == "entry")]
+
+    def halo_of(self, user: fx.Node) -> int:
+        """The margin a tiled user adds to its input's: a same-grid conv's padding (its larger side)."""
+        if user in self.sites:
+            return max(self.sites[user].padding)
+        return 0
+
+    def margins(self, grid: Tuple[int, int], budget: int) -> Tuple[Dict[fx.Node, int], Set[fx.Node], Dict]:
+        """(margin of each tiled node of ``grid``, the nodes that end a region, the margin each whole-map input is
+        gathered at), in one backward sweep."""
+        nodes = [n for n in self.tiled if self.grid[n] == grid]
+        nodes.sort(key=self.order.__getitem__, reverse=True)
+        margins: Dict[fx.Node, int] = {}
+        cuts: Set[fx.Node] = set()
+        gather: Dict[fx.Node, int] = {}
+        for node in nodes:
+            need = max((margins[u] + self.halo_of(u) for u in self.tile_users(node)), default=0)
+            if need > budget:
+                cuts.add(node)
+                gather[node] = need
+                need = 0
+            margins[node] = need
+        for node in nodes:  # whole maps read by tiled pointwise ops or same-grid convs
+            if node in self.sites and self.conv_kind(node) == "entry":
+                continue
+            args = [self.sites[node].input] if node in self.sites else self._node_args(node)
+            for arg in args:
+                if isinstance(arg, fx.Node) and (arg not in self.tiled or self.grid.get(arg) != grid) and \
+                        self.arg_kind(arg, grid) == "map":
+                    gather[arg] = max(gather.get(arg, 0), margins[node] + self.halo_of(node))
+        return margins, cuts, gather
+
+    @staticmethod
+    def _node_args(node: fx.Node) -> List[Any]:
+        return list(node.args) + list(node.kwargs.values())
+
+    def plan_grids(self, masks: Optional[Dict[Tuple[int, int], torch.Tensor]]) -> None:
+        """Chooses each grid's tile side (or dense) from the cost model on the example masks (None, with fake
+        example inputs: the config's tile side, or DEFAULT_TILE, everywhere)."""
+        for grid in sorted({self.grid[n] for n in self.tiled}, key=lambda g: -g[0] * g[1]):
+            plan = GridPlan(grid)
+            plan.convs = sorted((n for n in self.tiled if self.grid[n] == grid and n in self.sites),
+                                key=self.order.__getitem__)
+            mask = masks[grid] if masks is not None else None
+            dense_macs = sum(self.sites[c].macs_per_output_position() for c in plan.convs) * self.batch * \
+                grid[0] * grid[1]
+            sides = [self.tile] if self.tile else [t for t in TILE_SIDES if t <= max(grid)]
+            if not sides or max(grid) < sides[0]:
+                plan.reason = f"the grid is smaller than a tile ({sides[0] if sides else min(TILE_SIDES)})"
+                self.grids[grid] = plan
+                continue
+            if mask is None:  # fake example inputs: no mask to cost tiles with
+                sides = [self.tile or DEFAULT_TILE]
+            best = None
+            for side in sides:
+                budget = max(1, side // 4)
+                margins, cuts, gather = self.margins(grid, budget)
+                if mask is None:
+                    best = (0.0, side, budget, margins, cuts, gather, 0, 0.0)
+                    break
+                tiles = int(R.region_plan(mask, side).shape[1])
+                macs = sum(self.sites[c].macs_per_output_position() * (side + 2 * margins[c]) ** 2
+                           for c in plan.convs) * tiles
+                ratio = macs / dense_macs if dense_macs else 1.0
+                modelled = ratio / THROUGHPUT.get(side, 0.8) + GATHER_SCATTER
+                if best is None or modelled < best[0]:
+                    best = (modelled, side, budget, margins, cuts, gather, tiles, ratio)
+            (plan.modelled, plan.tile, plan.budget, plan.margins, plan.cuts, plan.gather_margin, plan.tiles,
+             plan.mac_ratio) = best
+            if not plan.convs:  # pointwise ops only: they follow a tiled conv of another grid, never happens
+                plan.reason = "no conv on this grid"
+            elif mask is not None and self.dense_above is not None and plan.modelled > self.dense_above:
+                plan.reason = (f"the cost model gives {plan.modelled:.2f} of dense time at the best tile side "
+                               f"{plan.tile} (MAC ratio {plan.mac_ratio:.2f}), above dense_above={self.dense_above}")
+            else:
+                plan.region = True
+            self.grids[grid] = plan
+        dense = {g for g, p in self.grids.items() if not p.region}
+        for node in [n for n in self.tiled if self.grid[n] in dense]:
+            self.tiled.discard(node)
+            if node in self.sites:
+                self.why_not[node] = self.grids[self.grid[node]].describe()
+
+    # ------------------------------------------------------------ which values leave the tiles
+
+    def whole_map_users(self, node: fx.Node) -> List[fx.Node]:
+        """Users that read ``node`` as a whole map (everything but its tile users; all users of a region cut)."""
+        if node in self.grids[self.grid[node]].cuts:
+            return list(node.users)
+        tile_users = set(self.tile_users(node))
+        return [u for u in node.users if u not in tile_users]
+
+    def global_mean(self, user: fx.Node) -> Optional[bool]:
+        """keepdim when ``user`` is a global average pool of its first argument ([N, C, 1, 1] or [N, C]), else None."""
+        target = self.gm.get_submodule(user.target) if user.op == "call_module" else user.target
+        if isinstance(target, nn.AdaptiveAvgPool2d):
+            size = target.output_size
+            return True if size in (1, (1, 1), [1, 1]) else None
+        if user.op == "call_method" and user.target == "mean" or target in (torch.mean, aten.mean.dim):
+            dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+            keepdim = user.args[2] if len(user.args) > 2 else user.kwargs.get("keepdim", False)
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            if sorted(d % 4 for d in dims) == [2, 3] and len(user.args) <= 3 and "dtype" not in user.kwargs:
+                return bool(keepdim)
+            return None
+        if target in (F.adaptive_avg_pool2d, aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default):
+            size = user.args[1] if len(user.args) > 1 else user.kwargs.get("output_size")
+            return True if size in (1, (1, 1), [1, 1]) else None
+        return None
+
+    def needs_fill(self) -> List[fx.Node]:
+        """The tiled nodes that leave their region (scattered, or reduced by a global mean): their fill is measured."""
+        return sorted((n for n in self.tiled if self.whole_map_users(n)), key=self.order.__getitem__)
+
+    # ------------------------------------------------------------ rewriting
+
+    def _call(self, target, args, before: fx.Node, role: str) -> fx.Node:
+        with self.graph.inserting_before(before):
+            node = self.graph.call_function(target, tuple(args))
+        node.meta[ROLE] = role
+        return node
+
+    def _plan_node(self, grid: Tuple[int, int]) -> fx.Node:
+        plan = self.grids[grid]
+        if plan.plan is None:
+            with self.graph.inserting_after(plan.mask):
+                plan.plan = self.graph.call_function(R.region_plan, (plan.mask, plan.tile))
+            plan.plan.meta[ROLE] = "region_plan"
+        return plan.plan
+
+    def _inside(self, grid: Tuple[int, int], margin: int, like: fx.Node, before: fx.Node) -> fx.Node:
+        plan = self.grids[grid]
+        if margin not in plan.inside:
+            plan.inside[margin] = self._call(R.region_inside, (self._plan_node(grid), like, list(grid), plan.tile,
+                                                               margin), before, "region_inside")
+        return plan.inside[margin]
+
+    def _fill_node(self, node: fx.Node, before: fx.Node) -> Optional[fx.Node]:
+        fill = self.fills.get(node)
+        if fill is None:
+            return None
+        name = new_attr(self.gm, f"{node.name}_region_fill", fill, parameter=False)
+        with self.graph.inserting_before(before):
+            attr = self.graph.get_attr(name)
+        attr.meta[ROLE] = "region_fill"
+        return attr
+
+    def whole(self, node: fx.Node, user: fx.Node) -> fx.Node:
+        """``node`` as a whole map for ``user``: itself, or its scatter (made once, before its first whole-map user)."""
+        if node not in self.tiled:
+            return node
+        if node not in self.scatters:
+            first = min(self.whole_users[node], key=self.order.__getitem__)
+            plan = self.grids[self.grid[node]]
+            fill = self._fill_node(node, first)
+            self.scatters[node] = self._call(R.region_scatter, (node, self._plan_node(plan.size), plan.mask,
+                                                                plan.tile, plan.margins[node], fill), first,
+                                             "region_scatter")
+        return self.scatters[node]
+
+    def tile_input(self, arg: fx.Node, user: fx.Node, margin: int) -> Tuple[fx.Node, bool]:
+        """(``arg`` as ``user``'s tile batch at ``margin``, whether it came from a zero-padded gather)."""
+        grid = self.grid[user]
+        plan = self.grids[grid]
+        if arg in self.tiled and self.grid[arg] == grid and arg not in plan.cuts:
+            by = plan.margins[arg] - margin
+            value = self._call(R.region_crop, (arg, by), user, "region_crop") if by else arg
+            if by and _writes_in_place(self.gm, user):
+                value = self._call(aten.clone.default, (value,), user, "region_crop")
+            return value, False
+        key = (arg, grid)
+        if key not in self.gathers:
+            full = self.whole(arg, user)
+            self.gathers[key] = self._call(R.region_gather, (full, self._plan_node(grid), list(grid), plan.tile,
+                                                             plan.gather_margin[arg]), user, "region_gather")
+        by = plan.gather_margin[arg] - margin
+        return (self._call(R.region_crop, (self.gathers[key], by), user, "region_crop") if by else
+                self.gathers[key]), True
+
+    def rewrite_conv(self, node: fx.Node) -> None:
+        site = self.sites[node]
+        plan = self.grids[self.grid[node]]
+        margin = plan.margins[node]
+        kernel = site.weight_shape[2:]
+        if self.conv_kind(node) == "same":
+            x, zero_padded = self.tile_input(site.input, node, margin + max(site.padding))
+            if any(site.padding) and not zero_padded:
+                inside = self._inside(plan.size, margin + max(site.padding), x, node)
+                x = self._call(operator.mul, (x, inside), node, "region_border")
+            crop = [max(site.padding) - p for p in site.padding]  # an asymmetric kernel's smaller halo
+            if any(crop):
+                with self.graph.inserting_before(node):
+                    for dim, by in enumerate(crop):
+                        if by:
+                            x = self.graph.call_function(aten.slice.Tensor, (x, 2 + dim, by, -by))
+                            x.meta[ROLE] = "region_crop"
+        else:
+            full = self.whole(site.input, node)
+            extent = [d * (k - 1) + 1 for d, k in zip(site.dilation, kernel)]
+            x = self._call(R.region_gather, (full, self._plan_node(plan.size), list(plan.size), plan.tile, margin,
+                                             list(site.stride), extent, list(site.padding)), node, "region_gather")
+        with self.graph.inserting_before(node):
+            weight = self.graph.get_attr(site.weight) if isinstance(site.weight, str) else site.weight
+            bias = self.graph.get_attr(site.bias) if isinstance(site.bias, str) else site.bias
+        node.op, node.target = "call_function", TILE_CONV2D
+        node.args, node.kwargs = (x, weight, bias, list(site.stride), list(site.dilation), site.groups), {}
+
+    def rewrite_pointwise(self, node: fx.Node) -> None:
+        grid = self.grid[node]
+        margin = self.grids[grid].margins[node]
+
+        def convert(arg):
+            if not isinstance(arg, fx.Node):
+                return arg
+            kind = self.arg_kind(arg, grid)
+            if kind == "map":
+                return self.tile_input(arg, node, margin)[0]
+            if kind == "image":
+                return self._call(R.region_per_image, (self.whole(arg, node), self._plan_node(grid)), node,
+                                  "region_per_image")
+            return arg
+
+        if node.op == "call_function" and node.target is operator.getitem:
+            return  # the tuple of a tiled batch norm: its element 0 is the tile batch already
+        node.args = tuple(convert(a) for a in node.args)
+        node.kwargs = {k: convert(v) for k, v in node.kwargs.items()}
+
+    def rewrite(self, masks: Dict[Tuple[int, int], fx.Node]) -> None:
+        for grid, plan in self.grids.items():
+            plan.mask = masks.get(grid)
+        self.whole_users = whole_users = {n: self.whole_map_users(n) for n in self.tiled}
+        for node in sorted(self.tiled, key=self.order.__getitem__):
+            if node in self.sites:
+                self.rewrite_conv(node)
+            else:
+                self.rewrite_pointwise(node)
+        for node in sorted(self.tiled, key=self.order.__getitem__):
+            for user in whole_users[node]:
+                if user in self.tiled:
+                    continue  # reads the gather of this node's scatter (rewritten above)
+                plan = self.grids[self.grid[node]]
+                keepdim = self.global_mean(user)
+                if keepdim is not None and user.args and user.args[0] is node:
+                    fill = self._fill_node(node, user)
+                    user.op, user.target = "call_function", R.region_mean
+                    user.args = (node, self._plan_node(plan.size), plan.mask, plan.tile, plan.margins[node], fill,
+                                 keepdim)
+                    user.kwargs = {}
+                    user.meta[ROLE] = "region_mean"
+                    continue
+                user.replace_input_with(node, self.whole(node, user))
+        for node in self.tiled:  # shapes recorded for whole maps no longer hold
+            for key in ("val", "example_value", "tensor_meta", "fxeff_val"):
+                node.meta.pop(key, None)
+
+
+def grid_masks_for(mask: torch.Tensor, grids: Sequence[Tuple[int, int]]) -> Dict[Tuple[int, int], torch.Tensor]:
+    """The AoI mask (bool [N, H, W] at the split's grid) at each grid, as mask_resize gives it in the graph."""
+    return {g: mask if tuple(mask.shape[1:]) == tuple(g) else mask_resize(mask, list(g)) for g in grids}
+
+
+def tile_macs(plan: GridPlan, node: fx.Node, site: ConvSite, tiles: int) -> int:
+    """MACs a tiled conv computes for ``tiles`` tiles (its output window is T + 2 margin a side)."""
+    return site.macs_per_output_position() * (plan.tile + 2 * plan.margins[node]) ** 2 * tiles
+
+
+def fill_means(values: Dict[fx.Node, torch.Tensor], mask: torch.Tensor, nodes: Sequence[fx.Node],
+               grid_of: Dict[fx.Node, Tuple[int, int]]) -> Dict[fx.Node, torch.Tensor]:
+    """node -> per-channel mean of its original value outside the AoI on the example inputs (0 if none is)."""
+    means = {}
+    for node in nodes:
+        value = values[node]
+        if isinstance(value, (tuple, list)):
+            value = value[0]
+        out = value.double()
+        grid = grid_of[node]
+        inside = mask if tuple(mask.shape[1:]) == tuple(grid) else mask_resize(mask, list(grid))
+        outside = (~inside).unsqueeze(1)
+        count = int(outside.sum())
+        total = (out * outside).sum(dim=(0, 2, 3))
+        means[node] = (total / count if count else torch.zeros_like(total)).to(value.dtype)
+    return means
+
+
+__all__ = ["Planner", "GridPlan", "grid_masks_for", "tile_macs", "fill_means", "THROUGHPUT", "TILE_SIDES"]
