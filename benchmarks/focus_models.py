@@ -1,6 +1,7 @@
 """Whole models focused on real photos: latency dense vs focused, eager and compiled, against the MACs saved.
 
-For each model (VGG16, ResNet-50, EfficientNet-Lite0 at 224x224, batch 1) one AoI threshold is
+For each model (VGG16, ResNet-50, MobileNetV2, EfficientNet-Lite0 at 224x224, batch 1) and each Focus execution
+(--execution: "region", tiles; "layer", per-layer focused convs) one AoI threshold is
 calibrated on the photos for a mean AoI of --aoi (default 25%), the model is focused with
 fxeff.transform (eager) and with torch.compile(backend="effconv") and timed on each photo beside
 the dense model (eager, and torch.compile's default inductor). The AoI is computed in the graph
@@ -13,7 +14,7 @@ With --device cuda the models, photos and masks live on the GPU (dense = cuDNN);
 efficiency >= 0.75 for VGG16 and ResNet-50 at a 25% AoI. --quick: the first photo only, eager only.
 
     .venv/bin/python benchmarks/focus_models.py [--models vgg16,resnet50,efficientnet-lite0]
-        [--photos astronaut,chelsea,coffee] [--aoi 0.25] [--device cpu|cuda] [--quick] [--no-compile] [--profile]
+        [--photos astronaut,chelsea,coffee] [--aoi 0.25] [--execution region,layer] [--device cpu|cuda] [--quick] [--no-compile] [--profile]
         [--json out.json] [--markdown out.md]
 """
 import argparse
@@ -29,9 +30,9 @@ from fxeff.bench import script_parser, write_markdown, measure, report  # noqa: 
 import fxeff  # noqa: E402
 from fxeff import data, focus, models  # noqa: E402
 
-MODELS = {"vgg16": "torchvision:vgg16", "resnet50": "torchvision:resnet50",
+MODELS = {"vgg16": "torchvision:vgg16", "resnet50": "torchvision:resnet50", "mobilenetv2": "torchvision:mobilenet_v2",
           "efficientnet-lite0": "efficientnet-lite0"}
-COLUMNS = ["model", "photo", "AoI", "MAC bound", "eager dense ms", "eager focused ms", "eager speedup",
+COLUMNS = ["model", "execution", "photo", "AoI", "MAC bound", "eager dense ms", "eager focused ms", "eager speedup",
            "eager efficiency", "inductor dense ms", "effconv focused ms", "compiled speedup", "compiled efficiency",
            "effconv vs eager dense"]
 
@@ -58,7 +59,7 @@ def _profile(name: str, fn, rows: int = 12, cuda: bool = False) -> None:
 
 
 def bench_model(key: str, photo_names, target: float, compile_models: bool, profile: bool,
-                device: torch.device = torch.device("cpu")):
+                device: torch.device = torch.device("cpu"), execution: str = "region"):
     name = MODELS[key]
     torch.manual_seed(0)  # torchvision models have random weights: the same ones in every run
     model = models.load_model(name).to(device)
@@ -66,9 +67,11 @@ def bench_model(key: str, photo_names, target: float, compile_models: bool, prof
     batch, _ = data.to_batch([image for _, image in photos], models.preprocessing(name))
     batch = batch.to(device)
     threshold = focus.calibrate(model, batch, target)
-    config = fxeff.Focus(threshold)
+    config = fxeff.Focus(threshold, execution=execution)
     focused = fxeff.transform(model, batch, [config])
-    print(f"{key}: split {focused.fxeff_report.split}, threshold {threshold:.6g} for a mean AoI of {target:.0%} "
+    for note in focused.fxeff_report.notes:
+        print(f"  {note}")
+    print(f"{key} ({execution} execution): split {focused.fxeff_report.split}, threshold {threshold:.6g} for a mean AoI of {target:.0%} "
           f"over {len(photos)} photos; whole-model MACs on the batch {focused.fxeff_report.model_macs_before / 1e9:.2f}G"
           f" -> {focused.fxeff_report.model_macs_after / 1e9:.2f}G", flush=True)
     if compile_models:
@@ -81,7 +84,7 @@ def bench_model(key: str, photo_names, target: float, compile_models: bool, prof
         for i, (photo, _) in enumerate(photos):
             x = batch[i:i + 1]
             bound = _macs(model, x) / _macs(focused, x)
-            row = {"model": key, "photo": photo, "AoI": float(masks[i].float().mean()), "MAC bound": bound}
+            row = {"model": key, "execution": execution, "photo": photo, "AoI": float(masks[i].float().mean()), "MAC bound": bound}
             eager_dense = measure(lambda: model(x))
             eager_focused = measure(lambda: focused(x))
             row.update({"eager dense ms": eager_dense * 1e3, "eager focused ms": eager_focused * 1e3,
@@ -95,7 +98,7 @@ def bench_model(key: str, photo_names, target: float, compile_models: bool, prof
                             "compiled efficiency": compiled_dense / compiled_focused / bound,
                             "effconv vs eager dense": eager_dense / compiled_focused})
             else:
-                row.update({c: "not run" for c in COLUMNS[8:]})
+                row.update({c: "not run" for c in COLUMNS[9:]})
             rows.append(row)
             print(f"  {photo}: AoI {row['AoI']:.1%}, MAC bound {bound:.2f}x, eager speedup {row['eager speedup']:.2f}x"
                   + (f", compiled speedup {row['compiled speedup']:.2f}x" if compile_models else ""), flush=True)
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile", action="store_true", help="eager only (skip inductor and effconv)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table by op, dense and focused")
     parser.add_argument("--quick", action="store_true", help="the first photo only, eager only (no compile)")
+    parser.add_argument("--execution", default="region,layer",
+                        help="comma-separated Focus executions to time: region (tiles), layer (per-layer focused convs)")
     return parser
 
 
@@ -132,7 +137,8 @@ def main(argv=None):
     compile_models = not (args.no_compile or args.quick)
     rows = []
     for key in keys:
-        rows += bench_model(key, photo_names, args.aoi, compile_models, args.profile, device)
+        for execution in [e.strip() for e in args.execution.split(",") if e.strip()]:
+            rows += bench_model(key, photo_names, args.aoi, compile_models, args.profile, device, execution)
     text = report(f"Whole models focused on real photos (224x224, batch 1, {device.type}, threshold for a mean AoI "
                   f"of {args.aoi:.0%})", rows, COLUMNS, args.json, device)
     write_markdown(args.markdown, text)
