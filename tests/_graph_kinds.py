@@ -5,8 +5,8 @@ import fxeff
 from fxeff.passes import run_passes
 
 
-def dynamo_graph(model, x):
-    """The graph dynamo hands a backend, with its example inputs."""
+def dynamo_graph(model, x, dynamic=None):
+    """The graph dynamo hands a backend, with its example inputs (``dynamic``: torch.compile's, for symbolic sizes)."""
     captured = []
 
     def backend(gm, example_inputs):
@@ -14,7 +14,7 @@ def dynamo_graph(model, x):
         return gm
 
     torch._dynamo.reset()
-    torch.compile(model, backend=backend, fullgraph=True)(x)
+    torch.compile(model, backend=backend, fullgraph=True, dynamic=dynamic)(x)
     return captured[0]
 
 

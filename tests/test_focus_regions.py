@@ -269,15 +269,6 @@ def test_config_checks():
 
 def test_dynamic_shapes_are_refused_with_the_way_out():
     model, (h, w), _ = _random_block(8)
-    x = torch.randn(2, 3, h, w)
-    captured = []
-
-    def backend(gm, inputs):
-        captured.append((gm, inputs))
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=backend, dynamic=True)(x)
-    gm, inputs = captured[0]
+    gm, inputs = dynamo_graph(model, torch.randn(2, 3, h, w), dynamic=True)
     with pytest.raises(NotImplementedError, match="execution='layer'"):
         run_passes(gm, inputs, [region(threshold=0.0, split="stem")])

@@ -24,7 +24,8 @@ halos stay small against T (docs/regions.md).
 Cost model (docs/regions.md, numbers of benchmarks/region_cost.py): a grid's modelled time relative to dense is
 ``MAC ratio / throughput(T) + 0.1`` where the MAC ratio counts the tile batch's MACs (halo and tile rounding
 included) on the example inputs, throughput(T) is the tile conv's measured speed per MAC relative to the dense conv
-(0.45 at T=4, 0.62 at T in 7-8, 0.75 at 14-16, 0.8 at 28-32) and 0.1 is gather and scatter. T is the candidate with
+(0.62 at T=8, 0.75 at 16, 0.8 at 32, measured; 0.45 at T=4 and 0.62 at 7, 0.75 at 14 and 0.8 at 28 not measured yet)
+and 0.1 is gather and scatter. T is the candidate with
 the least modelled time; a grid whose best modelled time is above ``dense_above`` runs dense, reported per grid.
 """
 import dataclasses
@@ -46,7 +47,8 @@ aten = torch.ops.aten
 TILE_CONV2D = torch.ops.fxeff.tile_conv2d.default
 ROLE = "fxeff_focus"
 
-# throughput of the tile batch's convs per MAC relative to the dense conv, by tile side (docs/benchmarks.md)
+# throughput of the tile batch's convs per MAC relative to the dense conv, by tile side: T=8-32 measured by
+# benchmarks/region_cost.py (docs/benchmarks.md); T=4 and T=7 are not measured yet (extrapolated, lower for T=4)
 THROUGHPUT = {4: 0.45, 7: 0.62, 8: 0.62, 14: 0.75, 16: 0.75, 28: 0.8, 32: 0.8}
 GATHER_SCATTER = 0.1  # gather and scatter, as a fraction of the dense region's time
 TILE_SIDES = tuple(sorted(THROUGHPUT))
