@@ -136,7 +136,7 @@ def region_mean(tiles: torch.Tensor, plan: torch.Tensor, mask: torch.Tensor, til
     summed in a different order."""
     n, h, w = mask.shape
     c = tiles.shape[1]
-    inside = (region_crop(tiles, margin) * region_gather(mask.unsqueeze(1), plan, [h, w], tile, 0))
+    inside = _centres(tiles, plan, mask, tile, margin, None)  # 0 outside the AoI
     sums = torch.zeros(n, c, dtype=torch.float32, device=tiles.device)
     sums = sums.index_add(0, plan[0], inside.sum(dim=(2, 3), dtype=torch.float32))
     if fill is not None:

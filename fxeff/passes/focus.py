@@ -394,15 +394,7 @@ def _outside_means(config: Focus, values: Dict[fx.Node, torch.Tensor], split: fx
     the example inputs (``values``: the original graph's), for fill="mean"; zeros for a conv whose AoI
     covers everything."""
     mask = dilate_mask(AOI_MASK(values[split], config.threshold, config.reduce), config.halo)
-    means = {}
-    for site in sites:
-        out = values[site.node].double()
-        grid = list(out.shape[2:])
-        outside = (~(mask if list(mask.shape[1:]) == grid else MASK_RESIZE(mask, grid))).unsqueeze(1)
-        count = int(outside.sum())
-        total = (out * outside).sum(dim=(0, 2, 3))
-        means[site.node] = (total / count if count else torch.zeros_like(total)).to(values[site.node].dtype)
-    return means
+    return fill_means(values, mask, [site.node for site in sites])
 
 
 def _fill_outside(gm: fx.GraphModule, site: ConvSite, new: fx.Node, mean: torch.Tensor, split: fx.Node) -> None:
@@ -563,7 +555,7 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
                                   "planned at transform time); this graph has dynamic shapes "
                                   f"{tuple(split_shape)}: use Focus(execution='layer')")
     by_node = {site.node: site for site in sites if site.node in downstream}
-    planner = Planner(gm, split, downstream, by_node, batch, config.tile, config.dense_above)
+    planner = Planner(gm, downstream, by_node, batch, config.tile, config.dense_above)
     planner.classify()
     mask_value = None if fake else dilate_mask(AOI_MASK(split_value, config.threshold, config.reduce), config.halo)
     grids = sorted({planner.grid[n] for n in planner.tiled})
@@ -572,7 +564,7 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     if config.fill == "mean":
         nodes = planner.needs_fill()
         _, values = run_recording(gm, context.example_inputs, nodes, count_flops=False)
-        planner.fills = fill_means(values, mask_value, nodes, planner.grid)
+        planner.fills = fill_means(values, mask_value, nodes)
         del values
     aoi, mask = _emit_aoi(graph, config, split, split_shape)
     masks = {}
@@ -607,7 +599,6 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
                      "value there on the example inputs")
     if not tiled:
         notes.append("no conv runs on tiles: the graph computes the dense model")
-    if not tiled:
         _erase_chain(graph, mask, aoi)
     graph.lint()
     gm.recompile()
@@ -616,8 +607,8 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     if fake:
         report.notes.append("example inputs are fake tensors: tiles not costed, AoI fractions and MACs after are n/a")
         return report
-    plans = {grid: plan.plan for grid, plan in planner.grids.items() if plan.plan is not None}
-    flops_after, values = run_recording(gm, context.example_inputs, list(plans.values()) + ([mask] if tiled else []))
+    plans = [plan.plan for plan in planner.grids.values() if plan.plan is not None]
+    flops_after, values = run_recording(gm, context.example_inputs, plans + ([mask] if tiled else []))
     report.model_macs_after = flops_after // 2
     if tiled:
         report.aoi_fractions = [float(f) for f in values[mask].float().mean(dim=(1, 2))]

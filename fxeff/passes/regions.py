@@ -59,7 +59,7 @@ _POINTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, 
 _EVAL_ONLY_MODULES = (nn.BatchNorm2d, nn.Dropout, nn.Dropout2d)
 _POINTWISE_FUNCTIONS = {
     torch.relu, torch.relu_, F.relu, F.relu6, F.hardtanh, F.silu, F.hardswish, F.hardsigmoid, F.gelu, F.leaky_relu,
-    F.elu, F.mish, torch.sigmoid, torch.tanh, F.sigmoid if hasattr(F, "sigmoid") else torch.sigmoid,
+    F.elu, F.mish, torch.sigmoid, torch.tanh, F.sigmoid,
     operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, torch.add, torch.mul,
     torch.sub, torch.clamp, torch.clamp_min,
     aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default, aten.silu.default,
@@ -108,14 +108,15 @@ class GridPlan:
 class Planner:
     """Classifies the nodes after the split (tile-form or whole-map), plans each grid and rewrites the graph."""
 
-    def __init__(self, gm: fx.GraphModule, split: fx.Node, downstream: Set[fx.Node], sites: Dict[fx.Node, ConvSite],
-                 batch: int, tile: Optional[int], dense_above: Optional[float]):
-        self.gm, self.graph, self.split = gm, gm.graph, split
+    def __init__(self, gm: fx.GraphModule, downstream: Set[fx.Node], sites: Dict[fx.Node, ConvSite], batch: int,
+                 tile: Optional[int], dense_above: Optional[float]):
+        self.gm, self.graph = gm, gm.graph
         self.downstream, self.sites, self.batch = downstream, sites, batch
         self.tile, self.dense_above = tile, dense_above
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
         self.grid: Dict[fx.Node, Tuple[int, int]] = {}
         self.tiled: Set[fx.Node] = set()  # nodes computed on a tile batch
+        self.entry: Set[fx.Node] = set()  # tiled convs that gather their input from a whole map (conv_kind "entry")
         self.why_not: Dict[fx.Node, str] = {}  # conv -> why it is not on tiles
         self.grids: Dict[Tuple[int, int], GridPlan] = {}
         self.scatters: Dict[fx.Node, fx.Node] = {}
@@ -202,9 +203,12 @@ class Planner:
                 self.tiled.add(node)
                 continue
             if node in self.sites:
-                if self.conv_kind(node) is not None and self._grid_of(node) is not None:
+                kind = self.conv_kind(node)
+                if kind is not None and self._grid_of(node) is not None:
                     self.grid[node] = self._grid_of(node)
                     self.tiled.add(node)
+                    if kind == "entry":
+                        self.entry.add(node)
                 elif node not in self.why_not:
                     self.why_not[node] = "its output grid is not static"
                 continue
@@ -228,7 +232,7 @@ class Planner:
         """Users of ``node`` that read it as a tile batch of its own grid (same-grid convs and pointwise ops)."""
         grid = self.grid.get(node)
         return [u for u in node.users if u in self.tiled and self.grid.get(u) == grid and
-                not (u in self.sites and self.conv_kind(u) == "entry")]
+                u not in self.entry]
 
     def halo_of(self, user: fx.Node) -> int:
         """The margin a tiled user adds to its input's: a same-grid conv's padding (its larger side)."""
@@ -252,7 +256,7 @@ class Planner:
                 need = 0
             margins[node] = need
         for node in nodes:  # whole maps read by tiled pointwise ops or same-grid convs
-            if node in self.sites and self.conv_kind(node) == "entry":
+            if node in self.entry:
                 continue
             args = [self.sites[node].input] if node in self.sites else self._node_args(node)
             for arg in args:
@@ -413,7 +417,7 @@ class Planner:
         plan = self.grids[self.grid[node]]
         margin = plan.margins[node]
         kernel = site.weight_shape[2:]
-        if self.conv_kind(node) == "same":
+        if node not in self.entry:
             x, zero_padded = self.tile_input(site.input, node, margin + max(site.padding))
             if any(site.padding) and not zero_padded:
                 inside = self._inside(plan.size, margin + max(site.padding), x, node)
@@ -495,18 +499,17 @@ def tile_macs(plan: GridPlan, node: fx.Node, site: ConvSite, tiles: int) -> int:
     return site.macs_per_output_position() * (plan.tile + 2 * plan.margins[node]) ** 2 * tiles
 
 
-def fill_means(values: Dict[fx.Node, torch.Tensor], mask: torch.Tensor, nodes: Sequence[fx.Node],
-               grid_of: Dict[fx.Node, Tuple[int, int]]) -> Dict[fx.Node, torch.Tensor]:
-    """node -> per-channel mean of its original value outside the AoI on the example inputs (0 if none is)."""
+def fill_means(values: Dict[fx.Node, Any], mask: torch.Tensor, nodes: Sequence[fx.Node]) -> Dict[fx.Node, torch.Tensor]:
+    """node -> per-channel mean of its original value (``values``: the original graph's; a tuple's element 0, as a
+    batch norm's) outside the AoI ``mask`` (bool [N, H, W], resized to the value's grid) over the example inputs;
+    zeros where the AoI covers everything. The fill="mean" of both executions."""
     means = {}
     for node in nodes:
         value = values[node]
         if isinstance(value, (tuple, list)):
             value = value[0]
         out = value.double()
-        grid = grid_of[node]
-        inside = mask if tuple(mask.shape[1:]) == tuple(grid) else mask_resize(mask, list(grid))
-        outside = (~inside).unsqueeze(1)
+        outside = (~grid_masks_for(mask, [tuple(out.shape[2:])])[tuple(out.shape[2:])]).unsqueeze(1)
         count = int(outside.sum())
         total = (out * outside).sum(dim=(0, 2, 3))
         means[node] = (total / count if count else torch.zeros_like(total)).to(value.dtype)
