@@ -7,7 +7,11 @@ top-1 agreement on the real photos. See fxeff.accuracy_report for what is measur
         [--hetconv-target-epochs 10] [--shift-target-epochs 3]
         [--finetune-lr 0.1] [--hetconv-init fit]
         [--no-photos] [--threads 2] [--out docs/accuracy.md] [--plots docs/accuracy]
-        [--rows out/accuracy-rows.json] [--resume]
+        [--rows out/accuracy-rows.json] [--resume] [--students]
+
+--students runs only the fine-tuned rows that have a target (HetConv P=4, sparse shift) and saves each fine-tuned
+model beside the reference checkpoints (fxeff/checkpoints/<arch>-<dataset>-<technique>.pt and .json, read by
+fxeff.reference.load_finetuned and the demo); its report goes to out/finetuned.md unless --out says otherwise.
 
 The whole run takes about three hours on 2 cores, most of it in fine-tuning. Each row is saved to --rows as
 soon as it is measured; --resume reuses the rows saved there that were measured the same way (an
@@ -51,14 +55,20 @@ def main(argv=None) -> None:
     parser.add_argument("--latency-runs", type=int, default=accuracy_report.Settings.latency_runs)
     parser.add_argument("--no-photos", action="store_true", help="skip the EfficientNet-Lite0 photo table")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "accuracy.md"))
-    parser.add_argument("--plots", default=os.path.join(ROOT, "docs", "accuracy"))
+    parser.add_argument("--students", action="store_true",
+                        help="only the fine-tuned rows with a target, each model saved to fxeff/checkpoints")
+    parser.add_argument("--out", default=None, help="default: docs/accuracy.md (out/finetuned.md with --students)")
+    parser.add_argument("--plots", default=None, help="default: docs/accuracy (out/finetuned with --students)")
     parser.add_argument("--rows", default=os.path.join(ROOT, "out", "accuracy-rows.json"),
                         help="each model's rows are saved here as they are measured")
     parser.add_argument("--resume", action="store_true", help="reuse the rows saved in --rows with the same settings")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    out = args.out or os.path.join(ROOT, *(("out", "finetuned.md") if args.students else ("docs", "accuracy.md")))
+    plots = args.plots or os.path.join(ROOT, *(("out", "finetuned") if args.students else ("docs", "accuracy")))
+    only_students = dict(focus_halos=(), stem_fractions=(), hetconv_parts=(4,), shift_modes=("sparse",),
+                         save_students=True) if args.students else {}
     settings = accuracy_report.Settings(
         archs=_names(args.archs, reference.ARCHS, "--archs"),
         datasets=_names(args.datasets, reference.DATASETS, "--datasets"), eval_images=args.eval_images,
@@ -67,8 +77,8 @@ def main(argv=None) -> None:
         finetune_lr=args.finetune_lr,
         hetconv_init=args.hetconv_init,
         latency_runs=args.latency_runs,
-        photos=not args.no_photos)
-    print(accuracy_report.run(settings, args.out, args.plots, rows_path=args.rows, resume=args.resume))
+        photos=not (args.no_photos or args.students), **only_students)
+    print(accuracy_report.run(settings, out, plots, rows_path=args.rows, resume=args.resume))
 
 
 if __name__ == "__main__":

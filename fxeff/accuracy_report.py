@@ -67,6 +67,7 @@ class Settings:
     hetconv_parts: Sequence[int] = HETCONV_PARTS
     shift_modes: Sequence[str] = SHIFT_MODES
     progress: bool = True
+    save_students: bool = False              # save the fine-tuned rows of reference.FINETUNED (reference.save_finetuned)
 
 
 def _batch(dataset: torch.utils.data.Dataset, n: int) -> torch.Tensor:
@@ -200,13 +201,17 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
         student = _transform(ctx.model, ctx.calibration[:images], config)
         row = ctx.row(pass_name, setting, student)
         ctx.finetune(row, student)
+        technique = _target_name(row)
+        if settings.save_students and technique in reference.FINETUNED:
+            meta = {k: row[k] for k in ("original", "rewritten", "fine-tuned", "fine-tune", "MAC ratio")}
+            row["checkpoint"] = os.path.relpath(reference.save_finetuned(
+                student, arch, dataset, technique, config, min(images, len(ctx.calibration)), meta))
         return row
 
-    background = (0.5 / 255 - data.MEAN) / data.STD  # the normalised value halfway between black and 1/255
-    runs = [("input", lambda: background, "mean", h, f"input > black, halo {h}, fill mean")
+    runs = [("input", lambda: data.BACKGROUND, "mean", h, f"input > black, halo {h}, fill mean")
             for h in settings.focus_halos]
     if COMPARE_HALO in settings.focus_halos:
-        runs.append(("input", lambda: background, "zeros", COMPARE_HALO,
+        runs.append(("input", lambda: data.BACKGROUND, "zeros", COMPARE_HALO,
                      f"input > black, halo {COMPARE_HALO}, fill zeros"))
     stem_thresholds: Dict[float, float] = {}
 

@@ -6,8 +6,14 @@ on real trained weights, offline.
 (``fxeff/checkpoints/<arch>-<dataset>.pt``, a plain state_dict read with ``weights_only=True``);
 ``fxeff train ARCH DATASET`` (``fxeff.training.train_reference``) retrains one from its fixed seed.
 On the cluttered canvases a stride-2 stem keeps the cost near that of the 28x28 models.
+
+The rewrites that need recovery fine-tuning also ship fine-tuned, for the rows of docs/accuracy.md with a target
+(``FINETUNED``): ``load_finetuned(arch, dataset, technique)`` rebuilds the rewritten graph with the recorded pass
+config on the recorded calibration images, loads its fine-tuned state_dict (``weights_only=True``) and checks the
+result against logits recorded at save time. ``benchmarks/accuracy.py --students`` makes them.
 """
 import dataclasses
+import json
 import os
 from typing import Callable, Dict, List, Optional
 
@@ -158,6 +164,84 @@ def load(arch: str, dataset: str, checkpoint: Optional[str] = None) -> nn.Module
     return model.eval()
 
 
+# technique -> the pass config the accuracy report fine-tunes for that target row (its init fits on training images)
+FINETUNED = ("hetconv P=4", "shift sparse")
+CHECK_IMAGES = 4  # test images whose logits are recorded beside a fine-tuned checkpoint
+FINETUNED_DIR = CHECKPOINT_DIR
+
+
+def finetuned_path(arch: str, dataset: str, technique: str) -> str:
+    """Where the committed fine-tuned ``technique`` (one of FINETUNED) of ``arch`` on ``dataset`` lives."""
+    _check(arch, dataset, "finetuned_path")
+    if technique not in FINETUNED:
+        raise ValueError(f"fxeff.reference.finetuned_path: technique must be one of {FINETUNED}, got {technique!r}")
+    slug = technique.replace(" ", "-").replace("=", "").lower()
+    return os.path.join(FINETUNED_DIR, f"{arch}-{dataset}-{slug}.pt")
+
+
+def _first_images(name: str, split: str, n: int) -> torch.Tensor:
+    data = dataset(name, split, limit=n)
+    return torch.stack([data[i][0] for i in range(min(n, len(data)))])
+
+
+def _check_logits(model: nn.Module, dataset_name: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(_first_images(dataset_name, "test", CHECK_IMAGES))
+
+
+def save_finetuned(student: nn.Module, arch: str, dataset: str, technique: str, config, calibration_images: int,
+                   meta: Dict[str, object]) -> str:
+    """Saves a fine-tuned rewrite: its state_dict (``finetuned_path``) and, beside it as JSON, what rebuilds it
+    (the pass config, the number of training images the rewrite was fitted on), logits on the first
+    CHECK_IMAGES test images, and ``meta`` (accuracy, fine-tuning budget). Returns the path."""
+    path = finetuned_path(arch, dataset, technique)
+    state = {k: v.detach().contiguous().clone() for k, v in student.state_dict().items()}
+    torch.save(state, path)
+    record = {"arch": arch, "dataset": dataset, "technique": technique, "config": config.to_dict(),
+              "calibration_images": calibration_images, "torch": torch.__version__,
+              "check_logits": _check_logits(student, dataset).tolist(), "checkpoint_bytes": os.path.getsize(path)}
+    record.update(meta)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    return path
+
+
+def finetuned_record(arch: str, dataset: str, technique: str) -> Dict[str, object]:
+    """The JSON written beside a fine-tuned checkpoint (``save_finetuned``)."""
+    path = os.path.splitext(finetuned_path(arch, dataset, technique))[0] + ".json"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"fxeff.reference.load_finetuned: no fine-tuned {technique} for {arch} on {dataset} "
+                                f"at {path}; make it with `python benchmarks/accuracy.py --students`")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_finetuned(arch: str, dataset: str, technique: str, atol: float = 1e-3) -> nn.Module:
+    """The committed fine-tuned ``technique`` rewrite of the reference model, in eval mode.
+
+    The graph is rebuilt as it was made (``fxeff.transform`` of the trained model with the recorded config, fitted
+    on the same first training images), then its fine-tuned weights are loaded (``weights_only=True``). Raises
+    RuntimeError when the rebuilt model's logits on the first test images differ from the recorded ones by more
+    than ``atol`` (a rewrite that no longer builds the same graph)."""
+    from .passes import config_from_dict
+    from .transform import transform
+
+    record = finetuned_record(arch, dataset, technique)
+    config = config_from_dict(record["config"])
+    student = transform(load(arch, dataset), (_first_images(dataset, "train", record["calibration_images"]),),
+                        [config])
+    student.load_state_dict(torch.load(finetuned_path(arch, dataset, technique), map_location="cpu",
+                                       weights_only=True))
+    logits, recorded = _check_logits(student, dataset), torch.tensor(record["check_logits"])
+    if logits.shape != recorded.shape or not torch.allclose(logits, recorded, rtol=0, atol=atol):
+        raise RuntimeError(f"fxeff.reference.load_finetuned: the rebuilt {technique} model of {arch} on {dataset} "
+                           f"gives logits up to {float((logits - recorded).abs().max()):.3g} away from the recorded "
+                           f"ones (atol {atol}): the rewrite no longer builds the graph the checkpoint was saved from"
+                           f" (recorded with torch {record['torch']}); remake it with "
+                           "`python benchmarks/accuracy.py --students`")
+    return student.eval()
+
+
 def dataset(name: str, split: str, limit: Optional[int] = None, augment: bool = False,
             root: Optional[str] = None) -> torch.utils.data.Dataset:
     """The ``split`` of dataset ``name`` (one of DATASETS) as fxeff.data builds it; ``augment`` (training
@@ -172,4 +256,5 @@ def dataset(name: str, split: str, limit: Optional[int] = None, augment: bool = 
 
 
 __all__ = ["ARCHS", "DATASETS", "DATASET_SPECS", "CHECKPOINT_DIR", "VGGSmall", "ResNet20", "mobilenet_v2_small",
-           "build", "checkpoint_path", "load", "dataset"]
+           "build", "checkpoint_path", "load", "dataset", "FINETUNED", "finetuned_path", "save_finetuned", "finetuned_record",
+           "load_finetuned"]

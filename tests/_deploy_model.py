@@ -59,3 +59,12 @@ INPUT_B_CORNER = (18, 19)
 def focus_config():
     import fxeff
     return fxeff.Focus(threshold=THRESHOLD, split=SPLIT)
+
+
+def region_focus_config():
+    """Region execution with every grid on 4x4 tiles (the cost model would run this tiny model dense)."""
+    import fxeff
+    return fxeff.Focus(threshold=THRESHOLD, split=SPLIT, execution="region", tile=4, dense_above=None)
+
+
+CONFIGS = {"layer": focus_config, "region": region_focus_config}

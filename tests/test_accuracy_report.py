@@ -142,3 +142,53 @@ def test_finetune_budget_follows_the_targets():
     assert accuracy_report._target_name({"pass": "hetconv", "setting": "P=2", "dataset": "fashion-mnist"}) is None
     assert accuracy_report._target_name({"pass": "shift sparse", "setting": "sparse", "dataset": "x"}) == "shift sparse"
     assert accuracy_report._target_name({"pass": "shift active", "setting": "active", "dataset": "x"}) is None
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+def test_students_are_saved_and_load_back_exactly(tmp_path, monkeypatch):
+    """save_students: the fine-tuned HetConv P=4 row's model is saved; load_finetuned rebuilds the graph from the
+    recorded config and calibration images, loads the weights and gives the student's logits; a checkpoint whose
+    recorded logits do not match raises."""
+    import json
+
+    import torch
+
+    full = reference.dataset
+    monkeypatch.setattr(reference, "dataset", lambda name, split, limit=None, **kw: full(
+        name, split, limit=min(limit or 96, 96) if split == "train" else limit, **kw))
+    monkeypatch.setattr(reference, "FINETUNED_DIR", str(tmp_path))
+    saved = {}
+    save = reference.save_finetuned
+
+    def keep(student, *args, **kwargs):
+        saved["student"] = student
+        return save(student, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "save_finetuned", keep)
+    settings = accuracy_report.Settings(archs=("resnet20",), datasets=("fashion-mnist",), eval_images=64,
+                                        calibration_images=32, hetconv_fit_images=16, hetconv_target_epochs=1,
+                                        latency_runs=2, latency_batch=4, photos=False, focus_halos=(),
+                                        stem_fractions=(), hetconv_parts=(2, 4), progress=False, save_students=True)
+    rows = accuracy_report.model_rows("resnet20", "fashion-mnist", settings)
+    assert [r["setting"] for r in rows] == ["P=2", "P=4"]
+    path = reference.finetuned_path("resnet20", "fashion-mnist", "hetconv P=4")
+    assert "checkpoint" not in rows[0] and rows[1]["checkpoint"] == os.path.relpath(path)
+    assert sorted(os.listdir(tmp_path)) == ["resnet20-fashion-mnist-hetconv-p4.json",
+                                            "resnet20-fashion-mnist-hetconv-p4.pt"]
+    record = reference.finetuned_record("resnet20", "fashion-mnist", "hetconv P=4")
+    assert record["config"]["part"] == 4 and record["calibration_images"] == 16
+    assert record["fine-tuned"] == rows[1]["fine-tuned"] and record["checkpoint_bytes"] == os.path.getsize(path)
+    loaded = reference.load_finetuned("resnet20", "fashion-mnist", "hetconv P=4")
+    x = torch.stack([reference.dataset("fashion-mnist", "test", limit=8)[i][0] for i in range(8)])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), saved["student"].eval()(x), atol=1e-5)
+        assert not torch.allclose(loaded(x), reference.load("resnet20", "fashion-mnist")(x), atol=1e-2)
+    record["check_logits"] = (torch.tensor(record["check_logits"]) + 0.1).tolist()
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(record, f)
+    with pytest.raises(RuntimeError, match="no longer builds the graph"):
+        reference.load_finetuned("resnet20", "fashion-mnist", "hetconv P=4")
+    with pytest.raises(FileNotFoundError, match="--students"):
+        reference.load_finetuned("vgg", "fashion-mnist", "hetconv P=4")
+    with pytest.raises(ValueError, match="technique must be one of"):
+        reference.finetuned_path("vgg", "fashion-mnist", "hetconv P=8")

@@ -10,7 +10,7 @@ import torch
 
 import fxeff
 import fxeff.export
-from _deploy_model import INPUT_A_CORNER, INPUT_B_CORNER, bright_square, focus_config, make_model
+from _deploy_model import CONFIGS, INPUT_A_CORNER, INPUT_B_CORNER, bright_square, focus_config, make_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
@@ -46,10 +46,11 @@ def fxeff_run(tmp_path_factory):
     return build / "fxeff_run"
 
 
-def test_cpp_program_runs_traced_focused_model(fxeff_run, tmp_path):
+@pytest.mark.parametrize("execution", sorted(CONFIGS))
+def test_cpp_program_runs_traced_focused_model(fxeff_run, tmp_path, execution):
     model = make_model()
     a, b = bright_square(INPUT_A_CORNER), bright_square(INPUT_B_CORNER)
-    gm = fxeff.transform(model, (a,), [focus_config()])
+    gm = fxeff.transform(model, (a,), [CONFIGS[execution]()])
     fxeff.export.trace(gm, (a,), tmp_path / "model.pt")
     batch = torch.cat([b, a])  # traced on a alone; per-image AoIs in a new batch
     torch.save(batch, tmp_path / "input.pt")

@@ -1,5 +1,6 @@
 """Deployment of a focused model: jit.trace, torch.export and an AOTInductor package, each saved and
-loaded in a fresh process, with the AoI computed from each new input (never frozen at trace time)."""
+loaded in a fresh process, with the AoI computed from each new input (never frozen at trace time); for both Focus
+executions (per-layer focused convs, and regions on tiles)."""
 import json
 import os
 import subprocess
@@ -11,14 +12,15 @@ import torch
 
 import fxeff
 import fxeff.export
-from _deploy_model import (INPUT_A_CORNER, INPUT_B_CORNER, SPLIT, THRESHOLD, bright_square, focus_config,
+from _deploy_model import (CONFIGS, INPUT_A_CORNER, INPUT_B_CORNER, SPLIT, THRESHOLD, bright_square,
                            make_model)
 from _focus_reference import aoi_mask_reference, mask_resize_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 KINDS = ("traced", "exported", "aoti")
-OPS = {"fxeff::aoi_mask": 1, "fxeff::mask_resize": 1, "fxeff::focused_conv2d": 5}
+OPS = {"layer": {"fxeff::aoi_mask": 1, "fxeff::mask_resize": 1, "fxeff::focused_conv2d": 5},
+       "region": {"fxeff::aoi_mask": 1, "fxeff::mask_resize": 1, "fxeff::tile_conv2d": 5}}
 
 
 def inputs():
@@ -34,15 +36,16 @@ def output_aoi(model, x):
     return mask_resize_reference(mask, (16, 16))
 
 
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def deployed(tmp_path_factory, request):
     """Builds the three artifacts from a model transformed on image "a" alone (batch 2 for export, so
     that its batch dimension can stay dynamic), then loads and runs them all in ONE fresh process
-    that only imports fxeff; returns (transformed GraphModule, outputs per artifact kind and input)."""
+    that only imports fxeff; returns (model, transformed GraphModule, outputs per artifact kind and input,
+    fxeff ops per artifact, the execution)."""
     root = tmp_path_factory.mktemp("deploy")
     model = make_model()
     x = inputs()
-    gm = fxeff.transform(model, (x["a"],), [focus_config()])
+    gm = fxeff.transform(model, (x["a"],), [CONFIGS[request.param]()])
     fxeff.export.trace(gm, (x["a"],), root / "model.traced.pt")
     pair = (torch.cat([x["a"], x["a"]]),)
     program = fxeff.export.export(gm, pair, root / "model.exported.pt2",
@@ -67,12 +70,12 @@ def deployed(tmp_path_factory):
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"loading the artifacts in a fresh process failed:\n{done.stdout}\n{done.stderr}"
     ops = json.loads(done.stdout.strip().splitlines()[-1])
-    return model, gm, torch.load(root / "outputs.pt"), ops
+    return model, gm, torch.load(root / "outputs.pt"), ops, request.param
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_loaded_artifact_matches_transformed_model(deployed, kind):
-    model, gm, outputs, _ = deployed
+    model, gm, outputs, _, _ = deployed
     with torch.no_grad():
         for name, x in inputs().items():
             torch.testing.assert_close(outputs[kind][name], gm(x), rtol=1e-5, atol=1e-5, msg=f"{kind} on {name}")
@@ -82,7 +85,7 @@ def test_loaded_artifact_matches_transformed_model(deployed, kind):
 def test_aoi_follows_each_input_after_loading(deployed, kind):
     """Artifacts made from image "a" alone run image "b", whose AoI is disjoint from a's: the output
     is non-zero exactly on b's AoI (the last conv is focused), per image within a batch too."""
-    model, _, outputs, _ = deployed
+    model, _, outputs, _, _ = deployed
     x = inputs()
     aoi = {name: output_aoi(model, v) for name, v in x.items()}
     assert aoi["a"].any() and aoi["b"].any() and not (aoi["a"] & aoi["b"]).any()
@@ -92,8 +95,8 @@ def test_aoi_follows_each_input_after_loading(deployed, kind):
 
 
 def test_artifacts_keep_the_fxeff_ops(deployed):
-    _, _, _, ops = deployed
-    assert ops == {"traced": OPS, "exported": OPS}
+    _, _, _, ops, execution = deployed
+    assert ops == {"traced": OPS[execution], "exported": OPS[execution]}
 
 
 def test_helpers_refuse_a_model_without_fxeff_ops(tmp_path):

@@ -19,6 +19,9 @@ DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 # Mean and standard deviation of the training images scaled to [0, 1] (fashion_mnist_arrays("train")).
 MEAN, STD = 0.2860, 0.3530
+# The normalised value halfway between black and 1/255: every pixel of an item or of clutter is above it, the flat
+# background is below (the AoI threshold of focus at the input split).
+BACKGROUND = (0.5 / 255 - MEAN) / STD
 SPLITS = ("train", "test")
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
