@@ -272,3 +272,81 @@ def test_dynamic_shapes_are_refused_with_the_way_out():
     gm, inputs = dynamo_graph(model, torch.randn(2, 3, h, w), dynamic=True)
     with pytest.raises(NotImplementedError, match="execution='layer'"):
         run_passes(gm, inputs, [region(threshold=0.0, split="stem")])
+
+
+# ---------------------------------------------------------------- execution="auto": tiles, per layer or dense per grid
+
+def _fixed_layer_times(monkeypatch, slower=()):
+    """Planner.layer_times replaced by fixed timings: every conv measures 100x faster focused (so per layer beats
+    tiles), except the module names in ``slower``, which measure 2x slower."""
+    from fxeff.passes.regions import Planner
+
+    def fixed(self, convs, mask):
+        return {c: (1.0, 2.0 if self.sites[c].module_fqn in slower else 0.01) for c in convs}
+
+    monkeypatch.setattr(Planner, "layer_times", fixed)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("fill", ["zeros", "mean"])
+def test_auto_with_every_grid_per_layer_equals_layer_execution(monkeypatch, seed, fill):
+    _fixed_layer_times(monkeypatch)
+    model, (h, w), rng = _random_block(seed)
+    x = torch.randn(rng.choice([1, 2]), 3, h, w)
+    threshold = _partial(model, x)
+    auto = fxeff.transform(model, (x,), [Focus(threshold=threshold, split="stem", fill=fill, execution="auto")])
+    layer = fxeff.transform(model, (x,), [Focus(threshold=threshold, split="stem", fill=fill, execution="layer")])
+    assert any("per layer, 3 of 3 convs focused" in note for note in auto.fxeff_report.notes), auto.fxeff_report.notes
+    assert [s.name for s in auto.fxeff_report.rewritten] == [s.name for s in layer.fxeff_report.rewritten]
+    assert auto.fxeff_report.model_macs_after == layer.fxeff_report.model_macs_after
+    other = torch.randn_like(x)
+    with torch.no_grad():
+        for inp in (x, other):
+            torch.testing.assert_close(auto(inp), layer(inp))
+
+
+def test_auto_keeps_a_conv_dense_where_focused_measures_slower(monkeypatch):
+    _fixed_layer_times(monkeypatch, slower=("mid",))
+    model, (h, w), _ = _random_block(1)
+    x = torch.randn(2, 3, h, w)
+    gm = fxeff.transform(model, (x,), [Focus(threshold=_partial(model, x), split="stem", execution="auto")])
+    report = gm.fxeff_report
+    assert [s.name for s in report.rewritten] == ["entry", "last"]
+    mid, = [s for s in report.skipped if s.name == "mid"]
+    assert "stays dense" in mid.reason and "2e+03 ms focused against 1e+03 ms dense" in mid.reason
+    assert any("2 of 3 convs focused" in note for note in report.notes)
+    assert sum(n.target is torch.ops.fxeff.focused_conv2d.default for n in gm.graph.nodes) == 2
+    with torch.no_grad():  # all active: every conv computes everywhere, the dense model
+        full = fxeff.transform(model, (x,), [Focus(threshold=ALL, split="stem", execution="auto")])
+        torch.testing.assert_close(full(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_auto_measures_on_this_machine_and_an_all_active_mask_equals_the_dense_model(name):
+    """No fixed timings: whatever the measurement picks per grid, an all-active mask gives the dense model, and
+    each grid's choice is in the notes."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    x = torch.randn(2, 3, 64, 64)
+    gm = fxeff.transform(model, (x,), [Focus(threshold=ALL, execution="auto")])
+    notes = [n for n in gm.fxeff_report.notes if n.startswith("grid ")]
+    assert notes and all("per layer" in n or "regions of" in n or "dense" in n for n in notes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_per_layer_exports_and_compiles(monkeypatch):
+    _fixed_layer_times(monkeypatch)
+    model, (h, w), _ = _random_block(5)
+    x = torch.randn(2, 3, h, w)
+    config = Focus(threshold=_partial(model, x), split="stem", execution="auto", fill="mean")
+    symbolic = fxeff.transform(model, (x,), [config])
+    exported = torch.export.export(model, (x,)).module()
+    run_passes(exported, (x,), [config])
+    other = torch.randn(2, 3, h, w)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="effconv", fullgraph=True, options={"passes": [config.to_dict()]})
+    with torch.no_grad():
+        compiled(x)  # the backend measures the fill on the inputs of its first call
+        torch.testing.assert_close(exported(other), symbolic(other))
+        torch.testing.assert_close(compiled(other), symbolic(other), rtol=1e-4, atol=1e-4)

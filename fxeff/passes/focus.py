@@ -35,7 +35,7 @@ FOCUSED_CONV2D = torch.ops.fxeff.focused_conv2d.default
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _ROLE = "fxeff_focus"  # node.meta key marking the nodes this pass inserted
 FILLS = ("zeros", "mean")
-EXECUTIONS = ("region", "layer")
+EXECUTIONS = ("region", "layer", "auto")
 
 
 @register_pass_config("focus")
@@ -55,10 +55,11 @@ class Focus(PassConfig):
     the mask), so convs at the AoI's edge still see the context they saw in the original.
     ``execution``: "layer" (default for now): the published per-layer semantics, each conv a ``focused_conv2d``
     with everything else on whole maps (as the seed package); "region": runs of local layers computed on the
-    AoI's tiles, gathered and scattered once per region (passes/regions.py).
+    AoI's tiles, gathered and scattered once per region (passes/regions.py); "auto": per grid, whichever of
+    regions on tiles, per-layer focused convs or dense the cost model finds fastest on the example inputs.
     ``tile``: region execution's tile side (None: chosen per grid by the cost model).
-    ``dense_above``: a grid whose modelled region time is above this fraction of dense runs dense (reported);
-    None: every grid runs in regions.
+    ``dense_above``: a grid whose best modelled time is above this fraction of dense runs dense (reported);
+    None: every grid runs on tiles (or per layer, with "auto").
     """
 
     threshold: float
@@ -437,7 +438,7 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     if config.fill == "mean" and fake:
         raise ValueError("fxeff.passes.Focus: fill='mean' measures the background on real example inputs, got fake "
                          "tensors; pass real images (or use fill='zeros')")
-    region = config.execution == "region"
+    region = config.execution in ("region", "auto")
     keep = [split] + ([site.node for site in conv_sites(gm)] if config.fill == "mean" and not region else [])
     axes = ChannelAxes(context.example_inputs)  # which axis of the split's output holds the channels
     flops_before, before = run_recording(gm, context.example_inputs, keep, count_flops=fake or region, mode=axes)
@@ -555,21 +556,24 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
                                   "planned at transform time); this graph has dynamic shapes "
                                   f"{tuple(split_shape)}: use Focus(execution='layer')")
     by_node = {site.node: site for site in sites if site.node in downstream}
-    planner = Planner(gm, downstream, by_node, batch, config.tile, config.dense_above)
+    planner = Planner(gm, downstream, by_node, batch, config.tile, config.dense_above,
+                      per_layer=config.execution == "auto")
     planner.classify()
     mask_value = None if fake else dilate_mask(AOI_MASK(split_value, config.threshold, config.reduce), config.halo)
     grids = sorted({planner.grid[n] for n in planner.tiled})
     value_masks = grid_masks_for(mask_value, grids) if mask_value is not None else None
     planner.plan_grids(value_masks)
+    layer_means = {}
     if config.fill == "mean":
         nodes = planner.needs_fill()
-        _, values = run_recording(gm, context.example_inputs, nodes, count_flops=False)
+        _, values = run_recording(gm, context.example_inputs, nodes + planner.layer_convs, count_flops=False)
         planner.fills = fill_means(values, mask_value, nodes)
+        layer_means = fill_means(values, mask_value, planner.layer_convs)
         del values
     aoi, mask = _emit_aoi(graph, config, split, split_shape)
     masks = {}
     for grid, plan in sorted(planner.grids.items()):
-        if not plan.region:
+        if not plan.region and not plan.layer:
             continue
         if grid == tuple(split_shape[2:]):
             masks[grid] = mask
@@ -578,12 +582,24 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
             masks[grid] = graph.call_function(MASK_RESIZE, (mask, list(grid)))
         masks[grid].meta[_ROLE] = "mask_resize"
     planner.rewrite(masks)
+    per_layer: Dict[fx.Node, fx.Node] = {}  # a grid run per layer: conv -> its focused_conv2d
+    for conv in planner.layer_convs:
+        site = by_node[conv]
+        site.input = conv_site(gm, conv).input  # it may read a region's scatter now
+        per_layer[conv] = _rewrite(gm, site, masks[planner.grid[conv]])
+        if conv in layer_means:
+            _fill_outside(gm, site, per_layer[conv], layer_means[conv], split)
 
     site_reports: List[SiteReport] = []
     tiled: List[Tuple[SiteReport, ConvSite]] = []
+    layered: List[Tuple[SiteReport, ConvSite]] = []
     for site in sites:
         macs = site.macs()
-        if site.node in planner.tiled:
+        if site.node in per_layer:
+            entry = SiteReport(site.name, f"{site.describe()} [per-layer focused conv]", "rewritten", "", macs, None,
+                               "focus")
+            layered.append((entry, site))
+        elif site.node in planner.tiled:
             plan = planner.grids[planner.grid[site.node]]
             entry = SiteReport(site.name, f"{site.describe()} [tiles {plan.tile}, margin {plan.margins[site.node]}]",
                                "rewritten", "", macs, None, "focus")
@@ -597,8 +613,11 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     if config.fill == "mean" and tiled:
         notes.append("fill='mean': outside the AoI each region output holds the per-channel mean of the original "
                      "value there on the example inputs")
-    if not tiled:
-        notes.append("no conv runs on tiles: the graph computes the dense model")
+    if config.fill == "mean" and layered:
+        notes.append("fill='mean': outside the AoI each per-layer focused conv outputs the per-channel mean of the "
+                     "original conv's output there on the example inputs")
+    if not tiled and not layered:
+        notes.append("no conv runs on tiles or per layer: the graph computes the dense model")
         _erase_chain(graph, mask, aoi)
     graph.lint()
     gm.recompile()
@@ -608,14 +627,18 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
         report.notes.append("example inputs are fake tensors: tiles not costed, AoI fractions and MACs after are n/a")
         return report
     plans = [plan.plan for plan in planner.grids.values() if plan.plan is not None]
-    flops_after, values = run_recording(gm, context.example_inputs, plans + ([mask] if tiled else []))
+    layer_masks = sorted({masks[planner.grid[site.node]] for _, site in layered}, key=lambda n: n.name)
+    flops_after, values = run_recording(gm, context.example_inputs,
+                                        plans + layer_masks + ([mask] if tiled or layered else []))
     report.model_macs_after = flops_after // 2
-    if tiled:
+    if tiled or layered:
         report.aoi_fractions = [float(f) for f in values[mask].float().mean(dim=(1, 2))]
     for entry, site in tiled:
         grid = planner.grid[site.node]
         plan = planner.grids[grid]
         entry.macs_after = tile_macs(plan, site.node, site, int(values[plan.plan].shape[1]))
+    for entry, site in layered:
+        entry.macs_after = int(values[masks[planner.grid[site.node]]].count_nonzero()) * site.macs_per_output_position()
     return report
 
 

@@ -51,6 +51,12 @@ ROLE = "fxeff_focus"
 # benchmarks/region_cost.py (docs/benchmarks.md); T=4 and T=7 are not measured yet (extrapolated, lower for T=4)
 THROUGHPUT = {4: 0.45, 7: 0.62, 8: 0.62, 14: 0.75, 16: 0.75, 28: 0.8, 32: 0.8}
 GATHER_SCATTER = 0.1  # gather and scatter, as a fraction of the dense region's time
+# A grid can also run per layer: each conv a focused_conv2d (the published semantics), whose kernel picks its
+# strategy per call. Its cost is measured at transform time, not modelled: each conv of the grid is timed as
+# focused_conv2d with the example inputs' mask against F.conv2d, on inputs of its shape (LAYER_RUNS interleaved runs,
+# medians); BN and activations cost the same either way. (The focused conv kernel's own cost model was tried here
+# first: it predicts 0.54-0.87 of dense for ResNet-50's grids where whole-model runs measure 0.7-1.1x speedups.)
+LAYER_RUNS = 5
 TILE_SIDES = tuple(sorted(THROUGHPUT))
 DEFAULT_TILE = 8  # without real example inputs there is no mask to cost tiles with
 
@@ -86,6 +92,10 @@ class GridPlan:
     modelled: float = 1.0
     tiles: int = 0
     region: bool = False
+    layer: bool = False  # per-layer focused convs (region is False)
+    layer_modelled: float = float("inf")
+    layer_times: Dict[fx.Node, Tuple[float, float]] = dataclasses.field(default_factory=dict)
+    layer_focused: Set[fx.Node] = dataclasses.field(default_factory=set)  # the convs measured faster focused
     reason: str = ""
     margins: Dict[fx.Node, int] = dataclasses.field(default_factory=dict)
     cuts: Set[fx.Node] = dataclasses.field(default_factory=set)
@@ -97,6 +107,10 @@ class GridPlan:
 
     def describe(self) -> str:
         h, w = self.size
+        if self.layer:
+            return (f"grid {h}x{w}: per layer, {len(self.layer_focused)} of {len(self.layer_times)} convs focused (those measured "
+                    f"faster than dense), {self.layer_modelled:.2f} of the dense convs' time on the example inputs' "
+                    f"mask (tiles modelled {self.modelled:.2f} at T={self.tile}, MAC ratio {self.mac_ratio:.2f})")
         if not self.region:
             return f"grid {h}x{w}: dense ({self.reason})"
         cut = f", {len(self.cuts)} region cut(s)" if self.cuts else ""
@@ -109,8 +123,9 @@ class Planner:
     """Classifies the nodes after the split (tile-form or whole-map), plans each grid and rewrites the graph."""
 
     def __init__(self, gm: fx.GraphModule, downstream: Set[fx.Node], sites: Dict[fx.Node, ConvSite], batch: int,
-                 tile: Optional[int], dense_above: Optional[float]):
+                 tile: Optional[int], dense_above: Optional[float], per_layer: bool = False):
         self.gm, self.graph = gm, gm.graph
+        self.per_layer = per_layer  # a grid may run per layer (focused_conv2d each) where the cost model prefers
         self.downstream, self.sites, self.batch = downstream, sites, batch
         self.tile, self.dense_above = tile, dense_above
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
@@ -123,6 +138,7 @@ class Planner:
         self.gathers: Dict[Tuple[fx.Node, Tuple[int, int]], fx.Node] = {}
         self.fills: Dict[fx.Node, Optional[torch.Tensor]] = {}
         self.whole_users: Dict[fx.Node, List[fx.Node]] = {}
+        self.layer_convs: List[fx.Node] = []  # convs of the grids run per layer (focused_conv2d each)
 
     # ------------------------------------------------------------ classification
 
@@ -302,19 +318,72 @@ class Planner:
                     best = (modelled, side, budget, margins, cuts, gather, tiles, ratio)
             (plan.modelled, plan.tile, plan.budget, plan.margins, plan.cuts, plan.gather_margin, plan.tiles,
              plan.mac_ratio) = best
+            if mask is not None and self.per_layer:
+                plan.layer_times = self.layer_times(plan.convs, mask)
+                if plan.layer_times:  # each conv focused where that is faster (by dense_above), else dense
+                    plan.layer_focused = {c for c, (d, f) in plan.layer_times.items()
+                                          if f <= d * (self.dense_above or 1.0)}
+                    plan.layer_modelled = sum(t[c in plan.layer_focused] for c, t in plan.layer_times.items()) / \
+                        sum(d for d, _ in plan.layer_times.values())
+            best_time = min(plan.modelled, plan.layer_modelled)
             if not plan.convs:  # pointwise ops only: they follow a tiled conv of another grid, never happens
                 plan.reason = "no conv on this grid"
-            elif mask is not None and self.dense_above is not None and plan.modelled > self.dense_above:
+            elif mask is not None and self.dense_above is not None and best_time > self.dense_above:
                 plan.reason = (f"the cost model gives {plan.modelled:.2f} of dense time at the best tile side "
-                               f"{plan.tile} (MAC ratio {plan.mac_ratio:.2f}), above dense_above={self.dense_above}")
+                               f"{plan.tile} (MAC ratio {plan.mac_ratio:.2f})"
+                               + (f", per layer measured {plan.layer_modelled:.2f}" if plan.layer_modelled <
+                                  float("inf") else "") + f", above dense_above={self.dense_above}")
+            elif plan.layer_modelled < plan.modelled:
+                plan.layer = True
             else:
                 plan.region = True
             self.grids[grid] = plan
-        dense = {g for g, p in self.grids.items() if not p.region}
-        for node in [n for n in self.tiled if self.grid[n] in dense]:
+        off_tiles = {g for g, p in self.grids.items() if not p.region}
+        for node in [n for n in self.tiled if self.grid[n] in off_tiles]:
             self.tiled.discard(node)
             if node in self.sites:
-                self.why_not[node] = self.grids[self.grid[node]].describe()
+                plan = self.grids[self.grid[node]]
+                dense, focused = plan.layer_times.get(node, (0.0, 0.0))
+                if plan.layer and node in plan.layer_focused:
+                    self.layer_convs.append(node)
+                elif plan.layer:
+                    self.why_not[node] = (f"its grid runs per layer, but this conv measured {1e3 * focused:.3g} ms "
+                                          f"focused against {1e3 * dense:.3g} ms dense: it stays dense")
+                else:
+                    self.why_not[node] = plan.describe()
+        self.layer_convs.sort(key=self.order.__getitem__)
+
+    def layer_times(self, convs: Sequence[fx.Node], mask: torch.Tensor) -> Dict[fx.Node, Tuple[float, float]]:
+        """conv -> (seconds as F.conv2d, as focused_conv2d with ``mask``, bool [N, H, W] at the grid), measured on
+        inputs of its shape (see LAYER_RUNS); empty when a conv's weight or input shape is unknown."""
+        from .. import bench
+        from ..ops.focused_conv2d import focused_conv2d
+
+        times = {}
+        for conv in convs:
+            site = self.sites[conv]
+            weight, bias = (self._tensor(site.weight), self._tensor(site.bias))
+            shape = concrete_shape(site.input)
+            if weight is None or shape is None or len(shape) != 4:
+                return {}
+            x = torch.randn(shape, dtype=weight.dtype, device=weight.device)
+            args = (list(site.stride), list(site.padding), list(site.dilation), site.groups)
+            times[conv] = tuple(bench.interleaved([lambda: F.conv2d(x, weight, bias, *args),
+                                                   lambda: focused_conv2d(x, weight, bias, mask, *args)],
+                                                  LAYER_RUNS, warmup=1))
+        return times
+
+    def _tensor(self, ref: Any) -> Optional[torch.Tensor]:
+        """A conv's weight or bias: a get_attr node or a module attribute path (None stays None)."""
+        if ref is None:
+            return None
+        target = ref.target if isinstance(ref, fx.Node) and ref.op == "get_attr" else ref
+        if not isinstance(target, str):
+            return None
+        value = self.gm
+        for part in target.split("."):
+            value = getattr(value, part)
+        return value.detach() if isinstance(value, torch.Tensor) else None
 
     # ------------------------------------------------------------ which values leave the tiles
 
