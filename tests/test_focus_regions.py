@@ -350,3 +350,20 @@ def test_auto_per_layer_exports_and_compiles(monkeypatch):
         compiled(x)  # the backend measures the fill on the inputs of its first call
         torch.testing.assert_close(exported(other), symbolic(other))
         torch.testing.assert_close(compiled(other), symbolic(other), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "dynamo"])
+def test_auto_measures_per_layer_on_every_graph_kind(kind):
+    """Dynamo graphs take the parameters as inputs: the per-layer timing uses random weights of the convs' shapes,
+    so every grid of either graph kind gets its per-layer measurement (in its note)."""
+    model, (h, w), _ = _random_block(2)
+    x = torch.randn(2, 3, h, w)
+    config = Focus(threshold=_partial(model, x), split="stem", execution="auto")
+    if kind == "symbolic":
+        gm = fxeff.transform(model, (x,), [config])
+        report = gm.fxeff_report
+    else:
+        gm, inputs = dynamo_graph(model, x)
+        report = run_passes(gm, inputs, [config])
+    notes = [n for n in report.notes if n.startswith("grid ")]
+    assert notes and all("per layer" in n for n in notes), notes

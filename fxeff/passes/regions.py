@@ -55,7 +55,7 @@ GATHER_SCATTER = 0.1  # gather and scatter, as a fraction of the dense region's 
 # strategy per call. Its cost is measured at transform time, not modelled: each conv of the grid is timed as
 # focused_conv2d with the example inputs' mask against F.conv2d, on inputs of its shape (LAYER_RUNS interleaved runs,
 # medians); BN and activations cost the same either way. (The focused conv kernel's own cost model was tried here
-# first: it predicts 0.54-0.87 of dense for ResNet-50's grids where whole-model runs measure 0.7-1.1x speedups.)
+# first: it predicts 0.54-0.87 of dense for ResNet-50's grids where whole-model runs measure 0.92-1.38x speedups.)
 LAYER_RUNS = 5
 TILE_SIDES = tuple(sorted(THROUGHPUT))
 DEFAULT_TILE = 8  # without real example inputs there is no mask to cost tiles with
@@ -108,15 +108,17 @@ class GridPlan:
     def describe(self) -> str:
         h, w = self.size
         if self.layer:
-            return (f"grid {h}x{w}: per layer, {len(self.layer_focused)} of {len(self.layer_times)} convs focused (those measured "
-                    f"faster than dense), {self.layer_modelled:.2f} of the dense convs' time on the example inputs' "
-                    f"mask (tiles modelled {self.modelled:.2f} at T={self.tile}, MAC ratio {self.mac_ratio:.2f})")
+            return (f"grid {h}x{w}: per layer, {len(self.layer_focused)} of {len(self.layer_times)} convs focused "
+                    f"(those measured faster than dense), {self.layer_modelled:.2f} of the dense convs' time on the "
+                    f"example inputs' mask (tiles modelled {self.modelled:.2f} at T={self.tile}, MAC ratio "
+                    f"{self.mac_ratio:.2f})")
         if not self.region:
             return f"grid {h}x{w}: dense ({self.reason})"
         cut = f", {len(self.cuts)} region cut(s)" if self.cuts else ""
         return (f"grid {h}x{w}: regions of {self.tile}x{self.tile} tiles, margin <= {self.budget}{cut}; "
                 f"{self.tiles} active tiles on the example inputs, MAC ratio {self.mac_ratio:.2f}, modelled time "
-                f"{self.modelled:.2f} of dense")
+                f"{self.modelled:.2f} of dense" + (f" (per layer measured {self.layer_modelled:.2f})"
+                                                   if self.layer_modelled < float("inf") else ""))
 
 
 class Planner:
@@ -355,35 +357,28 @@ class Planner:
 
     def layer_times(self, convs: Sequence[fx.Node], mask: torch.Tensor) -> Dict[fx.Node, Tuple[float, float]]:
         """conv -> (seconds as F.conv2d, as focused_conv2d with ``mask``, bool [N, H, W] at the grid), measured on
-        inputs of its shape (see LAYER_RUNS); empty when a conv's weight or input shape is unknown."""
+        random inputs and weights of its shapes, dtype and memory format (see LAYER_RUNS; the values do not change
+        the time, and a graph whose parameters are inputs, as dynamo's, times the same); empty when a conv's input
+        shape is unknown."""
         from .. import bench
         from ..ops.focused_conv2d import focused_conv2d
 
         times = {}
         for conv in convs:
             site = self.sites[conv]
-            weight, bias = (self._tensor(site.weight), self._tensor(site.bias))
-            shape = concrete_shape(site.input)
-            if weight is None or shape is None or len(shape) != 4:
+            value, shape = site.input.meta.get("fxeff_val"), concrete_shape(site.input)
+            if shape is None or len(shape) != 4:
                 return {}
-            x = torch.randn(shape, dtype=weight.dtype, device=weight.device)
+            x = (torch.randn_like(value) if isinstance(value, torch.Tensor) and not isinstance(
+                value, torch._subclasses.FakeTensor) else torch.randn(shape, device=mask.device))
+            weight = torch.randn(site.weight_shape, dtype=x.dtype, device=x.device)
+            bias = torch.randn(site.weight_shape[0], dtype=x.dtype, device=x.device) if site.bias is not None \
+                else None
             args = (list(site.stride), list(site.padding), list(site.dilation), site.groups)
             times[conv] = tuple(bench.interleaved([lambda: F.conv2d(x, weight, bias, *args),
                                                    lambda: focused_conv2d(x, weight, bias, mask, *args)],
                                                   LAYER_RUNS, warmup=1))
         return times
-
-    def _tensor(self, ref: Any) -> Optional[torch.Tensor]:
-        """A conv's weight or bias: a get_attr node or a module attribute path (None stays None)."""
-        if ref is None:
-            return None
-        target = ref.target if isinstance(ref, fx.Node) and ref.op == "get_attr" else ref
-        if not isinstance(target, str):
-            return None
-        value = self.gm
-        for part in target.split("."):
-            value = getattr(value, part)
-        return value.detach() if isinstance(value, torch.Tensor) else None
 
     # ------------------------------------------------------------ which values leave the tiles
 

@@ -1,0 +1,76 @@
+"""Focus on the trained reference models (Cluttered Fashion-MNIST), per execution: latency against the original at
+batch 16 and batch 1, MACs, and accuracy on test images; issue 13's home-ground targets (latency ratio <= 0.5 at
+batch 16 and <= 0.7 at batch 1, accuracy drop <= 0.5 points).
+
+The AoI is docs/accuracy.md's target row: every input pixel brighter than black, grown by 2 pixels, fill "mean",
+no retraining. Each model is transformed on the first 64 training images (per execution: "layer", per-layer
+focused convs; "region", tiles planned by the cost model; "auto", per grid whichever of tiles, per-layer or dense
+is fastest, measured at transform time) and timed beside the original (medians of --runs interleaved runs).
+
+    .venv/bin/python benchmarks/focus_reference.py [--archs vgg,resnet20,mobilenetv2]
+        [--executions layer,region,auto] [--test-images 2000] [--runs 20] [--json out.json] [--markdown out.md]
+"""
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fxeff.bench import interleaved, macs, report, script_parser, write_markdown  # noqa: E402
+
+from fxeff import reference, training  # noqa: E402
+from fxeff.data import BACKGROUND  # noqa: E402
+from fxeff.passes import Focus  # noqa: E402
+from fxeff.transform import transform  # noqa: E402
+
+DATASET = "cluttered-fashion-mnist"
+COLUMNS = ["model", "execution", "AoI", "MAC ratio", "latency ratio b16", "latency ratio b1", "acc. original",
+           "acc. focused", "drop (points)", "transform s", "grids"]
+
+
+def _images(split: str, n: int) -> torch.Tensor:
+    data = reference.dataset(DATASET, split, limit=n)
+    return torch.stack([data[i][0] for i in range(len(data))])
+
+
+def main(argv=None):
+    parser = script_parser(__doc__)
+    parser.add_argument("--archs", default=",".join(reference.ARCHS))
+    parser.add_argument("--executions", default="layer,region,auto")
+    parser.add_argument("--test-images", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    calibration, timing = _images("train", 64), _images("test", 16)
+    loader = training.loader(reference.dataset(DATASET, "test", limit=args.test_images), 250, False)
+    rows = []
+    for arch in [a for a in args.archs.split(",") if a]:
+        model = reference.load(arch, DATASET)
+        accuracy = training.accuracy(model, loader)
+        for execution in [e for e in args.executions.split(",") if e]:
+            start = time.perf_counter()
+            focused = transform(model, calibration, [Focus(BACKGROUND, split="input", fill="mean", halo=2,
+                                                           execution=execution)])
+            seconds = time.perf_counter() - start
+            rep = focused.fxeff_report
+            b16 = interleaved([lambda: model(timing), lambda: focused(timing)], args.runs)
+            one = timing[:1]
+            b1 = interleaved([lambda: model(one), lambda: focused(one)], args.runs)
+            acc = training.accuracy(focused, loader)
+            grids = "; ".join(n.split(" (")[0] for n in rep.notes if n.startswith("grid "))
+            rows.append({"model": arch, "execution": execution, "AoI": sum(rep.aoi_fractions or [0]) /
+                         max(1, len(rep.aoi_fractions or [])),
+                         "MAC ratio": macs(lambda: focused(timing)) / macs(lambda: model(timing)),
+                         "latency ratio b16": b16[1] / b16[0], "latency ratio b1": b1[1] / b1[0],
+                         "acc. original": f"{100 * accuracy:.2f}%", "acc. focused": f"{100 * acc:.2f}%",
+                         "drop (points)": 100 * (accuracy - acc), "transform s": seconds, "grids": grids or "-"})
+            print(f"{arch} {execution}: latency ratio b16 {rows[-1]['latency ratio b16']:.2f}, "
+                  f"b1 {rows[-1]['latency ratio b1']:.2f}, drop {rows[-1]['drop (points)']:.2f}", flush=True)
+    text = report(f"Focus on the reference models (Cluttered Fashion-MNIST, input split, halo 2, fill mean; accuracy "
+                  f"on {args.test_images} test images)", rows, COLUMNS, args.json)
+    write_markdown(args.markdown, text)
+
+
+if __name__ == "__main__":
+    main()
