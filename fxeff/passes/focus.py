@@ -24,7 +24,7 @@ from .config import PassConfig, PassContext, register_pass_config
 from .graph import ConvSite, conv_site, conv_sites, module_stack, node_shape, normalize_fqn, to_networkx
 from .layout import ChannelAxes, channels_first_error
 from .measure import fake_mode_of, run_recording
-from .regions import Planner, fill_means, grid_masks_for, tile_macs
+from .regions import LAYER_RUNS, Planner, fill_means, grid_masks_for, tile_macs
 from .rewrite import new_attr
 from .splits import default_split_for_class, no_split_message
 
@@ -557,12 +557,24 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
                                   f"{tuple(split_shape)}: use Focus(execution='layer')")
     by_node = {site.node: site for site in sites if site.node in downstream}
     planner = Planner(gm, downstream, by_node, batch, config.tile, config.dense_above,
-                      per_layer=config.execution == "auto")
+                      per_layer=config.execution == "auto", fill_add=config.fill == "mean")
     planner.classify()
-    mask_value = None if fake else dilate_mask(AOI_MASK(split_value, config.threshold, config.reduce), config.halo)
+
+    def mask_of(value: torch.Tensor) -> torch.Tensor:
+        return dilate_mask(AOI_MASK(value, config.threshold, config.reduce), config.halo)
+
+    def mask_seconds(at: List[Tuple[int, int]]) -> float:  # the AoI mask and its resizes, as the graph computes them
+        from .. import bench
+
+        def run():
+            return grid_masks_for(mask_of(split_value), at)
+
+        return bench.interleaved([run], LAYER_RUNS, warmup=1)[0]
+
+    mask_value = None if fake else mask_of(split_value)
     grids = sorted({planner.grid[n] for n in planner.tiled})
     value_masks = grid_masks_for(mask_value, grids) if mask_value is not None else None
-    planner.plan_grids(value_masks)
+    planner.plan_grids(value_masks, None if fake else mask_seconds)
     layer_means = {}
     if config.fill == "mean":
         nodes = planner.needs_fill()

@@ -30,7 +30,7 @@ the least modelled time; a grid whose best modelled time is above ``dense_above`
 """
 import dataclasses
 import operator
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -125,9 +125,10 @@ class Planner:
     """Classifies the nodes after the split (tile-form or whole-map), plans each grid and rewrites the graph."""
 
     def __init__(self, gm: fx.GraphModule, downstream: Set[fx.Node], sites: Dict[fx.Node, ConvSite], batch: int,
-                 tile: Optional[int], dense_above: Optional[float], per_layer: bool = False):
+                 tile: Optional[int], dense_above: Optional[float], per_layer: bool = False, fill_add: bool = False):
         self.gm, self.graph = gm, gm.graph
         self.per_layer = per_layer  # a grid may run per layer (focused_conv2d each) where the cost model prefers
+        self.fill_add = fill_add  # fill="mean": a per-layer focused conv is followed by the fill's add (timed with it)
         self.downstream, self.sites, self.batch = downstream, sites, batch
         self.tile, self.dense_above = tile, dense_above
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
@@ -287,9 +288,12 @@ class Planner:
     def _node_args(node: fx.Node) -> List[Any]:
         return list(node.args) + list(node.kwargs.values())
 
-    def plan_grids(self, masks: Optional[Dict[Tuple[int, int], torch.Tensor]]) -> None:
+    def plan_grids(self, masks: Optional[Dict[Tuple[int, int], torch.Tensor]],
+                   mask_seconds: Optional[Callable[[List[Tuple[int, int]]], float]] = None) -> None:
         """Chooses each grid's tile side (or dense) from the cost model on the example masks (None, with fake
-        example inputs: the config's tile side, or DEFAULT_TILE, everywhere)."""
+        example inputs: the config's tile side, or DEFAULT_TILE, everywhere). With the per-layer option,
+        ``mask_seconds(grids)`` measures what computing the AoI mask at those grids costs per call: when that is
+        more than the focused grids save (measured per layer, modelled for tiles), every grid runs dense."""
         for grid in sorted({self.grid[n] for n in self.tiled}, key=lambda g: -g[0] * g[1]):
             plan = GridPlan(grid)
             plan.convs = sorted((n for n in self.tiled if self.grid[n] == grid and n in self.sites),
@@ -340,6 +344,18 @@ class Planner:
             else:
                 plan.region = True
             self.grids[grid] = plan
+        focused = [g for g, p in self.grids.items() if p.region or p.layer]
+        if self.per_layer and mask_seconds is not None and focused:
+            saved = sum(self._saved(self.grids[g]) for g in focused)
+            cost = mask_seconds(focused)
+            if saved <= cost:
+                for g in focused:
+                    plan = self.grids[g]
+                    plan.region = plan.layer = False
+                    plan.reason = (f"computing the AoI mask costs {1e3 * cost:.3g} ms per call on the example inputs, "
+                                   f"more than the {1e3 * saved:.3g} ms the focused grids would save (this grid: "
+                                   + (f"per layer measured {plan.layer_modelled:.2f}, " if plan.layer_modelled <
+                                      float("inf") else "") + f"tiles modelled {plan.modelled:.2f})")
         off_tiles = {g for g, p in self.grids.items() if not p.region}
         for node in [n for n in self.tiled if self.grid[n] in off_tiles]:
             self.tiled.discard(node)
@@ -354,6 +370,14 @@ class Planner:
                 else:
                     self.why_not[node] = plan.describe()
         self.layer_convs.sort(key=self.order.__getitem__)
+
+    @staticmethod
+    def _saved(plan: GridPlan) -> float:
+        """Seconds per call a focused grid saves against its dense convs: measured per layer, modelled for tiles."""
+        dense = sum(d for d, _ in plan.layer_times.values())
+        if plan.layer:
+            return dense - sum(t[c in plan.layer_focused] for c, t in plan.layer_times.items())
+        return dense * (1.0 - plan.modelled) if plan.region else 0.0
 
     def layer_times(self, convs: Sequence[fx.Node], mask: torch.Tensor) -> Dict[fx.Node, Tuple[float, float]]:
         """conv -> (seconds as F.conv2d, as focused_conv2d with ``mask``, bool [N, H, W] at the grid), measured on
@@ -375,9 +399,12 @@ class Planner:
             bias = torch.randn(site.weight_shape[0], dtype=x.dtype, device=x.device) if site.bias is not None \
                 else None
             args = (list(site.stride), list(site.padding), list(site.dilation), site.groups)
-            times[conv] = tuple(bench.interleaved([lambda: F.conv2d(x, weight, bias, *args),
-                                                   lambda: focused_conv2d(x, weight, bias, mask, *args)],
-                                                  LAYER_RUNS, warmup=1))
+            fill = torch.randn(1, site.weight_shape[0], 1, 1, dtype=x.dtype, device=x.device) if self.fill_add \
+                else None
+            times[conv] = tuple(bench.interleaved(
+                [lambda: F.conv2d(x, weight, bias, *args),
+                 lambda: focused_conv2d(x, weight, bias, mask, *args) if fill is None else  # the fill add of layer
+                 focused_conv2d(x, weight, bias, mask, *args) + fill], LAYER_RUNS, warmup=1))
         return times
 
     # ------------------------------------------------------------ which values leave the tiles
