@@ -367,3 +367,31 @@ def test_auto_measures_per_layer_on_every_graph_kind(kind):
         report = run_passes(gm, inputs, [config])
     notes = [n for n in report.notes if n.startswith("grid ")]
     assert notes and all("per layer" in n for n in notes), notes
+
+
+class _Unknown(nn.Module):
+    """A block whose region is interrupted by an op the pass does not run on tiles (a softplus)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(F.softplus(self.a(self.stem(x))))
+
+
+def test_an_op_the_pass_does_not_know_ends_the_region_and_is_reported():
+    model = _Unknown().eval()
+    x = torch.randn(2, 3, 24, 24)
+    gm = fxeff.transform(model, (x,), [region(threshold=_partial(model, x), split="stem", tile=8)])
+    note, = [n for n in gm.fxeff_report.notes if n.startswith("regions are scattered")]
+    assert "softplus (1)" in note and "the graph output (1)" in note
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.index(F.softplus) == targets.index(R.region_scatter) + 1  # scattered, then softplus on the map
+    with torch.no_grad():  # softplus ran on the whole map: the second region reads its real values
+        split = model.stem(x)
+        mask = fxeff.ops.aoi_mask(split, _partial(model, x), "sum").unsqueeze(1)
+        expected = model.b(F.softplus(model.a(split) * mask)) * mask
+        torch.testing.assert_close(gm(x) * mask, expected, rtol=1e-4, atol=1e-4)

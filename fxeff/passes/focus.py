@@ -622,6 +622,8 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
             entry = SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "focus")
         site_reports.append(entry)
     notes = [plan.describe() for _, plan in sorted(planner.grids.items(), key=lambda item: -item[0][0])]
+    if planner.ended_note():
+        notes.append(planner.ended_note())
     if config.fill == "mean" and tiled:
         notes.append("fill='mean': outside the AoI each region output holds the per-channel mean of the original "
                      "value there on the example inputs")

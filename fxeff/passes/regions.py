@@ -142,6 +142,7 @@ class Planner:
         self.fills: Dict[fx.Node, Optional[torch.Tensor]] = {}
         self.whole_users: Dict[fx.Node, List[fx.Node]] = {}
         self.layer_convs: List[fx.Node] = []  # convs of the grids run per layer (focused_conv2d each)
+        self.ended_by: Dict[str, int] = {}  # op -> how many times a region was scattered for it (it reads whole maps)
 
     # ------------------------------------------------------------ classification
 
@@ -471,6 +472,23 @@ class Planner:
         attr.meta[ROLE] = "region_fill"
         return attr
 
+    def _op_name(self, node: fx.Node) -> str:
+        """A short name of what ``node`` runs (its module's class, function or method name)."""
+        if node.op == "call_module":
+            return type(self.gm.get_submodule(node.target)).__name__
+        if node.op == "output":
+            return "the graph output"
+        target = node.target
+        return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+    def ended_note(self) -> Optional[str]:
+        """The report's note on where regions end because an op reads a whole map (None when none did)."""
+        if not self.ended_by:
+            return None
+        ops = ", ".join(f"{name} ({count})" for name, count in sorted(self.ended_by.items()))
+        return (f"regions are scattered to whole maps before ops that do not run on tiles (a grid change, pooling, "
+                f"an op outside the pointwise list, the output): {ops}")
+
     def whole(self, node: fx.Node, user: fx.Node) -> fx.Node:
         """``node`` as a whole map for ``user``: itself, or its scatter (made once, before its first whole-map user)."""
         if node not in self.tiled:
@@ -575,6 +593,7 @@ class Planner:
                     user.meta[ROLE] = "region_mean"
                     continue
                 user.replace_input_with(node, self.whole(node, user))
+                self.ended_by[self._op_name(user)] = self.ended_by.get(self._op_name(user), 0) + 1
         for node in self.tiled:  # shapes recorded for whole maps no longer hold
             for key in ("val", "example_value", "tensor_meta", "fxeff_val"):
                 node.meta.pop(key, None)
