@@ -30,7 +30,7 @@ data:
 	  || { echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (or set FXEFF_FASHION_MNIST_DIR)"; exit 1; }; \
 	fi
 
-demo: setup
+demo: setup data
 	$(BIN)/fxeff demo
 
 test: setup data

@@ -224,8 +224,8 @@ def load_finetuned(arch: str, dataset: str, technique: str, atol: float = 1e-3) 
     """The committed fine-tuned ``technique`` rewrite of the reference model, in eval mode.
 
     The graph is rebuilt as it was made (``fxeff.transform`` of the trained model with the recorded config on the same
-    first training images; with a data-free init where that builds the same graph, REBUILD_INIT), then its
-    fine-tuned weights are loaded (``weights_only=True``). Raises
+    first training images; with a data-free init where that builds the same graph, REBUILD_INIT, and on the first
+    CHECK_IMAGES of them), then its fine-tuned weights are loaded (``weights_only=True``). Raises
     RuntimeError when the rebuilt model's logits on the first test images differ from the recorded ones by more
     than ``atol`` (a rewrite that no longer builds the same graph)."""
     from .passes import config_from_dict
@@ -233,10 +233,11 @@ def load_finetuned(arch: str, dataset: str, technique: str, atol: float = 1e-3) 
 
     record = finetuned_record(arch, dataset, technique)
     config = config_from_dict(record["config"])
-    if config.pass_name in REBUILD_INIT:
+    images = record["calibration_images"]
+    if config.pass_name in REBUILD_INIT:  # data-free: a few images give the graph its shapes
         config = dataclasses.replace(config, init=REBUILD_INIT[config.pass_name])
-    student = transform(load(arch, dataset), (_first_images(dataset, "train", record["calibration_images"]),),
-                        [config])
+        images = min(images, CHECK_IMAGES)
+    student = transform(load(arch, dataset), (_first_images(dataset, "train", images),), [config])
     student.load_state_dict(torch.load(finetuned_path(arch, dataset, technique), map_location="cpu",
                                        weights_only=True))
     logits, recorded = _check_logits(student, dataset), torch.tensor(record["check_logits"])

@@ -24,7 +24,7 @@ def test_demo_on_a_small_setting_matches_predictions_recomputed_here(tmp_path, r
     out = tmp_path / "demo"
     summary = cli.demo(cli.build_parser().parse_args(
         ["demo", "--model", "torchvision:resnet18", "--checkpoint", resnet18_checkpoint, "--size", "64",
-         "--photos", "chelsea,rocket,coffee", "--aoi", "0.25", "--runs", "1", "--out", str(out)]))
+         "--photos", "chelsea,rocket,coffee", "--aoi", "0.25", "--runs", "1", "--out", str(out), "--no-home"]))
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["rows"] == json.loads(json.dumps(summary["rows"]))
     assert [r["image"] for r in on_disk["rows"]] == ["chelsea", "rocket", "coffee"]
@@ -57,9 +57,24 @@ def test_demo_on_a_small_setting_matches_predictions_recomputed_here(tmp_path, r
     assert "fxeff report: pass focus" in (out / "report.txt").read_text()
 
 
+@pytest.mark.skipif(not (os.path.isfile("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz") or
+                         os.environ.get("FXEFF_FASHION_MNIST_DIR")),
+                    reason="Fashion-MNIST missing (the home ground): apt-get install dataset-fashion-mnist")
 def test_demo_default_model_is_efficientnet_lite0_with_real_weights(tmp_path):
+    """The default demo: the home ground (every reference model, each technique) first, then EfficientNet-Lite0."""
     summary = cli.demo(cli.build_parser().parse_args(
-        ["demo", "--photos", "chelsea", "--runs", "1", "--out", str(tmp_path)]))
+        ["demo", "--photos", "chelsea", "--runs", "1", "--test-images", "32", "--out", str(tmp_path)]))
+    home = summary["home_ground"]
+    assert [(r["model"], r["technique"].split(",")[0].split(" (")[0]) for r in home] == [
+        (arch, t) for arch, last in (("vgg", "hetconv P=4"), ("resnet20", "hetconv P=4"),
+                                     ("mobilenetv2", "shift sparse")) for t in ("focus", "focus", last)]
+    assert summary["test_images"] == 32
+    text = (tmp_path / "summary.md").read_text()
+    assert text.index("## Home ground") < text.index("## Natural images") < text.index("![summary](summary.png)")
+    assert "the background is not irrelevant" in text
+    with open(tmp_path / "summary.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("home_")]) == 4
     assert summary["model"] == "efficientnet-lite0" and summary["real_weights"] is True
     assert summary["split"] == "_blocks.0" and summary["target_aoi"] == 0.30
     chelsea, = summary["rows"]

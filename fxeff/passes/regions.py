@@ -293,8 +293,9 @@ class Planner:
                    mask_seconds: Optional[Callable[[List[Tuple[int, int]]], float]] = None) -> None:
         """Chooses each grid's tile side (or dense) from the cost model on the example masks (None, with fake
         example inputs: the config's tile side, or DEFAULT_TILE, everywhere). With the per-layer option,
-        ``mask_seconds(grids)`` measures what computing the AoI mask at those grids costs per call: when that is
-        more than the focused grids save (measured per layer, modelled for tiles), every grid runs dense."""
+        ``mask_seconds(grids)`` measures what computing the AoI mask at those grids costs per call: when the focused
+        grids' convs (measured per layer, modelled for tiles) plus that cost are above ``dense_above`` of their dense
+        convs' time, every grid runs dense."""
         for grid in sorted({self.grid[n] for n in self.tiled}, key=lambda g: -g[0] * g[1]):
             plan = GridPlan(grid)
             plan.convs = sorted((n for n in self.tiled if self.grid[n] == grid and n in self.sites),
@@ -347,14 +348,16 @@ class Planner:
             self.grids[grid] = plan
         focused = [g for g, p in self.grids.items() if p.region or p.layer]
         if self.per_layer and mask_seconds is not None and focused:
+            dense = sum(d for g in focused for d, _ in self.grids[g].layer_times.values())
             saved = sum(self._saved(self.grids[g]) for g in focused)
             cost = mask_seconds(focused)
-            if saved <= cost:
+            if dense - saved + cost > (self.dense_above or 1.0) * dense:
                 for g in focused:
                     plan = self.grids[g]
                     plan.region = plan.layer = False
-                    plan.reason = (f"computing the AoI mask costs {1e3 * cost:.3g} ms per call on the example inputs, "
-                                   f"more than the {1e3 * saved:.3g} ms the focused grids would save (this grid: "
+                    plan.reason = (f"the focused grids' convs would take {1e3 * (dense - saved):.3g} ms and computing "
+                                   f"the AoI mask {1e3 * cost:.3g} ms per call on the example inputs, against "
+                                   f"{1e3 * dense:.3g} ms dense: above dense_above={self.dense_above} (this grid: "
                                    + (f"per layer measured {plan.layer_modelled:.2f}, " if plan.layer_modelled <
                                       float("inf") else "") + f"tiles modelled {plan.modelled:.2f})")
         off_tiles = {g for g, p in self.grids.items() if not p.region}
