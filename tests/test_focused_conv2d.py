@@ -359,31 +359,3 @@ def test_backward_of_empty_mask_is_zero_without_conv():
     assert "fxeff::focused_conv2d_backward::empty" in names
     assert not any(n.startswith("aten::conv") for n in names), names
     assert all(not g.any() for g in grads)
-
-
-def test_pixels_weight_matrix_follows_every_change_of_the_weight():
-    """The pixels strategy keeps its GEMM weight per weight tensor: an in-place update, a new tensor, a new
-    storage (set_) and an inference tensor each give the result of the weight as it is now."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 8, 12, 12)
-    mask = torch.rand(2, 12, 12) < 0.3
-    weight = torch.randn(16, 8, 3, 3)
-
-    def check(w):
-        with forced_strategy("pixels"):
-            out = focused_conv2d(x, w, None, mask, 1, 1)
-        torch.testing.assert_close(out, F.conv2d(x, w, padding=1) * mask.unsqueeze(1), rtol=1e-4, atol=1e-4)
-
-    check(weight)
-    check(weight)  # from the kept matrix
-    with torch.no_grad():
-        weight.mul_(-2.0)  # a new version
-    check(weight)
-    weight.set_(torch.randn(16, 8, 3, 3))  # new storage, same tensor
-    check(weight)
-    check(torch.randn(16, 8, 3, 3))  # a new tensor (possibly at a freed tensor's address)
-    with torch.inference_mode():
-        frozen = torch.randn(16, 8, 3, 3)
-        check(frozen)
-        frozen.add_(1.0)  # inference tensors have no version counter: never kept
-        check(frozen)

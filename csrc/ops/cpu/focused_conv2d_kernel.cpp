@@ -36,8 +36,6 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
-#include <mutex>
-#include <unordered_map>
 #include <vector>
 
 namespace fxeff {
@@ -378,47 +376,6 @@ void gather_pixels_nchw(const scalar_t* x, scalar_t* cols, scalar_t* stage, cons
   }
 }
 
-// The pixels GEMMs' weight: [O, kg] with columns (ky, kx, c) per group, the gather's order. Making it copies the
-// whole weight (for a 512-channel 3x3 conv 9.4 MB, ~1 ms; 5.6 ms of VGG16's 126 ms focused forward, measured), so it
-// is kept per weight tensor and made again only when that tensor changes: a new version (an in-place update such as
-// an optimizer step), new storage or shape. An entry lives as long as its weight (a weak reference); expired entries
-// are dropped when another is added. Inference tensors (no version counter) are not cached.
-at::Tensor pixel_weight_matrix(const at::Tensor& weight) {
-  const int64_t O = weight.size(0);
-  const auto make = [&] { return weight.permute({0, 2, 3, 1}).contiguous().view({O, -1}); };
-  if (weight.is_inference()) return make();
-  struct Entry {
-    c10::weak_intrusive_ptr<c10::TensorImpl> source;
-    uint32_t version;
-    const void* data;
-    std::vector<int64_t> sizes;
-    at::Tensor matrix;
-  };
-  static std::mutex mutex;
-  static std::unordered_map<const c10::TensorImpl*, Entry> cache;
-  const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
-  const uint32_t version = weight._version();
-  const std::vector<int64_t> sizes = weight.sizes().vec();
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = cache.find(key);
-    if (it != cache.end() && !it->second.source.expired() && it->second.version == version &&
-        it->second.data == weight.const_data_ptr() && it->second.sizes == sizes &&
-        it->second.matrix.scalar_type() == weight.scalar_type()) {
-      return it->second.matrix;
-    }
-  }
-  at::Tensor matrix = make();
-  std::lock_guard<std::mutex> lock(mutex);
-  for (auto it = cache.begin(); it != cache.end();) {
-    it = it->second.source.expired() ? cache.erase(it) : std::next(it);
-  }
-  cache.erase(key);
-  cache.emplace(key, Entry{c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), version,
-                           weight.const_data_ptr(), sizes, matrix});
-  return matrix;
-}
-
 // Runs the pixels strategy: per chunk of active outputs (one chunk per task, on the task's own buffers), gather
 // their receptive fields, one GEMM per group against the weight, and write the results (plus bias) into out.
 // cl: out is channels_last (else NCHW); x may be either.
@@ -435,7 +392,7 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   // more than the whole gather). The weight as [O, kg] with columns in the gather's order.
   const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  const at::Tensor wmat = pixel_weight_matrix(weight);
+  const at::Tensor wmat = weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
   std::vector<acc_t> b(O, acc_t(0));
   if (bias.has_value() && bias->defined()) {
     const at::Tensor bc = bias->contiguous();
