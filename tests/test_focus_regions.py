@@ -135,6 +135,8 @@ def test_fill_mean_needs_real_inputs():
         x = mode.from_tensor(torch.randn(1, 3, h, w))
     with pytest.raises(ValueError, match="fill='mean'"):
         run_passes(torch.fx.symbolic_trace(model), (x,), [region(threshold=0.0, split="stem", fill="mean")])
+    with pytest.raises(ValueError, match="execution='auto' times each grid"):
+        run_passes(torch.fx.symbolic_trace(model), (x,), [Focus(threshold=0.0, split="stem", execution="auto")])
 
 
 def test_the_border_reads_zeros_before_every_conv_in_a_region():

@@ -438,6 +438,9 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     if config.fill == "mean" and fake:
         raise ValueError("fxeff.passes.Focus: fill='mean' measures the background on real example inputs, got fake "
                          "tensors; pass real images (or use fill='zeros')")
+    if config.execution == "auto" and fake:
+        raise ValueError("fxeff.passes.Focus: execution='auto' times each grid's options on the real example inputs' "
+                         "AoI, got fake tensors; pass real images (or choose execution='layer' or 'region')")
     region = config.execution in ("region", "auto")
     keep = [split] + ([site.node for site in conv_sites(gm)] if config.fill == "mean" and not region else [])
     axes = ChannelAxes(context.example_inputs)  # which axis of the split's output holds the channels
