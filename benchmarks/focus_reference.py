@@ -21,19 +21,13 @@ from fxeff.bench import interleaved, macs, report, script_parser, write_markdown
 
 from fxeff import reference, training  # noqa: E402
 from fxeff.data import BACKGROUND  # noqa: E402
+from fxeff.demo import CALIBRATION_IMAGES, HOME_DATASET as DATASET, LATENCY_BATCH, home_focus  # noqa: E402
 from fxeff.ops import aoi_mask  # noqa: E402
-from fxeff.passes import Focus  # noqa: E402
 from fxeff.passes.focus import dilate_mask  # noqa: E402
 from fxeff.transform import transform  # noqa: E402
 
-DATASET = "cluttered-fashion-mnist"
 COLUMNS = ["model", "execution", "AoI", "MAC ratio", "latency ratio b16", "latency ratio b1", "acc. original",
            "acc. focused", "drop (points)", "transform s", "grids"]
-
-
-def _images(split: str, n: int) -> torch.Tensor:
-    data = reference.dataset(DATASET, split, limit=n)
-    return torch.stack([data[i][0] for i in range(len(data))])
 
 
 def main(argv=None):
@@ -44,7 +38,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    calibration, timing = _images("train", 64), _images("test", 16)
+    calibration = reference.first_images(DATASET, "train", CALIBRATION_IMAGES)
+    timing = reference.first_images(DATASET, "test", LATENCY_BATCH)
     # the AoI of the timing batch (the input split's: it is the same for every model and execution)
     aoi = float(dilate_mask(aoi_mask(timing, BACKGROUND, "sum"), 2).float().mean())
     loader = training.loader(reference.dataset(DATASET, "test", limit=args.test_images), 250, False)
@@ -54,8 +49,7 @@ def main(argv=None):
         accuracy = training.accuracy(model, loader)
         for execution in [e for e in args.executions.split(",") if e]:
             start = time.perf_counter()
-            focused = transform(model, calibration, [Focus(BACKGROUND, split="input", fill="mean", halo=2,
-                                                           execution=execution)])
+            focused = transform(model, calibration, [home_focus(execution)])
             seconds = time.perf_counter() - start
             rep = focused.fxeff_report
             b16 = interleaved([lambda: model(timing), lambda: focused(timing)], args.runs)

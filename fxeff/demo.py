@@ -30,9 +30,13 @@ HOME_COLUMNS = (("model", "model"), ("technique", "technique"), ("acc_original",
                 ("ms_rewritten", "ms rewritten"), ("speedup", "speedup"))
 
 
-def _images(split: str, n: int) -> torch.Tensor:
-    data = reference.dataset(HOME_DATASET, split, limit=n)
-    return torch.stack([data[i][0] for i in range(len(data))])
+def home_focus(execution: str):
+    """The home ground's Focus: every input pixel brighter than black, grown by 2 pixels, fill "mean" (the setting of
+    docs/accuracy.md's target row)."""
+    from .data import BACKGROUND
+    from .passes import Focus
+
+    return Focus(BACKGROUND, split="input", fill="mean", halo=2, execution=execution)
 
 
 def _grey_to_rgb(image: torch.Tensor, scale: int = 3) -> "numpy.ndarray":
@@ -52,14 +56,13 @@ def home_ground_rows(test_images: int, runs: int, out: str, overlays: int = 4, p
 
     from . import focus, training
     from .data import BACKGROUND, CLASSES
-    from .passes import Focus
     from .transform import transform
 
     os.makedirs(out, exist_ok=True)
     test = reference.dataset(HOME_DATASET, "test", limit=test_images)
     loader = training.loader(test, 250, False)
-    timing = _images("test", LATENCY_BATCH)
-    calibration = _images("train", CALIBRATION_IMAGES)
+    timing = reference.first_images(HOME_DATASET, "test", LATENCY_BATCH)
+    calibration = reference.first_images(HOME_DATASET, "train", CALIBRATION_IMAGES)
     rows: List[Dict[str, object]] = []
     for arch in tqdm(archs, desc="fxeff demo: reference models", unit="model", disable=not progress):
         model = reference.load(arch, HOME_DATASET)
@@ -72,8 +75,7 @@ def home_ground_rows(test_images: int, runs: int, out: str, overlays: int = 4, p
                 focus.render(_grey_to_rgb(timing[i]), masks[i], os.path.join(out, f"home_{i:02d}_aoi.png"),
                              title=f"{label}: AoI {float(masks[i].float().mean()):.0%}")
         rewrites = [(f"focus, {execution} execution",
-                     lambda execution=execution: transform(model, calibration, [Focus(
-                         BACKGROUND, split="input", fill="mean", halo=2, execution=execution)]))
+                     lambda execution=execution: transform(model, calibration, [home_focus(execution)]))
                     for execution in ("layer", "auto")]
         technique = FINETUNED_TECHNIQUE[arch]
         rewrites.append((f"{technique} (fine-tuned)", lambda: reference.load_finetuned(arch, HOME_DATASET, technique)))
@@ -150,4 +152,5 @@ def summary_plot(home: List[Dict[str, object]], photos: List[Dict[str, object]],
     return path
 
 
-__all__ = ["home_ground_rows", "home_ground_markdown", "summary_plot", "HOME_COLUMNS", "FINETUNED_TECHNIQUE"]
+__all__ = ["home_focus", "home_ground_rows", "home_ground_markdown", "summary_plot", "HOME_COLUMNS",
+           "FINETUNED_TECHNIQUE"]

@@ -183,14 +183,15 @@ def finetuned_path(arch: str, dataset: str, technique: str) -> str:
     return os.path.join(FINETUNED_DIR, f"{arch}-{dataset}-{slug}.pt")
 
 
-def _first_images(name: str, split: str, n: int) -> torch.Tensor:
+def first_images(name: str, split: str, n: int) -> torch.Tensor:
+    """The first ``n`` images of the ``split`` of dataset ``name`` as one batch [n, 1, H, W]."""
     data = dataset(name, split, limit=n)
     return torch.stack([data[i][0] for i in range(min(n, len(data)))])
 
 
 def _check_logits(model: nn.Module, dataset_name: str) -> torch.Tensor:
     with torch.no_grad():
-        return model.eval()(_first_images(dataset_name, "test", CHECK_IMAGES))
+        return model.eval()(first_images(dataset_name, "test", CHECK_IMAGES))
 
 
 def save_finetuned(student: nn.Module, arch: str, dataset: str, technique: str, config, calibration_images: int,
@@ -237,7 +238,7 @@ def load_finetuned(arch: str, dataset: str, technique: str, atol: float = 1e-3) 
     if config.pass_name in REBUILD_INIT:  # data-free: a few images give the graph its shapes
         config = dataclasses.replace(config, init=REBUILD_INIT[config.pass_name])
         images = min(images, CHECK_IMAGES)
-    student = transform(load(arch, dataset), (_first_images(dataset, "train", images),), [config])
+    student = transform(load(arch, dataset), (first_images(dataset, "train", images),), [config])
     student.load_state_dict(torch.load(finetuned_path(arch, dataset, technique), map_location="cpu",
                                        weights_only=True))
     logits, recorded = _check_logits(student, dataset), torch.tensor(record["check_logits"])
@@ -264,5 +265,5 @@ def dataset(name: str, split: str, limit: Optional[int] = None, augment: bool = 
 
 
 __all__ = ["ARCHS", "DATASETS", "DATASET_SPECS", "CHECKPOINT_DIR", "VGGSmall", "ResNet20", "mobilenet_v2_small",
-           "build", "checkpoint_path", "load", "dataset", "FINETUNED", "finetuned_path", "save_finetuned",
-           "finetuned_record", "load_finetuned"]
+           "build", "checkpoint_path", "load", "dataset", "first_images", "FINETUNED", "finetuned_path",
+           "save_finetuned", "finetuned_record", "load_finetuned"]

@@ -27,7 +27,7 @@ def test_home_ground_rows_match_values_recomputed_here(tmp_path):
     student = reference.load_finetuned("vgg", demo.HOME_DATASET, "hetconv P=4")
     assert rows[0]["acc_original"] == training.accuracy(model, loader)
     assert rows[2]["acc_rewritten"] == training.accuracy(student, loader)
-    timing = demo._images("test", demo.LATENCY_BATCH)
+    timing = reference.first_images(demo.HOME_DATASET, "test", demo.LATENCY_BATCH)
     assert rows[0]["mmacs_original"] == pytest.approx(bench.macs(lambda: model(timing)) / 16 / 1e6)
     record = reference.finetuned_record("vgg", demo.HOME_DATASET, "hetconv P=4")
     assert rows[2]["mmacs_rewritten"] / rows[2]["mmacs_original"] == pytest.approx(record["MAC ratio"], abs=0.01)

@@ -394,8 +394,21 @@ def _outside_means(config: Focus, values: Dict[fx.Node, torch.Tensor], split: fx
     """conv node -> per-channel mean of the original conv's output outside the AoI (at its own grid) over
     the example inputs (``values``: the original graph's), for fill="mean"; zeros for a conv whose AoI
     covers everything."""
-    mask = dilate_mask(AOI_MASK(values[split], config.threshold, config.reduce), config.halo)
-    return fill_means(values, mask, [site.node for site in sites])
+    return fill_means(values, _example_mask(config, values[split]), [site.node for site in sites])
+
+
+def _example_mask(config: Focus, split_value: torch.Tensor) -> torch.Tensor:
+    """The AoI (grown by the halo) the graph computes from ``split_value``, the split's value on example inputs."""
+    return dilate_mask(AOI_MASK(split_value, config.threshold, config.reduce), config.halo)
+
+
+def _focus_conv(gm: fx.GraphModule, site: ConvSite, mask: fx.Node, mean: Optional[torch.Tensor],
+                split: fx.Node) -> fx.Node:
+    """The conv as focused_conv2d on ``mask``, with ``mean`` outside the AoI when given."""
+    new = _rewrite(gm, site, mask)
+    if mean is not None:
+        _fill_outside(gm, site, new, mean, split)
+    return new
 
 
 def _fill_outside(gm: fx.GraphModule, site: ConvSite, new: fx.Node, mean: torch.Tensor, split: fx.Node) -> None:
@@ -491,10 +504,7 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
             _set_value(resized, split, (split_shape[0],) + tuple(grid), torch.bool)
             grid_masks[key] = resized
         mask_k = grid_masks[key]
-        mean = means.get(site.node)
-        new = _rewrite(gm, site, mask_k)
-        if mean is not None:
-            _fill_outside(gm, site, new, mean, split)
+        _focus_conv(gm, site, mask_k, means.get(site.node), split)
         entry = SiteReport(site.name, site.describe(), "rewritten", "", macs, None, "focus")
         site_reports.append(entry)
         rewritten.append((entry, site, mask_k))
@@ -563,18 +573,15 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
                       per_layer=config.execution == "auto", fill_add=config.fill == "mean")
     planner.classify()
 
-    def mask_of(value: torch.Tensor) -> torch.Tensor:
-        return dilate_mask(AOI_MASK(value, config.threshold, config.reduce), config.halo)
-
     def mask_seconds(at: List[Tuple[int, int]]) -> float:  # the AoI mask and its resizes, as the graph computes them
         from .. import bench
 
         def run():
-            return grid_masks_for(mask_of(split_value), at)
+            return grid_masks_for(_example_mask(config, split_value), at)
 
         return bench.interleaved([run], LAYER_RUNS, warmup=1)[0]
 
-    mask_value = None if fake else mask_of(split_value)
+    mask_value = None if fake else _example_mask(config, split_value)
     grids = sorted({planner.grid[n] for n in planner.tiled})
     value_masks = grid_masks_for(mask_value, grids) if mask_value is not None else None
     planner.plan_grids(value_masks, None if fake else mask_seconds)
@@ -599,11 +606,8 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     planner.rewrite(masks)
     per_layer: Dict[fx.Node, fx.Node] = {}  # a grid run per layer: conv -> its focused_conv2d
     for conv in planner.layer_convs:
-        site = by_node[conv]
-        site.input = conv_site(gm, conv).input  # it may read a region's scatter now
-        per_layer[conv] = _rewrite(gm, site, masks[planner.grid[conv]])
-        if conv in layer_means:
-            _fill_outside(gm, site, per_layer[conv], layer_means[conv], split)
+        by_node[conv].input = conv_site(gm, conv).input  # it may read a region's scatter now
+        per_layer[conv] = _focus_conv(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv), split)
 
     site_reports: List[SiteReport] = []
     tiled: List[Tuple[SiteReport, ConvSite]] = []

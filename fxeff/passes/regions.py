@@ -30,6 +30,7 @@ the least modelled time; a grid whose best modelled time is above ``dense_above`
 """
 import dataclasses
 import operator
+from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -142,7 +143,7 @@ class Planner:
         self.fills: Dict[fx.Node, Optional[torch.Tensor]] = {}
         self.whole_users: Dict[fx.Node, List[fx.Node]] = {}
         self.layer_convs: List[fx.Node] = []  # convs of the grids run per layer (focused_conv2d each)
-        self.ended_by: Dict[str, int] = {}  # op -> how many times a region was scattered for it (it reads whole maps)
+        self.ended_by: Counter = Counter()  # op -> how many times a region was scattered for it (reads whole maps)
 
     # ------------------------------------------------------------ classification
 
@@ -365,12 +366,12 @@ class Planner:
             self.tiled.discard(node)
             if node in self.sites:
                 plan = self.grids[self.grid[node]]
-                dense, focused = plan.layer_times.get(node, (0.0, 0.0))
                 if plan.layer and node in plan.layer_focused:
                     self.layer_convs.append(node)
                 elif plan.layer:
-                    self.why_not[node] = (f"its grid runs per layer, but this conv measured {1e3 * focused:.3g} ms "
-                                          f"focused against {1e3 * dense:.3g} ms dense: it stays dense")
+                    dense_s, focused_s = plan.layer_times[node]
+                    self.why_not[node] = (f"its grid runs per layer, but this conv measured {1e3 * focused_s:.3g} ms "
+                                          f"focused against {1e3 * dense_s:.3g} ms dense: it stays dense")
                 else:
                     self.why_not[node] = plan.describe()
         self.layer_convs.sort(key=self.order.__getitem__)
@@ -378,10 +379,10 @@ class Planner:
     @staticmethod
     def _saved(plan: GridPlan) -> float:
         """Seconds per call a focused grid saves against its dense convs: measured per layer, modelled for tiles."""
+        if not plan.region and not plan.layer:
+            return 0.0
         dense = sum(d for d, _ in plan.layer_times.values())
-        if plan.layer:
-            return dense - sum(t[c in plan.layer_focused] for c, t in plan.layer_times.items())
-        return dense * (1.0 - plan.modelled) if plan.region else 0.0
+        return dense * (1.0 - (plan.layer_modelled if plan.layer else plan.modelled))
 
     def layer_times(self, convs: Sequence[fx.Node], mask: torch.Tensor) -> Dict[fx.Node, Tuple[float, float]]:
         """conv -> (seconds as F.conv2d, as focused_conv2d with ``mask``, bool [N, H, W] at the grid), measured on
@@ -596,7 +597,7 @@ class Planner:
                     user.meta[ROLE] = "region_mean"
                     continue
                 user.replace_input_with(node, self.whole(node, user))
-                self.ended_by[self._op_name(user)] = self.ended_by.get(self._op_name(user), 0) + 1
+                self.ended_by[self._op_name(user)] += 1
         for node in self.tiled:  # shapes recorded for whole maps no longer hold
             for key in ("val", "example_value", "tensor_meta", "fxeff_val"):
                 node.meta.pop(key, None)
