@@ -38,6 +38,8 @@ def dilate_reference(mask: torch.Tensor, halo: int) -> torch.Tensor:
     h, w = mask.shape[-2:]
     for dy in range(-halo, halo + 1):
         for dx in range(-halo, halo + 1):
+            if abs(dy) >= h or abs(dx) >= w:
+                continue  # shifted off the mask entirely
             shifted = torch.zeros_like(mask)
             shifted[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
                 mask[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]

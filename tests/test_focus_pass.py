@@ -670,9 +670,14 @@ def test_dilate_mask_matches_the_shift_reference():
     from fxeff.passes.focus import dilate_mask
     from _focus_reference import dilate_reference
 
-    mask = torch.rand(3, 11, 14) < 0.08
-    for halo in (0, 1, 3):
-        assert torch.equal(dilate_mask(mask, halo), dilate_reference(mask, halo))
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(3, 11, 14), (2, 1, 1), (1, 5, 1), (2, 4, 9)]:
+        mask = torch.rand(shape, generator=gen) < 0.08
+        mask[0, 0, -1] = True  # at least one pixel, on a border
+        for halo in range(0, 10):  # every doubling remainder, and halos wider than the mask
+            assert torch.equal(dilate_mask(mask, halo), dilate_reference(mask, halo)), (shape, halo)
+    strided = (torch.rand(2, 12, 20, generator=gen) < 0.1)[:, ::2, ::2]  # non-contiguous
+    assert torch.equal(dilate_mask(strided, 2), dilate_reference(strided.contiguous(), 2))
     with pytest.raises(ValueError, match="halo must be an int >= 0, got -1"):
         Focus(threshold=0.0, halo=-1)
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .. import ops as fxeff_ops
+from ..ops.aoi_mask import dilate_mask
 from ..nn.focus import REDUCES, AoIThreshold
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
@@ -362,30 +363,12 @@ def _rewrite(gm: fx.GraphModule, site: ConvSite, mask: fx.Node) -> fx.Node:
     return new
 
 
-def dilate_mask(mask: torch.Tensor, halo: int) -> torch.Tensor:
-    """bool [N, H, W]: ``mask`` grown by ``halo`` pixels (a (2 halo + 1)^2 max filter, clipped at the borders)."""
-    if halo == 0:
-        return mask
-    grown = F.max_pool2d(mask.unsqueeze(1).to(torch.float32), 2 * halo + 1, stride=1, padding=halo)
-    return grown.squeeze(1) > 0
-
-
 def _emit_dilation(graph: fx.Graph, mask: fx.Node, halo: int, split: fx.Node, shape: Tuple[int, ...]) -> fx.Node:
-    """dilate_mask(mask, halo) as aten nodes after ``mask`` (valid in symbolic, dynamo and export graphs)."""
-    n, h, w = shape
-    k = 2 * halo + 1
-    steps = [(aten.unsqueeze.default, (1,), {}, (n, 1, h, w), torch.bool),
-             (aten._to_copy.default, (), {"dtype": torch.float32}, (n, 1, h, w), torch.float32),
-             (aten.max_pool2d.default, ([k, k], [1, 1], [halo, halo]), {}, (n, 1, h, w), torch.float32),
-             (aten.squeeze.dim, (1,), {}, (n, h, w), torch.float32),
-             (aten.gt.Scalar, (0,), {}, (n, h, w), torch.bool)]
-    node = mask
-    for target, args, kwargs, out_shape, dtype in steps:
-        with graph.inserting_after(node):
-            new = graph.call_function(target, (node,) + args, kwargs)
-        new.meta[_ROLE] = "aoi_halo"
-        _set_value(new, split, out_shape, dtype)
-        node = new
+    """dilate_mask(mask, halo) after ``mask`` (a leaf of ATen ops: valid in symbolic, dynamo and export graphs)."""
+    with graph.inserting_after(mask):
+        node = graph.call_function(dilate_mask, (mask, halo))
+    node.meta[_ROLE] = "aoi_halo"
+    _set_value(node, split, shape, torch.bool)
     return node
 
 
