@@ -11,14 +11,16 @@ so ``import fxeff`` followed by ``torch.compile(..., backend="effconv")`` cannot
 entry point, and a process that never imported fxeff can use the name: torch imports this module
 on first use, which imports fxeff and so loads the operator library.
 """
+import dataclasses
 import logging
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 
 from .passes import Focus, PassConfig, config_from_dict, run_passes
 from .passes.focus import existing_aoi_thresholds
+from .passes.measure import fake_mode_of
 from .report import Report
 
 log = logging.getLogger(__name__)
@@ -122,12 +124,28 @@ _PATTERNS = ("an AoI threshold (an fxeff.nn.AoIThreshold module, an fxeff.ops.ao
              "on a 4-D activation): the Focus pass")
 
 
-def passes_from_graph(gm: fx.GraphModule) -> Tuple[List[PassConfig], str]:
+def _static_real(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> str:
+    """Why Focus's default execution ("auto", which times each grid's options on the example inputs' AoI at the
+    graph's shapes) cannot run on this graph, or "" when it can: fake example inputs, or dynamic shapes (dynamo
+    recompiles with symbolic sizes after a new input size)."""
+    if fake_mode_of(list(example_inputs)) is not None:
+        return "the example inputs are fake tensors (nothing to time)"
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.SymInt) or (isinstance(value, torch.Tensor) and not all(
+                isinstance(s, int) for s in value.shape)):
+            return "the graph has dynamic shapes (planned grids need static ones)"
+    return ""
+
+
+def passes_from_graph(gm: fx.GraphModule, example_inputs: Sequence[Any] = ()) -> Tuple[List[PassConfig], str]:
     """(the passes whose pattern ``gm`` already expresses, why not when none): the compile form without options.
 
     Focus where the graph holds one AoI threshold with a constant threshold (its split and its threshold
-    and reduce are the graph's own). Several thresholds on different activations, or a threshold computed
-    in the graph, are left alone and said why: choosing among them is the user's call (options['passes']).
+    and reduce are the graph's own), in Focus's default execution ("auto") where the example inputs are real
+    and the shapes static, else in execution "layer" (the report's notes say why). Several thresholds on
+    different activations, or a threshold computed in the graph, are left alone and said why: choosing among
+    them is the user's call (options['passes']).
     """
     thresholds = existing_aoi_thresholds(gm)
     if not thresholds:
@@ -144,6 +162,10 @@ def passes_from_graph(gm: fx.GraphModule) -> Tuple[List[PassConfig], str]:
         return [], (f"no options were given and the AoI threshold in the graph ({found.description}) is not a "
                     f"constant: nothing was rewritten; give options={{'passes': [{{'pass': 'focus', "
                     f"'threshold': t}}]}}")
+    blocker = _static_real(gm, example_inputs)
+    if blocker:
+        return [Focus(threshold=found.threshold, reduce=found.reduce, execution="layer")], (
+            f"Focus runs in execution 'layer' here, not the default 'auto': {blocker}")
     return [Focus(threshold=found.threshold, reduce=found.reduce)], ""
 
 
@@ -168,9 +190,11 @@ def effconv(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Map
     if model_class is None:
         root = _compiled_root_module(gm)
         model_class = type(root) if root is not None else None
-    passes, why = (parsed["passes"], "") if parsed["passes"] is not None else passes_from_graph(gm)
+    passes, why = (parsed["passes"], "") if parsed["passes"] is not None else passes_from_graph(gm, example_inputs)
     if passes:
         report = run_passes(gm, example_inputs, passes, model_class=model_class)
+        if why:
+            report.notes.insert(0, why)
     else:
         report = Report(pass_name="effconv", notes=[why])
     _last_report = report
@@ -178,4 +202,11 @@ def effconv(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Map
     if not parsed["inductor"]:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
+    context = torch._guards.TracingContext.try_get()
+    shape_env = getattr(getattr(context, "fake_mode", None), "shape_env", None)
+    if shape_env is not None:
+        # region execution's tile plans have a data-dependent size (nonzero): inductor traces it as an unbacked
+        # size, which dynamo's shape env allows only with fullgraph=True or capture_dynamic_output_shape_ops
+        # (else compile_fx fails and dynamo runs the graph eagerly after a graph break)
+        shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
     return compile_fx(gm, example_inputs, config_patches=parsed["inductor_config"] or None)

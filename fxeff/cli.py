@@ -55,8 +55,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold", type=float, default=None, help="use this AoI threshold as is")
     parser.add_argument("--split", default=None, help="module after which the AoI is taken (default: the family's)")
     parser.add_argument("--reduce", default="sum", choices=("sum", "mean"), help="channel reduction of the AoI")
-    parser.add_argument("--execution", default="layer", choices=("layer", "region", "auto"),
-                        help="Focus execution (fxeff.passes.Focus): layer (default), region or auto")
+    parser.add_argument("--execution", default="auto", choices=("layer", "region", "auto"),
+                        help="Focus execution (fxeff.passes.Focus): auto (default: per grid whichever of tiles, "
+                             "per-layer focused convs or dense measures fastest), layer or region")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
 
 

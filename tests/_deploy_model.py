@@ -58,7 +58,7 @@ INPUT_B_CORNER = (18, 19)
 
 def focus_config():
     import fxeff
-    return fxeff.Focus(threshold=THRESHOLD, split=SPLIT)
+    return fxeff.Focus(threshold=THRESHOLD, split=SPLIT, execution="layer")
 
 
 def region_focus_config():

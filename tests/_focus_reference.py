@@ -126,3 +126,15 @@ def outside_means(model: nn.Module, split: str, threshold: float, x: torch.Tenso
         outside = ~mask_resize_reference(seen["mask"], out.shape[-2:])[:, None]
         means[name] = (out * outside).sum(dim=(0, 2, 3)) / outside.sum()
     return means
+
+
+def fixed_layer_times(monkeypatch, slower=()):
+    """Focus(execution="auto")'s per-conv timing (Planner.layer_times) replaced by fixed timings, so that its
+    decisions do not depend on this machine: every conv measures 100x faster focused (so per layer beats tiles),
+    except the module names in ``slower``, which measure 2x slower."""
+    from fxeff.passes.regions import Planner
+
+    def fixed(self, convs, mask):
+        return {c: (1.0, 2.0 if self.sites[c].module_fqn in slower else 0.01) for c in convs}
+
+    monkeypatch.setattr(Planner, "layer_times", fixed)

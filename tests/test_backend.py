@@ -13,10 +13,10 @@ import torch._dynamo
 import fxeff
 import fxeff.backend
 from _deploy_model import INPUT_A_CORNER, INPUT_B_CORNER, SPLIT, THRESHOLD, bright_square, focus_config, make_model
-from _focus_reference import focused_reference
+from _focus_reference import fixed_layer_times, focused_reference
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-FOCUS_DICT = {"pass": "focus", "threshold": THRESHOLD, "split": SPLIT}
+FOCUS_DICT = {"pass": "focus", "threshold": THRESHOLD, "split": SPLIT, "execution": "layer"}
 
 
 def two_images():
@@ -156,10 +156,11 @@ def test_default_split_found_from_the_compiled_module():
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.rand(1, 3, 64, 64)
     compiled = torch.compile(model, backend="effconv", fullgraph=True,
-                             options={"passes": [{"pass": "focus", "threshold": 20.0}], "inductor": False})
+                             options={"passes": [{"pass": "focus", "threshold": 20.0, "execution": "layer"}],
+                                      "inductor": False})
     with torch.no_grad():
         out = compiled(x)
-        expected = fxeff.transform(model, (x,), [fxeff.Focus(threshold=20.0)])(x)
+        expected = fxeff.transform(model, (x,), [fxeff.Focus(threshold=20.0, execution="layer")])(x)
     report = fxeff.backend.last_report()
     assert report.split.startswith("maxpool") and "ResNet" in report.split
     assert sum(s.status == "rewritten" for s in report.sites) == 19
@@ -225,9 +226,11 @@ class ThresholdInTheGraph(torch.nn.Module):
 
 
 @pytest.mark.parametrize("spelling", ["module", "sum_ge"])
-def test_the_cards_compile_form_without_options_focuses_at_the_graphs_threshold(spelling):
-    """``torch.compile(model, backend="effconv")``, no options: Focus with the graph's own split and threshold,
-    through inductor, equal to the pure-PyTorch focus reference."""
+def test_the_cards_compile_form_without_options_focuses_at_the_graphs_threshold(spelling, monkeypatch):
+    """``torch.compile(model, backend="effconv")``, no options: Focus with the graph's own split and threshold in
+    the default execution ("auto"), through inductor. With timings where every conv measures faster focused,
+    auto focuses each grid per layer: equal to the pure-PyTorch focus reference."""
+    fixed_layer_times(monkeypatch)
     model, x = ThresholdInTheGraph(spelling).eval(), two_images()
     compiled = torch.compile(model, backend="effconv")
     with torch.no_grad():
@@ -238,8 +241,29 @@ def test_the_cards_compile_form_without_options_focuses_at_the_graphs_threshold(
     assert [s.name for s in report.rewritten] == ["net.conv1", "net.conv2", "net.conv3", "net.shortcut", "net.head"]
     # dynamo inlines the AoIThreshold module: its graph holds the aoi_mask call
     assert ("aoi_mask call" if spelling == "module" else ">= 0.5") in report.split
+    assert any("per layer" in note for note in report.notes), report.notes
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mask, masks[0])
+
+
+def test_without_options_a_dynamic_graph_runs_focus_per_layer_and_says_why():
+    """After a new image size dynamo recompiles with symbolic sizes, where auto cannot plan its grids: the
+    no-options form then runs Focus in execution "layer", equal to the reference, and the report says why."""
+    model = ThresholdInTheGraph("sum_ge").eval()
+    compiled = torch.compile(model, backend="effconv")
+    for size in (32, 48):
+        x = torch.zeros(2, 3, size, size)
+        x[0, :, 3:13, 4:14] = 1.0
+        x[1, :, size - 12:size - 2, size - 12:] = 1.0
+        with torch.no_grad():
+            out, _ = compiled(x)
+            with focused_reference(model.net, SPLIT, THRESHOLD):
+                reference = model.net(x)
+        report = fxeff.backend.last_report()
+        if size == 48:
+            assert "execution 'layer' here, not the default 'auto': the graph has dynamic shapes" in report.notes[0]
+            assert len(report.rewritten) == 5
+            torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_without_options_a_model_without_a_pattern_compiles_unchanged_and_says_why():

@@ -24,7 +24,7 @@ def test_demo_on_a_small_setting_matches_predictions_recomputed_here(tmp_path, r
     out = tmp_path / "demo"
     summary = cli.demo(cli.build_parser().parse_args(
         ["demo", "--model", "torchvision:resnet18", "--checkpoint", resnet18_checkpoint, "--size", "64",
-         "--photos", "chelsea,rocket,coffee", "--aoi", "0.25", "--runs", "1", "--out", str(out), "--no-home"]))
+         "--photos", "chelsea,rocket,coffee", "--aoi", "0.25", "--runs", "1", "--out", str(out), "--no-home", "--execution", "layer"]))
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["rows"] == json.loads(json.dumps(summary["rows"]))
     assert [r["image"] for r in on_disk["rows"]] == ["chelsea", "rocket", "coffee"]
@@ -36,7 +36,7 @@ def test_demo_on_a_small_setting_matches_predictions_recomputed_here(tmp_path, r
                              models.preprocessing("torchvision:resnet18").at_size(64))
     threshold = on_disk["threshold"]
     assert threshold == focus.calibrate(model, batch, 0.25)
-    focused = fxeff.transform(model, batch, [fxeff.Focus(threshold)])
+    focused = fxeff.transform(model, batch, [fxeff.Focus(threshold, execution="layer")])
     categories = models.imagenet_categories()
     with torch.no_grad():
         dense_top1, focused_top1 = model(batch).argmax(-1), focused(batch).argmax(-1)
@@ -85,7 +85,7 @@ def test_demo_default_model_is_efficientnet_lite0_with_real_weights(tmp_path):
 
 def test_report_command_prints_the_report_as_json(capsys):
     assert cli.main(["report", "--model", "torchvision:vgg11", "--size", "32", "--images", "1",
-                     "--threshold=-1e30", "--json"]) == 0
+                     "--threshold=-1e30", "--json", "--execution", "layer"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["config"]["pass"] == "focus" and printed["config"]["threshold"] == -1e30
     report = printed["report"]
@@ -98,7 +98,7 @@ def test_transform_command_saves_models_whose_aoi_follows_the_input(tmp_path, ca
 
     pt2, pt = str(tmp_path / "vgg11.pt2"), str(tmp_path / "vgg11.pt")
     assert cli.main(["transform", "--model", "torchvision:vgg11", "--size", "32", "--photos", "chelsea",
-                     "--aoi", "0.3", "--out", pt2, "--trace", pt]) == 0
+                     "--aoi", "0.3", "--out", pt2, "--trace", pt, "--execution", "layer"]) == 0
     printed = capsys.readouterr().out
     assert "fxeff report: pass focus" in printed and "AoI fraction per example image: 30." in printed
     program, traced = export.load_exported(pt2), export.load_traced(pt)

@@ -72,28 +72,28 @@ def _eval(model):
 # ---------------------------------------------------------------- config
 
 def test_focus_config_validation():
-    assert Focus(threshold=1).threshold == 1.0
+    assert Focus(threshold=1, execution="layer").threshold == 1.0
     for bad in (float("nan"), float("inf"), -math.inf):
         with pytest.raises(ValueError, match="fxeff.passes.Focus: threshold must be finite"):
-            Focus(threshold=bad)
+            Focus(threshold=bad, execution="layer")
     for bad in ("0.5", None, True):
         with pytest.raises(TypeError, match="fxeff.passes.Focus: threshold must be a float"):
-            Focus(threshold=bad)
+            Focus(threshold=bad, execution="layer")
     with pytest.raises(ValueError, match=r"reduce must be one of \('sum', 'mean'\), got 'max'"):
-        Focus(threshold=0.5, reduce="max")
+        Focus(threshold=0.5, reduce="max", execution="layer")
     with pytest.raises(ValueError, match="split must be"):
-        Focus(threshold=0.5, split="")
+        Focus(threshold=0.5, split="", execution="layer")
 
 
 def test_focus_config_dict_and_json_round_trip():
-    config = Focus(threshold=0.5, split="features.3", reduce="mean", fill="mean", halo=2)
+    config = Focus(threshold=0.5, split="features.3", reduce="mean", fill="mean", halo=2, execution="layer")
     d = json.loads(json.dumps(config.to_dict()))
     assert d == {"pass": "focus", "version": 1, "threshold": 0.5, "split": "features.3", "reduce": "mean",
                  "fill": "mean", "halo": 2, "execution": "layer", "tile": None, "dense_above": 0.9}
     assert config_from_dict(d) == config
     assert Focus.from_dict(d) == config
     assert config_from_dict({"pass": "focus", "threshold": 0.5, "split": "features.3"}) == \
-        Focus(threshold=0.5, split="features.3")
+        Focus(threshold=0.5, split="features.3", execution="auto")  # the default
     assert config_from_dict(config) is config
 
 
@@ -186,7 +186,7 @@ def test_focused_model_equals_reference(reduce):
     model = _eval(ResidualNet())
     x = _masked_inputs()
     t = threshold_for_fraction(model, "stem", x, 0.3, reduce)
-    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", reduce=reduce)])
+    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", reduce=reduce, execution="layer")])
     with torch.no_grad():
         for inputs in (x, x.flip(0), x[[2, 0]].roll(7, dims=-1), _masked_inputs()[1:]):
             with focused_reference(model, "stem", t, reduce) as masks:
@@ -204,7 +204,7 @@ def test_focused_model_equals_reference(reduce):
 def test_rewritten_graph_structure():
     model = _eval(ResidualNet())
     x = torch.randn(2, 3, 16, 16)
-    gm = fxeff.transform(model, x, [Focus(threshold=0.0, split="stem")])
+    gm = fxeff.transform(model, x, [Focus(threshold=0.0, split="stem", execution="layer")])
     nodes = list(gm.graph.nodes)
     masks = [n for n in nodes if n.target == AOI]
     resizes = [n for n in nodes if n.target == RESIZE]
@@ -224,7 +224,7 @@ def test_mask_follows_each_new_input():
     model = _eval(ResidualNet())
     x = _masked_inputs()
     t = threshold_for_fraction(model, "stem", x, 0.3)
-    gm = fxeff.transform(model, x[:1], [Focus(threshold=t, split="stem")])
+    gm = fxeff.transform(model, x[:1], [Focus(threshold=t, split="stem", execution="layer")])
     with torch.no_grad(), focused_reference(model, "stem", t):
         expected = model(x[1:2])
     torch.testing.assert_close(gm(x[1:2]), expected, rtol=1e-4, atol=1e-5)
@@ -234,7 +234,7 @@ def test_gradients_flow_through_focused_convs():
     model = _eval(ResidualNet())
     x = _masked_inputs()
     t = threshold_for_fraction(model, "stem", x, 0.4)
-    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem")])
+    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", execution="layer")])
     gm(x).square().sum().backward()
     focused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -247,7 +247,7 @@ def test_gradients_flow_through_focused_convs():
 def test_training_mode_batchnorm_statistics_are_untouched_by_the_pass():
     model = ResidualNet().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fxeff.transform(model, torch.randn(2, 3, 16, 16), [Focus(threshold=0.0, split="stem")])
+    fxeff.transform(model, torch.randn(2, 3, 16, 16), [Focus(threshold=0.0, split="stem", execution="layer")])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -258,7 +258,7 @@ def test_training_mode_batchnorm_statistics_are_untouched_by_the_pass():
 def test_skip_reasons_and_exact_reflect_padding():
     model = OddConvs().eval()
     x = torch.randn(2, 3, 12, 12)
-    gm = fxeff.transform(model, x, [Focus(threshold=0.5, split="stem")])
+    gm = fxeff.transform(model, x, [Focus(threshold=0.5, split="stem", execution="layer")])
     report = gm.fxeff_report
     status = {s.name: (s.status, s.reason) for s in report.sites}
     assert status["stem"] == ("skipped", "upstream of the AoI split")
@@ -285,7 +285,7 @@ def test_conv_on_a_branch_not_reading_the_split_is_skipped():
         def forward(self, x):
             return self.c(F.relu(self.a(x))) + self.b(x)
 
-    gm = fxeff.transform(TwoBranches(), torch.randn(1, 3, 8, 8), [Focus(threshold=0.1, split="a")])
+    gm = fxeff.transform(TwoBranches(), torch.randn(1, 3, 8, 8), [Focus(threshold=0.1, split="a", execution="layer")])
     status = {s.name: (s.status, s.reason) for s in gm.fxeff_report.sites}
     assert status["a"] == ("skipped", "upstream of the AoI split")
     assert status["b"][0] == "skipped" and status["b"][1].startswith("not downstream of the AoI split")
@@ -321,7 +321,7 @@ class SeedStyle(nn.Module):
 def test_existing_aoi_threshold_is_found_without_split(spelling):
     model = SeedStyle(spelling).eval()
     x = torch.randn(2, 3, 16, 16)
-    gm = fxeff.transform(model, x, [Focus(threshold=0.8)])
+    gm = fxeff.transform(model, x, [Focus(threshold=0.8, execution="layer")])
     report = gm.fxeff_report
     assert report.split.startswith("top_1") and "input of" in report.split
     assert [s.status for s in report.sites] == ["skipped", "rewritten", "rewritten"]
@@ -341,7 +341,7 @@ def test_existing_threshold_is_found_in_dynamo_and_export_graphs(kind, spelling)
         gm, inputs = dynamo_graph(model, x)
     else:
         gm, inputs = torch.export.export(model, (x,)).module(), (x,)
-    report = run_passes(gm, inputs, [Focus(threshold=0.8)])
+    report = run_passes(gm, inputs, [Focus(threshold=0.8, execution="layer")])
     assert [s.status for s in report.sites] == ["skipped", "rewritten", "rewritten"]
     with torch.no_grad(), focused_reference(model, "top", 0.8):
         expected, _ = model(x)
@@ -360,7 +360,7 @@ def test_split_by_module_fqn_on_every_graph_kind(kind):
         gm, inputs = dynamo_graph(model, x)
     else:
         gm, inputs = torch.export.export(model, (x,)).module(), (x,)
-    report = run_passes(gm, inputs, [{"pass": "focus", "threshold": t, "split": "stem"}])
+    report = run_passes(gm, inputs, [{"pass": "focus", "threshold": t, "split": "stem", "execution": "layer"}])
     assert report.split == "stem (given)"
     assert [s.name for s in report.rewritten] == ["down", "block_a", "block_b", "dw", "head"]
     with torch.no_grad(), focused_reference(model, "stem", t):
@@ -391,7 +391,7 @@ def test_a_conv_feeding_a_conv_reads_the_rewritten_conv(kind):
     model = ConvIntoConv().eval()
     x = _masked_inputs()
     t = threshold_for_fraction(model, "stem", x, 0.3)
-    config = Focus(threshold=t, split="stem")
+    config = Focus(threshold=t, split="stem", execution="layer")
     if kind == "dynamic":
         reports = []
 
@@ -418,7 +418,7 @@ def test_dynamic_shapes_graph_computes_each_grid_in_the_graph():
     graphs = []
 
     def backend(gm, example_inputs):
-        graphs.append(run_passes(gm, example_inputs, [Focus(threshold=t, split="stem")]))
+        graphs.append(run_passes(gm, example_inputs, [Focus(threshold=t, split="stem", execution="layer")]))
         return gm
 
     torch._dynamo.reset()
@@ -435,8 +435,8 @@ def test_dynamic_shapes_graph_computes_each_grid_in_the_graph():
 def test_split_by_node_name_and_by_leaf_module():
     model = _eval(ResidualNet())
     x = torch.randn(1, 3, 16, 16)
-    by_leaf = fxeff.transform(model, x, [Focus(threshold=0.0, split="stem.2")]).fxeff_report
-    by_node = fxeff.transform(model, x, [Focus(threshold=0.0, split="relu")]).fxeff_report  # F.relu after down
+    by_leaf = fxeff.transform(model, x, [Focus(threshold=0.0, split="stem.2", execution="layer")]).fxeff_report
+    by_node = fxeff.transform(model, x, [Focus(threshold=0.0, split="relu", execution="layer")]).fxeff_report  # F.relu after down
     assert [s.name for s in by_leaf.rewritten] == ["down", "block_a", "block_b", "dw", "head"]
     assert [s.name for s in by_node.rewritten] == ["block_a", "block_b", "dw", "head"]
 
@@ -445,9 +445,9 @@ def test_split_errors():
     model = ResidualNet()
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(ValueError, match="split 'nope' names no module of ResidualNet"):
-        fxeff.transform(model, x, [Focus(threshold=0.0, split="nope")])
+        fxeff.transform(model, x, [Focus(threshold=0.0, split="nope", execution="layer")])
     with pytest.raises(ValueError, match="no default split for model class 'ResidualNet'.*no AoI threshold"):
-        fxeff.transform(model, x, [Focus(threshold=0.0)])
+        fxeff.transform(model, x, [Focus(threshold=0.0, execution="layer")])
 
 
 class PatchEmbedding(nn.Module):
@@ -465,7 +465,7 @@ class PatchEmbedding(nn.Module):
 def test_a_model_with_one_conv_is_told_that_focus_saves_nothing():
     x = torch.randn(2, 3, 16, 16)
     with pytest.raises(ValueError, match=r"Focus: PatchEmbedding has one conv \('patch'\): .* focusing saves nothing"):
-        fxeff.transform(PatchEmbedding(), x, [Focus(threshold=0.0)])
+        fxeff.transform(PatchEmbedding(), x, [Focus(threshold=0.0, execution="layer")])
     with pytest.raises(ValueError, match=r"calibrate: PatchEmbedding has one conv \('patch'\): .* saves nothing"):
         fxeff.focus.calibrate(PatchEmbedding(), x, 0.3)
 
@@ -483,7 +483,7 @@ def test_two_different_thresholds_need_an_explicit_split():
             return z, y.sum(1) >= 0.1, z.sum(1) >= 0.1
 
     with pytest.raises(ValueError, match="2 AoI thresholds on different activations"):
-        fxeff.transform(Two(), torch.randn(1, 3, 8, 8), [Focus(threshold=0.1)])
+        fxeff.transform(Two(), torch.randn(1, 3, 8, 8), [Focus(threshold=0.1, execution="layer")])
 
 
 # ---------------------------------------------------------------- report
@@ -492,7 +492,7 @@ def test_report_counts_macs_of_the_aoi():
     model = _eval(ResidualNet())
     x = _masked_inputs()
     t = threshold_for_fraction(model, "stem", x, 0.3)
-    report = fxeff.transform(model, x, [Focus(threshold=t, split="stem")]).fxeff_report
+    report = fxeff.transform(model, x, [Focus(threshold=t, split="stem", execution="layer")]).fxeff_report
     with torch.no_grad(), focused_reference(model, "stem", t) as masks:
         model(x)
     grid = mask_resize_reference(masks[0], (16, 16))  # 32x32 input, stride 2 after the stem
@@ -518,7 +518,7 @@ def test_fake_inputs_give_na_rather_than_numbers():
     model = _eval(ResidualNet())
     with FakeTensorMode():
         x = torch.empty(2, 3, 16, 16)
-    report = fxeff.transform(model, x, [Focus(threshold=0.0, split="stem")]).fxeff_report
+    report = fxeff.transform(model, x, [Focus(threshold=0.0, split="stem", execution="layer")]).fxeff_report
     assert report.aoi_fractions is None and report.macs_after is None and report.model_macs_after is None
     assert all(s.macs_after is None for s in report.rewritten)
     assert report.site("head").macs_before == 2 * 64 * 64
@@ -531,11 +531,11 @@ def test_run_passes_argument_errors():
     with pytest.raises(ValueError, match="passes is empty"):
         run_passes(gm, (x,), [])
     with pytest.raises(TypeError, match="wrap it in a list"):
-        run_passes(gm, (x,), Focus(threshold=0.0, split="stem"))
+        run_passes(gm, (x,), Focus(threshold=0.0, split="stem", execution="layer"))
     with pytest.raises(ValueError, match=r"one value per graph input \(1: \['x'\]\), got 2"):
-        run_passes(gm, (x, x), [Focus(threshold=0.0, split="stem")])
+        run_passes(gm, (x, x), [Focus(threshold=0.0, split="stem", execution="layer")])
     with pytest.raises(TypeError, match="must be a torch.fx.GraphModule"):
-        run_passes(ResidualNet(), (x,), [Focus(threshold=0.0, split="stem")])
+        run_passes(ResidualNet(), (x,), [Focus(threshold=0.0, split="stem", execution="layer")])
 
 
 def test_site_report_validation():
@@ -562,7 +562,7 @@ def test_fill_mean_puts_the_original_background_outside_the_aoi(kind):
     x = _masked_inputs()
     t = threshold_for_fraction(model, "stem", x, 0.3)
     fills = outside_means(model, "stem", t, x, FOCUSED_CONVS)
-    _, report, out = rewritten(model, x, kind, Focus(threshold=t, split="stem", fill="mean"))
+    _, report, out = rewritten(model, x, kind, Focus(threshold=t, split="stem", fill="mean", execution="layer"))
     out = out[0] if isinstance(out, (tuple, list)) else out
     assert [s.name for s in report.rewritten] == FOCUSED_CONVS
     assert any("fill='mean'" in note for note in report.notes)
@@ -581,7 +581,7 @@ def test_fill_mean_gradients_reach_weights_and_biases():
     x = _masked_inputs().double()
     t = threshold_for_fraction(model, "stem", x, 0.3)
     fills = outside_means(model, "stem", t, x, FOCUSED_CONVS)
-    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", fill="mean")])
+    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", fill="mean", execution="layer")])
     assert not any(n.target is torch.ops.aten.where.self for n in gm.graph.nodes)
     params = dict(model.named_parameters())
 
@@ -603,7 +603,7 @@ def test_fill_mean_channels_last_and_dtypes(dtype):
     model = _eval(ResidualNet()).to(dtype=dtype, memory_format=torch.channels_last)
     x = _masked_inputs().to(dtype=dtype, memory_format=torch.channels_last)
     t = threshold_for_fraction(model, "stem", x, 0.3)
-    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", fill="mean")])
+    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", fill="mean", execution="layer")])
     fills = outside_means(model, "stem", t, x, FOCUSED_CONVS)
     with torch.no_grad():
         out = gm(x)
@@ -622,7 +622,7 @@ def test_fill_mean_buffers_and_closeness_on_a_flat_background():
     for i, (r, c) in enumerate([(4, 4), (12, 18), (20, 6), (8, 22)]):
         x[i, :, r:r + 8, c:c + 8] = torch.rand(3, 8, 8) + 1.0
     t = threshold_for_fraction(model, "stem", x, 0.3)
-    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", fill="mean")])
+    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", fill="mean", execution="layer")])
     fills = outside_means(model, "stem", t, x, FOCUSED_CONVS)
     stored = {n.target: gm.get_buffer(n.target) for n in gm.graph.nodes if n.op == "get_attr" and "aoi_fill" in n.target}
     assert len(stored) == len(FOCUSED_CONVS)
@@ -630,7 +630,7 @@ def test_fill_mean_buffers_and_closeness_on_a_flat_background():
         buffer = stored[f"{name}_aoi_fill"]
         assert buffer.shape == (1, model.get_submodule(name).out_channels, 1, 1)
         torch.testing.assert_close(buffer.flatten().double(), fills[name], rtol=1e-5, atol=1e-6)
-    zeros = fxeff.transform(model, x, [Focus(threshold=t, split="stem")])
+    zeros = fxeff.transform(model, x, [Focus(threshold=t, split="stem", execution="layer")])
     with torch.no_grad():
         dense = model(x)
         error_mean = (gm(x) - dense).norm() / dense.norm()
@@ -640,12 +640,12 @@ def test_fill_mean_buffers_and_closeness_on_a_flat_background():
 
 def test_fill_errors():
     with pytest.raises(ValueError, match=r"fill must be one of \('zeros', 'mean'\), got 'max'"):
-        Focus(threshold=0.0, fill="max")
+        Focus(threshold=0.0, fill="max", execution="layer")
     model = _eval(ResidualNet())
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="fill='mean' measures the background on real example inputs, got fake"):
-        run_passes(trace(model), (fake,), [Focus(threshold=0.0, split="stem", fill="mean")])
+        run_passes(trace(model), (fake,), [Focus(threshold=0.0, split="stem", fill="mean", execution="layer")])
 
 
 @pytest.mark.parametrize("kind", ["symbolic", "dynamo", "export"])
@@ -653,7 +653,7 @@ def test_halo_grows_the_aoi_before_the_convs_read_it(kind):
     model = _eval(ResidualNet())
     x = _masked_inputs()
     t = threshold_for_fraction(model, "stem", x, 0.2)
-    _, report, out = rewritten(model, x, kind, Focus(threshold=t, split="stem", halo=2))
+    _, report, out = rewritten(model, x, kind, Focus(threshold=t, split="stem", halo=2, execution="layer"))
     out = out[0] if isinstance(out, (tuple, list)) else out
     with torch.no_grad(), focused_reference(model, "stem", t, halo=2) as masks:
         expected = model(x)
@@ -679,16 +679,16 @@ def test_dilate_mask_matches_the_shift_reference():
     strided = (torch.rand(2, 12, 20, generator=gen) < 0.1)[:, ::2, ::2]  # non-contiguous
     assert torch.equal(dilate_mask(strided, 2), dilate_reference(strided.contiguous(), 2))
     with pytest.raises(ValueError, match="halo must be an int >= 0, got -1"):
-        Focus(threshold=0.0, halo=-1)
+        Focus(threshold=0.0, halo=-1, execution="layer")
 
 
 def test_a_pass_that_focuses_nothing_removes_only_its_own_mask_and_halo():
     model = _eval(ResidualNet())
     x = _masked_inputs()
     t = threshold_for_fraction(model, "stem", x, 0.3)
-    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem")])
+    gm = fxeff.transform(model, x, [Focus(threshold=t, split="stem", execution="layer")])
     before = [n.target for n in gm.graph.nodes]
-    report = run_passes(gm, (x,), [Focus(threshold=t, split="stem", halo=1)])  # nothing left to focus
+    report = run_passes(gm, (x,), [Focus(threshold=t, split="stem", halo=1, execution="layer")])  # nothing left to focus
     assert not report.rewritten and "no conv could be focused" in " ".join(report.notes)
     assert [n.target for n in gm.graph.nodes] == before  # the first pass's mask stays, the new chain is gone
 
@@ -719,11 +719,11 @@ def test_a_channels_last_split_is_refused_and_channels_first_is_taken(kind):
     for split in ("norm", "mlp"):
         with pytest.raises(ValueError, match=r"split " + split + r" \(given\) \[shape \(2, 12, 10, 8\)\] is "
                                              r"\[N, H, W, C\]: its channels are on axis 3"):
-            rewritten(model, x, kind, Focus(threshold=0.0, split=split))
+            rewritten(model, x, kind, Focus(threshold=0.0, split=split, execution="layer"))
     with pytest.raises(ValueError, match=r"split_activations: the output of split 'mlp' .* is \[N, H, W, C\]"):
         fxeff.focus.calibrate(model, x, 0.3, split="mlp")
     t = threshold_for_fraction(model, "stem", x, 0.4)
-    _, report, out = rewritten(model, x, kind, Focus(threshold=t, split="stem"))
+    _, report, out = rewritten(model, x, kind, Focus(threshold=t, split="stem", execution="layer"))
     out = out[0] if isinstance(out, (tuple, list)) else out
     assert [s.name for s in report.rewritten] == ["conv"]
     with torch.no_grad(), focused_reference(model, "stem", t):

@@ -12,6 +12,7 @@ import fxeff
 from fxeff.ops import regions as R
 from fxeff.passes import Focus, run_passes
 
+from _focus_reference import fixed_layer_times
 from _graph_kinds import dynamo_graph
 
 ALL = -1e9  # a threshold every pixel passes
@@ -249,15 +250,22 @@ def test_deployment_forms_follow_each_input():
         torch.testing.assert_close(compiled(other), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_effconv_backend_runs_region_execution():
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_effconv_backend_runs_region_execution(fullgraph):
+    """Through inductor, with or without fullgraph: the tile plans' data-dependent size (nonzero) must compile,
+    not fail in compile_fx and leave dynamo to run the graph eagerly after a graph break."""
+    from torch._dynamo.utils import counters
+
     model, (h, w), _ = _random_block(6)
     x = torch.randn(2, 3, h, w)
     config = region(threshold=_partial(model, x), split="stem")
     expected = fxeff.transform(model, (x,), [config])
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="effconv", fullgraph=True, options={"passes": [config.to_dict()]})
+    counters.clear()
+    compiled = torch.compile(model, backend="effconv", fullgraph=fullgraph, options={"passes": [config.to_dict()]})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), expected(x), rtol=1e-4, atol=1e-4)
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_config_checks():
@@ -278,21 +286,10 @@ def test_dynamic_shapes_are_refused_with_the_way_out():
 
 # ---------------------------------------------------------------- execution="auto": tiles, per layer or dense per grid
 
-def _fixed_layer_times(monkeypatch, slower=()):
-    """Planner.layer_times replaced by fixed timings: every conv measures 100x faster focused (so per layer beats
-    tiles), except the module names in ``slower``, which measure 2x slower."""
-    from fxeff.passes.regions import Planner
-
-    def fixed(self, convs, mask):
-        return {c: (1.0, 2.0 if self.sites[c].module_fqn in slower else 0.01) for c in convs}
-
-    monkeypatch.setattr(Planner, "layer_times", fixed)
-
-
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("fill", ["zeros", "mean"])
 def test_auto_with_every_grid_per_layer_equals_layer_execution(monkeypatch, seed, fill):
-    _fixed_layer_times(monkeypatch)
+    fixed_layer_times(monkeypatch)
     model, (h, w), rng = _random_block(seed)
     x = torch.randn(rng.choice([1, 2]), 3, h, w)
     threshold = _partial(model, x)
@@ -308,7 +305,7 @@ def test_auto_with_every_grid_per_layer_equals_layer_execution(monkeypatch, seed
 
 
 def test_auto_keeps_a_conv_dense_where_focused_measures_slower(monkeypatch):
-    _fixed_layer_times(monkeypatch, slower=("mid",))
+    fixed_layer_times(monkeypatch, slower=("mid",))
     model, (h, w), _ = _random_block(1)
     x = torch.randn(2, 3, h, w)
     gm = fxeff.transform(model, (x,), [Focus(threshold=_partial(model, x), split="stem", execution="auto")])
@@ -338,7 +335,7 @@ def test_auto_measures_on_this_machine_and_an_all_active_mask_equals_the_dense_m
 
 
 def test_auto_per_layer_exports_and_compiles(monkeypatch):
-    _fixed_layer_times(monkeypatch)
+    fixed_layer_times(monkeypatch)
     model, (h, w), _ = _random_block(5)
     x = torch.randn(2, 3, h, w)
     config = Focus(threshold=_partial(model, x), split="stem", execution="auto", fill="mean")

@@ -1,6 +1,6 @@
 """The focus pass on torchvision models with their built-in default splits (random weights, small inputs).
 
-Each model: ``transform(model, x, [Focus(threshold=t)])`` without a split, t chosen so that about 40% of the
+Each model: ``transform(model, x, [Focus(threshold=t, execution="layer")])`` without a split, t chosen so that about 40% of the
 split's pixels are active, output equal to the pure-PyTorch hook reference, and every conv in the report.
 """
 import pytest
@@ -75,7 +75,7 @@ def test_default_split_focus_equals_reference(name, size, split, grid):
     assert default_split(model) == split
     x = _inputs(size)
     t = threshold_for_fraction(model, split, x, 0.4)
-    gm = fxeff.transform(model, x, [Focus(threshold=t)])
+    gm = fxeff.transform(model, x, [Focus(threshold=t, execution="layer")])
     report = gm.fxeff_report
     assert report.split.startswith(split) and "default for" in report.split
 
@@ -110,7 +110,7 @@ def test_resnet18_default_split_on_dynamo_and_export_graphs(kind):
         reports = []
 
         def backend(gm, example_inputs):
-            reports.append(run_passes(gm, example_inputs, [Focus(threshold=t)], model_class=type(model)))
+            reports.append(run_passes(gm, example_inputs, [Focus(threshold=t, execution="layer")], model_class=type(model)))
             return gm
 
         torch._dynamo.reset()
@@ -119,7 +119,7 @@ def test_resnet18_default_split_on_dynamo_and_export_graphs(kind):
         report = reports[0]
     else:
         gm = torch.export.export(model, (x,)).module()
-        report = run_passes(gm, (x,), [Focus(threshold=t)])  # the class comes from export's module stack
+        report = run_passes(gm, (x,), [Focus(threshold=t, execution="layer")])  # the class comes from export's module stack
         with torch.no_grad():
             out = gm(x)
     assert report.split == "maxpool (default for ResNet)"

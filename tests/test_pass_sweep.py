@@ -160,7 +160,7 @@ class Mixed(nn.Module):
 
 
 @pytest.mark.parametrize("config", [HetConv(part=4), Shift(), Shift(init="max_tap"),
-                                    fxeff.Focus(threshold=0.0, split="stem", fill="mean", halo=1)],
+                                    fxeff.Focus(threshold=0.0, split="stem", fill="mean", halo=1, execution="layer")],
                          ids=["hetconv", "shift", "shift-max_tap", "focus"])
 def test_model_macs_before_are_flop_counters_count_of_the_original(config):
     """The runs before rewriting count no FLOPs (the counter costs a third of a forward pass): the MACs before

@@ -41,7 +41,7 @@ def _image():
 def test_returns_a_graph_module_with_its_report():
     model = Small().eval()
     x = _image()
-    gm = fxeff.transform(model, x, [Focus(threshold=0.5, split="stem")])
+    gm = fxeff.transform(model, x, [Focus(threshold=0.5, split="stem", execution="layer")])
     assert isinstance(gm, fx.GraphModule) and isinstance(gm.fxeff_report, Report)
     assert [(s.name, s.status) for s in gm.fxeff_report.sites] == \
         [("stem.0", "skipped"), ("body.0", "rewritten"), ("body.2", "rewritten")]
@@ -55,7 +55,7 @@ def test_original_model_is_left_dense_and_parameters_are_shared():
     model = Small().eval()
     x = _image()
     dense = model(x)
-    gm = fxeff.transform(model, x, [Focus(threshold=0.5, split="stem")])
+    gm = fxeff.transform(model, x, [Focus(threshold=0.5, split="stem", execution="layer")])
     torch.testing.assert_close(model(x), dense)  # the model itself is not rewritten
     assert not torch.allclose(gm(x), dense)
     assert gm.get_parameter("body.0.weight") is model.body[0].weight
@@ -68,20 +68,21 @@ def test_original_model_is_left_dense_and_parameters_are_shared():
 
 @pytest.mark.parametrize("wrap", [lambda x: x, lambda x: (x,), lambda x: [x]])
 def test_example_inputs_as_tensor_tuple_or_list(wrap):
-    gm = fxeff.transform(Small().eval(), wrap(_image()), [{"pass": "focus", "threshold": 0.5, "split": "stem"}])
+    gm = fxeff.transform(Small().eval(), wrap(_image()), [{"pass": "focus", "threshold": 0.5, "split": "stem",
+                                                                "execution": "layer"}])
     assert len(gm.fxeff_report.rewritten) == 2
 
 
 def test_bad_arguments():
     with pytest.raises(TypeError, match="fxeff.transform: model must be an nn.Module, got function"):
-        fxeff.transform(lambda x: x, _image(), [Focus(threshold=0.5)])
+        fxeff.transform(lambda x: x, _image(), [Focus(threshold=0.5, execution="layer")])
     with pytest.raises(TypeError, match="example_inputs must be a tensor or a tuple/list"):
-        fxeff.transform(Small(), {"x": _image()}, [Focus(threshold=0.5, split="stem")])
+        fxeff.transform(Small(), {"x": _image()}, [Focus(threshold=0.5, split="stem", execution="layer")])
 
 
 def test_untraceable_model_points_to_torch_compile():
     with pytest.raises(TraceError) as info:
-        fxeff.transform(DataDependent(), torch.randn(1, 3, 8, 8), [Focus(threshold=0.5)])
+        fxeff.transform(DataDependent(), torch.randn(1, 3, 8, 8), [Focus(threshold=0.5, execution="layer")])
     assert isinstance(info.value, RuntimeError)
     message = str(info.value)
     assert "cannot trace DataDependent" in message
@@ -90,7 +91,7 @@ def test_untraceable_model_points_to_torch_compile():
 
 
 def test_print_report(capsys):
-    gm = fxeff.transform(Small().eval(), _image(), [Focus(threshold=0.5, split="stem")])
+    gm = fxeff.transform(Small().eval(), _image(), [Focus(threshold=0.5, split="stem", execution="layer")])
     print(gm.fxeff_report)
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -103,8 +104,8 @@ def test_print_report(capsys):
 
 
 def test_second_focus_pass_finds_nothing_left_and_reports_merge():
-    gm = fxeff.transform(Small().eval(), _image(), [Focus(threshold=0.5, split="stem"),
-                                                    Focus(threshold=0.5, split="stem")])
+    gm = fxeff.transform(Small().eval(), _image(), [Focus(threshold=0.5, split="stem", execution="layer"),
+                                                    Focus(threshold=0.5, split="stem", execution="layer")])
     report = gm.fxeff_report
     assert report.pass_name == "focus+focus"
     assert len(report.rewritten) == 2 and report.notes == ["no conv could be focused: the graph is unchanged"]
@@ -114,7 +115,7 @@ def test_second_focus_pass_finds_nothing_left_and_reports_merge():
 def test_training_a_transformed_model_updates_the_original_weights():
     model = Small()
     x = _image()
-    gm = fxeff.transform(model, x, [Focus(threshold=0.5, split="stem")])
+    gm = fxeff.transform(model, x, [Focus(threshold=0.5, split="stem", execution="layer")])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = model.body[0].weight.detach().clone()
     loss = F.mse_loss(gm(x), torch.zeros(2, 4, 12, 12))

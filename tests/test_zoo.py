@@ -87,7 +87,9 @@ def _expected_skip(pass_name: str, name: str):
 
 
 def _config(pass_name: str):
-    return {"focus": Focus(threshold=ALL_ACTIVE), "shift": Shift(), "hetconv": HetConv(part=4)}[pass_name]
+    # Focus per layer: every conv after the split rewritten (auto would rightly run an all-active mask dense)
+    return {"focus": Focus(threshold=ALL_ACTIVE, execution="layer"), "shift": Shift(),
+            "hetconv": HetConv(part=4)}[pass_name]
 
 
 def check(name: str, model: nn.Module, x: torch.Tensor, pass_name: str):

@@ -54,10 +54,12 @@ class Focus(PassConfig):
     and global pooling then see the background they were trained with instead of zeros; no MACs.
     ``halo``: the AoI grows by this many pixels at the split's grid (a (2 halo + 1)^2 max filter of
     the mask), so convs at the AoI's edge still see the context they saw in the original.
-    ``execution``: "layer" (default for now): the published per-layer semantics, each conv a ``focused_conv2d``
-    with everything else on whole maps (as the seed package); "region": runs of local layers computed on the
-    AoI's tiles, gathered and scattered once per region (passes/regions.py); "auto": per grid, whichever of
-    regions on tiles, per-layer focused convs or dense the cost model finds fastest on the example inputs.
+    ``execution``: "auto" (default): per grid, whichever of regions on tiles, per-layer focused convs or dense
+    is fastest on the example inputs (tiles modelled, per-layer convs and the AoI mask measured at transform time;
+    it needs real example inputs and static shapes, and says per grid what it chose in the report's notes);
+    "layer": the published per-layer semantics, each conv a ``focused_conv2d`` with everything else on whole
+    maps (as the seed package; works with dynamic shapes); "region": runs of local layers computed on the AoI's
+    tiles, gathered and scattered once per region (passes/regions.py).
     ``tile``: region execution's tile side (None: chosen per grid by the cost model).
     ``dense_above``: a grid whose best modelled time is above this fraction of dense runs dense (reported);
     None: every grid runs on tiles (or per layer, with "auto").
@@ -68,7 +70,7 @@ class Focus(PassConfig):
     reduce: str = "sum"
     fill: str = "zeros"
     halo: int = 0
-    execution: str = "layer"
+    execution: str = "auto"
     tile: Optional[int] = None
     dense_above: Optional[float] = 0.9
 
