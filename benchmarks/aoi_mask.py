@@ -2,8 +2,8 @@
 (fxeff.ops.dilate_mask) and one resize per grid (fxeff::mask_resize), beside the float max_pool2d halo that
 dilate_mask replaced, and beside one dense 3x3 conv of the grid's size (what the chain must stay small against).
 
-Shapes: the reference models' batch of 16 at 64x64 (halo 2, grids 32, 16, 8) and a photo at 224x224 (batch 1,
-halo 2, grids 112, 56, 28, 14, 7). Medians of --runs interleaved runs.
+Shapes: the reference models' batch of 16 at 64x64 (halo 2, grids 32, 16, 8) and a 64-channel 112x112 split of a
+224x224 photo (batch 1, halo 2, grids 56, 28, 14, 7). Medians of --runs interleaved runs.
 
     .venv/bin/python benchmarks/aoi_mask.py [--runs 50] [--threads 2] [--json out.json] [--markdown out.md]
 """
@@ -21,7 +21,7 @@ from fxeff.ops import aoi_mask, dilate_mask, mask_resize  # noqa: E402
 COLUMNS = ["case", "threshold us", "halo us (dilate_mask)", "halo us (float max_pool2d)", "max_pool2d / dilate_mask",
            "resizes us", "chain us", "one 3x3 conv us (C=32 at the first grid)", "chain / conv"]
 CASES = [("reference models: 16 x 1 x 64x64, halo 2", (16, 1, 64, 64), 2, (32, 16, 8)),
-         ("photo: 1 x 64 x 224x224 split, halo 2", (1, 64, 112, 112), 2, (56, 28, 14, 7))]
+         ("photo split: 1 x 64 x 112x112, halo 2", (1, 64, 112, 112), 2, (56, 28, 14, 7))]
 
 
 def max_pool_halo(mask: torch.Tensor, halo: int) -> torch.Tensor:
