@@ -251,7 +251,9 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
 
 def photo_rows(settings: Settings) -> List[Dict[str, object]]:
     """EfficientNet-Lite0 (real ImageNet weights) on the real photos: top-1 agreement of each rewrite
-    with the original (no fine-tuning: ImageNet does not install offline)."""
+    with the original (no fine-tuning: ImageNet does not install offline). Focus runs per layer (execution
+    "layer": every conv after the split focused), the technique's own effect on predictions; the default "auto"
+    runs this model dense on the photos (focusing measures no faster), which would say nothing here."""
     from . import data, focus, models
     from .passes import Focus, Shift
 
@@ -261,8 +263,8 @@ def photo_rows(settings: Settings) -> List[Dict[str, object]]:
         top1 = model(x).argmax(1)
     dense_macs = bench.macs(lambda: model(x))
     thresholds = {f: focus.calibrate(model, x, f) for f in settings.aoi_fractions}
-    configs = [(f"focus AoI {f:.0%}, fill {fill}", Focus(t, fill=fill)) for f, t in thresholds.items()
-               for fill in ("zeros", "mean")]
+    configs = [(f"focus AoI {f:.0%}, fill {fill}, layer", Focus(t, fill=fill, execution="layer"))
+               for f, t in thresholds.items() for fill in ("zeros", "mean")]
     configs += [(f"shift {mode} (no fine-tuning)", Shift(mode=mode)) for mode in settings.shift_modes]
     rows = []
     for name, config in configs:
@@ -297,15 +299,18 @@ def _target_name(row: Dict[str, object]) -> Optional[str]:
 
 
 def targets(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
-    """The issue's accuracy targets (TARGETS, see ``_target_name``) against the measured rows."""
+    """The issue's accuracy targets (TARGETS, see ``_target_name``) against the measured rows. A focus row whose
+    rewrite runs every grid dense (execution "auto" where focusing measured slower: MAC ratio 1) focuses nothing,
+    so it neither meets nor misses the target: "n/a (ran dense)"."""
     checks = []
     for r in rows:
         name = _target_name(r)
         if name is not None:
+            dense = name == "focus" and r["MAC ratio"] >= 1.0
             checks.append({"target": f"{name}: drop <= {TARGETS[name]} points" + (
                 f" at AoI <= {TARGET_AOI:.0%}" if name == "focus" else ""), "model": r["model"],
                            "dataset": r["dataset"], "setting": r["setting"], "drop (points)": r["drop"],
-                           "met": r["drop"] <= TARGETS[name]})
+                           "met": "n/a (ran dense)" if dense else r["drop"] <= TARGETS[name]})
     return checks
 
 

@@ -4,9 +4,9 @@ For each reference model (VGG-style, ResNet-20, MobileNetV2 x0.5) trained on Clu
 give top-1 accuracy on the test images (original vs rewritten), MACs per image and CPU latency on a batch of 16
 (original vs rewritten, medians of interleaved runs), with the speedup:
 - focus: the AoI is every pixel brighter than black, grown by 2 pixels (the setting of docs/accuracy.md's target
-  row), fill "mean", no retraining; once with each of two Focus executions: "layer" (the default: the published
-  per-layer semantics) and "auto" (per grid, regions on tiles, per-layer focused convs or dense, whichever is
-  fastest, measured at transform time);
+  row), fill "mean", no retraining; once with each of two Focus executions: "layer" (the published per-layer
+  semantics: every conv after the split focused) and "auto" (the default: per grid, regions on tiles, per-layer
+  focused convs or dense, whichever is fastest, measured at transform time);
 - HetConv P=4 (VGG-style, ResNet-20) and sparse shift (MobileNetV2): the fine-tuned rewrites that ship with fxeff
   (``fxeff.reference.load_finetuned``).
 

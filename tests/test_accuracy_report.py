@@ -83,14 +83,18 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
 
 def test_targets_read_the_rows():
     rows = [{"model": "m", "dataset": "cluttered-fashion-mnist", "pass": "focus", "setting": "a", "AoI": 0.28,
-             "drop": 0.2},
-            {"model": "m", "dataset": "cluttered-fashion-mnist", "pass": "focus", "setting": "b", "AoI": 0.4, "drop": 5.0},
-            {"model": "m", "dataset": "fashion-mnist", "pass": "focus", "setting": "c", "AoI": 0.1, "drop": 9.0},
+             "drop": 0.2, "MAC ratio": 0.4},
+            {"model": "m", "dataset": "cluttered-fashion-mnist", "pass": "focus", "setting": "a2", "AoI": 0.28,
+             "drop": 0.0, "MAC ratio": 1.0},  # auto ran every grid dense: focused nothing
+            {"model": "m", "dataset": "cluttered-fashion-mnist", "pass": "focus", "setting": "b", "AoI": 0.4, "drop": 5.0,
+             "MAC ratio": 0.5},
+            {"model": "m", "dataset": "fashion-mnist", "pass": "focus", "setting": "c", "AoI": 0.1, "drop": 9.0,
+             "MAC ratio": 0.2},
             {"model": "m", "dataset": "fashion-mnist", "pass": "hetconv", "setting": "P=4", "drop": 0.7},
             {"model": "m", "dataset": "fashion-mnist", "pass": "shift sparse", "setting": "sparse", "drop": 0.9}]
     checks = accuracy_report.targets(rows)
-    assert [(c["target"].split(":")[0], c["met"]) for c in checks] == [("focus", True), ("hetconv P=4", False),
-                                                                       ("shift sparse", True)]
+    assert [(c["target"].split(":")[0], c["met"]) for c in checks] == [
+        ("focus", True), ("focus", "n/a (ran dense)"), ("hetconv P=4", False), ("shift sparse", True)]
     assert set(reference.ARCHS) == set(accuracy_report.FOCUS_SPLITS)
 
 
