@@ -143,6 +143,8 @@ class Planner:
         self.fills: Dict[fx.Node, Optional[torch.Tensor]] = {}
         self.whole_users: Dict[fx.Node, List[fx.Node]] = {}
         self.layer_convs: List[fx.Node] = []  # convs of the grids run per layer (focused_conv2d each)
+        # convs of those grids that measured slower focused: dense, their output then set to the fill outside the AoI
+        self.layer_dense: List[fx.Node] = []
         self.ended_by: Counter = Counter()  # op -> how many times a region was scattered for it (reads whole maps)
 
     # ------------------------------------------------------------ classification
@@ -371,10 +373,13 @@ class Planner:
                 elif plan.layer:
                     dense_s, focused_s = plan.layer_times[node]
                     self.why_not[node] = (f"its grid runs per layer, but this conv measured {1e3 * focused_s:.3g} ms "
-                                          f"focused against {1e3 * dense_s:.3g} ms dense: it stays dense")
+                                          f"focused against {1e3 * dense_s:.3g} ms dense: it stays dense (its output "
+                                          f"set to the fill outside the AoI, as a focused conv's)")
+                    self.layer_dense.append(node)
                 else:
                     self.why_not[node] = plan.describe()
         self.layer_convs.sort(key=self.order.__getitem__)
+        self.layer_dense.sort(key=self.order.__getitem__)
 
     @staticmethod
     def _saved(plan: GridPlan) -> float:
