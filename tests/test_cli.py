@@ -72,6 +72,8 @@ def test_demo_default_model_is_efficientnet_lite0_with_real_weights(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert text.index("## Home ground") < text.index("## Natural images") < text.index("![summary](summary.png)")
     assert "the background is not irrelevant" in text
+    # Focus in its default execution (auto): where it focused nothing, the demo says so instead of implying it did
+    assert ("ran every grid of this model dense" in text) == (summary["rows"][0]["mac_ratio"] == 1.0)
     with open(tmp_path / "summary.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert len([f for f in os.listdir(tmp_path) if f.startswith("home_")]) == 4

@@ -332,9 +332,12 @@ class Planner:
             if mask is not None and self.per_layer:
                 plan.layer_times = self.layer_times(plan.convs, mask)
                 if plan.layer_times:  # each conv focused where that is faster (by dense_above), else dense
+                    # a conv kept dense in a grid run per layer also holds the fill outside the AoI (one where)
+                    hold = self.hold_times(plan.layer_times, mask)
                     plan.layer_focused = {c for c, (d, f) in plan.layer_times.items()
-                                          if f <= d * (self.dense_above or 1.0)}
-                    plan.layer_modelled = sum(t[c in plan.layer_focused] for c, t in plan.layer_times.items()) / \
+                                          if f <= (d + hold[c]) * (self.dense_above or 1.0)}
+                    plan.layer_modelled = sum(f if c in plan.layer_focused else d + hold[c]
+                                              for c, (d, f) in plan.layer_times.items()) / \
                         sum(d for d, _ in plan.layer_times.values())
             best_time = min(plan.modelled, plan.layer_modelled)
             if not plan.convs:  # pointwise ops only: they follow a tiled conv of another grid, never happens
@@ -415,6 +418,24 @@ class Planner:
                 [lambda: F.conv2d(x, weight, bias, *args),
                  lambda: focused_conv2d(x, weight, bias, mask, *args) if fill is None else  # the fill add of layer
                  focused_conv2d(x, weight, bias, mask, *args) + fill], LAYER_RUNS, warmup=1))
+        return times
+
+    def hold_times(self, convs: Sequence[fx.Node], mask: torch.Tensor) -> Dict[fx.Node, float]:
+        """conv -> seconds of holding the fill outside the AoI on its output (the where that follows a conv kept
+        dense in a grid run per layer), measured on a random output of its shape; 0 where the shape is unknown."""
+        from .. import bench
+
+        times = {}
+        inside = mask.unsqueeze(1)
+        for conv in convs:
+            shape = concrete_shape(conv)
+            if shape is None or len(shape) != 4 or tuple(shape[2:]) != tuple(mask.shape[1:]):
+                times[conv] = 0.0
+                continue
+            out = torch.randn(shape, device=mask.device)
+            fill = torch.randn(1, shape[1], 1, 1, device=mask.device) if self.fill_add else None
+            times[conv] = bench.interleaved([lambda: torch.where(inside, out, fill) if fill is not None
+                                             else torch.where(inside, out, 0.0)], LAYER_RUNS, warmup=1)[0]
         return times
 
     # ------------------------------------------------------------ which values leave the tiles
