@@ -27,10 +27,6 @@ import torch
 from fxeff import accuracy_report, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The rows of docs/accuracy.md, committed beside it: `--resume` then re-measures only the rows whose way of
-# measuring changed (a new focus execution needs minutes, not the three hours of fine-tuning). --students saves
-# its rows to out/students-rows.json unless --rows says otherwise.
-DEFAULT_ROWS = os.path.join(ROOT, "docs", "accuracy-rows.json")
 
 
 def _names(text, allowed, flag):
@@ -64,8 +60,10 @@ def main(argv=None) -> None:
                         help="only the fine-tuned rows with a target, each model saved to fxeff/checkpoints")
     parser.add_argument("--out", default=None, help="default: docs/accuracy.md (out/finetuned.md with --students)")
     parser.add_argument("--plots", default=None, help="default: docs/accuracy (out/finetuned with --students)")
-    parser.add_argument("--rows", default=DEFAULT_ROWS,
-                        help="each row is saved here as it is measured (the committed rows of docs/accuracy.md)")
+    parser.add_argument("--rows", default=None,
+                        help="each row is saved here as it is measured; default: docs/accuracy-rows.json, the "
+                             "committed rows of docs/accuracy.md, so --resume re-measures only what changed "
+                             "(out/students-rows.json with --students)")
     parser.add_argument("--resume", action="store_true", help="reuse the rows saved in --rows with the same settings")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -74,7 +72,8 @@ def main(argv=None) -> None:
     plots = args.plots or os.path.join(ROOT, *(("out", "finetuned") if args.students else ("docs", "accuracy")))
     only_students = dict(focus_halos=(), stem_fractions=(), hetconv_parts=(4,), shift_modes=("sparse",),
                          save_students=True) if args.students else {}
-    rows = args.rows if not args.students or args.rows != DEFAULT_ROWS else os.path.join(ROOT, "out", "students-rows.json")
+    rows = args.rows or os.path.join(ROOT, *(("out", "students-rows.json") if args.students
+                                             else ("docs", "accuracy-rows.json")))
     settings = accuracy_report.Settings(
         archs=_names(args.archs, reference.ARCHS, "--archs"),
         datasets=_names(args.datasets, reference.DATASETS, "--datasets"), eval_images=args.eval_images,

@@ -332,14 +332,14 @@ def plot(rows: List[Dict[str, object]], folder: str) -> List[str]:
     for dataset in sorted({r["dataset"] for r in rows}):
         for x_key, label in (("MAC ratio", "MACs after / before"), ("latency ratio", "CPU latency after / before")):
             fig, ax = plt.subplots(figsize=(7, 4.5))
-            for i, pass_name in enumerate(sorted({_series(r) for r in rows})):
+            for i, series in enumerate(sorted({_series(r) for r in rows})):
                 for arch, marker in markers.items():
-                    pts = [r for r in rows if r["dataset"] == dataset and _series(r) == pass_name and r["model"] == arch]
+                    pts = [r for r in rows if r["dataset"] == dataset and _series(r) == series and r["model"] == arch]
                     if not pts:
                         continue
                     acc = [100 * r.get("fine-tuned", r["rewritten"]) for r in pts]
                     ax.scatter([r[x_key] for r in pts], acc, marker=marker, color=f"C{i}",
-                               label=f"{arch}: {pass_name}")
+                               label=f"{arch}: {series}")
                     originals = sorted({100 * r["original"] for r in pts})
                     for o in originals:
                         ax.axhline(o, color="grey", lw=0.5, ls=":")

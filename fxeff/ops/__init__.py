@@ -7,5 +7,5 @@ from .mask_resize import mask_resize
 from .shift import SHIFT_MODES, SHIFT_PADDINGS, shift, shift_pool
 from .tile_conv2d import tile_conv2d
 
-__all__ = ["aoi_mask", "dilate_mask", "mask_resize", "focused_conv2d", "forced_strategy", "strategy_counters", "shift", "shift_pool",
-           "SHIFT_MODES", "SHIFT_PADDINGS", "hetconv2d", "hetconv_dense_weight", "tile_conv2d"]
+__all__ = ["aoi_mask", "dilate_mask", "mask_resize", "focused_conv2d", "forced_strategy", "strategy_counters", "shift",
+           "shift_pool", "SHIFT_MODES", "SHIFT_PADDINGS", "hetconv2d", "hetconv_dense_weight", "tile_conv2d"]

@@ -396,6 +396,16 @@ def _focus_conv(gm: fx.GraphModule, site: ConvSite, mask: fx.Node, mean: Optiona
     return new
 
 
+def _fill_attr(gm: fx.GraphModule, site: ConvSite, mean: torch.Tensor, split: fx.Node) -> fx.Node:
+    """A get_attr node (at the graph's insertion point) of a new buffer holding ``mean`` as [1, C, 1, 1]: the fill of
+    ``site``'s output outside the AoI."""
+    name = new_attr(gm, f"{site.name.replace('.', '_')}_aoi_fill", mean.view(1, -1, 1, 1), parameter=False)
+    fill = gm.graph.get_attr(name)
+    fill.meta[_ROLE] = "aoi_fill"
+    _set_value(fill, split, (1, mean.numel(), 1, 1), mean.dtype)
+    return fill
+
+
 def _fill_outside(gm: fx.GraphModule, site: ConvSite, new: fx.Node, mean: torch.Tensor, split: fx.Node) -> None:
     """The focused conv's output with ``mean`` outside the AoI. focused_conv2d writes 0 there and adds its
     bias only inside, so ``focused_conv2d(x, w, bias - mean) + mean`` is the conv inside and ``mean``
@@ -403,20 +413,18 @@ def _fill_outside(gm: fx.GraphModule, site: ConvSite, new: fx.Node, mean: torch.
     more on CPU. Gradients still reach the bias through the sub."""
     graph = gm.graph
     dtype = mean.dtype
-    name = new_attr(gm, f"{site.name.replace('.', '_')}_aoi_fill", mean.view(1, -1, 1, 1), parameter=False)
     bias = new.args[2]
     with graph.inserting_before(new):
-        fill = graph.get_attr(name)
+        fill = _fill_attr(gm, site, mean, split)
         flat = graph.call_function(aten.view.default, (fill, [-1]))
         shifted = (graph.call_function(aten.sub.Tensor, (bias, flat)) if bias is not None
                    else graph.call_function(aten.neg.default, (flat,)))
     new.update_arg(2, shifted)
     with graph.inserting_after(new):
         filled = graph.call_function(aten.add.Tensor, (new, fill))
-    for node in (fill, flat, shifted, filled):
+    for node in (flat, shifted, filled):
         node.meta[_ROLE] = "aoi_fill"
     channels = mean.numel()
-    _set_value(fill, split, (1, channels, 1, 1), dtype)
     _set_value(flat, split, (channels,), dtype)
     _set_value(shifted, split, (channels,), dtype)
     shape = node_shape(new)
@@ -431,28 +439,22 @@ def _hold_fill(gm: fx.GraphModule, site: ConvSite, mask: fx.Node, mean: Optional
     zeros), as a focused conv's is. Without it the dense conv would carry the previous conv's fill through its
     nonlinear neighbours (BN, ReLU, max pool of a constant is not the mean of them) into the next focused conv's
     halo: measured on the VGG-style reference model, keeping the first conv of each grid dense that way lost 2.15
-    points where layer execution loses none; with the fill held, auto's values equal layer execution's whatever
-    it keeps dense."""
+    points where layer execution loses none; with the fill held, a grid run per layer computes layer execution's
+    values whatever it keeps dense."""
     graph = gm.graph
     node = site.node
     shape = node_shape(node)
     with graph.inserting_after(node):
         inside = graph.call_function(aten.unsqueeze.default, (mask, 1))
-    nodes = [inside]
     if mean is not None:
-        name = new_attr(gm, f"{site.name.replace('.', '_')}_aoi_fill", mean.view(1, -1, 1, 1), parameter=False)
         with graph.inserting_after(inside):
-            fill = graph.get_attr(name)
+            fill = _fill_attr(gm, site, mean, split)
         with graph.inserting_after(fill):
             held = graph.call_function(aten.where.self, (inside, node, fill))
-        nodes.append(fill)
-        _set_value(fill, split, (1, mean.numel(), 1, 1), mean.dtype)
     else:
         with graph.inserting_after(inside):
             held = graph.call_function(aten.where.ScalarOther, (inside, node, 0.0))
-    nodes.append(held)
-    for new in nodes:
-        new.meta[_ROLE] = "aoi_fill"
+    inside.meta[_ROLE] = held.meta[_ROLE] = "aoi_fill"
     if shape is not None:
         _set_value(inside, split, (shape[0], 1, shape[2], shape[3]), torch.bool)
         _set_value(held, split, tuple(shape), getattr(node_value(node), "dtype", None) or torch.float32)
