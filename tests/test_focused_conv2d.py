@@ -98,6 +98,58 @@ def test_matches_reference(strategy, tile, n, depthwise, groups, cpg, kernel, st
     assert_matches(run(strategy, tile, *on(device, x, weight, b, mask), *args[4:]), expected_fn(*args), torch.float64)
 
 
+direct_cpu = pytest.mark.skipif(not fxeff.ops.direct_strategy_available(),
+                                reason="the direct strategy needs an AVX-512 CPU")
+
+
+# The direct strategy (implicit GEMM, fp32, groups 1) on random geometries, masks and both memory formats.
+@direct_cpu
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 40),
+    o=st.integers(1, 80),
+    kernel=st.sampled_from([1, 2, 3, 5]),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    size=st.tuples(st.integers(4, 20), st.integers(4, 20)),
+    bias=st.booleans(),
+    channels_last=st.booleans(),
+    chunk=st.sampled_from([0, 2, 7]),
+    seed=st.integers(0, 2 ** 16),
+)
+def test_direct_matches_reference(n, c, o, kernel, stride, padding, dilation, size, bias, channels_last, chunk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h, w = size
+    if min(h, w) + 2 * padding < dilation * (kernel - 1) + 1:
+        return
+    x = torch.randn(n, c, h, w, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(o, c, kernel, kernel, generator=gen)
+    b = torch.randn(o, generator=gen) if bias else None
+    ho = (h + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    mask = random_mask(n, ho, wo, gen)
+    strategy_counters(reset=True)
+    out = run("direct", chunk, x, weight, b, mask, stride, padding, dilation)
+    assert strategy_counters(reset=True)["direct"] == (1 if mask.any() else 0)
+    if c > 1:  # one channel: both formats are the same strides
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_matches(out, expected_fn(x, weight, b, mask, stride, padding, dilation), torch.float32)
+
+
+@direct_cpu
+def test_direct_refuses_what_it_does_not_run():
+    x, weight, bias, mask = conv_case(torch.float64)
+    with pytest.raises(NotImplementedError, match="direct strategy runs fp32 convs with groups == 1"):
+        run("direct", 0, x, weight, bias, mask, 1, 1)
+    x, weight, bias, mask = conv_case(groups=2, o=6)
+    with pytest.raises(NotImplementedError, match="groups 2"):
+        run("direct", 0, x, weight, bias, mask, 1, 1, 1, 2)
+
+
 def conv_case(dtype=torch.float32, n=3, c=8, o=6, hw=24, groups=1, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, hw, hw, generator=gen).to(dtype)
@@ -202,7 +254,9 @@ def test_auto_strategy_is_observable():
     pixels = torch.rand(1, 64, 64, generator=gen) < 0.1
     assert strategy_of_call(x, weight, None, full, 1, 1) == "dense"
     assert strategy_of_call(x, weight, None, blob, 1, 1) == "crop"
-    assert strategy_of_call(x, weight, None, pixels, 1, 1) == "pixels"
+    # Scattered pixels: the implicit GEMM where the CPU runs it (no im2col copies), else im2col and a GEMM.
+    assert strategy_of_call(x, weight, None, pixels, 1, 1) == (
+        "direct" if fxeff.ops.direct_strategy_available() else "pixels")
     assert strategy_of_call(x, weight, None, torch.zeros_like(full), 1, 1) == "empty"
     with forced_strategy("tiles", 8):
         assert strategy_of_call(x, weight, None, pixels, 1, 1) == "tiles"
@@ -213,7 +267,8 @@ def test_forced_strategy_restores_and_validates():
         pass
     x, weight, bias, mask = conv_case(n=1)
     assert strategy_of_call(x, weight, bias, torch.ones_like(mask), 1, 1) == "dense"
-    with pytest.raises(ValueError, match="strategy must be one of auto, dense, crop, tiles, pixels, got \"best\""):
+    with pytest.raises(ValueError,
+                       match="strategy must be one of auto, dense, crop, tiles, pixels, direct, got \"best\""):
         with forced_strategy("best"):
             pass
     with pytest.raises(ValueError, match="tile must be 0 \\(auto\\) or >= 2, got 1"):

@@ -30,8 +30,8 @@ ConvGeometry check_focused_conv2d_args(const char* op, const at::Tensor& x, cons
                                        at::IntArrayRef dilation, int64_t groups);
 
 // Strategies of the forward kernel; the index is the position in the counters.
-enum class FocusStrategy : int { Empty = 0, Dense = 1, Crop = 2, Tiles = 3, Pixels = 4 };
-constexpr int kNumFocusStrategies = 5;
+enum class FocusStrategy : int { Empty = 0, Dense = 1, Crop = 2, Tiles = 3, Pixels = 4, Direct = 5 };
+constexpr int kNumFocusStrategies = 6;
 const char* focus_strategy_name(FocusStrategy s);
 
 // The forced strategy ("auto" unless a benchmark or test set one) and the forced tile size (0 = auto).

@@ -1,5 +1,6 @@
 // Device-independent parts of fxeff::focused_conv2d: argument checks and strategy controls.
 #include "focused_conv2d.h"
+#include "cpu/implicit_gemm.h"
 
 #include <ATen/core/List.h>
 #include <torch/library.h>
@@ -25,8 +26,9 @@ void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min
 
 std::string set_strategy(c10::string_view strategy, int64_t tile) {
   TORCH_CHECK_VALUE(strategy == "auto" || strategy == "dense" || strategy == "crop" || strategy == "tiles" ||
-                  strategy == "pixels",
-              "fxeff._focused_conv2d_set_strategy: strategy must be one of auto, dense, crop, tiles, pixels, got \"",
+                  strategy == "pixels" || strategy == "direct",
+              "fxeff._focused_conv2d_set_strategy: strategy must be one of auto, dense, crop, tiles, pixels, direct, "
+              "got \"",
               strategy, "\"");
   TORCH_CHECK_VALUE(tile == 0 || tile >= 2, "fxeff._focused_conv2d_set_strategy: tile must be 0 (auto) or >= 2, got ",
               tile);
@@ -53,6 +55,7 @@ const char* focus_strategy_name(FocusStrategy s) {
     case FocusStrategy::Crop: return "crop";
     case FocusStrategy::Tiles: return "tiles";
     case FocusStrategy::Pixels: return "pixels";
+    case FocusStrategy::Direct: return "direct";
   }
   return "?";
 }
@@ -111,11 +114,13 @@ ConvGeometry check_focused_conv2d_args(const char* op, const at::Tensor& x, cons
   return g;
 }
 
-// Execution-strategy controls: forcing a strategy (benchmarks, tests) and reading how often each
-// ran, indexed as [empty, dense, crop, tiles, pixels]. They take no tensors, so they are catch-all kernels.
+// Execution-strategy controls: forcing a strategy (benchmarks, tests), reading how often each ran, indexed as
+// [empty, dense, crop, tiles, pixels, direct], and whether this CPU runs the direct strategy. They take no tensors,
+// so they are catch-all kernels.
 TORCH_LIBRARY_FRAGMENT(fxeff, m) {
   m.def("_focused_conv2d_set_strategy(str strategy, int tile) -> str", &set_strategy);
   m.def("_focused_conv2d_counters(bool reset) -> int[]", &read_counters);
+  m.def("_focused_conv2d_direct_available() -> bool", [] { return implicit_gemm::available(); });
 }
 
 }  // namespace ops

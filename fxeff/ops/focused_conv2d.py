@@ -11,7 +11,7 @@ import torch
 
 from ._utils import IntPair, memory_format_of, pair
 
-STRATEGIES = ("empty", "dense", "crop", "tiles", "pixels")
+STRATEGIES = ("empty", "dense", "crop", "tiles", "pixels", "direct")
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -55,11 +55,17 @@ def strategy_counters(reset: bool = False) -> Dict[str, int]:
     return dict(zip(STRATEGIES, torch.ops.fxeff._focused_conv2d_counters(reset)))
 
 
+def direct_strategy_available() -> bool:
+    """Whether this CPU runs the "direct" strategy (the implicit-GEMM micro-kernel: fp32, groups 1, AVX-512)."""
+    return bool(torch.ops.fxeff._focused_conv2d_direct_available())
+
+
 @contextmanager
 def forced_strategy(strategy: str, tile: int = 0):
-    """Forces one execution strategy ("auto", "dense", "crop", "tiles", "pixels") within the block.
+    """Forces one execution strategy ("auto", "dense", "crop", "tiles", "pixels", "direct") within the block.
 
-    ``tile`` (0 = the kernel's pick) is the tile side for "tiles" and the pixels per GEMM chunk for "pixels".
+    ``tile`` (0 = the kernel's pick) is the tile side for "tiles" and the pixels per chunk for "pixels" and
+    "direct". Forcing "direct" where it cannot run (not fp32, groups > 1, no AVX-512) raises NotImplementedError.
 
     For benchmarks and tests; process-wide, so do not use it from several threads at once.
     """

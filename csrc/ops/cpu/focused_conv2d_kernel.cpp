@@ -14,6 +14,7 @@
 // Results equal F.conv2d at every active output because each window holds exactly the inputs
 // (padding included) that the dense conv reads there.
 #include "../focused_conv2d.h"
+#include "implicit_gemm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -306,16 +307,49 @@ void gather_pixels_cl(const scalar_t* x, scalar_t* cols, const Run* pieces, int6
 }
 
 
+// NCHW x: input row iy of image n, columns [ixs, ixs + Ws), transposed into a pixel-major staging tile [Ws, C]
+// (zeros at columns outside the image; 8 channels at a time, so its writes are 32-byte runs).
+template <typename scalar_t>
+void stage_row_nchw(const scalar_t* x, scalar_t* stage, int64_t n, int64_t iy, int64_t ixs, int64_t Ws,
+                    const ConvGeometry& g) {
+  const int64_t C = g.c, H = g.h, W = g.w;
+  // Staged columns [jlo, jhi) lie inside the image (input column ixs + j).
+  const int64_t jlo = std::clamp<int64_t>(-ixs, 0, Ws);
+  const int64_t jhi = std::clamp<int64_t>(W - ixs, jlo, Ws);
+  std::fill_n(stage, jlo * C, scalar_t(0));
+  std::fill_n(stage + jhi * C, (Ws - jhi) * C, scalar_t(0));
+  const int64_t nj = jhi - jlo;
+  const scalar_t* src = x + (n * C * H + iy) * W + (ixs + jlo);  // channel 0, first staged column in image
+  scalar_t* st = stage + jlo * C;
+  const int64_t plane = H * W;
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const scalar_t* s0 = src + c * plane;
+    const scalar_t* s1 = s0 + plane; const scalar_t* s2 = s1 + plane; const scalar_t* s3 = s2 + plane;
+    const scalar_t* s4 = s3 + plane; const scalar_t* s5 = s4 + plane; const scalar_t* s6 = s5 + plane;
+    const scalar_t* s7 = s6 + plane;
+    scalar_t* d = st + c;
+    for (int64_t j = 0; j < nj; ++j, d += C) {
+      d[0] = s0[j]; d[1] = s1[j]; d[2] = s2[j]; d[3] = s3[j];
+      d[4] = s4[j]; d[5] = s5[j]; d[6] = s6[j]; d[7] = s7[j];
+    }
+  }
+  for (; c < C; ++c) {
+    const scalar_t* s0 = src + c * plane;
+    scalar_t* d = st + c;
+    for (int64_t j = 0; j < nj; ++j, d += C) *d = s0[j];
+  }
+}
+
 // NCHW x: the same cols [P, K] as gather_pixels_cl. Per run piece and kernel row ky, the input window
-// x[n, :, iy, ixs : ixs + Ws] (all channels, the run's columns plus the kernel's halo) is first transposed into a
-// small pixel-major staging tile [Ws, C] (zeros outside the image; 8 channels at a time, so its writes are 32-byte
-// runs), then each pixel's taps are contiguous copies of C/groups channels out of it. This reads each input value
-// once per (run, ky) instead of once per (run, ky, kx) and replaces kh*kw*C short row copies per run with kh*C
-// strided reads plus P*kh*kw long copies.
+// x[n, :, iy, ixs : ixs + Ws] (all channels, the run's columns plus the kernel's halo) is first staged
+// (stage_row_nchw), then each pixel's taps are contiguous copies of C/groups channels out of it. This reads each
+// input value once per (run, ky) instead of once per (run, ky, kx) and replaces kh*kw*C short row copies per run
+// with kh*C strided reads plus P*kh*kw long copies.
 template <typename scalar_t>
 void gather_pixels_nchw(const scalar_t* x, scalar_t* cols, scalar_t* stage, const Run* pieces, int64_t count,
                         const ConvGeometry& g) {
-  const int64_t C = g.c, H = g.h, W = g.w, cg = g.c / g.groups, taps = g.kh * g.kw, kg = taps * cg;
+  const int64_t C = g.c, H = g.h, cg = g.c / g.groups, taps = g.kh * g.kw, kg = taps * cg;
   const int64_t K = g.groups * kg;
   scalar_t* row0 = cols;
   for (int64_t i = 0; i < count; ++i) {
@@ -323,9 +357,6 @@ void gather_pixels_nchw(const scalar_t* x, scalar_t* cols, scalar_t* stage, cons
     const int64_t L = p.x1 - p.x0;
     const int64_t ixs = p.x0 * g.sw - g.pw;
     const int64_t Ws = (L - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-    // Staged columns [jlo, jhi) lie inside the image (input column ixs + j).
-    const int64_t jlo = std::clamp<int64_t>(-ixs, 0, Ws);
-    const int64_t jhi = std::clamp<int64_t>(W - ixs, jlo, Ws);
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
       if (iy < 0 || iy >= H) {
@@ -338,29 +369,7 @@ void gather_pixels_nchw(const scalar_t* x, scalar_t* cols, scalar_t* stage, cons
         }
         continue;
       }
-      std::fill_n(stage, jlo * C, scalar_t(0));
-      std::fill_n(stage + jhi * C, (Ws - jhi) * C, scalar_t(0));
-      const int64_t nj = jhi - jlo;
-      const scalar_t* src = x + (p.n * C * H + iy) * W + (ixs + jlo);  // channel 0, first staged column in image
-      scalar_t* st = stage + jlo * C;
-      const int64_t plane = H * W;
-      int64_t c = 0;
-      for (; c + 8 <= C; c += 8) {
-        const scalar_t* s0 = src + c * plane;
-        const scalar_t* s1 = s0 + plane; const scalar_t* s2 = s1 + plane; const scalar_t* s3 = s2 + plane;
-        const scalar_t* s4 = s3 + plane; const scalar_t* s5 = s4 + plane; const scalar_t* s6 = s5 + plane;
-        const scalar_t* s7 = s6 + plane;
-        scalar_t* d = st + c;
-        for (int64_t j = 0; j < nj; ++j, d += C) {
-          d[0] = s0[j]; d[1] = s1[j]; d[2] = s2[j]; d[3] = s3[j];
-          d[4] = s4[j]; d[5] = s5[j]; d[6] = s6[j]; d[7] = s7[j];
-        }
-      }
-      for (; c < C; ++c) {
-        const scalar_t* s0 = src + c * plane;
-        scalar_t* d = st + c;
-        for (int64_t j = 0; j < nj; ++j, d += C) *d = s0[j];
-      }
+      stage_row_nchw<scalar_t>(x, stage, p.n, iy, ixs, Ws, g);
       for (int64_t q = 0; q < L; ++q) {
         scalar_t* row = row0 + q * K;
         for (int64_t kx = 0; kx < g.kw; ++kx) {
@@ -379,20 +388,37 @@ void gather_pixels_nchw(const scalar_t* x, scalar_t* cols, scalar_t* stage, cons
 // Runs the pixels strategy: per chunk of active outputs (one chunk per task, on the task's own buffers), gather
 // their receptive fields, one GEMM per group against the weight, and write the results (plus bias) into out.
 // cl: out is channels_last (else NCHW); x may be either.
+// direct (fp32, groups 1, implicit_gemm::available()): no im2col; the implicit-GEMM micro-kernel reads each
+// block's inputs straight out of channels_last x (NCHW x: out of each run's kh input rows, staged pixel-major
+// per chunk) and writes R.
 template <typename scalar_t>
 void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                at::Tensor& out, const MaskSummary& s, const ConvGeometry& g, bool cl, int64_t chunk) {
+                at::Tensor& out, const MaskSummary& s, const ConvGeometry& g, bool cl, int64_t chunk,
+                bool direct = false) {
   using acc_t = at::opmath_type<scalar_t>;
   const PixelChunks chunks = split_runs(s.runs, chunk);
   const int64_t nchunks = static_cast<int64_t>(chunks.pixels.size());
   const int64_t O = g.o, Ho = g.ho, Wo = g.wo;
   const int64_t og = g.o / g.groups, kg = g.c / g.groups * g.kh * g.kw, K = g.groups * kg;
+  const int64_t taps = g.kh * g.kw;
+  // direct: the packed weight, its output blocks (nr each), the pixels per micro-kernel block (mr) and R's row
+  // stride (O rounded up to whole blocks).
+  const int64_t nr = direct ? implicit_gemm::block_outputs(O) : 0, mr = direct ? implicit_gemm::block_pixels(nr) : 0;
+  const int64_t o_blocks = direct ? (O + nr - 1) / nr : 0;
+  const int64_t ldr = direct ? o_blocks * nr : O;
   // channels_last x is gathered pixel by pixel (one copy per tap) into cols [P, K]; NCHW x into the same cols
   // through a per-run staging tile (gather_pixels_nchw), which saves converting x (measured: the conversion cost
   // more than the whole gather). The weight as [O, kg] with columns in the gather's order.
   const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  const at::Tensor wmat = weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
+  const at::Tensor wmat = direct ? at::Tensor() : weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
+  at::Tensor wpacked;
+  if (direct) {
+    wpacked = at::empty({o_blocks * taps * g.c * nr}, weight.options());
+    implicit_gemm::pack_weight(weight.const_data_ptr<float>(), wpacked.mutable_data_ptr<float>(), O, g.c, taps, nr);
+  }
+  // direct: one zero row (taps outside the image read it) and, per thread, the pointers of one block.
+  const std::vector<float> zero_row(direct ? g.c : 0, 0.0f);
   std::vector<acc_t> b(O, acc_t(0));
   if (bias.has_value() && bias->defined()) {
     const at::Tensor bc = bias->contiguous();
@@ -402,9 +428,12 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   const int64_t threads = at::get_num_threads();
   // Per thread: cols [chunk, K], then (NCHW x) the staging tile [Ws, C] for a run of up to chunk pixels.
   const int64_t stage_len = cl_in ? 0 : ((chunk - 1) * g.sw + (g.kw - 1) * g.dw + 1) * g.c;
-  at::Tensor cols_buf = at::empty({threads, chunk * K + stage_len}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  // Per thread: R [chunk, O], then (NCHW out) its transpose.
-  at::Tensor res_buf = at::empty({threads, chunk * O * (cl ? 1 : 2)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor cols_buf = at::empty({threads, direct ? 0 : chunk * K + stage_len},
+                                  x.options().memory_format(at::MemoryFormat::Contiguous));
+  // Per thread: R [chunk, ldr] (direct: rounded up to whole blocks of mr pixels), then (NCHW out) its transpose.
+  const int64_t r_rows = direct ? (chunk + mr - 1) / mr * mr : chunk;
+  at::Tensor res_buf = at::empty({threads, r_rows * ldr + (cl ? 0 : chunk * O)},
+                                 x.options().memory_format(at::MemoryFormat::Contiguous));
   const scalar_t* xp = xin.const_data_ptr<scalar_t>();
   scalar_t* outp = out.mutable_data_ptr<scalar_t>();
   // Chunks are handed out one at a time (not split statically), so a thread that the OS delays does not hold
@@ -416,40 +445,95 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
     at::Tensor cols_t = cols_buf.select(0, tid), res_t = res_buf.select(0, tid);
     scalar_t* colsp = cols_t.mutable_data_ptr<scalar_t>();
     const scalar_t* resp = res_t.const_data_ptr<scalar_t>();
+    std::vector<const float*> ptrs;
+    std::vector<float> staged;  // direct, NCHW x: per piece of the chunk, its kh input rows [kh][Ws][C]
+    std::vector<int64_t> staged_at;
     for (int64_t ci = next_chunk++; ci < nchunks; ci = next_chunk++) {
       const Run* pieces = chunks.pieces.data() + chunks.begin[ci];
       const int64_t count = chunks.begin[ci + 1] - chunks.begin[ci];
       const int64_t P = chunks.pixels[ci];
-      // A: the chunk's im2col as [P, K], columns (group, ky, kx, c) for either layout of x.
-      if (cl_in) {
-        gather_pixels_cl<scalar_t>(xp, colsp, pieces, count, g);
+      if (direct) {
+        // R [P, ldr], mr pixels per block (the last block's missing pixels read zeros; their rows are not used).
+        // The pointers of every block first, then per output block of the weight (which stays in L2) all blocks.
+        const int64_t blocks = (P + mr - 1) / mr;
+        ptrs.resize(blocks * taps * mr);
+        const float* xf = reinterpret_cast<const float*>(xp);
+        if (!cl_in) {  // stage every piece's in-image rows (zeros at columns outside the image)
+          staged_at.resize(count + 1);
+          staged_at[0] = 0;
+          for (int64_t i = 0; i < count; ++i) {
+            staged_at[i + 1] = staged_at[i] + g.kh * g.window_w(pieces[i].x1 - pieces[i].x0) * g.c;
+          }
+          staged.resize(staged_at[count]);
+          for (int64_t i = 0; i < count; ++i) {
+            const Run& p = pieces[i];
+            const int64_t ws = g.window_w(p.x1 - p.x0);
+            for (int64_t ky = 0; ky < g.kh; ++ky) {
+              const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
+              if (iy < 0 || iy >= g.h) continue;
+              stage_row_nchw<float>(xf, staged.data() + staged_at[i] + ky * ws * g.c, p.n, iy,
+                                    p.x0 * g.sw - g.pw, ws, g);
+            }
+          }
+        }
+        int64_t piece = 0, xo = count > 0 ? pieces[0].x0 : 0;
+        for (int64_t q = 0; q < blocks * mr; ++q) {
+          const bool real = q < P;
+          const Run& p = pieces[real ? piece : 0];
+          const float** bp = ptrs.data() + (q / mr) * taps * mr + q % mr;
+          for (int64_t t = 0; t < taps; ++t) {
+            const int64_t ky = t / g.kw, kx = t % g.kw;
+            const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
+            const int64_t ix = xo * g.sw - g.pw + kx * g.dw;
+            if (!real || iy < 0 || iy >= g.h) {
+              bp[t * mr] = zero_row.data();
+            } else if (cl_in) {
+              bp[t * mr] = ix >= 0 && ix < g.w ? xf + ((p.n * g.h + iy) * g.w + ix) * g.c : zero_row.data();
+            } else {  // the staged row holds the zeros of columns outside the image
+              const int64_t ws = g.window_w(p.x1 - p.x0);
+              bp[t * mr] = staged.data() + staged_at[piece] + (ky * ws + (xo - p.x0) * g.sw + kx * g.dw) * g.c;
+            }
+          }
+          if (real && ++xo == p.x1 && ++piece < count) xo = pieces[piece].x0;
+        }
+        float* rp = reinterpret_cast<float*>(res_t.mutable_data_ptr<scalar_t>());
+        for (int64_t ob = 0; ob < o_blocks; ++ob) {
+          for (int64_t bi = 0; bi < blocks; ++bi) {
+            implicit_gemm::block(ptrs.data() + bi * taps * mr, taps, g.c, wpacked.const_data_ptr<float>(), ob, nr,
+                                 rp + bi * mr * ldr, ldr);
+          }
+        }
       } else {
-        gather_pixels_nchw<scalar_t>(xp, colsp, colsp + chunk * K, pieces, count, g);
-      }
-      const at::Tensor A = cols_t.narrow(0, 0, P * K).view({P, K});
-      // R [P, O] = A @ wmat^T: MKL runs this form ~10% faster than R^T = wmat @ A^T at these shapes (measured).
-      at::Tensor R = res_t.narrow(0, 0, P * O).view({P, O});
-      for (int64_t gi = 0; gi < g.groups; ++gi) {
-        at::Tensor r = R.narrow(1, gi * og, og);
-        at::mm_out(r, A.narrow(1, gi * kg, kg), wmat.narrow(0, gi * og, og).t());
+        // A: the chunk's im2col as [P, K], columns (group, ky, kx, c) for either layout of x.
+        if (cl_in) {
+          gather_pixels_cl<scalar_t>(xp, colsp, pieces, count, g);
+        } else {
+          gather_pixels_nchw<scalar_t>(xp, colsp, colsp + chunk * K, pieces, count, g);
+        }
+        const at::Tensor A = cols_t.narrow(0, 0, P * K).view({P, K});
+        // R [P, O] = A @ wmat^T: MKL runs this form ~10% faster than R^T = wmat @ A^T at these shapes (measured).
+        at::Tensor R = res_t.narrow(0, 0, P * O).view({P, O});
+        for (int64_t gi = 0; gi < g.groups; ++gi) {
+          at::Tensor r = R.narrow(1, gi * og, og);
+          at::mm_out(r, A.narrow(1, gi * kg, kg), wmat.narrow(0, gi * og, og).t());
+        }
       }
       if (cl) {  // each pixel's O outputs are contiguous in out as in R
         const scalar_t* src = resp;
         for (int64_t i = 0; i < count; ++i) {
           const Run& p = pieces[i];
           scalar_t* dst = outp + ((p.n * Ho + p.y) * Wo + p.x0) * O;
-          for (int64_t j = 0; j < (p.x1 - p.x0) * O; j += O) {
-            for (int64_t o = 0; o < O; ++o) dst[j + o] = static_cast<scalar_t>(static_cast<acc_t>(src[j + o]) + b[o]);
+          for (int64_t j = 0; j < p.x1 - p.x0; ++j, dst += O, src += ldr) {
+            for (int64_t o = 0; o < O; ++o) dst[o] = static_cast<scalar_t>(static_cast<acc_t>(src[o]) + b[o]);
           }
-          src += (p.x1 - p.x0) * O;
         }
       } else {  // NCHW: transpose R in cache (16 x 16 blocks), then write each channel's runs contiguously
-        scalar_t* rt = res_t.mutable_data_ptr<scalar_t>() + chunk * O;
+        scalar_t* rt = res_t.mutable_data_ptr<scalar_t>() + r_rows * ldr;
         for (int64_t o0 = 0; o0 < O; o0 += 16) {
           for (int64_t q0 = 0; q0 < P; q0 += 16) {
             const int64_t o1 = std::min(O, o0 + 16), q1 = std::min(P, q0 + 16);
             for (int64_t q = q0; q < q1; ++q) {
-              for (int64_t o = o0; o < o1; ++o) rt[o * P + q] = resp[q * O + o];
+              for (int64_t o = o0; o < o1; ++o) rt[o * P + q] = resp[q * ldr + o];
             }
           }
         }
@@ -483,7 +567,7 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
 // overhang at all); AoI above ~70-80% -> dense. Tiles (8, 16 or 32, the cheapest by the model) win only where
 // pixels cannot run cheaply, i.e. grouped/depthwise convs with a few mid-sized blobs.
 struct CostModel {
-  double dense_mac = 0.0050, gemm_mac = 0.0060, copy = 0.10, call = 2.0e4;
+  double dense_mac = 0.0050, gemm_mac = 0.0060, direct_mac = 0.0060, copy = 0.10, call = 2.0e4;
   double kmac;  // MACs per output position: O * C/groups * kh * kw
   double conv(double outputs, double inputs) const { return outputs * kmac * dense_mac + inputs * copy + call; }
 };
@@ -539,7 +623,13 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
       ? static_cast<double>(s.active) * (cost.kmac * cost.gemm_mac + static_cast<double>(g.c) * g.kh * g.kw * cost.copy) +
             cost.call
       : std::numeric_limits<double>::infinity();
-  const double best_other = std::min({dense_cost, crop_cost, pixels_cost});
+  // direct: the implicit-GEMM micro-kernel (fp32, groups 1, an AVX-512 CPU); no copies but the results and, for
+  // NCHW x, each run's kh input rows.
+  const bool direct_possible = g.groups == 1 && x.scalar_type() == at::kFloat && implicit_gemm::available();
+  const double direct_cost = direct_possible
+      ? static_cast<double>(s.active) * (cost.kmac * cost.direct_mac + (cl ? 0.0 : g.kh * g.c * cost.copy)) + cost.call
+      : std::numeric_limits<double>::infinity();
+  const double best_other = std::min({dense_cost, crop_cost, pixels_cost, direct_cost});
   // Tile sizes tried by the auto strategy (the best one depends on how scattered the mask is); skipped when even
   // tiles without overhang, halo or gather (cost >= the active outputs' conv) could not beat the others.
   const std::vector<int64_t> tile_sizes =
@@ -561,12 +651,18 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   else if (cfg.strategy == "crop") pick = FocusStrategy::Crop;
   else if (cfg.strategy == "tiles") pick = FocusStrategy::Tiles;
   else if (cfg.strategy == "pixels") pick = FocusStrategy::Pixels;
-  else {
+  else if (cfg.strategy == "direct") {
+    TORCH_CHECK_NOT_IMPLEMENTED(direct_possible, "fxeff.focused_conv2d: the direct strategy runs fp32 convs with "
+                                "groups == 1 on an AVX-512 CPU; got ", x.scalar_type(), ", groups ", g.groups,
+                                implicit_gemm::available() ? "" : ", a CPU without AVX-512");
+    pick = FocusStrategy::Direct;
+  } else {
     pick = FocusStrategy::Dense;
     double best = dense_cost;
     if (crop_cost < best) { best = crop_cost; pick = FocusStrategy::Crop; }
     if (tiles_cost < best) { best = tiles_cost; pick = FocusStrategy::Tiles; }
     if (pixels_cost < best) { best = pixels_cost; pick = FocusStrategy::Pixels; }
+    if (direct_cost < best) { best = direct_cost; pick = FocusStrategy::Direct; }
   }
 
   if (pick == FocusStrategy::Dense) {
@@ -589,13 +685,18 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
     RECORD_FUNCTION("fxeff::focused_conv2d::tiles", c10::ArrayRef<const c10::IValue>{});
     count_focus_strategy(FocusStrategy::Tiles);
     run_regions(x, weight, bias, m, out, best_tiles, g, best_tile, best_tile, fmt);
-  } else {
+  } else if (pick == FocusStrategy::Pixels) {
     RECORD_FUNCTION("fxeff::focused_conv2d::pixels", c10::ArrayRef<const c10::IValue>{});
     count_focus_strategy(FocusStrategy::Pixels);
     const int64_t chunk = cfg.tile > 0 ? cfg.tile : pixel_chunk(g, s.active, x.element_size());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focused_conv2d_pixels", [&] {
       run_pixels<scalar_t>(x, weight, bias, out, s, g, cl, chunk);
     });
+  } else {
+    RECORD_FUNCTION("fxeff::focused_conv2d::direct", c10::ArrayRef<const c10::IValue>{});
+    count_focus_strategy(FocusStrategy::Direct);
+    const int64_t chunk = cfg.tile > 0 ? cfg.tile : pixel_chunk(g, s.active, x.element_size());
+    run_pixels<float>(x, weight, bias, out, s, g, cl, chunk, /*direct=*/true);
   }
   zero_rest(out);
   return out;

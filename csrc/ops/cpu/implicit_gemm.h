@@ -1,0 +1,112 @@
+// Implicit-GEMM conv over a list of output pixels, fp32, AVX-512 (the "direct" strategy of fxeff::focused_conv2d).
+//
+// The conv at output pixel p is sum over taps t and channels c of x[pixel(p, t), c] * w[o, c, t]. With x in
+// channels_last, the C inputs of one (pixel, tap) are contiguous, so no im2col is needed: a micro-kernel keeps an
+// MR pixels x NR outputs block in registers and, per tap and input channel, broadcasts one input value per pixel
+// and multiplies it by NR packed weights (NR / 16 vectors). The pixels of a block are given as one pointer per
+// (tap, pixel): they may come from any runs of the mask, and a tap that falls outside the image points at a row
+// of zeros (the conv's zero padding), so borders, strides and dilations need no special case in the inner loop.
+//
+// The work tracks the active outputs exactly (no tile overhang, no halo recomputation) and nothing is copied but
+// the weight (packed once per call) and the results.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FXEFF_IMPLICIT_GEMM_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace fxeff {
+namespace ops {
+namespace implicit_gemm {
+
+// Whether this CPU runs the AVX-512 micro-kernel (checked once).
+inline bool available() {
+#ifdef FXEFF_IMPLICIT_GEMM_AVX512
+  static const bool ok = __builtin_cpu_supports("avx512f") != 0;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Output channels per packed block: 64 where O fills it (4 vectors), else 32 or 16.
+inline int64_t block_outputs(int64_t o) { return o >= 64 ? 64 : (o > 16 ? 32 : 16); }
+
+// Pixels per micro-kernel block for a given block_outputs: 24 accumulators at NR 64, 16 below (the pointer array
+// of one block must stay in registers too).
+inline int64_t block_pixels(int64_t nr) { return nr == 64 ? 6 : 8; }
+
+// w [O, C, kh, kw] (contiguous) packed as [ceil(O / nr)][taps][C][nr], zeros past O.
+inline void pack_weight(const float* w, float* packed, int64_t o, int64_t c, int64_t taps, int64_t nr) {
+  const int64_t blocks = (o + nr - 1) / nr;
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t ci = 0; ci < c; ++ci) {
+        float* dst = packed + ((b * taps + t) * c + ci) * nr;
+        for (int64_t j = 0; j < nr; ++j) {
+          const int64_t oi = b * nr + j;
+          dst[j] = oi < o ? w[(oi * c + ci) * taps + t] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+#ifdef FXEFF_IMPLICIT_GEMM_AVX512
+// r[i, 0:16 NV] = sum over taps t, channels c of a[t * MR + i][c] * wp[t][c][0:16 NV]; r has row stride ldr.
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void micro_kernel(const float* const* a, int64_t taps, int64_t c,
+                                                       const float* wp, float* r, int64_t ldr) {
+  constexpr int NR = 16 * NV;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* const* at = a + t * MR;
+    const float* w = wp + t * c * NR;
+    for (int64_t ci = 0; ci < c; ++ci, w += NR) {
+      __m512 wv[NV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_ps(w + 16 * j);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m512 b = _mm512_set1_ps(at[i][ci]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(b, wv[j], acc[i][j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(r + i * ldr + 16 * j, acc[i][j]);
+  }
+}
+
+// One block of block_pixels(nr) pixels against output block ob of the packed weight: r[0:MR, ob * nr : (ob + 1) nr].
+inline void block(const float* const* a, int64_t taps, int64_t c, const float* wp, int64_t ob, int64_t nr,
+                  float* r, int64_t ldr) {
+  const float* w = wp + ob * taps * c * nr;
+  float* rb = r + ob * nr;
+  if (nr == 64) micro_kernel<6, 4>(a, taps, c, w, rb, ldr);
+  else if (nr == 32) micro_kernel<8, 2>(a, taps, c, w, rb, ldr);
+  else micro_kernel<8, 1>(a, taps, c, w, rb, ldr);
+}
+#else
+inline void block(const float* const*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "fxeff.focused_conv2d: the direct strategy needs an x86-64 build with AVX-512");
+}
+#endif
+
+}  // namespace implicit_gemm
+}  // namespace ops
+}  // namespace fxeff
