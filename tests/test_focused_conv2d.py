@@ -150,6 +150,41 @@ def test_direct_refuses_what_it_does_not_run():
         run("direct", 0, x, weight, bias, mask, 1, 1, 1, 2)
 
 
+@direct_cpu
+def test_direct_sees_weights_changed_in_place():
+    # The direct strategy caches its packed weight per weight tensor: an in-place update (an optimizer step, a
+    # fine-tune) and a new weight tensor must both be seen.
+    x, weight, bias, mask = conv_case(o=40)
+    for step in range(3):
+        out = run("direct", 0, x, weight, bias, mask, 1, 1)
+        assert_matches(out, expected_fn(x, weight, bias, mask, 1, 1), torch.float32)
+        with torch.no_grad():
+            weight.mul_(-0.5).add_(0.25)
+    weight = torch.randn_like(weight)
+    assert_matches(run("direct", 0, x, weight, bias, mask, 1, 1), expected_fn(x, weight, bias, mask, 1, 1),
+                   torch.float32)
+
+
+@pytest.mark.parametrize("strategy", FORCED)
+@pytest.mark.parametrize("x_cl, w_cl", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("c", [1, 8])
+def test_output_format_follows_conv2d(strategy, x_cl, w_cl, c, device):
+    # As ATen's convs: channels_last out where x or the weight is channels_last (so a model converted with
+    # .to(memory_format=torch.channels_last) stays so, even after a one-channel input whose strides say both).
+    x, weight, bias, mask = on(device, *conv_case(c=c, o=8))
+    if x_cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if w_cl:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    out = run(strategy, 0, x, weight, bias, mask, 1, 1)
+    dense = F.conv2d(x, weight, bias, 1, 1)
+    assert out.stride() == dense.stride()
+    assert_matches(out, expected_fn(x.cpu(), weight.cpu(), bias.cpu(), mask.cpu(), 1, 1), torch.float32)
+    fake = torch.library.opcheck(torch.ops.fxeff.focused_conv2d.default,
+                                 (x, weight, bias, mask, [1, 1], [1, 1], [1, 1], 1), test_utils="test_faketensor")
+    assert fake["test_faketensor"] == "SUCCESS"
+
+
 def conv_case(dtype=torch.float32, n=3, c=8, o=6, hw=24, groups=1, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, hw, hw, generator=gen).to(dtype)

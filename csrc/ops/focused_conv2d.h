@@ -29,6 +29,11 @@ ConvGeometry check_focused_conv2d_args(const char* op, const at::Tensor& x, cons
                                        at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups);
 
+// The forward's output format, as ATen's convolutions pick it: channels_last if x or the weight suggests it (so a
+// model converted with .to(memory_format=torch.channels_last) stays channels_last even where x has one channel and
+// its strides say both), else contiguous. x is converted to it.
+at::MemoryFormat conv_output_format(const at::Tensor& x, const at::Tensor& weight);
+
 // Strategies of the forward kernel; the index is the position in the counters.
 enum class FocusStrategy : int { Empty = 0, Dense = 1, Crop = 2, Tiles = 3, Pixels = 4, Direct = 5 };
 constexpr int kNumFocusStrategies = 6;

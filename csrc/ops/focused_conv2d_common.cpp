@@ -60,6 +60,12 @@ const char* focus_strategy_name(FocusStrategy s) {
   return "?";
 }
 
+at::MemoryFormat conv_output_format(const at::Tensor& x, const at::Tensor& weight) {
+  const bool cl = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                  weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 FocusConfig focus_config() {
   std::lock_guard<std::mutex> lock(config_mutex);
   return config;

@@ -16,6 +16,14 @@ def pair(name: str, op: str, value: IntPair) -> list:
     return value
 
 
+def conv_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The output format ATen's convolutions pick (and fxeff's conv kernels keep): channels_last if x or the weight
+    suggests it, else contiguous (C++: conv_output_format)."""
+    if torch.channels_last in (memory_format_of(x), memory_format_of(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """The memory format ATen's suggest_memory_format picks for x (kernels keep it for outputs)."""
     from torch._prims_common import suggest_memory_format

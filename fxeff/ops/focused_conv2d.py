@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ._utils import IntPair, memory_format_of, pair
+from ._utils import IntPair, conv_memory_format, memory_format_of, pair
 
 STRATEGIES = ("empty", "dense", "crop", "tiles", "pixels", "direct")
 
@@ -37,7 +37,7 @@ def _focused_conv2d_fake(x, weight, bias, mask, stride, padding, dilation, group
                  lambda: f"fxeff.focused_conv2d: mask must be bool [N, Hout, Wout] = "
                          f"[{x.shape[0]}, {ho}, {wo}], got {tuple(mask.shape)} {mask.dtype}")
     out = x.new_empty((x.shape[0], weight.shape[0], ho, wo))
-    return out.contiguous(memory_format=memory_format_of(x))
+    return out.contiguous(memory_format=conv_memory_format(x, weight))
 
 
 @torch.library.register_fake("fxeff::focused_conv2d_backward")

@@ -35,6 +35,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <deque>
+#include <mutex>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -385,6 +387,48 @@ void gather_pixels_nchw(const scalar_t* x, scalar_t* cols, scalar_t* stage, cons
   }
 }
 
+// The direct strategy's packed weight (implicit_gemm::pack_weight), cached per weight: inference calls a conv with
+// the same weight every time, and packing it cost up to a fifth of a small focused conv (measured on the reference
+// models). An entry serves a weight with the same storage (held weakly: a freed storage's entry is dropped and its
+// address cannot be reused while the entry exists), data pointer, sizes, strides and version (an in-place update
+// such as an optimizer step bumps it). Inference tensors have no version: they are packed on every call. At most 64
+// entries, the oldest dropped first.
+at::Tensor packed_weight(const at::Tensor& w, int64_t nr) {
+  const int64_t o = w.size(0), blocks = (o + nr - 1) / nr;
+  auto pack = [&] {
+    at::Tensor packed = at::empty({blocks * w.size(2) * w.size(3) * w.size(1) * nr}, w.options());
+    implicit_gemm::pack_weight(w.const_data_ptr<float>(), w.strides().data(), packed.mutable_data_ptr<float>(), o,
+                               w.size(1), w.size(2), w.size(3), nr);
+    return packed;
+  };
+  if (w.is_inference() || !w.has_storage()) return pack();
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    const void* data;
+    std::vector<int64_t> sizes, strides;
+    int64_t version;
+    int64_t nr;
+    at::Tensor packed;
+  };
+  static std::mutex mutex;
+  static std::deque<Entry> cache;
+  c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
+  const int64_t version = w._version();
+  std::lock_guard<std::mutex> lock(mutex);
+  cache.erase(std::remove_if(cache.begin(), cache.end(), [](const Entry& e) { return e.storage.expired(); }),
+              cache.end());
+  for (const Entry& e : cache) {
+    if (e.storage._unsafe_get_target() == storage && e.data == w.const_data_ptr() && e.version == version &&
+        e.nr == nr && w.sizes().equals(e.sizes) && w.strides().equals(e.strides)) {
+      return e.packed;
+    }
+  }
+  if (cache.size() >= 64) cache.pop_front();
+  cache.push_back(Entry{w.storage().getWeakStorageImpl(),
+                        w.const_data_ptr(), w.sizes().vec(), w.strides().vec(), version, nr, pack()});
+  return cache.back().packed;
+}
+
 // Runs the pixels strategy: per chunk of active outputs (one chunk per task, on the task's own buffers), gather
 // their receptive fields, one GEMM per group against the weight, and write the results (plus bias) into out.
 // cl: out is channels_last (else NCHW); x may be either.
@@ -412,11 +456,7 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor wmat = direct ? at::Tensor() : weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
-  at::Tensor wpacked;
-  if (direct) {
-    wpacked = at::empty({o_blocks * taps * g.c * nr}, weight.options());
-    implicit_gemm::pack_weight(weight.const_data_ptr<float>(), wpacked.mutable_data_ptr<float>(), O, g.c, taps, nr);
-  }
+  const at::Tensor wpacked = direct ? packed_weight(weight, nr) : at::Tensor();
   // direct: one zero row (taps outside the image read it) and, per thread, the pointers of one block.
   const std::vector<float> zero_row(direct ? g.c : 0, 0.0f);
   std::vector<acc_t> b(O, acc_t(0));
@@ -561,15 +601,23 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
 //   gemm_mac   the pixels GEMMs per MAC: MKL sgemm on [chunk x K] @ [K x O] runs ~98 GFLOP/s per core, 1.2x the
 //              dense conv's cost per MAC;
 //   copy       one gathered input value (im2col of pixels, windows of crop/tiles): ~20 dense MACs;
-//   call       one vendor conv call or the set-up of the pixels GEMMs (~70 us).
+//   call       one vendor conv call or the set-up of the pixels GEMMs (~70 us);
+//   direct_mac the direct strategy's micro-kernel per MAC (re-measured on a 2-core Xeon with AVX-512 and AMX:
+//              0.5-0.6 of the dense channels_last conv's time at 25-40% of its MACs, 32-128 channels);
+//   result     one output value staged and written by pixels or direct (R, then out; measured on a 1-channel
+//              input, where writing 32 outputs per pixel costs more than its 9 MACs each and dense wins).
 // Writing the output costs the same for every strategy, so it is left out. What this gives (one 3x3 conv,
 // 128 or 256 channels): a compact blob -> crop (its halo is thin); scattered blobs or pixels -> pixels (no
 // overhang at all); AoI above ~70-80% -> dense. Tiles (8, 16 or 32, the cheapest by the model) win only where
 // pixels cannot run cheaply, i.e. grouped/depthwise convs with a few mid-sized blobs.
 struct CostModel {
-  double dense_mac = 0.0050, gemm_mac = 0.0060, direct_mac = 0.0060, copy = 0.10, call = 2.0e4;
-  double kmac;  // MACs per output position: O * C/groups * kh * kw
-  double conv(double outputs, double inputs) const { return outputs * kmac * dense_mac + inputs * copy + call; }
+  double dense_mac = 0.0050, gemm_mac = 0.0060, direct_mac = 0.0060, copy = 0.10, result = 0.2, call = 2.0e4;
+  double kmac = 0;  // MACs per output position: O * C/groups * kh * kw
+  double o = 0;     // output channels
+  // A vendor conv over `outputs` positions of gathered windows (`inputs` values), its results scattered back.
+  double conv(double outputs, double inputs) const {
+    return outputs * (kmac * dense_mac + o * result) + inputs * copy + call;
+  }
 };
 
 // Pixels per GEMM chunk: its im2col block (chunk x K) stays within about 1 MiB (a core's L2; 1 MiB measured
@@ -587,10 +635,10 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
                               int64_t groups) {
   const ConvGeometry g =
       check_focused_conv2d_args("focused_conv2d", x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
-  const at::MemoryFormat fmt = x_in.suggest_memory_format();
+  const at::MemoryFormat fmt = conv_output_format(x_in, weight_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt);
-  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor& weight = weight_in;  // any strides: the vendor conv takes them, the GEMM paths pack it
   const at::Tensor mask = mask_in.contiguous();
   const bool* m = mask.const_data_ptr<bool>();
   const FocusConfig cfg = focus_config();
@@ -612,6 +660,7 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
 
   CostModel cost;
   cost.kmac = static_cast<double>(g.o) * (g.c / g.groups) * g.kh * g.kw;
+  cost.o = static_cast<double>(g.o);
   double crop_cost = 0.0;
   for (const auto& b : s.boxes) {
     const int64_t bh = b[1] - b[0], bw = b[3] - b[2];
@@ -620,14 +669,15 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   const double dense_cost = static_cast<double>(outputs) * cost.kmac * cost.dense_mac + cost.call;
   // Pixels runs one GEMM per group and chunk: only worth it for full (groups == 1) convs.
   const double pixels_cost = g.groups == 1
-      ? static_cast<double>(s.active) * (cost.kmac * cost.gemm_mac + static_cast<double>(g.c) * g.kh * g.kw * cost.copy) +
-            cost.call
+      ? static_cast<double>(s.active) * (cost.kmac * cost.gemm_mac + static_cast<double>(g.c) * g.kh * g.kw * cost.copy +
+                                         g.o * cost.result) + cost.call
       : std::numeric_limits<double>::infinity();
   // direct: the implicit-GEMM micro-kernel (fp32, groups 1, an AVX-512 CPU); no copies but the results and, for
   // NCHW x, each run's kh input rows.
   const bool direct_possible = g.groups == 1 && x.scalar_type() == at::kFloat && implicit_gemm::available();
   const double direct_cost = direct_possible
-      ? static_cast<double>(s.active) * (cost.kmac * cost.direct_mac + (cl ? 0.0 : g.kh * g.c * cost.copy)) + cost.call
+      ? static_cast<double>(s.active) * (cost.kmac * cost.direct_mac + (cl ? 0.0 : g.kh * g.c * cost.copy) +
+                                         g.o * cost.result) + cost.call
       : std::numeric_limits<double>::infinity();
   const double best_other = std::min({dense_cost, crop_cost, pixels_cost, direct_cost});
   // Tile sizes tried by the auto strategy (the best one depends on how scattered the mask is); skipped when even

@@ -42,16 +42,18 @@ inline int64_t block_outputs(int64_t o) { return o >= 64 ? 64 : (o > 16 ? 32 : 1
 // of one block must stay in registers too).
 inline int64_t block_pixels(int64_t nr) { return nr == 64 ? 6 : 8; }
 
-// w [O, C, kh, kw] (contiguous) packed as [ceil(O / nr)][taps][C][nr], zeros past O.
-inline void pack_weight(const float* w, float* packed, int64_t o, int64_t c, int64_t taps, int64_t nr) {
-  const int64_t blocks = (o + nr - 1) / nr;
+// w [O, C, kh, kw] (any strides: ws = its strides) packed as [ceil(O / nr)][kh * kw][C][nr], zeros past O.
+inline void pack_weight(const float* w, const int64_t* ws, float* packed, int64_t o, int64_t c, int64_t kh,
+                        int64_t kw, int64_t nr) {
+  const int64_t blocks = (o + nr - 1) / nr, taps = kh * kw;
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t t = 0; t < taps; ++t) {
+      const float* wt = w + (t / kw) * ws[2] + (t % kw) * ws[3];
       for (int64_t ci = 0; ci < c; ++ci) {
         float* dst = packed + ((b * taps + t) * c + ci) * nr;
         for (int64_t j = 0; j < nr; ++j) {
           const int64_t oi = b * nr + j;
-          dst[j] = oi < o ? w[(oi * c + ci) * taps + t] : 0.0f;
+          dst[j] = oi < o ? wt[oi * ws[0] + ci * ws[1]] : 0.0f;
         }
       }
     }

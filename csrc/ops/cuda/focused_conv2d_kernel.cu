@@ -185,7 +185,7 @@ at::Tensor focused_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& weight_
       check_focused_conv2d_args("focused_conv2d", x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::MemoryFormat fmt = x_in.suggest_memory_format();
+  const at::MemoryFormat fmt = conv_output_format(x_in, weight_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor weight = weight_in.contiguous(cl ? fmt : at::MemoryFormat::Contiguous);
