@@ -7,15 +7,19 @@ no retraining. Each model is transformed on the first 64 training images (per ex
 focused convs; "region", tiles planned by the cost model; "auto", per grid whichever of tiles, per-layer or dense
 is fastest, measured at transform time) and timed beside the original (medians of --runs interleaved runs).
 
+Each model runs in every format of --formats (default NCHW and channels_last): the original and the focused model
+both in that format (weights and inputs converted; fxeff's ops keep the format as ATen's convs do), so each latency
+ratio compares like with like. On CPU channels_last is the faster format for both (oneDNN convs without reorders,
+the direct strategy's implicit GEMM reads pixels in place).
+
 With --profile it also prints, per model, where the time of a batch-16 forward goes (torch.profiler, self CPU time
-per op over 20 forwards): the original in NCHW and in channels_last, and each execution; the numbers behind the
-gap analysis in docs/regions.md.
+per op over 20 forwards): the original and each execution; the numbers behind the gap analysis in docs/regions.md.
 
     .venv/bin/python benchmarks/focus_reference.py [--archs vgg,resnet20,mobilenetv2]
-        [--executions layer,region,auto] [--test-images 2000] [--runs 20] [--profile] [--json out.json]
+        [--executions layer,region,auto] [--formats nchw,channels_last] [--test-images 2000] [--runs 20] [--profile]
+        [--json out.json]
         [--markdown out.md]
 """
-import copy
 import os
 import sys
 import time
@@ -32,7 +36,7 @@ from fxeff.ops import aoi_mask  # noqa: E402
 from fxeff.passes.focus import dilate_mask  # noqa: E402
 from fxeff.transform import transform  # noqa: E402
 
-COLUMNS = ["model", "execution", "AoI", "MAC ratio", "latency ratio b16", "latency ratio b1", "acc. original",
+COLUMNS = ["model", "format", "execution", "AoI", "MAC ratio", "latency ratio b16", "latency ratio b1", "acc. original",
            "acc. focused", "drop (points)", "transform s", "grids"]
 
 
@@ -55,6 +59,8 @@ def main(argv=None):
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--profile", action="store_true", help="also print where each forward's time goes")
+    parser.add_argument("--formats", default="nchw,channels_last",
+                        help="memory formats the original and the focused model both run in (comma list)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     calibration = reference.first_images(DATASET, "train", CALIBRATION_IMAGES)
@@ -63,35 +69,35 @@ def main(argv=None):
     aoi = float(dilate_mask(aoi_mask(timing, BACKGROUND, "sum"), 2).float().mean())
     loader = training.loader(reference.dataset(DATASET, "test", limit=args.test_images), 250, False)
     rows = []
-    for arch in [a for a in args.archs.split(",") if a]:
-        model = reference.load(arch, DATASET)
+    formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    for arch, fmt in [(a, f) for a in args.archs.split(",") if a for f in args.formats.split(",") if f]:
+        if fmt not in formats:
+            raise SystemExit(f"focus_reference.py: --formats takes nchw and channels_last, got {fmt!r}")
+        # Original and focused in the same format: the model's weights and the inputs converted (fxeff's ops keep
+        # the format, as ATen's convs do).
+        model = reference.load(arch, DATASET).to(memory_format=formats[fmt])
+        timing_f = timing.contiguous(memory_format=formats[fmt])
         accuracy = training.accuracy(model, loader)
         if args.profile:
-            cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-            cl_timing = timing.contiguous(memory_format=torch.channels_last)
-            dense, dense_cl = interleaved([lambda: model(timing), lambda: cl(cl_timing)], args.runs)
-            print(f"{arch}: original {dense * 1e3:.2f} ms, channels_last {dense_cl * 1e3:.2f} ms "
-                  f"({dense_cl / dense:.2f}) at batch {len(timing)}")
-            profile(f"{arch} original (NCHW)", model, timing)
-            profile(f"{arch} original (channels_last)", cl, cl_timing)
+            profile(f"{arch} original ({fmt})", model, timing_f)
         for execution in [e for e in args.executions.split(",") if e]:
             start = time.perf_counter()
-            focused = transform(model, calibration, [home_focus(execution)])
+            focused = transform(model, calibration.contiguous(memory_format=formats[fmt]), [home_focus(execution)])
             seconds = time.perf_counter() - start
             rep = focused.fxeff_report
-            b16 = interleaved([lambda: model(timing), lambda: focused(timing)], args.runs)
-            one = timing[:1]
+            b16 = interleaved([lambda: model(timing_f), lambda: focused(timing_f)], args.runs)
+            one = timing_f[:1]
             b1 = interleaved([lambda: model(one), lambda: focused(one)], args.runs)
             acc = training.accuracy(focused, loader)
             grids = "; ".join(n.split(" (")[0] for n in rep.notes if n.startswith("grid "))
             if args.profile:
-                profile(f"{arch} {execution}", focused, timing)
-            rows.append({"model": arch, "execution": execution, "AoI": aoi,
-                         "MAC ratio": macs(lambda: focused(timing)) / macs(lambda: model(timing)),
+                profile(f"{arch} {fmt} {execution}", focused, timing_f)
+            rows.append({"model": arch, "format": fmt, "execution": execution, "AoI": aoi,
+                         "MAC ratio": macs(lambda: focused(timing_f)) / macs(lambda: model(timing_f)),
                          "latency ratio b16": b16[1] / b16[0], "latency ratio b1": b1[1] / b1[0],
                          "acc. original": f"{100 * accuracy:.2f}%", "acc. focused": f"{100 * acc:.2f}%",
                          "drop (points)": 100 * (accuracy - acc), "transform s": seconds, "grids": grids or "-"})
-            print(f"{arch} {execution}: latency ratio b16 {rows[-1]['latency ratio b16']:.2f}, "
+            print(f"{arch} {fmt} {execution}: latency ratio b16 {rows[-1]['latency ratio b16']:.2f}, "
                   f"b1 {rows[-1]['latency ratio b1']:.2f}, drop {rows[-1]['drop (points)']:.2f}", flush=True)
     text = report(f"Focus on the reference models (Cluttered Fashion-MNIST, input split, halo 2, fill mean; accuracy "
                   f"on {args.test_images} test images)", rows, COLUMNS, args.json)

@@ -305,6 +305,51 @@ def test_auto_with_every_grid_per_layer_equals_layer_execution(monkeypatch, seed
 
 
 @pytest.mark.parametrize("fill", ["zeros", "mean"])
+def test_auto_runs_the_graph_as_it_came_where_its_whole_plan_measures_slower(monkeypatch, fill):
+    """auto's last word is an end-to-end measurement of its plan against the graph as it came: when the plan loses,
+    the model is the original graph (no fxeff op, no fill buffer left), and the report says why."""
+    from fxeff.passes import focus
+
+    fixed_layer_times(monkeypatch)
+    checked = []
+
+    def slower(gm, before, context):
+        checked.append(sum(n.op == "call_function" and "fxeff" in str(n.target) for n in gm.graph.nodes))
+        return 1.25
+
+    monkeypatch.setattr(focus, "_slower_than_before", slower)
+    model, (h, w), _ = _random_block(0)
+    x = torch.randn(2, 3, h, w)
+    gm = fxeff.transform(model, (x,), [Focus(threshold=_partial(model, x), split="stem", fill=fill,
+                                            execution="auto")])
+    assert checked and checked[0] > 0  # it measured the rewritten graph
+    assert not any("fxeff" in str(n.target) for n in gm.graph.nodes), gm.code
+    assert not any("aoi_fill" in name for name, _ in gm.named_buffers())
+    report = gm.fxeff_report
+    assert not report.rewritten and report.model_macs_after == report.model_macs_before
+    assert any("ran at 1.25x the dense graph's time" in note for note in report.notes), report.notes
+    after_split = [s.reason for s in report.skipped if "upstream of the AoI split" not in s.reason]
+    assert len(after_split) == 3 and all("whole plan measured 1.25x" in r for r in after_split), after_split
+    with torch.no_grad():
+        for inp in (x, torch.randn_like(x)):
+            torch.testing.assert_close(gm(inp), model(inp))
+
+
+def test_auto_whole_plan_check_measures_both_graphs():
+    """The real end-to-end check returns the ratio only when the plan is slower, else None."""
+    from fxeff.passes import focus
+    from fxeff.passes.config import PassContext
+
+    model, (h, w), _ = _random_block(0)
+    x = torch.randn(2, 3, h, w)
+    gm = torch.fx.symbolic_trace(model)
+    before = torch.fx.Graph()
+    before.output(before.graph_copy(gm.graph, {}))
+    ratio = focus._slower_than_before(gm, before, PassContext(example_inputs=(x,)))
+    assert ratio is None or ratio > 1.0
+
+
+@pytest.mark.parametrize("fill", ["zeros", "mean"])
 @pytest.mark.parametrize("slower", [("mid",), ("entry",), ("entry", "last")])
 def test_auto_keeps_a_conv_dense_where_focused_measures_slower(monkeypatch, fill, slower):
     """A conv kept dense in a grid run per layer holds the fill outside the AoI as a focused conv would: the model

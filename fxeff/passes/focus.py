@@ -578,6 +578,24 @@ def _emit_aoi(graph: fx.Graph, config: Focus, split: fx.Node, split_shape) -> Tu
     return mask, (_emit_dilation(graph, mask, config.halo, split, mask_shape) if config.halo else mask)
 
 
+# Interleaved runs of auto's end-to-end check (the rewritten graph against the graph as it came).
+WHOLE_RUNS = 9
+
+
+def _slower_than_before(gm: fx.GraphModule, before: fx.Graph, context: PassContext) -> Optional[float]:
+    """The rewritten ``gm``'s time over the graph ``before`` (the same module's parameters) on the example inputs,
+    when above 1 (else None): auto's last word, since its per-grid choices are measured one grid at a time and the
+    whole may still lose (a grid's saving smaller than the AoI mask's cost, caches shared between layers)."""
+    from .. import bench
+
+    gm.recompile()
+    dense = fx.GraphModule(gm, before)
+    inputs = context.example_inputs
+    times = bench.interleaved([lambda: dense(*inputs), lambda: gm(*inputs)], WHOLE_RUNS, warmup=1)
+    ratio = times[1] / times[0]
+    return ratio if ratio > 1.0 else None
+
+
 def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split: fx.Node, split_description: str,
                   split_shape, flops_before: int, split_value: torch.Tensor, downstream: set, upstream: set,
                   sites: List[ConvSite]) -> Report:
@@ -593,6 +611,13 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     planner = Planner(gm, downstream, by_node, batch, config.tile, config.dense_above,
                       per_layer=config.execution == "auto", fill_add=config.fill == "mean")
     planner.classify()
+    # auto checks its whole plan against the graph as it came (measured end to end below): a copy to go back to.
+    before, copied = fx.Graph(), {}
+    before.output(before.graph_copy(graph, copied))
+    for node, copy in copied.items():  # what dynamo attaches to its placeholders (not meta: graph_copy drops it)
+        if hasattr(node, "_dynamo_source"):
+            copy._dynamo_source = node._dynamo_source
+    buffers_before = {name for name, _ in gm.named_buffers()}
 
     def mask_seconds(at: List[Tuple[int, int]]) -> float:  # the AoI mask and its resizes, as the graph computes them
         from .. import bench
@@ -632,6 +657,15 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
         per_layer[conv] = _focus_conv(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv), split)
     for conv in planner.layer_dense:
         _hold_fill(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv), split)
+    slower = None
+    if config.execution == "auto" and not fake and (planner.tiled or per_layer):
+        slower = _slower_than_before(gm, before, context)
+        if slower is not None:  # the plan measured slower than the graph as it came: that graph runs
+            gm.graph = before
+            for name in {name for name, _ in gm.named_buffers()} - buffers_before:
+                if "." not in name:  # the fills the rewrite added
+                    delattr(gm, name)
+            per_layer, planner.tiled = {}, set()
 
     site_reports: List[SiteReport] = []
     tiled: List[Tuple[SiteReport, ConvSite]] = []
@@ -648,8 +682,10 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
                                "rewritten", "", macs, None, "focus")
             tiled.append((entry, site))
         else:
-            reason = (_skip_reason(site, downstream, upstream, split) or planner.why_not.get(site.node) or
-                      "not computed on tiles")
+            reason = (_skip_reason(site, downstream, upstream, split) or
+                      (f"auto: the whole plan measured {slower:.2f}x the dense graph's time on the example inputs"
+                       if slower is not None else None) or
+                      planner.why_not.get(site.node) or "not computed on tiles")
             entry = SiteReport(site.name, site.describe(), "skipped", reason, macs, macs, "focus")
         site_reports.append(entry)
     notes = [plan.describe() for _, plan in sorted(planner.grids.items(), key=lambda item: -item[0][0])]
@@ -661,7 +697,10 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     if config.fill == "mean" and layered:
         notes.append("fill='mean': outside the AoI each per-layer focused conv outputs the per-channel mean of the "
                      "original conv's output there on the example inputs")
-    if not tiled and not layered:
+    if slower is not None:
+        notes.append(f"auto: the plan above ran at {slower:.2f}x the dense graph's time on the example inputs "
+                     f"(measured end to end, {WHOLE_RUNS} interleaved runs), so the graph computes the dense model")
+    elif not tiled and not layered:
         notes.append("no conv runs on tiles or per layer: the graph computes the dense model")
         _erase_chain(graph, mask, aoi)
     graph.lint()
@@ -671,7 +710,7 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     if fake:
         report.notes.append("example inputs are fake tensors: tiles not costed, AoI fractions and MACs after are n/a")
         return report
-    plans = [plan.plan for plan in planner.grids.values() if plan.plan is not None]
+    plans = [plan.plan for plan in planner.grids.values() if plan.plan is not None and slower is None]
     layer_masks = sorted({masks[planner.grid[site.node]] for _, site in layered}, key=lambda n: n.name)
     flops_after, values = run_recording(gm, context.example_inputs,
                                         plans + layer_masks + ([mask] if tiled or layered else []))
