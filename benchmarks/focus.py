@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fxeff  # noqa: E402
 from fxeff.bench import script_parser, write_markdown, measure, report  # noqa: E402
 
-FORCED = ("dense", "crop", "tiles", "pixels")
+FORCED = ("dense", "crop", "tiles", "pixels", "direct")  # direct: fp32, groups 1, an AVX-512 CPU (else "")
 # (pattern, AoI fraction) -> minimum auto speedup the issue asks for.
 TARGETS = {("blob", 0.25): 3.0, ("16 blobs", 0.25): 2.5, ("per-image blobs", 0.25): 2.5}
 # On CUDA (issue 6, vs cuDNN dense): one blob >= 3x at batch 1 and 8, 16 scattered blobs >= 2x.
@@ -110,13 +110,15 @@ def bench_row(c: int, hw: int, n: int, pattern: str, fraction: float, fmt: str, 
                               "AoI %": round(100 * float(mask.float().mean()), 1)}
     seed = seed_package_conv(weight, bias, mask) if device.type == "cpu" else None  # the seed is CPU-only
     candidates = {"dense ms": lambda: F.conv2d(x, weight, bias, 1, pad, 1, groups)}
-    for strategy in FORCED:
+    usable = [s for s in FORCED if s != "direct" or (device.type == "cpu" and groups == 1 and
+                                                      fxeff.ops.direct_strategy_available())]
+    for strategy in usable:
         candidates[strategy] = forced(strategy, tile if strategy == "tiles" else 0, focused)
     candidates["auto"] = focused
     if seed is not None and kind == "3x3":
         candidates["seed"] = lambda: seed(x)
     with torch.no_grad():
-        for strategy in FORCED:
+        for strategy in usable:
             err = float((candidates[strategy]() - ref).abs().max())
             if err > 1e-3:
                 raise AssertionError(f"focus.py: strategy {strategy} is wrong by {err:g} on {row}")

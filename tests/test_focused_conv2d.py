@@ -150,6 +150,48 @@ def test_direct_refuses_what_it_does_not_run():
         run("direct", 0, x, weight, bias, mask, 1, 1, 1, 2)
 
 
+@pytest.mark.parametrize("strategy", FORCED + ["direct"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fill_is_written_outside_the_mask(strategy, channels_last, dtype, device):
+    # fill: each inactive output holds its channel's fill value (the conv, bias included, inside), empty mask too.
+    if strategy == "direct" and (dtype != torch.float32 or device != "cpu" or not fxeff.ops.direct_strategy_available()):
+        pytest.skip("the direct strategy runs fp32 on an AVX-512 CPU")
+    x, weight, bias, mask = conv_case(dtype, o=20)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fill = torch.randn(1, 20, 1, 1).to(dtype)
+    for m in (mask, torch.zeros_like(mask), torch.ones_like(mask)):
+        out = run(strategy, 0, *on(device, x, weight, bias, m), 1, 1, 1, 1, fill.to(device))
+        expected = torch.where(m[:, None], expected_fn(x, weight, bias, m, 1, 1), fill)
+        assert_matches(out, expected, dtype)
+
+
+def test_fill_is_checked():
+    x, weight, bias, mask = conv_case()
+    with pytest.raises(ValueError, match=r"fill must hold one value per output channel \(6\), got \[5\]"):
+        focused_conv2d(x, weight, bias, mask, 1, 1, fill=torch.zeros(5))
+    with pytest.raises(ValueError, match="fill dtype must equal x dtype"):
+        focused_conv2d(x, weight, bias, mask, 1, 1, fill=torch.zeros(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "crop", "tiles", "pixels"])
+def test_gradcheck_with_fill(strategy, device):
+    # The fill's gradient sums grad_out over the inactive outputs; x, weight and bias see only the active ones.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 7, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    fill = torch.randn(1, 5, 1, 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = random_mask(2, 7, 7, gen, blobs=1, pixel_fraction=0.2)
+    x, weight, bias, fill, mask = on(device, x, weight, bias, fill, mask)
+    with forced_strategy(strategy):
+        assert torch.autograd.gradcheck(lambda x, w, b, f: focused_conv2d(x, w, b, mask, 1, 1, fill=f),
+                                        (x, weight, bias, fill), fast_mode=True)
+    torch.library.opcheck(torch.ops.fxeff.focused_conv2d.default,
+                          (x, weight, bias, mask, [1, 1], [1, 1], [1, 1], 1, fill))
+
+
 @direct_cpu
 def test_direct_sees_weights_changed_in_place():
     # The direct strategy caches its packed weight per weight tensor: an in-place update (an optimizer step, a

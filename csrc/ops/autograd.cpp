@@ -10,6 +10,7 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/logical_not.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -50,7 +51,8 @@ const at::Tensor& or_undefined(const c10::optional<at::Tensor>& t) {
 // ---------------------------------------------------------------- focused_conv2d
 
 using FocusedConv2dSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                                    const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t);
+                                    const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                                    const c10::optional<at::Tensor>&);
 using FocusedConv2dBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
     at::IntArrayRef, int64_t);
@@ -59,7 +61,8 @@ class FocusedConv2dFunction : public torch::autograd::Function<FocusedConv2dFunc
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& mask, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            const c10::optional<at::Tensor>& fill) {
     static auto op = op_handle<FocusedConv2dSig>("fxeff::focused_conv2d");
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, weight, mask});
@@ -68,7 +71,9 @@ class FocusedConv2dFunction : public torch::autograd::Function<FocusedConv2dFunc
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    return op.call(x, weight, bias, mask, stride, padding, dilation, groups);
+    const bool fill_grad = fill.has_value() && fill->defined() && fill->requires_grad();
+    ctx->saved_data["fill_sizes"] = fill_grad ? fill->sizes().vec() : std::vector<int64_t>{};
+    return op.call(x, weight, bias, mask, stride, padding, dilation, groups, fill);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -78,20 +83,26 @@ class FocusedConv2dFunction : public torch::autograd::Function<FocusedConv2dFunc
         op.call(grads[0], saved[0], saved[1], saved[2], ints(ctx->saved_data["stride"]),
                 ints(ctx->saved_data["padding"]), ints(ctx->saved_data["dilation"]), ctx->saved_data["groups"].toInt());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    // The fill is each inactive output's value: its gradient sums grad_out there, per channel.
+    const std::vector<int64_t> fill_sizes = ints(ctx->saved_data["fill_sizes"]);
+    at::Tensor grad_fill;
+    if (!fill_sizes.empty()) {
+      grad_fill = grads[0].mul(at::logical_not(saved[2]).unsqueeze(1)).sum({0, 2, 3}).view(fill_sizes);
+    }
     return {grad_x, grad_w, has_bias ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), grad_fill};
   }
 };
 
 at::Tensor focused_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                    const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
-                                   at::IntArrayRef dilation, int64_t groups) {
-  if (!records({&x, &weight, &or_undefined(bias)})) {
+                                   at::IntArrayRef dilation, int64_t groups, const c10::optional<at::Tensor>& fill) {
+  if (!records({&x, &weight, &or_undefined(bias), &or_undefined(fill)})) {
     static auto op = op_handle<FocusedConv2dSig>("fxeff::focused_conv2d");
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, weight, bias, mask, stride, padding, dilation, groups);
+    return op.call(x, weight, bias, mask, stride, padding, dilation, groups, fill);
   }
-  return FocusedConv2dFunction::apply(x, weight, bias, mask, stride, padding, dilation, groups);
+  return FocusedConv2dFunction::apply(x, weight, bias, mask, stride, padding, dilation, groups, fill);
 }
 
 // ---------------------------------------------------------------- shift and shift_pool

@@ -29,6 +29,11 @@ ConvGeometry check_focused_conv2d_args(const char* op, const at::Tensor& x, cons
                                        at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups);
 
+// Validates the forward's optional fill (per output channel, the value of the inactive outputs): O elements of x's
+// dtype on x's device.
+void check_focused_conv2d_fill(const char* op, const c10::optional<at::Tensor>& fill, const at::Tensor& x,
+                               const ConvGeometry& g);
+
 // The forward's output format, as ATen's convolutions pick it: channels_last if x or the weight suggests it (so a
 // model converted with .to(memory_format=torch.channels_last) stays channels_last even where x has one channel and
 // its strides say both), else contiguous. x is converted to it.

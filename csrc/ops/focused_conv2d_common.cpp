@@ -60,6 +60,17 @@ const char* focus_strategy_name(FocusStrategy s) {
   return "?";
 }
 
+void check_focused_conv2d_fill(const char* op, const c10::optional<at::Tensor>& fill, const at::Tensor& x,
+                               const ConvGeometry& g) {
+  if (!fill.has_value() || !fill->defined()) return;
+  TORCH_CHECK_VALUE(fill->numel() == g.o, "fxeff.", op, ": fill must hold one value per output channel (", g.o,
+                    "), got ", fill->sizes());
+  TORCH_CHECK_VALUE(fill->scalar_type() == x.scalar_type(), "fxeff.", op, ": fill dtype must equal x dtype ",
+                    x.scalar_type(), ", got ", fill->scalar_type());
+  TORCH_CHECK_VALUE(fill->device() == x.device(), "fxeff.", op, ": fill must be on x's device ", x.device(),
+                    ", got ", fill->device());
+}
+
 at::MemoryFormat conv_output_format(const at::Tensor& x, const at::Tensor& weight) {
   const bool cl = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
                   weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;

@@ -1,8 +1,8 @@
 """focused_conv2d: a conv computed only at the active outputs of a per-image mask.
 
-Contract: out[n, :, i, j] == F.conv2d(x, weight, bias, ...)[n, :, i, j] where mask[n, i, j], and 0
-elsewhere. The mask is bool [N, Hout, Wout] at the conv's output resolution. Gradients flow to x,
-weight and bias (only through the active outputs).
+Contract: out[n, :, i, j] == F.conv2d(x, weight, bias, ...)[n, :, i, j] where mask[n, i, j], and 0 (or, given
+``fill``, fill[o] in channel o) elsewhere. The mask is bool [N, Hout, Wout] at the conv's output resolution.
+Gradients flow to x, weight and bias (only through the active outputs) and to fill (from the inactive ones).
 """
 from contextlib import contextmanager
 from typing import Dict, Optional
@@ -20,15 +20,18 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 
 @torch.fx.wrap
 def focused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
-                   stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1) -> torch.Tensor:
-    """F.conv2d restricted to the outputs where ``mask`` (bool [N, Hout, Wout]) is true; zeros elsewhere."""
+                   stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
+                   fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.conv2d restricted to the outputs where ``mask`` (bool [N, Hout, Wout]) is true; elsewhere zeros, or with
+    ``fill`` (one value per output channel, any shape of O elements) that channel's fill value, written by the
+    kernel in the same pass (gradients reach ``fill`` from the inactive outputs)."""
     return torch.ops.fxeff.focused_conv2d(x, weight, bias, mask, pair("stride", "focused_conv2d", stride),
                                           pair("padding", "focused_conv2d", padding),
-                                          pair("dilation", "focused_conv2d", dilation), groups)
+                                          pair("dilation", "focused_conv2d", dilation), groups, fill)
 
 
 @torch.library.register_fake("fxeff::focused_conv2d")
-def _focused_conv2d_fake(x, weight, bias, mask, stride, padding, dilation, groups):
+def _focused_conv2d_fake(x, weight, bias, mask, stride, padding, dilation, groups, fill=None):
     torch._check(x.dim() == 4, lambda: f"fxeff.focused_conv2d: x must be 4-D [N, C, H, W], got {x.dim()}-D")
     torch._check(weight.dim() == 4, lambda: f"fxeff.focused_conv2d: weight must be 4-D, got {weight.dim()}-D")
     ho = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
@@ -36,6 +39,9 @@ def _focused_conv2d_fake(x, weight, bias, mask, stride, padding, dilation, group
     torch._check(mask.dtype == torch.bool and tuple(mask.shape) == (x.shape[0], ho, wo),
                  lambda: f"fxeff.focused_conv2d: mask must be bool [N, Hout, Wout] = "
                          f"[{x.shape[0]}, {ho}, {wo}], got {tuple(mask.shape)} {mask.dtype}")
+    torch._check(fill is None or fill.numel() == weight.shape[0],
+                 lambda: f"fxeff.focused_conv2d: fill must hold one value per output channel ({weight.shape[0]}), "
+                         f"got {tuple(fill.shape)}")
     out = x.new_empty((x.shape[0], weight.shape[0], ho, wo))
     return out.contiguous(memory_format=conv_memory_format(x, weight))
 

@@ -407,30 +407,11 @@ def _fill_attr(gm: fx.GraphModule, site: ConvSite, mean: torch.Tensor, split: fx
 
 
 def _fill_outside(gm: fx.GraphModule, site: ConvSite, new: fx.Node, mean: torch.Tensor, split: fx.Node) -> None:
-    """The focused conv's output with ``mean`` outside the AoI. focused_conv2d writes 0 there and adds its
-    bias only inside, so ``focused_conv2d(x, w, bias - mean) + mean`` is the conv inside and ``mean``
-    outside: one broadcast add (and a C-element sub), where ``where(mask, out, mean)`` costs several times
-    more on CPU. Gradients still reach the bias through the sub."""
-    graph = gm.graph
-    dtype = mean.dtype
-    bias = new.args[2]
-    with graph.inserting_before(new):
+    """The focused conv's output with ``mean`` outside the AoI: the kernel writes it there itself (focused_conv2d's
+    ``fill``, in the pass that writes the inactive outputs anyway), so no extra pass over the map."""
+    with gm.graph.inserting_before(new):
         fill = _fill_attr(gm, site, mean, split)
-        flat = graph.call_function(aten.view.default, (fill, [-1]))
-        shifted = (graph.call_function(aten.sub.Tensor, (bias, flat)) if bias is not None
-                   else graph.call_function(aten.neg.default, (flat,)))
-    new.update_arg(2, shifted)
-    with graph.inserting_after(new):
-        filled = graph.call_function(aten.add.Tensor, (new, fill))
-    for node in (flat, shifted, filled):
-        node.meta[_ROLE] = "aoi_fill"
-    channels = mean.numel()
-    _set_value(flat, split, (channels,), dtype)
-    _set_value(shifted, split, (channels,), dtype)
-    shape = node_shape(new)
-    if shape is not None:
-        _set_value(filled, split, tuple(shape), dtype)
-    new.replace_all_uses_with(filled, delete_user_cb=lambda user: user is not filled)
+    new.args = tuple(new.args[:8]) + (fill,)
 
 
 def _hold_fill(gm: fx.GraphModule, site: ConvSite, mask: fx.Node, mean: Optional[torch.Tensor],
@@ -661,7 +642,7 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     if config.execution == "auto" and not fake and (planner.tiled or per_layer):
         slower = _slower_than_before(gm, before, context)
         if slower is not None:  # the plan measured slower than the graph as it came: that graph runs
-            gm.graph = before
+            gm.graph = graph = before
             for name in {name for name, _ in gm.named_buffers()} - buffers_before:
                 if "." not in name:  # the fills the rewrite added
                     delattr(gm, name)

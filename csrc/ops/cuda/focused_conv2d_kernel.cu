@@ -35,6 +35,7 @@
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/cumsum.h>
+#include <ATen/ops/logical_not.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -177,10 +178,33 @@ at::Tensor run_tiles(const at::Tensor& x, const at::Tensor& weight, const c10::o
   return out;
 }
 
+// The strategies write zeros at the inactive outputs; a fill (per output channel) is then added there in place:
+// out + fill * !mask (one elementwise pass on the GPU).
+at::Tensor focused_conv2d_cuda_zeros(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                     const c10::optional<at::Tensor>& bias, const at::Tensor& mask_in,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups);
+
 at::Tensor focused_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& mask_in,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                               int64_t groups) {
+                               int64_t groups, const c10::optional<at::Tensor>& fill) {
+  const ConvGeometry g =
+      check_focused_conv2d_args("focused_conv2d", x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
+  check_focused_conv2d_fill("focused_conv2d", fill, x_in, g);
+  at::Tensor out = focused_conv2d_cuda_zeros(x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
+  if (fill.has_value() && fill->defined()) {
+    const c10::cuda::CUDAGuard device_guard(x_in.device());
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out.add_(fill->reshape({1, g.o, 1, 1}).mul(at::logical_not(mask_in).unsqueeze(1)));
+  }
+  return out;
+}
+
+at::Tensor focused_conv2d_cuda_zeros(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                     const c10::optional<at::Tensor>& bias, const at::Tensor& mask_in,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups) {
   const ConvGeometry g =
       check_focused_conv2d_args("focused_conv2d", x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
