@@ -8,4 +8,5 @@ from .shift import SHIFT_MODES, SHIFT_PADDINGS, shift, shift_pool
 from .tile_conv2d import tile_conv2d
 
 __all__ = ["aoi_mask", "dilate_mask", "mask_resize", "focused_conv2d", "direct_strategy_available", "forced_strategy",
-           "strategy_counters", "shift", "shift_pool", "SHIFT_MODES", "SHIFT_PADDINGS", "hetconv2d", "hetconv_dense_weight", "tile_conv2d"]
+           "strategy_counters", "shift", "shift_pool", "SHIFT_MODES", "SHIFT_PADDINGS", "hetconv2d",
+           "hetconv_dense_weight", "tile_conv2d"]

@@ -646,7 +646,8 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
       check_focused_conv2d_args("focused_conv2d", x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
   check_focused_conv2d_fill("focused_conv2d", fill_in, x_in, g);
   // The fill of the inactive outputs, O contiguous values (none: zeros).
-  const at::Tensor fill = fill_in.has_value() && fill_in->defined() ? fill_in->reshape({-1}).contiguous() : at::Tensor();
+  const at::Tensor fill =
+      fill_in.has_value() && fill_in->defined() ? fill_in->reshape({-1}).contiguous() : at::Tensor();
   const at::MemoryFormat fmt = conv_output_format(x_in, weight_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt);
@@ -682,8 +683,9 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   const double dense_cost = static_cast<double>(outputs) * cost.kmac * cost.dense_mac + cost.call;
   // Pixels runs one GEMM per group and chunk: only worth it for full (groups == 1) convs.
   const double pixels_cost = g.groups == 1
-      ? static_cast<double>(s.active) * (cost.kmac * cost.gemm_mac + static_cast<double>(g.c) * g.kh * g.kw * cost.copy +
-                                         g.o * cost.result) + cost.call
+      ? static_cast<double>(s.active) *
+                (cost.kmac * cost.gemm_mac + static_cast<double>(g.c) * g.kh * g.kw * cost.copy + g.o * cost.result) +
+            cost.call
       : std::numeric_limits<double>::infinity();
   // direct: the implicit-GEMM micro-kernel (fp32, groups 1, an AVX-512 CPU); no copies but the results and, for
   // NCHW x, each run's kh input rows.
