@@ -14,7 +14,8 @@ With --device cuda the models, photos and masks live on the GPU (dense = cuDNN);
 efficiency >= 0.75 for VGG16 and ResNet-50 at a 25% AoI. --quick: the first photo only, eager only.
 
     .venv/bin/python benchmarks/focus_models.py [--models vgg16,resnet50,efficientnet-lite0]
-        [--photos astronaut,chelsea,coffee] [--aoi 0.25] [--execution region,layer] [--device cpu|cuda] [--quick] [--no-compile] [--profile]
+        [--photos astronaut,chelsea,coffee] [--aoi 0.25] [--execution region,layer] [--format nchw|channels_last]
+        [--device cpu|cuda] [--quick] [--no-compile] [--profile]
         [--json out.json] [--markdown out.md]
 """
 import argparse
@@ -32,7 +33,7 @@ from fxeff import data, focus, models  # noqa: E402
 
 MODELS = {"vgg16": "torchvision:vgg16", "resnet50": "torchvision:resnet50", "mobilenetv2": "torchvision:mobilenet_v2",
           "efficientnet-lite0": "efficientnet-lite0"}
-COLUMNS = ["model", "execution", "photo", "AoI", "MAC bound", "eager dense ms", "eager focused ms", "eager speedup",
+COLUMNS = ["model", "format", "execution", "photo", "AoI", "MAC bound", "eager dense ms", "eager focused ms", "eager speedup",
            "eager efficiency", "inductor dense ms", "effconv focused ms", "compiled speedup", "compiled efficiency",
            "effconv vs eager dense"]
 
@@ -59,13 +60,14 @@ def _profile(name: str, fn, rows: int = 12, cuda: bool = False) -> None:
 
 
 def bench_model(key: str, photo_names, target: float, compile_models: bool, profile: bool,
-                device: torch.device = torch.device("cpu"), execution: str = "region"):
+                device: torch.device = torch.device("cpu"), execution: str = "region", fmt: str = "nchw"):
     name = MODELS[key]
     torch.manual_seed(0)  # torchvision models have random weights: the same ones in every run
-    model = models.load_model(name).to(device)
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    model = models.load_model(name).to(device).to(memory_format=memory_format)  # dense and focused alike
     photos = data.photos(photo_names)
     batch, _ = data.to_batch([image for _, image in photos], models.preprocessing(name))
-    batch = batch.to(device)
+    batch = batch.to(device).contiguous(memory_format=memory_format)
     threshold = focus.calibrate(model, batch, target)
     config = fxeff.Focus(threshold, execution=execution)
     focused = fxeff.transform(model, batch, [config])
@@ -84,7 +86,7 @@ def bench_model(key: str, photo_names, target: float, compile_models: bool, prof
         for i, (photo, _) in enumerate(photos):
             x = batch[i:i + 1]
             bound = _macs(model, x) / _macs(focused, x)
-            row = {"model": key, "execution": execution, "photo": photo, "AoI": float(masks[i].float().mean()), "MAC bound": bound}
+            row = {"model": key, "format": fmt, "execution": execution, "photo": photo, "AoI": float(masks[i].float().mean()), "MAC bound": bound}
             eager_dense = measure(lambda: model(x))
             eager_focused = measure(lambda: focused(x))
             row.update({"eager dense ms": eager_dense * 1e3, "eager focused ms": eager_focused * 1e3,
@@ -98,7 +100,7 @@ def bench_model(key: str, photo_names, target: float, compile_models: bool, prof
                             "compiled efficiency": compiled_dense / compiled_focused / bound,
                             "effconv vs eager dense": eager_dense / compiled_focused})
             else:
-                row.update({c: "not run" for c in COLUMNS[9:]})
+                row.update({c: "not run" for c in COLUMNS[COLUMNS.index("inductor dense ms"):]})
             rows.append(row)
             print(f"  {photo}: AoI {row['AoI']:.1%}, MAC bound {bound:.2f}x, eager speedup {row['eager speedup']:.2f}x"
                   + (f", compiled speedup {row['compiled speedup']:.2f}x" if compile_models else ""), flush=True)
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile", action="store_true", help="eager only (skip inductor and effconv)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table by op, dense and focused")
     parser.add_argument("--quick", action="store_true", help="the first photo only, eager only (no compile)")
+    parser.add_argument("--format", default="nchw", choices=["nchw", "channels_last"],
+                        help="memory format of the model and the photos, dense and focused alike")
     parser.add_argument("--execution", default="region,layer",
                         help="comma-separated Focus executions to time: region (tiles), layer (per-layer focused convs)")
     return parser
@@ -138,7 +142,8 @@ def main(argv=None):
     rows = []
     for key in keys:
         for execution in [e.strip() for e in args.execution.split(",") if e.strip()]:
-            rows += bench_model(key, photo_names, args.aoi, compile_models, args.profile, device, execution)
+            rows += bench_model(key, photo_names, args.aoi, compile_models, args.profile, device, execution,
+                                args.format)
     text = report(f"Whole models focused on real photos (224x224, batch 1, {device.type}, threshold for a mean AoI "
                   f"of {args.aoi:.0%})", rows, COLUMNS, args.json, device)
     write_markdown(args.markdown, text)

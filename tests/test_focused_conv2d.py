@@ -116,28 +116,34 @@ direct_cpu = pytest.mark.skipif(not fxeff.ops.direct_strategy_available(),
     size=st.tuples(st.integers(4, 20), st.integers(4, 20)),
     bias=st.booleans(),
     channels_last=st.booleans(),
+    depthwise=st.booleans(),
     chunk=st.sampled_from([0, 2, 7]),
     seed=st.integers(0, 2 ** 16),
 )
-def test_direct_matches_reference(n, c, o, kernel, stride, padding, dilation, size, bias, channels_last, chunk, seed):
+def test_direct_matches_reference(n, c, o, kernel, stride, padding, dilation, size, bias, channels_last, depthwise,
+                                  chunk, seed):
+    # groups 1 in either format; depthwise (its own kernel) on channels_last inputs.
     gen = torch.Generator().manual_seed(seed)
     h, w = size
     if min(h, w) + 2 * padding < dilation * (kernel - 1) + 1:
         return
+    groups = c if depthwise else 1
+    if depthwise:
+        o, channels_last = c, True
     x = torch.randn(n, c, h, w, generator=gen)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(o, c, kernel, kernel, generator=gen)
+    weight = torch.randn(o, c // groups, kernel, kernel, generator=gen)
     b = torch.randn(o, generator=gen) if bias else None
     ho = (h + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     wo = (w + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     mask = random_mask(n, ho, wo, gen)
     strategy_counters(reset=True)
-    out = run("direct", chunk, x, weight, b, mask, stride, padding, dilation)
+    out = run("direct", chunk, x, weight, b, mask, stride, padding, dilation, groups)
     assert strategy_counters(reset=True)["direct"] == (1 if mask.any() else 0)
     if c > 1:  # one channel: both formats are the same strides
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    assert_matches(out, expected_fn(x, weight, b, mask, stride, padding, dilation), torch.float32)
+    assert_matches(out, expected_fn(x, weight, b, mask, stride, padding, dilation, groups), torch.float32)
 
 
 @direct_cpu
@@ -148,6 +154,9 @@ def test_direct_refuses_what_it_does_not_run():
     x, weight, bias, mask = conv_case(groups=2, o=6)
     with pytest.raises(NotImplementedError, match="groups 2"):
         run("direct", 0, x, weight, bias, mask, 1, 1, 1, 2)
+    x, weight, bias, mask = conv_case(groups=8, o=8)
+    with pytest.raises(NotImplementedError, match="or depthwise ones on channels_last inputs.*groups 8, NCHW"):
+        run("direct", 0, x, weight, bias, mask, 1, 1, 1, 8)
 
 
 @pytest.mark.parametrize("strategy", FORCED + ["direct"])

@@ -602,6 +602,40 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   });
 }
 
+// The direct strategy for a depthwise conv (groups == C == O), channels_last x and out, fp32: per active output
+// one vector pass over its channels per tap (implicit_gemm::depthwise_pixel), the input read in place (a tap outside
+// the image reads a row of zeros); runs split over the threads.
+void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          at::Tensor& out, const MaskSummary& s, const ConvGeometry& g) {
+  const int64_t C = g.c, taps = g.kh * g.kw;
+  std::vector<float> wt(taps * C);  // [taps][C]
+  const float* w = weight.const_data_ptr<float>();
+  const auto ws = weight.strides();
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < taps; ++t) wt[t * C + c] = w[c * ws[0] + (t / g.kw) * ws[2] + (t % g.kw) * ws[3]];
+  }
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const std::vector<float> zero_row(C, 0.0f);
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(s.runs.size()), 4, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> a(taps);
+    for (int64_t r = begin; r < end; ++r) {
+      const Run& run = s.runs[r];
+      for (int64_t xo = run.x0; xo < run.x1; ++xo) {
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t iy = run.y * g.sh - g.ph + (t / g.kw) * g.dh, ix = xo * g.sw - g.pw + (t % g.kw) * g.dw;
+          a[t] = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w ? xp + ((run.n * g.h + iy) * g.w + ix) * C
+                                                              : zero_row.data();
+        }
+        implicit_gemm::depthwise_pixel(a.data(), taps, wt.data(), bp, op + ((run.n * g.ho + run.y) * g.wo + xo) * C,
+                                       C);
+      }
+    }
+  });
+}
+
 // Cost model, in relative units (one MAC of oneDNN's dense conv = 0.005). The strategies split the work over the
 // threads alike, so per-core ratios decide. Measured on the 2-core AMD EPYC (AVX-512) this was tuned on, torch 2.14,
 // fp32, with benchmarks/focus.py and single-op timings:
@@ -611,8 +645,13 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
 //              dense conv's cost per MAC;
 //   copy       one gathered input value (im2col of pixels, windows of crop/tiles): ~20 dense MACs;
 //   call       one vendor conv call or the set-up of the pixels GEMMs (~70 us);
-//   direct_mac the direct strategy's micro-kernel per MAC (re-measured on a 2-core Xeon with AVX-512 and AMX:
-//              0.5-0.6 of the dense channels_last conv's time at 25-40% of its MACs, 32-128 channels);
+//   direct_mac the direct strategy's micro-kernel per MAC (measured on a 2-core Xeon with AVX-512 and AMX,
+//              benchmarks/focus.py forced direct at a full mask: 0.98-1.0x of oneDNN's dense conv in channels_last at
+//              128-256 channels, 0.85-1.06x in NCHW);
+//   direct_dw_mac  the depthwise direct kernel per MAC, its channels counted in whole blocks of 128 (what its
+//              8 vector accumulators cover): 1.5x oneDNN's depthwise conv per MAC at a full mask, 128 channels; it
+//              beats it below about half the outputs (1.2-1.5x at 25%; benchmarks/focus.py's dw3x3 rows);
+//   dw_scale   oneDNN's depthwise conv per MAC over its full conv's (4.6x: memory-bound);
 //   result     one output value staged and written by pixels or direct (R, then out; measured on a 1-channel
 //              input, where writing 32 outputs per pixel costs more than its 9 MACs each and dense wins).
 // Writing the output costs the same for every strategy, so it is left out. What this gives (one 3x3 conv,
@@ -620,7 +659,9 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
 // overhang at all); AoI above ~70-80% -> dense. Tiles (8, 16 or 32, the cheapest by the model) win only where
 // pixels cannot run cheaply, i.e. grouped/depthwise convs with a few mid-sized blobs.
 struct CostModel {
-  double dense_mac = 0.0050, gemm_mac = 0.0060, direct_mac = 0.0060, copy = 0.10, result = 0.2, call = 2.0e4;
+  double dense_mac = 0.0050, gemm_mac = 0.0060, direct_mac = 0.0052, direct_dw_mac = 0.03, copy = 0.10,
+         result = 0.2, call = 2.0e4;
+  double dw_scale = 4.6;
   double kmac = 0;  // MACs per output position: O * C/groups * kh * kw
   double o = 0;     // output channels
   // A vendor conv over `outputs` positions of gathered windows (`inputs` values), its results scattered back.
@@ -675,6 +716,7 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   CostModel cost;
   cost.kmac = static_cast<double>(g.o) * (g.c / g.groups) * g.kh * g.kw;
   cost.o = static_cast<double>(g.o);
+  if (g.groups > 1 && g.groups == g.c && g.o == g.c) cost.dense_mac *= cost.dw_scale;
   double crop_cost = 0.0;
   for (const auto& b : s.boxes) {
     const int64_t bh = b[1] - b[0], bw = b[3] - b[2];
@@ -689,11 +731,16 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
       : std::numeric_limits<double>::infinity();
   // direct: the implicit-GEMM micro-kernel (fp32, groups 1, an AVX-512 CPU); no copies but the results and, for
   // NCHW x, each run's kh input rows.
-  const bool direct_possible = g.groups == 1 && x.scalar_type() == at::kFloat && implicit_gemm::available();
-  const double direct_cost = direct_possible
-      ? static_cast<double>(s.active) * (cost.kmac * cost.direct_mac + (cl ? 0.0 : g.kh * g.c * cost.copy) +
-                                         g.o * cost.result) + cost.call
-      : std::numeric_limits<double>::infinity();
+  // A depthwise conv (channels_last only) runs its own direct kernel (run_direct_depthwise), priced per MAC as
+  // measured against oneDNN's depthwise conv, which costs dw_scale times a full conv's MAC (memory-bound).
+  const bool depthwise = g.groups > 1 && g.groups == g.c && g.o == g.c;
+  const bool direct_possible = (g.groups == 1 || (depthwise && cl)) && x.scalar_type() == at::kFloat &&
+                               implicit_gemm::available();
+  const double direct_cost = !direct_possible ? std::numeric_limits<double>::infinity()
+      : depthwise ? static_cast<double>(s.active) * (static_cast<double>((g.c + 127) / 128 * 128) * g.kh * g.kw *
+                                                     cost.direct_dw_mac + g.o * cost.result) + cost.call
+      : static_cast<double>(s.active) * (cost.kmac * cost.direct_mac + (cl ? 0.0 : g.kh * g.c * cost.copy) +
+                                         g.o * cost.result) + cost.call;
   const double best_other = std::min({dense_cost, crop_cost, pixels_cost, direct_cost});
   // Tile sizes tried by the auto strategy (the best one depends on how scattered the mask is); skipped when even
   // tiles without overhang, halo or gather (cost >= the active outputs' conv) could not beat the others.
@@ -718,7 +765,8 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   else if (cfg.strategy == "pixels") pick = FocusStrategy::Pixels;
   else if (cfg.strategy == "direct") {
     TORCH_CHECK_NOT_IMPLEMENTED(direct_possible, "fxeff.focused_conv2d: the direct strategy runs fp32 convs with "
-                                "groups == 1 on an AVX-512 CPU; got ", x.scalar_type(), ", groups ", g.groups,
+                                "groups == 1 (or depthwise ones on channels_last inputs) on an AVX-512 CPU; got ",
+                                x.scalar_type(), ", groups ", g.groups, depthwise && !cl ? ", NCHW" : "",
                                 implicit_gemm::available() ? "" : ", a CPU without AVX-512");
     pick = FocusStrategy::Direct;
   } else {
@@ -760,8 +808,12 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   } else {
     RECORD_FUNCTION("fxeff::focused_conv2d::direct", c10::ArrayRef<const c10::IValue>{});
     count_focus_strategy(FocusStrategy::Direct);
-    const int64_t chunk = cfg.tile > 0 ? cfg.tile : pixel_chunk(g, s.active, x.element_size());
-    run_pixels<float>(x, weight, bias, out, s, g, cl, chunk, /*direct=*/true);
+    if (depthwise) {
+      run_direct_depthwise(x, weight, bias, out, s, g);
+    } else {
+      const int64_t chunk = cfg.tile > 0 ? cfg.tile : pixel_chunk(g, s.active, x.element_size());
+      run_pixels<float>(x, weight, bias, out, s, g, cl, chunk, /*direct=*/true);
+    }
   }
   zero_rest(out);
   return out;
