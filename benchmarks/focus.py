@@ -11,7 +11,8 @@ With --device cuda every tensor lives on the GPU and the rows follow issue 6's G
 batch 1 and 8 (>= 3x over cuDNN dense), 16 scattered blobs covering 25% (>= 2x), a full mask (>= 0.95x); the
 seed package (CPU-only) is skipped there with a note.
 
-    python benchmarks/focus.py [--quick] [--threads 2] [--device cpu|cuda] [--json out.json] [--markdown out.md]
+    python benchmarks/focus.py [--quick] [--threads 2] [--device cpu|cuda] [--kinds 3x3,dw3x3,1x1]
+        [--json out.json] [--markdown out.md]
 """
 import argparse
 import os
@@ -110,8 +111,9 @@ def bench_row(c: int, hw: int, n: int, pattern: str, fraction: float, fmt: str, 
                               "AoI %": round(100 * float(mask.float().mean()), 1)}
     seed = seed_package_conv(weight, bias, mask) if device.type == "cpu" else None  # the seed is CPU-only
     candidates = {"dense ms": lambda: F.conv2d(x, weight, bias, 1, pad, 1, groups)}
-    usable = [s for s in FORCED if s != "direct" or (device.type == "cpu" and groups == 1 and
-                                                      fxeff.ops.direct_strategy_available())]
+    direct_runs = device.type == "cpu" and fxeff.ops.direct_strategy_available() and (
+        groups == 1 or (groups == c and fmt == "channels_last"))  # depthwise: channels_last only
+    usable = [s for s in FORCED if s != "direct" or direct_runs]
     for strategy in usable:
         candidates[strategy] = forced(strategy, tile if strategy == "tiles" else 0, focused)
     candidates["auto"] = focused
@@ -208,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile", type=int, default=0, help="tile size forced for the tiles column (0 = its own pick)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds over all candidates (median)")
     parser.add_argument("--backward", action="store_true", help="also time the backward (a second table)")
+    parser.add_argument("--kinds", default="3x3,dw3x3,1x1", help="comma list of the conv kinds to time")
     return parser
 
 
@@ -224,7 +227,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     if device.type == "cuda":
         print("focus.py: on CUDA the seed package (CPU-only) is skipped", flush=True)
     rows = []
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     for c, hw, n, pattern, fraction, kind in rows_to_run(args.quick, device.type == "cuda"):
+        if kind not in kinds:
+            continue
         for fmt in formats:
             rows.append(bench_row(c, hw, n, pattern, fraction, fmt, min_run_time, args.tile, args.rounds, kind,
                                   device))
