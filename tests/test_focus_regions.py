@@ -328,6 +328,7 @@ def test_auto_runs_the_graph_as_it_came_where_its_whole_plan_measures_slower(mon
     report = gm.fxeff_report
     assert not report.rewritten and report.model_macs_after == report.model_macs_before
     assert any("ran at 1.25x the dense graph's time" in note for note in report.notes), report.notes
+    assert report.aoi_fractions is not None and len(report.aoi_fractions) == 2  # the AoI the plan would have used
     after_split = [s.reason for s in report.skipped if "upstream of the AoI split" not in s.reason]
     assert len(after_split) == 3 and all("whole plan measured 1.25x" in r for r in after_split), after_split
     with torch.no_grad():

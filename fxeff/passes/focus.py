@@ -698,6 +698,8 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     report.model_macs_after = flops_after // 2
     if tiled or layered:
         report.aoi_fractions = [float(f) for f in values[mask].float().mean(dim=(1, 2))]
+    elif slower is not None:  # the plan was dropped: the AoI it would have used, as the graph computed it
+        report.aoi_fractions = [float(f) for f in mask_value.float().mean(dim=(1, 2))]
     for entry, site in tiled:
         grid = planner.grid[site.node]
         plan = planner.grids[grid]
