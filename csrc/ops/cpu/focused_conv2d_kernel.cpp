@@ -396,6 +396,14 @@ void gather_pixels_nchw(const scalar_t* x, scalar_t* cols, scalar_t* stage, cons
   }
 }
 
+// Channels_last x: where tap t of output (n, y, xo) reads its C channels, or `zeros` (a row of C zeros) where the
+// tap falls outside the image (the conv's zero padding).
+inline const float* tap_input(const float* x, const float* zeros, const ConvGeometry& g, int64_t n, int64_t y,
+                              int64_t xo, int64_t t) {
+  const int64_t iy = y * g.sh - g.ph + (t / g.kw) * g.dh, ix = xo * g.sw - g.pw + (t % g.kw) * g.dw;
+  return iy >= 0 && iy < g.h && ix >= 0 && ix < g.w ? x + ((n * g.h + iy) * g.w + ix) * g.c : zeros;
+}
+
 // The direct strategy's packed weight (implicit_gemm::pack_weight), cached per weight: inference calls a conv with
 // the same weight every time, and packing it cost up to a fifth of a small focused conv (measured on the reference
 // models). An entry serves a weight with the same storage (held weakly: a freed storage's entry is dropped and its
@@ -466,7 +474,7 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor wmat = direct ? at::Tensor() : weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
   const at::Tensor wpacked = direct ? packed_weight(weight, nr) : at::Tensor();
-  // direct: one zero row (taps outside the image read it) and, per thread, the pointers of one block.
+  // direct: one zero row (taps outside the image read it).
   const std::vector<float> zero_row(direct ? g.c : 0, 0.0f);
   std::vector<acc_t> b(O, acc_t(0));
   if (bias.has_value() && bias->defined()) {
@@ -533,11 +541,12 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
           for (int64_t t = 0; t < taps; ++t) {
             const int64_t ky = t / g.kw, kx = t % g.kw;
             const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
-            const int64_t ix = xo * g.sw - g.pw + kx * g.dw;
-            if (!real || iy < 0 || iy >= g.h) {
+            if (!real) {
               bp[t * mr] = zero_row.data();
             } else if (cl_in) {
-              bp[t * mr] = ix >= 0 && ix < g.w ? xf + ((p.n * g.h + iy) * g.w + ix) * g.c : zero_row.data();
+              bp[t * mr] = tap_input(xf, zero_row.data(), g, p.n, p.y, xo, t);
+            } else if (iy < 0 || iy >= g.h) {
+              bp[t * mr] = zero_row.data();
             } else {  // the staged row holds the zeros of columns outside the image
               const int64_t ws = g.window_w(p.x1 - p.x0);
               bp[t * mr] = staged.data() + staged_at[piece] + (ky * ws + (xo - p.x0) * g.sw + kx * g.dw) * g.c;
@@ -624,11 +633,7 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
     for (int64_t r = begin; r < end; ++r) {
       const Run& run = s.runs[r];
       for (int64_t xo = run.x0; xo < run.x1; ++xo) {
-        for (int64_t t = 0; t < taps; ++t) {
-          const int64_t iy = run.y * g.sh - g.ph + (t / g.kw) * g.dh, ix = xo * g.sw - g.pw + (t % g.kw) * g.dw;
-          a[t] = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w ? xp + ((run.n * g.h + iy) * g.w + ix) * C
-                                                              : zero_row.data();
-        }
+        for (int64_t t = 0; t < taps; ++t) a[t] = tap_input(xp, zero_row.data(), g, run.n, run.y, xo, t);
         implicit_gemm::depthwise_pixel(a.data(), taps, wt.data(), bp, op + ((run.n * g.ho + run.y) * g.wo + xo) * C,
                                        C);
       }
@@ -699,7 +704,7 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   const MaskSummary s = summarise(m, g);
   const int64_t outputs = g.n * g.ho * g.wo;
 
-  auto zero_rest = [&](at::Tensor& out) {
+  auto fill_rest = [&](at::Tensor& out) {
     if (s.active == outputs) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focused_conv2d_fill", [&] {
       fill_inactive<scalar_t>(out, m, s, g, cl, fill.defined() ? fill.const_data_ptr<scalar_t>() : nullptr);
@@ -713,10 +718,11 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
     return fill.defined() ? out.copy_(fill.view({1, g.o, 1, 1}).expand_as(out)) : out.zero_();
   }
 
+  const bool depthwise = g.groups > 1 && g.groups == g.c && g.o == g.c;
   CostModel cost;
   cost.kmac = static_cast<double>(g.o) * (g.c / g.groups) * g.kh * g.kw;
   cost.o = static_cast<double>(g.o);
-  if (g.groups > 1 && g.groups == g.c && g.o == g.c) cost.dense_mac *= cost.dw_scale;
+  if (depthwise) cost.dense_mac *= cost.dw_scale;
   double crop_cost = 0.0;
   for (const auto& b : s.boxes) {
     const int64_t bh = b[1] - b[0], bw = b[3] - b[2];
@@ -733,7 +739,6 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   // NCHW x, each run's kh input rows.
   // A depthwise conv (channels_last only) runs its own direct kernel (run_direct_depthwise), priced per MAC as
   // measured against oneDNN's depthwise conv, which costs dw_scale times a full conv's MAC (memory-bound).
-  const bool depthwise = g.groups > 1 && g.groups == g.c && g.o == g.c;
   const bool direct_possible = (g.groups == 1 || (depthwise && cl)) && x.scalar_type() == at::kFloat &&
                                implicit_gemm::available();
   const double direct_cost = !direct_possible ? std::numeric_limits<double>::infinity()
@@ -782,7 +787,7 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
     RECORD_FUNCTION("fxeff::focused_conv2d::dense", c10::ArrayRef<const c10::IValue>{});
     count_focus_strategy(FocusStrategy::Dense);
     at::Tensor out = at::conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous(fmt);
-    zero_rest(out);
+    fill_rest(out);
     return out;
   }
   at::Tensor out = at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
@@ -815,7 +820,7 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
       run_pixels<float>(x, weight, bias, out, s, g, cl, chunk, /*direct=*/true);
     }
   }
-  zero_rest(out);
+  fill_rest(out);
   return out;
 }
 

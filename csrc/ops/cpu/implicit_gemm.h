@@ -8,13 +8,12 @@
 // of zeros (the conv's zero padding), so borders, strides and dilations need no special case in the inner loop.
 //
 // The work tracks the active outputs exactly (no tile overhang, no halo recomputation) and nothing is copied but
-// the weight (packed once per call) and the results.
+// the weight (packed once per weight: focused_conv2d_kernel.cpp's packed_weight caches it) and the results.
 #pragma once
 
 #include <c10/util/Exception.h>
 
 #include <cstdint>
-#include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FXEFF_IMPLICIT_GEMM_AVX512 1

@@ -179,8 +179,8 @@ at::Tensor run_tiles(const at::Tensor& x, const at::Tensor& weight, const c10::o
 }
 
 // The strategies write zeros at the inactive outputs; a fill (per output channel) is then added there in place:
-// out + fill * !mask (one elementwise pass on the GPU).
-at::Tensor focused_conv2d_cuda_zeros(const at::Tensor& x_in, const at::Tensor& weight_in,
+// out + fill * !mask (one elementwise pass on the GPU). g: the checked geometry of the arguments.
+at::Tensor focused_conv2d_cuda_zeros(const ConvGeometry& g, const at::Tensor& x_in, const at::Tensor& weight_in,
                                      const c10::optional<at::Tensor>& bias, const at::Tensor& mask_in,
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                      int64_t groups);
@@ -192,7 +192,7 @@ at::Tensor focused_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& weight_
   const ConvGeometry g =
       check_focused_conv2d_args("focused_conv2d", x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
   check_focused_conv2d_fill("focused_conv2d", fill, x_in, g);
-  at::Tensor out = focused_conv2d_cuda_zeros(x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
+  at::Tensor out = focused_conv2d_cuda_zeros(g, x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
   if (fill.has_value() && fill->defined()) {
     const c10::cuda::CUDAGuard device_guard(x_in.device());
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -201,12 +201,10 @@ at::Tensor focused_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& weight_
   return out;
 }
 
-at::Tensor focused_conv2d_cuda_zeros(const at::Tensor& x_in, const at::Tensor& weight_in,
+at::Tensor focused_conv2d_cuda_zeros(const ConvGeometry& g, const at::Tensor& x_in, const at::Tensor& weight_in,
                                      const c10::optional<at::Tensor>& bias, const at::Tensor& mask_in,
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                      int64_t groups) {
-  const ConvGeometry g =
-      check_focused_conv2d_args("focused_conv2d", x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::MemoryFormat fmt = conv_output_format(x_in, weight_in);
