@@ -146,6 +146,30 @@ def test_direct_matches_reference(n, c, o, kernel, stride, padding, dilation, si
     assert_matches(out, expected_fn(x, weight, b, mask, stride, padding, dilation, groups), torch.float32)
 
 
+# Wide convs: the direct strategy cuts its reduction into steps (a slice of a tap's channels, or several taps) whose
+# weight rows fit L1, and writes channels_last outputs from the last step in place (masked where O is not a whole
+# number of its output blocks). These shapes cover channel slices of every block width (16, 32, 64 outputs) and
+# steps of several taps.
+@direct_cpu
+@pytest.mark.parametrize("c,o", [(300, 70), (513, 16), (257, 40), (96, 64), (3, 130), (600, 1)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_direct_reduction_steps(c, o, channels_last):
+    # Small integers: every product and partial sum is exact in fp32, so the result must equal the reference exactly
+    # (a dropped or doubled term, or a misplaced channel slice, cannot hide in the rounding of 5400-term sums).
+    gen = torch.Generator().manual_seed(c * 1000 + o)
+    x = torch.randint(-2, 3, (2, c, 9, 7), generator=gen).float()
+    weight = torch.randint(-2, 3, (o, c, 3, 3), generator=gen).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    b = torch.randint(-3, 4, (o,), generator=gen).float()
+    mask = random_mask(2, 9, 7, gen)
+    ref = expected_fn(x, weight, b, mask, 1, 1, 1, 1)
+    for chunk in (0, 5, 64):
+        out = run("direct", chunk, x, weight, b, mask, 1, 1, 1, 1)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 @direct_cpu
 def test_direct_refuses_what_it_does_not_run():
     x, weight, bias, mask = conv_case(torch.float64)

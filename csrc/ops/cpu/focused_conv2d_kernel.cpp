@@ -449,33 +449,20 @@ at::Tensor packed_weight(const at::Tensor& w, int64_t nr) {
 // Runs the pixels strategy: per chunk of active outputs (one chunk per task, on the task's own buffers), gather
 // their receptive fields, one GEMM per group against the weight, and write the results (plus bias) into out.
 // cl: out is channels_last (else NCHW); x may be either.
-// direct (fp32, groups 1, implicit_gemm::available()): no im2col; the implicit-GEMM micro-kernel reads each
-// block's inputs straight out of channels_last x (NCHW x: out of each run's kh input rows, staged pixel-major
-// per chunk) and writes R.
 template <typename scalar_t>
 void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                at::Tensor& out, const MaskSummary& s, const ConvGeometry& g, bool cl, int64_t chunk,
-                bool direct = false) {
+                at::Tensor& out, const MaskSummary& s, const ConvGeometry& g, bool cl, int64_t chunk) {
   using acc_t = at::opmath_type<scalar_t>;
   const PixelChunks chunks = split_runs(s.runs, chunk);
   const int64_t nchunks = static_cast<int64_t>(chunks.pixels.size());
   const int64_t O = g.o, Ho = g.ho, Wo = g.wo;
   const int64_t og = g.o / g.groups, kg = g.c / g.groups * g.kh * g.kw, K = g.groups * kg;
-  const int64_t taps = g.kh * g.kw;
-  // direct: the packed weight, its output blocks (nr each), the pixels per micro-kernel block (mr) and R's row
-  // stride (O rounded up to whole blocks).
-  const int64_t nr = direct ? implicit_gemm::block_outputs(O) : 0, mr = direct ? implicit_gemm::block_pixels(nr) : 0;
-  const int64_t o_blocks = direct ? (O + nr - 1) / nr : 0;
-  const int64_t ldr = direct ? o_blocks * nr : O;
   // channels_last x is gathered pixel by pixel (one copy per tap) into cols [P, K]; NCHW x into the same cols
   // through a per-run staging tile (gather_pixels_nchw), which saves converting x (measured: the conversion cost
   // more than the whole gather). The weight as [O, kg] with columns in the gather's order.
   const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  const at::Tensor wmat = direct ? at::Tensor() : weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
-  const at::Tensor wpacked = direct ? packed_weight(weight, nr) : at::Tensor();
-  // direct: one zero row (taps outside the image read it).
-  const std::vector<float> zero_row(direct ? g.c : 0, 0.0f);
+  const at::Tensor wmat = weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
   std::vector<acc_t> b(O, acc_t(0));
   if (bias.has_value() && bias->defined()) {
     const at::Tensor bc = bias->contiguous();
@@ -485,11 +472,10 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   const int64_t threads = at::get_num_threads();
   // Per thread: cols [chunk, K], then (NCHW x) the staging tile [Ws, C] for a run of up to chunk pixels.
   const int64_t stage_len = cl_in ? 0 : ((chunk - 1) * g.sw + (g.kw - 1) * g.dw + 1) * g.c;
-  at::Tensor cols_buf = at::empty({threads, direct ? 0 : chunk * K + stage_len},
+  at::Tensor cols_buf = at::empty({threads, chunk * K + stage_len},
                                   x.options().memory_format(at::MemoryFormat::Contiguous));
-  // Per thread: R [chunk, ldr] (direct: rounded up to whole blocks of mr pixels), then (NCHW out) its transpose.
-  const int64_t r_rows = direct ? (chunk + mr - 1) / mr * mr : chunk;
-  at::Tensor res_buf = at::empty({threads, r_rows * ldr + (cl ? 0 : chunk * O)},
+  // Per thread: R [chunk, O], then (NCHW out) its transpose.
+  at::Tensor res_buf = at::empty({threads, chunk * O + (cl ? 0 : chunk * O)},
                                  x.options().memory_format(at::MemoryFormat::Contiguous));
   const scalar_t* xp = xin.const_data_ptr<scalar_t>();
   scalar_t* outp = out.mutable_data_ptr<scalar_t>();
@@ -502,96 +488,39 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
     at::Tensor cols_t = cols_buf.select(0, tid), res_t = res_buf.select(0, tid);
     scalar_t* colsp = cols_t.mutable_data_ptr<scalar_t>();
     const scalar_t* resp = res_t.const_data_ptr<scalar_t>();
-    std::vector<const float*> ptrs;
-    std::vector<float> staged;  // direct, NCHW x: per piece of the chunk, its kh input rows [kh][Ws][C]
-    std::vector<int64_t> staged_at;
     for (int64_t ci = next_chunk++; ci < nchunks; ci = next_chunk++) {
       const Run* pieces = chunks.pieces.data() + chunks.begin[ci];
       const int64_t count = chunks.begin[ci + 1] - chunks.begin[ci];
       const int64_t P = chunks.pixels[ci];
-      if (direct) {
-        // R [P, ldr], mr pixels per block (the last block's missing pixels read zeros; their rows are not used).
-        // The pointers of every block first, then per output block of the weight (which stays in L2) all blocks.
-        const int64_t blocks = (P + mr - 1) / mr;
-        ptrs.resize(blocks * taps * mr);
-        const float* xf = reinterpret_cast<const float*>(xp);
-        if (!cl_in) {  // stage every piece's in-image rows (zeros at columns outside the image)
-          staged_at.resize(count + 1);
-          staged_at[0] = 0;
-          for (int64_t i = 0; i < count; ++i) {
-            staged_at[i + 1] = staged_at[i] + g.kh * g.window_w(pieces[i].x1 - pieces[i].x0) * g.c;
-          }
-          staged.resize(staged_at[count]);
-          for (int64_t i = 0; i < count; ++i) {
-            const Run& p = pieces[i];
-            const int64_t ws = g.window_w(p.x1 - p.x0);
-            for (int64_t ky = 0; ky < g.kh; ++ky) {
-              const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
-              if (iy < 0 || iy >= g.h) continue;
-              stage_row_nchw<float>(xf, staged.data() + staged_at[i] + ky * ws * g.c, p.n, iy,
-                                    p.x0 * g.sw - g.pw, ws, g);
-            }
-          }
-        }
-        int64_t piece = 0, xo = count > 0 ? pieces[0].x0 : 0;
-        for (int64_t q = 0; q < blocks * mr; ++q) {
-          const bool real = q < P;
-          const Run& p = pieces[real ? piece : 0];
-          const float** bp = ptrs.data() + (q / mr) * taps * mr + q % mr;
-          for (int64_t t = 0; t < taps; ++t) {
-            const int64_t ky = t / g.kw, kx = t % g.kw;
-            const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
-            if (!real) {
-              bp[t * mr] = zero_row.data();
-            } else if (cl_in) {
-              bp[t * mr] = tap_input(xf, zero_row.data(), g, p.n, p.y, xo, t);
-            } else if (iy < 0 || iy >= g.h) {
-              bp[t * mr] = zero_row.data();
-            } else {  // the staged row holds the zeros of columns outside the image
-              const int64_t ws = g.window_w(p.x1 - p.x0);
-              bp[t * mr] = staged.data() + staged_at[piece] + (ky * ws + (xo - p.x0) * g.sw + kx * g.dw) * g.c;
-            }
-          }
-          if (real && ++xo == p.x1 && ++piece < count) xo = pieces[piece].x0;
-        }
-        float* rp = reinterpret_cast<float*>(res_t.mutable_data_ptr<scalar_t>());
-        for (int64_t ob = 0; ob < o_blocks; ++ob) {
-          for (int64_t bi = 0; bi < blocks; ++bi) {
-            implicit_gemm::block(ptrs.data() + bi * taps * mr, taps, g.c, wpacked.const_data_ptr<float>(), ob, nr,
-                                 rp + bi * mr * ldr, ldr);
-          }
-        }
+      // A: the chunk's im2col as [P, K], columns (group, ky, kx, c) for either layout of x.
+      if (cl_in) {
+        gather_pixels_cl<scalar_t>(xp, colsp, pieces, count, g);
       } else {
-        // A: the chunk's im2col as [P, K], columns (group, ky, kx, c) for either layout of x.
-        if (cl_in) {
-          gather_pixels_cl<scalar_t>(xp, colsp, pieces, count, g);
-        } else {
-          gather_pixels_nchw<scalar_t>(xp, colsp, colsp + chunk * K, pieces, count, g);
-        }
-        const at::Tensor A = cols_t.narrow(0, 0, P * K).view({P, K});
-        // R [P, O] = A @ wmat^T: MKL runs this form ~10% faster than R^T = wmat @ A^T at these shapes (measured).
-        at::Tensor R = res_t.narrow(0, 0, P * O).view({P, O});
-        for (int64_t gi = 0; gi < g.groups; ++gi) {
-          at::Tensor r = R.narrow(1, gi * og, og);
-          at::mm_out(r, A.narrow(1, gi * kg, kg), wmat.narrow(0, gi * og, og).t());
-        }
+        gather_pixels_nchw<scalar_t>(xp, colsp, colsp + chunk * K, pieces, count, g);
+      }
+      const at::Tensor A = cols_t.narrow(0, 0, P * K).view({P, K});
+      // R [P, O] = A @ wmat^T: MKL runs this form ~10% faster than R^T = wmat @ A^T at these shapes (measured).
+      at::Tensor R = res_t.narrow(0, 0, P * O).view({P, O});
+      for (int64_t gi = 0; gi < g.groups; ++gi) {
+        at::Tensor r = R.narrow(1, gi * og, og);
+        at::mm_out(r, A.narrow(1, gi * kg, kg), wmat.narrow(0, gi * og, og).t());
       }
       if (cl) {  // each pixel's O outputs are contiguous in out as in R
         const scalar_t* src = resp;
         for (int64_t i = 0; i < count; ++i) {
           const Run& p = pieces[i];
           scalar_t* dst = outp + ((p.n * Ho + p.y) * Wo + p.x0) * O;
-          for (int64_t j = 0; j < p.x1 - p.x0; ++j, dst += O, src += ldr) {
+          for (int64_t j = 0; j < p.x1 - p.x0; ++j, dst += O, src += O) {
             for (int64_t o = 0; o < O; ++o) dst[o] = static_cast<scalar_t>(static_cast<acc_t>(src[o]) + b[o]);
           }
         }
       } else {  // NCHW: transpose R in cache (16 x 16 blocks), then write each channel's runs contiguously
-        scalar_t* rt = res_t.mutable_data_ptr<scalar_t>() + r_rows * ldr;
+        scalar_t* rt = res_t.mutable_data_ptr<scalar_t>() + chunk * O;
         for (int64_t o0 = 0; o0 < O; o0 += 16) {
           for (int64_t q0 = 0; q0 < P; q0 += 16) {
             const int64_t o1 = std::min(O, o0 + 16), q1 = std::min(P, q0 + 16);
             for (int64_t q = q0; q < q1; ++q) {
-              for (int64_t o = o0; o < o1; ++o) rt[o * P + q] = resp[q * ldr + o];
+              for (int64_t o = o0; o < o1; ++o) rt[o * P + q] = resp[q * O + o];
             }
           }
         }
@@ -606,6 +535,137 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
             src += len;
           }
         }
+      }
+    }
+  });
+}
+
+// Pixels per chunk of the direct strategy: about 256 (the weight rows of a reduction step, loaded into L1 once, serve
+// every pixel of the chunk; 256 pixels of 64 partial sums are 64 KiB), fewer where that leaves under 4 work items
+// (chunk, output block) per thread, but not under 32.
+int64_t direct_chunk(int64_t active, int64_t o_blocks) {
+  const int64_t threads = at::get_num_threads();
+  int64_t chunks = (active + 255) / 256;
+  const int64_t wanted = (4 * threads + o_blocks - 1) / o_blocks;
+  chunks = std::max(chunks, std::min(wanted, (active + 31) / 32));
+  return std::max<int64_t>(1, (active + chunks - 1) / chunks);
+}
+
+// The direct strategy (fp32, groups 1, implicit_gemm::available()): no im2col. First, per chunk of active pixels
+// (in parallel), where each pixel reads each tap: in channels_last x itself, or (NCHW x) in the chunk's staged input
+// rows. Then the work items (chunk, block of nr output channels) are handed out one at a time (a thread that the OS
+// delays does not hold the others up): per item the implicit-GEMM micro-kernel (implicit_gemm::blocks_times_weight)
+// writes R [P, nr], and its results plus bias go to out. cl: out is channels_last (else NCHW).
+void run_direct(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::Tensor& out,
+                const MaskSummary& s, const ConvGeometry& g, bool cl, int64_t chunk) {
+  const int64_t O = g.o, Ho = g.ho, Wo = g.wo, taps = g.kh * g.kw;
+  const int64_t nr = implicit_gemm::block_outputs(O), mr = implicit_gemm::block_pixels(nr);
+  const int64_t o_blocks = (O + nr - 1) / nr;
+  if (chunk <= 0) chunk = direct_chunk(s.active, o_blocks);
+  const PixelChunks chunks = split_runs(s.runs, chunk);
+  const int64_t nchunks = static_cast<int64_t>(chunks.pixels.size()), items = nchunks * o_blocks;
+  const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const at::Tensor wpacked = packed_weight(weight, nr);
+  const std::vector<float> zero_row(g.c, 0.0f);  // taps outside the image read it
+  std::vector<float> b(o_blocks * nr, 0.0f);
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor bc = bias->contiguous();
+    std::copy_n(bc.const_data_ptr<float>(), O, b.begin());
+  }
+  const float* xp = xin.const_data_ptr<float>();
+  const float* wp = wpacked.const_data_ptr<float>();
+  float* outp = out.mutable_data_ptr<float>();
+  // Per chunk: its blocks of mr pixels (the last block's missing pixels read zeros; their rows are unused), where
+  // its pointers start (per block, per tap, per pixel) and (NCHW x) where its staged rows start (per piece, kh rows
+  // of its window, zeros at columns outside the image).
+  std::vector<int64_t> ptr_at(nchunks + 1, 0), stage_at(chunks.pieces.size() + 1, 0);
+  for (int64_t ci = 0; ci < nchunks; ++ci) ptr_at[ci + 1] = ptr_at[ci] + (chunks.pixels[ci] + mr - 1) / mr * mr * taps;
+  if (!cl_in) {
+    for (size_t i = 0; i < chunks.pieces.size(); ++i) {
+      stage_at[i + 1] = stage_at[i] + g.kh * g.window_w(chunks.pieces[i].x1 - chunks.pieces[i].x0) * g.c;
+    }
+  }
+  std::vector<const float*> ptrs(ptr_at[nchunks]);
+  std::vector<float> staged(stage_at.back());
+  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ci = begin; ci < end; ++ci) {
+      const int64_t first = chunks.begin[ci], count = chunks.begin[ci + 1] - first, P = chunks.pixels[ci];
+      const Run* pieces = chunks.pieces.data() + first;
+      if (!cl_in) {
+        for (int64_t i = 0; i < count; ++i) {
+          const Run& p = pieces[i];
+          const int64_t ws = g.window_w(p.x1 - p.x0);
+          for (int64_t ky = 0; ky < g.kh; ++ky) {
+            const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
+            if (iy < 0 || iy >= g.h) continue;
+            stage_row_nchw<float>(xp, staged.data() + stage_at[first + i] + ky * ws * g.c, p.n, iy,
+                                  p.x0 * g.sw - g.pw, ws, g);
+          }
+        }
+      }
+      int64_t piece = 0, xo = count > 0 ? pieces[0].x0 : 0;
+      const int64_t padded = (P + mr - 1) / mr * mr;
+      for (int64_t q = 0; q < padded; ++q) {
+        const bool real = q < P;
+        const Run& p = pieces[real ? piece : 0];
+        const float** bp = ptrs.data() + ptr_at[ci] + (q / mr) * taps * mr + q % mr;
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t ky = t / g.kw, kx = t % g.kw;
+          const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
+          if (!real) {
+            bp[t * mr] = zero_row.data();
+          } else if (cl_in) {
+            bp[t * mr] = tap_input(xp, zero_row.data(), g, p.n, p.y, xo, t);
+          } else if (iy < 0 || iy >= g.h) {
+            bp[t * mr] = zero_row.data();
+          } else {  // the staged row holds the zeros of columns outside the image
+            const int64_t ws = g.window_w(p.x1 - p.x0);
+            bp[t * mr] = staged.data() + stage_at[first + piece] + (ky * ws + (xo - p.x0) * g.sw + kx * g.dw) * g.c;
+          }
+        }
+        if (real && ++xo == p.x1 && ++piece < count) xo = pieces[piece].x0;
+      }
+    }
+  });
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
+    std::vector<float> r;        // R [P rounded up to whole blocks, nr]: partial sums (NCHW out: the results)
+    std::vector<float*> dst;     // channels_last out: where each pixel's nr outputs go
+    std::vector<float> scratch;  // ... for the padding pixels of the last block
+    for (int64_t item = next_item++; item < items; item = next_item++) {
+      const int64_t ci = item / o_blocks, ob = item % o_blocks;
+      const Run* pieces = chunks.pieces.data() + chunks.begin[ci];
+      const int64_t count = chunks.begin[ci + 1] - chunks.begin[ci];
+      const int64_t blocks = (chunks.pixels[ci] + mr - 1) / mr;
+      const int64_t o0 = ob * nr, no = std::min(nr, O - o0);
+      r.resize(blocks * mr * nr);
+      if (cl) {  // the last reduction step writes each pixel's outputs (plus bias) in place: a pixel's are contiguous
+        scratch.resize(nr);
+        dst.assign(blocks * mr, scratch.data());
+        int64_t q = 0;
+        for (int64_t i = 0; i < count; ++i) {
+          const Run& p = pieces[i];
+          float* d = outp + ((p.n * Ho + p.y) * Wo + p.x0) * O + o0;
+          for (int64_t xo = p.x0; xo < p.x1; ++xo, d += O) dst[q++] = d;
+        }
+        implicit_gemm::blocks_times_weight(ptrs.data() + ptr_at[ci], blocks, taps, g.c, wp, ob, nr, r.data(),
+                                           dst.data(), b.data() + o0, no);
+        continue;
+      }
+      // NCHW out: R, then each channel's run written contiguously, plus bias.
+      implicit_gemm::blocks_times_weight(ptrs.data() + ptr_at[ci], blocks, taps, g.c, wp, ob, nr, r.data(), nullptr,
+                                         nullptr, nr);
+      const float* src = r.data();
+      for (int64_t i = 0; i < count; ++i) {
+        const Run& p = pieces[i];
+        const int64_t len = p.x1 - p.x0;
+        for (int64_t o = 0; o < no; ++o) {
+          float* d = outp + ((p.n * O + o0 + o) * Ho + p.y) * Wo + p.x0;
+          const float bo = b[o0 + o];
+          for (int64_t j = 0; j < len; ++j) d[j] = src[j * nr + o] + bo;
+        }
+        src += len * nr;
       }
     }
   });
@@ -816,8 +876,7 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
     if (depthwise) {
       run_direct_depthwise(x, weight, bias, out, s, g);
     } else {
-      const int64_t chunk = cfg.tile > 0 ? cfg.tile : pixel_chunk(g, s.active, x.element_size());
-      run_pixels<float>(x, weight, bias, out, s, g, cl, chunk, /*direct=*/true);
+      run_direct(x, weight, bias, out, s, g, cl, cfg.tile);
     }
   }
   fill_rest(out);

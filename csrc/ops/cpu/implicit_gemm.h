@@ -13,6 +13,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -60,21 +61,26 @@ inline void pack_weight(const float* w, const int64_t* ws, float* packed, int64_
 }
 
 #ifdef FXEFF_IMPLICIT_GEMM_AVX512
-// r[i, 0:16 NV] = sum over taps t, channels c of a[t * MR + i][c] * wp[t][c][0:16 NV]; r has row stride ldr.
+// One step of the reduction for MR pixels x 16 NV outputs: acc[i, 0:16 NV] = (add ? r[i, :] : 0) + sum over taps
+// t < nt and channels c0 <= ci < c0 + nc of a[t * MR + i][ci] * wp[(t * c + ci - c0)][0:16 NV]. Stored to r (row
+// stride ldr), or, on the last step where dst is given, plus bias[0:16 NV] to dst[i][0:no] (the outputs' own rows).
 template <int MR, int NV>
-__attribute__((target("avx512f"))) void micro_kernel(const float* const* a, int64_t taps, int64_t c,
-                                                       const float* wp, float* r, int64_t ldr) {
+__attribute__((target("avx512f"))) void micro_kernel(const float* const* a, int64_t nt, int64_t c0, int64_t nc,
+                                                       int64_t c, const float* wp, float* r, int64_t ldr, bool add,
+                                                       float* const* dst, const float* bias, int64_t no) {
   constexpr int NR = 16 * NV;
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) acc[i][j] = add ? _mm512_loadu_ps(r + i * ldr + 16 * j) : _mm512_setzero_ps();
   }
-  for (int64_t t = 0; t < taps; ++t) {
-    const float* const* at = a + t * MR;
+  for (int64_t t = 0; t < nt; ++t) {
+    const float* at[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) at[i] = a[t * MR + i] + c0;
     const float* w = wp + t * c * NR;
-    for (int64_t ci = 0; ci < c; ++ci, w += NR) {
+    for (int64_t ci = 0; ci < nc; ++ci, w += NR) {
       __m512 wv[NV];
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_ps(w + 16 * j);
@@ -86,21 +92,59 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* const* a, int6
       }
     }
   }
+  if (dst == nullptr) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(r + i * ldr + 16 * j, acc[i][j]);
+    }
+    return;
+  }
+  __mmask16 k[NV];
+  __m512 bv[NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    const int64_t left = no - 16 * j;
+    k[j] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+    bv[j] = bias != nullptr ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps();
+  }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(r + i * ldr + 16 * j, acc[i][j]);
+    for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(dst[i] + 16 * j, k[j], _mm512_add_ps(acc[i][j], bv[j]));
   }
 }
 
-// One block of block_pixels(nr) pixels against output block ob of the packed weight: r[0:MR, ob * nr : (ob + 1) nr].
-inline void block(const float* const* a, int64_t taps, int64_t c, const float* wp, int64_t ob, int64_t nr,
-                  float* r, int64_t ldr) {
+// blocks * MR pixels (block_pixels(nr) each; a[b * taps * MR + t * MR + i] is where pixel i of block b reads tap t)
+// against output block ob of the packed weight. The results go to r[q, 0:nr] (row stride nr), or, where dst is
+// given, plus bias[0:nr] to dst[q][0:no] (pixel q's outputs; the padding pixels' dst may all point at one scratch
+// row of nr floats). The reduction over taps x channels is cut into steps whose weight rows (at most 32 KiB: a
+// tap's channels, a slice of them, or several taps) stay in L1 while every block of pixels uses them; the partial
+// sums of all but the last step go through r (in L1/L2). Without the steps each block of 6-8 pixels streamed the
+// whole weight of the output block (taps * C * nr floats, over 1 MiB at 512 channels) from L2 or beyond.
+inline void blocks_times_weight(const float* const* a, int64_t blocks, int64_t taps, int64_t c, const float* wp,
+                                int64_t ob, int64_t nr, float* r, float* const* dst, const float* bias, int64_t no) {
+  const int64_t mr = block_pixels(nr);
   const float* w = wp + ob * taps * c * nr;
-  float* rb = r + ob * nr;
-  if (nr == 64) micro_kernel<6, 4>(a, taps, c, w, rb, ldr);
-  else if (nr == 32) micro_kernel<8, 2>(a, taps, c, w, rb, ldr);
-  else micro_kernel<8, 1>(a, taps, c, w, rb, ldr);
+  const int64_t rows = 8192 / nr;  // weight rows of nr floats in 32 KiB (measured best among 8, 16, 32, 40 KiB)
+  const int64_t c_step = c <= rows ? c : (c + (c + rows - 1) / rows - 1) / ((c + rows - 1) / rows);
+  const int64_t t_step = c <= rows ? std::max<int64_t>(1, rows / c) : 1;
+  for (int64_t t0 = 0; t0 < taps; t0 += t_step) {
+    const int64_t nt = std::min(t_step, taps - t0);
+    for (int64_t c0 = 0; c0 < c; c0 += c_step) {
+      const int64_t nc = std::min(c_step, c - c0);
+      const float* ws = w + (t0 * c + c0) * nr;
+      const bool add = t0 > 0 || c0 > 0, last = t0 + nt == taps && c0 + nc == c;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* const* ab = a + b * taps * mr + t0 * mr;
+        float* rb = r + b * mr * nr;
+        float* const* db = last && dst != nullptr ? dst + b * mr : nullptr;
+        if (nr == 64) micro_kernel<6, 4>(ab, nt, c0, nc, c, ws, rb, nr, add, db, bias, no);
+        else if (nr == 32) micro_kernel<8, 2>(ab, nt, c0, nc, c, ws, rb, nr, add, db, bias, no);
+        else micro_kernel<8, 1>(ab, nt, c0, nc, c, ws, rb, nr, add, db, bias, no);
+      }
+    }
+  }
 }
 // Depthwise (groups == C == O), one output pixel: out[c] = bias[c] (0 if null) + sum over taps t of
 // a[t][c] * wt[t * c_total + c] (wt packed [taps][C]). 128 channels at a time in 8 vector accumulators, so the taps'
@@ -134,7 +178,8 @@ __attribute__((target("avx512f"))) inline void depthwise_pixel(const float* cons
 inline void depthwise_pixel(const float* const*, int64_t, const float*, const float*, float*, int64_t) {
   TORCH_CHECK(false, "fxeff.focused_conv2d: the direct strategy needs an x86-64 build with AVX-512");
 }
-inline void block(const float* const*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t) {
+inline void blocks_times_weight(const float* const*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
+                                float*, float* const*, const float*, int64_t) {
   TORCH_CHECK(false, "fxeff.focused_conv2d: the direct strategy needs an x86-64 build with AVX-512");
 }
 #endif
