@@ -711,8 +711,9 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
 //   copy       one gathered input value (im2col of pixels, windows of crop/tiles): ~20 dense MACs;
 //   call       one vendor conv call or the set-up of the pixels GEMMs (~70 us);
 //   direct_mac the direct strategy's micro-kernel per MAC (measured on a 2-core Xeon with AVX-512 and AMX,
-//              benchmarks/focus.py forced direct at a full mask: 0.98-1.0x of oneDNN's dense conv in channels_last at
-//              128-256 channels, 0.85-1.06x in NCHW);
+//              forced direct at a full mask, channels_last: 0.93-1.03x of oneDNN's dense conv at 128-256 channels,
+//              0.87-0.91x at 32-64, 1.0-1.45x at 512; the same constant as dense, so that on compact blobs, where
+//              crop ran 10-30% slower than direct, direct wins ties);
 //   direct_dw_mac  the depthwise direct kernel per MAC, its channels counted in whole blocks of 128 (what its
 //              8 vector accumulators cover): 1.5x oneDNN's depthwise conv per MAC at a full mask, 128 channels; it
 //              beats it below about half the outputs (1.2-1.5x at 25%; benchmarks/focus.py's dw3x3 rows);
@@ -724,7 +725,7 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
 // overhang at all); AoI above ~70-80% -> dense. Tiles (8, 16 or 32, the cheapest by the model) win only where
 // pixels cannot run cheaply, i.e. grouped/depthwise convs with a few mid-sized blobs.
 struct CostModel {
-  double dense_mac = 0.0050, gemm_mac = 0.0060, direct_mac = 0.0052, direct_dw_mac = 0.03, copy = 0.10,
+  double dense_mac = 0.0050, gemm_mac = 0.0060, direct_mac = 0.0050, direct_dw_mac = 0.03, copy = 0.10,
          result = 0.2, call = 2.0e4;
   double dw_scale = 4.6;
   double kmac = 0;  // MACs per output position: O * C/groups * kh * kw
