@@ -671,11 +671,13 @@ void run_direct(const at::Tensor& x, const at::Tensor& weight, const c10::option
   });
 }
 
-// The direct strategy for a depthwise conv (groups == C == O), channels_last x and out, fp32: per active output
-// one vector pass over its channels per tap (implicit_gemm::depthwise_pixel), the input read in place (a tap outside
-// the image reads a row of zeros); runs split over the threads.
+// The direct strategy for a depthwise conv (groups == C == O), channels_last x and out, fp32: the active outputs of
+// each run 8 at a time (implicit_gemm::depthwise_pixels; a short last group is padded with pixels that read the zero
+// row and write a scratch row), the input read in place (a tap outside the image reads a row of zeros); runs split
+// over the threads. Where all of a pixel's taps lie inside the image its pointers are one base plus fixed offsets.
 void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                           at::Tensor& out, const MaskSummary& s, const ConvGeometry& g) {
+  constexpr int64_t P = 8;
   const int64_t C = g.c, taps = g.kh * g.kw;
   std::vector<float> wt(taps * C);  // [taps][C]
   const float* w = weight.const_data_ptr<float>();
@@ -683,19 +685,39 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t t = 0; t < taps; ++t) wt[t * C + c] = w[c * ws[0] + (t / g.kw) * ws[2] + (t % g.kw) * ws[3]];
   }
+  std::vector<int64_t> offset(taps);  // tap t of an inner pixel: its top-left tap's input plus offset[t]
+  for (int64_t t = 0; t < taps; ++t) offset[t] = ((t / g.kw) * g.dh * g.w + (t % g.kw) * g.dw) * C;
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   const std::vector<float> zero_row(C, 0.0f);
   const float* xp = x.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(s.runs.size()), 4, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> a(taps);
+    std::vector<const float*> a(taps * P);
+    std::vector<float*> dst(P);
+    std::vector<float> scratch(C);
     for (int64_t r = begin; r < end; ++r) {
       const Run& run = s.runs[r];
-      for (int64_t xo = run.x0; xo < run.x1; ++xo) {
-        for (int64_t t = 0; t < taps; ++t) a[t] = tap_input(xp, zero_row.data(), g, run.n, run.y, xo, t);
-        implicit_gemm::depthwise_pixel(a.data(), taps, wt.data(), bp, op + ((run.n * g.ho + run.y) * g.wo + xo) * C,
-                                       C);
+      const int64_t iy0 = run.y * g.sh - g.ph;
+      const bool rows_inside = iy0 >= 0 && iy0 + (g.kh - 1) * g.dh < g.h;
+      for (int64_t x0 = run.x0; x0 < run.x1; x0 += P) {
+        for (int64_t i = 0; i < P; ++i) {
+          const int64_t xo = x0 + i;
+          if (xo >= run.x1) {  // padding pixel
+            for (int64_t t = 0; t < taps; ++t) a[t * P + i] = zero_row.data();
+            dst[i] = scratch.data();
+            continue;
+          }
+          dst[i] = op + ((run.n * g.ho + run.y) * g.wo + xo) * C;
+          const int64_t ix0 = xo * g.sw - g.pw;
+          if (rows_inside && ix0 >= 0 && ix0 + (g.kw - 1) * g.dw < g.w) {
+            const float* base = xp + ((run.n * g.h + iy0) * g.w + ix0) * C;
+            for (int64_t t = 0; t < taps; ++t) a[t * P + i] = base + offset[t];
+          } else {
+            for (int64_t t = 0; t < taps; ++t) a[t * P + i] = tap_input(xp, zero_row.data(), g, run.n, run.y, xo, t);
+          }
+        }
+        implicit_gemm::depthwise_pixels<P>(a.data(), taps, wt.data(), bp, dst.data(), C);
       }
     }
   });
@@ -714,9 +736,8 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
 //              forced direct at a full mask, channels_last: 0.93-1.03x of oneDNN's dense conv at 128-256 channels,
 //              0.87-0.91x at 32-64, 1.0-1.45x at 512; the same constant as dense, so that on compact blobs, where
 //              crop ran 10-30% slower than direct, direct wins ties);
-//   direct_dw_mac  the depthwise direct kernel per MAC, its channels counted in whole blocks of 128 (what its
-//              8 vector accumulators cover): 1.5x oneDNN's depthwise conv per MAC at a full mask, 128 channels; it
-//              beats it below about half the outputs (1.2-1.5x at 25%; benchmarks/focus.py's dw3x3 rows);
+//   direct_dw_mac  the depthwise direct kernel per MAC, its channels counted in whole vectors of 16: 0.88-1.07x
+//              oneDNN's depthwise conv at a full mask (32-960 channels; both memory-bound there), 1.1x its cost;
 //   dw_scale   oneDNN's depthwise conv per MAC over its full conv's (4.6x: memory-bound);
 //   result     one output value staged and written by pixels or direct (R, then out; measured on a 1-channel
 //              input, where writing 32 outputs per pixel costs more than its 9 MACs each and dense wins).
@@ -725,7 +746,7 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
 // overhang at all); AoI above ~70-80% -> dense. Tiles (8, 16 or 32, the cheapest by the model) win only where
 // pixels cannot run cheaply, i.e. grouped/depthwise convs with a few mid-sized blobs.
 struct CostModel {
-  double dense_mac = 0.0050, gemm_mac = 0.0060, direct_mac = 0.0050, direct_dw_mac = 0.03, copy = 0.10,
+  double dense_mac = 0.0050, gemm_mac = 0.0060, direct_mac = 0.0050, direct_dw_mac = 0.025, copy = 0.10,
          result = 0.2, call = 2.0e4;
   double dw_scale = 4.6;
   double kmac = 0;  // MACs per output position: O * C/groups * kh * kw
@@ -803,7 +824,7 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   const bool direct_possible = (g.groups == 1 || (depthwise && cl)) && x.scalar_type() == at::kFloat &&
                                implicit_gemm::available();
   const double direct_cost = !direct_possible ? std::numeric_limits<double>::infinity()
-      : depthwise ? static_cast<double>(s.active) * (static_cast<double>((g.c + 127) / 128 * 128) * g.kh * g.kw *
+      : depthwise ? static_cast<double>(s.active) * (static_cast<double>((g.c + 15) / 16 * 16) * g.kh * g.kw *
                                                      cost.direct_dw_mac + g.o * cost.result) + cost.call
       : static_cast<double>(s.active) * (cost.kmac * cost.direct_mac + (cl ? 0.0 : g.kh * g.c * cost.copy) +
                                          g.o * cost.result) + cost.call;

@@ -146,36 +146,33 @@ inline void blocks_times_weight(const float* const* a, int64_t blocks, int64_t t
     }
   }
 }
-// Depthwise (groups == C == O), one output pixel: out[c] = bias[c] (0 if null) + sum over taps t of
-// a[t][c] * wt[t * c_total + c] (wt packed [taps][C]). 128 channels at a time in 8 vector accumulators, so the taps'
-// FMAs form 8 independent chains (one chain per vector would wait on the FMA latency at every tap); lanes past C are
-// masked off (a masked-off load reads nothing).
-__attribute__((target("avx512f"))) inline void depthwise_pixel(const float* const* a, int64_t taps, const float* wt,
-                                                                const float* bias, float* out, int64_t c) {
-  for (int64_t c0 = 0; c0 < c; c0 += 128) {
-    __mmask16 k[8];
-    __m512 acc[8];
+// Depthwise (groups == C == O), P output pixels at once: out[i][c] = bias[c] (0 if null) + sum over taps t of
+// a[t * P + i][c] * wt[t * c_total + c] (wt packed [taps][C]). Per vector of 16 channels, each tap's weights are
+// loaded once for the P pixels, whose P accumulators are independent FMA chains; lanes past C are masked off (a
+// masked-off load reads nothing). (One pixel at a time loaded a weight vector per FMA: loads, not FMAs, bound it.)
+template <int P>
+__attribute__((target("avx512f"))) void depthwise_pixels(const float* const* a, int64_t taps, const float* wt,
+                                                           const float* bias, float* const* out, int64_t c) {
+  for (int64_t c0 = 0; c0 < c; c0 += 16) {
+    const int64_t left = c - c0;
+    const __mmask16 k = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(k, bias + c0) : _mm512_setzero_ps();
+    __m512 acc[P];
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      const int64_t left = c - c0 - 16 * j;
-      k[j] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
-      acc[j] = bias != nullptr ? _mm512_maskz_loadu_ps(k[j], bias + c0 + 16 * j) : _mm512_setzero_ps();
-    }
+    for (int i = 0; i < P; ++i) acc[i] = b;
     for (int64_t t = 0; t < taps; ++t) {
-      const float* at = a[t] + c0;
-      const float* wtt = wt + t * c + c0;
+      const __m512 wv = _mm512_maskz_loadu_ps(k, wt + t * c + c0);
+      const float* const* at = a + t * P;
 #pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) {
-        acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k[j], at + 16 * j), _mm512_maskz_loadu_ps(k[j], wtt + 16 * j),
-                                 acc[j]);
-      }
+      for (int i = 0; i < P; ++i) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, at[i] + c0), wv, acc[i]);
     }
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) _mm512_mask_storeu_ps(out + c0 + 16 * j, k[j], acc[j]);
+    for (int i = 0; i < P; ++i) _mm512_mask_storeu_ps(out[i] + c0, k, acc[i]);
   }
 }
 #else
-inline void depthwise_pixel(const float* const*, int64_t, const float*, const float*, float*, int64_t) {
+template <int P>
+void depthwise_pixels(const float* const*, int64_t, const float*, const float*, float* const*, int64_t) {
   TORCH_CHECK(false, "fxeff.focused_conv2d: the direct strategy needs an x86-64 build with AVX-512");
 }
 inline void blocks_times_weight(const float* const*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
