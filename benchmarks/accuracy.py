@@ -6,7 +6,7 @@ top-1 agreement on the real photos. See fxeff.accuracy_report for what is measur
         [--eval-images N] [--finetune-epochs 1] [--finetune-images 15000]
         [--hetconv-target-epochs 10] [--shift-target-epochs 3]
         [--finetune-lr 0.1] [--hetconv-init fit]
-        [--no-photos] [--threads 2] [--out docs/accuracy.md] [--plots docs/accuracy]
+        [--focus-format channels_last|nchw] [--no-photos] [--threads 2] [--out docs/accuracy.md] [--plots docs/accuracy]
         [--rows docs/accuracy-rows.json] [--resume] [--students]
 
 --students runs only the fine-tuned rows that have a target (HetConv P=4, sparse shift) and saves each fine-tuned
@@ -54,6 +54,8 @@ def main(argv=None) -> None:
     parser.add_argument("--hetconv-init", default=accuracy_report.Settings.hetconv_init,
                         choices=("fit", "sum", "centre"), help="fxeff.passes.HetConv's init for the HetConv rows")
     parser.add_argument("--latency-runs", type=int, default=accuracy_report.Settings.latency_runs)
+    parser.add_argument("--focus-format", default=accuracy_report.Settings.focus_format,
+                        choices=sorted(accuracy_report.FORMATS), help="the memory format the focus rows are timed in")
     parser.add_argument("--no-photos", action="store_true", help="skip the EfficientNet-Lite0 photo table")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--students", action="store_true",
@@ -81,7 +83,7 @@ def main(argv=None) -> None:
         hetconv_target_epochs=args.hetconv_target_epochs, shift_target_epochs=args.shift_target_epochs,
         finetune_lr=args.finetune_lr,
         hetconv_init=args.hetconv_init,
-        latency_runs=args.latency_runs,
+        latency_runs=args.latency_runs, focus_format=args.focus_format,
         photos=not (args.no_photos or args.students), **only_students)
     print(accuracy_report.run(settings, out, plots, rows_path=rows, resume=args.resume))
 

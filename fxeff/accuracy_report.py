@@ -21,6 +21,7 @@ import torch
 from . import bench, reference, training
 
 AOI_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 HETCONV_PARTS = (2, 4, 8)
 SHIFT_MODES = ("sparse", "active")
 # Where each reference model's AoI is taken: "input" (the grey image itself, through the models'
@@ -64,6 +65,9 @@ class Settings:
     finetune_lr: float = 0.1                 # peak of the one-cycle schedule (probes in accuracy_notes.md)
     latency_batch: int = 16
     latency_runs: int = 20
+    # The memory format the focus rows are timed in, original and rewritten alike (fxeff's ops keep it); on CPU
+    # channels_last is the faster one for both. The fine-tuned rows keep the format they were timed in (column).
+    focus_format: str = "channels_last"
     photos: bool = True                      # the EfficientNet-Lite0 agreement table
     focus_halos: Sequence[int] = FOCUS_HALOS
     focus_executions: Sequence[str] = FOCUS_EXECUTIONS
@@ -73,6 +77,11 @@ class Settings:
     shift_modes: Sequence[str] = SHIFT_MODES
     progress: bool = True
     save_students: bool = False              # save the fine-tuned rows of reference.FINETUNED (reference.save_finetuned)
+
+    def __post_init__(self):
+        if self.focus_format not in FORMATS:
+            raise ValueError(f"fxeff.accuracy_report.Settings: focus_format must be one of {sorted(FORMATS)}, "
+                             f"got {self.focus_format!r}")
 
 
 def _batch(dataset: torch.utils.data.Dataset, n: int) -> torch.Tensor:
@@ -116,14 +125,23 @@ class _Context:
     def macs(self) -> int:
         return bench.macs(lambda: self.model(self.timing_input))
 
-    def row(self, pass_name: str, setting: str, rewritten: torch.nn.Module) -> Dict[str, object]:
-        """The row of one rewrite, before any fine-tuning."""
+    def in_format(self, fmt: str) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+        """The model (a copy), the calibration images and the timing batch in memory format ``fmt``."""
+        memory_format = FORMATS[fmt]
+        return (copy.deepcopy(self.model).to(memory_format=memory_format),
+                self.calibration.contiguous(memory_format=memory_format),
+                self.timing_input.contiguous(memory_format=memory_format))
+
+    def row(self, pass_name: str, setting: str, rewritten: torch.nn.Module, fmt: str = "nchw") -> Dict[str, object]:
+        """The row of one rewrite, before any fine-tuning; its latency ratio in memory format ``fmt`` (rewritten
+        from the model in that format)."""
         rewritten.eval()
         macs = bench.macs(lambda: rewritten(self.timing_input))
+        original, _, timing = self.in_format(fmt)
         return {"model": self.arch, "dataset": self.dataset, "pass": pass_name, "setting": setting,
                 "original": self.accuracy, "rewritten": training.accuracy(rewritten, self.test_loader),
-                "MAC ratio": macs / self.macs,
-                "latency ratio": _latency_ratio(self.model, rewritten, self.timing_input, self.settings.latency_runs)}
+                "MAC ratio": macs / self.macs, "format": fmt,
+                "latency ratio": _latency_ratio(original, rewritten, timing, self.settings.latency_runs)}
 
     def finetune(self, row: Dict[str, object], student: torch.nn.Module) -> None:
         """Recovers ``student`` by distillation from the original and records the accuracy after, with the
@@ -196,9 +214,10 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
     def focus_row(where: str, threshold_of, fill: str, halo: int, execution: str, setting: str
                   ) -> Dict[str, object]:
         split, threshold = FOCUS_SPLITS[arch][where], threshold_of()  # a stem threshold is calibrated here
-        rewritten = _transform(ctx.model, ctx.calibration[:64],
+        model, calibration, _ = ctx.in_format(settings.focus_format)
+        rewritten = _transform(model, calibration[:64],
                                Focus(threshold, split=split, fill=fill, halo=halo, execution=execution))
-        row = ctx.row("focus", setting, rewritten)
+        row = ctx.row("focus", setting, rewritten, settings.focus_format)
         row["execution"] = execution
         with torch.no_grad():
             masks = [dilate_mask(m, halo) for m in focus.aoi_masks(ctx.model, ctx.timing_input, threshold, split=split)]
@@ -277,7 +296,8 @@ def photo_rows(settings: Settings) -> List[Dict[str, object]]:
 
 
 COLUMNS = ("model", "dataset", "pass", "setting", ("AoI", "AoI (measured)"), ("original", "original acc."), ("rewritten", "after rewrite"),
-           ("fine-tuned", "after fine-tuning"), ("drop", "drop (points)"), "MAC ratio", "latency ratio", "fine-tune")
+           ("fine-tuned", "after fine-tuning"), ("drop", "drop (points)"), "MAC ratio", "latency ratio", "format",
+           "fine-tune")
 PHOTO_COLUMNS = ("rewrite", "photos", "top-1 agreement", "MAC ratio")
 
 
@@ -375,7 +395,9 @@ def _row_fingerprint(pass_name: str, setting: str, settings: Settings) -> Dict[s
     fine-tuning budget. Which rows run (halos, parts, modes, models), the photos and the progress bars do
     not count: a row keeps its name (``setting``) for one way of measuring it."""
     fields = ["eval_images", "calibration_images", "latency_batch", "latency_runs"]
-    if pass_name != "focus":
+    if pass_name == "focus":
+        fields.append("focus_format")
+    else:
         fields.append("finetune_lr")
     if pass_name == "hetconv":
         fields += ["hetconv_init", "hetconv_fit_images"]
@@ -443,6 +465,7 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
     pairs = [(a, d) for d in settings.datasets for a in settings.archs]
     for arch, dataset in tqdm(pairs, desc="accuracy report", disable=not settings.progress):
         rows += model_rows(arch, dataset, settings, cache)
+    rows = [{"format": "nchw", **r} for r in rows]  # rows saved before the format column were timed in NCHW
     env = bench.environment()
     lines = ["# Accuracy of each pass on the reference models", "",
              "Generated by `benchmarks/accuracy.py` (`make accuracy`); "
@@ -450,7 +473,8 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
              "Accuracy is top-1 on the test split"
              + (" (whole)" if settings.eval_images is None else f" (first {settings.eval_images} images)")
              + f". MAC and latency ratios are rewritten / original on a batch of {settings.latency_batch} test "
-               f"images (latency: medians of {settings.latency_runs} interleaved runs). Fine-tuning: "
+               f"images (latency: medians of {settings.latency_runs} interleaved runs, original and rewritten in the "
+               "memory format of the format column). Fine-tuning: "
                f"`fxeff.finetune` (distillation from the original) at peak lr {settings.finetune_lr}: the rows "
                f"with a target for whole epochs of the training split (HetConv P=4: {settings.hetconv_target_epochs}, "
                f"sparse shift: {settings.shift_target_epochs}), the others for {settings.finetune_epochs} epoch(s) of "

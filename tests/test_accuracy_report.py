@@ -47,6 +47,8 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
         assert r["original acc."].endswith("%") and r["after rewrite"].endswith("%")
         assert (r["after fine-tuning"] != "") == (r["pass"] == "hetconv")  # only weight-changing rewrites fine-tune
         assert (r["AoI (measured)"] != "") == (r["pass"] == "focus")
+        # focus rows are timed in the focus format (original and rewritten alike), the others in NCHW
+        assert r["format"] == ("channels_last" if r["pass"] == "focus" else "nchw")
     assert "## Targets" in text and "hetconv P=4: drop <= 0.5 points" in text
     plots = sorted(os.listdir(tmp_path / "docs" / "plots"))
     assert plots == ["fashion-mnist-latency.png", "fashion-mnist-mac.png"]
@@ -132,9 +134,15 @@ def test_row_cache_reuses_a_row_only_when_measured_the_same_way(tmp_path, monkey
                            ({"finetune_images": 100}, [("hetconv", "P=2")]),
                            ({"hetconv_init": "sum"}, [k for k in keys if k[0] == "hetconv"]),
                            ({"hetconv_fit_images": 64}, [k for k in keys if k[0] == "hetconv"]),
-                           ({"finetune_lr": 0.01}, [k for k in keys if k[0] != "focus"])):
+                           ({"finetune_lr": 0.01}, [k for k in keys if k[0] != "focus"]),
+                           ({"focus_format": "nchw"}, [("focus", "input")])):
         other = dataclasses.replace(settings, **changed)
         assert found(other) == [k for k in keys if k not in stale], changed
+
+
+def test_focus_format_is_checked():
+    with pytest.raises(ValueError, match="focus_format must be one of"):
+        accuracy_report.Settings(focus_format="nhwc")
 
 
 def test_run_resume_needs_a_rows_path(tmp_path):
