@@ -216,7 +216,8 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
         split, threshold = FOCUS_SPLITS[arch][where], threshold_of()  # a stem threshold is calibrated here
         model, calibration, _ = ctx.in_format(settings.focus_format)
         rewritten = _transform(model, calibration[:64],
-                               Focus(threshold, split=split, fill=fill, halo=halo, execution=execution))
+                               Focus(threshold, split=split, fill=fill, halo=halo, execution=execution,
+                                     plan_batch=settings.latency_batch))
         row = ctx.row("focus", setting, rewritten, settings.focus_format)
         row["execution"] = execution
         with torch.no_grad():

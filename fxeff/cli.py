@@ -86,7 +86,9 @@ class _Setup:
         else:
             self.target = DEFAULT_AOI if args.aoi is None else args.aoi
             self.threshold = focus.calibrate(self.model, self.batch, self.target, self.split, self.reduce)
-        self.focus_config = Focus(self.threshold, split=self.split, reduce=self.reduce, execution=args.execution)
+        # photos are timed one at a time: auto plans for batch 1
+        self.focus_config = Focus(self.threshold, split=self.split, reduce=self.reduce, execution=args.execution,
+                                  plan_batch=1)
         self.focused = transform(self.model, self.batch, [self.focus_config])
         self.report = self.focused.fxeff_report
 

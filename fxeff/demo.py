@@ -32,11 +32,11 @@ HOME_COLUMNS = (("model", "model"), ("technique", "technique"), ("acc_original",
 
 def home_focus(execution: str):
     """The home ground's Focus: every input pixel brighter than black, grown by 2 pixels, fill "mean" (the setting of
-    docs/accuracy.md's target row)."""
+    docs/accuracy.md's target row); auto plans for the latency batch."""
     from .data import BACKGROUND
     from .passes import Focus
 
-    return Focus(BACKGROUND, split="input", fill="mean", halo=2, execution=execution)
+    return Focus(BACKGROUND, split="input", fill="mean", halo=2, execution=execution, plan_batch=LATENCY_BATCH)
 
 
 def _grey_to_rgb(image: torch.Tensor, scale: int = 3) -> "numpy.ndarray":

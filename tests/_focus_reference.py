@@ -140,4 +140,4 @@ def fixed_layer_times(monkeypatch, slower=()):
         return {c: (1.0, 2.0 if self.sites[c].module_fqn in slower else 0.01) for c in convs}
 
     monkeypatch.setattr(Planner, "layer_times", fixed)
-    monkeypatch.setattr(focus, "_slower_than_before", lambda gm, before, context: None)
+    monkeypatch.setattr(focus, "_slower_than_before", lambda gm, before, context, plan_batch, batch: None)

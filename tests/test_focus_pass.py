@@ -89,7 +89,8 @@ def test_focus_config_dict_and_json_round_trip():
     config = Focus(threshold=0.5, split="features.3", reduce="mean", fill="mean", halo=2, execution="layer")
     d = json.loads(json.dumps(config.to_dict()))
     assert d == {"pass": "focus", "version": 1, "threshold": 0.5, "split": "features.3", "reduce": "mean",
-                 "fill": "mean", "halo": 2, "execution": "layer", "tile": None, "dense_above": 0.9}
+                 "fill": "mean", "halo": 2, "execution": "layer", "tile": None, "dense_above": 0.9,
+                 "fold_batchnorm": True, "plan_batch": None}
     assert config_from_dict(d) == config
     assert Focus.from_dict(d) == config
     assert config_from_dict({"pass": "focus", "threshold": 0.5, "split": "features.3"}) == \
@@ -756,3 +757,70 @@ def test_channel_axes_follow_permutes_and_lose_reshapes():
     assert channels_first_error("f", "y", axes.of(y), y.shape) is None
     assert "is [N, H, W, C]: its channels are on axis 3" in channels_first_error("f", "y", axes.of(nhwc), nhwc.shape)
     assert "cannot tell which axis" in channels_first_error("f", "y", None, other.shape)
+
+
+# ---------------------------------------------------------------- BatchNorm folded into focused convs
+
+class ConvBNNet(nn.Module):
+    """conv-BN-ReLU blocks after the stem: one BN as a module, one as F.batch_norm on buffers, one in a residual
+    branch, and a conv whose BN also feeds another user (kept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.a = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(16)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(16)
+        self.c = nn.Conv2d(16, 16, 1)
+        self.register_buffer("c_mean", torch.rand(16) - 0.5)
+        self.register_buffer("c_var", torch.rand(16) + 0.5)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = F.relu(self.bn_a(self.a(s)))
+        y = y + F.relu(self.bn_b(self.b(y)))
+        return F.batch_norm(self.c(y), self.c_mean, self.c_var, eps=1e-3)
+
+
+@pytest.mark.parametrize("fill", ["zeros", "mean"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batchnorm_folded_into_focused_convs_computes_the_same(fill, channels_last):
+    model = _eval(ConvBNNet())
+    with torch.no_grad():
+        for bn in (model.bn_a, model.bn_b):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+    x = _masked_inputs()
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    t = threshold_for_fraction(model, "stem", x, 0.3)
+    kept = fxeff.transform(model, x, [Focus(t, split="stem", fill=fill, execution="layer", fold_batchnorm=False)])
+    gm = fxeff.transform(model, x, [Focus(t, split="stem", fill=fill, execution="layer")])
+    nodes = list(gm.graph.nodes)
+    assert not any(n.op == "call_module" and n.target.startswith("bn_") for n in nodes)
+    assert not any(n.target is F.batch_norm for n in nodes)
+    assert any(n.op == "call_module" and n.target.startswith("bn_") for n in kept.graph.nodes)
+    assert any("3 eval-mode BatchNorm(s) folded" in note for note in gm.fxeff_report.notes)
+    focused = [n for n in nodes if n.target == FOCUSED]
+    assert len(focused) == 3 and all(n.args[8] is not None for n in focused)  # BN(0) outside is no zero fill
+    if channels_last:  # the folded weights keep the model's memory format
+        assert all(gm.get_buffer(n.args[1].target).is_contiguous(memory_format=torch.channels_last)
+                   for n in focused if n.args[1].target.endswith("_bn_weight"))
+    with torch.no_grad():
+        for inputs in (x, x.flip(0)):
+            torch.testing.assert_close(gm(inputs), kept(inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_in_training_mode_or_with_other_readers_is_kept():
+    model = _eval(ConvBNNet())
+    model.bn_b.train()
+    x = _masked_inputs()
+    t = threshold_for_fraction(model, "stem", x, 0.3)
+    gm = fxeff.transform(model, x, [Focus(t, split="stem", execution="layer")])
+    modules = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "bn_b" in modules and "bn_a" not in modules
+    assert any("2 eval-mode BatchNorm(s) folded into the focused conv before them (bn_a, " in note
+               for note in gm.fxeff_report.notes)
+    with pytest.raises(TypeError, match="fold_batchnorm must be a bool"):
+        Focus(0.0, fold_batchnorm="yes")

@@ -313,7 +313,7 @@ def test_auto_runs_the_graph_as_it_came_where_its_whole_plan_measures_slower(mon
     fixed_layer_times(monkeypatch)
     checked = []
 
-    def slower(gm, before, context):
+    def slower(gm, before, context, plan_batch, batch):
         checked.append(sum(n.op == "call_function" and "fxeff" in str(n.target) for n in gm.graph.nodes))
         return 1.25
 
@@ -346,8 +346,15 @@ def test_auto_whole_plan_check_measures_both_graphs():
     gm = torch.fx.symbolic_trace(model)
     before = torch.fx.Graph()
     before.output(before.graph_copy(gm.graph, {}))
-    ratio = focus._slower_than_before(gm, before, PassContext(example_inputs=(x,)))
+    ratio = focus._slower_than_before(gm, before, PassContext(example_inputs=(x,)), None, 2)
     assert ratio is None or ratio > 1.0
+    # planned for batch 1: the symbolic graph's inputs are cut to their first image
+    seen = []
+    timed = torch.fx.GraphModule(gm, gm.graph)
+    timed.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    ratio = focus._slower_than_before(timed, before, PassContext(example_inputs=(x,)), 1, 2)
+    assert ratio is None or ratio > 1.0
+    assert seen and set(seen) == {1}
 
 
 @pytest.mark.parametrize("fill", ["zeros", "mean"])
@@ -455,3 +462,26 @@ def test_an_op_the_pass_does_not_know_ends_the_region_and_is_reported():
         mask = fxeff.ops.aoi_mask(split, _partial(model, x), "sum").unsqueeze(1)
         expected = model.b(F.softplus(model.a(split) * mask)) * mask
         torch.testing.assert_close(gm(x) * mask, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_times_per_layer_options_at_the_planned_batch_and_the_models_format(monkeypatch):
+    """auto's per-layer timings run focused_conv2d on inputs of the recorded memory format (a channels_last model is
+    timed channels_last, as it runs) at Focus.plan_batch images."""
+    import importlib
+
+    op = importlib.import_module("fxeff.ops.focused_conv2d")  # the module (fxeff.ops exports the function too)
+    real, seen = op.focused_conv2d, []
+
+    def recording(x, weight, *args, **kwargs):
+        seen.append((x.shape[0], x.is_contiguous(memory_format=torch.channels_last),
+                     weight.is_contiguous(memory_format=torch.channels_last)))
+        return real(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(op, "focused_conv2d", recording)
+    model, (h, w), _ = _random_block(0)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, h, w).contiguous(memory_format=torch.channels_last)
+    fxeff.transform(model, (x,), [Focus(threshold=_partial(model, x), split="stem", execution="auto", plan_batch=2)])
+    assert seen and all(s == (2, True, True) for s in seen), seen
+    with pytest.raises(ValueError, match="plan_batch must be an int >= 1 or None"):
+        Focus(0.0, plan_batch=0)

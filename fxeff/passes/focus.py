@@ -10,7 +10,7 @@ activations, residual adds) runs unchanged on the whole map. Weights are the ori
 import dataclasses
 import math
 import operator
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Type, Union
 
 import networkx as nx
 import torch
@@ -22,11 +22,12 @@ from ..ops.aoi_mask import dilate_mask
 from ..nn.focus import REDUCES, AoIThreshold
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
-from .graph import ConvSite, conv_site, conv_sites, module_stack, node_shape, node_value, normalize_fqn, to_networkx
+from .graph import SYMBOLIC, ConvSite, conv_site, conv_sites, get_attr_value, graph_kind, module_stack, node_shape, \
+    node_value, normalize_fqn, to_networkx
 from .layout import ChannelAxes, channels_first_error
 from .measure import fake_mode_of, run_recording
 from .regions import LAYER_RUNS, Planner, fill_means, grid_masks_for, tile_macs
-from .rewrite import new_attr
+from .rewrite import eval_batch_norm_after, new_attr
 from .splits import default_split_for_class, no_split_message
 
 aten = torch.ops.aten
@@ -63,6 +64,14 @@ class Focus(PassConfig):
     ``tile``: region execution's tile side (None: chosen per grid by the cost model).
     ``dense_above``: a grid whose best modelled time is above this fraction of dense runs dense (reported);
     None: every grid runs on tiles (or per layer, with "auto").
+    ``plan_batch``: "auto" times its per-layer options, the AoI mask and (symbolic graphs) its end-to-end check on
+    the first ``plan_batch`` example images: plan for the batch size the model will run at (focused convs gain
+    more at small batches, whose maps stay in cache). None: the whole example batch.
+    ``fold_batchnorm``: an eval-mode BatchNorm that reads only a per-layer focused conv's output is folded into it
+    (its running statistics at transform time scale the conv's weight, bias and fill), so it no longer runs over
+    the whole map; the graph then computes the same values for inference. Training mode BatchNorms, and BatchNorms
+    whose tensors or the conv's weight are graph inputs (dynamo, export), are kept. False keeps every BatchNorm (to
+    fine-tune the focused model, or to time the fold apart).
     """
 
     threshold: float
@@ -73,6 +82,8 @@ class Focus(PassConfig):
     execution: str = "auto"
     tile: Optional[int] = None
     dense_above: Optional[float] = 0.9
+    fold_batchnorm: bool = True
+    plan_batch: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
@@ -97,6 +108,11 @@ class Focus(PassConfig):
         if self.dense_above is not None and (isinstance(self.dense_above, bool) or
                                              not isinstance(self.dense_above, (int, float)) or self.dense_above <= 0):
             raise ValueError(f"fxeff.passes.Focus: dense_above must be a float > 0 or None, got {self.dense_above!r}")
+        if self.plan_batch is not None and (isinstance(self.plan_batch, bool) or not isinstance(self.plan_batch, int)
+                                            or self.plan_batch < 1):
+            raise ValueError(f"fxeff.passes.Focus: plan_batch must be an int >= 1 or None, got {self.plan_batch!r}")
+        if not isinstance(self.fold_batchnorm, bool):
+            raise TypeError(f"fxeff.passes.Focus: fold_batchnorm must be a bool, got {self.fold_batchnorm!r}")
 
     def run(self, gm: fx.GraphModule, context: PassContext) -> Report:
         return focus_pass(gm, self, context)
@@ -388,12 +404,62 @@ def _example_mask(config: Focus, split_value: torch.Tensor) -> torch.Tensor:
 
 
 def _focus_conv(gm: fx.GraphModule, site: ConvSite, mask: fx.Node, mean: Optional[torch.Tensor],
-                split: fx.Node) -> fx.Node:
-    """The conv as focused_conv2d on ``mask``, with ``mean`` outside the AoI when given."""
+                split: fx.Node, fold_batchnorm: bool) -> Optional[str]:
+    """The conv as focused_conv2d on ``mask``, with ``mean`` outside the AoI when given, and (``fold_batchnorm``) the
+    BatchNorm that follows it folded in; returns that BatchNorm's name, or None."""
     new = _rewrite(gm, site, mask)
     if mean is not None:
         _fill_outside(gm, site, new, mean, split)
-    return new
+    return _fold_batch_norm(gm, new, site, split) if fold_batchnorm else None
+
+
+def _fold_batch_norm(gm: fx.GraphModule, new: fx.Node, site: ConvSite, split: fx.Node) -> Optional[str]:
+    """Folds an eval-mode BatchNorm that reads only the focused conv ``new`` into it, with its running statistics at
+    transform time: per output channel s = gamma / sqrt(var + eps), the weight times s, the bias (b - mean) s + beta
+    and the fill outside the AoI (fill - mean) s + beta (computed in float64, stored in the weight's dtype and
+    memory format as new buffers). The BatchNorm leaves the graph. Returns its name, or None where there is no
+    BatchNorm that can be folded (see Focus.fold_batchnorm)."""
+    graph = gm.graph
+    found = eval_batch_norm_after(gm, new)
+    if found is None:
+        return None
+    user, out, stats, eps = found
+    weight_node, bias_node = new.args[1], new.args[2]
+    fill_node = new.args[8] if len(new.args) > 8 else None
+    if any(n is not None and n.op != "get_attr" for n in (weight_node, bias_node, fill_node)):
+        return None  # parameters that are graph inputs (dynamo, export): their values may change per call
+    weight = get_attr_value(gm, weight_node.target)
+    o = weight.shape[0]
+    mean, var = stats["running_mean"].double(), stats["running_var"].double()
+    gamma = stats["weight"].double() if stats["weight"] is not None else torch.ones_like(mean)
+    beta = stats["bias"].double() if stats["bias"] is not None else torch.zeros_like(mean)
+    scale = gamma / (var + eps).sqrt()
+    bias = get_attr_value(gm, bias_node.target).double() if bias_node is not None else torch.zeros_like(mean)
+    fill = get_attr_value(gm, fill_node.target).double().reshape(o) if fill_node is not None \
+        else torch.zeros_like(mean)
+    base = site.name.replace(".", "_")
+    folded = {"weight": (weight.double() * scale.view(o, 1, 1, 1)).to(weight.dtype),
+              "bias": ((bias - mean) * scale + beta).to(weight.dtype)}
+    with graph.inserting_before(new):
+        nodes = {}
+        for name, value in folded.items():
+            nodes[name] = graph.get_attr(new_attr(gm, f"{base}_bn_{name}", value, parameter=False))
+            nodes[name].meta[_ROLE] = "bn_fold"
+            _set_value(nodes[name], split, tuple(value.shape), value.dtype)
+        fill_attr = _fill_attr(gm, site, ((fill - mean) * scale + beta).to(weight.dtype), split)
+    new.args = (new.args[0], nodes["weight"], nodes["bias"]) + tuple(new.args[3:8]) + (fill_attr,)
+    name = user.target if user.op == "call_module" else user.name
+    out.replace_all_uses_with(new)
+    if out is not user:
+        for u in list(user.users):
+            graph.erase_node(u)
+    graph.erase_node(user)
+    for node in (weight_node, bias_node, fill_node):
+        if node is not None and not node.users:
+            graph.erase_node(node)
+            if node is fill_node:  # the fill buffer this pass added for the conv: replaced by the folded one
+                delattr(gm, node.target)
+    return str(name)
 
 
 def _fill_attr(gm: fx.GraphModule, site: ConvSite, mean: torch.Tensor, split: fx.Node) -> fx.Node:
@@ -483,6 +549,7 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     rewritten: List[Tuple[SiteReport, ConvSite, fx.Node]] = []
     reasons = {site.node: _skip_reason(site, downstream, upstream, split) for site in sites}
     means = {}
+    folded: List[str] = []  # the BatchNorms folded into focused convs
     if config.fill == "mean":
         means = _outside_means(config, before, split, [site for site in sites if reasons[site.node] is None])
         del before
@@ -506,7 +573,9 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
             _set_value(resized, split, (split_shape[0],) + tuple(grid), torch.bool)
             grid_masks[key] = resized
         mask_k = grid_masks[key]
-        _focus_conv(gm, site, mask_k, means.get(site.node), split)
+        folded_bn = _focus_conv(gm, site, mask_k, means.get(site.node), split, config.fold_batchnorm)
+        if folded_bn is not None:
+            folded.append(folded_bn)
         entry = SiteReport(site.name, site.describe(), "rewritten", "", macs, None, "focus")
         site_reports.append(entry)
         rewritten.append((entry, site, mask_k))
@@ -515,6 +584,8 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     if config.fill == "mean" and rewritten:
         notes.append("fill='mean': outside the AoI each focused conv outputs the per-channel mean of the original "
                      "conv's output there on the example inputs")
+    if folded:
+        notes.append(_folded_note(folded))
     if not rewritten:
         _erase_chain(graph, mask, aoi)
         notes.append("no conv could be focused: the graph is unchanged")
@@ -536,6 +607,12 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     # the graph is the original one but for the focused convs, each counted at its active outputs (ops/flops.py)
     report.model_macs_before = report.model_macs_after + sum(e.macs_before - e.macs_after for e, _, _ in rewritten)
     return report
+
+
+def _folded_note(folded: List[str]) -> str:
+    return (f"{len(folded)} eval-mode BatchNorm(s) folded into the focused conv before them ("
+            + ", ".join(folded[:6]) + (", ..." if len(folded) > 6 else "") + "): their running statistics scale the "
+            "conv's weight, bias and fill, for inference (Focus(fold_batchnorm=False) keeps them)")
 
 
 def _erase_chain(graph: fx.Graph, mask: fx.Node, aoi: fx.Node) -> None:
@@ -563,15 +640,21 @@ def _emit_aoi(graph: fx.Graph, config: Focus, split: fx.Node, split_shape) -> Tu
 WHOLE_RUNS = 9
 
 
-def _slower_than_before(gm: fx.GraphModule, before: fx.Graph, context: PassContext) -> Optional[float]:
+def _slower_than_before(gm: fx.GraphModule, before: fx.Graph, context: PassContext, plan_batch: Optional[int],
+                        batch: int) -> Optional[float]:
     """The rewritten ``gm``'s time over the graph ``before`` (the same module's parameters) on the example inputs,
     when above 1 (else None): auto's last word, since its per-grid choices are measured one grid at a time and the
-    whole may still lose (a grid's saving smaller than the AoI mask's cost, caches shared between layers)."""
+    whole may still lose (a grid's saving smaller than the AoI mask's cost, caches shared between layers). With a
+    ``plan_batch`` below the example ``batch``, a symbolic graph (its inputs are the model's) runs its first
+    ``plan_batch`` images; dynamo and export graphs (parameters among their inputs) the whole example batch."""
     from .. import bench
 
     gm.recompile()
     dense = fx.GraphModule(gm, before)
     inputs = context.example_inputs
+    if plan_batch is not None and plan_batch < batch and graph_kind(gm) == SYMBOLIC:
+        inputs = [x[:plan_batch] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch else x
+                  for x in inputs]
     times = bench.interleaved([lambda: dense(*inputs), lambda: gm(*inputs)], WHOLE_RUNS, warmup=1)
     ratio = times[1] / times[0]
     return ratio if ratio > 1.0 else None
@@ -590,7 +673,8 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
                                   f"{tuple(split_shape)}: use Focus(execution='layer')")
     by_node = {site.node: site for site in sites if site.node in downstream}
     planner = Planner(gm, downstream, by_node, batch, config.tile, config.dense_above,
-                      per_layer=config.execution == "auto", fill_add=config.fill == "mean")
+                      per_layer=config.execution == "auto", fill_add=config.fill == "mean",
+                      fold_batchnorm=config.fold_batchnorm, plan_batch=config.plan_batch)
     planner.classify()
     # auto checks its whole plan against the graph as it came (measured end to end below): a copy to go back to.
     before, copied = fx.Graph(), {}
@@ -603,8 +687,10 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     def mask_seconds(at: List[Tuple[int, int]]) -> float:  # the AoI mask and its resizes, as the graph computes them
         from .. import bench
 
+        planned = split_value[:config.plan_batch]
+
         def run():
-            return grid_masks_for(_example_mask(config, split_value), at)
+            return grid_masks_for(_example_mask(config, planned), at)
 
         return bench.interleaved([run], LAYER_RUNS, warmup=1)[0]
 
@@ -632,21 +718,26 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
             masks[grid] = graph.call_function(MASK_RESIZE, (mask, list(grid)))
         masks[grid].meta[_ROLE] = "mask_resize"
     planner.rewrite(masks)
-    per_layer: Dict[fx.Node, fx.Node] = {}  # a grid run per layer: conv -> its focused_conv2d
+    per_layer: Set[fx.Node] = set()  # the convs of grids run per layer that run focused
+    folded: List[str] = []  # the BatchNorms folded into them
     for conv in planner.layer_convs:
         by_node[conv].input = conv_site(gm, conv).input  # it may read a region's scatter now
-        per_layer[conv] = _focus_conv(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv), split)
+        per_layer.add(conv)
+        folded_bn = _focus_conv(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv), split,
+                                config.fold_batchnorm)
+        if folded_bn is not None:
+            folded.append(folded_bn)
     for conv in planner.layer_dense:
         _hold_fill(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv), split)
     slower = None
     if config.execution == "auto" and not fake and (planner.tiled or per_layer):
-        slower = _slower_than_before(gm, before, context)
+        slower = _slower_than_before(gm, before, context, config.plan_batch, batch)
         if slower is not None:  # the plan measured slower than the graph as it came: that graph runs
             gm.graph = graph = before
             for name in {name for name, _ in gm.named_buffers()} - buffers_before:
                 if "." not in name:  # the fills the rewrite added
                     delattr(gm, name)
-            per_layer, planner.tiled = {}, set()
+            per_layer, planner.tiled, folded = set(), set(), []
 
     site_reports: List[SiteReport] = []
     tiled: List[Tuple[SiteReport, ConvSite]] = []
@@ -678,6 +769,8 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     if config.fill == "mean" and layered:
         notes.append("fill='mean': outside the AoI each per-layer focused conv outputs the per-channel mean of the "
                      "original conv's output there on the example inputs")
+    if folded:
+        notes.append(_folded_note(folded))
     if slower is not None:
         notes.append(f"auto: the plan above ran at {slower:.2f}x the dense graph's time on the example inputs "
                      f"(measured end to end, {WHOLE_RUNS} interleaved runs), so the graph computes the dense model")

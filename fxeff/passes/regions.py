@@ -42,7 +42,7 @@ from ..ops import regions as R
 from ..ops.mask_resize import mask_resize
 from .graph import ConvSite, concrete_shape
 from .measure import _writes_in_place
-from .rewrite import new_attr
+from .rewrite import eval_batch_norm_after, new_attr
 
 aten = torch.ops.aten
 TILE_CONV2D = torch.ops.fxeff.tile_conv2d.default
@@ -54,9 +54,10 @@ THROUGHPUT = {4: 0.45, 7: 0.62, 8: 0.62, 14: 0.75, 16: 0.75, 28: 0.8, 32: 0.8}
 GATHER_SCATTER = 0.1  # gather and scatter, as a fraction of the dense region's time
 # A grid can also run per layer: each conv a focused_conv2d (the published semantics), whose kernel picks its
 # strategy per call. Its cost is measured at transform time, not modelled: each conv of the grid is timed as
-# focused_conv2d with the example inputs' mask against F.conv2d, on inputs of its shape (LAYER_RUNS interleaved runs,
-# medians); BN and activations cost the same either way. (The focused conv kernel's own cost model was tried here
-# first: it predicts 0.54-0.87 of dense for ResNet-50's grids where whole-model runs measure 0.92-1.38x speedups.)
+# focused_conv2d with the example inputs' mask against F.conv2d, on inputs of its shape, dtype and memory format at
+# the planned batch (LAYER_RUNS interleaved runs, medians); activations cost the same either way, and an eval
+# BatchNorm the focused conv takes in is timed on the dense side. (The focused conv kernel's own cost model was
+# tried here first: it predicts 0.54-0.87 of dense for ResNet-50's grids where whole-model runs measure 0.92-1.38x speedups.)
 LAYER_RUNS = 5
 TILE_SIDES = tuple(sorted(THROUGHPUT))
 DEFAULT_TILE = 8  # without real example inputs there is no mask to cost tiles with
@@ -126,10 +127,13 @@ class Planner:
     """Classifies the nodes after the split (tile-form or whole-map), plans each grid and rewrites the graph."""
 
     def __init__(self, gm: fx.GraphModule, downstream: Set[fx.Node], sites: Dict[fx.Node, ConvSite], batch: int,
-                 tile: Optional[int], dense_above: Optional[float], per_layer: bool = False, fill_add: bool = False):
+                 tile: Optional[int], dense_above: Optional[float], per_layer: bool = False, fill_add: bool = False,
+                 fold_batchnorm: bool = False, plan_batch: Optional[int] = None):
         self.gm, self.graph = gm, gm.graph
+        self.plan_batch = plan_batch  # per-layer options are timed on this many of the example images (None: all)
         self.per_layer = per_layer  # a grid may run per layer (focused_conv2d each) where the cost model prefers
         self.fill_add = fill_add  # fill="mean": a per-layer focused conv writes the fill outside the AoI (timed so)
+        self.fold_batchnorm = fold_batchnorm  # a per-layer focused conv takes in the eval BatchNorm after it
         self.downstream, self.sites, self.batch = downstream, sites, batch
         self.tile, self.dense_above = tile, dense_above
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
@@ -330,10 +334,11 @@ class Planner:
             (plan.modelled, plan.tile, plan.budget, plan.margins, plan.cuts, plan.gather_margin, plan.tiles,
              plan.mac_ratio) = best
             if mask is not None and self.per_layer:
-                plan.layer_times = self.layer_times(plan.convs, mask)
+                timed = mask[:self.plan_batch]  # per-layer times at the planned batch
+                plan.layer_times = self.layer_times(plan.convs, timed)
                 if plan.layer_times:  # each conv focused where that is faster (by dense_above), else dense
                     # a conv kept dense in a grid run per layer also holds the fill outside the AoI (one where)
-                    hold = self.hold_times(plan.layer_times, mask)
+                    hold = self.hold_times(plan.layer_times, timed)
                     plan.layer_focused = {c for c, (d, f) in plan.layer_times.items()
                                           if f <= (d + hold[c]) * (self.dense_above or 1.0)}
                     plan.layer_modelled = sum(f if c in plan.layer_focused else d + hold[c]
@@ -392,11 +397,23 @@ class Planner:
         dense = sum(d for d, _ in plan.layer_times.values())
         return dense * (1.0 - (plan.layer_modelled if plan.layer else plan.modelled))
 
+    def folded_batch_norm(self, conv: fx.Node) -> Optional[Tuple[Dict[str, Optional[torch.Tensor]], float]]:
+        """(its tensors, eps) when a per-layer focused ``conv`` would take in the eval BatchNorm after it (as
+        focus._fold_batch_norm does: the conv's parameters held by the graph module), else None."""
+        site = self.sites[conv]
+        if not self.fold_batchnorm or any(isinstance(ref, fx.Node) and ref.op != "get_attr"
+                                          for ref in (site.weight, site.bias)):
+            return None
+        found = eval_batch_norm_after(self.gm, conv)
+        return None if found is None else (found[2], found[3])
+
     def layer_times(self, convs: Sequence[fx.Node], mask: torch.Tensor) -> Dict[fx.Node, Tuple[float, float]]:
         """conv -> (seconds as F.conv2d, as focused_conv2d with ``mask``, bool [N, H, W] at the grid), measured on
-        random inputs and weights of its shapes, dtype and memory format (see LAYER_RUNS; the values do not change
-        the time, and a graph whose parameters are inputs, as dynamo's, times the same); empty when a conv's input
-        shape is unknown."""
+        random inputs and weights of its shapes, dtype and memory format at the planned batch (mask's; see
+        LAYER_RUNS; the values do not change the time, and a graph whose parameters are inputs, as dynamo's, times the
+        same); empty when a conv's input
+        shape is unknown. Where the focused conv would take in the BatchNorm after it (folded_batch_norm), the dense
+        side is the conv and that BatchNorm, the focused side one focused conv with a bias and a fill."""
         from .. import bench
         from ..ops.focused_conv2d import focused_conv2d
 
@@ -406,17 +423,34 @@ class Planner:
             value, shape = site.input.meta.get("fxeff_val"), concrete_shape(site.input)
             if shape is None or len(shape) != 4:
                 return {}
-            x = (torch.randn_like(value) if isinstance(value, torch.Tensor) and not isinstance(
-                value, torch._subclasses.FakeTensor) else torch.randn(shape, device=mask.device))
+            # the input's dtype and memory format as recorded (a channels_last model times its own format; its
+            # weights are channels_last too, as .to(memory_format=...) makes them)
+            dtype = getattr(value, "dtype", torch.float32)
+            fmt = getattr(value, "memory_format", torch.contiguous_format)
+            n = mask.shape[0]  # the planned batch (Focus.plan_batch): the first images of the example inputs
+            x = torch.randn((n,) + tuple(shape[1:]), dtype=dtype, device=mask.device).contiguous(memory_format=fmt)
             weight = torch.randn(site.weight_shape, dtype=x.dtype, device=x.device)
+            if len(site.weight_shape) == 4:
+                weight = weight.contiguous(memory_format=fmt)
             bias = torch.randn(site.weight_shape[0], dtype=x.dtype, device=x.device) if site.bias is not None \
                 else None
             args = (list(site.stride), list(site.padding), list(site.dilation), site.groups)
-            fill = torch.randn(1, site.weight_shape[0], 1, 1, dtype=x.dtype, device=x.device) if self.fill_add \
-                else None
+            bn = self.folded_batch_norm(conv)
+            fill = torch.randn(1, site.weight_shape[0], 1, 1, dtype=x.dtype, device=x.device) \
+                if self.fill_add or bn is not None else None
+
+            def dense(bn=bn):
+                out = F.conv2d(x, weight, bias, *args)
+                if bn is None:
+                    return out
+                stats, eps = bn
+                return F.batch_norm(out, stats["running_mean"], stats["running_var"], stats["weight"],
+                                    stats["bias"], False, 0.0, eps)
+
+            focused_bias = bias if bn is None or bias is not None else torch.randn_like(fill.view(-1))
             times[conv] = tuple(bench.interleaved(
-                [lambda: F.conv2d(x, weight, bias, *args),
-                 lambda: focused_conv2d(x, weight, bias, mask, *args, fill=fill)], LAYER_RUNS, warmup=1))
+                [dense, lambda: focused_conv2d(x, weight, focused_bias, mask, *args, fill=fill)], LAYER_RUNS,
+                warmup=1))
         return times
 
     def hold_times(self, convs: Sequence[fx.Node], mask: torch.Tensor) -> Dict[fx.Node, float]:
@@ -431,7 +465,10 @@ class Planner:
             if shape is None or len(shape) != 4 or tuple(shape[2:]) != tuple(mask.shape[1:]):
                 times[conv] = 0.0
                 continue
-            out = torch.randn(shape, device=mask.device)
+            value = conv.meta.get("fxeff_val")
+            out = torch.randn((mask.shape[0],) + tuple(shape[1:]), dtype=getattr(value, "dtype", torch.float32),
+                              device=mask.device).contiguous(
+                memory_format=getattr(value, "memory_format", torch.contiguous_format))
             fill = torch.randn(1, shape[1], 1, 1, device=mask.device) if self.fill_add else None
             times[conv] = bench.interleaved([lambda: torch.where(inside, out, fill) if fill is not None
                                              else torch.where(inside, out, 0.0)], LAYER_RUNS, warmup=1)[0]

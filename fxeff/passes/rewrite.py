@@ -1,4 +1,4 @@
-"""Graph-editing helpers shared by the passes that replace a conv with new weights (shift, hetconv).
+"""Graph-editing helpers shared by the passes that replace a conv with new weights (shift, hetconv, focus).
 
 They read real tensors behind weight references in any graph kind, add new parameters to the
 GraphModule (never to modules shared with the user's model; dynamo graphs get a source for each),
@@ -7,11 +7,13 @@ give inserted nodes fake values, and measure how far a rewritten graph's outputs
 import contextlib
 import dataclasses
 import math
+import operator
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
@@ -37,6 +39,92 @@ def param_value(gm: fx.GraphModule, ref: Any, inputs: Dict[fx.Node, Any]) -> Tup
             return value, ""
         return None, f"the graph input {ref.name!r} has no real value (fake example inputs)"
     return None, f"it is computed in the graph by node {ref.name!r}, not a parameter"
+
+
+BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_F_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+# BatchNorm as a function, in each graph kind, with its argument names.
+BN_FUNCTIONS = {F.batch_norm: _F_BATCH_NORM_ARGS,
+                torch.batch_norm: tuple(a.name for a in torch.ops.aten.batch_norm.default._schema.arguments),
+                torch.ops.aten.batch_norm.default:
+                    tuple(a.name for a in torch.ops.aten.batch_norm.default._schema.arguments),
+                torch.ops.aten._native_batch_norm_legit_no_training.default:
+                    tuple(a.name for a in
+                          torch.ops.aten._native_batch_norm_legit_no_training.default._schema.arguments)}
+
+
+def bn_arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a BatchNorm call (``node.target`` in BN_FUNCTIONS), or ``default`` where not passed."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    names = BN_FUNCTIONS[node.target]
+    if name not in names:
+        return default
+    i = names.index(name)
+    return node.args[i] if i < len(node.args) else default
+
+
+def batch_norm_stats(gm: fx.GraphModule, user: fx.Node, reads: fx.Node, inputs: Dict[fx.Node, Any]
+                     ) -> Tuple[Optional[Dict[str, Optional[torch.Tensor]]], float, str]:
+    """(its weight, bias, running_mean and running_var tensors, eps, "") when ``user`` is a BatchNorm with running
+    statistics whose input is ``reads`` (and nothing else of the graph); (None, 0, why not) when it is a BatchNorm
+    that cannot be folded; (None, 0, "") when it is no BatchNorm."""
+    if user.op == "call_module":
+        bn = gm.get_submodule(user.target)
+        if type(bn) not in BN_MODULES:
+            return None, 0.0, ""
+        if user.args != (reads,) or user.kwargs:
+            return None, 0.0, f"BatchNorm {user.target!r} is called with extra arguments"
+        if bn.running_mean is None:
+            return None, 0.0, f"BatchNorm {user.target!r} has no running statistics"
+        return dict(weight=bn.weight, bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var), \
+            bn.eps, ""
+    if user.op != "call_function" or user.target not in BN_FUNCTIONS:
+        return None, 0.0, ""
+    if bn_arg(user, "input") is not reads:
+        return None, 0.0, f"BatchNorm {user.name!r} reads the conv's output as a statistic"
+    stats = {}
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        ref = bn_arg(user, name)
+        if ref is None:
+            stats[name] = None
+            continue
+        stats[name], why = param_value(gm, ref, inputs)
+        if stats[name] is None:
+            return None, 0.0, f"BatchNorm {user.name!r}: {name}: {why}"
+    if stats["running_mean"] is None or stats["running_var"] is None:
+        return None, 0.0, f"BatchNorm {user.name!r} has no running statistics"
+    return stats, bn_arg(user, "eps", 1e-5), ""
+
+
+_BN_NO_TRAINING = torch.ops.aten._native_batch_norm_legit_no_training.default  # export's eval BN: (out, mean, rstd)
+
+
+def eval_batch_norm_after(gm: fx.GraphModule, node: fx.Node
+                          ) -> Optional[Tuple[fx.Node, fx.Node, Dict[str, Optional[torch.Tensor]], float]]:
+    """(the BatchNorm call, the node holding its output, its tensors, eps) when ``node``'s only user is an eval-mode
+    BatchNorm with running statistics held by the graph module (not graph inputs) that reads nothing else of the
+    graph; else None. Such a BatchNorm can be folded into the conv that computes ``node``."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    user = users[0]
+    stats, eps, _ = batch_norm_stats(gm, user, node, {})
+    if stats is None:
+        return None
+    out = user
+    if user.op == "call_module":
+        if gm.get_submodule(user.target).training:
+            return None
+    elif user.target is _BN_NO_TRAINING:
+        outs = list(user.users)
+        if not all(u.target is operator.getitem for u in outs) or \
+                any(u.args[1] != 0 and u.users for u in outs) or sum(u.args[1] == 0 for u in outs) != 1:
+            return None
+        out = next(u for u in outs if u.args[1] == 0)
+    elif bn_arg(user, "training", False):
+        return None
+    return user, out, stats, eps
 
 
 def unique_name(gm: fx.GraphModule, base: str) -> str:

@@ -39,7 +39,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops as fxeff_ops
@@ -48,21 +47,14 @@ from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import TORCH_CONVS, EXPORT, SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, graph_kind
 from .measure import IncrementalRun, fake_mode_of
-from .rewrite import Recorded, fake_key_and_mode, finish_report, new_attr, param_value, propagate_fake, \
-    record_before, relative_error, site_params, sweep, unique_name
+from .rewrite import BN_FUNCTIONS, Recorded, batch_norm_stats, fake_key_and_mode, finish_report, new_attr, \
+    param_value, propagate_fake, record_before, relative_error, site_params, sweep, unique_name
 
 aten = torch.ops.aten
 INIT_RULES = ("lstsq", "max_tap")
 _ROLE = "fxeff_shift"  # node.meta key marking the nodes this pass inserted
 # conv padding_mode -> the shift padding that continues the input the same way
 _CONV_PADDING = {"zeros": "zeros", "reflect": "reflect", "replicate": "border", "circular": "periodic"}
-_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_F_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-_BN_FUNCTIONS = {F.batch_norm: _F_BATCH_NORM_ARGS,
-                 torch.batch_norm: tuple(a.name for a in aten.batch_norm.default._schema.arguments),
-                 aten.batch_norm.default: tuple(a.name for a in aten.batch_norm.default._schema.arguments),
-                 aten._native_batch_norm_legit_no_training.default:
-                     tuple(a.name for a in aten._native_batch_norm_legit_no_training.default._schema.arguments)}
 
 
 @register_pass_config("shift")
@@ -244,8 +236,8 @@ def _arg_names(node: fx.Node) -> Sequence[str]:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
         return [a.name for a in target._schema.arguments]
-    if target in _BN_FUNCTIONS:
-        return _BN_FUNCTIONS[target]
+    if target in BN_FUNCTIONS:
+        return BN_FUNCTIONS[target]
     return TORCH_CONVS[target][2]
 
 
@@ -318,33 +310,9 @@ def _fold_batch_norm(gm: fx.GraphModule, conv: fx.Node, user: fx.Node, init: _In
                      base: str) -> Tuple[Optional[List[fx.Node]], str]:
     """(new get_attr nodes, description) when ``user`` is a BatchNorm with running statistics reading only
     the conv's output; (None, why not) when it is a BatchNorm that cannot take the fold; (None, "") otherwise."""
-    if user.op == "call_module":
-        bn = gm.get_submodule(user.target)
-        if type(bn) not in _BN_MODULES:
-            return None, ""
-        if user.args != (conv,) or user.kwargs:
-            return None, f"BatchNorm {user.target!r} is called with extra arguments"
-        if bn.running_mean is None:
-            return None, f"BatchNorm {user.target!r} has no running statistics"
-        stats = dict(weight=bn.weight, bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var)
-        eps = bn.eps
-    elif user.op == "call_function" and user.target in _BN_FUNCTIONS:
-        if _get_arg(user, "input") is not conv:
-            return None, f"BatchNorm {user.name!r} reads the conv's output as a statistic"
-        stats = {}
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            ref = _get_arg(user, name)
-            if ref is None:
-                stats[name] = None
-                continue
-            stats[name], why = param_value(gm, ref, inputs)
-            if stats[name] is None:
-                return None, f"BatchNorm {user.name!r}: {name}: {why}"
-        if stats["running_mean"] is None or stats["running_var"] is None:
-            return None, f"BatchNorm {user.name!r} has no running statistics"
-        eps = _get_arg(user, "eps", 1e-5)
-    else:
-        return None, ""
+    stats, eps, why = batch_norm_stats(gm, user, conv, inputs)
+    if stats is None:
+        return None, why
     new = _batch_norm_reparameterised(stats, init, eps)
     dtype = stats["running_mean"].dtype
     if user.op == "call_module":

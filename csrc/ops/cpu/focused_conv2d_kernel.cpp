@@ -404,6 +404,27 @@ inline const float* tap_input(const float* x, const float* zeros, const ConvGeom
   return iy >= 0 && iy < g.h && ix >= 0 && ix < g.w ? x + ((n * g.h + iy) * g.w + ix) * g.c : zeros;
 }
 
+// Channels_last x: tap t of an output whose window lies inside the image reads its top-left tap's input plus
+// offsets[t] (tap_inputs).
+std::vector<int64_t> tap_offsets(const ConvGeometry& g) {
+  std::vector<int64_t> offsets(g.kh * g.kw);
+  for (int64_t t = 0; t < g.kh * g.kw; ++t) offsets[t] = ((t / g.kw) * g.dh * g.w + (t % g.kw) * g.dw) * g.c;
+  return offsets;
+}
+
+// Channels_last x: where each tap t of output (n, y, xo) reads its C channels, written to a[t * stride]: one base plus
+// fixed offsets where the whole window lies inside the image, else per tap (tap_input: the zero row outside).
+inline void tap_inputs(const float* x, const float* zeros, const ConvGeometry& g, const int64_t* offsets, int64_t n,
+                       int64_t y, int64_t xo, const float** a, int64_t stride) {
+  const int64_t taps = g.kh * g.kw, iy0 = y * g.sh - g.ph, ix0 = xo * g.sw - g.pw;
+  if (iy0 >= 0 && iy0 + (g.kh - 1) * g.dh < g.h && ix0 >= 0 && ix0 + (g.kw - 1) * g.dw < g.w) {
+    const float* base = x + ((n * g.h + iy0) * g.w + ix0) * g.c;
+    for (int64_t t = 0; t < taps; ++t) a[t * stride] = base + offsets[t];
+  } else {
+    for (int64_t t = 0; t < taps; ++t) a[t * stride] = tap_input(x, zeros, g, n, y, xo, t);
+  }
+}
+
 // The direct strategy's packed weight (implicit_gemm::pack_weight), cached per weight: inference calls a conv with
 // the same weight every time, and packing it cost up to a fifth of a small focused conv (measured on the reference
 // models). An entry serves a weight with the same storage (held weakly: a freed storage's entry is dropped and its
@@ -568,6 +589,7 @@ void run_direct(const at::Tensor& x, const at::Tensor& weight, const c10::option
   const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor wpacked = packed_weight(weight, nr);
   const std::vector<float> zero_row(g.c, 0.0f);  // taps outside the image read it
+  const std::vector<int64_t> offsets = tap_offsets(g);
   std::vector<float> b(o_blocks * nr, 0.0f);
   if (bias.has_value() && bias->defined()) {
     const at::Tensor bc = bias->contiguous();
@@ -610,18 +632,18 @@ void run_direct(const at::Tensor& x, const at::Tensor& weight, const c10::option
         const bool real = q < P;
         const Run& p = pieces[real ? piece : 0];
         const float** bp = ptrs.data() + ptr_at[ci] + (q / mr) * taps * mr + q % mr;
-        for (int64_t t = 0; t < taps; ++t) {
-          const int64_t ky = t / g.kw, kx = t % g.kw;
-          const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
-          if (!real) {
-            bp[t * mr] = zero_row.data();
-          } else if (cl_in) {
-            bp[t * mr] = tap_input(xp, zero_row.data(), g, p.n, p.y, xo, t);
-          } else if (iy < 0 || iy >= g.h) {
-            bp[t * mr] = zero_row.data();
-          } else {  // the staged row holds the zeros of columns outside the image
-            const int64_t ws = g.window_w(p.x1 - p.x0);
-            bp[t * mr] = staged.data() + stage_at[first + piece] + (ky * ws + (xo - p.x0) * g.sw + kx * g.dw) * g.c;
+        if (real && cl_in) {
+          tap_inputs(xp, zero_row.data(), g, offsets.data(), p.n, p.y, xo, bp, mr);
+        } else {
+          for (int64_t t = 0; t < taps; ++t) {
+            const int64_t ky = t / g.kw, kx = t % g.kw;
+            const int64_t iy = p.y * g.sh - g.ph + ky * g.dh;
+            if (!real || iy < 0 || iy >= g.h) {
+              bp[t * mr] = zero_row.data();
+            } else {  // NCHW x: the staged row holds the zeros of columns outside the image
+              const int64_t ws = g.window_w(p.x1 - p.x0);
+              bp[t * mr] = staged.data() + stage_at[first + piece] + (ky * ws + (xo - p.x0) * g.sw + kx * g.dw) * g.c;
+            }
           }
         }
         if (real && ++xo == p.x1 && ++piece < count) xo = pieces[piece].x0;
@@ -673,8 +695,8 @@ void run_direct(const at::Tensor& x, const at::Tensor& weight, const c10::option
 
 // The direct strategy for a depthwise conv (groups == C == O), channels_last x and out, fp32: the active outputs of
 // each run 8 at a time (implicit_gemm::depthwise_pixels; a short last group is padded with pixels that read the zero
-// row and write a scratch row), the input read in place (a tap outside the image reads a row of zeros); runs split
-// over the threads. Where all of a pixel's taps lie inside the image its pointers are one base plus fixed offsets.
+// row and write a scratch row), the input read in place (a tap outside the image reads a row of zeros; tap_inputs);
+// runs split over the threads.
 void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                           at::Tensor& out, const MaskSummary& s, const ConvGeometry& g) {
   constexpr int64_t P = 8;
@@ -685,8 +707,7 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t t = 0; t < taps; ++t) wt[t * C + c] = w[c * ws[0] + (t / g.kw) * ws[2] + (t % g.kw) * ws[3]];
   }
-  std::vector<int64_t> offset(taps);  // tap t of an inner pixel: its top-left tap's input plus offset[t]
-  for (int64_t t = 0; t < taps; ++t) offset[t] = ((t / g.kw) * g.dh * g.w + (t % g.kw) * g.dw) * C;
+  const std::vector<int64_t> offsets = tap_offsets(g);
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   const std::vector<float> zero_row(C, 0.0f);
@@ -698,8 +719,6 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
     std::vector<float> scratch(C);
     for (int64_t r = begin; r < end; ++r) {
       const Run& run = s.runs[r];
-      const int64_t iy0 = run.y * g.sh - g.ph;
-      const bool rows_inside = iy0 >= 0 && iy0 + (g.kh - 1) * g.dh < g.h;
       for (int64_t x0 = run.x0; x0 < run.x1; x0 += P) {
         for (int64_t i = 0; i < P; ++i) {
           const int64_t xo = x0 + i;
@@ -709,13 +728,7 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
             continue;
           }
           dst[i] = op + ((run.n * g.ho + run.y) * g.wo + xo) * C;
-          const int64_t ix0 = xo * g.sw - g.pw;
-          if (rows_inside && ix0 >= 0 && ix0 + (g.kw - 1) * g.dw < g.w) {
-            const float* base = xp + ((run.n * g.h + iy0) * g.w + ix0) * C;
-            for (int64_t t = 0; t < taps; ++t) a[t * P + i] = base + offset[t];
-          } else {
-            for (int64_t t = 0; t < taps; ++t) a[t * P + i] = tap_input(xp, zero_row.data(), g, run.n, run.y, xo, t);
-          }
+          tap_inputs(xp, zero_row.data(), g, offsets.data(), run.n, run.y, xo, a.data() + i, P);
         }
         implicit_gemm::depthwise_pixels<P>(a.data(), taps, wt.data(), bp, dst.data(), C);
       }
