@@ -69,7 +69,7 @@ def bench_model(key: str, photo_names, target: float, compile_models: bool, prof
     batch, _ = data.to_batch([image for _, image in photos], models.preprocessing(name))
     batch = batch.to(device).contiguous(memory_format=memory_format)
     threshold = focus.calibrate(model, batch, target)
-    config = fxeff.Focus(threshold, execution=execution)
+    config = fxeff.Focus(threshold, execution=execution, plan_batch=1)  # each photo is timed at batch 1
     focused = fxeff.transform(model, batch, [config])
     for note in focused.fxeff_report.notes:
         print(f"  {note}")
