@@ -8,7 +8,9 @@ the dense model (eager, and torch.compile's default inductor). The AoI is comput
 from each photo, so one compiled model serves every photo.
 
 MAC bound = dense MACs / focused MACs (torch.utils.flop_counter with fxeff's formulas, the count
-of fxeff.transform's report); efficiency = speedup / MAC bound (1.0: time falls as fast as MACs).
+of fxeff.transform's report); efficiency = speedup / MAC bound (1.0: time falls as fast as MACs). Focus folds each
+eval BatchNorm after a focused conv into it, so on CPU the dense model with its BatchNorms folded the same way
+(torch.fx.experimental.optimization.fuse) is timed too: "speedup vs BN-folded" is what the AoI alone buys.
 
 With --device cuda the models, photos and masks live on the GPU (dense = cuDNN); issue 6's GPU target is an
 efficiency >= 0.75 for VGG16 and ResNet-50 at a 25% AoI. --quick: the first photo only, eager only.
@@ -23,6 +25,7 @@ import os
 import sys
 
 import torch
+import torch.fx.experimental.optimization  # noqa: F401  (fuse: the dense model with its BatchNorms folded)
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +36,9 @@ from fxeff import data, focus, models  # noqa: E402
 
 MODELS = {"vgg16": "torchvision:vgg16", "resnet50": "torchvision:resnet50", "mobilenetv2": "torchvision:mobilenet_v2",
           "efficientnet-lite0": "efficientnet-lite0"}
-COLUMNS = ["model", "format", "execution", "photo", "AoI", "MAC bound", "eager dense ms", "eager focused ms", "eager speedup",
-           "eager efficiency", "inductor dense ms", "effconv focused ms", "compiled speedup", "compiled efficiency",
-           "effconv vs eager dense"]
+COLUMNS = ["model", "format", "execution", "photo", "AoI", "MAC bound", "eager dense ms", "eager focused ms",
+           "eager speedup", "eager efficiency", "dense BN-folded ms", "speedup vs BN-folded", "inductor dense ms",
+           "effconv focused ms", "compiled speedup", "compiled efficiency", "effconv vs eager dense"]
 
 
 def _macs(model, x) -> int:
@@ -81,6 +84,9 @@ def bench_model(key: str, photo_names, target: float, compile_models: bool, prof
         inductor_dense = torch.compile(model)
         effconv_focused = torch.compile(model, backend="effconv", options={"passes": [config.to_dict()]})
     masks = focus.aoi_masks(model, batch, threshold)[0]
+    # Focus folds each eval BatchNorm after a focused conv into it (Focus.fold_batchnorm); the dense model with its
+    # BatchNorms folded the same way (torch.fx's fuse) says how much of the speedup is the fold, not the AoI.
+    folded = torch.fx.experimental.optimization.fuse(model) if device.type == "cpu" else None
     rows = []
     with torch.no_grad():
         for i, (photo, _) in enumerate(photos):
@@ -92,6 +98,10 @@ def bench_model(key: str, photo_names, target: float, compile_models: bool, prof
             row.update({"eager dense ms": eager_dense * 1e3, "eager focused ms": eager_focused * 1e3,
                         "eager speedup": eager_dense / eager_focused,
                         "eager efficiency": eager_dense / eager_focused / bound})
+            if folded is not None:
+                dense_folded = measure(lambda: folded(x))
+                row.update({"dense BN-folded ms": dense_folded * 1e3,
+                            "speedup vs BN-folded": dense_folded / eager_focused})
             if compile_models:
                 compiled_dense = measure(lambda: inductor_dense(x))
                 compiled_focused = measure(lambda: effconv_focused(x))
