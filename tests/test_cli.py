@@ -30,10 +30,12 @@ def test_demo_on_a_small_setting_matches_predictions_recomputed_here(tmp_path, r
     assert [r["image"] for r in on_disk["rows"]] == ["chelsea", "rocket", "coffee"]
     assert on_disk["split"] == "maxpool" and on_disk["real_weights"] is True
 
-    # recompute everything from the same checkpoint and threshold
-    model = models.load_model("torchvision:resnet18", resnet18_checkpoint)
+    # recompute everything from the same checkpoint and threshold, in channels_last as the CLI runs
+    cl = torch.channels_last
+    model = models.load_model("torchvision:resnet18", resnet18_checkpoint).to(memory_format=cl)
     batch, _ = data.to_batch([im for _, im in data.photos(["chelsea", "rocket", "coffee"])],
                              models.preprocessing("torchvision:resnet18").at_size(64))
+    batch = batch.contiguous(memory_format=cl)
     threshold = on_disk["threshold"]
     assert threshold == focus.calibrate(model, batch, 0.25)
     focused = fxeff.transform(model, batch, [fxeff.Focus(threshold, execution="layer")])
