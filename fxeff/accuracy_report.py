@@ -100,6 +100,7 @@ class _Context:
     def __init__(self, arch: str, dataset: str, settings: Settings):
         self.arch, self.dataset, self.settings = arch, dataset, settings
         self.model = reference.load(arch, dataset)
+        self._formats: Dict[str, Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = {}  # in_format's copies
 
     @functools.cached_property
     def test_loader(self) -> torch.utils.data.DataLoader:
@@ -126,11 +127,14 @@ class _Context:
         return bench.macs(lambda: self.model(self.timing_input))
 
     def in_format(self, fmt: str) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-        """The model (a copy), the calibration images and the timing batch in memory format ``fmt``."""
-        memory_format = FORMATS[fmt]
-        return (copy.deepcopy(self.model).to(memory_format=memory_format),
-                self.calibration.contiguous(memory_format=memory_format),
-                self.timing_input.contiguous(memory_format=memory_format))
+        """The model (a copy, made once per format; rewrites copy it again), the calibration images and the timing
+        batch in memory format ``fmt``."""
+        if fmt not in self._formats:
+            memory_format = FORMATS[fmt]
+            self._formats[fmt] = (copy.deepcopy(self.model).to(memory_format=memory_format),
+                                  self.calibration.contiguous(memory_format=memory_format),
+                                  self.timing_input.contiguous(memory_format=memory_format))
+        return self._formats[fmt]
 
     def row(self, pass_name: str, setting: str, rewritten: torch.nn.Module, fmt: str = "nchw") -> Dict[str, object]:
         """The row of one rewrite, before any fine-tuning; its latency ratio in memory format ``fmt`` (rewritten

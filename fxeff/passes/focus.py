@@ -27,7 +27,7 @@ from .graph import SYMBOLIC, ConvSite, conv_site, conv_sites, get_attr_value, gr
 from .layout import ChannelAxes, channels_first_error
 from .measure import fake_mode_of, run_recording
 from .regions import LAYER_RUNS, Planner, fill_means, grid_masks_for, tile_macs
-from .rewrite import eval_batch_norm_after, new_attr
+from .rewrite import eval_batch_norm_after, held_by_module, new_attr
 from .splits import default_split_for_class, no_split_message
 
 aten = torch.ops.aten
@@ -426,8 +426,8 @@ def _fold_batch_norm(gm: fx.GraphModule, new: fx.Node, site: ConvSite, split: fx
     user, out, stats, eps = found
     weight_node, bias_node = new.args[1], new.args[2]
     fill_node = new.args[8] if len(new.args) > 8 else None
-    if any(n is not None and n.op != "get_attr" for n in (weight_node, bias_node, fill_node)):
-        return None  # parameters that are graph inputs (dynamo, export): their values may change per call
+    if not held_by_module(weight_node, bias_node, fill_node):
+        return None
     weight = get_attr_value(gm, weight_node.target)
     o = weight.shape[0]
     mean, var = stats["running_mean"].double(), stats["running_var"].double()

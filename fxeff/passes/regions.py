@@ -42,7 +42,7 @@ from ..ops import regions as R
 from ..ops.mask_resize import mask_resize
 from .graph import ConvSite, concrete_shape
 from .measure import _writes_in_place
-from .rewrite import eval_batch_norm_after, new_attr
+from .rewrite import eval_batch_norm_after, held_by_module, new_attr
 
 aten = torch.ops.aten
 TILE_CONV2D = torch.ops.fxeff.tile_conv2d.default
@@ -57,7 +57,8 @@ GATHER_SCATTER = 0.1  # gather and scatter, as a fraction of the dense region's 
 # focused_conv2d with the example inputs' mask against F.conv2d, on inputs of its shape, dtype and memory format at
 # the planned batch (LAYER_RUNS interleaved runs, medians); activations cost the same either way, and an eval
 # BatchNorm the focused conv takes in is timed on the dense side. (The focused conv kernel's own cost model was
-# tried here first: it predicts 0.54-0.87 of dense for ResNet-50's grids where whole-model runs measure 0.92-1.38x speedups.)
+# tried here first: it predicts 0.54-0.87 of dense for ResNet-50's grids where whole-model runs measure 0.92-1.38x
+# speedups.)
 LAYER_RUNS = 5
 TILE_SIDES = tuple(sorted(THROUGHPUT))
 DEFAULT_TILE = 8  # without real example inputs there is no mask to cost tiles with
@@ -121,6 +122,22 @@ class GridPlan:
                 f"{self.tiles} active tiles on the example inputs, MAC ratio {self.mac_ratio:.2f}, modelled time "
                 f"{self.modelled:.2f} of dense" + (f" (per layer measured {self.layer_modelled:.2f})"
                                                    if self.layer_modelled < float("inf") else ""))
+
+
+def _recorded_format(node: fx.Node) -> torch.memory_format:
+    """The memory format of ``node``'s value on the example inputs (measure.ValueMeta), contiguous if unknown."""
+    return getattr(node.meta.get("fxeff_val"), "memory_format", torch.contiguous_format)
+
+
+def _random_at_batch(node: fx.Node, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+    """A random tensor like ``node``'s value on the example inputs (its shape, dtype and memory format as recorded)
+    with ``batch`` images, for timing; None where its shape is unknown."""
+    shape = concrete_shape(node)
+    if shape is None or len(shape) == 0:
+        return None
+    dtype = getattr(node.meta.get("fxeff_val"), "dtype", torch.float32)
+    value = torch.randn((batch,) + tuple(shape[1:]), dtype=dtype, device=device)
+    return value.contiguous(memory_format=_recorded_format(node)) if value.dim() == 4 else value
 
 
 class Planner:
@@ -401,8 +418,7 @@ class Planner:
         """(its tensors, eps) when a per-layer focused ``conv`` would take in the eval BatchNorm after it (as
         focus._fold_batch_norm does: the conv's parameters held by the graph module), else None."""
         site = self.sites[conv]
-        if not self.fold_batchnorm or any(isinstance(ref, fx.Node) and ref.op != "get_attr"
-                                          for ref in (site.weight, site.bias)):
+        if not self.fold_batchnorm or not held_by_module(site.weight, site.bias):
             return None
         found = eval_batch_norm_after(self.gm, conv)
         return None if found is None else (found[2], found[3])
@@ -411,35 +427,32 @@ class Planner:
         """conv -> (seconds as F.conv2d, as focused_conv2d with ``mask``, bool [N, H, W] at the grid), measured on
         random inputs and weights of its shapes, dtype and memory format at the planned batch (mask's; see
         LAYER_RUNS; the values do not change the time, and a graph whose parameters are inputs, as dynamo's, times the
-        same); empty when a conv's input
-        shape is unknown. Where the focused conv would take in the BatchNorm after it (folded_batch_norm), the dense
-        side is the conv and that BatchNorm, the focused side one focused conv with a bias and a fill."""
+        same); empty when a conv's input shape is unknown. Where the focused conv would take in the BatchNorm after
+        it (folded_batch_norm), the dense side is the conv and that BatchNorm, the focused side one focused conv with
+        a bias and a fill."""
         from .. import bench
         from ..ops.focused_conv2d import focused_conv2d
 
         times = {}
         for conv in convs:
             site = self.sites[conv]
-            value, shape = site.input.meta.get("fxeff_val"), concrete_shape(site.input)
-            if shape is None or len(shape) != 4:
+            x = _random_at_batch(site.input, mask.shape[0], mask.device)
+            if x is None or x.dim() != 4:
                 return {}
-            # the input's dtype and memory format as recorded (a channels_last model times its own format; its
-            # weights are channels_last too, as .to(memory_format=...) makes them)
-            dtype = getattr(value, "dtype", torch.float32)
-            fmt = getattr(value, "memory_format", torch.contiguous_format)
-            n = mask.shape[0]  # the planned batch (Focus.plan_batch): the first images of the example inputs
-            x = torch.randn((n,) + tuple(shape[1:]), dtype=dtype, device=mask.device).contiguous(memory_format=fmt)
+            # its weights in the input's format too, as .to(memory_format=...) makes a channels_last model's
             weight = torch.randn(site.weight_shape, dtype=x.dtype, device=x.device)
             if len(site.weight_shape) == 4:
-                weight = weight.contiguous(memory_format=fmt)
-            bias = torch.randn(site.weight_shape[0], dtype=x.dtype, device=x.device) if site.bias is not None \
-                else None
+                weight = weight.contiguous(memory_format=_recorded_format(site.input))
+            o = site.weight_shape[0]
+            bias = torch.randn(o, dtype=x.dtype, device=x.device) if site.bias is not None else None
             args = (list(site.stride), list(site.padding), list(site.dilation), site.groups)
             bn = self.folded_batch_norm(conv)
-            fill = torch.randn(1, site.weight_shape[0], 1, 1, dtype=x.dtype, device=x.device) \
-                if self.fill_add or bn is not None else None
+            fill = torch.randn(1, o, 1, 1, dtype=x.dtype, device=x.device) if self.fill_add or bn is not None \
+                else None
+            # the folded conv has a bias (the BatchNorm's) even where the conv had none
+            focused_bias = torch.randn(o, dtype=x.dtype, device=x.device) if bn is not None and bias is None else bias
 
-            def dense(bn=bn):
+            def dense():
                 out = F.conv2d(x, weight, bias, *args)
                 if bn is None:
                     return out
@@ -447,7 +460,6 @@ class Planner:
                 return F.batch_norm(out, stats["running_mean"], stats["running_var"], stats["weight"],
                                     stats["bias"], False, 0.0, eps)
 
-            focused_bias = bias if bn is None or bias is not None else torch.randn_like(fill.view(-1))
             times[conv] = tuple(bench.interleaved(
                 [dense, lambda: focused_conv2d(x, weight, focused_bias, mask, *args, fill=fill)], LAYER_RUNS,
                 warmup=1))
@@ -461,15 +473,11 @@ class Planner:
         times = {}
         inside = mask.unsqueeze(1)
         for conv in convs:
-            shape = concrete_shape(conv)
-            if shape is None or len(shape) != 4 or tuple(shape[2:]) != tuple(mask.shape[1:]):
+            out = _random_at_batch(conv, mask.shape[0], mask.device)
+            if out is None or out.dim() != 4 or tuple(out.shape[2:]) != tuple(mask.shape[1:]):
                 times[conv] = 0.0
                 continue
-            value = conv.meta.get("fxeff_val")
-            out = torch.randn((mask.shape[0],) + tuple(shape[1:]), dtype=getattr(value, "dtype", torch.float32),
-                              device=mask.device).contiguous(
-                memory_format=getattr(value, "memory_format", torch.contiguous_format))
-            fill = torch.randn(1, shape[1], 1, 1, device=mask.device) if self.fill_add else None
+            fill = torch.randn(1, out.shape[1], 1, 1, device=mask.device) if self.fill_add else None
             times[conv] = bench.interleaved([lambda: torch.where(inside, out, fill) if fill is not None
                                              else torch.where(inside, out, 0.0)], LAYER_RUNS, warmup=1)[0]
         return times

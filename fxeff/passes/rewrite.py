@@ -97,6 +97,13 @@ def batch_norm_stats(gm: fx.GraphModule, user: fx.Node, reads: fx.Node, inputs: 
     return stats, bn_arg(user, "eps", 1e-5), ""
 
 
+def held_by_module(*refs: Any) -> bool:
+    """Whether each weight/bias/fill reference is held by the graph module (None, an attribute name or a get_attr
+    node), not a graph input (dynamo's and export's lifted parameters, whose values may change per call)."""
+    return all(ref is None or isinstance(ref, str) or (isinstance(ref, fx.Node) and ref.op == "get_attr")
+               for ref in refs)
+
+
 _BN_NO_TRAINING = torch.ops.aten._native_batch_norm_legit_no_training.default  # export's eval BN: (out, mean, rstd)
 
 
