@@ -34,12 +34,13 @@ def expected_fn(x, weight, bias, mask, stride=1, padding=0, dilation=1, groups=1
     return (out * mask[:, None]).to(x.dtype)
 
 
-def assert_matches(out, ref, dtype):
+def assert_matches(out, ref, dtype, scale_of=None):
+    """out == ref within a few units in the last place of the scale of ``scale_of`` (default: ref)."""
     assert out.dtype == ref.dtype == dtype
     assert out.shape == ref.shape
     tol = (CUDA_REL_TOL if out.is_cuda else REL_TOL)[dtype]
     out, ref = out.cpu(), ref.cpu()
-    scale = max(1.0, float(ref.double().abs().max()))
+    scale = max(1.0, float((ref if scale_of is None else scale_of).cpu().double().abs().max()))
     err = float((out.double() - ref.double()).abs().max())
     assert err <= tol * scale, f"max abs error {err:g} > {tol:g} * {scale:g}"
 
@@ -224,6 +225,76 @@ def test_gradcheck_with_fill(strategy, device):
                                         (x, weight, bias, fill), fast_mode=True)
     torch.library.opcheck(torch.ops.fxeff.focused_conv2d.default,
                           (x, weight, bias, mask, [1, 1], [1, 1], [1, 1], 1, fill))
+
+
+# (clamp_min, clamp_max) of the activation epilogue: ReLU, ReLU6, Hardtanh, an upper bound alone, a positive floor
+# (the inactive outputs' zero is clamped too).
+CLAMPS = [(0.0, None), (0.0, 6.0), (-0.5, 0.25), (None, 0.1), (0.2, None)]
+
+
+@pytest.mark.parametrize("strategy", FORCED + ["direct"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_clamp_epilogue_equals_clamp_of_the_output(strategy, channels_last, dtype, depthwise, device):
+    # out == torch.clamp(the focused conv's output with its fill, clamp_min, clamp_max), every mask, with and
+    # without a fill, both bounds or one.
+    direct_runs = dtype == torch.float32 and device == "cpu" and fxeff.ops.direct_strategy_available()
+    if strategy == "direct" and (not direct_runs or (depthwise and not channels_last)):
+        pytest.skip("the direct strategy runs fp32 on an AVX-512 CPU (depthwise: channels_last)")
+    groups = 16 if depthwise else 1
+    x, weight, bias, mask = conv_case(dtype, c=16, o=16 if depthwise else 20, groups=groups)
+    weight = weight * 3  # outputs well beyond the bounds
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fill = torch.randn(1, weight.shape[0], 1, 1).to(dtype)
+    for m in (mask, torch.zeros_like(mask), torch.ones_like(mask)):
+        for lo, hi in CLAMPS:
+            for f in (None, fill):
+                out = run(strategy, 0, *on(device, x, weight, bias, m), 1, 1, 1, groups,
+                          None if f is None else f.to(device), lo, hi)
+                dense = expected_fn(x, weight, bias, m, 1, 1, 1, groups)
+                expected = (dense if f is None else torch.where(m[:, None], dense, f)).clamp(lo, hi)
+                assert_matches(out, expected, dtype, scale_of=dense)  # the error is the conv's, before the clamp
+                assert out.is_contiguous(memory_format=torch.channels_last if channels_last else
+                                         torch.contiguous_format)
+
+
+def test_clamp_epilogue_keeps_nan_and_is_checked():
+    x, weight, bias, mask = conv_case()
+    x[0, :, 5, 5] = float("nan")
+    out = focused_conv2d(x, weight, bias, torch.ones_like(mask), 1, 1, clamp_min=0.0, clamp_max=6.0)
+    expected = F.conv2d(x, weight, bias, 1, 1).clamp(0.0, 6.0)
+    assert torch.equal(out.isnan(), expected.isnan()) and bool(out.isnan().any())
+    with pytest.raises(ValueError, match=r"fxeff\.focused_conv2d: clamp_min must be <= clamp_max, got 1 > 0"):
+        focused_conv2d(x, weight, bias, mask, 1, 1, clamp_min=1.0, clamp_max=0.0)
+    with pytest.raises(ValueError, match="clamp_max must not be NaN"):
+        focused_conv2d(x, weight, bias, mask, 1, 1, clamp_max=float("nan"))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "crop", "pixels"])
+@pytest.mark.parametrize("lo, hi", [(0.0, None), (-0.3, 0.8), (None, 0.2)])
+def test_gradcheck_with_clamp(strategy, lo, hi, device):
+    # The epilogue's gradient is torch.clamp's: it reaches x, weight, bias and the fill only where the value lies
+    # strictly inside the bounds.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 7, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    fill = torch.randn(1, 5, 1, 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = random_mask(2, 7, 7, gen, blobs=1, pixel_fraction=0.2)
+    x, weight, bias, fill, mask = on(device, x, weight, bias, fill, mask)
+    with forced_strategy(strategy):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, f: focused_conv2d(x, w, b, mask, 1, 1, fill=f, clamp_min=lo, clamp_max=hi),
+            (x, weight, bias, fill), fast_mode=True)
+        grads = torch.autograd.grad(focused_conv2d(x, weight, bias, mask, 1, 1, fill=fill, clamp_min=lo,
+                                                   clamp_max=hi).sum(), (x, weight, bias, fill))
+    reference = torch.where(mask[:, None], F.conv2d(x, weight, bias, 1, 1), fill).clamp(lo, hi)
+    for got, want in zip(grads, torch.autograd.grad(reference.sum(), (x, weight, bias, fill))):
+        torch.testing.assert_close(got, want)
+    torch.library.opcheck(torch.ops.fxeff.focused_conv2d.default,
+                          (x, weight, bias, mask, [1, 1], [1, 1], [1, 1], 1, fill, lo, hi))
 
 
 @direct_cpu

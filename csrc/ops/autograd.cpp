@@ -52,7 +52,7 @@ const at::Tensor& or_undefined(const c10::optional<at::Tensor>& t) {
 
 using FocusedConv2dSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                     const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                                    const c10::optional<at::Tensor>&);
+                                    const c10::optional<at::Tensor>&, c10::optional<double>, c10::optional<double>);
 using FocusedConv2dBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
     at::IntArrayRef, int64_t);
@@ -62,10 +62,15 @@ class FocusedConv2dFunction : public torch::autograd::Function<FocusedConv2dFunc
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& mask, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                            const c10::optional<at::Tensor>& fill) {
+                            const c10::optional<at::Tensor>& fill, c10::optional<double> clamp_min,
+                            c10::optional<double> clamp_max) {
     static auto op = op_handle<FocusedConv2dSig>("fxeff::focused_conv2d");
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({x, weight, mask});
+    at::Tensor out = op.call(x, weight, bias, mask, stride, padding, dilation, groups, fill, clamp_min, clamp_max);
+    const bool clamped = clamp_min.has_value() || clamp_max.has_value();
+    ctx->save_for_backward({x, weight, mask, clamped ? out : at::Tensor()});
+    ctx->saved_data["clamp_min"] = clamp_min.has_value() ? c10::IValue(*clamp_min) : c10::IValue();
+    ctx->saved_data["clamp_max"] = clamp_max.has_value() ? c10::IValue(*clamp_max) : c10::IValue();
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
@@ -73,36 +78,47 @@ class FocusedConv2dFunction : public torch::autograd::Function<FocusedConv2dFunc
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     const bool fill_grad = fill.has_value() && fill->defined() && fill->requires_grad();
     ctx->saved_data["fill_sizes"] = fill_grad ? fill->sizes().vec() : std::vector<int64_t>{};
-    return op.call(x, weight, bias, mask, stride, padding, dilation, groups, fill);
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = op_handle<FocusedConv2dBackwardSig>("fxeff::focused_conv2d_backward");
     const auto saved = ctx->get_saved_variables();
+    // The epilogue's gradient, from the output as torch.clamp's (hardtanh's) from its input: it passes where the
+    // value lies strictly inside the given bounds (clamp(v) is inside exactly where v is).
+    at::Tensor grad = grads[0];
+    if (saved[3].defined()) {
+      const c10::IValue lo = ctx->saved_data["clamp_min"], hi = ctx->saved_data["clamp_max"];
+      at::Tensor inside = lo.isNone() ? saved[3].lt(hi.toDouble()) : saved[3].gt(lo.toDouble());
+      if (!lo.isNone() && !hi.isNone()) inside = inside.logical_and(saved[3].lt(hi.toDouble()));
+      grad = grad.mul(inside);
+    }
     auto [grad_x, grad_w, grad_b] =
-        op.call(grads[0], saved[0], saved[1], saved[2], ints(ctx->saved_data["stride"]),
+        op.call(grad, saved[0], saved[1], saved[2], ints(ctx->saved_data["stride"]),
                 ints(ctx->saved_data["padding"]), ints(ctx->saved_data["dilation"]), ctx->saved_data["groups"].toInt());
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     // The fill is each inactive output's value: its gradient sums grad_out there, per channel.
     const std::vector<int64_t> fill_sizes = ints(ctx->saved_data["fill_sizes"]);
     at::Tensor grad_fill;
     if (!fill_sizes.empty()) {
-      grad_fill = grads[0].mul(at::logical_not(saved[2]).unsqueeze(1)).sum({0, 2, 3}).view(fill_sizes);
+      grad_fill = grad.mul(at::logical_not(saved[2]).unsqueeze(1)).sum({0, 2, 3}).view(fill_sizes);
     }
     return {grad_x, grad_w, has_bias ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), grad_fill};
+            at::Tensor(), grad_fill, at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor focused_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                    const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
-                                   at::IntArrayRef dilation, int64_t groups, const c10::optional<at::Tensor>& fill) {
+                                   at::IntArrayRef dilation, int64_t groups, const c10::optional<at::Tensor>& fill,
+                                   c10::optional<double> clamp_min, c10::optional<double> clamp_max) {
   if (!records({&x, &weight, &or_undefined(bias), &or_undefined(fill)})) {
     static auto op = op_handle<FocusedConv2dSig>("fxeff::focused_conv2d");
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, weight, bias, mask, stride, padding, dilation, groups, fill);
+    return op.call(x, weight, bias, mask, stride, padding, dilation, groups, fill, clamp_min, clamp_max);
   }
-  return FocusedConv2dFunction::apply(x, weight, bias, mask, stride, padding, dilation, groups, fill);
+  return FocusedConv2dFunction::apply(x, weight, bias, mask, stride, padding, dilation, groups, fill, clamp_min,
+                                      clamp_max);
 }
 
 // ---------------------------------------------------------------- shift and shift_pool

@@ -34,6 +34,10 @@ ConvGeometry check_focused_conv2d_args(const char* op, const at::Tensor& x, cons
 void check_focused_conv2d_fill(const char* op, const c10::optional<at::Tensor>& fill, const at::Tensor& x,
                                const ConvGeometry& g);
 
+// Validates the forward's activation epilogue (out = clamp(out, clamp_min, clamp_max), inactive outputs included):
+// each bound a number (not NaN), clamp_min <= clamp_max where both are given.
+void check_focused_conv2d_clamp(const char* op, c10::optional<double> clamp_min, c10::optional<double> clamp_max);
+
 // The forward's output format, as ATen's convolutions pick it: channels_last if x or the weight suggests it (so a
 // model converted with .to(memory_format=torch.channels_last) stays channels_last even where x has one channel and
 // its strides say both), else contiguous. x is converted to it.

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <mutex>
 #include <vector>
 
@@ -69,6 +70,13 @@ void check_focused_conv2d_fill(const char* op, const c10::optional<at::Tensor>& 
                     x.scalar_type(), ", got ", fill->scalar_type());
   TORCH_CHECK_VALUE(fill->device() == x.device(), "fxeff.", op, ": fill must be on x's device ", x.device(),
                     ", got ", fill->device());
+}
+
+void check_focused_conv2d_clamp(const char* op, c10::optional<double> clamp_min, c10::optional<double> clamp_max) {
+  TORCH_CHECK_VALUE(!clamp_min.has_value() || !std::isnan(*clamp_min), "fxeff.", op, ": clamp_min must not be NaN");
+  TORCH_CHECK_VALUE(!clamp_max.has_value() || !std::isnan(*clamp_max), "fxeff.", op, ": clamp_max must not be NaN");
+  TORCH_CHECK_VALUE(!clamp_min.has_value() || !clamp_max.has_value() || *clamp_min <= *clamp_max, "fxeff.", op,
+                    ": clamp_min must be <= clamp_max, got ", *clamp_min, " > ", *clamp_max);
 }
 
 at::MemoryFormat conv_output_format(const at::Tensor& x, const at::Tensor& weight) {

@@ -10,8 +10,8 @@ from .focused_conv2d import conv_output_size
 _registered = False
 
 
-def _focused_conv2d_flops(x, weight, bias, mask, stride, padding, dilation, groups, fill=None, out_val=None,
-                          **kwargs) -> int:
+def _focused_conv2d_flops(x, weight, bias, mask, stride, padding, dilation, groups, fill=None, clamp_min=None,
+                          clamp_max=None, out_val=None, **kwargs) -> int:
     # Only active outputs are computed (the kernel may compute a few more inside tiles; those are overhead,
     # not work the model asks for, and benchmarks show their cost).
     o, cg, kh, kw = weight.shape

@@ -1,8 +1,11 @@
 """focused_conv2d: a conv computed only at the active outputs of a per-image mask.
 
 Contract: out[n, :, i, j] == F.conv2d(x, weight, bias, ...)[n, :, i, j] where mask[n, i, j], and 0 (or, given
-``fill``, fill[o] in channel o) elsewhere. The mask is bool [N, Hout, Wout] at the conv's output resolution.
-Gradients flow to x, weight and bias (only through the active outputs) and to fill (from the inactive ones).
+``fill``, fill[o] in channel o) elsewhere; then, given ``clamp_min`` / ``clamp_max``, the whole output clamped as
+torch.clamp does (an activation epilogue: ReLU is clamp_min=0, ReLU6 clamp_min=0 and clamp_max=6, Hardtanh its
+bounds), so the inactive outputs hold the clamped fill. The mask is bool [N, Hout, Wout] at the conv's output
+resolution. Gradients flow to x, weight and bias (only through the active outputs) and to fill (from the inactive
+ones), each through the clamp as torch.clamp's gradient does (zero where the value lies outside the bounds).
 """
 from contextlib import contextmanager
 from typing import Dict, Optional
@@ -21,17 +24,23 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 @torch.fx.wrap
 def focused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
                    stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
-                   fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   fill: Optional[torch.Tensor] = None, clamp_min: Optional[float] = None,
+                   clamp_max: Optional[float] = None) -> torch.Tensor:
     """F.conv2d restricted to the outputs where ``mask`` (bool [N, Hout, Wout]) is true; elsewhere zeros, or with
     ``fill`` (one value per output channel, any shape of O elements) that channel's fill value, written by the
-    kernel in the same pass (gradients reach ``fill`` from the inactive outputs)."""
+    kernel in the same pass (gradients reach ``fill`` from the inactive outputs). ``clamp_min`` / ``clamp_max``:
+    the result clamped, as ``torch.clamp(out, clamp_min, clamp_max)`` (ReLU, ReLU6, Hardtanh fused into the conv:
+    the kernel clamps the active outputs as it stores them and writes the clamped fill elsewhere)."""
     return torch.ops.fxeff.focused_conv2d(x, weight, bias, mask, pair("stride", "focused_conv2d", stride),
                                           pair("padding", "focused_conv2d", padding),
-                                          pair("dilation", "focused_conv2d", dilation), groups, fill)
+                                          pair("dilation", "focused_conv2d", dilation), groups, fill,
+                                          None if clamp_min is None else float(clamp_min),
+                                          None if clamp_max is None else float(clamp_max))
 
 
 @torch.library.register_fake("fxeff::focused_conv2d")
-def _focused_conv2d_fake(x, weight, bias, mask, stride, padding, dilation, groups, fill=None):
+def _focused_conv2d_fake(x, weight, bias, mask, stride, padding, dilation, groups, fill=None, clamp_min=None,
+                         clamp_max=None):
     torch._check(x.dim() == 4, lambda: f"fxeff.focused_conv2d: x must be 4-D [N, C, H, W], got {x.dim()}-D")
     torch._check(weight.dim() == 4, lambda: f"fxeff.focused_conv2d: weight must be 4-D, got {weight.dim()}-D")
     ho = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])

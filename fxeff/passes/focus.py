@@ -3,9 +3,10 @@
 After the split node it inserts ``aoi_mask(split_out, threshold, reduce)``; each conv downstream of
 the split becomes ``focused_conv2d(x, w, b, mask_k, ...)`` with ``mask_k = mask_resize(mask, [Hout,
 Wout])`` at that conv's output grid (one resize per distinct grid); a conv with a padding_mode
-other than zeros gets its input padded by F.pad in that mode first (exact, as nn.Conv2d does). Each rewritten conv computes
-F.conv2d of its own actual input at the active positions and 0 elsewhere; everything else (BN,
-activations, residual adds) runs unchanged on the whole map. Weights are the original tensors.
+other than zeros gets its input padded by F.pad in that mode first (exact, as nn.Conv2d does). Each rewritten conv
+computes F.conv2d of its own actual input at the active positions and 0 (or the fill) elsewhere; for inference an
+eval BatchNorm right after it is folded into it and a clamp activation (ReLU, ReLU6, Hardtanh) after that becomes its
+epilogue; everything else (residual adds, pooling, other activations) runs unchanged on the whole map.
 """
 import dataclasses
 import math
@@ -27,7 +28,7 @@ from .graph import SYMBOLIC, ConvSite, conv_site, conv_sites, get_attr_value, gr
 from .layout import ChannelAxes, channels_first_error
 from .measure import fake_mode_of, run_recording
 from .regions import LAYER_RUNS, Planner, fill_means, grid_masks_for, tile_macs
-from .rewrite import eval_batch_norm_after, held_by_module, new_attr
+from .rewrite import clamp_after, eval_batch_norm_after, held_by_module, new_attr
 from .splits import default_split_for_class, no_split_message
 
 aten = torch.ops.aten
@@ -72,6 +73,9 @@ class Focus(PassConfig):
     the whole map; the graph then computes the same values for inference. Training mode BatchNorms, and BatchNorms
     whose tensors or the conv's weight are graph inputs (dynamo, export), are kept. False keeps every BatchNorm (to
     fine-tune the focused model, or to time the fold apart).
+    ``fuse_activation``: a ReLU, ReLU6, Hardtanh or clamp that reads only a per-layer focused conv's output (after
+    the BatchNorm fold) becomes the conv's clamp epilogue: the kernel clamps the active outputs as it stores them and
+    writes the clamped fill outside the AoI, so no pass over the whole map is left for it. Exact, in training too.
     """
 
     threshold: float
@@ -83,6 +87,7 @@ class Focus(PassConfig):
     tile: Optional[int] = None
     dense_above: Optional[float] = 0.9
     fold_batchnorm: bool = True
+    fuse_activation: bool = True
     plan_batch: Optional[int] = None
 
     def __post_init__(self):
@@ -111,8 +116,9 @@ class Focus(PassConfig):
         if self.plan_batch is not None and (isinstance(self.plan_batch, bool) or not isinstance(self.plan_batch, int)
                                             or self.plan_batch < 1):
             raise ValueError(f"fxeff.passes.Focus: plan_batch must be an int >= 1 or None, got {self.plan_batch!r}")
-        if not isinstance(self.fold_batchnorm, bool):
-            raise TypeError(f"fxeff.passes.Focus: fold_batchnorm must be a bool, got {self.fold_batchnorm!r}")
+        for name in ("fold_batchnorm", "fuse_activation"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"fxeff.passes.Focus: {name} must be a bool, got {getattr(self, name)!r}")
 
     def run(self, gm: fx.GraphModule, context: PassContext) -> Report:
         return focus_pass(gm, self, context)
@@ -404,13 +410,30 @@ def _example_mask(config: Focus, split_value: torch.Tensor) -> torch.Tensor:
 
 
 def _focus_conv(gm: fx.GraphModule, site: ConvSite, mask: fx.Node, mean: Optional[torch.Tensor],
-                split: fx.Node, fold_batchnorm: bool) -> Optional[str]:
-    """The conv as focused_conv2d on ``mask``, with ``mean`` outside the AoI when given, and (``fold_batchnorm``) the
-    BatchNorm that follows it folded in; returns that BatchNorm's name, or None."""
+                split: fx.Node, config: "Focus") -> Tuple[Optional[str], Optional[str]]:
+    """The conv as focused_conv2d on ``mask``, with ``mean`` outside the AoI when given, (``config.fold_batchnorm``)
+    the BatchNorm that follows it folded in and (``config.fuse_activation``) the clamp activation after that fused
+    as its epilogue; returns the names of that BatchNorm and that activation (None where there is none)."""
     new = _rewrite(gm, site, mask)
     if mean is not None:
         _fill_outside(gm, site, new, mean, split)
-    return _fold_batch_norm(gm, new, site, split) if fold_batchnorm else None
+    folded = _fold_batch_norm(gm, new, site, split) if config.fold_batchnorm else None
+    return folded, _fuse_clamp(gm, new) if config.fuse_activation else None
+
+
+def _fuse_clamp(gm: fx.GraphModule, new: fx.Node) -> Optional[str]:
+    """Fuses a ReLU, ReLU6, Hardtanh or clamp that reads only the focused conv ``new`` into it (focused_conv2d's
+    clamp_min / clamp_max: the kernel clamps the active outputs as it stores them and writes the clamped fill), so no
+    pass over the whole map is left for it; exact, gradients included. Returns its name, or None."""
+    found = clamp_after(gm, new)
+    if found is None:
+        return None
+    user, lo, hi = found
+    fill = new.args[8] if len(new.args) > 8 else None
+    new.args = tuple(new.args[:8]) + (fill, lo, hi)
+    user.replace_all_uses_with(new)
+    gm.graph.erase_node(user)
+    return str(user.target if user.op == "call_module" else user.name)
 
 
 def _fold_batch_norm(gm: fx.GraphModule, new: fx.Node, site: ConvSite, split: fx.Node) -> Optional[str]:
@@ -550,6 +573,7 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     reasons = {site.node: _skip_reason(site, downstream, upstream, split) for site in sites}
     means = {}
     folded: List[str] = []  # the BatchNorms folded into focused convs
+    fused: List[str] = []  # the activations fused into them
     if config.fill == "mean":
         means = _outside_means(config, before, split, [site for site in sites if reasons[site.node] is None])
         del before
@@ -573,9 +597,9 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
             _set_value(resized, split, (split_shape[0],) + tuple(grid), torch.bool)
             grid_masks[key] = resized
         mask_k = grid_masks[key]
-        folded_bn = _focus_conv(gm, site, mask_k, means.get(site.node), split, config.fold_batchnorm)
-        if folded_bn is not None:
-            folded.append(folded_bn)
+        folded_bn, fused_clamp = _focus_conv(gm, site, mask_k, means.get(site.node), split, config)
+        folded += [folded_bn] if folded_bn is not None else []
+        fused += [fused_clamp] if fused_clamp is not None else []
         entry = SiteReport(site.name, site.describe(), "rewritten", "", macs, None, "focus")
         site_reports.append(entry)
         rewritten.append((entry, site, mask_k))
@@ -584,8 +608,7 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     if config.fill == "mean" and rewritten:
         notes.append("fill='mean': outside the AoI each focused conv outputs the per-channel mean of the original "
                      "conv's output there on the example inputs")
-    if folded:
-        notes.append(_folded_note(folded))
+    notes += _folded_notes(folded, fused)
     if not rewritten:
         _erase_chain(graph, mask, aoi)
         notes.append("no conv could be focused: the graph is unchanged")
@@ -609,10 +632,20 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     return report
 
 
-def _folded_note(folded: List[str]) -> str:
-    return (f"{len(folded)} eval-mode BatchNorm(s) folded into the focused conv before them ("
-            + ", ".join(folded[:6]) + (", ..." if len(folded) > 6 else "") + "): their running statistics scale the "
-            "conv's weight, bias and fill, for inference (Focus(fold_batchnorm=False) keeps them)")
+def _folded_notes(folded: List[str], fused: List[str]) -> List[str]:
+    """The report's notes on the BatchNorms folded into focused convs and the activations fused into them."""
+    def names(nodes: List[str]) -> str:
+        return ", ".join(nodes[:6]) + (", ..." if len(nodes) > 6 else "")
+
+    notes = []
+    if folded:
+        notes.append(f"{len(folded)} eval-mode BatchNorm(s) folded into the focused conv before them ({names(folded)}):"
+                     " their running statistics scale the conv's weight, bias and fill, for inference "
+                     "(Focus(fold_batchnorm=False) keeps them)")
+    if fused:
+        notes.append(f"{len(fused)} activation(s) fused into the focused conv before them as its clamp epilogue "
+                     f"({names(fused)}; Focus(fuse_activation=False) keeps them)")
+    return notes
 
 
 def _erase_chain(graph: fx.Graph, mask: fx.Node, aoi: fx.Node) -> None:
@@ -674,7 +707,8 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     by_node = {site.node: site for site in sites if site.node in downstream}
     planner = Planner(gm, downstream, by_node, batch, config.tile, config.dense_above,
                       per_layer=config.execution == "auto", fill_add=config.fill == "mean",
-                      fold_batchnorm=config.fold_batchnorm, plan_batch=config.plan_batch)
+                      fold_batchnorm=config.fold_batchnorm, fuse_activation=config.fuse_activation,
+                      plan_batch=config.plan_batch)
     planner.classify()
     # auto checks its whole plan against the graph as it came (measured end to end below): a copy to go back to.
     before, copied = fx.Graph(), {}
@@ -720,13 +754,14 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     planner.rewrite(masks)
     per_layer: Set[fx.Node] = set()  # the convs of grids run per layer that run focused
     folded: List[str] = []  # the BatchNorms folded into them
+    fused: List[str] = []  # the activations fused into them
     for conv in planner.layer_convs:
         by_node[conv].input = conv_site(gm, conv).input  # it may read a region's scatter now
         per_layer.add(conv)
-        folded_bn = _focus_conv(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv), split,
-                                config.fold_batchnorm)
-        if folded_bn is not None:
-            folded.append(folded_bn)
+        folded_bn, fused_clamp = _focus_conv(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv),
+                                             split, config)
+        folded += [folded_bn] if folded_bn is not None else []
+        fused += [fused_clamp] if fused_clamp is not None else []
     for conv in planner.layer_dense:
         _hold_fill(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv), split)
     slower = None
@@ -737,7 +772,7 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
             for name in {name for name, _ in gm.named_buffers()} - buffers_before:
                 if "." not in name:  # the fills the rewrite added
                     delattr(gm, name)
-            per_layer, planner.tiled, folded = set(), set(), []
+            per_layer, planner.tiled, folded, fused = set(), set(), [], []
 
     site_reports: List[SiteReport] = []
     tiled: List[Tuple[SiteReport, ConvSite]] = []
@@ -769,8 +804,7 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     if config.fill == "mean" and layered:
         notes.append("fill='mean': outside the AoI each per-layer focused conv outputs the per-channel mean of the "
                      "original conv's output there on the example inputs")
-    if folded:
-        notes.append(_folded_note(folded))
+    notes += _folded_notes(folded, fused)
     if slower is not None:
         notes.append(f"auto: the plan above ran at {slower:.2f}x the dense graph's time on the example inputs "
                      f"(measured end to end, {WHOLE_RUNS} interleaved runs), so the graph computes the dense model")

@@ -134,6 +134,73 @@ def eval_batch_norm_after(gm: fx.GraphModule, node: fx.Node
     return user, out, stats, eps
 
 
+# Activations that are a clamp, as functions in each graph kind: their parameters after the input (name, default)
+# and the bounds (clamp_min, clamp_max) those give.
+_RELU = ((), lambda: (0.0, None))
+_RELU_INPLACE = ((("inplace", False),), lambda inplace: (0.0, None))
+_RELU6 = ((("inplace", False),), lambda inplace: (0.0, 6.0))
+_HARDTANH = ((("min_val", -1.0), ("max_val", 1.0)), lambda min_val, max_val: (min_val, max_val))
+_HARDTANH_INPLACE = (_HARDTANH[0] + (("inplace", False),), lambda min_val, max_val, inplace: (min_val, max_val))
+_CLAMP = ((("min", None), ("max", None)), lambda min, max: (min, max))
+_CLAMP_MIN = ((("min", None),), lambda min: (min, None))
+CLAMP_FUNCTIONS = {
+    torch.relu: _RELU, torch.relu_: _RELU, F.relu: _RELU_INPLACE, torch.ops.aten.relu.default: _RELU,
+    torch.ops.aten.relu_.default: _RELU, F.relu6: _RELU6, torch._C._nn.relu6: ((), lambda: (0.0, 6.0)),
+    F.hardtanh: _HARDTANH_INPLACE, torch._C._nn.hardtanh: _HARDTANH, torch.ops.aten.hardtanh.default: _HARDTANH,
+    torch.ops.aten.hardtanh_.default: _HARDTANH, torch.clamp: _CLAMP, torch.ops.aten.clamp.default: _CLAMP,
+    torch.clamp_min: _CLAMP_MIN, torch.ops.aten.clamp_min.default: _CLAMP_MIN,
+}
+CLAMP_METHODS = {"relu": _RELU, "relu_": _RELU, "clamp": _CLAMP, "clamp_": _CLAMP, "clamp_min": _CLAMP_MIN,
+                 "clamp_min_": _CLAMP_MIN}
+
+
+def clamp_bounds(gm: fx.GraphModule, node: fx.Node, reads: fx.Node) -> Optional[Tuple[Optional[float],
+                                                                                     Optional[float]]]:
+    """(clamp_min, clamp_max) when ``node`` is an activation that is a clamp of ``reads`` (ReLU, ReLU6, Hardtanh,
+    clamp with number bounds; a module, function or method, in place or not), else None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if node.args != (reads,) or node.kwargs:
+            return None
+        if type(module) is nn.ReLU:
+            return 0.0, None
+        if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+            return float(module.min_val), float(module.max_val)
+        return None
+    if node.op == "call_function":
+        spec = CLAMP_FUNCTIONS.get(node.target)
+    elif node.op == "call_method":
+        spec = CLAMP_METHODS.get(node.target)
+    else:
+        return None
+    if spec is None or not node.args or node.args[0] is not reads:
+        return None
+    params, bounds = spec
+    names = [name for name, _ in params]
+    if len(node.args) - 1 > len(params) or any(k not in names for k in node.kwargs):
+        return None
+    values = {name: default for name, default in params}
+    values.update(zip(names, node.args[1:]))
+    values.update(node.kwargs)
+    lo, hi = bounds(**values)
+    if any(b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or math.isnan(b))
+           for b in (lo, hi)):
+        return None  # tensor or symbolic bounds
+    if lo is not None and hi is not None and lo > hi:
+        return None  # torch.clamp's min > max case: every value becomes max; left to the graph
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
+def clamp_after(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[fx.Node, Optional[float], Optional[float]]]:
+    """(the activation, clamp_min, clamp_max) when ``node``'s only user is an activation that is a clamp of it
+    (clamp_bounds), else None: a conv computing ``node`` can take that activation in as its epilogue."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    bounds = clamp_bounds(gm, users[0], node)
+    return None if bounds is None else (users[0],) + bounds
+
+
 def unique_name(gm: fx.GraphModule, base: str) -> str:
     """A free attribute name at the GraphModule's root (never inside a module shared with the user's model)."""
     base = re.sub(r"\W", "_", base)

@@ -32,6 +32,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/record_function.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/clamp.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/cumsum.h>
@@ -188,15 +189,22 @@ at::Tensor focused_conv2d_cuda_zeros(const ConvGeometry& g, const at::Tensor& x_
 at::Tensor focused_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& mask_in,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                               int64_t groups, const c10::optional<at::Tensor>& fill) {
+                               int64_t groups, const c10::optional<at::Tensor>& fill,
+                               c10::optional<double> clamp_min, c10::optional<double> clamp_max) {
   const ConvGeometry g =
       check_focused_conv2d_args("focused_conv2d", x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
   check_focused_conv2d_fill("focused_conv2d", fill, x_in, g);
+  check_focused_conv2d_clamp("focused_conv2d", clamp_min, clamp_max);
   at::Tensor out = focused_conv2d_cuda_zeros(g, x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (fill.has_value() && fill->defined()) {
-    const c10::cuda::CUDAGuard device_guard(x_in.device());
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
     out.add_(fill->reshape({1, g.o, 1, 1}).mul(at::logical_not(mask_in).unsqueeze(1)));
+  }
+  // The activation epilogue: one elementwise pass over the whole output (the fill included: clamp(fill) outside).
+  if (clamp_min.has_value() || clamp_max.has_value()) {
+    out.clamp_(clamp_min.has_value() ? c10::optional<at::Scalar>(*clamp_min) : c10::nullopt,
+               clamp_max.has_value() ? c10::optional<at::Scalar>(*clamp_max) : c10::nullopt);
   }
   return out;
 }
