@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fxeff.ops import aoi_mask
+from fxeff.ops import aoi_mask, dilate_mask
 
 
 def expected_fn(x, threshold, reduce="sum"):
@@ -98,3 +98,34 @@ def test_stays_one_fx_leaf():
     assert len(calls) == 1 and calls[0].target in (aoi_mask, torch.ops.fxeff.aoi_mask), calls
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(gm(x), x.sum(1) >= 0.5)
+
+
+# ---------------------------------------------------------------- dilate_mask: the AoI's halo
+
+def dilate_reference(mask, halo):
+    """A (2 halo + 1)^2 max filter of the mask as float (zeros beyond the borders)."""
+    k = 2 * halo + 1
+    return torch.nn.functional.max_pool2d(mask.double()[:, None], k, 1, halo)[:, 0] > 0
+
+
+@pytest.mark.parametrize("halo", [1, 2, 3, 7])
+@pytest.mark.parametrize("shape", [(3, 9, 17), (2, 1, 5), (1, 16, 2), (4, 64, 64)])
+def test_dilate_mask_equals_a_max_filter(halo, shape, device):
+    gen = torch.Generator().manual_seed(halo)
+    mask = torch.rand(shape, generator=gen) < 0.08
+    got = dilate_mask(mask.to(device), halo)
+    assert got.dtype == torch.bool and got.is_contiguous() and got.device.type == device
+    assert torch.equal(got.cpu(), dilate_reference(mask, halo))
+    strided = mask.transpose(1, 2)  # a non-contiguous mask
+    assert torch.equal(dilate_mask(strided.to(device), halo).cpu(), dilate_reference(strided.contiguous(), halo))
+    torch.library.opcheck(torch.ops.fxeff.dilate_mask.default, (mask.to(device), halo))
+    assert dilate_mask(mask, 0) is mask
+
+
+def test_dilate_mask_bad_input_is_an_error():
+    with pytest.raises(ValueError, match=r"fxeff\.dilate_mask: mask must be bool \[N, H, W\], got 2-D"):
+        torch.ops.fxeff.dilate_mask(torch.zeros(3, 3, dtype=torch.bool), 1)
+    with pytest.raises(ValueError, match=r"fxeff\.dilate_mask: halo must be >= 0, got -1"):
+        torch.ops.fxeff.dilate_mask(torch.zeros(1, 3, 3, dtype=torch.bool), -1)
+    with pytest.raises(ValueError, match=r"fxeff\.dilate_mask: halo must be an int >= 0, got 1.5"):
+        dilate_mask(torch.zeros(1, 3, 3, dtype=torch.bool), 1.5)

@@ -1,34 +1,127 @@
-// CPU kernel of fxeff::aoi_mask: mask[n, h, w] = reduce_c(x[n, c, h, w]) >= threshold.
+// CPU kernels of fxeff::aoi_mask, mask[n, h, w] = reduce_c(x[n, c, h, w]) >= threshold, and fxeff::dilate_mask.
+//
+// One pass over x, the channel sum accumulated in float (double for double x) and compared at once: channels_last x
+// per pixel over its contiguous channels, NCHW x plane by plane into a row of per-pixel sums. (at::sum then at::ge
+// took ~60 us on a 16 x 1 x 64 x 64 input, mostly in their own set-up and the intermediate tensor.)
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/ge.h>
-#include <ATen/ops/mean.h>
-#include <ATen/ops/sum.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <vector>
 
 namespace fxeff {
 namespace ops {
 namespace {
 
-at::Tensor aoi_mask_cpu(const at::Tensor& x, double threshold, c10::string_view reduce) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "fxeff.aoi_mask: x must be 4-D [N, C, H, W], got ", x.dim(),
-              "-D ", x.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()),
-              "fxeff.aoi_mask: x must be floating point, got ", x.scalar_type());
+template <typename scalar_t>
+void threshold_sums(const at::Tensor& x, at::Tensor& out, double threshold, bool mean, bool channels_last) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  bool* d = out.mutable_data_ptr<bool>();
+  // sum >= threshold, or sum / C >= threshold for the mean (the division as at::mean does it)
+  const acc_t t = static_cast<acc_t>(threshold), count = static_cast<acc_t>(c);
+  auto active = [&](acc_t s) { return (mean ? s / count : s) >= t; };
+  if (channels_last) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, c));
+    at::parallel_for(0, n * hw, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const scalar_t* v = xp + p * c;
+        acc_t s = 0;
+        for (int64_t k = 0; k < c; ++k) s += static_cast<acc_t>(v[k]);
+        d[p] = active(s);
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, c * hw));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(hw);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      for (int64_t k = 0; k < c; ++k) {
+        const scalar_t* plane = xp + (b * c + k) * hw;
+        for (int64_t i = 0; i < hw; ++i) sums[i] += static_cast<acc_t>(plane[i]);
+      }
+      for (int64_t i = 0; i < hw; ++i) d[b * hw + i] = active(sums[i]);
+    }
+  });
+}
+
+at::Tensor aoi_mask_cpu(const at::Tensor& x_in, double threshold, c10::string_view reduce) {
+  TORCH_CHECK_VALUE(x_in.dim() == 4, "fxeff.aoi_mask: x must be 4-D [N, C, H, W], got ", x_in.dim(),
+              "-D ", x_in.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(x_in.scalar_type()),
+              "fxeff.aoi_mask: x must be floating point, got ", x_in.scalar_type());
   TORCH_CHECK_VALUE(!std::isnan(threshold), "fxeff.aoi_mask: threshold must be a number, got nan");
   TORCH_CHECK_VALUE(reduce == "sum" || reduce == "mean",
               "fxeff.aoi_mask: reduce must be \"sum\" or \"mean\", got \"", reduce, "\"");
-  // Accumulate half/bfloat16 in float so the threshold compares a precise channel sum.
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor r = reduce == "sum" ? at::sum(x, {1}, false, acc) : at::mean(x, {1}, false, acc);
-  return at::ge(r, threshold).contiguous();
+  const bool channels_last = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
+  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  at::Tensor out = at::empty({x.size(0), x.size(2), x.size(3)}, x.options().dtype(at::kBool));
+  if (out.numel() == 0) return out;
+  // Half/bfloat16 accumulate in float, so the threshold compares a precise channel sum.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxeff_aoi_mask", [&] {
+    threshold_sums<scalar_t>(x, out, threshold, reduce == "mean", channels_last);
+  });
+  return out;
+}
+
+// d[0:n] |= s[0:n] (distinct arrays: the loop vectorises).
+inline void or_into(uint8_t* __restrict d, const uint8_t* __restrict s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) d[i] |= s[i];
+}
+
+// The mask grown by halo pixels: out[n, y, x] = any mask[n, y', x'] with |y' - y| <= halo and |x' - x| <= halo
+// (inside the image). Separable: per row the OR of halo shifted copies each way, then per output row the OR of
+// the 2 halo + 1 rows around it; byte loops (vectorised), one image per task. (The ATen-op version, pad and ORs of
+// shifted views, took ~70 us on a 16 x 64 x 64 mask, most of it per-op overhead.)
+at::Tensor dilate_mask_cpu(const at::Tensor& mask_in, int64_t halo) {
+  TORCH_CHECK_VALUE(mask_in.dim() == 3 && mask_in.scalar_type() == at::kBool, "fxeff.dilate_mask: mask must be bool "
+                    "[N, H, W], got ", mask_in.dim(), "-D ", mask_in.sizes(), " ", mask_in.scalar_type());
+  TORCH_CHECK_VALUE(halo >= 0, "fxeff.dilate_mask: halo must be >= 0, got ", halo);
+  const at::Tensor mask = mask_in.contiguous();
+  at::Tensor out = at::empty(mask.sizes(), mask.options());
+  const int64_t n = mask.size(0), h = mask.size(1), w = mask.size(2);
+  if (out.numel() == 0) return out;
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+  uint8_t* dst = reinterpret_cast<uint8_t*>(out.mutable_data_ptr<bool>());
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> rows(h * w);  // each row dilated along x
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* plane = src + b * h * w;
+      for (int64_t y = 0; y < h; ++y) {
+        const uint8_t* row = plane + y * w;
+        uint8_t* r = rows.data() + y * w;
+        std::copy_n(row, w, r);
+        for (int64_t k = 1; k <= halo && k < w; ++k) {
+          or_into(r, row + k, w - k);
+          or_into(r + k, row, w - k);
+        }
+      }
+      uint8_t* o = dst + b * h * w;
+      for (int64_t y = 0; y < h; ++y) {
+        const int64_t y0 = std::max<int64_t>(0, y - halo), y1 = std::min<int64_t>(h - 1, y + halo);
+        uint8_t* orow = o + y * w;
+        std::copy_n(rows.data() + y0 * w, w, orow);
+        for (int64_t yy = y0 + 1; yy <= y1; ++yy) or_into(orow, rows.data() + yy * w, w);
+      }
+    }
+  });
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fxeff, CPU, m) {
   m.impl("aoi_mask", &aoi_mask_cpu);
+  m.impl("dilate_mask", &dilate_mask_cpu);
 }
 
 }  // namespace ops

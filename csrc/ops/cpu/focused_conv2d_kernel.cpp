@@ -131,8 +131,13 @@ void fill_inactive(at::Tensor& out, const bool* m, const MaskSummary& s, const C
     auto gap = [&](scalar_t* at, int64_t positions) {
       if (fill == nullptr) {
         std::fill_n(at, positions * O, scalar_t(0));
-      } else {
-        for (int64_t i = 0; i < positions; ++i) std::copy_n(fill, O, at + i * O);
+      } else if (positions > 0) {  // the first position's O values, then the written part copied onto what follows
+        std::copy_n(fill, O, at);
+        for (int64_t done = 1; done < positions;) {
+          const int64_t n = std::min(done, positions - done);
+          std::memcpy(at + done * O, at, n * O * sizeof(scalar_t));
+          done += n;
+        }
       }
     };
     at::parallel_for(0, g.n * Ho, 8, [&](int64_t begin, int64_t end) {
