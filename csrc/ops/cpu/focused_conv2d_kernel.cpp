@@ -159,8 +159,18 @@ void fill_inactive(at::Tensor& out, const bool* m, const MaskSummary& s, const C
         const bool* mp = m + (p / O) * plane;
         const scalar_t f = fill == nullptr ? scalar_t(0) : fill[p % O];
         scalar_t* d = base + p * plane;
-        if (clamped) clamp.span(d, plane);
-        for (int64_t i = 0; i < plane; ++i) d[i] = mp[i] ? d[i] : f;
+        if (clamped) {
+          using A = at::opmath_type<scalar_t>;
+          const A l = static_cast<A>(clamp.lo), h = static_cast<A>(clamp.hi);
+          for (int64_t i = 0; i < plane; ++i) {  // one branch-free pass: clamped value or fill
+            A v = static_cast<A>(d[i]);
+            v = v < l ? l : v;
+            v = v > h ? h : v;
+            d[i] = mp[i] ? static_cast<scalar_t>(v) : f;
+          }
+        } else {
+          for (int64_t i = 0; i < plane; ++i) d[i] = mp[i] ? d[i] : f;
+        }
       }
     });
   }
@@ -513,7 +523,8 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   // channels_last x is gathered pixel by pixel (one copy per tap) into cols [P, K]; NCHW x into the same cols
   // through a per-run staging tile (gather_pixels_nchw), which saves converting x (measured: the conversion cost
   // more than the whole gather). The weight as [O, kg] with columns in the gather's order.
-  const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  // one channel: NCHW and channels_last are the same memory, and the channels_last path reads x in place
+  const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast || g.c == 1;
   const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor wmat = weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
   std::vector<acc_t> b(O, acc_t(0));
@@ -618,7 +629,8 @@ void run_direct(const at::Tensor& x, const at::Tensor& weight, const c10::option
   if (chunk <= 0) chunk = direct_chunk(s.active, o_blocks);
   const PixelChunks chunks = split_runs(s.runs, chunk);
   const int64_t nchunks = static_cast<int64_t>(chunks.pixels.size()), items = nchunks * o_blocks;
-  const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  // one channel: NCHW and channels_last are the same memory, and the channels_last path reads x in place
+  const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast || g.c == 1;
   const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor wpacked = packed_weight(weight, nr);
   const std::vector<float> zero_row(g.c, 0.0f);  // taps outside the image read it
