@@ -91,7 +91,7 @@ def test_focus_config_dict_and_json_round_trip():
     d = json.loads(json.dumps(config.to_dict()))
     assert d == {"pass": "focus", "version": 1, "threshold": 0.5, "split": "features.3", "reduce": "mean",
                  "fill": "mean", "halo": 2, "execution": "layer", "tile": None, "dense_above": 0.9,
-                 "fold_batchnorm": True, "fuse_activation": True, "plan_batch": None}
+                 "fold_batchnorm": True, "fuse_epilogue": True, "plan_batch": None}
     assert config_from_dict(d) == config
     assert Focus.from_dict(d) == config
     assert config_from_dict({"pass": "focus", "threshold": 0.5, "split": "features.3"}) == \
@@ -827,16 +827,17 @@ def test_batchnorm_in_training_mode_or_with_other_readers_is_kept():
         Focus(0.0, fold_batchnorm="yes")
 
 
-# ---------------------------------------------------------------- clamp activations fused into focused convs
+# ---------------------------------------------------------------- residual adds and activations fused into focused convs
 
-class ActivationNet(nn.Module):
+class EpilogueNet(nn.Module):
     """After the stem, focused convs followed by each spelling of a clamp activation (module, function, method, in
-    place or not), one whose output has a second reader and one followed by an activation that is no clamp."""
+    place or not), residual adds (plain and in place), one whose output has a second reader, and ops that are no
+    epilogue (a product, a sigmoid, an add after the activation)."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(8))
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(10))
         self.bn = nn.BatchNorm2d(8)
         self.relu = nn.ReLU(inplace=True)
         self.relu6 = nn.ReLU6()
@@ -847,30 +848,37 @@ class ActivationNet(nn.Module):
         y = self.relu(self.bn(c[0](self.stem(x))))
         y = self.relu6(c[1](y) * 4)  # not fused: the clamp reads a product
         y = self.hardtanh(c[2](y))
-        y = F.relu6(c[3](y) * 0.5 + c[4](y))  # c[3] and c[4] feed an add: not fused
+        y = F.relu6(c[3](y) * 0.5 + c[4](y))  # c[4]: the product is its residual, then ReLU6
         y = torch.clamp(c[5](y), min=-1.0, max=2.0)
         z = c[6](y)
         y = z.clamp_min(0.1) + torch.sigmoid(z)  # two readers: not fused
+        r = c[8](y)
+        r += y  # in place on the conv's output: fused
+        y = F.relu(c[9](r)) + r  # ReLU fused; the add after it is not
         return torch.sigmoid(c[7](F.relu(y)))
 
 
 @pytest.mark.parametrize("kind", ["symbolic", "dynamo", "export"])
 @pytest.mark.parametrize("fill", ["zeros", "mean"])
-def test_clamp_activations_fused_into_focused_convs_compute_the_same(kind, fill):
-    model = _eval(ActivationNet())
+def test_residual_adds_and_activations_fused_into_focused_convs_compute_the_same(kind, fill):
+    model = _eval(EpilogueNet())
     x = _masked_inputs()
     t = threshold_for_fraction(model, "stem", x, 0.3)
     config = Focus(t, split="stem", fill=fill, execution="layer")
     gm, report, out = rewritten(model, x, kind, config)
-    _, _, kept = rewritten(model, x, kind, dataclasses.replace(config, fuse_activation=False))
+    _, _, kept = rewritten(model, x, kind, dataclasses.replace(config, fuse_epilogue=False))
     torch.testing.assert_close(out, kept, rtol=1e-4, atol=1e-5)
     focused = [n for n in gm.graph.nodes if n.target == FOCUSED]
-    bounds = [(n.args[9], n.args[10]) for n in focused if len(n.args) > 9]
-    # c[0] (after the folded BN: ReLU), c[2] (Hardtanh), c[5] (clamp): dynamo graphs keep BatchNorms whose tensors
-    # are graph inputs, so there c[0]'s ReLU reads the BN.
-    expected = [(-1.0, 2.0), (-0.5, 0.5)] + ([(0.0, None)] if kind != "dynamo" else [])
-    assert sorted(bounds, key=str) == sorted(expected, key=str)
-    note = [n for n in report.notes if "activation(s) fused" in n]
-    assert len(note) == 1 and note[0].startswith(f"{len(expected)} activation(s) fused into the focused conv")
-    with pytest.raises(TypeError, match="fuse_activation must be a bool"):
-        Focus(0.0, fuse_activation=1)
+    extras = [tuple(n.args[8:]) + (None,) * (12 - len(n.args)) for n in focused]  # fill, clamps, residual
+    epilogues = sorted(((e[1], e[2], e[3] is not None) for e in extras), key=str)
+    # c[0] (after the folded BN: ReLU; dynamo graphs keep BatchNorms whose tensors are graph inputs, so there it
+    # reads the BN), c[2] (Hardtanh), c[4] (residual, ReLU6), c[5] (clamp), c[8] (residual), c[9] (ReLU)
+    expected = [(-1.0, 2.0, False), (-0.5, 0.5, False), (0.0, 6.0, True), (None, None, True), (0.0, None, False)]
+    expected += [(None, None, False)] * 4  # c[1], c[3], c[6], c[7]
+    expected += [(0.0, None, False)] if kind != "dynamo" else [(None, None, False)]
+    assert epilogues == sorted(expected, key=str)
+    fused = 7 if kind != "dynamo" else 6
+    note = [n for n in report.notes if "fused into the focused conv" in n]
+    assert len(note) == 1 and note[0].startswith(f"{fused} residual add(s) and activation(s) fused")
+    with pytest.raises(TypeError, match="fuse_epilogue must be a bool"):
+        Focus(0.0, fuse_epilogue=1)

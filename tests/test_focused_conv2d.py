@@ -260,6 +260,50 @@ def test_clamp_epilogue_equals_clamp_of_the_output(strategy, channels_last, dtyp
                                          torch.contiguous_format)
 
 
+@pytest.mark.parametrize("strategy", FORCED + ["direct"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_residual_epilogue_adds_before_the_clamp(strategy, channels_last, dtype, depthwise, device):
+    # out == clamp(the focused conv's output with its fill + residual), the residual in either layout.
+    direct_runs = dtype == torch.float32 and device == "cpu" and fxeff.ops.direct_strategy_available()
+    if strategy == "direct" and (not direct_runs or (depthwise and not channels_last)):
+        pytest.skip("the direct strategy runs fp32 on an AVX-512 CPU (depthwise: channels_last)")
+    groups = 16 if depthwise else 1
+    x, weight, bias, mask = conv_case(dtype, c=16, o=16 if depthwise else 20, groups=groups)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    o = weight.shape[0]
+    fill = torch.randn(1, o, 1, 1).to(dtype)
+    residual = torch.randn(x.shape[0], o, x.shape[2], x.shape[3]).to(dtype)
+    for res in (residual, residual.contiguous(memory_format=torch.channels_last)):
+        for m in (mask, torch.zeros_like(mask), torch.ones_like(mask)):
+            for lo, hi in ((None, None), (0.0, None), (-0.5, 0.25)):
+                for f in (None, fill):
+                    out = run(strategy, 0, *on(device, x, weight, bias, m), 1, 1, 1, groups,
+                              None if f is None else f.to(device), lo, hi, res.to(device))
+                    dense = expected_fn(x, weight, bias, m, 1, 1, 1, groups)
+                    expected = (dense if f is None else torch.where(m[:, None], dense, f)) + res
+                    expected = expected if lo is None and hi is None else expected.clamp(lo, hi)
+                    assert_matches(out, expected, dtype, scale_of=dense)
+
+
+def test_residual_is_checked_and_gets_its_gradient():
+    x, weight, bias, mask = conv_case(torch.float64, n=2, c=4, o=5, hw=7)
+    with pytest.raises(ValueError, match=r"residual must be the output's shape \[2, 5, 7, 7\], got \[2, 5, 7, 6\]"):
+        focused_conv2d(x, weight, bias, mask, 1, 1, residual=torch.zeros(2, 5, 7, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="residual dtype must equal x dtype"):
+        focused_conv2d(x, weight, bias, mask, 1, 1, residual=torch.zeros(2, 5, 7, 7))
+    residual = torch.randn(2, 5, 7, 7, dtype=torch.float64, requires_grad=True)
+    fill = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, f, r: focused_conv2d(x, w, b, mask, 1, 1, fill=f, clamp_min=-0.2, residual=r),
+        (x, weight, bias, fill, residual), fast_mode=True)
+    torch.library.opcheck(torch.ops.fxeff.focused_conv2d.default,
+                          (x, weight, bias, mask, [1, 1], [1, 1], [1, 1], 1, fill, 0.0, None, residual))
+
+
 def test_clamp_epilogue_keeps_nan_and_is_checked():
     x, weight, bias, mask = conv_case()
     x[0, :, 5, 5] = float("nan")

@@ -109,8 +109,8 @@ def test_second_focus_pass_finds_nothing_left_and_reports_merge():
     report = gm.fxeff_report
     assert report.pass_name == "focus+focus"
     assert len(report.rewritten) == 2 and report.notes[-1] == "no conv could be focused: the graph is unchanged"
-    assert report.notes[:-1] == ["1 activation(s) fused into the focused conv before them as its clamp epilogue "
-                                 "(body.1; Focus(fuse_activation=False) keeps them)"]
+    assert report.notes[:-1] == ["1 residual add(s) and activation(s) fused into the focused conv before them as its "
+                                 "epilogue (body.1; Focus(fuse_epilogue=False) keeps them)"]
     assert sum(1 for n in gm.graph.nodes if n.target == torch.ops.fxeff.aoi_mask.default) == 1
 
 

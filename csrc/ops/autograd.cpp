@@ -52,7 +52,8 @@ const at::Tensor& or_undefined(const c10::optional<at::Tensor>& t) {
 
 using FocusedConv2dSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                     const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                                    const c10::optional<at::Tensor>&, c10::optional<double>, c10::optional<double>);
+                                    const c10::optional<at::Tensor>&, c10::optional<double>, c10::optional<double>,
+                                    const c10::optional<at::Tensor>&);
 using FocusedConv2dBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
     at::IntArrayRef, int64_t);
@@ -63,10 +64,12 @@ class FocusedConv2dFunction : public torch::autograd::Function<FocusedConv2dFunc
                             const c10::optional<at::Tensor>& bias, const at::Tensor& mask, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                             const c10::optional<at::Tensor>& fill, c10::optional<double> clamp_min,
-                            c10::optional<double> clamp_max) {
+                            c10::optional<double> clamp_max, const c10::optional<at::Tensor>& residual) {
     static auto op = op_handle<FocusedConv2dSig>("fxeff::focused_conv2d");
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = op.call(x, weight, bias, mask, stride, padding, dilation, groups, fill, clamp_min, clamp_max);
+    at::Tensor out =
+        op.call(x, weight, bias, mask, stride, padding, dilation, groups, fill, clamp_min, clamp_max, residual);
+    ctx->saved_data["residual_grad"] = residual.has_value() && residual->defined() && residual->requires_grad();
     const bool clamped = clamp_min.has_value() || clamp_max.has_value();
     ctx->save_for_backward({x, weight, mask, clamped ? out : at::Tensor()});
     ctx->saved_data["clamp_min"] = clamp_min.has_value() ? c10::IValue(*clamp_min) : c10::IValue();
@@ -103,22 +106,25 @@ class FocusedConv2dFunction : public torch::autograd::Function<FocusedConv2dFunc
     if (!fill_sizes.empty()) {
       grad_fill = grad.mul(at::logical_not(saved[2]).unsqueeze(1)).sum({0, 2, 3}).view(fill_sizes);
     }
+    // The residual is added to every output: its gradient is grad_out through the clamp.
+    const at::Tensor grad_residual = ctx->saved_data["residual_grad"].toBool() ? grad : at::Tensor();
     return {grad_x, grad_w, has_bias ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), grad_fill, at::Tensor(), at::Tensor()};
+            at::Tensor(), grad_fill, at::Tensor(), at::Tensor(), grad_residual};
   }
 };
 
 at::Tensor focused_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                    const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, int64_t groups, const c10::optional<at::Tensor>& fill,
-                                   c10::optional<double> clamp_min, c10::optional<double> clamp_max) {
-  if (!records({&x, &weight, &or_undefined(bias), &or_undefined(fill)})) {
+                                   c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                                   const c10::optional<at::Tensor>& residual) {
+  if (!records({&x, &weight, &or_undefined(bias), &or_undefined(fill), &or_undefined(residual)})) {
     static auto op = op_handle<FocusedConv2dSig>("fxeff::focused_conv2d");
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, weight, bias, mask, stride, padding, dilation, groups, fill, clamp_min, clamp_max);
+    return op.call(x, weight, bias, mask, stride, padding, dilation, groups, fill, clamp_min, clamp_max, residual);
   }
   return FocusedConv2dFunction::apply(x, weight, bias, mask, stride, padding, dilation, groups, fill, clamp_min,
-                                      clamp_max);
+                                      clamp_max, residual);
 }
 
 // ---------------------------------------------------------------- shift and shift_pool

@@ -6,7 +6,7 @@ TORCH_LIBRARY_FRAGMENT(fxeff, m) {
   m.def(
       "focused_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor mask, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, Tensor? fill=None, float? clamp_min=None, "
-      "float? clamp_max=None) -> Tensor");
+      "float? clamp_max=None, Tensor? residual=None) -> Tensor");
   m.def(
       "focused_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mask, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");

@@ -38,6 +38,11 @@ void check_focused_conv2d_fill(const char* op, const c10::optional<at::Tensor>& 
 // each bound a number (not NaN), clamp_min <= clamp_max where both are given.
 void check_focused_conv2d_clamp(const char* op, c10::optional<double> clamp_min, c10::optional<double> clamp_max);
 
+// Validates the forward's residual (added to every output before the clamp): [N, O, Hout, Wout] of x's dtype on x's
+// device, any layout.
+void check_focused_conv2d_residual(const char* op, const c10::optional<at::Tensor>& residual, const at::Tensor& x,
+                                   const ConvGeometry& g);
+
 // The forward's output format, as ATen's convolutions pick it: channels_last if x or the weight suggests it (so a
 // model converted with .to(memory_format=torch.channels_last) stays channels_last even where x has one channel and
 // its strides say both), else contiguous. x is converted to it.

@@ -79,6 +79,19 @@ void check_focused_conv2d_clamp(const char* op, c10::optional<double> clamp_min,
                     ": clamp_min must be <= clamp_max, got ", *clamp_min, " > ", *clamp_max);
 }
 
+void check_focused_conv2d_residual(const char* op, const c10::optional<at::Tensor>& residual, const at::Tensor& x,
+                                   const ConvGeometry& g) {
+  if (!residual.has_value() || !residual->defined()) return;
+  TORCH_CHECK_VALUE(residual->dim() == 4 && residual->size(0) == g.n && residual->size(1) == g.o &&
+                        residual->size(2) == g.ho && residual->size(3) == g.wo,
+                    "fxeff.", op, ": residual must be the output's shape [", g.n, ", ", g.o, ", ", g.ho, ", ", g.wo,
+                    "], got ", residual->sizes());
+  TORCH_CHECK_VALUE(residual->scalar_type() == x.scalar_type(), "fxeff.", op, ": residual dtype must equal x dtype ",
+                    x.scalar_type(), ", got ", residual->scalar_type());
+  TORCH_CHECK_VALUE(residual->device() == x.device(), "fxeff.", op, ": residual must be on x's device ", x.device(),
+                    ", got ", residual->device());
+}
+
 at::MemoryFormat conv_output_format(const at::Tensor& x, const at::Tensor& weight) {
   const bool cl = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
                   weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;

@@ -11,7 +11,7 @@ _registered = False
 
 
 def _focused_conv2d_flops(x, weight, bias, mask, stride, padding, dilation, groups, fill=None, clamp_min=None,
-                          clamp_max=None, out_val=None, **kwargs) -> int:
+                          clamp_max=None, residual=None, out_val=None, **kwargs) -> int:
     # Only active outputs are computed (the kernel may compute a few more inside tiles; those are overhead,
     # not work the model asks for, and benchmarks show their cost).
     o, cg, kh, kw = weight.shape

@@ -1,11 +1,12 @@
 """focused_conv2d: a conv computed only at the active outputs of a per-image mask.
 
 Contract: out[n, :, i, j] == F.conv2d(x, weight, bias, ...)[n, :, i, j] where mask[n, i, j], and 0 (or, given
-``fill``, fill[o] in channel o) elsewhere; then, given ``clamp_min`` / ``clamp_max``, the whole output clamped as
-torch.clamp does (an activation epilogue: ReLU is clamp_min=0, ReLU6 clamp_min=0 and clamp_max=6, Hardtanh its
-bounds), so the inactive outputs hold the clamped fill. The mask is bool [N, Hout, Wout] at the conv's output
-resolution. Gradients flow to x, weight and bias (only through the active outputs) and to fill (from the inactive
-ones), each through the clamp as torch.clamp's gradient does (zero where the value lies outside the bounds).
+``fill``, fill[o] in channel o) elsewhere; then the epilogue: given ``residual`` (the output's shape), it is added
+to every output (a residual connection), and given ``clamp_min`` / ``clamp_max`` the result is clamped as
+torch.clamp does (ReLU is clamp_min=0, ReLU6 clamp_min=0 and clamp_max=6, Hardtanh its bounds), so an inactive
+output holds clamp(fill + residual). The mask is bool [N, Hout, Wout] at the conv's output resolution. Gradients
+flow to x, weight and bias (only through the active outputs), to fill (from the inactive ones) and to residual
+(everywhere), each through the clamp as torch.clamp's gradient does (zero where the value lies outside the bounds).
 """
 from contextlib import contextmanager
 from typing import Dict, Optional
@@ -25,22 +26,23 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 def focused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor,
                    stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
                    fill: Optional[torch.Tensor] = None, clamp_min: Optional[float] = None,
-                   clamp_max: Optional[float] = None) -> torch.Tensor:
+                   clamp_max: Optional[float] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.conv2d restricted to the outputs where ``mask`` (bool [N, Hout, Wout]) is true; elsewhere zeros, or with
     ``fill`` (one value per output channel, any shape of O elements) that channel's fill value, written by the
     kernel in the same pass (gradients reach ``fill`` from the inactive outputs). ``clamp_min`` / ``clamp_max``:
     the result clamped, as ``torch.clamp(out, clamp_min, clamp_max)`` (ReLU, ReLU6, Hardtanh fused into the conv:
-    the kernel clamps the active outputs as it stores them and writes the clamped fill elsewhere)."""
+    the kernel clamps the active outputs as it stores them and writes the clamped fill elsewhere). ``residual`` (the
+    output's shape): added to every output before the clamp (a residual add fused into the conv)."""
     return torch.ops.fxeff.focused_conv2d(x, weight, bias, mask, pair("stride", "focused_conv2d", stride),
                                           pair("padding", "focused_conv2d", padding),
                                           pair("dilation", "focused_conv2d", dilation), groups, fill,
                                           None if clamp_min is None else float(clamp_min),
-                                          None if clamp_max is None else float(clamp_max))
+                                          None if clamp_max is None else float(clamp_max), residual)
 
 
 @torch.library.register_fake("fxeff::focused_conv2d")
 def _focused_conv2d_fake(x, weight, bias, mask, stride, padding, dilation, groups, fill=None, clamp_min=None,
-                         clamp_max=None):
+                         clamp_max=None, residual=None):
     torch._check(x.dim() == 4, lambda: f"fxeff.focused_conv2d: x must be 4-D [N, C, H, W], got {x.dim()}-D")
     torch._check(weight.dim() == 4, lambda: f"fxeff.focused_conv2d: weight must be 4-D, got {weight.dim()}-D")
     ho = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
@@ -51,6 +53,9 @@ def _focused_conv2d_fake(x, weight, bias, mask, stride, padding, dilation, group
     torch._check(fill is None or fill.numel() == weight.shape[0],
                  lambda: f"fxeff.focused_conv2d: fill must hold one value per output channel ({weight.shape[0]}), "
                          f"got {tuple(fill.shape)}")
+    torch._check(residual is None or tuple(residual.shape) == (x.shape[0], weight.shape[0], ho, wo),
+                 lambda: f"fxeff.focused_conv2d: residual must be the output's shape "
+                         f"[{x.shape[0]}, {weight.shape[0]}, {ho}, {wo}], got {tuple(residual.shape)}")
     out = x.new_empty((x.shape[0], weight.shape[0], ho, wo))
     return out.contiguous(memory_format=conv_memory_format(x, weight))
 

@@ -28,7 +28,7 @@ from .graph import SYMBOLIC, ConvSite, conv_site, conv_sites, get_attr_value, gr
 from .layout import ChannelAxes, channels_first_error
 from .measure import fake_mode_of, run_recording
 from .regions import LAYER_RUNS, Planner, fill_means, grid_masks_for, tile_macs
-from .rewrite import clamp_after, eval_batch_norm_after, held_by_module, new_attr
+from .rewrite import clamp_after, eval_batch_norm_after, held_by_module, new_attr, residual_add_after
 from .splits import default_split_for_class, no_split_message
 
 aten = torch.ops.aten
@@ -73,9 +73,10 @@ class Focus(PassConfig):
     the whole map; the graph then computes the same values for inference. Training mode BatchNorms, and BatchNorms
     whose tensors or the conv's weight are graph inputs (dynamo, export), are kept. False keeps every BatchNorm (to
     fine-tune the focused model, or to time the fold apart).
-    ``fuse_activation``: a ReLU, ReLU6, Hardtanh or clamp that reads only a per-layer focused conv's output (after
-    the BatchNorm fold) becomes the conv's clamp epilogue: the kernel clamps the active outputs as it stores them and
-    writes the clamped fill outside the AoI, so no pass over the whole map is left for it. Exact, in training too.
+    ``fuse_epilogue``: the ops after a per-layer focused conv (and the BatchNorm it folds) that it can take in as
+    its epilogue: an add of another map of its shape (a residual connection), then a ReLU, ReLU6, Hardtanh or clamp.
+    The kernel applies them to the active outputs as it stores them and to the fill in the pass that writes the
+    inactive ones, so no pass over the whole map is left for them. Exact, in training too.
     """
 
     threshold: float
@@ -87,7 +88,7 @@ class Focus(PassConfig):
     tile: Optional[int] = None
     dense_above: Optional[float] = 0.9
     fold_batchnorm: bool = True
-    fuse_activation: bool = True
+    fuse_epilogue: bool = True
     plan_batch: Optional[int] = None
 
     def __post_init__(self):
@@ -116,7 +117,7 @@ class Focus(PassConfig):
         if self.plan_batch is not None and (isinstance(self.plan_batch, bool) or not isinstance(self.plan_batch, int)
                                             or self.plan_batch < 1):
             raise ValueError(f"fxeff.passes.Focus: plan_batch must be an int >= 1 or None, got {self.plan_batch!r}")
-        for name in ("fold_batchnorm", "fuse_activation"):
+        for name in ("fold_batchnorm", "fuse_epilogue"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"fxeff.passes.Focus: {name} must be a bool, got {getattr(self, name)!r}")
 
@@ -378,7 +379,7 @@ def _rewrite(gm: fx.GraphModule, site: ConvSite, mask: fx.Node) -> fx.Node:
             padding = [0, 0]
         new = graph.call_function(FOCUSED_CONV2D, (x, weight, bias, mask, list(site.stride), padding,
                                                    list(site.dilation), site.groups))
-    for key in ("nn_module_stack", "stack_trace", "val", "example_value", "tensor_meta"):
+    for key in ("nn_module_stack", "stack_trace", "val", "example_value", "tensor_meta", "fxeff_val"):
         if key in site.node.meta:
             new.meta[key] = site.node.meta[key]
     new.meta[_ROLE] = "focused_conv2d"
@@ -410,15 +411,45 @@ def _example_mask(config: Focus, split_value: torch.Tensor) -> torch.Tensor:
 
 
 def _focus_conv(gm: fx.GraphModule, site: ConvSite, mask: fx.Node, mean: Optional[torch.Tensor],
-                split: fx.Node, config: "Focus") -> Tuple[Optional[str], Optional[str]]:
+                split: fx.Node, config: "Focus") -> Tuple[Optional[str], List[str]]:
     """The conv as focused_conv2d on ``mask``, with ``mean`` outside the AoI when given, (``config.fold_batchnorm``)
-    the BatchNorm that follows it folded in and (``config.fuse_activation``) the clamp activation after that fused
-    as its epilogue; returns the names of that BatchNorm and that activation (None where there is none)."""
+    the BatchNorm that follows it folded in and (``config.fuse_epilogue``) the residual add and clamp activation after
+    that fused as its epilogue; returns the names of that BatchNorm (None where there is none) and of the fused ops."""
     new = _rewrite(gm, site, mask)
     if mean is not None:
         _fill_outside(gm, site, new, mean, split)
     folded = _fold_batch_norm(gm, new, site, split) if config.fold_batchnorm else None
-    return folded, _fuse_clamp(gm, new) if config.fuse_activation else None
+    fused = []
+    if config.fuse_epilogue:
+        fused = [name for name in (_fuse_residual(gm, new), _fuse_clamp(gm, new)) if name is not None]
+    return folded, fused
+
+
+def _epilogue_args(new: fx.Node, **changes: Any) -> None:
+    """Sets focused_conv2d's arguments after the conv's own (fill, clamp_min, clamp_max, residual) in ``new``."""
+    names = ("fill", "clamp_min", "clamp_max", "residual")
+    extra = dict(zip(names, tuple(new.args[8:]) + (None,) * (len(names) - len(new.args[8:]))))
+    extra.update(changes)
+    values = [extra[name] for name in names]
+    while values and values[-1] is None:
+        values.pop()
+    new.args = tuple(new.args[:8]) + tuple(values)
+
+
+def _fuse_residual(gm: fx.GraphModule, new: fx.Node) -> Optional[str]:
+    """Fuses an add of the focused conv ``new`` and another map of its shape (a residual connection) into it
+    (focused_conv2d's residual: added to the active outputs as they are stored and to the fill elsewhere, in the pass
+    that writes the inactive outputs anyway); ``new`` moves to the add's place, after the other operand. Exact,
+    gradients included. Returns the add's name, or None."""
+    found = residual_add_after(new)
+    if found is None:
+        return None
+    add, other = found
+    add.prepend(new)
+    _epilogue_args(new, residual=other)
+    add.replace_all_uses_with(new)
+    gm.graph.erase_node(add)
+    return add.name
 
 
 def _fuse_clamp(gm: fx.GraphModule, new: fx.Node) -> Optional[str]:
@@ -429,8 +460,7 @@ def _fuse_clamp(gm: fx.GraphModule, new: fx.Node) -> Optional[str]:
     if found is None:
         return None
     user, lo, hi = found
-    fill = new.args[8] if len(new.args) > 8 else None
-    new.args = tuple(new.args[:8]) + (fill, lo, hi)
+    _epilogue_args(new, clamp_min=lo, clamp_max=hi)
     user.replace_all_uses_with(new)
     gm.graph.erase_node(user)
     return str(user.target if user.op == "call_module" else user.name)
@@ -573,7 +603,7 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
     reasons = {site.node: _skip_reason(site, downstream, upstream, split) for site in sites}
     means = {}
     folded: List[str] = []  # the BatchNorms folded into focused convs
-    fused: List[str] = []  # the activations fused into them
+    fused: List[str] = []  # the residual adds and activations fused into them
     if config.fill == "mean":
         means = _outside_means(config, before, split, [site for site in sites if reasons[site.node] is None])
         del before
@@ -597,9 +627,9 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
             _set_value(resized, split, (split_shape[0],) + tuple(grid), torch.bool)
             grid_masks[key] = resized
         mask_k = grid_masks[key]
-        folded_bn, fused_clamp = _focus_conv(gm, site, mask_k, means.get(site.node), split, config)
+        folded_bn, fused_ops = _focus_conv(gm, site, mask_k, means.get(site.node), split, config)
         folded += [folded_bn] if folded_bn is not None else []
-        fused += [fused_clamp] if fused_clamp is not None else []
+        fused += fused_ops
         entry = SiteReport(site.name, site.describe(), "rewritten", "", macs, None, "focus")
         site_reports.append(entry)
         rewritten.append((entry, site, mask_k))
@@ -643,8 +673,8 @@ def _folded_notes(folded: List[str], fused: List[str]) -> List[str]:
                      " their running statistics scale the conv's weight, bias and fill, for inference "
                      "(Focus(fold_batchnorm=False) keeps them)")
     if fused:
-        notes.append(f"{len(fused)} activation(s) fused into the focused conv before them as its clamp epilogue "
-                     f"({names(fused)}; Focus(fuse_activation=False) keeps them)")
+        notes.append(f"{len(fused)} residual add(s) and activation(s) fused into the focused conv before them as its "
+                     f"epilogue ({names(fused)}; Focus(fuse_epilogue=False) keeps them)")
     return notes
 
 
@@ -707,7 +737,7 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     by_node = {site.node: site for site in sites if site.node in downstream}
     planner = Planner(gm, downstream, by_node, batch, config.tile, config.dense_above,
                       per_layer=config.execution == "auto", fill_add=config.fill == "mean",
-                      fold_batchnorm=config.fold_batchnorm, fuse_activation=config.fuse_activation,
+                      fold_batchnorm=config.fold_batchnorm, fuse_epilogue=config.fuse_epilogue,
                       plan_batch=config.plan_batch)
     planner.classify()
     # auto checks its whole plan against the graph as it came (measured end to end below): a copy to go back to.
@@ -754,14 +784,14 @@ def _region_focus(gm: fx.GraphModule, config: Focus, context: PassContext, split
     planner.rewrite(masks)
     per_layer: Set[fx.Node] = set()  # the convs of grids run per layer that run focused
     folded: List[str] = []  # the BatchNorms folded into them
-    fused: List[str] = []  # the activations fused into them
+    fused: List[str] = []  # the residual adds and activations fused into them
     for conv in planner.layer_convs:
         by_node[conv].input = conv_site(gm, conv).input  # it may read a region's scatter now
         per_layer.add(conv)
-        folded_bn, fused_clamp = _focus_conv(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv),
-                                             split, config)
+        folded_bn, fused_ops = _focus_conv(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv),
+                                           split, config)
         folded += [folded_bn] if folded_bn is not None else []
-        fused += [fused_clamp] if fused_clamp is not None else []
+        fused += fused_ops
     for conv in planner.layer_dense:
         _hold_fill(gm, by_node[conv], masks[planner.grid[conv]], layer_means.get(conv), split)
     slower = None

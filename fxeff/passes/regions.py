@@ -42,7 +42,7 @@ from ..ops import regions as R
 from ..ops.mask_resize import mask_resize
 from .graph import ConvSite, concrete_shape
 from .measure import _writes_in_place
-from .rewrite import clamp_after, eval_batch_norm_after, held_by_module, new_attr
+from .rewrite import clamp_after, eval_batch_norm_after, held_by_module, new_attr, residual_add_after
 
 aten = torch.ops.aten
 TILE_CONV2D = torch.ops.fxeff.tile_conv2d.default
@@ -145,13 +145,13 @@ class Planner:
 
     def __init__(self, gm: fx.GraphModule, downstream: Set[fx.Node], sites: Dict[fx.Node, ConvSite], batch: int,
                  tile: Optional[int], dense_above: Optional[float], per_layer: bool = False, fill_add: bool = False,
-                 fold_batchnorm: bool = False, fuse_activation: bool = False, plan_batch: Optional[int] = None):
+                 fold_batchnorm: bool = False, fuse_epilogue: bool = False, plan_batch: Optional[int] = None):
         self.gm, self.graph = gm, gm.graph
         self.plan_batch = plan_batch  # per-layer options are timed on this many of the example images (None: all)
         self.per_layer = per_layer  # a grid may run per layer (focused_conv2d each) where the cost model prefers
         self.fill_add = fill_add  # fill="mean": a per-layer focused conv writes the fill outside the AoI (timed so)
         self.fold_batchnorm = fold_batchnorm  # a per-layer focused conv takes in the eval BatchNorm after it
-        self.fuse_activation = fuse_activation  # ... and the clamp activation after that, as its epilogue
+        self.fuse_epilogue = fuse_epilogue  # ... and the residual add and clamp activation after that, as its epilogue
         self.downstream, self.sites, self.batch = downstream, sites, batch
         self.tile, self.dense_above = tile, dense_above
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
@@ -424,14 +424,15 @@ class Planner:
         found = eval_batch_norm_after(self.gm, conv)
         return None if found is None else (found[2], found[3])
 
-    def fused_clamp(self, conv: fx.Node) -> Optional[Tuple[Optional[float], Optional[float]]]:
-        """(clamp_min, clamp_max) when a per-layer focused ``conv`` would take in the clamp activation after it (and
-        after the BatchNorm it folds), as focus._fuse_clamp does; else None."""
-        if not self.fuse_activation:
-            return None
+    def fused_epilogue(self, conv: fx.Node) -> Tuple[bool, Tuple[Optional[float], Optional[float]]]:
+        """(whether, (clamp_min, clamp_max)) a per-layer focused ``conv`` would take in a residual add and a clamp
+        activation after it (and after the BatchNorm it folds), as focus._fuse_residual and _fuse_clamp do."""
+        if not self.fuse_epilogue:
+            return False, (None, None)
         after = eval_batch_norm_after(self.gm, conv)[1] if self.folded_batch_norm(conv) is not None else conv
-        found = clamp_after(self.gm, after)
-        return None if found is None else found[1:]
+        add = residual_add_after(after)
+        found = clamp_after(self.gm, add[0] if add is not None else after)
+        return add is not None, (None, None) if found is None else found[1:]
 
     def layer_times(self, convs: Sequence[fx.Node], mask: torch.Tensor) -> Dict[fx.Node, Tuple[float, float]]:
         """conv -> (seconds as F.conv2d, as focused_conv2d with ``mask``, bool [N, H, W] at the grid), measured on
@@ -439,8 +440,8 @@ class Planner:
         LAYER_RUNS; the values do not change the time, and a graph whose parameters are inputs, as dynamo's, times the
         same); empty when a conv's input shape is unknown. Where the focused conv would take in the BatchNorm after
         it (folded_batch_norm), the dense side is the conv and that BatchNorm, the focused side one focused conv with
-        a bias and a fill; where it would take in the activation after that (fused_clamp), the dense side clamps its
-        output in place and the focused conv clamps as its epilogue."""
+        a bias and a fill; where it would take in a residual add and an activation after that (fused_epilogue), the
+        dense side adds and clamps in place and the focused conv does both as its epilogue."""
         from .. import bench
         from ..ops.focused_conv2d import focused_conv2d
 
@@ -463,7 +464,8 @@ class Planner:
             # the folded conv has a bias (the BatchNorm's) even where the conv had none
             focused_bias = torch.randn(o, dtype=x.dtype, device=x.device) if bn is not None and bias is None else bias
 
-            clamp = self.fused_clamp(conv) or (None, None)
+            added, clamp = self.fused_epilogue(conv)
+            residual = _random_at_batch(conv, mask.shape[0], mask.device) if added else None
 
             def dense():
                 out = F.conv2d(x, weight, bias, *args)
@@ -471,11 +473,12 @@ class Planner:
                     stats, eps = bn
                     out = F.batch_norm(out, stats["running_mean"], stats["running_var"], stats["weight"],
                                        stats["bias"], False, 0.0, eps)
+                out = out.add_(residual) if residual is not None else out
                 return out.clamp_(*clamp) if clamp != (None, None) else out
 
             times[conv] = tuple(bench.interleaved(
                 [dense, lambda: focused_conv2d(x, weight, focused_bias, mask, *args, fill=fill, clamp_min=clamp[0],
-                                               clamp_max=clamp[1])], LAYER_RUNS, warmup=1))
+                                               clamp_max=clamp[1], residual=residual)], LAYER_RUNS, warmup=1))
         return times
 
     def hold_times(self, convs: Sequence[fx.Node], mask: torch.Tensor) -> Dict[fx.Node, float]:

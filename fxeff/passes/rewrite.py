@@ -19,7 +19,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..report import Report, SiteReport
-from .graph import ConvSite, get_attr_value
+from .graph import ConvSite, get_attr_value, node_shape, node_value
 from .measure import IncrementalRun, fake_mode_of, run_recording
 
 
@@ -146,6 +146,7 @@ _CLAMP_MIN = ((("min", None),), lambda min: (min, None))
 CLAMP_FUNCTIONS = {
     torch.relu: _RELU, torch.relu_: _RELU, F.relu: _RELU_INPLACE, torch.ops.aten.relu.default: _RELU,
     torch.ops.aten.relu_.default: _RELU, F.relu6: _RELU6, torch._C._nn.relu6: ((), lambda: (0.0, 6.0)),
+    torch.ops.aten.relu6.default: ((), lambda: (0.0, 6.0)),
     F.hardtanh: _HARDTANH_INPLACE, torch._C._nn.hardtanh: _HARDTANH, torch.ops.aten.hardtanh.default: _HARDTANH,
     torch.ops.aten.hardtanh_.default: _HARDTANH, torch.clamp: _CLAMP, torch.ops.aten.clamp.default: _CLAMP,
     torch.clamp_min: _CLAMP_MIN, torch.ops.aten.clamp_min.default: _CLAMP_MIN,
@@ -199,6 +200,42 @@ def clamp_after(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[fx.Node, Op
         return None
     bounds = clamp_bounds(gm, users[0], node)
     return None if bounds is None else (users[0],) + bounds
+
+
+# Adds of two tensors, in each graph kind; the in-place ones write their first operand.
+_ADD_FUNCTIONS = {operator.add: False, torch.add: False, torch.ops.aten.add.Tensor: False, operator.iadd: True,
+                  torch.ops.aten.add_.Tensor: True}
+_ADD_METHODS = {"add": False, "add_": True}
+
+
+def residual_add_after(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
+    """(the add, its other operand) when ``node``'s only user adds ``node`` and another tensor of the same shape and
+    dtype (a residual connection: no alpha, no broadcast; an in-place add must write ``node`` itself), else None: a
+    conv computing ``node`` can take that add in as its epilogue."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    add = users[0]
+    if add.op == "call_function" and add.target in _ADD_FUNCTIONS:
+        in_place = _ADD_FUNCTIONS[add.target]
+    elif add.op == "call_method" and add.target in _ADD_METHODS:
+        in_place = _ADD_METHODS[add.target]
+    else:
+        return None
+    if add.kwargs or len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args) or \
+            add.args[0] is add.args[1] or (in_place and add.args[0] is not node):
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    shape, other_shape = node_shape(node), node_shape(other)
+    dtype, other_dtype = (getattr(node_value(n), "dtype", None) for n in (node, other))
+    if shape is None or other_shape is None or len(shape) != 4 or len(other_shape) != 4 or dtype is None or \
+            other_dtype != dtype:
+        return None
+    # symbolic sizes compare by their expressions (comparing SymInts would guard on them)
+    if any(a != b if isinstance(a, int) and isinstance(b, int) else str(a) != str(b)
+           for a, b in zip(shape, other_shape)):
+        return None
+    return add, other
 
 
 def unique_name(gm: fx.GraphModule, base: str) -> str:

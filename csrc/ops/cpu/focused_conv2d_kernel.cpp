@@ -116,20 +116,38 @@ struct Clamp {
   }
 };
 
-// Writes the fill (per output channel: fill[o], or zero where fill is null) at every inactive output; called after
-// a strategy wrote the active ones (whatever the strategy left at inactive outputs is overwritten). With `clamp`
-// on, the active outputs are clamped in the same pass (the fill is clamped by the caller). channels_last: the O fill
-// values per inactive position, run by run; NCHW: a branch-free select over each plane (vectorised), measured ~10x
-// faster than filling the gaps between runs when the mask is fragmented.
+// Writes every inactive output after a strategy wrote the active ones (whatever the strategy left there is
+// overwritten): its channel's fill (fill[o], or zero where fill is null), plus, given `res` (a tensor of out's
+// shape and layout), the residual there, clamped by `clamp`. Where `finish_active`, the active outputs get the same
+// epilogue in the same pass (the residual added, then clamped); else the strategy applied it. Without a residual
+// the caller passes the fill already clamped. channels_last: the inactive positions run by run (the fill's O values
+// copied in doubling runs); NCHW: a branch-free select over each plane (vectorised), measured ~10x faster than
+// filling the gaps between runs when the mask is fragmented.
 template <typename scalar_t>
 void fill_inactive(at::Tensor& out, const bool* m, const MaskSummary& s, const ConvGeometry& g, bool channels_last,
-                   const scalar_t* fill = nullptr, const Clamp& clamp = Clamp()) {
+                   const scalar_t* fill = nullptr, const Clamp& clamp = Clamp(), const scalar_t* res = nullptr,
+                   bool finish_active = true) {
+  using A = at::opmath_type<scalar_t>;
   scalar_t* base = out.mutable_data_ptr<scalar_t>();
   const int64_t O = g.o, Ho = g.ho, Wo = g.wo;
   const bool clamped = clamp.on();
+  const A lo = static_cast<A>(clamp.lo), hi = static_cast<A>(clamp.hi);
+  auto epilogue = [&](A v) {  // NaN passes, as torch.clamp lets it
+    v = v < lo ? lo : v;
+    return static_cast<scalar_t>(v > hi ? hi : v);
+  };
   if (channels_last) {
-    auto gap = [&](scalar_t* at, int64_t positions) {
-      if (fill == nullptr) {
+    auto gap = [&](int64_t offset, int64_t positions) {
+      scalar_t* at = base + offset;
+      if (res != nullptr) {
+        const scalar_t* r = res + offset;
+        for (int64_t i = 0; i < positions; ++i) {
+          for (int64_t o = 0; o < O; ++o) {
+            const A f = fill == nullptr ? A(0) : static_cast<A>(fill[o]);
+            at[i * O + o] = epilogue(f + static_cast<A>(r[i * O + o]));
+          }
+        }
+      } else if (fill == nullptr) {
         std::fill_n(at, positions * O, scalar_t(0));
       } else if (positions > 0) {  // the first position's O values, then the written part copied onto what follows
         std::copy_n(fill, O, at);
@@ -140,34 +158,43 @@ void fill_inactive(at::Tensor& out, const bool* m, const MaskSummary& s, const C
         }
       }
     };
+    auto run = [&](int64_t offset, int64_t count) {
+      if (!finish_active || (res == nullptr && !clamped)) return;
+      scalar_t* d = base + offset;
+      if (res == nullptr) {
+        clamp.span(d, count);
+        return;
+      }
+      const scalar_t* r = res + offset;
+      for (int64_t i = 0; i < count; ++i) d[i] = epilogue(static_cast<A>(d[i]) + static_cast<A>(r[i]));
+    };
     at::parallel_for(0, g.n * Ho, 8, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        scalar_t* row = base + r * Wo * O;
+        const int64_t row = r * Wo * O;
         int64_t x = 0;
         for (int64_t k = s.row_begin[r]; k < s.row_begin[r + 1]; ++k) {
           gap(row + x * O, s.runs[k].x0 - x);
+          run(row + s.runs[k].x0 * O, (s.runs[k].x1 - s.runs[k].x0) * O);
           x = s.runs[k].x1;
-          if (clamped) clamp.span(row + s.runs[k].x0 * O, (s.runs[k].x1 - s.runs[k].x0) * O);
         }
         gap(row + x * O, Wo - x);
       }
     });
   } else {
+    TORCH_INTERNAL_ASSERT(finish_active, "fxeff.focused_conv2d: an NCHW output gets its epilogue in the fill pass");
     const int64_t plane = Ho * Wo;
     at::parallel_for(0, g.n * O, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const bool* mp = m + (p / O) * plane;
         const scalar_t f = fill == nullptr ? scalar_t(0) : fill[p % O];
         scalar_t* d = base + p * plane;
-        if (clamped) {
-          using A = at::opmath_type<scalar_t>;
-          const A l = static_cast<A>(clamp.lo), h = static_cast<A>(clamp.hi);
-          for (int64_t i = 0; i < plane; ++i) {  // one branch-free pass: clamped value or fill
-            A v = static_cast<A>(d[i]);
-            v = v < l ? l : v;
-            v = v > h ? h : v;
-            d[i] = mp[i] ? static_cast<scalar_t>(v) : f;
+        if (res != nullptr) {  // one branch-free pass: (value or fill) plus the residual, clamped
+          const scalar_t* r = res + p * plane;
+          for (int64_t i = 0; i < plane; ++i) {
+            d[i] = epilogue(static_cast<A>(mp[i] ? d[i] : f) + static_cast<A>(r[i]));
           }
+        } else if (clamped) {  // the clamped value, or the (clamped) fill
+          for (int64_t i = 0; i < plane; ++i) d[i] = mp[i] ? epilogue(static_cast<A>(d[i])) : f;
         } else {
           for (int64_t i = 0; i < plane; ++i) d[i] = mp[i] ? d[i] : f;
         }
@@ -619,10 +646,12 @@ int64_t direct_chunk(int64_t active, int64_t o_blocks) {
 // (in parallel), where each pixel reads each tap: in channels_last x itself, or (NCHW x) in the chunk's staged input
 // rows. Then the work items (chunk, block of nr output channels) are handed out one at a time (a thread that the OS
 // delays does not hold the others up): per item the implicit-GEMM micro-kernel (implicit_gemm::blocks_times_weight)
-// writes R [P, nr], and its results plus bias go to out. cl: out is channels_last, and the results are clamped to
-// `clamp` as they are stored (NCHW out: not clamped here).
+// writes R [P, nr], and its results plus bias go to out. cl: out is channels_last, and the results get the
+// epilogue as they are stored: plus the residual `res` (out's shape and layout; null: none), clamped to `clamp`
+// (NCHW out: neither, the fill pass applies them).
 void run_direct(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::Tensor& out,
-                const MaskSummary& s, const ConvGeometry& g, bool cl, int64_t chunk, const Clamp& clamp) {
+                const MaskSummary& s, const ConvGeometry& g, bool cl, int64_t chunk, const Clamp& clamp,
+                const float* res) {
   const int64_t O = g.o, Ho = g.ho, Wo = g.wo, taps = g.kh * g.kw;
   const int64_t nr = implicit_gemm::block_outputs(O), mr = implicit_gemm::block_pixels(nr);
   const int64_t o_blocks = (O + nr - 1) / nr;
@@ -700,6 +729,7 @@ void run_direct(const at::Tensor& x, const at::Tensor& weight, const c10::option
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
     std::vector<float> r;        // R [P rounded up to whole blocks, nr]: partial sums (NCHW out: the results)
     std::vector<float*> dst;     // channels_last out: where each pixel's nr outputs go
+    std::vector<const float*> rdst;  // ... and where its residual is read
     std::vector<float> scratch;  // ... for the padding pixels of the last block
     for (int64_t item = next_item++; item < items; item = next_item++) {
       const int64_t ci = item / o_blocks, ob = item % o_blocks;
@@ -709,21 +739,26 @@ void run_direct(const at::Tensor& x, const at::Tensor& weight, const c10::option
       const int64_t o0 = ob * nr, no = std::min(nr, O - o0);
       r.resize(blocks * mr * nr);
       if (cl) {  // the last reduction step writes each pixel's outputs (plus bias) in place: a pixel's are contiguous
-        scratch.resize(nr);
+        scratch.assign(2 * nr, 0.0f);  // [0, nr): the padding pixels' outputs; [nr, 2 nr): their residual (zeros)
         dst.assign(blocks * mr, scratch.data());
+        rdst.assign(res != nullptr ? blocks * mr : 0, scratch.data() + nr);
         int64_t q = 0;
         for (int64_t i = 0; i < count; ++i) {
           const Run& p = pieces[i];
-          float* d = outp + ((p.n * Ho + p.y) * Wo + p.x0) * O + o0;
-          for (int64_t xo = p.x0; xo < p.x1; ++xo, d += O) dst[q++] = d;
+          const int64_t at = ((p.n * Ho + p.y) * Wo + p.x0) * O + o0;
+          for (int64_t xo = p.x0; xo < p.x1; ++xo, ++q) {
+            dst[q] = outp + at + (xo - p.x0) * O;
+            if (res != nullptr) rdst[q] = res + at + (xo - p.x0) * O;
+          }
         }
         implicit_gemm::blocks_times_weight(ptrs.data() + ptr_at[ci], blocks, taps, g.c, wp, ob, nr, r.data(),
-                                           dst.data(), b.data() + o0, no, lo, hi);
+                                           dst.data(), b.data() + o0, no, res != nullptr ? rdst.data() : nullptr, lo,
+                                           hi);
         continue;
       }
       // NCHW out: R, then each channel's run written contiguously, plus bias.
       implicit_gemm::blocks_times_weight(ptrs.data() + ptr_at[ci], blocks, taps, g.c, wp, ob, nr, r.data(), nullptr,
-                                         nullptr, nr, lo, hi);
+                                         nullptr, nr, nullptr, lo, hi);
       const float* src = r.data();
       for (int64_t i = 0; i < count; ++i) {
         const Run& p = pieces[i];
@@ -742,9 +777,11 @@ void run_direct(const at::Tensor& x, const at::Tensor& weight, const c10::option
 // The direct strategy for a depthwise conv (groups == C == O), channels_last x and out, fp32: the active outputs of
 // each run 8 at a time (implicit_gemm::depthwise_pixels; a short last group is padded with pixels that read the zero
 // row and write a scratch row), the input read in place (a tap outside the image reads a row of zeros; tap_inputs);
-// runs split over the threads. The results are clamped to `clamp` as they are stored.
+// runs split over the threads. The results get the epilogue as they are stored: plus the residual `res` (out's
+// shape and layout; null: none), clamped to `clamp`.
 void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          at::Tensor& out, const MaskSummary& s, const ConvGeometry& g, const Clamp& clamp) {
+                          at::Tensor& out, const MaskSummary& s, const ConvGeometry& g, const Clamp& clamp,
+                          const float* res) {
   constexpr int64_t P = 8;
   const int64_t C = g.c, taps = g.kh * g.kw;
   std::vector<float> wt(taps * C);  // [taps][C]
@@ -762,7 +799,8 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
   at::parallel_for(0, static_cast<int64_t>(s.runs.size()), 4, [&](int64_t begin, int64_t end) {
     std::vector<const float*> a(taps * P);
     std::vector<float*> dst(P);
-    std::vector<float> scratch(C);
+    std::vector<const float*> rdst(P);
+    std::vector<float> scratch(2 * C, 0.0f);  // [0, C): padding pixels' outputs; [C, 2 C): their residual (zeros)
     for (int64_t r = begin; r < end; ++r) {
       const Run& run = s.runs[r];
       for (int64_t x0 = run.x0; x0 < run.x1; x0 += P) {
@@ -771,12 +809,15 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
           if (xo >= run.x1) {  // padding pixel
             for (int64_t t = 0; t < taps; ++t) a[t * P + i] = zero_row.data();
             dst[i] = scratch.data();
+            rdst[i] = scratch.data() + C;
             continue;
           }
           dst[i] = op + ((run.n * g.ho + run.y) * g.wo + xo) * C;
+          rdst[i] = res != nullptr ? res + ((run.n * g.ho + run.y) * g.wo + xo) * C : nullptr;
           tap_inputs(xp, zero_row.data(), g, offsets.data(), run.n, run.y, xo, a.data() + i, P);
         }
-        implicit_gemm::depthwise_pixels<P>(a.data(), taps, wt.data(), bp, dst.data(), C, static_cast<float>(clamp.lo),
+        implicit_gemm::depthwise_pixels<P>(a.data(), taps, wt.data(), bp, dst.data(), C,
+                                           res != nullptr ? rdst.data() : nullptr, static_cast<float>(clamp.lo),
                                            static_cast<float>(clamp.hi));
       }
     }
@@ -830,18 +871,22 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
                               const c10::optional<at::Tensor>& bias, const at::Tensor& mask_in,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups, const c10::optional<at::Tensor>& fill_in,
-                              c10::optional<double> clamp_min, c10::optional<double> clamp_max) {
+                              c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                              const c10::optional<at::Tensor>& residual_in) {
   const ConvGeometry g =
       check_focused_conv2d_args("focused_conv2d", x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
   check_focused_conv2d_fill("focused_conv2d", fill_in, x_in, g);
   check_focused_conv2d_clamp("focused_conv2d", clamp_min, clamp_max);
+  check_focused_conv2d_residual("focused_conv2d", residual_in, x_in, g);
+  const bool has_res = residual_in.has_value() && residual_in->defined();
   Clamp clamp;
   if (clamp_min.has_value()) clamp.lo = *clamp_min;
   if (clamp_max.has_value()) clamp.hi = *clamp_max;
-  // The value of the inactive outputs, O contiguous values (none: zeros): the fill, clamped with the epilogue.
+  // The value of the inactive outputs, O contiguous values (none: zeros): the fill, clamped with the epilogue (with
+  // a residual the fill pass adds it first, then clamps).
   at::Tensor fill =
       fill_in.has_value() && fill_in->defined() ? fill_in->reshape({-1}).contiguous() : at::Tensor();
-  if (clamp.on() && (fill.defined() || clamp.lo > 0.0 || clamp.hi < 0.0)) {
+  if (!has_res && clamp.on() && (fill.defined() || clamp.lo > 0.0 || clamp.hi < 0.0)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     fill = (fill.defined() ? fill : at::zeros({g.o}, x_in.options())).clamp(clamp_min, clamp_max);
   }
@@ -854,13 +899,16 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   const FocusConfig cfg = focus_config();
   const MaskSummary s = summarise(m, g);
   const int64_t outputs = g.n * g.ho * g.wo;
+  const at::Tensor res = has_res ? residual_in->contiguous(fmt) : at::Tensor();
 
-  // After a strategy wrote the active outputs: the inactive ones, and the epilogue where the strategy did not clamp.
-  auto fill_rest = [&](at::Tensor& out, bool clamped) {
-    const Clamp rest = clamped ? Clamp() : clamp;
-    if (s.active == outputs && !rest.on()) return;
+  // After a strategy wrote the active outputs: the inactive ones, and the epilogue (residual, clamp) where the
+  // strategy did not apply it (in_kernel: it did).
+  auto fill_rest = [&](at::Tensor& out, bool in_kernel) {
+    if (s.active == outputs && (in_kernel || (!clamp.on() && !has_res))) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focused_conv2d_fill", [&] {
-      fill_inactive<scalar_t>(out, m, s, g, cl, fill.defined() ? fill.const_data_ptr<scalar_t>() : nullptr, rest);
+      fill_inactive<scalar_t>(out, m, s, g, cl, fill.defined() ? fill.const_data_ptr<scalar_t>() : nullptr,
+                              has_res || !in_kernel ? clamp : Clamp(),
+                              has_res ? res.const_data_ptr<scalar_t>() : nullptr, !in_kernel);
     });
   };
   if (s.active == 0 && cfg.strategy != "dense") {
@@ -868,7 +916,9 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
     count_focus_strategy(FocusStrategy::Empty);
     // at::zeros ignores memory_format: allocate in the input's format, then fill
     at::Tensor out = at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
-    return fill.defined() ? out.copy_(fill.view({1, g.o, 1, 1}).expand_as(out)) : out.zero_();
+    if (!has_res) return fill.defined() ? out.copy_(fill.view({1, g.o, 1, 1}).expand_as(out)) : out.zero_();
+    fill_rest(out, false);
+    return out;
   }
 
   const bool depthwise = g.groups > 1 && g.groups == g.c && g.o == g.c;
@@ -966,13 +1016,15 @@ at::Tensor focused_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
   } else {
     RECORD_FUNCTION("fxeff::focused_conv2d::direct", c10::ArrayRef<const c10::IValue>{});
     count_focus_strategy(FocusStrategy::Direct);
+    const float* rp = has_res ? res.const_data_ptr<float>() : nullptr;
     if (depthwise) {
-      run_direct_depthwise(x, weight, bias, out, s, g, clamp);
+      run_direct_depthwise(x, weight, bias, out, s, g, clamp, rp);
     } else {
-      run_direct(x, weight, bias, out, s, g, cl, cfg.tile, clamp);
+      run_direct(x, weight, bias, out, s, g, cl, cfg.tile, clamp, rp);
     }
   }
-  fill_rest(out, pick == FocusStrategy::Direct && cl);  // direct clamps channels_last outputs as it stores them
+  // direct applies the epilogue to channels_last outputs as it stores them
+  fill_rest(out, pick == FocusStrategy::Direct && cl);
   return out;
 }
 

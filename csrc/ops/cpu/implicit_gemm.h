@@ -69,13 +69,13 @@ __attribute__((target("avx512f"))) inline __m512 clamp(__m512 v, __m512 lo, __m5
 
 // One step of the reduction for MR pixels x 16 NV outputs: acc[i, 0:16 NV] = (add ? r[i, :] : 0) + sum over taps
 // t < nt and channels c0 <= ci < c0 + nc of a[t * MR + i][ci] * wp[(t * c + ci - c0)][0:16 NV]. Stored to r (row
-// stride ldr), or, on the last step where dst is given, plus bias[0:16 NV] and clamped to [lo, hi] (the activation
-// epilogue; +-inf: none) to dst[i][0:no] (the outputs' own rows).
+// stride ldr), or, on the last step where dst is given, plus bias[0:16 NV], plus res[i][0:no] where res is given (a
+// residual), clamped to [lo, hi] (the activation epilogue; +-inf: none), to dst[i][0:no] (the outputs' own rows).
 template <int MR, int NV>
 __attribute__((target("avx512f"))) void micro_kernel(const float* const* a, int64_t nt, int64_t c0, int64_t nc,
                                                        int64_t c, const float* wp, float* r, int64_t ldr, bool add,
-                                                       float* const* dst, const float* bias, int64_t no, float lo,
-                                                       float hi) {
+                                                       float* const* dst, const float* bias, int64_t no,
+                                                       const float* const* res, float lo, float hi) {
   constexpr int NR = 16 * NV;
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
@@ -121,22 +121,24 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* const* a, int6
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
-      _mm512_mask_storeu_ps(dst[i] + 16 * j, k[j], clamp(_mm512_add_ps(acc[i][j], bv[j]), lov, hiv));
+      __m512 v = _mm512_add_ps(acc[i][j], bv[j]);
+      if (res != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k[j], res[i] + 16 * j));
+      _mm512_mask_storeu_ps(dst[i] + 16 * j, k[j], clamp(v, lov, hiv));
     }
   }
 }
 
 // blocks * MR pixels (block_pixels(nr) each; a[b * taps * MR + t * MR + i] is where pixel i of block b reads tap t)
 // against output block ob of the packed weight. The results go to r[q, 0:nr] (row stride nr), or, where dst is
-// given, plus bias[0:nr] and clamped to [lo, hi], to dst[q][0:no] (pixel q's outputs; the padding pixels' dst may
-// all point at one scratch row of nr floats). The reduction over taps x channels is cut into steps whose weight
-// rows (at most 32 KiB: a tap's channels, a slice of them, or several taps) stay in L1 while every block of pixels
-// uses them; the partial sums of all but the last step go through r (in L1/L2). Without the steps each block of 6-8
-// pixels streamed the whole weight of the output block (taps * C * nr floats, over 1 MiB at 512 channels) from L2
-// or beyond.
+// given, plus bias[0:nr], plus res[q][0:no] where res is given, clamped to [lo, hi], to dst[q][0:no] (pixel q's
+// outputs; the padding pixels' dst may all point at one scratch row of nr floats, their res at a row of zeros).
+// The reduction over taps x channels is cut into steps whose weight rows (at most 32 KiB: a tap's channels, a slice
+// of them, or several taps) stay in L1 while every block of pixels uses them; the partial sums of all but the last
+// step go through r (in L1/L2). Without the steps each block of 6-8 pixels streamed the whole weight of the output
+// block (taps * C * nr floats, over 1 MiB at 512 channels) from L2 or beyond.
 inline void blocks_times_weight(const float* const* a, int64_t blocks, int64_t taps, int64_t c, const float* wp,
                                 int64_t ob, int64_t nr, float* r, float* const* dst, const float* bias, int64_t no,
-                                float lo, float hi) {
+                                const float* const* res, float lo, float hi) {
   const int64_t mr = block_pixels(nr);
   const float* w = wp + ob * taps * c * nr;
   const int64_t rows = 8192 / nr;  // weight rows of nr floats in 32 KiB (measured best among 8, 16, 32, 40 KiB)
@@ -152,22 +154,24 @@ inline void blocks_times_weight(const float* const* a, int64_t blocks, int64_t t
         const float* const* ab = a + b * taps * mr + t0 * mr;
         float* rb = r + b * mr * nr;
         float* const* db = last && dst != nullptr ? dst + b * mr : nullptr;
-        if (nr == 64) micro_kernel<6, 4>(ab, nt, c0, nc, c, ws, rb, nr, add, db, bias, no, lo, hi);
-        else if (nr == 32) micro_kernel<8, 2>(ab, nt, c0, nc, c, ws, rb, nr, add, db, bias, no, lo, hi);
-        else micro_kernel<8, 1>(ab, nt, c0, nc, c, ws, rb, nr, add, db, bias, no, lo, hi);
+        const float* const* rs = res != nullptr ? res + b * mr : nullptr;
+        if (nr == 64) micro_kernel<6, 4>(ab, nt, c0, nc, c, ws, rb, nr, add, db, bias, no, rs, lo, hi);
+        else if (nr == 32) micro_kernel<8, 2>(ab, nt, c0, nc, c, ws, rb, nr, add, db, bias, no, rs, lo, hi);
+        else micro_kernel<8, 1>(ab, nt, c0, nc, c, ws, rb, nr, add, db, bias, no, rs, lo, hi);
       }
     }
   }
 }
 // Depthwise (groups == C == O), P output pixels at once: out[i][c] = bias[c] (0 if null) + sum over taps t of
-// a[t * P + i][c] * wt[t * c_total + c] (wt packed [taps][C]), clamped to [lo, hi]. Per vector of 16 channels, each
+// a[t * P + i][c] * wt[t * c_total + c] (wt packed [taps][C]), plus res[i][c] where res is given, clamped to
+// [lo, hi]. Per vector of 16 channels, each
 // tap's weights are loaded once for the P pixels, whose P accumulators are independent FMA chains; lanes past C are
 // masked off (a masked-off load reads nothing). (One pixel at a time loaded a weight vector per FMA: loads, not FMAs,
 // bound it.)
 template <int P>
 __attribute__((target("avx512f"))) void depthwise_pixels(const float* const* a, int64_t taps, const float* wt,
                                                            const float* bias, float* const* out, int64_t c,
-                                                           float lo, float hi) {
+                                                           const float* const* res, float lo, float hi) {
   const __m512 lov = _mm512_set1_ps(lo), hiv = _mm512_set1_ps(hi);
   for (int64_t c0 = 0; c0 < c; c0 += 16) {
     const int64_t left = c - c0;
@@ -183,17 +187,20 @@ __attribute__((target("avx512f"))) void depthwise_pixels(const float* const* a, 
       for (int i = 0; i < P; ++i) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, at[i] + c0), wv, acc[i]);
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < P; ++i) _mm512_mask_storeu_ps(out[i] + c0, k, clamp(acc[i], lov, hiv));
+    for (int i = 0; i < P; ++i) {
+      const __m512 v = res != nullptr ? _mm512_add_ps(acc[i], _mm512_maskz_loadu_ps(k, res[i] + c0)) : acc[i];
+      _mm512_mask_storeu_ps(out[i] + c0, k, clamp(v, lov, hiv));
+    }
   }
 }
 #else
 template <int P>
-void depthwise_pixels(const float* const*, int64_t, const float*, const float*, float* const*, int64_t, float,
-                      float) {
+void depthwise_pixels(const float* const*, int64_t, const float*, const float*, float* const*, int64_t,
+                      const float* const*, float, float) {
   TORCH_CHECK(false, "fxeff.focused_conv2d: the direct strategy needs an x86-64 build with AVX-512");
 }
 inline void blocks_times_weight(const float* const*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
-                                float*, float* const*, const float*, int64_t, float, float) {
+                                float*, float* const*, const float*, int64_t, const float* const*, float, float) {
   TORCH_CHECK(false, "fxeff.focused_conv2d: the direct strategy needs an x86-64 build with AVX-512");
 }
 #endif

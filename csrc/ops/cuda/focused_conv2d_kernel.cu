@@ -190,18 +190,21 @@ at::Tensor focused_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& weight_
                                const c10::optional<at::Tensor>& bias, const at::Tensor& mask_in,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                int64_t groups, const c10::optional<at::Tensor>& fill,
-                               c10::optional<double> clamp_min, c10::optional<double> clamp_max) {
+                               c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                               const c10::optional<at::Tensor>& residual) {
   const ConvGeometry g =
       check_focused_conv2d_args("focused_conv2d", x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
   check_focused_conv2d_fill("focused_conv2d", fill, x_in, g);
   check_focused_conv2d_clamp("focused_conv2d", clamp_min, clamp_max);
+  check_focused_conv2d_residual("focused_conv2d", residual, x_in, g);
   at::Tensor out = focused_conv2d_cuda_zeros(g, x_in, weight_in, bias, mask_in, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (fill.has_value() && fill->defined()) {
     out.add_(fill->reshape({1, g.o, 1, 1}).mul(at::logical_not(mask_in).unsqueeze(1)));
   }
-  // The activation epilogue: one elementwise pass over the whole output (the fill included: clamp(fill) outside).
+  // The epilogue, elementwise passes over the whole output: the residual added, then the clamp.
+  if (residual.has_value() && residual->defined()) out.add_(*residual);
   if (clamp_min.has_value() || clamp_max.has_value()) {
     out.clamp_(clamp_min.has_value() ? c10::optional<at::Scalar>(*clamp_min) : c10::nullopt,
                clamp_max.has_value() ? c10::optional<at::Scalar>(*clamp_max) : c10::nullopt);
