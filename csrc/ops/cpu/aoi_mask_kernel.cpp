@@ -1,13 +1,15 @@
 // CPU kernels of fxeff::aoi_mask, mask[n, h, w] = reduce_c(x[n, c, h, w]) >= threshold, and fxeff::dilate_mask.
 //
-// One pass over x, the channel sum accumulated in float (double for double x) and compared at once: channels_last x
-// per pixel over its contiguous channels, NCHW x plane by plane into a row of per-pixel sums. (at::sum then at::ge
-// took ~60 us on a 16 x 1 x 64 x 64 input, mostly in their own set-up and the intermediate tensor.)
+// One channel (an image split, as the reference models'): the comparison in one pass over x (at::sum then at::ge
+// took ~60 us on a 16 x 1 x 64 x 64 input, mostly in their own set-up and the intermediate tensor). More channels:
+// at::sum (or at::mean) then at::ge, whose order of summation a threshold taken from at::sum's values relies on.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ge.h>
+#include <ATen/ops/mean.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,38 +21,16 @@ namespace fxeff {
 namespace ops {
 namespace {
 
+// One channel: mask[p] = x[p] >= threshold (the sum and the mean of one channel are the value), compared in the
+// accumulation type as at::sum's result would be.
 template <typename scalar_t>
-void threshold_sums(const at::Tensor& x, at::Tensor& out, double threshold, bool mean, bool channels_last) {
+void threshold_one_channel(const at::Tensor& x, at::Tensor& out, double threshold) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   bool* d = out.mutable_data_ptr<bool>();
-  // sum >= threshold, or sum / C >= threshold for the mean (the division as at::mean does it)
-  const acc_t t = static_cast<acc_t>(threshold), count = static_cast<acc_t>(c);
-  auto active = [&](acc_t s) { return (mean ? s / count : s) >= t; };
-  if (channels_last) {
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, c));
-    at::parallel_for(0, n * hw, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const scalar_t* v = xp + p * c;
-        acc_t s = 0;
-        for (int64_t k = 0; k < c; ++k) s += static_cast<acc_t>(v[k]);
-        d[p] = active(s);
-      }
-    });
-    return;
-  }
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, c * hw));
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sums(hw);
-    for (int64_t b = begin; b < end; ++b) {
-      std::fill(sums.begin(), sums.end(), acc_t(0));
-      for (int64_t k = 0; k < c; ++k) {
-        const scalar_t* plane = xp + (b * c + k) * hw;
-        for (int64_t i = 0; i < hw; ++i) sums[i] += static_cast<acc_t>(plane[i]);
-      }
-      for (int64_t i = 0; i < hw; ++i) d[b * hw + i] = active(sums[i]);
-    }
+  const acc_t t = static_cast<acc_t>(threshold);
+  at::parallel_for(0, out.numel(), 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) d[p] = static_cast<acc_t>(xp[p]) >= t;
   });
 }
 
@@ -62,13 +42,19 @@ at::Tensor aoi_mask_cpu(const at::Tensor& x_in, double threshold, c10::string_vi
   TORCH_CHECK_VALUE(!std::isnan(threshold), "fxeff.aoi_mask: threshold must be a number, got nan");
   TORCH_CHECK_VALUE(reduce == "sum" || reduce == "mean",
               "fxeff.aoi_mask: reduce must be \"sum\" or \"mean\", got \"", reduce, "\"");
-  const bool channels_last = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
-  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  // Half/bfloat16 accumulate in float, so the threshold compares a precise channel sum.
+  const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (x_in.size(1) != 1) {
+    // at::sum's own order of summation (vectorised, its partial sums depend on the layout), so that a threshold
+    // taken from at::sum's values (a quantile of them) selects the same pixels, ties included
+    const at::Tensor r = reduce == "sum" ? at::sum(x_in, {1}, false, acc) : at::mean(x_in, {1}, false, acc);
+    return at::ge(r, threshold).contiguous();
+  }
+  const at::Tensor x = x_in.contiguous();  // one channel: NCHW and channels_last are the same memory
   at::Tensor out = at::empty({x.size(0), x.size(2), x.size(3)}, x.options().dtype(at::kBool));
   if (out.numel() == 0) return out;
-  // Half/bfloat16 accumulate in float, so the threshold compares a precise channel sum.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxeff_aoi_mask", [&] {
-    threshold_sums<scalar_t>(x, out, threshold, reduce == "mean", channels_last);
+    threshold_one_channel<scalar_t>(x, out, threshold);
   });
   return out;
 }
