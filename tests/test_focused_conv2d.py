@@ -232,22 +232,29 @@ def test_gradcheck_with_fill(strategy, device):
 CLAMPS = [(0.0, None), (0.0, 6.0), (-0.5, 0.25), (None, 0.1), (0.2, None)]
 
 
-@pytest.mark.parametrize("strategy", FORCED + ["direct"])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("depthwise", [False, True])
-def test_clamp_epilogue_equals_clamp_of_the_output(strategy, channels_last, dtype, depthwise, device):
-    # out == torch.clamp(the focused conv's output with its fill, clamp_min, clamp_max), every mask, with and
-    # without a fill, both bounds or one.
+epilogue_cases = pytest.mark.parametrize("strategy, channels_last, dtype, depthwise", [
+    (strategy, channels_last, dtype, depthwise) for strategy in FORCED + ["direct"] for channels_last in (False, True)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16) for depthwise in (False, True)])
+
+
+def epilogue_case(strategy, channels_last, dtype, depthwise, device):
+    """(x, weight, bias, mask, groups, fill) of a 16-channel conv (depthwise or to 20 outputs) with outputs well
+    beyond the clamps' bounds; skips what the direct strategy does not run."""
     direct_runs = dtype == torch.float32 and device == "cpu" and fxeff.ops.direct_strategy_available()
     if strategy == "direct" and (not direct_runs or (depthwise and not channels_last)):
         pytest.skip("the direct strategy runs fp32 on an AVX-512 CPU (depthwise: channels_last)")
     groups = 16 if depthwise else 1
     x, weight, bias, mask = conv_case(dtype, c=16, o=16 if depthwise else 20, groups=groups)
-    weight = weight * 3  # outputs well beyond the bounds
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    fill = torch.randn(1, weight.shape[0], 1, 1).to(dtype)
+    return x, weight * 3, bias, mask, groups, torch.randn(1, weight.shape[0], 1, 1).to(dtype)
+
+
+@epilogue_cases
+def test_clamp_epilogue_equals_clamp_of_the_output(strategy, channels_last, dtype, depthwise, device):
+    # out == torch.clamp(the focused conv's output with its fill, clamp_min, clamp_max), every mask, with and
+    # without a fill, both bounds or one.
+    x, weight, bias, mask, groups, fill = epilogue_case(strategy, channels_last, dtype, depthwise, device)
     for m in (mask, torch.zeros_like(mask), torch.ones_like(mask)):
         for lo, hi in CLAMPS:
             for f in (None, fill):
@@ -260,22 +267,11 @@ def test_clamp_epilogue_equals_clamp_of_the_output(strategy, channels_last, dtyp
                                          torch.contiguous_format)
 
 
-@pytest.mark.parametrize("strategy", FORCED + ["direct"])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("depthwise", [False, True])
+@epilogue_cases
 def test_residual_epilogue_adds_before_the_clamp(strategy, channels_last, dtype, depthwise, device):
     # out == clamp(the focused conv's output with its fill + residual), the residual in either layout.
-    direct_runs = dtype == torch.float32 and device == "cpu" and fxeff.ops.direct_strategy_available()
-    if strategy == "direct" and (not direct_runs or (depthwise and not channels_last)):
-        pytest.skip("the direct strategy runs fp32 on an AVX-512 CPU (depthwise: channels_last)")
-    groups = 16 if depthwise else 1
-    x, weight, bias, mask = conv_case(dtype, c=16, o=16 if depthwise else 20, groups=groups)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    o = weight.shape[0]
-    fill = torch.randn(1, o, 1, 1).to(dtype)
-    residual = torch.randn(x.shape[0], o, x.shape[2], x.shape[3]).to(dtype)
+    x, weight, bias, mask, groups, fill = epilogue_case(strategy, channels_last, dtype, depthwise, device)
+    residual = (torch.randn(x.shape[0], weight.shape[0], x.shape[2], x.shape[3]) * 4).to(dtype)
     for res in (residual, residual.contiguous(memory_format=torch.channels_last)):
         for m in (mask, torch.zeros_like(mask), torch.ones_like(mask)):
             for lo, hi in ((None, None), (0.0, None), (-0.5, 0.25)):
