@@ -210,16 +210,21 @@ def test_fill_is_checked():
         focused_conv2d(x, weight, bias, mask, 1, 1, fill=torch.zeros(6, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("strategy", ["auto", "crop", "tiles", "pixels"])
-def test_gradcheck_with_fill(strategy, device):
-    # The fill's gradient sums grad_out over the inactive outputs; x, weight and bias see only the active ones.
-    gen = torch.Generator().manual_seed(3)
+def gradcheck_case(seed, device):
+    """(x, weight, bias, fill, mask): a small float64 conv whose tensors (but the mask) require grad, on device."""
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 7, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
     fill = torch.randn(1, 5, 1, 1, generator=gen, dtype=torch.float64, requires_grad=True)
     mask = random_mask(2, 7, 7, gen, blobs=1, pixel_fraction=0.2)
-    x, weight, bias, fill, mask = on(device, x, weight, bias, fill, mask)
+    return on(device, x, weight, bias, fill, mask)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "crop", "tiles", "pixels"])
+def test_gradcheck_with_fill(strategy, device):
+    # The fill's gradient sums grad_out over the inactive outputs; x, weight and bias see only the active ones.
+    x, weight, bias, fill, mask = gradcheck_case(3, device)
     with forced_strategy(strategy):
         assert torch.autograd.gradcheck(lambda x, w, b, f: focused_conv2d(x, w, b, mask, 1, 1, fill=f),
                                         (x, weight, bias, fill), fast_mode=True)
@@ -317,13 +322,7 @@ def test_clamp_epilogue_keeps_nan_and_is_checked():
 def test_gradcheck_with_clamp(strategy, lo, hi, device):
     # The epilogue's gradient is torch.clamp's: it reaches x, weight, bias and the fill only where the value lies
     # strictly inside the bounds.
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 4, 7, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
-    fill = torch.randn(1, 5, 1, 1, generator=gen, dtype=torch.float64, requires_grad=True)
-    mask = random_mask(2, 7, 7, gen, blobs=1, pixel_fraction=0.2)
-    x, weight, bias, fill, mask = on(device, x, weight, bias, fill, mask)
+    x, weight, bias, fill, mask = gradcheck_case(5, device)
     with forced_strategy(strategy):
         assert torch.autograd.gradcheck(
             lambda x, w, b, f: focused_conv2d(x, w, b, mask, 1, 1, fill=f, clamp_min=lo, clamp_max=hi),
