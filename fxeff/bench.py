@@ -93,16 +93,20 @@ def measure(fn: Callable[[], object], min_run_time: float = 0.5, repeats: int = 
 
 def interleaved(fns: Sequence[Callable[[], object]], runs: int, warmup: int = 2) -> List[float]:
     """Median seconds per call of each fn, the fns run in turn in every round (under no_grad) so that the
-    machine's noise hits them alike; for whole models, where one call is long. When the process has GPU work
-    (CUDA initialized), the GPU is synchronized before starting and before stopping each call's clock, so a
-    call's time includes its kernels; on a CPU-only run nothing changes."""
+    machine's noise hits them alike; for whole models, where one call is long. Round r starts at fn r mod len(fns),
+    so each fn follows each other one equally often: a call measured 5-20% slower right after a large model's call
+    (whose freed buffers glibc hands back to the OS) than after a small one, which a fixed order charged to one fn.
+    When the process has GPU work (CUDA initialized), the GPU is synchronized before starting and before stopping
+    each call's clock, so a call's time includes its kernels; on a CPU-only run nothing changes."""
     times: List[List[float]] = [[] for _ in fns]
     with torch.no_grad():
         for _ in range(warmup):
             for fn in fns:
                 fn()
-        for _ in range(runs):
-            for i, fn in enumerate(fns):
+        for r in range(runs):
+            for k in range(len(fns)):
+                i = (r + k) % len(fns)
+                fn = fns[i]
                 _sync()
                 start = time.perf_counter()
                 fn()

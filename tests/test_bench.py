@@ -33,6 +33,15 @@ def test_interleaved_cpu_positive_medians():
     assert len(times) == 2 and all(t > 0 for t in times)
 
 
+def test_interleaved_rotates_the_order_every_round():
+    # Each fn follows each other fn equally often, so a slow-after-a-large-call effect is spread over all of them.
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    bench.interleaved(fns, runs=3, warmup=1)
+    rounds = [calls[3 + 3 * r:6 + 3 * r] for r in range(3)]
+    assert calls[:3] == [0, 1, 2] and rounds == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
+
+
 def test_device_arg():
     assert bench.device_arg("cpu") == torch.device("cpu")
     with pytest.raises(argparse.ArgumentTypeError, match="cpu or cuda"):
