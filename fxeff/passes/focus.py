@@ -5,8 +5,9 @@ the split becomes ``focused_conv2d(x, w, b, mask_k, ...)`` with ``mask_k = mask_
 Wout])`` at that conv's output grid (one resize per distinct grid); a conv with a padding_mode
 other than zeros gets its input padded by F.pad in that mode first (exact, as nn.Conv2d does). Each rewritten conv
 computes F.conv2d of its own actual input at the active positions and 0 (or the fill) elsewhere; for inference an
-eval BatchNorm right after it is folded into it and a clamp activation (ReLU, ReLU6, Hardtanh) after that becomes its
-epilogue; everything else (residual adds, pooling, other activations) runs unchanged on the whole map.
+eval BatchNorm right after it is folded into it, and a residual add and then a clamp activation (ReLU, ReLU6,
+Hardtanh) after that become its epilogue; everything else (pooling, other activations) runs unchanged on the whole
+map.
 """
 import dataclasses
 import math
@@ -663,7 +664,8 @@ def focus_pass(gm: fx.GraphModule, config: Focus, context: PassContext) -> Repor
 
 
 def _folded_notes(folded: List[str], fused: List[str]) -> List[str]:
-    """The report's notes on the BatchNorms folded into focused convs and the activations fused into them."""
+    """The report's notes on the BatchNorms folded into focused convs and the residual adds and activations fused
+    into them."""
     def names(nodes: List[str]) -> str:
         return ", ".join(nodes[:6]) + (", ..." if len(nodes) > 6 else "")
 

@@ -55,10 +55,10 @@ GATHER_SCATTER = 0.1  # gather and scatter, as a fraction of the dense region's 
 # A grid can also run per layer: each conv a focused_conv2d (the published semantics), whose kernel picks its
 # strategy per call. Its cost is measured at transform time, not modelled: each conv of the grid is timed as
 # focused_conv2d with the example inputs' mask against F.conv2d, on inputs of its shape, dtype and memory format at
-# the planned batch (LAYER_RUNS interleaved runs, medians); activations cost the same either way, and an eval
-# BatchNorm the focused conv takes in is timed on the dense side. (The focused conv kernel's own cost model was
-# tried here first: it predicts 0.54-0.87 of dense for ResNet-50's grids where whole-model runs measure 0.92-1.38x
-# speedups.)
+# the planned batch (LAYER_RUNS interleaved runs, medians); an eval BatchNorm, residual add and clamp activation the
+# focused conv takes in are timed on the dense side, other ops cost the same either way. (The focused conv kernel's
+# own cost model was tried here first: it predicts 0.54-0.87 of dense for ResNet-50's grids where whole-model runs
+# measure 0.92-1.38x speedups.)
 LAYER_RUNS = 5
 TILE_SIDES = tuple(sorted(THROUGHPUT))
 DEFAULT_TILE = 8  # without real example inputs there is no mask to cost tiles with

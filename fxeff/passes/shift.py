@@ -241,14 +241,6 @@ def _arg_names(node: fx.Node) -> Sequence[str]:
     return TORCH_CONVS[target][2]
 
 
-def _get_arg(node: fx.Node, name: str, default: Any = None) -> Any:
-    names = list(_arg_names(node))
-    if name in node.kwargs:
-        return node.kwargs[name]
-    i = names.index(name)
-    return node.args[i] if i < len(node.args) else default
-
-
 def _set_arg(node: fx.Node, name: str, value: Any) -> None:
     names = list(_arg_names(node))
     i = names.index(name)

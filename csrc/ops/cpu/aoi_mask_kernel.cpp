@@ -3,6 +3,8 @@
 // One channel (an image split, as the reference models'): the comparison in one pass over x (at::sum then at::ge
 // took ~60 us on a 16 x 1 x 64 x 64 input, mostly in their own set-up and the intermediate tensor). More channels:
 // at::sum (or at::mean) then at::ge, whose order of summation a threshold taken from at::sum's values relies on.
+#include "mask_rows.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -59,11 +61,6 @@ at::Tensor aoi_mask_cpu(const at::Tensor& x_in, double threshold, c10::string_vi
   return out;
 }
 
-// d[0:n] |= s[0:n] (distinct arrays: the loop vectorises).
-inline void or_into(uint8_t* __restrict d, const uint8_t* __restrict s, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) d[i] |= s[i];
-}
-
 // The mask grown by halo pixels: out[n, y, x] = any mask[n, y', x'] with |y' - y| <= halo and |x' - x| <= halo
 // (inside the image). Separable: per row the OR of halo shifted copies each way, then per output row the OR of
 // the 2 halo + 1 rows around it; byte loops (vectorised), one image per task. (The ATen-op version, pad and ORs of
@@ -87,8 +84,8 @@ at::Tensor dilate_mask_cpu(const at::Tensor& mask_in, int64_t halo) {
         uint8_t* r = rows.data() + y * w;
         std::copy_n(row, w, r);
         for (int64_t k = 1; k <= halo && k < w; ++k) {
-          or_into(r, row + k, w - k);
-          or_into(r + k, row, w - k);
+          or_rows(r, row + k, w - k);
+          or_rows(r + k, row, w - k);
         }
       }
       uint8_t* o = dst + b * h * w;
@@ -96,7 +93,7 @@ at::Tensor dilate_mask_cpu(const at::Tensor& mask_in, int64_t halo) {
         const int64_t y0 = std::max<int64_t>(0, y - halo), y1 = std::min<int64_t>(h - 1, y + halo);
         uint8_t* orow = o + y * w;
         std::copy_n(rows.data() + y0 * w, w, orow);
-        for (int64_t yy = y0 + 1; yy <= y1; ++yy) or_into(orow, rows.data() + yy * w, w);
+        for (int64_t yy = y0 + 1; yy <= y1; ++yy) or_rows(orow, rows.data() + yy * w, w);
       }
     }
   });

@@ -101,19 +101,6 @@ struct Clamp {
   bool on() const {
     return lo > -std::numeric_limits<double>::infinity() || hi < std::numeric_limits<double>::infinity();
   }
-  // Clamps d[0:n] in place. Branch-free selects, so the loop vectorises (a branch per value mispredicts on
-  // activations, ~1 GB/s measured).
-  template <typename scalar_t>
-  void span(scalar_t* d, int64_t n) const {
-    using A = at::opmath_type<scalar_t>;
-    const A l = static_cast<A>(lo), h = static_cast<A>(hi);
-    for (int64_t i = 0; i < n; ++i) {
-      A v = static_cast<A>(d[i]);
-      v = v < l ? l : v;
-      v = v > h ? h : v;
-      d[i] = static_cast<scalar_t>(v);
-    }
-  }
 };
 
 // Writes every inactive output after a strategy wrote the active ones (whatever the strategy left there is
@@ -132,7 +119,9 @@ void fill_inactive(at::Tensor& out, const bool* m, const MaskSummary& s, const C
   const int64_t O = g.o, Ho = g.ho, Wo = g.wo;
   const bool clamped = clamp.on();
   const A lo = static_cast<A>(clamp.lo), hi = static_cast<A>(clamp.hi);
-  auto epilogue = [&](A v) {  // NaN passes, as torch.clamp lets it
+  // Branch-free selects, so the loops vectorise (a branch per value mispredicted on activations: ~1 GB/s); NaN
+  // passes, as torch.clamp lets it.
+  auto epilogue = [&](A v) {
     v = v < lo ? lo : v;
     return static_cast<scalar_t>(v > hi ? hi : v);
   };
@@ -162,7 +151,7 @@ void fill_inactive(at::Tensor& out, const bool* m, const MaskSummary& s, const C
       if (!finish_active || (res == nullptr && !clamped)) return;
       scalar_t* d = base + offset;
       if (res == nullptr) {
-        clamp.span(d, count);
+        for (int64_t i = 0; i < count; ++i) d[i] = epilogue(static_cast<A>(d[i]));
         return;
       }
       const scalar_t* r = res + offset;
@@ -465,6 +454,12 @@ void gather_pixels_nchw(const scalar_t* x, scalar_t* cols, scalar_t* stage, cons
   }
 }
 
+// Whether the pixels and direct strategies read x as channels_last (in place); else NCHW through staged rows. One
+// channel: NCHW and channels_last are the same memory, so in place.
+bool reads_channels_last(const at::Tensor& x, const ConvGeometry& g) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast || g.c == 1;
+}
+
 // Channels_last x: where tap t of output (n, y, xo) reads its C channels, or `zeros` (a row of C zeros) where the
 // tap falls outside the image (the conv's zero padding).
 inline const float* tap_input(const float* x, const float* zeros, const ConvGeometry& g, int64_t n, int64_t y,
@@ -550,8 +545,7 @@ void run_pixels(const at::Tensor& x, const at::Tensor& weight, const c10::option
   // channels_last x is gathered pixel by pixel (one copy per tap) into cols [P, K]; NCHW x into the same cols
   // through a per-run staging tile (gather_pixels_nchw), which saves converting x (measured: the conversion cost
   // more than the whole gather). The weight as [O, kg] with columns in the gather's order.
-  // one channel: NCHW and channels_last are the same memory, and the channels_last path reads x in place
-  const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast || g.c == 1;
+  const bool cl_in = reads_channels_last(x, g);
   const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor wmat = weight.permute({0, 2, 3, 1}).contiguous().view({O, kg});
   std::vector<acc_t> b(O, acc_t(0));
@@ -658,8 +652,7 @@ void run_direct(const at::Tensor& x, const at::Tensor& weight, const c10::option
   if (chunk <= 0) chunk = direct_chunk(s.active, o_blocks);
   const PixelChunks chunks = split_runs(s.runs, chunk);
   const int64_t nchunks = static_cast<int64_t>(chunks.pixels.size()), items = nchunks * o_blocks;
-  // one channel: NCHW and channels_last are the same memory, and the channels_last path reads x in place
-  const bool cl_in = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast || g.c == 1;
+  const bool cl_in = reads_channels_last(x, g);
   const at::Tensor xin = x.contiguous(cl_in ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor wpacked = packed_weight(weight, nr);
   const std::vector<float> zero_row(g.c, 0.0f);  // taps outside the image read it

@@ -2,6 +2,8 @@
 // [floor(i*in/out), ceil((i+1)*in/out)) when shrinking (so no active pixel is lost: the cell is
 // active if any input in its range is) and the single input floor(i*in/out) when growing
 // (nearest, as F.interpolate(mode="nearest")).
+#include "mask_rows.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -24,11 +26,6 @@ std::vector<std::pair<int64_t, int64_t>> source_ranges(int64_t in, int64_t out) 
     r[i] = {b, e};
   }
   return r;
-}
-
-// d[0:n] |= s[0:n] (distinct arrays: the loop vectorises).
-inline void or_rows(uint8_t* __restrict d, const uint8_t* __restrict s, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) d[i] |= s[i];
 }
 
 at::Tensor mask_resize_cpu(const at::Tensor& mask, at::IntArrayRef size) {
