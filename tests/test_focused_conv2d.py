@@ -317,6 +317,37 @@ def test_clamp_epilogue_keeps_nan_and_is_checked():
         focused_conv2d(x, weight, bias, mask, 1, 1, clamp_max=float("nan"))
 
 
+@pytest.mark.parametrize("strategy", FORCED + ["direct"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fill_pass_epilogue_on_planes_with_a_tail(strategy, channels_last):
+    # The fill pass's float loop runs 16 values per step on AVX-512 CPUs: a 7 x 9 plane (63 values: 3 steps and a
+    # tail of 15) with NaN in the input and the residual, inside and outside the mask; every epilogue combination.
+    if strategy == "direct" and not fxeff.ops.direct_strategy_available():
+        pytest.skip("the direct strategy runs on AVX-512 CPUs")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 7, 9, generator=gen)
+    weight, bias = torch.randn(5, 4, 3, 3, generator=gen), torch.randn(5, generator=gen)
+    mask = random_mask(2, 7, 9, gen)
+    mask[0, 3, :5], mask[1, 6, 8] = True, False
+    x[0, 1, 3, 2] = float("nan")  # reaches active outputs only through the conv
+    residual = torch.randn(2, 5, 7, 9, generator=gen)
+    residual[0, 2, 3, 1], residual[1, 4, 6, 8] = float("nan"), float("nan")  # one active, one inactive output
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fill = torch.randn(5, generator=gen)
+    dense = F.conv2d(x.double(), weight.double(), bias.double(), 1, 1).float()
+    for f in (None, fill):
+        for res in (None, residual):
+            for lo, hi in ((None, None), (0.0, None), (-0.5, 0.25)):
+                if f is None and res is None and lo is None:
+                    continue
+                out = run(strategy, 0, x, weight, bias, mask, 1, 1, 1, 1, f, lo, hi, res)
+                expected = torch.where(mask[:, None], dense, 0.0 if f is None else f.view(1, -1, 1, 1))
+                expected = expected + res if res is not None else expected
+                expected = expected.clamp(lo, hi) if lo is not None else expected
+                torch.testing.assert_close(out, expected, rtol=2e-6, atol=2e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("strategy", ["auto", "crop", "pixels"])
 @pytest.mark.parametrize("lo, hi", [(0.0, None), (-0.3, 0.8), (None, 0.2)])
 def test_gradcheck_with_clamp(strategy, lo, hi, device):

@@ -38,6 +38,7 @@
 #include <atomic>
 #include <deque>
 #include <mutex>
+#include <type_traits>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -103,6 +104,92 @@ struct Clamp {
   }
 };
 
+// m ? a : b as a bitwise blend of the two values' bits (no branch, no conditional store), so a loop of selects
+// vectorises: GCC turns `d[i] = m[i] ? d[i] : f` into a branch per value and a conditional store (measured: the NCHW
+// fill ran one value at a time, 38% of a one-channel conv's focused call). NaN bits pass unchanged.
+template <typename T>
+inline T select_bits(bool m, T a, T b) {
+  using U = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(T) == sizeof(U), "select_bits: 2-, 4- or 8-byte values");
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(T));
+  std::memcpy(&ub, &b, sizeof(T));
+  const U keep = U(0) - static_cast<U>(m);
+  const U r = static_cast<U>((ua & keep) | (ub & static_cast<U>(~keep)));
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+}
+
+// The epilogue over n values of one plane or run, d[i] = clamp(v (+ r[i])) with v = m[i] ? d[i] : f (kSelect) or
+// d[i]; clamped to [lo, hi] (kClamp). A function of restrict pointers and by-value bounds, so its loop vectorises:
+// written inline in the parallel body, the bounds were reloaded per value (they might alias the stores) and each
+// value took a scalar maxss/minss. Where the fill is pre-clamped (no residual), clamp(m ? d : f) = m ? clamp(d) : f.
+template <typename scalar_t, bool kSelect, bool kResidual, bool kClamp>
+void epilogue_span(scalar_t* __restrict__ d, const bool* __restrict__ m, const scalar_t* __restrict__ r, int64_t n,
+                   scalar_t f, at::opmath_type<scalar_t> lo, at::opmath_type<scalar_t> hi) {
+  using A = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    A v = static_cast<A>(kSelect ? select_bits(m[i], d[i], f) : d[i]);
+    if constexpr (kResidual) v += static_cast<A>(r[i]);
+    if constexpr (kClamp) {
+      v = v < lo ? lo : v;  // NaN passes, as torch.clamp lets it
+      v = v > hi ? hi : v;
+    }
+    d[i] = static_cast<scalar_t>(v);
+  }
+}
+
+#ifdef FXEFF_IMPLICIT_GEMM_AVX512
+// epilogue_span for float, 16 values per step (the build targets baseline x86-64, where GCC left the loop scalar:
+// it does not widen the mask's bytes to lanes there). The mask's 16 bytes widened to a lane mask choose between the
+// value and the fill; the tail runs the scalar loop.
+template <bool kSelect, bool kResidual, bool kClamp>
+__attribute__((target("avx512f"))) void epilogue_span_avx512(float* d, const bool* m, const float* r, int64_t n,
+                                                              float f, float lo, float hi) {
+  const __m512 fv = _mm512_set1_ps(f), lov = _mm512_set1_ps(lo), hiv = _mm512_set1_ps(hi);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_loadu_ps(d + i);
+    if constexpr (kSelect) {
+      const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + i)));
+      v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(lanes, lanes), fv, v);
+    }
+    if constexpr (kResidual) v = _mm512_add_ps(v, _mm512_loadu_ps(r + i));
+    if constexpr (kClamp) v = implicit_gemm::clamp(v, lov, hiv);
+    _mm512_storeu_ps(d + i, v);
+  }
+  epilogue_span<float, kSelect, kResidual, kClamp>(d + i, kSelect ? m + i : nullptr, kResidual ? r + i : nullptr,
+                                                   n - i, f, lo, hi);
+}
+#endif
+
+// epilogue_span with its flags chosen at run time (the AVX-512 loop for float where the CPU has it).
+template <typename scalar_t, bool kSelect, bool kResidual, bool kClamp>
+void epilogue_span_on_cpu(scalar_t* d, const bool* m, const scalar_t* r, int64_t n, scalar_t f,
+                          at::opmath_type<scalar_t> lo, at::opmath_type<scalar_t> hi) {
+#ifdef FXEFF_IMPLICIT_GEMM_AVX512
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (implicit_gemm::available()) return epilogue_span_avx512<kSelect, kResidual, kClamp>(d, m, r, n, f, lo, hi);
+  }
+#endif
+  epilogue_span<scalar_t, kSelect, kResidual, kClamp>(d, m, r, n, f, lo, hi);
+}
+
+// epilogue_span with its residual and clamp chosen at run time (r null: no residual).
+template <typename scalar_t, bool kSelect>
+void epilogue_span(scalar_t* d, const bool* m, const scalar_t* r, int64_t n, scalar_t f, bool clamped,
+                   at::opmath_type<scalar_t> lo, at::opmath_type<scalar_t> hi) {
+  if (r != nullptr) {
+    if (clamped) epilogue_span_on_cpu<scalar_t, kSelect, true, true>(d, m, r, n, f, lo, hi);
+    else epilogue_span_on_cpu<scalar_t, kSelect, true, false>(d, m, r, n, f, lo, hi);
+  } else if (clamped) {
+    epilogue_span_on_cpu<scalar_t, kSelect, false, true>(d, m, r, n, f, lo, hi);
+  } else if (kSelect) {
+    epilogue_span_on_cpu<scalar_t, kSelect, false, false>(d, m, r, n, f, lo, hi);
+  }
+}
+
 // Writes every inactive output after a strategy wrote the active ones (whatever the strategy left there is
 // overwritten): its channel's fill (fill[o], or zero where fill is null), plus, given `res` (a tensor of out's
 // shape and layout), the residual there, clamped by `clamp`. Where `finish_active`, the active outputs get the same
@@ -119,9 +206,8 @@ void fill_inactive(at::Tensor& out, const bool* m, const MaskSummary& s, const C
   const int64_t O = g.o, Ho = g.ho, Wo = g.wo;
   const bool clamped = clamp.on();
   const A lo = static_cast<A>(clamp.lo), hi = static_cast<A>(clamp.hi);
-  // Branch-free selects, so the loops vectorise (a branch per value mispredicted on activations: ~1 GB/s); NaN
-  // passes, as torch.clamp lets it.
-  auto epilogue = [&](A v) {
+  // The channels_last gaps' epilogue with a residual (clamp(fill + residual)); lo and hi by value (see epilogue_span)
+  auto epilogue = [lo, hi](A v) {
     v = v < lo ? lo : v;
     return static_cast<scalar_t>(v > hi ? hi : v);
   };
@@ -148,14 +234,9 @@ void fill_inactive(at::Tensor& out, const bool* m, const MaskSummary& s, const C
       }
     };
     auto run = [&](int64_t offset, int64_t count) {
-      if (!finish_active || (res == nullptr && !clamped)) return;
-      scalar_t* d = base + offset;
-      if (res == nullptr) {
-        for (int64_t i = 0; i < count; ++i) d[i] = epilogue(static_cast<A>(d[i]));
-        return;
-      }
-      const scalar_t* r = res + offset;
-      for (int64_t i = 0; i < count; ++i) d[i] = epilogue(static_cast<A>(d[i]) + static_cast<A>(r[i]));
+      if (!finish_active) return;
+      epilogue_span<scalar_t, false>(base + offset, nullptr, res == nullptr ? nullptr : res + offset, count,
+                                     scalar_t(0), clamped, lo, hi);
     };
     at::parallel_for(0, g.n * Ho, 8, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -174,19 +255,9 @@ void fill_inactive(at::Tensor& out, const bool* m, const MaskSummary& s, const C
     const int64_t plane = Ho * Wo;
     at::parallel_for(0, g.n * O, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const bool* mp = m + (p / O) * plane;
         const scalar_t f = fill == nullptr ? scalar_t(0) : fill[p % O];
-        scalar_t* d = base + p * plane;
-        if (res != nullptr) {  // one branch-free pass: (value or fill) plus the residual, clamped
-          const scalar_t* r = res + p * plane;
-          for (int64_t i = 0; i < plane; ++i) {
-            d[i] = epilogue(static_cast<A>(mp[i] ? d[i] : f) + static_cast<A>(r[i]));
-          }
-        } else if (clamped) {  // the clamped value, or the (clamped) fill
-          for (int64_t i = 0; i < plane; ++i) d[i] = mp[i] ? epilogue(static_cast<A>(d[i])) : f;
-        } else {
-          for (int64_t i = 0; i < plane; ++i) d[i] = mp[i] ? d[i] : f;
-        }
+        const scalar_t* r = res == nullptr ? nullptr : res + p * plane;
+        epilogue_span<scalar_t, true>(base + p * plane, m + (p / O) * plane, r, plane, f, clamped, lo, hi);
       }
     });
   }
