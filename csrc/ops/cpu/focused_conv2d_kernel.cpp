@@ -889,8 +889,9 @@ void run_direct_depthwise(const at::Tensor& x, const at::Tensor& weight, const c
 }
 
 // Cost model, in relative units (one MAC of oneDNN's dense conv = 0.005). The strategies split the work over the
-// threads alike, so per-core ratios decide. Measured on the 2-core AMD EPYC (AVX-512) this was tuned on, torch 2.14,
-// fp32, with benchmarks/focus.py and single-op timings:
+// threads alike, so per-core ratios decide. Measured on a 2-core AMD EPYC (AVX-512) for the first constants and on a
+// 2-core Xeon (AVX-512) for direct_mac, direct_dw_mac and result, torch 2.14, fp32, with benchmarks/focus.py and
+// single-op timings; the ratios between strategies, not the absolute speeds, carried over between the two:
 //   dense_mac  oneDNN's dense conv per multiply-accumulate (~115 GFLOP/s per core; NCHW and channels_last within
 //              10% at 2 threads);
 //   gemm_mac   the pixels GEMMs per MAC: MKL sgemm on [chunk x K] @ [K x O] runs ~98 GFLOP/s per core, 1.2x the

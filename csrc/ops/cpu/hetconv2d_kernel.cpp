@@ -350,8 +350,8 @@ void run_direct(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc,
 }
 #endif
 
-// The auto pick between the strategies, from side-by-side measurements on 2 threads (AVX-512 EPYC, shared machine)
-// at 256ch@56x56 and 128ch@28x28, batch 1 and 8, P 2..16:
+// The auto pick between the strategies, from side-by-side measurements on 2 threads (AVX-512 EPYC, shared machine;
+// not re-tuned on the Xeon hosts since) at 256ch@56x56 and 128ch@28x28, batch 1 and 8, P 2..16:
 //   direct  - NCHW float32 stride 1 with M/P <= 16 channels per block, and rows of >= 40 outputs (the 48-pixel
 //             register blocks mostly full) or >= 4096 outputs per channel over the batch: fastest at 256ch@56x56
 //             P16 and 128ch@28x28 batch 8 P8/P16;
