@@ -3,6 +3,7 @@
 A pass is a config dataclass (serialisable: ``config_from_dict``) whose ``run`` rewrites a
 GraphModule in place and returns a Report; ``run_passes`` applies a list of them.
 """
+from .blocks import Blocks
 from .config import PassConfig, PassContext, config_from_dict, register_pass_config, registered_passes
 from .focus import Focus
 from .hetconv import HetConv
@@ -12,5 +13,5 @@ from .shift import Shift
 from .splits import DEFAULT_SPLITS, default_split, default_split_for_class
 
 __all__ = ["PassConfig", "PassContext", "config_from_dict", "register_pass_config", "registered_passes", "Focus",
-           "Shift", "HetConv", "ConvSite", "conv_sites", "graph_kind", "normalize_fqn", "run_passes", "DEFAULT_SPLITS",
+           "Shift", "HetConv", "Blocks", "ConvSite", "conv_sites", "graph_kind", "normalize_fqn", "run_passes", "DEFAULT_SPLITS",
            "default_split", "default_split_for_class"]
