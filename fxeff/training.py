@@ -50,10 +50,11 @@ def save_state_dict(model: nn.Module, path: str) -> None:
 def fit(model: nn.Module, loader: torch.utils.data.DataLoader, loss_fn: LossFn, epochs: int, lr: float = 0.05,
         weight_decay: float = 5e-4, momentum: float = 0.9, checkpoint: Optional[str] = None,
         channels_last: bool = True, progress: bool = True, description: str = "fxeff.fit",
-        on_epoch_end: Optional[Callable[[int, float], None]] = None) -> Dict[str, list]:
+        on_epoch_end: Optional[Callable[[int, float], None]] = None, optimizer: str = "sgd") -> Dict[str, list]:
     """Trains ``model`` in place for ``epochs`` with SGD (Nesterov momentum, weight decay on weights,
     none on BatchNorm/bias) and a one-cycle learning rate peaking at ``lr`` (runs of one or two steps:
-    ``lr`` throughout); ``loss_fn(model, batch)``
+    ``lr`` throughout); ``optimizer="adam"``: Adam at the constant ``lr`` instead (the same weight decay split;
+    LegoDNN's block retraining); ``loss_fn(model, batch)``
     returns the loss of one batch (already on the model's device). Saves the weights to ``checkpoint``
     after each epoch when given. Returns {"loss": mean loss per epoch, "seconds": per epoch}."""
     from tqdm.auto import tqdm
@@ -68,15 +69,19 @@ def fit(model: nn.Module, loader: torch.utils.data.DataLoader, loss_fn: LossFn, 
     device = params[0].device
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"fxeff.fit: optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     decay = [p for p in params if p.dim() > 1]
     no_decay = [p for p in params if p.dim() <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=momentum, nesterov=True)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    adam = optimizer == "adam"
+    optimizer = torch.optim.Adam(groups, lr=lr) if adam else \
+        torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
     steps = epochs * len(loader)
-    if steps >= 3:  # a quarter of the steps warm up (at least 2: OneCycleLR divides by the warm-up length - 1)
+    if steps >= 3 and not adam:  # a quarter of the steps warm up (at least 2: OneCycleLR divides by warm-up - 1)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
                                                         pct_start=max(0.25, 2 / steps))
-    else:  # one or two steps make no cycle
+    else:  # Adam, or one or two steps (no cycle): lr throughout
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     history: Dict[str, list] = {"loss": [], "seconds": []}
     show = progress and _rank() == 0

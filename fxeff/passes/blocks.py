@@ -13,8 +13,9 @@ the fx graph):
 3. the candidates to keep, pairwise disjoint, by an integer program (scipy's milp): most convs covered; then exits
    at small activations (the natural boundaries: residual adds, bottlenecks, after pooling; without this rule
    MobileNetV2's blocks ended after expand convs, on maps 6x wider); then most prunable convs (the seed's rule
-   keeps a block's output shape, so the convs that produce its output are never pruned); then most nodes (a ReLU
-   or pooling after a block's last conv joins it), then later exits.
+   keeps a block's output shape, so the convs that produce its output are never pruned, nor those whose channels
+   meet the entry's in an elementwise op, as a residual add inside the block); then most nodes (a ReLU or pooling
+   after a block's last conv joins it), then later exits.
 
 Each kept block becomes a call of a submodule ``block_<i>`` (a GraphModule of the block's own nodes, one input,
 one output): the graph computes exactly what it did, and a descendant of the block (a pruned copy with the same
@@ -122,6 +123,38 @@ def _producers(nodes: Set[fx.Node], exit_node: fx.Node, convs: Set[fx.Node]) -> 
     return found
 
 
+def _concat(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in ("cat", "concat", "concatenate")
+
+
+def _tied_to_entry(nodes: Set[fx.Node], entry: fx.Node, convs: Set[fx.Node]) -> Set[fx.Node]:
+    """The convs of ``nodes`` whose output channels meet the entry's in an elementwise op with no conv between
+    (a residual add inside the block, a gate): pruning them would break that op, since the entry keeps its
+    channels. A concat joins channels without tying them."""
+    from_entry, queue = set(), deque([entry])
+    while queue:  # reached from the entry through no conv (and no concat)
+        node = queue.popleft()
+        for user in node.users:
+            if user in nodes and user not in from_entry and user not in convs and not _concat(user):
+                from_entry.add(user)
+                queue.append(user)
+    tied = set()
+    for conv in convs & nodes:
+        seen, queue = {conv}, deque([conv])
+        while queue:
+            node = queue.popleft()
+            for user in node.users:
+                if user not in nodes or user in seen or user in convs or _concat(user):
+                    continue
+                if user in from_entry:
+                    tied.add(conv)
+                    queue.clear()
+                    break
+                seen.add(user)
+                queue.append(user)
+    return tied
+
+
 class _Candidate:
     __slots__ = ("entry", "exit", "nodes", "convs", "prunable")
 
@@ -161,7 +194,8 @@ def _candidates(gm: fx.GraphModule, conv_nodes: Set[fx.Node], most: int, least: 
             if len(convs) > most:
                 break
             if len(convs) >= least and all(user in nodes for node in nodes if node is not x for user in node.users):
-                found.append(_Candidate(e, x, set(nodes), set(convs), convs - _producers(nodes, x, conv_nodes)))
+                fixed = _producers(nodes, x, conv_nodes) | _tied_to_entry(nodes, e, conv_nodes)
+                found.append(_Candidate(e, x, set(nodes), set(convs), convs - fixed))
             nodes.add(e)
             if e in conv_nodes:
                 convs.add(e)

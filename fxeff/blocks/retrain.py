@@ -1,0 +1,155 @@
+"""Retraining descendants on intermediate data (LegoDNN's offline step 2).
+
+The original model (the teacher: a graph outlined by ``fxeff.passes.Blocks``) runs once per batch with every
+block's input and output captured; every descendant (student) of every block learns MSE(student(block input),
+block output) from that same teacher pass. The students are trained together as one module by fxeff's one
+training loop (``fxeff.training.fit``, Adam at 3e-4 by default as the seed): their parameters are disjoint, so the
+summed loss gives each student exactly the gradient it would get alone, and Adam's steps are per parameter.
+"""
+import contextlib
+import os
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+Students = Mapping[str, Mapping[float, nn.Module]]
+
+
+def _key(block: str, sparsity: float) -> str:
+    return f"{block}@{sparsity:g}".replace(".", "_")
+
+
+def block_names(gm: fx.GraphModule) -> List[str]:
+    """The blocks of a graph outlined by fxeff.passes.Blocks, in graph order."""
+    blocks = getattr(gm, "fxeff_blocks", None)
+    if not blocks:
+        raise ValueError("fxeff.blocks: the graph has no blocks; build it with fxeff.transform(model, x, "
+                         "[fxeff.Blocks()]) (its report says why a model has none)")
+    return [b["name"] for b in blocks]
+
+
+@contextlib.contextmanager
+def captured(gm: fx.GraphModule, names: List[str]) -> Iterator[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+    """Within the block: each call of ``gm`` records block name -> (its input, its output) of the last call."""
+    seen: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    for name in names:
+        def record(module, args, out, name=name):
+            seen[name] = (args[0], out)
+
+        hooks.append(gm.get_submodule(name).register_forward_hook(record))
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+class StudentSet(nn.Module):
+    """Every (block, sparsity > 0) student as one module (their parameters disjoint): what fit trains."""
+
+    def __init__(self, students: Students):
+        super().__init__()
+        self.index: Dict[str, Tuple[str, float]] = {}
+        self.students = nn.ModuleDict()
+        for block, by_sparsity in students.items():
+            for sparsity, module in by_sparsity.items():
+                if sparsity == 0.0:
+                    continue  # the block itself: nothing to learn
+                key = _key(block, sparsity)
+                self.students[key] = module
+                self.index[key] = (block, float(sparsity))
+
+    def losses(self, seen: Mapping[str, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """key -> MSE of that student's output against its block's on the captured values."""
+        out = {}
+        for key, module in self.students.items():
+            x, y = seen[self.index[key][0]]
+            out[key] = F.mse_loss(module(x), y)
+        return out
+
+
+def _teacher_values(teacher: fx.GraphModule, names: List[str], batch: Any
+                    ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    with captured(teacher, names) as seen, torch.no_grad():
+        teacher(x)
+    return dict(seen)
+
+
+def block_mse(teacher: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader,
+              batches: Optional[int] = None) -> Dict[str, Dict[float, float]]:
+    """block -> sparsity -> mean MSE of that descendant against the block's output (eval mode) over the first
+    ``batches`` batches of ``loader`` (None: all); the block itself (sparsity 0) is 0."""
+    names = block_names(teacher)
+    teacher.eval()
+    student_set = StudentSet(students)
+    was_training = student_set.training
+    student_set.eval()
+    totals: Dict[str, float] = {key: 0.0 for key in student_set.students}
+    count = 0
+    for i, batch in enumerate(loader):
+        if batches is not None and i >= batches:
+            break
+        seen = _teacher_values(teacher, names, batch)
+        with torch.no_grad():
+            for key, loss in student_set.losses(seen).items():
+                totals[key] += float(loss)
+        count += 1
+    student_set.train(was_training)
+    if count == 0:
+        raise ValueError("fxeff.blocks.block_mse: the loader yields no batch")
+    result: Dict[str, Dict[float, float]] = {block: {0.0: 0.0} for block in students}
+    for key, total in totals.items():
+        block, sparsity = student_set.index[key]
+        result[block][sparsity] = total / count
+    return result
+
+
+def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader, epochs: int = 1,
+            lr: float = 3e-4, checkpoint: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+    """Trains every student (in place) on the teacher's intermediate data: MSE(student(block input), block
+    output), Adam at ``lr``, ``epochs`` passes over ``loader`` (its batches: images, or (images, labels)), one
+    teacher pass per batch for all students (fxeff.training.fit, progress bar). ``checkpoint``: the students'
+    weights and the epochs done are saved there after each epoch, and a run that finds it resumes after the
+    epochs it holds. Returns fit's history ({"loss", "seconds"} per epoch run now) and "epochs_done"."""
+    from ..training import fit
+
+    names = block_names(teacher)
+    teacher.eval()  # its values are taken under no_grad
+    student_set = StudentSet(students)
+    if not len(student_set.students):
+        raise ValueError("fxeff.blocks.retrain: no student to train (every sparsity is 0)")
+    done = 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if sorted(state["keys"]) != sorted(student_set.students):
+            raise ValueError(f"fxeff.blocks.retrain: the checkpoint {checkpoint} holds students {state['keys']}, "
+                             f"this run trains {sorted(student_set.students)}")
+        student_set.students.load_state_dict(state["students"])
+        done = int(state["epochs_done"])
+    history: Dict[str, Any] = {"loss": [], "seconds": [], "epochs_done": done}
+    if done >= epochs:
+        return history
+
+    def loss_fn(model: StudentSet, batch: Any) -> torch.Tensor:
+        return sum(model.losses(_teacher_values(teacher, names, batch)).values())
+
+    def save(epoch: int, loss: float) -> None:
+        history["epochs_done"] = done + epoch + 1
+        if checkpoint is not None:
+            tmp = checkpoint + ".tmp"
+            torch.save({"epochs_done": done + epoch + 1, "keys": sorted(student_set.students),
+                        "students": student_set.students.state_dict()}, tmp)
+            os.replace(tmp, checkpoint)
+
+    run = fit(student_set, loader, loss_fn, epochs - done, lr=lr, weight_decay=0.0, optimizer="adam",
+              channels_last=False, progress=progress, description="fxeff.blocks.retrain", on_epoch_end=save)
+    history["loss"], history["seconds"] = run["loss"], run["seconds"]
+    return history
+
+
+__all__ = ["StudentSet", "block_names", "captured", "block_mse", "retrain"]

@@ -1,0 +1,159 @@
+"""Descendants of blocks (torch-pruning) and their retraining on intermediate data."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxeff
+from fxeff import reference
+from fxeff.blocks.descendants import DEFAULT_SPARSITIES, IMPORTANCES, descendant, descendants
+from fxeff.blocks.retrain import block_mse, captured, retrain
+from fxeff.passes.graph import conv_sites
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def macs(module, x):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops() // 2
+
+
+def outlined(model, x):
+    gm = fxeff.transform(model, x, [fxeff.Blocks()])
+    with captured(gm, [b["name"] for b in gm.fxeff_blocks]) as seen, torch.no_grad():
+        gm(x)
+    return gm, {name: value[0] for name, value in seen.items()}
+
+
+MODELS = {
+    "resnet20": lambda: (reference.build("resnet20", "cluttered-fashion-mnist"), torch.randn(2, 1, 64, 64)),
+    "mobilenetv2": lambda: (reference.build("mobilenetv2", "cluttered-fashion-mnist"), torch.randn(2, 1, 64, 64)),
+    "vgg": lambda: (reference.build("vgg", "cluttered-fashion-mnist"), torch.randn(2, 1, 64, 64)),
+    "efficientnet_b0": lambda: (torchvision.models.efficientnet_b0(), torch.randn(1, 3, 64, 64)),  # SE, residual
+    "densenet121": lambda: (torchvision.models.densenet121(), torch.randn(1, 3, 64, 64)),  # concat
+    "resnet50": lambda: (torchvision.models.resnet50(), torch.randn(1, 3, 64, 64)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_descendants_keep_the_block_shapes_and_shrink(name):
+    torch.manual_seed(0)
+    model, x = MODELS[name]()
+    gm, inputs = outlined(model.eval(), x)
+    for info in gm.fxeff_blocks[:4]:
+        block, x_in = gm.get_submodule(info["name"]), inputs[info["name"]]
+        with torch.no_grad():
+            expected = block(x_in)
+        children = descendants(block, x_in, info["prunable"])
+        assert sorted(children) == list(DEFAULT_SPARSITIES)
+        with torch.no_grad():
+            assert torch.equal(children[0.0](x_in), expected)  # sparsity 0: the block itself
+        previous_macs, previous_params = macs(block, x_in), sum(p.numel() for p in block.parameters())
+        for sparsity in DEFAULT_SPARSITIES[1:]:
+            child = children[sparsity]
+            with torch.no_grad():
+                out = child(x_in)
+            assert out.shape == expected.shape and out.dtype == expected.dtype
+            params = sum(p.numel() for p in child.parameters())
+            if info["prunable"]:  # real smaller modules: fewer MACs and fewer parameters at each step
+                assert macs(child, x_in) < previous_macs and params < previous_params, (info["name"], sparsity)
+            previous_macs, previous_params = macs(child, x_in), params
+        # the block itself is untouched
+        with torch.no_grad():
+            assert torch.equal(block(x_in), expected)
+
+
+def test_prunable_convs_lose_filters_and_the_others_keep_them():
+    model, x = MODELS["resnet20"]()
+    gm, inputs = outlined(model.eval(), x)
+    info = gm.fxeff_blocks[0]
+    block = gm.get_submodule(info["name"])
+    child = descendant(block, inputs[info["name"]], 0.5, info["prunable"])
+    convs = {site.name: site.weight_shape for site in conv_sites(child)}
+    assert convs["layer1.0.conv1"][0] == 8 and convs["layer1.0.conv2"] == (16, 8, 3, 3)
+
+
+def test_round_to_keeps_channel_counts_multiples():
+    model, x = MODELS["mobilenetv2"]()
+    gm, inputs = outlined(model.eval(), x)
+    info = gm.fxeff_blocks[3]
+    block = gm.get_submodule(info["name"])
+    for sparsity in (0.2, 0.4, 0.6):
+        child = descendant(block, inputs[info["name"]], sparsity, info["prunable"], round_to=8)
+        for site in conv_sites(child):
+            if site.name in info["prunable"]:
+                assert site.weight_shape[0] % 8 == 0, (site.name, site.weight_shape)
+
+
+@pytest.mark.parametrize("criterion", IMPORTANCES)
+def test_every_importance_criterion_prunes(criterion):
+    model, x = MODELS["resnet20"]()
+    gm, inputs = outlined(model.eval(), x)
+    info = gm.fxeff_blocks[1]
+    block = gm.get_submodule(info["name"])
+    child = descendant(block, inputs[info["name"]], 0.4, info["prunable"], importance_name=criterion)
+    assert sum(p.numel() for p in child.parameters()) < sum(p.numel() for p in block.parameters())
+
+
+def test_l1_keeps_the_filters_of_largest_l1_norm():
+    model, x = MODELS["resnet20"]()
+    gm, inputs = outlined(model.eval(), x)
+    info = gm.fxeff_blocks[0]
+    block = gm.get_submodule(info["name"])
+    weight = block.get_submodule("layer1.0.conv1").weight.detach()
+    child = descendant(block, inputs[info["name"]], 0.5, info["prunable"])
+    kept = child.get_submodule("layer1.0.conv1").weight.detach()
+    norms = weight.abs().sum(dim=(1, 2, 3))
+    expected = weight[norms.argsort(descending=True)[:8].sort().values]
+    assert torch.equal(kept, expected)
+
+
+def test_arguments_are_checked():
+    model, x = MODELS["resnet20"]()
+    gm, inputs = outlined(model.eval(), x)
+    info = gm.fxeff_blocks[0]
+    block, x_in = gm.get_submodule(info["name"]), inputs[info["name"]]
+    with pytest.raises(ValueError, match=r"a sparsity must be a float in \[0, 1\)"):
+        descendant(block, x_in, 1.0, info["prunable"])
+    with pytest.raises(ValueError, match="importance must be one of"):
+        descendant(block, x_in, 0.5, info["prunable"], importance_name="taylor2")
+    with pytest.raises(ValueError, match="are not modules of the block"):
+        descendant(block, x_in, 0.5, ["layer9.conv"])
+    with pytest.raises(ValueError, match="sparsities must be increasing and start at 0.0"):
+        descendants(block, x_in, info["prunable"], sparsities=(0.2, 0.4))
+    with pytest.raises(ValueError, match="round_to must be an int >= 1"):
+        descendant(block, x_in, 0.5, info["prunable"], round_to=0)
+
+
+def _loader(n=64, batch=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 1, 64, 64, generator=gen)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=batch)
+
+
+def test_retraining_lowers_the_block_mse_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    model = reference.load("resnet20", "cluttered-fashion-mnist").eval()
+    x = reference.first_images("cluttered-fashion-mnist", "train", 64)
+    gm, inputs = outlined(model, x[:2])
+    names = [b["name"] for b in gm.fxeff_blocks[:3]]
+    students = {b["name"]: descendants(gm.get_submodule(b["name"]), inputs[b["name"]], b["prunable"],
+                                       sparsities=(0.0, 0.5, 0.8)) for b in gm.fxeff_blocks if b["name"] in names}
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=16)
+    before = block_mse(gm, students, loader)
+    checkpoint = str(tmp_path / "students.pt")
+    history = retrain(gm, students, loader, epochs=2, checkpoint=checkpoint, progress=False)
+    assert history["epochs_done"] == 2 and len(history["loss"]) == 2
+    after = block_mse(gm, students, loader)
+    for name in names:
+        assert after[name][0.0] == 0.0
+        for sparsity in (0.5, 0.8):
+            assert after[name][sparsity] < 0.8 * before[name][sparsity], (name, sparsity, before, after)
+    # the teacher is untouched: the outlined graph still computes the model
+    with torch.no_grad():
+        assert torch.equal(gm(x[:4]), model(x[:4]))
+    # a second run finds the checkpoint: nothing left at 2 epochs, one more epoch at 3
+    again = retrain(gm, students, loader, epochs=2, checkpoint=checkpoint, progress=False)
+    assert again["epochs_done"] == 2 and again["loss"] == []
+    more = retrain(gm, students, loader, epochs=3, checkpoint=checkpoint, progress=False)
+    assert more["epochs_done"] == 3 and len(more["loss"]) == 1
