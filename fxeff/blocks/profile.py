@@ -1,0 +1,254 @@
+"""Profiles of descendants (LegoDNN's offline step 3): per (block, sparsity) the accuracy drop, parameter bytes,
+MACs, peak activation memory and latency on the current device, and the additive models the optimiser uses.
+
+The accuracy drop of a descendant is the model's accuracy with that one block swapped, against the original's. The
+seed evaluates the whole model three times per entry. Here the original model runs once per batch, with the
+values that each block's suffix needs recorded (the block's input, and anything from before it that later nodes
+still read); each descendant then runs only its block and the rest of the network from those values. The compute
+this saves is reported as a ratio of MACs (``Profile.evaluation_macs``).
+"""
+import dataclasses
+import math
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .retrain import block_names
+
+Students = Mapping[str, Mapping[float, nn.Module]]
+Metric = Callable[[Any, Any], torch.Tensor]  # (model output, batch) -> per-sample scores in [0, 1]
+
+
+def top1(output: Any, batch: Any) -> torch.Tensor:
+    """Per-sample top-1 correctness of logits [N, classes] against the batch's labels (its second element)."""
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        raise ValueError("fxeff.blocks.profile: the default metric (top-1) needs logits [N, classes]; pass "
+                         "metric=(output, batch) -> per-sample scores for other outputs")
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise ValueError("fxeff.blocks.profile: the loader's batches must be (images, labels) for top-1")
+    return (output.argmax(dim=1) == batch[1].to(output.device)).float()
+
+
+@dataclasses.dataclass
+class Entry:
+    """One (block, sparsity): accuracy drop in points, parameter (and buffer) bytes, MACs per sample, peak
+    activation bytes per sample, latency in seconds at the profiled batch size."""
+
+    block: str
+    sparsity: float
+    drop: float
+    param_bytes: int
+    macs: int
+    peak_activation_bytes: int
+    latency: float
+
+
+@dataclasses.dataclass
+class Profile:
+    """Every entry, plus the model's own numbers: accuracy (%), latency (s) and MACs per sample of the whole
+    model, and of its part outside the blocks (base_*), the batch size of the latencies, and the MACs the drops
+    cost to evaluate against the seed's three whole-model evaluations per entry."""
+
+    entries: List[Entry]
+    accuracy: float
+    latency: float
+    base_latency: float
+    base_param_bytes: int
+    macs: int
+    batch: int
+    evaluation_macs: int
+    seed_evaluation_macs: int
+
+    def table(self) -> Dict[str, Dict[float, Entry]]:
+        out: Dict[str, Dict[float, Entry]] = {}
+        for entry in self.entries:
+            out.setdefault(entry.block, {})[entry.sparsity] = entry
+        return out
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _macs(fn: Callable[[], Any]) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def peak_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """The most bytes of intermediate values alive at once while ``module`` (a GraphModule) runs on ``x``,
+    input included, from the graph's liveness (each value freed after its last reader), not the allocator."""
+    if not isinstance(module, fx.GraphModule):
+        raise TypeError(f"fxeff.blocks.peak_activation_bytes: needs a GraphModule, got {type(module).__name__}")
+    sizes: Dict[fx.Node, int] = {}
+
+    class Sizes(fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if isinstance(value, torch.Tensor) and node.op != "get_attr":
+                sizes[node] = value.numel() * value.element_size()
+            return value
+
+    with torch.no_grad():
+        Sizes(module).run(x)
+    order = {node: i for i, node in enumerate(module.graph.nodes)}
+    last = {node: max([order[u] for u in node.users] or [order[node]]) for node in sizes}
+    peak = alive = 0
+    freeing: Dict[int, int] = {}
+    for node in module.graph.nodes:
+        if node in sizes:
+            alive += sizes[node]
+            freeing[last[node]] = freeing.get(last[node], 0) + sizes[node]
+        peak = max(peak, alive)
+        alive -= freeing.pop(order[node], 0)
+    return peak
+
+
+def _suffix(gm: fx.GraphModule, call: fx.Node) -> Tuple[fx.GraphModule, List[fx.Node]]:
+    """(a GraphModule computing gm's output from the values that ``call`` and the nodes after it read from before
+    it, those nodes): the rest of the network from a block on. It shares gm's submodules."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    start = order[call]
+    live = [n for n in gm.graph.nodes if order[n] < start and n.op != "get_attr" and
+            any(order[u] >= start for u in n.users)]
+    graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for node in live:
+        env[node] = graph.placeholder(node.name)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and any(order[u] >= start for u in node.users):
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        elif order[node] >= start:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(gm, graph), live
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and keeps the values of ``keep``."""
+
+    def __init__(self, gm: fx.GraphModule, keep: Sequence[fx.Node]):
+        super().__init__(gm)
+        self.keep, self.values = set(keep), {}
+
+    def run_node(self, node):
+        value = super().run_node(node)
+        if node in self.keep:
+            self.values[node] = value
+        return value
+
+
+def _swapped(gm: fx.GraphModule, name: str, module: nn.Module):
+    """Context: gm's block ``name`` replaced by ``module``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def swap():
+        original = getattr(gm, name)
+        setattr(gm, name, module)
+        try:
+            yield
+        finally:
+            setattr(gm, name, original)
+
+    return swap()
+
+
+def accuracy_drops(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader,
+                   metric: Metric = top1, progress: bool = True) -> Tuple[float, Dict[str, Dict[float, float]], int,
+                                                                         int]:
+    """(the model's accuracy in %, block -> sparsity -> its drop in points, MACs this took, MACs the seed's three
+    whole-model evaluations per entry take) on ``loader``; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    names = block_names(gm)
+    gm.eval()
+    calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in names}
+    suffixes = {name: _suffix(gm, calls[name]) for name in names}
+    keep = sorted({node for _, live in suffixes.values() for node in live}, key=lambda n: n.name)
+    scores: Dict[Tuple[str, float], float] = {}
+    base, count, spent, whole = 0.0, 0, 0, 0
+    entries = [(name, s) for name in names for s in students.get(name, {}) if s != 0.0]
+    for batch in tqdm(loader, desc="fxeff.blocks.profile accuracy", disable=not progress, leave=False):
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        recorder = _Recorder(gm, keep)
+        with torch.no_grad():
+            output = recorder.run(x)
+        if count == 0:
+            whole = _macs(lambda: gm(x[:1]))
+        base += float(metric(output, batch).sum())
+        for name, sparsity in entries:
+            suffix, live = suffixes[name]
+            with torch.no_grad(), _swapped(suffix, name, students[name][sparsity]):
+                out = suffix(*[recorder.values[n] for n in live])
+                if count == 0:
+                    spent += _macs(lambda: suffix(*[recorder.values[n][:1] for n in live]))
+            scores[(name, sparsity)] = scores.get((name, sparsity), 0.0) + float(metric(out, batch).sum())
+        count += x.shape[0]
+    if count == 0:
+        raise ValueError("fxeff.blocks.profile: the loader yields no batch")
+    accuracy = 100.0 * base / count
+    drops: Dict[str, Dict[float, float]] = {name: {0.0: 0.0} for name in names if name in students}
+    for (name, sparsity), score in scores.items():
+        drops[name][sparsity] = accuracy - 100.0 * score / count
+    return accuracy, drops, (whole + spent) * count, 3 * whole * len(entries) * count
+
+
+def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader, batch: int = 1,
+            metric: Metric = top1, runs: int = 15, progress: bool = True) -> Profile:
+    """The Profile of every (block, sparsity) of ``students`` (block name -> sparsity -> module; sparsity 0 is
+    the block itself) on ``loader`` (its batches: (images, labels) for the default top-1 metric); latencies at
+    ``batch`` images (medians of ``runs`` interleaved runs, fxeff.bench)."""
+    from .. import bench
+
+    names = block_names(gm)
+    unknown = sorted(set(students) - set(names))
+    if unknown:
+        raise ValueError(f"fxeff.blocks.profile: students of {unknown}, which are not blocks of the graph {names}")
+    accuracy, drops, spent, seed = accuracy_drops(gm, students, loader, metric, progress)
+    first = next(iter(loader))
+    x = (first[0] if isinstance(first, (list, tuple)) else first)[:1]
+    if batch > 1:
+        x = x.expand(batch, *x.shape[1:]).contiguous()
+    from .retrain import captured
+
+    with captured(gm, names) as seen, torch.no_grad():
+        gm(x)
+    inputs = {name: seen[name][0] for name in names}
+    model_latency = bench.interleaved([lambda: gm(x)], runs)[0]
+    entries: List[Entry] = []
+    block_latency = 0.0
+    for name in names:
+        modules = dict(students.get(name, {}))
+        modules.setdefault(0.0, gm.get_submodule(name))
+        order = sorted(modules)
+        with torch.no_grad():
+            times = bench.interleaved([lambda m=modules[s]: m(inputs[name]) for s in order], runs)
+        for sparsity, seconds in zip(order, times):
+            module = modules[sparsity]
+            x1 = inputs[name][:1]
+            entries.append(Entry(name, sparsity, drops.get(name, {}).get(sparsity, 0.0), _bytes(module),
+                                 _macs(lambda: module(x1)), peak_activation_bytes(module, x1), seconds))
+            if sparsity == 0.0:
+                block_latency += seconds
+    total_bytes = _bytes(gm)
+    block_bytes = sum(_bytes(gm.get_submodule(name)) for name in names)
+    return Profile(entries, accuracy, model_latency, max(model_latency - block_latency, 0.0),
+                   total_bytes - block_bytes, _macs(lambda: gm(x[:1])), batch, spent, seed)
+
+
+def check_profile(profile_: Profile) -> None:
+    """Raises ValueError where a Profile's numbers cannot be right (NaN, negative sizes or times)."""
+    for entry in profile_.entries:
+        for field in ("drop", "latency"):
+            if not math.isfinite(getattr(entry, field)):
+                raise ValueError(f"fxeff.blocks: profile entry {entry.block}@{entry.sparsity}: {field} is not finite")
+        if entry.latency <= 0 or entry.param_bytes < 0 or entry.macs < 0 or entry.peak_activation_bytes < 0:
+            raise ValueError(f"fxeff.blocks: profile entry {entry.block}@{entry.sparsity} has a negative size or a "
+                             f"non-positive latency")
+
+
+__all__ = ["Entry", "Profile", "top1", "peak_activation_bytes", "accuracy_drops", "profile", "check_profile"]

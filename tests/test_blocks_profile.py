@@ -1,0 +1,102 @@
+"""Profiles of block descendants: accuracy drops by suffix evaluation (equal to swapping the block in the whole
+model), sizes, MACs, peak activation memory, latency."""
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import fxeff
+from fxeff import reference
+from fxeff.blocks.descendants import descendants
+from fxeff.blocks.profile import accuracy_drops, peak_activation_bytes, profile, top1
+from fxeff.blocks.retrain import captured
+
+DATASET = "cluttered-fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = reference.load("resnet20", DATASET).eval()
+    test = reference.dataset(DATASET, "test", limit=96)
+    loader = torch.utils.data.DataLoader(test, batch_size=32)
+    x = next(iter(loader))[0]
+    gm = fxeff.transform(model, x[:2], [fxeff.Blocks()])
+    with captured(gm, [b["name"] for b in gm.fxeff_blocks]) as seen, torch.no_grad():
+        gm(x[:2])
+    students = {b["name"]: descendants(gm.get_submodule(b["name"]), seen[b["name"]][0], b["prunable"],
+                                       sparsities=(0.0, 0.4, 0.8))
+                for b in gm.fxeff_blocks if b["name"] in ("block_0", "block_4", "block_8")}
+    return model, gm, loader, students
+
+
+def whole_model_accuracy(gm, loader, name=None, module=None):
+    original = getattr(gm, name) if name else None
+    if name:
+        setattr(gm, name, module)
+    try:
+        correct = count = 0
+        with torch.no_grad():
+            for batch in loader:
+                correct += float(top1(gm(batch[0]), batch).sum())
+                count += batch[0].shape[0]
+    finally:
+        if name:
+            setattr(gm, name, original)
+    return 100.0 * correct / count
+
+
+def test_drops_by_suffix_equal_swapping_the_block_in_the_whole_model(setup):
+    _, gm, loader, students = setup
+    accuracy, drops, spent, seed = accuracy_drops(gm, students, loader, progress=False)
+    assert accuracy == pytest.approx(whole_model_accuracy(gm, loader))
+    for name, by_sparsity in students.items():
+        assert drops[name][0.0] == 0.0
+        for sparsity, module in by_sparsity.items():
+            if sparsity:
+                swapped = whole_model_accuracy(gm, loader, name, module)
+                assert drops[name][sparsity] == pytest.approx(accuracy - swapped, abs=1e-9), (name, sparsity)
+    # untrained descendants at 80% lose accuracy somewhere: the comparison above is not vacuous
+    assert max(drops[name][0.8] for name in students) > 1.0
+    # one whole pass per batch plus each entry's suffix, against the seed's three whole passes per entry
+    assert 0 < spent < seed / 3
+
+
+def test_profile_entries(setup):
+    _, gm, loader, students = setup
+    result = profile(gm, students, loader, batch=1, runs=5, progress=False)
+    table = result.table()
+    # every block has its own entry (sparsity 0: the block itself, every configuration's fallback)
+    assert set(table) == {b["name"] for b in gm.fxeff_blocks}
+    assert all(sorted(table[name]) == [0.0] for name in set(table) - set(students))
+    for name, by_sparsity in ((n, table[n]) for n in students):
+        assert sorted(by_sparsity) == [0.0, 0.4, 0.8]
+        sizes = [by_sparsity[s] for s in (0.0, 0.4, 0.8)]
+        assert sizes[0].param_bytes > sizes[1].param_bytes > sizes[2].param_bytes > 0
+        assert sizes[0].macs > sizes[1].macs > sizes[2].macs > 0
+        assert all(e.latency > 0 and e.peak_activation_bytes > 0 for e in sizes)
+        assert sizes[0].peak_activation_bytes >= sizes[2].peak_activation_bytes
+    assert 0 < result.base_latency < result.latency
+    assert result.macs > sum(table[name][0.0].macs for name in table)
+    assert 0 < result.accuracy <= 100
+
+
+def test_peak_activation_bytes_follows_liveness():
+    class Net(nn.Module):
+        def forward(self, x):
+            a = x * 2        # x (4 KiB) and a alive
+            b = a + 1        # a dies after b: x, a, b alive at b
+            c = torch.cat([b, b], 1)  # b and c (8 KiB) alive, x still read below
+            return c.sum() + x.sum()
+
+    gm = fx.symbolic_trace(Net())
+    x = torch.randn(1, 4, 16, 16)  # 4 KiB
+    kib = 4 * 16 * 16 * 4
+    # at c: x (1), b (1), c (2) alive; a died at b
+    assert peak_activation_bytes(gm, x) == 4 * kib
+
+
+def test_students_of_unknown_blocks_are_refused(setup):
+    _, gm, loader, students = setup
+    with pytest.raises(ValueError, match="not blocks of the graph"):
+        profile(gm, {"block_99": students["block_0"]}, loader, progress=False)
