@@ -65,14 +65,16 @@ def descendant(block: nn.Module, example_input: torch.Tensor, sparsity: float, p
     child_modules = dict(child.named_modules())
     keep = set(prunable)
     ignored = [m for name, m in child_modules.items() if isinstance(m, _PRUNABLE_TYPES) and name not in keep]
-    x = example_input[:1].detach()
+    x = example_input[:1].detach().clone()  # a block may write its input in place
     with torch.no_grad():
         expected = block(x)
     was_training = child.training
     child.eval()
-    pruner = tp.pruner.MetaPruner(child, x, importance=criterion, pruning_ratio=sparsity, ignored_layers=ignored,
-                                  round_to=round_to)
-    pruner.step()
+    with torch.random.fork_rng():  # "random" prunes the same filters every time: load() rebuilds descendants
+        torch.manual_seed(0)
+        pruner = tp.pruner.MetaPruner(child, x, importance=criterion, pruning_ratio=sparsity,
+                                      ignored_layers=ignored, round_to=round_to)
+        pruner.step()
     child.train(was_training)
     with torch.no_grad():
         out = child.eval()(x)

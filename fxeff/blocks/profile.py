@@ -141,6 +141,10 @@ class _Recorder(fx.Interpreter):
         return value
 
 
+def _copy(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
 def _swapped(gm: fx.GraphModule, name: str, module: nn.Module):
     """Context: gm's block ``name`` replaced by ``module``."""
     import contextlib
@@ -183,9 +187,10 @@ def accuracy_drops(gm: fx.GraphModule, students: Students, loader: torch.utils.d
         for name, sparsity in entries:
             suffix, live = suffixes[name]
             with torch.no_grad(), _swapped(suffix, name, students[name][sparsity]):
-                out = suffix(*[recorder.values[n] for n in live])
+                # copies: a suffix may write its inputs in place (a ReLU(inplace=True) on a block's entry)
+                out = suffix(*[_copy(recorder.values[n]) for n in live])
                 if count == 0:
-                    spent += _macs(lambda: suffix(*[recorder.values[n][:1] for n in live]))
+                    spent += _macs(lambda: suffix(*[_copy(recorder.values[n])[:1] for n in live]))
             scores[(name, sparsity)] = scores.get((name, sparsity), 0.0) + float(metric(out, batch).sum())
         count += x.shape[0]
     if count == 0:

@@ -8,7 +8,7 @@ summed loss gives each student exactly the gradient it would get alone, and Adam
 """
 import contextlib
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -31,15 +31,29 @@ def block_names(gm: fx.GraphModule) -> List[str]:
     return [b["name"] for b in blocks]
 
 
+def mutating_blocks(gm: fx.GraphModule) -> Set[str]:
+    """The blocks that write their input in place (a ReLU(inplace=True) on the entry, as a residual add followed
+    by a ReLU that starts a block): their input is copied before them, for the teacher's record and for each
+    student, which would otherwise see (and write) a value another one reads."""
+    return {b["name"] for b in getattr(gm, "fxeff_blocks", []) if b.get("mutates_input") is not False}
+
+
 @contextlib.contextmanager
 def captured(gm: fx.GraphModule, names: List[str]) -> Iterator[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
-    """Within the block: each call of ``gm`` records block name -> (its input, its output) of the last call."""
+    """Within the block: each call of ``gm`` records block name -> (its input as it came, its output) of the last
+    call."""
     seen: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    inputs: Dict[str, torch.Tensor] = {}
+    copied = mutating_blocks(gm)
     hooks = []
     for name in names:
-        def record(module, args, out, name=name):
-            seen[name] = (args[0], out)
+        def before(module, args, name=name):
+            inputs[name] = args[0].clone() if name in copied else args[0]
 
+        def record(module, args, out, name=name):
+            seen[name] = (inputs.pop(name), out)
+
+        hooks.append(gm.get_submodule(name).register_forward_pre_hook(before))
         hooks.append(gm.get_submodule(name).register_forward_hook(record))
     try:
         yield seen
@@ -51,8 +65,9 @@ def captured(gm: fx.GraphModule, names: List[str]) -> Iterator[Dict[str, Tuple[t
 class StudentSet(nn.Module):
     """Every (block, sparsity > 0) student as one module (their parameters disjoint): what fit trains."""
 
-    def __init__(self, students: Students):
+    def __init__(self, students: Students, mutating: Set[str] = frozenset()):
         super().__init__()
+        self.mutating = set(mutating)  # blocks that write their input in place: each student gets a copy
         self.index: Dict[str, Tuple[str, float]] = {}
         self.students = nn.ModuleDict()
         for block, by_sparsity in students.items():
@@ -67,8 +82,9 @@ class StudentSet(nn.Module):
         """key -> MSE of that student's output against its block's on the captured values."""
         out = {}
         for key, module in self.students.items():
-            x, y = seen[self.index[key][0]]
-            out[key] = F.mse_loss(module(x), y)
+            block = self.index[key][0]
+            x, y = seen[block]
+            out[key] = F.mse_loss(module(x.clone() if block in self.mutating else x), y)
         return out
 
 
@@ -86,7 +102,7 @@ def block_mse(teacher: fx.GraphModule, students: Students, loader: torch.utils.d
     ``batches`` batches of ``loader`` (None: all); the block itself (sparsity 0) is 0."""
     names = block_names(teacher)
     teacher.eval()
-    student_set = StudentSet(students)
+    student_set = StudentSet(students, mutating_blocks(teacher))
     was_training = student_set.training
     student_set.eval()
     totals: Dict[str, float] = {key: 0.0 for key in student_set.students}
@@ -120,7 +136,7 @@ def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.dat
 
     names = block_names(teacher)
     teacher.eval()  # its values are taken under no_grad
-    student_set = StudentSet(students)
+    student_set = StudentSet(students, mutating_blocks(teacher))
     if not len(student_set.students):
         raise ValueError("fxeff.blocks.retrain: no student to train (every sparsity is 0)")
     done = 0
@@ -152,4 +168,4 @@ def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.dat
     return history
 
 
-__all__ = ["StudentSet", "block_names", "captured", "block_mse", "retrain"]
+__all__ = ["StudentSet", "block_names", "mutating_blocks", "captured", "block_mse", "retrain"]

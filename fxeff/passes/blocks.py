@@ -293,16 +293,20 @@ def _local_attrs(gm: fx.GraphModule, block: Block) -> List[fx.Node]:
     return attrs
 
 
-def _block_stats(gm: fx.GraphModule, name: str, x: Optional[torch.Tensor]) -> Tuple[int, int, Optional[int]]:
-    """(parameters, their bytes, MACs on ``x``) of the outlined block ``name``."""
+def _block_stats(gm: fx.GraphModule, name: str, x: Optional[torch.Tensor]
+                 ) -> Tuple[int, int, Optional[int], Optional[bool]]:
+    """(parameters, their bytes, MACs on ``x``, whether it writes its input in place) of the outlined block
+    ``name`` (the last two None without a real ``x``)."""
     module = gm.get_submodule(name)
     params = list(module.parameters())
-    macs = None
+    macs = mutates = None
     if isinstance(x, torch.Tensor) and fake_mode_of([x]) is None:
+        x = x.clone()
+        version = x._version  # bumped by every in-place write (a ReLU(inplace=True) on the entry)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(x)
-        macs = counter.get_total_flops() // 2
-    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params), macs
+        macs, mutates = counter.get_total_flops() // 2, x._version != version
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params), macs, mutates
 
 
 def blocks_pass(gm: fx.GraphModule, config: Blocks, context: PassContext) -> Report:
@@ -311,6 +315,7 @@ def blocks_pass(gm: fx.GraphModule, config: Blocks, context: PassContext) -> Rep
         raise NotImplementedError(
             f"fxeff.passes.Blocks: {graph_kind(gm)} graphs (parameters as graph inputs) are not supported yet; build "
             "the blocks with fxeff.transform(model, x, [fxeff.passes.Blocks()]) and compile or export the result")
+    gm.fxeff_blocks = []  # one dict per block outlined below (none: the report says why)
     run_recording(gm, context.example_inputs, count_flops=False)  # shapes: the exits' sizes, the convs' MACs
     blocks, why, most = find_blocks(gm, config.max_ratio, config.min_convs)
     sites = {site.node: site for site in conv_sites(gm)}
@@ -336,13 +341,13 @@ def blocks_pass(gm: fx.GraphModule, config: Blocks, context: PassContext) -> Rep
     if fake_mode_of(context.example_inputs) is None:
         _, values = run_recording(gm, context.example_inputs, [call.args[0] for call in calls], count_flops=False)
         inputs = {call: values.get(call.args[0]) for call in calls}
-    gm.fxeff_blocks = []
     for call, block, description in zip(sorted(calls, key=lambda n: int(str(n.target)[len(BLOCK_PREFIX):])), blocks,
                                         descriptions):
-        params, nbytes, macs = _block_stats(gm, str(call.target), inputs.get(call))
+        params, nbytes, macs, mutates = _block_stats(gm, str(call.target), inputs.get(call))
         gm.fxeff_blocks.append({"name": str(call.target), "entry": block.entry.name, "exit": block.exit.name,
                                 "nodes": [n.name for n in block.nodes], "convs": block.convs,
-                                "prunable": block.prunable, "params": params, "param_bytes": nbytes, "macs": macs})
+                                "prunable": block.prunable, "params": params, "param_bytes": nbytes, "macs": macs,
+                                "mutates_input": mutates})
         report.sites.append(SiteReport(str(call.target), f"block {description}", "rewritten", "", macs, macs,
                                        "blocks"))
         report.notes.append(f"{call.target}: {len(block.nodes)} nodes, {params} parameters ({nbytes / 2**20:.2f} MiB)"

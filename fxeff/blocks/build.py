@@ -1,0 +1,95 @@
+"""The offline stage in one call, and the artifact's way back: ``build`` finds the blocks, makes and retrains the
+descendants and profiles them into a ScalableModel; ``load`` rebuilds one from its artifact and the model."""
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .descendants import DEFAULT_SPARSITIES, descendants
+from .profile import Metric, profile, top1
+from .retrain import block_mse, captured, retrain
+from .scalable import ScalableModel, model_fingerprint, profile_from_dict, read_artifact
+
+
+def _first_images(loader: torch.utils.data.DataLoader) -> torch.Tensor:
+    batch = next(iter(loader))
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def _outline(model: nn.Module, x: torch.Tensor, settings: Mapping[str, Any]):
+    from ..passes import Blocks
+    from ..transform import transform
+
+    gm = transform(model, x, [Blocks(max_ratio=settings["max_ratio"], min_convs=settings["min_convs"])])
+    names = [b["name"] for b in gm.fxeff_blocks]
+    if not names:
+        raise ValueError(f"fxeff.blocks: {type(model).__name__} has no block to scale: "
+                         f"{gm.fxeff_report.notes[0] if gm.fxeff_report.notes else ''}")
+    with captured(gm, names) as seen, torch.no_grad():
+        gm(x)
+    inputs = {name: seen[name][0] for name in names}
+    students = {b["name"]: descendants(gm.get_submodule(b["name"]), inputs[b["name"]], b["prunable"],
+                                       settings["sparsities"] if b["prunable"] else (0.0,), settings["importance"],
+                                       settings["round_to"])
+                for b in gm.fxeff_blocks}
+    return gm, students
+
+
+def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_loader: torch.utils.data.DataLoader, *,
+          sparsities: Sequence[float] = DEFAULT_SPARSITIES, importance: str = "l1", round_to: Optional[int] = None,
+          epochs: int = 1, lr: float = 3e-4, max_ratio: float = 0.125, min_convs: int = 2, batch: int = 1,
+          metric: Metric = top1, checkpoint: Optional[str] = None, progress: bool = True,
+          data: str = "") -> ScalableModel:
+    """The ScalableModel of ``model`` (eval mode): its blocks (fxeff.passes.Blocks with ``max_ratio``,
+    ``min_convs``), each block's descendants at ``sparsities`` (``importance``, ``round_to``), retrained for
+    ``epochs`` on ``train_loader``'s images (Adam at ``lr``, resumable from ``checkpoint``), profiled on
+    ``eval_loader`` (accuracy by ``metric``; latency at ``batch`` images). ``data`` names the data in the
+    artifact. Its ``meta["mse"]`` holds each descendant's block MSE before and after retraining."""
+    model.eval()
+    settings = {"sparsities": [float(s) for s in sparsities], "importance": importance, "round_to": round_to,
+                "epochs": epochs, "lr": lr, "max_ratio": max_ratio, "min_convs": min_convs, "batch": batch}
+    x = _first_images(train_loader)[:2]
+    gm, students = _outline(model, x, settings)
+    before = block_mse(gm, students, eval_loader, batches=4)
+    history = retrain(gm, students, train_loader, epochs=epochs, lr=lr, checkpoint=checkpoint, progress=progress)
+    after = block_mse(gm, students, eval_loader, batches=4)
+    result = profile(gm, students, eval_loader, batch=batch, metric=metric, progress=progress)
+    meta: Dict[str, Any] = {"model": f"{type(model).__module__}.{type(model).__qualname__}",
+                            "fingerprint": model_fingerprint(model), "data": data, "settings": settings,
+                            "retrain_loss": history["loss"],
+                            "mse": {name: {f"{s:g}": [before[name][s], after[name][s]] for s in after[name]}
+                                    for name in after}}
+    return ScalableModel(gm, students, result, meta)
+
+
+def load(path: str, model: nn.Module, example_input: torch.Tensor) -> ScalableModel:
+    """The ScalableModel saved at ``path`` (ScalableModel.save) for ``model``, the model it was built from (the
+    artifact holds its fingerprint: another model, or the same with other weights, is refused, as is another
+    torch version or a damaged file). ``example_input``: a batch of its inputs. The descendants are pruned again
+    (deterministically) and given the artifact's retrained weights; nothing is returned half-loaded."""
+    data = read_artifact(path)
+    meta = data["meta"]
+    if meta.get("fingerprint") != model_fingerprint(model):
+        raise ValueError(f"fxeff.blocks.load: the artifact {path} was built from another model "
+                         f"({meta.get('model')}, or the same architecture with other weights) than this "
+                         f"{type(model).__name__}")
+    model.eval()
+    gm, students = _outline(model, example_input[:2], meta["settings"])
+    if [b["name"] for b in gm.fxeff_blocks] != list(data["blocks"]):
+        raise ValueError(f"fxeff.blocks.load: the model's blocks {[b['name'] for b in gm.fxeff_blocks]} are not the "
+                         f"artifact's {data['blocks']}")
+    for name, by_sparsity in data["students"].items():
+        for key, state in by_sparsity.items():
+            sparsity = float(key)
+            if name not in students or sparsity not in students[name]:
+                raise ValueError(f"fxeff.blocks.load: the artifact holds {name} at sparsity {key}, which this "
+                                 f"model's blocks do not make")
+            try:
+                students[name][sparsity].load_state_dict(state)
+            except RuntimeError as error:
+                raise ValueError(f"fxeff.blocks.load: {name} at sparsity {key} does not match the artifact's "
+                                 f"weights: {error}") from None
+    return ScalableModel(gm, students, profile_from_dict(data["profile"]), meta)
+
+
+__all__ = ["build", "load"]

@@ -1,0 +1,208 @@
+"""ScalableModel: a model whose blocks switch between their descendants at run time (LegoDNN's online part).
+
+``select`` chooses one descendant per block (the exact optimiser of select.py: least summed accuracy drop within
+the latency and memory budgets, plus the cost of loading what changes); ``scale`` swaps the chosen descendants
+into the running graph, in place: each block is a submodule attribute of the outlined GraphModule, so a swap is an
+attribute assignment per block that changes, and the model computes exactly what a model built statically with
+the same choice computes. ``save``/``load``: one artifact (the retrained descendants' weights, the profile, and
+what they came from), loaded with ``torch.load(weights_only=True)``; the pruned modules are rebuilt from the
+model by the same deterministic pruning, then given their weights.
+"""
+import copy
+import dataclasses
+import hashlib
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .profile import Entry, Profile, check_profile
+from .select import Choice, Selection, pareto_front, select
+
+ARTIFACT_FORMAT = "fxeff.blocks/1"
+Students = Mapping[str, Mapping[float, nn.Module]]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the model's class and its state (names, shapes, dtypes and values)."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+class ScalableModel(nn.Module):
+    """The outlined graph ``gm`` (fxeff.passes.Blocks) with, per block, its descendants by sparsity (0: the block
+    itself) and their ``profile``. Calls run the current configuration; see the module docstring."""
+
+    def __init__(self, gm: fx.GraphModule, students: Students, profile: Profile, meta: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        names = [b["name"] for b in getattr(gm, "fxeff_blocks", [])]
+        if not names:
+            raise ValueError("fxeff.blocks.ScalableModel: the graph has no blocks (build it with fxeff.Blocks)")
+        check_profile(profile)
+        self.gm = gm
+        self.block_names: List[str] = names
+        table = profile.table()
+        missing = [n for n in names if 0.0 not in table.get(n, {})]
+        if missing:
+            raise ValueError(f"fxeff.blocks.ScalableModel: the profile has no entry for blocks {missing}")
+        # plain dicts, not submodules: parameters() and state_dict() are the running configuration's
+        self._modules_by_block: Dict[str, Dict[float, nn.Module]] = {}
+        for name in names:
+            modules = {float(s): m for s, m in students.get(name, {}).items()}
+            modules[0.0] = gm.get_submodule(name)
+            unprofiled = sorted(set(modules) - set(table[name]))
+            if unprofiled:
+                raise ValueError(f"fxeff.blocks.ScalableModel: {name} has descendants at sparsities {unprofiled} "
+                                 f"that the profile does not hold")
+            self._modules_by_block[name] = {s: modules[s] for s in sorted(table[name]) if s in modules}
+        self.profile = profile
+        self.meta = dict(meta or {})
+        self._current: Tuple[int, ...] = tuple(0 for _ in names)
+        self.last_swap_seconds = 0.0
+
+    def forward(self, *args, **kwargs):
+        return self.gm(*args, **kwargs)
+
+    # ------------------------------------------------------------ the optimiser's view
+    def sparsities(self, name: str) -> List[float]:
+        """The sparsities block ``name`` can run at, in choice order (index 0: the block itself)."""
+        return list(self._modules_by_block[name])
+
+    def choices(self) -> List[List[Choice]]:
+        """Per block, per sparsity: its profiled drop, latency, memory (parameter bytes plus peak activation bytes
+        at the profiled batch) and the bytes a switch to it loads (its parameter bytes)."""
+        table = self.profile.table()
+        out = []
+        for name in self.block_names:
+            row = []
+            for sparsity in self._modules_by_block[name]:
+                e: Entry = table[name][sparsity]
+                row.append(Choice(e.drop, e.latency, e.param_bytes + e.peak_activation_bytes * self.profile.batch,
+                                  e.param_bytes))
+            out.append(row)
+        return out
+
+    @property
+    def configuration(self) -> Dict[str, float]:
+        """block -> the sparsity it runs at now."""
+        return {name: self.sparsities(name)[i] for name, i in zip(self.block_names, self._current)}
+
+    def _budget_kwargs(self) -> Dict[str, Any]:
+        return {"base_latency": self.profile.base_latency, "base_memory": self.profile.base_param_bytes}
+
+    def select(self, latency: Optional[float] = None, memory: Optional[int] = None,
+               switch_weight: float = 0.0) -> Selection:
+        """The configuration of least modelled accuracy drop with modelled latency <= ``latency`` seconds and
+        memory <= ``memory`` bytes, counting ``switch_weight`` points per MiB loaded to switch from the current
+        one. Infeasible budgets raise select.InfeasibleBudgetError (its ``closest`` configuration and ``binding``
+        budgets); nothing is relaxed silently. Nothing is swapped (see ``scale``)."""
+        return select(self.choices(), latency, memory, current=self._current, switch_weight=switch_weight,
+                      **self._budget_kwargs())
+
+    def series(self, max_points: Optional[int] = None) -> List[Selection]:
+        """The distinct configurations on the Pareto front of modelled latency and accuracy drop, by latency."""
+        return pareto_front(self.choices(), max_points=max_points, **self._budget_kwargs())
+
+    # ------------------------------------------------------------ switching
+    def _choice_of(self, config: Union[Selection, Sequence[int], Mapping[str, float]]) -> Tuple[int, ...]:
+        if isinstance(config, Selection):
+            choice = tuple(config.choice)
+        elif isinstance(config, Mapping):
+            unknown = sorted(set(config) - set(self.block_names))
+            if unknown:
+                raise ValueError(f"fxeff.blocks.ScalableModel: unknown blocks {unknown}; blocks: {self.block_names}")
+            choice = []
+            for name, i in zip(self.block_names, self._current):
+                sparsity = float(config.get(name, self.sparsities(name)[i]))
+                if sparsity not in self._modules_by_block[name]:
+                    raise ValueError(f"fxeff.blocks.ScalableModel: {name} has no descendant at sparsity {sparsity}; "
+                                     f"it has {self.sparsities(name)}")
+                choice.append(self.sparsities(name).index(sparsity))
+            choice = tuple(choice)
+        else:
+            choice = tuple(int(i) for i in config)
+        if len(choice) != len(self.block_names) or any(
+                not 0 <= i < len(self._modules_by_block[n]) for n, i in zip(self.block_names, choice)):
+            raise ValueError(f"fxeff.blocks.ScalableModel: a configuration needs one index per block "
+                             f"({len(self.block_names)}), each below its number of descendants, got {choice}")
+        return choice
+
+    def scale(self, config: Union[Selection, Sequence[int], Mapping[str, float], None] = None, *,
+              latency: Optional[float] = None, memory: Optional[int] = None,
+              switch_weight: float = 0.0) -> Tuple[int, ...]:
+        """Switches to ``config`` (a Selection, one choice index per block, or block -> sparsity), or, given
+        budgets instead, to ``select(latency, memory, switch_weight)``'s choice; in place. Returns the choice now
+        running; ``last_swap_seconds`` holds how long the swap took."""
+        if config is None:
+            if latency is None and memory is None:
+                raise ValueError("fxeff.blocks.ScalableModel.scale: give a configuration or a budget")
+            config = self.select(latency, memory, switch_weight)
+        elif latency is not None or memory is not None:
+            raise ValueError("fxeff.blocks.ScalableModel.scale: give a configuration or budgets, not both")
+        choice = self._choice_of(config)
+        start = time.perf_counter()
+        for name, old, new in zip(self.block_names, self._current, choice):
+            if old != new:
+                setattr(self.gm, name, self._modules_by_block[name][self.sparsities(name)[new]])
+        self._current = choice
+        self.last_swap_seconds = time.perf_counter() - start
+        return choice
+
+    def static(self, config: Union[Selection, Sequence[int], Mapping[str, float]]) -> fx.GraphModule:
+        """A new GraphModule built with ``config`` (deep copies of the graph and the chosen descendants): what a
+        swap must equal."""
+        choice = self._choice_of(config)
+        gm = copy.deepcopy(self.gm)
+        for name, i in zip(self.block_names, choice):
+            setattr(gm, name, copy.deepcopy(self._modules_by_block[name][self.sparsities(name)[i]]))
+        return gm
+
+    # ------------------------------------------------------------ the artifact
+    def save(self, path: str) -> None:
+        """Writes the artifact: the descendants' weights by block and sparsity, their layer shapes, the profile,
+        and the meta data it came from (model, data, torch version, settings); loads with weights_only=True."""
+        students = {name: {f"{s:g}": {k: v.detach().cpu() for k, v in m.state_dict().items()}
+                           for s, m in modules.items() if s != 0.0}
+                    for name, modules in self._modules_by_block.items()}
+        torch.save({"format": ARTIFACT_FORMAT, "torch": str(torch.__version__), "meta": self.meta,
+                    "blocks": self.block_names, "students": students,
+                    "profile": {**dataclasses.asdict(self.profile),
+                                "entries": [dataclasses.asdict(e) for e in self.profile.entries]}}, path)
+
+
+def read_artifact(path: str) -> Dict[str, Any]:
+    """The artifact at ``path``, checked: its format and torch version. A file that is not one raises ValueError."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # pickle/zip errors of a damaged file
+        raise ValueError(f"fxeff.blocks: {path} is not a readable artifact ({type(error).__name__}: {error})") \
+            from None
+    if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"fxeff.blocks: {path} is not an fxeff.blocks artifact (format "
+                         f"{data.get('format') if isinstance(data, dict) else type(data).__name__!r}, expected "
+                         f"{ARTIFACT_FORMAT!r})")
+    for key in ("torch", "meta", "blocks", "students", "profile"):
+        if key not in data:
+            raise ValueError(f"fxeff.blocks: the artifact {path} is incomplete: no {key!r}")
+    if data["torch"] != str(torch.__version__):
+        raise ValueError(f"fxeff.blocks: the artifact {path} was profiled with torch {data['torch']}, this is torch "
+                         f"{torch.__version__}: its latencies do not hold here; build it again")
+    return data
+
+
+def profile_from_dict(data: Mapping[str, Any]) -> Profile:
+    entries = [Entry(**e) for e in data["entries"]]
+    fields = {f.name for f in dataclasses.fields(Profile)} - {"entries"}
+    return Profile(entries=entries, **{k: data[k] for k in fields})
+
+
+__all__ = ["ScalableModel", "ARTIFACT_FORMAT", "model_fingerprint", "read_artifact", "profile_from_dict"]

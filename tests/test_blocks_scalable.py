@@ -1,0 +1,152 @@
+"""ScalableModel: build (blocks, descendants, retraining, profile), select, scale in place, series, the artifact."""
+import copy
+
+import pytest
+import torch
+
+import fxeff
+import fxeff.blocks as blocks
+from fxeff import reference
+from fxeff.blocks.select import InfeasibleBudgetError
+
+DATASET = "cluttered-fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def built():
+    torch.manual_seed(0)
+    model = reference.load("resnet20", DATASET).eval()
+    train = torch.utils.data.DataLoader(reference.dataset(DATASET, "train", limit=64), batch_size=32)
+    test = torch.utils.data.DataLoader(reference.dataset(DATASET, "test", limit=64), batch_size=32)
+    scalable = blocks.build(model, train, test, sparsities=(0.0, 0.4, 0.8), epochs=1, progress=False,
+                            data=f"{DATASET}: 64 train / 64 test images")
+    return model, scalable, test
+
+
+def images(n=8):
+    return reference.first_images(DATASET, "test", n)
+
+
+def test_build_starts_as_the_original_model(built):
+    model, scalable, _ = built
+    assert scalable.configuration == {name: 0.0 for name in scalable.block_names}
+    with torch.no_grad():
+        assert torch.equal(scalable(images()), model(images()))
+    assert scalable.meta["settings"]["sparsities"] == [0.0, 0.4, 0.8]
+    for name, by_sparsity in scalable.meta["mse"].items():  # retraining lowered every descendant's block MSE
+        for key, (before, after) in by_sparsity.items():
+            assert after <= before if key == "0" else after < before, (name, key, before, after)
+
+
+def test_a_swap_equals_a_static_build_bit_for_bit(built):
+    _, scalable, _ = built
+    rng = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        choice = tuple(int(torch.randint(len(scalable.sparsities(n)), (1,), generator=rng))
+                       for n in scalable.block_names)
+        static = scalable.static(choice)
+        scalable.scale(choice)
+        with torch.no_grad():
+            assert torch.equal(scalable(images()), static(images()))
+        assert scalable.last_swap_seconds < 0.005 * len(scalable.block_names)
+    scalable.scale({name: 0.0 for name in scalable.block_names})
+
+
+def test_select_meets_the_budgets_and_scale_applies_it(built):
+    _, scalable, _ = built
+    front = scalable.series()
+    assert len(front) >= 3
+    assert [s.latency for s in front] == sorted(s.latency for s in front)
+    assert all(a.drop > b.drop for a, b in zip(front, front[1:]))  # faster costs accuracy along the front
+    middle = front[len(front) // 2]
+    chosen = scalable.select(latency=middle.latency)
+    assert chosen.feasible and chosen.latency <= middle.latency * (1 + 1e-9) and chosen.drop <= middle.drop + 1e-9
+    choice = scalable.scale(latency=middle.latency)
+    assert choice == chosen.choice
+    assert scalable.configuration == {n: scalable.sparsities(n)[i] for n, i in zip(scalable.block_names, choice)}
+    scalable.scale([0] * len(scalable.block_names))
+
+
+def test_infeasible_budgets_name_the_binding_budget(built):
+    _, scalable, _ = built
+    fastest = scalable.series()[0]
+    with pytest.raises(InfeasibleBudgetError) as info:
+        scalable.select(latency=fastest.latency * 0.5)
+    assert info.value.binding == ("latency",) and not info.value.closest.feasible
+    with pytest.raises(ValueError, match="give a configuration or a budget"):
+        scalable.scale()
+    with pytest.raises(ValueError, match="has no descendant at sparsity 0.5"):
+        scalable.scale({scalable.block_names[0]: 0.5})
+
+
+def test_switching_cost_keeps_the_current_configuration_when_it_is_worth_it(built):
+    _, scalable, _ = built
+    front = scalable.series()
+    scalable.scale(front[0])  # the fastest
+    loose = front[-1].latency * 2
+    free = scalable.select(latency=loose)
+    assert free.drop == pytest.approx(front[-1].drop)  # no switching cost: the most accurate configuration
+    assert free.choice != front[0].choice
+    costly = scalable.select(latency=loose, switch_weight=1e6)
+    assert costly.choice == front[0].choice and costly.switch_bytes == 0
+    scalable.scale([0] * len(scalable.block_names))
+
+
+def test_the_artifact_round_trips_and_refuses_what_does_not_match(built, tmp_path):
+    model, scalable, _ = built
+    path = str(tmp_path / "resnet20.blocks.pt")
+    scalable.save(path)
+    data = torch.load(path, weights_only=True)  # plain tensors and containers only
+    assert data["torch"] == torch.__version__ and data["meta"]["data"].startswith(DATASET)
+    loaded = blocks.load(path, model, images(2))
+    assert loaded.block_names == scalable.block_names
+    assert loaded.profile == scalable.profile
+    choice = tuple(len(scalable.sparsities(n)) - 1 for n in scalable.block_names)
+    scalable.scale(choice)
+    loaded.scale(choice)
+    with torch.no_grad():
+        assert torch.equal(loaded(images()), scalable(images()))
+    scalable.scale([0] * len(scalable.block_names))
+    # another model, or the same with other weights
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.fc.weight.add_(1.0)
+    with pytest.raises(ValueError, match="was built from another model"):
+        blocks.load(path, other, images(2))
+    # another torch version
+    data["torch"] = "1.0.0"
+    stale = str(tmp_path / "stale.pt")
+    torch.save(data, stale)
+    with pytest.raises(ValueError, match="was profiled with torch 1.0.0"):
+        blocks.load(stale, model, images(2))
+    # a damaged file
+    damaged = str(tmp_path / "damaged.pt")
+    with open(path, "rb") as f:
+        payload = f.read()
+    with open(damaged, "wb") as f:
+        f.write(payload[: len(payload) // 2])
+    with pytest.raises(ValueError, match="is not a readable artifact"):
+        blocks.load(damaged, model, images(2))
+
+
+def test_a_chosen_configuration_compiles(built):
+    _, scalable, _ = built
+    choice = tuple(1 if len(scalable.sparsities(n)) > 1 else 0 for n in scalable.block_names)
+    scalable.scale(choice)
+    try:
+        with torch.no_grad():
+            expected = scalable(images())
+            compiled = torch.compile(scalable.gm, backend="effconv")
+            torch.testing.assert_close(compiled(images()), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        scalable.scale([0] * len(scalable.block_names))
+
+
+def test_a_model_without_blocks_is_refused():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.randn(1, 1, 8, 8))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 1, 8, 8),
+                                                                       torch.zeros(4, dtype=torch.long)), batch_size=2)
+    with pytest.raises(ValueError, match="has no block to scale"):
+        blocks.build(model, data, data, progress=False)
+    assert fxeff.Blocks in fxeff.passes.registered_passes().values()
