@@ -1,4 +1,4 @@
-"""The ``fxeff`` command: ``demo | transform | bench | report | train``.
+"""The ``fxeff`` command: ``demo | transform | bench | report | train | blocks``.
 
 ``fxeff demo`` is the project's main job. First the home ground (fxeff/demo.py): the trained reference models on
 Cluttered Fashion-MNIST test images, each technique's accuracy, MACs and latency against the original (focus without
@@ -317,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
     p.set_defaults(func=train_command)
+
+    from .blocks.command import add_parser as add_blocks_parser
+
+    add_blocks_parser(sub)
     return parser
 
 

@@ -150,3 +150,21 @@ def test_a_model_without_blocks_is_refused():
     with pytest.raises(ValueError, match="has no block to scale"):
         blocks.build(model, data, data, progress=False)
     assert fxeff.Blocks in fxeff.passes.registered_passes().values()
+
+
+def test_the_command_line_builds_plots_and_selects(tmp_path, monkeypatch, capsys):
+    from fxeff.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / "r20.pt")
+    assert main(["blocks", "build", "resnet20", DATASET, "--train-images", "64", "--test-images", "64", "--epochs",
+                 "1", "--sparsities", "0,0.5", "--batch", "2", "--out", path]) == 0
+    out = capsys.readouterr().out
+    assert "9 blocks" in out and "Pareto front:" in out and (tmp_path / "r20.png").stat().st_size > 10000
+    assert (tmp_path / "out" / "blocks" / "LAST").read_text() == path
+    assert main(["blocks", "select", "--latency-ms", "1000", "--measure", "--test-images", "64"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("chosen: modelled accuracy") and "measured: accuracy" in out
+    assert main(["blocks", "select", "--artifact", path, "--latency-ms", "0.001"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("infeasible:") and "closest:" in out

@@ -40,7 +40,8 @@ class ScalableModel(nn.Module):
     """The outlined graph ``gm`` (fxeff.passes.Blocks) with, per block, its descendants by sparsity (0: the block
     itself) and their ``profile``. Calls run the current configuration; see the module docstring."""
 
-    def __init__(self, gm: fx.GraphModule, students: Students, profile: Profile, meta: Optional[Dict[str, Any]] = None):
+    def __init__(self, gm: fx.GraphModule, students: Students, profile: Profile,
+                 meta: Optional[Dict[str, Any]] = None):
         super().__init__()
         names = [b["name"] for b in getattr(gm, "fxeff_blocks", [])]
         if not names:
@@ -76,16 +77,18 @@ class ScalableModel(nn.Module):
         return list(self._modules_by_block[name])
 
     def choices(self) -> List[List[Choice]]:
-        """Per block, per sparsity: its profiled drop, latency, memory (parameter bytes plus peak activation bytes
-        at the profiled batch) and the bytes a switch to it loads (its parameter bytes)."""
+        """Per block, per sparsity: its profiled drop (a negative one counted as 0: a descendant measured more
+        accurate than its block is noise of the test split, and summed over blocks such gains modelled
+        configurations more accurate than the original), latency, memory (parameter bytes plus peak activation
+        bytes at the profiled batch) and the bytes a switch to it loads (its parameter bytes)."""
         table = self.profile.table()
         out = []
         for name in self.block_names:
             row = []
             for sparsity in self._modules_by_block[name]:
                 e: Entry = table[name][sparsity]
-                row.append(Choice(e.drop, e.latency, e.param_bytes + e.peak_activation_bytes * self.profile.batch,
-                                  e.param_bytes))
+                memory = e.param_bytes + e.peak_activation_bytes * self.profile.batch
+                row.append(Choice(max(e.drop, 0.0), e.latency, memory, e.param_bytes))
             out.append(row)
         return out
 
