@@ -15,21 +15,28 @@ objective; extending by block b multiplies the states by its choices, then three
 - dominance: a state with latency, memory and objective all >= another's is never better whatever follows (both
   get the same completions; with all three equal the lexicographically larger prefix goes); vectorised in numpy:
   sort by objective, then a staircase sweep over (latency, memory) in chunks;
-- bound: the objective so far plus a lower bound of the remaining blocks' best objective within the remaining
-  latency (and memory) budget, the LP relaxation of that one-constraint knapsack (the merged lower convex hulls of
-  each block's (latency, objective) points), above an upper bound cannot reach the optimum.
+- bound: a state whose objective plus a lower bound of what the remaining blocks add exceeds an upper bound of
+  the optimum cannot reach it. The lower bound is the largest of LP relaxations of one-constraint knapsacks over
+  the remaining blocks: the latency budget left, the memory budget left, and three mixes of the two normalised by
+  the budgets (surrogate constraints; they bound far better when both budgets bind). Each is exact and cheap: the
+  merged lower convex hulls of the blocks' (resource, objective) points, evaluated by interpolation.
 
-The upper bound comes from a first pass of the same program keeping only the 32 best states by objective + bound
-(a beam); it is usually the optimum itself, and the second, exact pass then keeps a handful of states per block.
-When the beam finds nothing feasible, the smallest largest overshoot max(latency / L, memory / M) is found by the
-same program over (latency, memory) alone: above 1 the budgets cannot be met (``InfeasibleBudgetError``, whose
-``closest`` configuration is then the best objective at that overshoot); otherwise it gives the upper bound.
-Latencies are never discretised: the result is the optimum of the floats given, ties broken by latency, memory,
-then the choice tuple. Floats are compared as summed in block order (base first); a budget is met when the total is
-<= budget x (1 + 1e-12); memory is summed exactly in integers. Measured (benchmarks/blocks.py, 2 cores): 10 blocks
-x 5 choices with both budgets ~2 ms a solve; 20 x 8 ~6 ms.
+The upper bound comes from a first pass of the same program keeping only the 32 best states per block by objective
++ bound (a beam), improved by a local search (the best change of one or two blocks that still fits, repeated); it
+is usually the optimum itself, and the second, exact pass then keeps a handful of states per block. When the beam
+finds nothing feasible, the smallest largest overshoot max(latency / L, memory / M) is found by the same program
+over (latency, memory) alone: above 1 the budgets cannot be met (``InfeasibleBudgetError``, whose ``closest``
+configuration is then the best objective at that overshoot); otherwise it gives the upper bound.
 
-The seed (LegoDNN) writes the integer program to a file and shells out to a CBC solver, ~0.32 s per solve (process
+Exactness: nothing is discretised and every pruning is safe, so the result is the optimum of the numbers given,
+ties broken by latency, then memory, then the lexicographically smallest choice tuple. Floats are compared as
+summed in block order (base first; rounding can only matter between totals equal to ~1e-15); a budget is met when
+the total is <= budget x (1 + 1e-12), and memory is summed exactly in integers. The problem is NP-hard and the
+pass can blow up on adversarial instances; on profiled-like ones (benchmarks/blocks.py, 2 shared cores) a solve of
+10 blocks x 5 choices with both budgets takes ~2 ms (p99 ~3 ms), 20 x 8 ~6 ms (p99 ~10 ms), HiGHS's milp on the
+same instances ~7 and ~20 ms.
+
+The seed (LegoDNN) shells out to a CBC solver process for every selection, ~0.32 s per solve (mostly the process
 launch), and leaves the cost of switching blocks out of its objective; here switching is in the objective
 (``switch_weight`` points per MiB loaded, 0 by default: LegoDNN's objective) and nothing leaves the process.
 """
@@ -47,6 +54,7 @@ _RTOL = 1e-12  # a budget is met when total <= budget * (1 + _RTOL) (floats summ
 _SLACK = 1e-9  # pruning tests are this much looser (relative), so rounding never prunes a state that could finish
 _MIXES = (0.25, 0.5, 0.75)  # latency shares of the mixed surrogate constraints
 _BEAM = 32  # states kept per block by the first, upper-bound pass
+_PAIRS = 400  # the local search tries changes of two blocks while there are at most this many choices in all
 _CHUNK = 256  # points per chunk of the staircase sweep (a chunk is checked against itself as a CHUNK^2 matrix)
 _INT_LIMIT = 1 << 62  # summed memory / load bytes stay int64
 _MIB = float(1 << 20)
@@ -152,6 +160,8 @@ class _Problem:
                     raise TypeError(f"{_WHERE}: block {b} choice {j} must be a Choice, got {type(c).__name__}")
             self.blocks.append(tuple(block))
         nb = len(self.blocks)
+        if isinstance(current, np.ndarray):
+            current = current.tolist()
         if current is not None:
             if isinstance(current, (str, bytes)) or not isinstance(current, Sequence):
                 raise TypeError(f"{_WHERE}: current must be a sequence of choice indices, got {type(current).__name__}")
@@ -179,7 +189,8 @@ class _Problem:
                 self.sb[b] = np.array([0 if j == self.current[b] else c.load_bytes for j, c in enumerate(blk)],
                                       dtype=np.int64)
         w = self.switch_weight
-        self.cost = [d + w * s / _MIB if w else d for d, s in zip(self.drop, self.sb)]
+        self.switching = self.current is not None and w > 0
+        self.cost = [d + w * s / _MIB if w else d for d, s in zip(self.drop, self.sb)]  # per choice, for bounds
         self.offsets = np.cumsum([0] + [len(blk) for blk in self.blocks])
         self.flat_block = np.repeat(np.arange(nb), np.diff(self.offsets))
         self.flat_lat, self.flat_mem = np.concatenate(self.lat), np.concatenate(self.mem)
@@ -388,13 +399,19 @@ def _min_objective(p: _Problem, budgets: tuple, lat_cap: float, mem_cap: float, 
     eps = 1e-9 * (1.0 + abs(ub)) if math.isfinite(ub) else 0.0
     lat = np.array([p.base_latency])
     mem = np.array([p.base_memory], dtype=np.int64)
-    obj = np.zeros(1)
+    drop = np.zeros(1)
+    switch = np.zeros(1, dtype=np.int64)
     layers = _Layers()
     for b in range(p.n):
         k = len(p.lat[b])
         lat = (lat[:, None] + p.lat[b]).ravel()
         mem = (mem[:, None] + p.mem[b]).ravel()
-        obj = (obj[:, None] + p.cost[b]).ravel()
+        drop = (drop[:, None] + p.drop[b]).ravel()
+        if p.switching:  # the objective as Selection.objective computes it (a sum of per-block costs rounds apart)
+            switch = (switch[:, None] + p.sb[b]).ravel()
+            obj = drop + p.switch_weight * switch / 2 ** 20
+        else:
+            obj = drop
         keep = (lat + p.rest_lat[b + 1] <= lat_cap) & (mem + p.rest_mem[b + 1] <= mem_cap)
         if b + 1 < p.n and (beam or eps):
             score = obj + p.lower_bound(bounds, b + 1, lat_cap, mem_cap, lat, mem)
@@ -409,7 +426,9 @@ def _min_objective(p: _Problem, budgets: tuple, lat_cap: float, mem_cap: float, 
                 idx = np.sort(idx[np.argpartition(score[idx], beam)[:beam]])
         if not len(idx):
             return None
-        lat, mem, obj = lat[idx], mem[idx], obj[idx]
+        lat, mem, drop, obj = lat[idx], mem[idx], drop[idx], obj[idx]
+        if p.switching:
+            switch = switch[idx]
         layers.add(idx, k)
     ok = np.flatnonzero(fits(lat, mem))
     if not len(ok):
@@ -458,11 +477,51 @@ def _exact(p: _Problem, budgets: tuple, lat_cap: float, mem_cap: float, fits: Ca
         t = root + frac * (ub - root)
         if t < ub:
             r = _min_objective(p, budgets, lat_cap, mem_cap, fits, ub=t)
-            if r is not None:
+            if r is not None and r[0] <= t:  # (one in t's rounding margin could lose to a pruned one)
                 return r
     r = _min_objective(p, budgets, lat_cap, mem_cap, fits, ub=ub)
     assert r is not None, "fxeff.blocks.select: internal error: the known configuration was pruned"
     return r
+
+
+def _improve(p: _Problem, choice: Tuple[int, ...], fits: Callable, rounds: int = 20) -> float:
+    """An upper bound for the exact pass: the objective of ``choice`` (which fits) after a local search, each round
+    the best objective-lowering change of one block or of two blocks that still fits (pairs while there are at most
+    _PAIRS choices in all). Totals are recomputed in block order before a result is trusted."""
+    blk, lat_f, mem_f, cost_f = p.flat_block, p.flat_lat, p.flat_mem, p.flat_cost
+    pairs = len(cost_f) <= _PAIRS
+    if pairs:
+        distinct = blk[:, None] < blk[None, :]
+    x = np.array(choice)
+    best = p.selection(choice, False, ()).objective
+    for _ in range(rounds):
+        pos = p.offsets[:-1] + x
+        lat = _seq_sum(p.base_latency, lat_f[pos].tolist())
+        mem = p.base_memory + int(mem_f[pos].sum())
+        dl, dm, dc = lat_f - lat_f[pos][blk], mem_f - mem_f[pos][blk], cost_f - cost_f[pos][blk]
+        gain, move = -1e-12, None
+        ok = (dc < gain) & fits(lat + dl, mem + dm)
+        if ok.any():
+            i = int(np.flatnonzero(ok)[np.argmin(dc[ok])])
+            gain, move = dc[i], (i,)
+        if pairs:
+            dc2 = dc[:, None] + dc[None, :]
+            ok = distinct & (dc2 < gain) & fits(lat + (dl[:, None] + dl[None, :]), mem + (dm[:, None] + dm[None, :]))
+            if ok.any():
+                k = np.flatnonzero(ok.ravel())
+                k = int(k[np.argmin(dc2.ravel()[k])])
+                move = divmod(k, len(cost_f))
+        if move is None:
+            break
+        y = x.copy()
+        for i in move:
+            y[blk[i]] = i - p.offsets[blk[i]]
+        sel = p.selection(y, False, ())
+        cost = sel.objective
+        if cost >= best or not fits(np.array([sel.latency]), np.array([sel.memory]))[0]:
+            break
+        x, best = y, cost
+    return best
 
 
 def _caps(latency: Optional[float], memory: Optional[float], scale: float = 1.0) -> Tuple[float, float]:
@@ -521,15 +580,15 @@ def select(blocks: Sequence[Sequence[Choice]], latency: Optional[float] = None, 
         budgets = (latency, memory)
         first = _min_objective(p, budgets, lat_cap, mem_cap, fits, beam=_BEAM)
         if first is not None:
-            ub = first[0]
+            ub = _improve(p, first[1], fits)
         else:  # the beam found nothing feasible: is anything?
             overshoot = _overshoot(p, latency, memory)
             if _fits(p.selection(overshoot[1], False, ()), latency, memory):
-                ub = _cost_sum(p, overshoot[1])
+                ub = _improve(p, overshoot[1], fits)
             else:
                 unmet = ["latency", "memory"]
         if not unmet:
-            _, choice = _exact(p, (latency, memory), lat_cap, mem_cap, fits, ub, tighten=first is None)
+            _, choice = _exact(p, budgets, lat_cap, mem_cap, fits, ub, tighten=first is None)
             sel = p.selection(choice, True, ())
             return dataclasses.replace(sel, binding=_binding(p, sel, latency, memory))
     raise _infeasible(p, latency, memory, tuple(unmet), overshoot)
@@ -537,11 +596,6 @@ def select(blocks: Sequence[Sequence[Choice]], latency: Optional[float] = None, 
 
 def _bytes(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:.6g}"
-
-
-def _cost_sum(p: _Problem, choice: Tuple[int, ...]) -> float:
-    """The objective as the program sums it (per-block costs in block order)."""
-    return _seq_sum(0.0, [float(p.cost[b][j]) for b, j in enumerate(choice)])
 
 
 def _overshoot(p: _Problem, latency: Optional[float], memory: Optional[float]) -> Tuple[float, Tuple[int, ...]]:
@@ -563,7 +617,7 @@ def _infeasible(p: _Problem, latency: Optional[float], memory: Optional[float], 
         return np.maximum(lat * inv_l, mem * inv_m) <= r
 
     lat_cap, mem_cap = _caps(latency, memory, r)
-    _, choice = _exact(p, (latency, memory), lat_cap, mem_cap, at_r, _cost_sum(p, some), tighten=True)
+    _, choice = _exact(p, (latency, memory), lat_cap, mem_cap, at_r, _improve(p, some, at_r), tighten=True)
     sel = p.selection(choice, False, ())
     over = []
     if latency is not None and not sel.latency <= latency * (1 + _RTOL):
