@@ -13,8 +13,9 @@ from .descendants import DEFAULT_SPARSITIES, IMPORTANCES, descendant, descendant
 from .profile import Entry, Profile, profile  # noqa: E402
 from .retrain import block_mse, retrain  # noqa: E402
 from .scalable import ScalableModel  # noqa: E402
-from .select import Choice, InfeasibleBudgetError, Selection, pareto_front, select  # noqa: E402
+from .select import Choice, InfeasibleBudgetError, Selection, pareto_front  # noqa: E402
+# the optimiser is ScalableModel.select, or fxeff.blocks.select.select (not exported here: it would hide its module)
 
 __all__ = ["build", "load", "DEFAULT_SPARSITIES", "IMPORTANCES", "descendant", "descendants", "Entry", "Profile",
            "profile", "block_mse", "retrain", "ScalableModel", "Choice", "InfeasibleBudgetError", "Selection",
-           "pareto_front", "select"]
+           "pareto_front"]
