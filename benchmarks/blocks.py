@@ -158,7 +158,253 @@ def solve_part(args):
     return title, rows, SOLVE_COLUMNS
 
 
-PARTS = {"solve": solve_part}
+# ---------------------------------------------------------------- the other parts: real models
+
+def _tv(name):
+    import torchvision
+
+    if name == "fcn_resnet50":
+        return torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None)
+    if name == "fasterrcnn_backbone":
+        return torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).backbone
+    return getattr(torchvision.models, name)()
+
+
+GRAPH_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "densenet121", "efficientnet_b0",
+                "fcn_resnet50", "fasterrcnn_backbone"]
+GRAPH_COLUMNS = ["model", "convs", "blocks", "convs in blocks", "prunable convs", "largest block (convs)",
+                 "transform s (median of 3)", "target s", "target met"]
+
+
+def graph_part(args):
+    """Blocks found on each listed model (224x224, batch 1) and the time of fxeff.transform with the Blocks pass
+    (symbolic trace included); target: under 1 s for ResNet-50."""
+    import fxeff
+    from fxeff import reference
+
+    rows = []
+    models = [(f"reference {a}", lambda a=a: reference.build(a, "cluttered-fashion-mnist"), (1, 1, 64, 64))
+              for a in reference.ARCHS] + [(n, lambda n=n: _tv(n), (1, 3, 224, 224)) for n in GRAPH_MODELS]
+    for name, make, shape in models:
+        torch.manual_seed(0)
+        model = make().eval()
+        x = torch.randn(shape)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            gm = fxeff.transform(model, x, [fxeff.Blocks()])
+            times.append(time.perf_counter() - start)
+        info = gm.fxeff_blocks
+        convs = sum(len(b["convs"]) for b in info) + len(gm.fxeff_report.skipped)
+        seconds = float(np.median(times))
+        rows.append({"model": name, "convs": convs, "blocks": len(info),
+                     "convs in blocks": sum(len(b["convs"]) for b in info),
+                     "prunable convs": sum(len(b["prunable"]) for b in info),
+                     "largest block (convs)": max(len(b["convs"]) for b in info),
+                     "transform s (median of 3)": seconds, "target s": 1.0 if name == "resnet50" else "",
+                     "target met": (seconds < 1.0) if name == "resnet50" else ""})
+        print(f"{name}: {len(info)} blocks, {seconds:.2f} s", flush=True)
+    return "The blocks pass on the listed models (fxeff.transform with fxeff.Blocks(), 224x224 or 64x64)", rows, \
+        GRAPH_COLUMNS
+
+
+def _scalable_without_training(model, x, sparsities, round_to=None, batch=1, runs=5):
+    """A ScalableModel of ``model`` with descendants at ``sparsities`` pruned but not retrained, profiled on two
+    random labelled images (for timings and sizes only: its drops mean nothing)."""
+    from fxeff.blocks.build import _outline
+    from fxeff.blocks.profile import profile
+    from fxeff.blocks.scalable import ScalableModel
+
+    settings = {"sparsities": list(sparsities), "importance": "l1", "round_to": round_to, "max_ratio": 0.125,
+                "min_convs": 2}
+    gm, students = _outline(model.eval(), x, settings)
+    data = torch.utils.data.TensorDataset(x, torch.zeros(x.shape[0], dtype=torch.long))
+    loader = torch.utils.data.DataLoader(data, batch_size=x.shape[0])
+    result = profile(gm, students, loader, batch=batch, runs=runs, progress=False)
+    return ScalableModel(gm, students, result)
+
+
+SWITCH_COLUMNS = ["model", "blocks", "swaps", "blocks per swap", "median ms per swap", "p99 ms per swap",
+                  "median ms per block", "target", "target met"]
+
+
+def switch_part(args):
+    """Swap time of ScalableModel.scale: alternating every block of torchvision ResNet-18 between its block and
+    its descendant at 0.5 (and one block at a time), 200 swaps each; the seed's swaps take 0.4-54 ms. Targets:
+    <= 1 ms per block, <= 5 ms for all of ResNet-18."""
+    torch.manual_seed(0)
+    model = _tv("resnet18").eval()
+    scalable = _scalable_without_training(model, torch.randn(2, 3, 224, 224), (0.0, 0.5))
+    n = len(scalable.block_names)
+    rows = []
+    for label, changed in (("all blocks", n), ("one block", 1)):
+        times = []
+        for i in range(200):
+            high = [1 if (i % 2 == 0 and b < changed) else 0 for b in range(n)]
+            scalable.scale(high)
+            times.append(scalable.last_swap_seconds * 1e3)
+        ms = np.array(times)
+        per_block = float(np.median(ms)) / changed
+        met = per_block <= 1.0 and (changed < n or float(np.percentile(ms, 99)) <= 5.0)
+        rows.append({"model": f"resnet18 ({label})", "blocks": n, "swaps": len(ms), "blocks per swap": changed,
+                     "median ms per swap": float(np.median(ms)), "p99 ms per swap": float(np.percentile(ms, 99)),
+                     "median ms per block": per_block, "target": "<= 1 ms per block, <= 5 ms all",
+                     "target met": met})
+    with torch.no_grad():  # a swapped model equals a static build
+        x = torch.randn(1, 3, 224, 224)
+        scalable.scale([1] * n)
+        assert torch.equal(scalable(x), scalable.static([1] * n)(x))
+    return "Swapping descendants in place (ScalableModel.scale), torchvision ResNet-18, CPU", rows, SWITCH_COLUMNS
+
+
+SPEED_COLUMNS = ["model", "batch", "sparsity (every block)", "MAC speedup", "latency speedup",
+                 "latency / MAC speedup", "target", "target met"]
+
+
+def speed_part(args):
+    """Real CPU speed of pruned configurations: torchvision ResNet-18/50 at 224, every block at one sparsity
+    (round_to 8), batch 1 and 8; latency speedup over MAC speedup against the original (medians of interleaved
+    runs, fxeff.bench). Torch-Pruning's README: 0.57 on ResNet-50; target >= 0.6."""
+    from fxeff import bench
+
+    rows = []
+    for name in ("resnet18", "resnet50"):
+        torch.manual_seed(0)
+        model = _tv(name).eval()
+        scalable = _scalable_without_training(model, torch.randn(2, 3, 224, 224), (0.0, 0.3, 0.5), round_to=8,
+                                              runs=3)
+        n = len(scalable.block_names)
+        for batch in (1, 8):
+            x = torch.randn(batch, 3, 224, 224)
+            for index, sparsity in ((1, 0.3), (2, 0.5)):
+                pruned = scalable.static([index] * n)
+                macs = bench.macs(lambda: model(x[:1])) / bench.macs(lambda: pruned(x[:1]))
+                with torch.no_grad():
+                    times = bench.interleaved([lambda: model(x), lambda: pruned(x)], args.runs)
+                ratio = times[0] / times[1] / macs
+                rows.append({"model": name, "batch": batch, "sparsity (every block)": sparsity, "MAC speedup": macs,
+                             "latency speedup": times[0] / times[1], "latency / MAC speedup": ratio,
+                             "target": ">= 0.6", "target met": ratio >= 0.6})
+                print(f"{name} batch {batch} sparsity {sparsity}: MAC {macs:.2f}x, latency "
+                      f"{times[0] / times[1]:.2f}x", flush=True)
+    return "Pruned configurations on CPU: latency speedup / MAC speedup (torchvision, 224x224)", rows, SPEED_COLUMNS
+
+
+REFERENCE_COLUMNS = ["measure", "value", "target", "target met"]
+CONFIG_COLUMNS = ["configuration", "MACs (M)", "MAC speedup", "modelled accuracy", "measured accuracy",
+                  "modelled latency ms", "measured latency ms", "latency error"]
+
+
+def _measured(scalable, model, choice, test, x, runs):
+    from fxeff import bench
+    from fxeff.training import accuracy
+
+    scalable.scale(choice)
+    with torch.no_grad():
+        seconds = bench.interleaved([lambda: model(x), lambda: scalable(x)], runs)
+    macs = bench.macs(lambda: scalable(x[:1]))
+    return 100 * accuracy(scalable, test), seconds[1], seconds[0], macs
+
+
+def reference_part(args):
+    """ResNet-20 on --dataset: the whole offline stage (blocks, descendants at 0.2/0.4/0.6/0.8, retraining on
+    --train-images for --epochs, profiles on --test-images at batch 16), then: the Pareto front (distinct
+    configurations, their modelled and measured latency span), the additive models against 20 random composed
+    configurations (accuracy within 1 point; latency within 10% on 95%), the most accurate configuration with at
+    most half the MACs (the optimiser with MACs in the place of latency; drop <= 1.5 points), and the front against
+    every block at one sparsity at equal MACs."""
+    from fxeff import reference
+    from fxeff.blocks.build import build
+    from fxeff.blocks.select import Choice, pareto_front, select
+
+    torch.manual_seed(0)
+    model = reference.load("resnet20", args.dataset).eval()
+    train = torch.utils.data.DataLoader(reference.dataset(args.dataset, "train", limit=args.train_images),
+                                        batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    test = torch.utils.data.DataLoader(reference.dataset(args.dataset, "test", limit=args.test_images),
+                                       batch_size=256)
+    wall, cpu = time.perf_counter(), time.process_time()
+    scalable = build(model, train, test, sparsities=(0.0, 0.2, 0.4, 0.6, 0.8), epochs=args.epochs, batch=16,
+                     progress=False, data=f"{args.dataset}: {args.train_images} train / {args.test_images} test")
+    wall, cpu = (time.perf_counter() - wall) / 60, (time.process_time() - cpu) / 60
+    print(f"built in {wall:.1f} min ({cpu:.1f} CPU-min)", flush=True)
+    x = reference.first_images(args.dataset, "test", 16)
+    names, prof = scalable.block_names, scalable.profile
+    front = scalable.series()
+    fast, slow = (_measured(scalable, model, s.choice, test, x, args.runs) for s in (front[0], front[-1]))
+    rows = [{"measure": "offline stage: wall minutes (CPU-minutes)", "value": f"{wall:.1f} ({cpu:.1f})",
+             "target": "<= 15 CPU-minutes on 2 cores", "target met": wall <= 15},
+            {"measure": "accuracy drops: MACs spent / the seed's 3 whole evaluations per entry",
+             "value": f"{prof.evaluation_macs / prof.seed_evaluation_macs:.3f}", "target": "", "target met": ""},
+            {"measure": "distinct configurations on the front", "value": len(front), "target": ">= 50",
+             "target met": len(front) >= 50},
+            {"measure": "front: modelled latency span", "value": f"{front[-1].latency / front[0].latency:.2f}x",
+             "target": "", "target met": ""},
+            {"measure": "front: measured latency span (batch 16)", "value": f"{slow[1] / fast[1]:.2f}x",
+             "target": ">= 2.5x", "target met": slow[1] / fast[1] >= 2.5}]
+    # the additive models against composed configurations
+    rng = np.random.default_rng(args.seed)
+    configs = []
+    acc_errors, lat_errors = [], []
+    for i in range(20):
+        choice = tuple(int(rng.integers(len(scalable.sparsities(n)))) for n in names)
+        modelled = select([[row[j]] for row, j in zip(scalable.choices(), choice)],
+                          base_latency=prof.base_latency, base_memory=prof.base_param_bytes)
+        raw = sum(e.drop for e in (prof.table()[n][scalable.sparsities(n)[j]] for n, j in zip(names, choice)))
+        measured_acc, seconds, _, macs = _measured(scalable, model, choice, test, x, args.runs)
+        acc_errors.append(abs(prof.accuracy - raw - measured_acc))
+        lat_errors.append(abs(modelled.latency - seconds) / seconds)
+        configs.append({"configuration": f"random {i}", "MACs (M)": macs / 1e6, "MAC speedup": prof.macs / macs,
+                        "modelled accuracy": prof.accuracy - raw, "measured accuracy": measured_acc,
+                        "modelled latency ms": modelled.latency * 1e3, "measured latency ms": seconds * 1e3,
+                        "latency error": lat_errors[-1]})
+    acc_ok = sum(e <= 1.0 for e in acc_errors)
+    lat_ok = sum(e <= 0.10 for e in lat_errors)
+    rows += [{"measure": "additive accuracy model: |error| <= 1 point (20 random configurations)",
+              "value": f"{acc_ok}/20 (max {max(acc_errors):.2f})", "target": "all", "target met": acc_ok == 20},
+             {"measure": "additive latency model: |error| <= 10%", "value": f"{lat_ok}/20 (max {max(lat_errors):.0%})",
+              "target": ">= 95%", "target met": lat_ok >= 19}]
+    # MACs as the budgeted quantity: the most accurate configuration at <= half the MACs
+    table = prof.table()
+    by_macs = [[Choice(c.drop, float(table[n][s].macs), 0) for c, s in zip(row, scalable.sparsities(n))]
+               for n, row in zip(names, scalable.choices())]
+    base_macs = float(prof.macs - sum(table[n][0.0].macs for n in names))
+    half = select(by_macs, prof.macs / 2, base_latency=base_macs)
+    half_acc, half_s, dense_s, half_macs = _measured(scalable, model, half.choice, test, x, args.runs)
+    rows.append({"measure": f"most accurate at <= 1/2 the MACs ({prof.macs / half_macs:.2f}x fewer): accuracy drop",
+                 "value": f"{prof.accuracy - half_acc:.2f} points (modelled {half.drop:.2f})", "target": "<= 1.5",
+                 "target met": prof.accuracy - half_acc <= 1.5})
+    configs.append({"configuration": "most accurate at <= 1/2 MACs", "MACs (M)": half_macs / 1e6,
+                    "MAC speedup": prof.macs / half_macs, "modelled accuracy": prof.accuracy - half.drop,
+                    "measured accuracy": half_acc, "modelled latency ms": "", "measured latency ms": half_s * 1e3,
+                    "latency error": ""})
+    # the MAC front against every block at one sparsity, at equal MACs (measured accuracy)
+    mac_front = pareto_front(by_macs, base_latency=base_macs)
+    worse = []
+    for sparsity in scalable.sparsities(names[0]):
+        choice = tuple(scalable.sparsities(n).index(sparsity) if sparsity in scalable.sparsities(n) else 0
+                       for n in names)
+        u_acc, u_s, _, u_macs = _measured(scalable, model, choice, test, x, args.runs)
+        best = [s for s in mac_front if s.latency <= u_macs * (1 + 1e-9)]
+        f_acc = _measured(scalable, model, best[-1].choice, test, x, args.runs)[0] if best else float("nan")
+        configs.append({"configuration": f"every block at {sparsity:g}", "MACs (M)": u_macs / 1e6,
+                        "MAC speedup": prof.macs / u_macs, "modelled accuracy": "", "measured accuracy": u_acc,
+                        "modelled latency ms": "", "measured latency ms": u_s * 1e3,
+                        "latency error": f"front at <= its MACs: {f_acc:.2f}%"})
+        if f_acc < u_acc:
+            worse.append(f"{sparsity:g}")
+    rows.append({"measure": "front at least as accurate as every block at one sparsity, at equal MACs",
+                 "value": "everywhere" if not worse else f"not at {', '.join(worse)}", "target": "everywhere",
+                 "target met": not worse})
+    scalable.scale([0] * len(names))
+    print(report(f"ResNet-20 configurations on {args.dataset} (accuracy on {args.test_images} test images, latency "
+                 f"at batch 16)", configs, CONFIG_COLUMNS), flush=True)
+    return (f"Block scaling of the trained ResNet-20 on {args.dataset}: {len(names)} blocks, descendants at "
+            f"0.2-0.8, retrained {args.epochs} epochs on {args.train_images} images"), rows, REFERENCE_COLUMNS
+
+
+PARTS = {"solve": solve_part, "graph": graph_part, "switch": switch_part, "speed": speed_part,
+         "reference": reference_part}
 
 
 def main(argv=None):
@@ -166,6 +412,11 @@ def main(argv=None):
     parser.add_argument("--parts", default="solve", help=f"comma list of: {', '.join(PARTS)}")
     parser.add_argument("--instances", type=int, default=200, help="random instances per row (default 200)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=int, default=15, help="interleaved timing runs (speed, reference parts)")
+    parser.add_argument("--dataset", default="cluttered-fashion-mnist", help="reference part: the dataset")
+    parser.add_argument("--train-images", type=int, default=10000, help="reference part: retraining images")
+    parser.add_argument("--epochs", type=int, default=2, help="reference part: retraining epochs")
+    parser.add_argument("--test-images", type=int, default=2000, help="reference part: accuracy images")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     for p in parts:

@@ -58,9 +58,11 @@ def test_descendants_keep_the_block_shapes_and_shrink(name):
             if info["prunable"]:  # real smaller modules: fewer MACs and fewer parameters at each step
                 assert macs(child, x_in) < previous_macs and params < previous_params, (info["name"], sparsity)
             previous_macs, previous_params = macs(child, x_in), params
-        # the block itself is untouched
+        # the block itself is untouched, and every layer of every descendant runs in the model's (eval) mode
         with torch.no_grad():
             assert torch.equal(block(x_in), expected)
+        assert not block.training
+        assert not any(m.training for child in children.values() for m in child.modules())
 
 
 def test_prunable_convs_lose_filters_and_the_others_keep_them():
@@ -149,6 +151,8 @@ def test_retraining_lowers_the_block_mse_and_resumes(tmp_path):
         assert after[name][0.0] == 0.0
         for sparsity in (0.5, 0.8):
             assert after[name][sparsity] < 0.8 * before[name][sparsity], (name, sparsity, before, after)
+    # back in the teacher's mode (eval: BatchNorm on its running statistics)
+    assert not any(m.training for by in students.values() for child in by.values() for m in child.modules())
     # the teacher is untouched: the outlined graph still computes the model
     with torch.no_grad():
         assert torch.equal(gm(x[:4]), model(x[:4]))

@@ -68,17 +68,17 @@ def descendant(block: nn.Module, example_input: torch.Tensor, sparsity: float, p
     x = example_input[:1].detach().clone()  # a block may write its input in place
     with torch.no_grad():
         expected = block(x)
-    was_training = child.training
+    modes = {name: m.training for name, m in child.named_modules()}  # each layer's own, restored below
     child.eval()
     with torch.random.fork_rng():  # "random" prunes the same filters every time: load() rebuilds descendants
         torch.manual_seed(0)
         pruner = tp.pruner.MetaPruner(child, x, importance=criterion, pruning_ratio=sparsity,
                                       ignored_layers=ignored, round_to=round_to)
         pruner.step()
-    child.train(was_training)
     with torch.no_grad():
-        out = child.eval()(x)
-    child.train(was_training)
+        out = child(x)
+    for name, m in child.named_modules():
+        m.training = modes.get(name, modes[""])  # a layer torch-pruning made anew takes the block's mode
     if out.shape != expected.shape:  # never seen: the kept layers hold the block's output shape
         raise RuntimeError(f"fxeff.blocks: the descendant at sparsity {sparsity} returns {tuple(out.shape)}, the "
                            f"block {tuple(expected.shape)}")

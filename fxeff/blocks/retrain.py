@@ -103,7 +103,7 @@ def block_mse(teacher: fx.GraphModule, students: Students, loader: torch.utils.d
     names = block_names(teacher)
     teacher.eval()
     student_set = StudentSet(students, mutating_blocks(teacher))
-    was_training = student_set.training
+    modes = {name: m.training for name, m in student_set.named_modules()}
     student_set.eval()
     totals: Dict[str, float] = {key: 0.0 for key in student_set.students}
     count = 0
@@ -115,7 +115,8 @@ def block_mse(teacher: fx.GraphModule, students: Students, loader: torch.utils.d
             for key, loss in student_set.losses(seen).items():
                 totals[key] += float(loss)
         count += 1
-    student_set.train(was_training)
+    for name, m in student_set.named_modules():
+        m.training = modes[name]
     if count == 0:
         raise ValueError("fxeff.blocks.block_mse: the loader yields no batch")
     result: Dict[str, Dict[float, float]] = {block: {0.0: 0.0} for block in students}
@@ -162,8 +163,11 @@ def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.dat
                         "students": student_set.students.state_dict()}, tmp)
             os.replace(tmp, checkpoint)
 
-    run = fit(student_set, loader, loss_fn, epochs - done, lr=lr, weight_decay=0.0, optimizer="adam",
-              channels_last=False, progress=progress, description="fxeff.blocks.retrain", on_epoch_end=save)
+    try:  # fit trains in training mode (BatchNorm statistics of the intermediate data); then the teacher's mode
+        run = fit(student_set, loader, loss_fn, epochs - done, lr=lr, weight_decay=0.0, optimizer="adam",
+                  channels_last=False, progress=progress, description="fxeff.blocks.retrain", on_epoch_end=save)
+    finally:
+        student_set.train(teacher.training)
     history["loss"], history["seconds"] = run["loss"], run["seconds"]
     return history
 

@@ -63,6 +63,9 @@ class ScalableModel(nn.Module):
                 raise ValueError(f"fxeff.blocks.ScalableModel: {name} has descendants at sparsities {unprofiled} "
                                  f"that the profile does not hold")
             self._modules_by_block[name] = {s: modules[s] for s in sorted(table[name]) if s in modules}
+        for modules in self._modules_by_block.values():  # every descendant in the graph's mode
+            for module in modules.values():
+                module.train(gm.training)
         self.profile = profile
         self.meta = dict(meta or {})
         self._current: Tuple[int, ...] = tuple(0 for _ in names)
@@ -70,6 +73,14 @@ class ScalableModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.gm(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "ScalableModel":
+        """Sets the mode of the running graph and of every descendant (not only the ones swapped in)."""
+        super().train(mode)
+        for modules in self._modules_by_block.values():
+            for module in modules.values():
+                module.train(mode)
+        return self
 
     # ------------------------------------------------------------ the optimiser's view
     def sparsities(self, name: str) -> List[float]:

@@ -32,6 +32,7 @@ import networkx as nx
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -337,6 +338,10 @@ def blocks_pass(gm: fx.GraphModule, config: Blocks, context: PassContext) -> Rep
     fuse_by_partitions(gm, partitions, prefix=BLOCK_PREFIX)
     gm.recompile()
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(BLOCK_PREFIX)]
+    for call in calls:  # a new GraphModule (and the plain Modules that hold its paths) starts in training mode:
+        for module in gm.get_submodule(call.target).modules():  # the graph's own; its layers keep theirs
+            if type(module) is nn.Module or isinstance(module, fx.GraphModule):
+                module.training = gm.training
     inputs: Dict[fx.Node, Any] = {}
     if fake_mode_of(context.example_inputs) is None:
         _, values = run_recording(gm, context.example_inputs, [call.args[0] for call in calls], count_flops=False)
