@@ -48,7 +48,7 @@ def whole_model_accuracy(gm, loader, name=None, module=None):
 
 def test_drops_by_suffix_equal_swapping_the_block_in_the_whole_model(setup):
     _, gm, loader, students = setup
-    accuracy, drops, spent, seed = accuracy_drops(gm, students, loader, progress=False)
+    accuracy, drops, errors, spent, seed = accuracy_drops(gm, students, loader, progress=False)
     assert accuracy == pytest.approx(whole_model_accuracy(gm, loader))
     for name, by_sparsity in students.items():
         assert drops[name][0.0] == 0.0
@@ -56,6 +56,20 @@ def test_drops_by_suffix_equal_swapping_the_block_in_the_whole_model(setup):
             if sparsity:
                 swapped = whole_model_accuracy(gm, loader, name, module)
                 assert drops[name][sparsity] == pytest.approx(accuracy - swapped, abs=1e-9), (name, sparsity)
+    # the standard error of each drop: sqrt(var(per-sample differences) / n), here with 0/1 scores
+    name = "block_0"
+    assert errors[name][0.0] == 0.0
+    with torch.no_grad():
+        reference_scores = torch.cat([top1(gm(b[0]), b) for b in loader])
+        original = getattr(gm, name)
+        setattr(gm, name, students[name][0.8])
+        try:
+            swapped_scores = torch.cat([top1(gm(b[0]), b) for b in loader])
+        finally:
+            setattr(gm, name, original)
+    differences = (reference_scores - swapped_scores).double()
+    expected = 100 * float(differences.std() / differences.numel() ** 0.5)
+    assert expected > 0 and errors[name][0.8] == pytest.approx(expected, rel=1e-9)
     # untrained descendants at 80% lose accuracy somewhere: the comparison above is not vacuous
     assert max(drops[name][0.8] for name in students) > 1.0
     # one whole pass per batch plus each entry's suffix, against the seed's three whole passes per entry

@@ -35,7 +35,7 @@ def top1(output: Any, batch: Any) -> torch.Tensor:
 @dataclasses.dataclass
 class Entry:
     """One (block, sparsity): accuracy drop in points, parameter (and buffer) bytes, MACs per sample, peak
-    activation bytes per sample, latency in seconds at the profiled batch size."""
+    activation bytes per sample, latency in seconds at the profiled batch size, and the drop's standard error."""
 
     block: str
     sparsity: float
@@ -44,6 +44,7 @@ class Entry:
     macs: int
     peak_activation_bytes: int
     latency: float
+    drop_se: float = 0.0  # the standard error of ``drop`` over the evaluated samples (paired differences)
 
 
 @dataclasses.dataclass
@@ -162,10 +163,11 @@ def _swapped(gm: fx.GraphModule, name: str, module: nn.Module):
 
 
 def accuracy_drops(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader,
-                   metric: Metric = top1, progress: bool = True) -> Tuple[float, Dict[str, Dict[float, float]], int,
-                                                                         int]:
-    """(the model's accuracy in %, block -> sparsity -> its drop in points, MACs this took, MACs the seed's three
-    whole-model evaluations per entry take) on ``loader``; see the module docstring."""
+                   metric: Metric = top1, progress: bool = True
+                   ) -> Tuple[float, Dict[str, Dict[float, float]], Dict[str, Dict[float, float]], int, int]:
+    """(the model's accuracy in %, block -> sparsity -> its drop in points, -> the drop's standard error (of the
+    mean of the per-sample differences), MACs this took, MACs the seed's three whole-model evaluations per entry
+    take) on ``loader``; see the module docstring."""
     from tqdm.auto import tqdm
 
     names = block_names(gm)
@@ -174,6 +176,7 @@ def accuracy_drops(gm: fx.GraphModule, students: Students, loader: torch.utils.d
     suffixes = {name: _suffix(gm, calls[name]) for name in names}
     keep = sorted({node for _, live in suffixes.values() for node in live}, key=lambda n: n.name)
     scores: Dict[Tuple[str, float], float] = {}
+    squares: Dict[Tuple[str, float], float] = {}  # sums of squared per-sample differences
     base, count, spent, whole = 0.0, 0, 0, 0
     entries = [(name, s) for name in names for s in students.get(name, {}) if s != 0.0]
     for batch in tqdm(loader, desc="fxeff.blocks.profile accuracy", disable=not progress, leave=False):
@@ -183,7 +186,8 @@ def accuracy_drops(gm: fx.GraphModule, students: Students, loader: torch.utils.d
             output = recorder.run(x)
         if count == 0:
             whole = _macs(lambda: gm(x[:1]))
-        base += float(metric(output, batch).sum())
+        reference = metric(output, batch).double()
+        base += float(reference.sum())
         for name, sparsity in entries:
             suffix, live = suffixes[name]
             with torch.no_grad(), _swapped(suffix, name, students[name][sparsity]):
@@ -191,15 +195,21 @@ def accuracy_drops(gm: fx.GraphModule, students: Students, loader: torch.utils.d
                 out = suffix(*[_copy(recorder.values[n]) for n in live])
                 if count == 0:
                     spent += _macs(lambda: suffix(*[_copy(recorder.values[n])[:1] for n in live]))
-            scores[(name, sparsity)] = scores.get((name, sparsity), 0.0) + float(metric(out, batch).sum())
+            score = metric(out, batch).double()
+            scores[(name, sparsity)] = scores.get((name, sparsity), 0.0) + float(score.sum())
+            squares[(name, sparsity)] = squares.get((name, sparsity), 0.0) + float(((reference - score) ** 2).sum())
         count += x.shape[0]
     if count == 0:
         raise ValueError("fxeff.blocks.profile: the loader yields no batch")
     accuracy = 100.0 * base / count
     drops: Dict[str, Dict[float, float]] = {name: {0.0: 0.0} for name in names if name in students}
+    errors: Dict[str, Dict[float, float]] = {name: {0.0: 0.0} for name in names if name in students}
     for (name, sparsity), score in scores.items():
+        mean = (base - score) / count
+        variance = max(squares[(name, sparsity)] / count - mean * mean, 0.0) * count / max(count - 1, 1)
         drops[name][sparsity] = accuracy - 100.0 * score / count
-    return accuracy, drops, (whole + spent) * count, 3 * whole * len(entries) * count
+        errors[name][sparsity] = 100.0 * math.sqrt(variance / count)
+    return accuracy, drops, errors, (whole + spent) * count, 3 * whole * len(entries) * count
 
 
 def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader, batch: int = 1,
@@ -213,7 +223,7 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
     unknown = sorted(set(students) - set(names))
     if unknown:
         raise ValueError(f"fxeff.blocks.profile: students of {unknown}, which are not blocks of the graph {names}")
-    accuracy, drops, spent, seed = accuracy_drops(gm, students, loader, metric, progress)
+    accuracy, drops, errors, spent, seed = accuracy_drops(gm, students, loader, metric, progress)
     first = next(iter(loader))
     x = (first[0] if isinstance(first, (list, tuple)) else first)[:1]
     if batch > 1:
@@ -236,7 +246,8 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
             module = modules[sparsity]
             x1 = inputs[name][:1]
             entries.append(Entry(name, sparsity, drops.get(name, {}).get(sparsity, 0.0), _bytes(module),
-                                 _macs(lambda: module(x1)), peak_activation_bytes(module, x1), seconds))
+                                 _macs(lambda: module(x1)), peak_activation_bytes(module, x1), seconds,
+                                 errors.get(name, {}).get(sparsity, 0.0)))
             if sparsity == 0.0:
                 block_latency += seconds
     total_bytes = _bytes(gm)
