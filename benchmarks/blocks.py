@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fxeff.bench import environment, report, script_parser, write_markdown  # noqa: E402
 
-from fxeff.blocks.select import Choice, InfeasibleBudgetError, select  # noqa: E402
+from fxeff.blocks.select import Choice, InfeasibleBudgetError, select, totals  # noqa: E402
 
 SOLVE_COLUMNS = ["blocks x choices", "switching", "instances", "feasible", "select median ms", "select p99 ms",
                  "milp median ms", "milp p99 ms", "milp / select (median)", "mismatches", "milp infeasible answers",
@@ -89,16 +89,10 @@ def milp_solve(blocks, latency, memory, base_latency=0.0, base_memory=0, current
 
 
 def evaluate(blocks, choice, latency, memory, base_latency=0.0, base_memory=0, current=None, switch_weight=0.0):
-    """(objective, fits the budgets) of a configuration, floats summed in block order."""
-    lat, mem, drop, switch = base_latency, base_memory, 0.0, 0
-    for b, j in enumerate(choice):
-        c = blocks[b][j]
-        lat += c.latency
-        mem += c.memory
-        drop += c.drop
-        if current is not None and j != current[b]:
-            switch += c.load_bytes
-    return drop + switch_weight * switch / MIB, lat <= latency * (1 + 1e-12) and mem <= memory
+    """(objective, fits the budgets) of a configuration (fxeff.blocks.select.totals: summed as select sums)."""
+    sel = totals(blocks, choice, base_latency=base_latency, base_memory=base_memory, current=current,
+                 switch_weight=switch_weight)
+    return sel.objective, sel.latency <= latency * (1 + 1e-12) and sel.memory <= memory
 
 
 def solve_part(args):
@@ -348,8 +342,8 @@ def reference_part(args):
     acc_errors, lat_errors = [], []
     for i in range(20):
         choice = tuple(int(rng.integers(len(scalable.sparsities(n)))) for n in names)
-        modelled = select([[row[j]] for row, j in zip(scalable.choices(), choice)],
-                          base_latency=prof.base_latency, base_memory=prof.base_param_bytes)
+        modelled = totals(scalable.choices(), choice, base_latency=prof.base_latency,
+                          base_memory=prof.base_param_bytes)
         raw = sum(e.drop for e in (prof.table()[n][scalable.sparsities(n)[j]] for n, j in zip(names, choice)))
         measured_acc, seconds, _, macs = _measured(scalable, model, choice, test, x, args.runs)
         acc_errors.append(abs(prof.accuracy - raw - measured_acc))

@@ -544,3 +544,22 @@ def test_lower_bound_is_the_lp_relaxation():
                                  b_eq=np.ones(len(rest)), bounds=(0, 1))
                     assert lp.status == 0
                     assert got == pytest.approx(lp.fun, abs=1e-7)
+
+
+def test_totals_of_a_given_choice_are_selects_own():
+    rng = np.random.default_rng(7)
+    blocks = [[Choice(float(rng.normal(1, 1)), float(rng.uniform(1e-3, 1e-2)), int(rng.integers(1, 1 << 20)),
+                      int(rng.integers(0, 1 << 20))) for _ in range(4)] for _ in range(6)]
+    kw = {"base_latency": 2e-3, "base_memory": 1 << 20, "current": [0, 1, 2, 3, 0, 1], "switch_weight": 0.3}
+    chosen = select(blocks, 0.04, 4 << 20, **kw)
+    again = sel_mod.totals(blocks, chosen.choice, **kw)
+    assert (again.choice, again.drop, again.latency, again.memory, again.switch_bytes, again.objective) == \
+        (chosen.choice, chosen.drop, chosen.latency, chosen.memory, chosen.switch_bytes, chosen.objective)
+    assert again.feasible and again.binding == ()
+    expected = totals(blocks, (3, 2, 1, 0, 3, 2), 2e-3, 1 << 20, [0, 1, 2, 3, 0, 1], 0.3)
+    got = sel_mod.totals(blocks, (3, 2, 1, 0, 3, 2), **kw)
+    assert (got.latency, got.memory, got.drop, got.switch_bytes, got.objective) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="one index per block"):
+        sel_mod.totals(blocks, (0, 0, 0))
+    with pytest.raises(ValueError, match="one index per block"):
+        sel_mod.totals(blocks, (0, 0, 0, 0, 0, 4))

@@ -82,7 +82,7 @@ def plot(scalable, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .select import Choice, pareto_front, select
+    from .select import Choice, pareto_front, totals
 
     fronts = {"latency": scalable.series()}
     # the front in memory: the same optimiser with each choice's memory in the place of its latency
@@ -94,8 +94,7 @@ def plot(scalable, path: str) -> None:
     choices = scalable.choices()
     for s in sorted({s for n in scalable.block_names for s in scalable.sparsities(n)}):
         pick = [scalable.sparsities(n).index(s) if s in scalable.sparsities(n) else 0 for n in scalable.block_names]
-        fixed = [[row[i]] for row, i in zip(choices, pick)]
-        uniform.append((s, select(fixed, base_latency=scalable.profile.base_latency,
+        uniform.append((s, totals(choices, pick, base_latency=scalable.profile.base_latency,
                                   base_memory=scalable.profile.base_param_bytes)))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, unit, scale in ((axes[0], "latency", "ms", 1e3), (axes[1], "memory", "MiB", 1 / 2**20)):

@@ -47,7 +47,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Choice", "Selection", "InfeasibleBudgetError", "select", "pareto_front"]
+__all__ = ["Choice", "Selection", "InfeasibleBudgetError", "select", "pareto_front", "totals"]
 
 _WHERE = "fxeff.blocks.select"
 _RTOL = 1e-12  # a budget is met when total <= budget * (1 + _RTOL) (floats summed in block order)
@@ -649,6 +649,18 @@ def _infeasible(p: _Problem, latency: Optional[float], memory: Optional[float], 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the latency / drop front
+
+
+def totals(blocks: Sequence[Sequence[Choice]], choice: Sequence[int], *, base_latency: float = 0.0,
+           base_memory: int = 0, current: Optional[Sequence[int]] = None, switch_weight: float = 0.0) -> Selection:
+    """The Selection of a given ``choice`` (one index per block): its totals summed as ``select`` sums them
+    (block order, base first), with no budget (feasible, nothing binding)."""
+    p = _Problem(blocks, base_latency, base_memory, current, switch_weight)
+    if len(choice) != p.n or any(isinstance(j, bool) or not isinstance(j, numbers.Integral) or
+                                 not 0 <= j < len(blk) for j, blk in zip(choice, p.blocks)):
+        raise ValueError(f"{_WHERE}: choice must hold one index per block ({p.n}), each below that block's number "
+                         f"of choices, got {tuple(choice)}")
+    return p.selection(choice, True, ())
 
 
 def pareto_front(blocks: Sequence[Sequence[Choice]], *, base_latency: float = 0.0, base_memory: int = 0,
