@@ -171,3 +171,28 @@ def test_the_command_line_builds_plots_and_selects(tmp_path, monkeypatch, capsys
     assert main(["blocks", "select", "--artifact", path, "--latency-ms", "0.001"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("infeasible:") and "closest:" in out
+
+
+def test_a_chosen_configuration_exports_and_traces(built, tmp_path):
+    from fxeff import export
+
+    _, scalable, _ = built
+    choice = tuple(len(scalable.sparsities(n)) - 1 for n in scalable.block_names)
+    scalable.scale(choice)
+    try:
+        x = images(4)
+        with torch.no_grad():
+            expected = scalable(x)
+        # block scaling calls no fxeff op: a plain torch model for every deployment form
+        program = export.export(scalable.gm, (x,), str(tmp_path / "r20.pt2"), require_fxeff_ops=False,
+                                dynamic_shapes=export.batch_dynamic_shapes((x,)))
+        loaded = export.load_exported(str(tmp_path / "r20.pt2"))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module()(x), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(program.module()(x[:2]), expected[:2], rtol=1e-5, atol=1e-5)
+        export.trace(scalable.gm, (x,), str(tmp_path / "r20.ts"), require_fxeff_ops=False)
+        with torch.no_grad():
+            torch.testing.assert_close(export.load_traced(str(tmp_path / "r20.ts"))(x), expected, rtol=1e-5,
+                                       atol=1e-5)
+    finally:
+        scalable.scale([0] * len(scalable.block_names))
