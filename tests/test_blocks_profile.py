@@ -1,5 +1,7 @@
 """Profiles of block descendants: accuracy drops by suffix evaluation (equal to swapping the block in the whole
 model), sizes, MACs, peak activation memory, latency."""
+import itertools
+
 import pytest
 import torch
 import torch.fx as fx
@@ -114,3 +116,27 @@ def test_students_of_unknown_blocks_are_refused(setup):
     _, gm, loader, students = setup
     with pytest.raises(ValueError, match="not blocks of the graph"):
         profile(gm, {"block_99": students["block_0"]}, loader, progress=False)
+
+
+def test_the_interaction_is_the_least_squares_fit():
+    from fxeff.blocks.profile import Profile, fit_interaction
+
+    points = [(1.0, 1.2), (2.0, 2.8), (4.0, 7.2)]  # m = x + 0.2 x^2 exactly
+    assert fit_interaction(points) == pytest.approx(0.2)
+    assert fit_interaction([(2.0, 1.0)]) == 0.0  # never below additive
+    assert fit_interaction([]) == 0.0
+    profile_ = Profile([], 90.0, 1.0, 0.5, 0, 1, 1, 1, 3, interaction=0.2)
+    assert profile_.modelled_drop(4.0) == pytest.approx(7.2) and profile_.modelled_drop(-1.0) == 0.0
+
+
+def test_profile_calibrates_on_configurations_measured_whole(setup):
+    _, gm, loader, students = setup
+    result = profile(gm, students, loader, batch=1, runs=3, progress=False, calibration=4)
+    assert len(result.calibration) == 4 and result.interaction >= 0.0
+    table = result.table()
+    for summed, measured in result.calibration:  # each point's summed drop is a sum of the profiled ones
+        assert any(abs(summed - sum(choice)) < 1e-9 for choice in itertools.product(
+            *[[table[n][s].drop for s in sorted(table[n])] for n in students]))
+        assert -100.0 < measured < 100.0
+    # gm is restored: the blocks are the original ones
+    assert all(getattr(gm, name) is not students[name].get(0.4) for name in students)

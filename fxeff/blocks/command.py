@@ -70,9 +70,11 @@ def _loaders(dataset: str, train_images: int, test_images: int, batch: int = 64)
     return train, test
 
 
-def _describe(selection: Selection, accuracy: float, names: List[str], sparsities: Dict[str, List[float]]) -> str:
-    config = ", ".join(f"{n}={sparsities[n][i]:g}" for n, i in zip(names, selection.choice))
-    return (f"modelled accuracy {accuracy - selection.drop:.2f}% (drop {selection.drop:.2f} points), latency "
+def _describe(scalable, selection: Selection) -> str:
+    names = scalable.block_names
+    config = ", ".join(f"{n}={scalable.sparsities(n)[i]:g}" for n, i in zip(names, selection.choice))
+    accuracy = scalable.modelled_accuracy(selection)
+    return (f"modelled accuracy {accuracy:.2f}% (drop {scalable.profile.accuracy - accuracy:.2f} points), latency "
             f"{selection.latency * 1e3:.3f} ms, memory {selection.memory / 2**20:.2f} MiB; sparsities: {config}")
 
 
@@ -91,7 +93,6 @@ def plot(scalable, path: str) -> None:
     by_memory = [[Choice(c.drop, float(c.memory), 0, c.load_bytes) for c in row] for row in scalable.choices()]
     fronts["memory"] = [dataclasses.replace(s, memory=int(s.latency)) for s in
                         pareto_front(by_memory, base_latency=float(scalable.profile.base_param_bytes))]
-    acc = scalable.profile.accuracy
     uniform = []
     choices = scalable.choices()
     for s in sorted({s for n in scalable.block_names for s in scalable.sparsities(n)}):
@@ -101,12 +102,12 @@ def plot(scalable, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, unit, scale in ((axes[0], "latency", "ms", 1e3), (axes[1], "memory", "MiB", 1 / 2**20)):
         front = fronts[key]
-        ax.plot([getattr(s, key) * scale for s in front], [acc - s.drop for s in front], "o-", ms=3,
-                label=f"fxeff blocks: Pareto front ({len(front)} configurations)")
-        ax.plot([getattr(u, key) * scale for _, u in uniform], [acc - u.drop for _, u in uniform], "s--",
-                label="every block at one sparsity")
+        ax.plot([getattr(s, key) * scale for s in front], [scalable.modelled_accuracy(s) for s in front], "o-",
+                ms=3, label=f"fxeff blocks: Pareto front ({len(front)} configurations)")
+        ax.plot([getattr(u, key) * scale for _, u in uniform], [scalable.modelled_accuracy(u) for _, u in uniform],
+                "s--", label="every block at one sparsity")
         for s, u in uniform:
-            ax.annotate(f"{s:g}", (getattr(u, key) * scale, acc - u.drop), fontsize=7)
+            ax.annotate(f"{s:g}", (getattr(u, key) * scale, scalable.modelled_accuracy(u)), fontsize=7)
         ax.set_xlabel(f"modelled {key} ({unit})")
         ax.set_ylabel("modelled accuracy (%)")
         ax.grid(alpha=0.3)
@@ -141,13 +142,12 @@ def build_command(args: argparse.Namespace) -> None:
     plot(scalable, png)
     front = scalable.series()
     names = scalable.block_names
-    sparsities = {n: scalable.sparsities(n) for n in names}
     print(f"{args.arch} on {args.dataset}: {len(names)} blocks, built in {seconds / 60:.1f} min on "
           f"{torch.get_num_threads()} threads; accuracy {scalable.profile.accuracy:.2f}%")
     print(f"Pareto front: {len(front)} configurations, modelled latency {front[0].latency * 1e3:.3f} to "
           f"{front[-1].latency * 1e3:.3f} ms ({front[-1].latency / front[0].latency:.2f}x)")
     for s in (front[0], front[len(front) // 2], front[-1]):
-        print("  " + _describe(s, scalable.profile.accuracy, names, sparsities))
+        print("  " + _describe(scalable, s))
     print(f"accuracy drops measured with {scalable.profile.evaluation_macs / scalable.profile.seed_evaluation_macs:.3f}"
           f" of the MACs of three whole evaluations per entry (the seed's)")
     print(f"artifact: {path}\nplot: {png}")
@@ -181,17 +181,15 @@ def select_command(args: argparse.Namespace) -> Optional[int]:
     source = data["meta"]["source"]
     x = reference.first_images(source["dataset"], "test", 2)
     scalable = load(path, model, x)
-    names = scalable.block_names
-    sparsities = {n: scalable.sparsities(n) for n in names}
     latency = None if args.latency_ms is None else args.latency_ms / 1e3
     memory = None if args.memory_mb is None else int(args.memory_mb * 2**20)
     try:
         chosen = scalable.select(latency, memory, args.switch_weight)
     except InfeasibleBudgetError as error:
         print(f"infeasible: {error}")
-        print("closest: " + _describe(error.closest, scalable.profile.accuracy, names, sparsities))
+        print("closest: " + _describe(scalable, error.closest))
         return 1
-    print("chosen: " + _describe(chosen, scalable.profile.accuracy, names, sparsities))
+    print("chosen: " + _describe(scalable, chosen))
     if args.measure:
         from ..training import accuracy
 

@@ -51,7 +51,13 @@ class Entry:
 class Profile:
     """Every entry, plus the model's own numbers: accuracy (%), latency (s) and MACs per sample of the whole
     model, and of its part outside the blocks (base_*), the batch size of the latencies, and the MACs the drops
-    cost to evaluate against the seed's three whole-model evaluations per entry."""
+    cost to evaluate against the seed's three whole-model evaluations per entry.
+
+    ``interaction``: c of the accuracy model, drop(configuration) = x + c x^2 with x the sum of its blocks' drops.
+    The descendants were each measured with every other block unpruned, and their errors compound when many are
+    pruned at once: c is fitted (least squares, c >= 0) on ``calibration``, the (x, measured drop) of a few random
+    configurations measured whole. The transform is increasing in x, so the configuration of least modelled drop is
+    the one of least summed drop: the optimiser stays additive and exact."""
 
     entries: List[Entry]
     accuracy: float
@@ -62,12 +68,63 @@ class Profile:
     batch: int
     evaluation_macs: int
     seed_evaluation_macs: int
+    interaction: float = 0.0
+    calibration: List[List[float]] = dataclasses.field(default_factory=list)
 
     def table(self) -> Dict[str, Dict[float, Entry]]:
         out: Dict[str, Dict[float, Entry]] = {}
         for entry in self.entries:
             out.setdefault(entry.block, {})[entry.sparsity] = entry
         return out
+
+    def modelled_drop(self, summed: float) -> float:
+        """The accuracy model's drop (points) of a configuration whose blocks' drops sum to ``summed``."""
+        x = max(float(summed), 0.0)
+        return x + self.interaction * x * x
+
+
+def fit_interaction(points: Sequence[Tuple[float, float]]) -> float:
+    """c >= 0 minimising sum (m - x - c x^2)^2 over ``points`` (x: summed drops, m: measured drop); 0 without
+    points of positive x."""
+    num = sum(max(x, 0.0) ** 2 * (m - max(x, 0.0)) for x, m in points)
+    den = sum(max(x, 0.0) ** 4 for x, _ in points)
+    return max(num / den, 0.0) if den > 0 else 0.0
+
+
+def _whole_accuracy(gm: fx.GraphModule, loader: torch.utils.data.DataLoader, metric: Metric) -> float:
+    correct = count = 0.0
+    with torch.no_grad():
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            correct += float(metric(gm(x), batch).sum())
+            count += x.shape[0]
+    return 100.0 * correct / count
+
+
+def calibrate(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader,
+              drops: Mapping[str, Mapping[float, float]], accuracy: float, configurations: int = 8,
+              metric: Metric = top1, seed: int = 1234) -> List[List[float]]:
+    """[summed drop, measured drop] of ``configurations`` random configurations (each block at a sparsity drawn
+    uniformly, seeded), each swapped into ``gm`` and evaluated whole on ``loader``; gm is restored."""
+    names = [n for n in block_names(gm) if len(students.get(n, {})) > 1]
+    if len(names) < 2:
+        return []
+    generator = torch.Generator().manual_seed(seed)
+    originals = {n: getattr(gm, n) for n in names}
+    points = []
+    try:
+        for _ in range(configurations):
+            summed = 0.0
+            for name in names:
+                options = sorted(students[name])
+                sparsity = options[int(torch.randint(len(options), (1,), generator=generator))]
+                setattr(gm, name, students[name][sparsity] if sparsity else originals[name])
+                summed += drops[name][sparsity]
+            points.append([summed, accuracy - _whole_accuracy(gm, loader, metric)])
+    finally:
+        for name, module in originals.items():
+            setattr(gm, name, module)
+    return points
 
 
 def _bytes(module: nn.Module) -> int:
@@ -213,10 +270,11 @@ def accuracy_drops(gm: fx.GraphModule, students: Students, loader: torch.utils.d
 
 
 def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader, batch: int = 1,
-            metric: Metric = top1, runs: int = 15, progress: bool = True) -> Profile:
+            metric: Metric = top1, runs: int = 15, progress: bool = True, calibration: int = 8) -> Profile:
     """The Profile of every (block, sparsity) of ``students`` (block name -> sparsity -> module; sparsity 0 is
     the block itself) on ``loader`` (its batches: (images, labels) for the default top-1 metric); latencies at
-    ``batch`` images (medians of ``runs`` interleaved runs, fxeff.bench)."""
+    ``batch`` images (medians of ``runs`` interleaved runs, fxeff.bench); the accuracy model's interaction fitted
+    on ``calibration`` random configurations evaluated whole (0: none)."""
     from .. import bench
 
     names = block_names(gm)
@@ -224,6 +282,7 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
     if unknown:
         raise ValueError(f"fxeff.blocks.profile: students of {unknown}, which are not blocks of the graph {names}")
     accuracy, drops, errors, spent, seed = accuracy_drops(gm, students, loader, metric, progress)
+    points = calibrate(gm, students, loader, drops, accuracy, calibration, metric) if calibration else []
     first = next(iter(loader))
     x = (first[0] if isinstance(first, (list, tuple)) else first)[:1]
     if batch > 1:
@@ -253,7 +312,8 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
     total_bytes = _bytes(gm)
     block_bytes = sum(_bytes(gm.get_submodule(name)) for name in names)
     return Profile(entries, accuracy, model_latency, max(model_latency - block_latency, 0.0),
-                   total_bytes - block_bytes, _macs(lambda: gm(x[:1])), batch, spent, seed)
+                   total_bytes - block_bytes, _macs(lambda: gm(x[:1])), batch, spent, seed,
+                   fit_interaction(points), points)
 
 
 def check_profile(profile_: Profile) -> None:
@@ -267,4 +327,5 @@ def check_profile(profile_: Profile) -> None:
                              f"non-positive latency")
 
 
-__all__ = ["Entry", "Profile", "top1", "peak_activation_bytes", "accuracy_drops", "profile", "check_profile"]
+__all__ = ["Entry", "Profile", "top1", "peak_activation_bytes", "accuracy_drops", "calibrate", "fit_interaction",
+           "profile", "check_profile"]

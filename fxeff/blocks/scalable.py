@@ -104,6 +104,16 @@ class ScalableModel(nn.Module):
             out.append(row)
         return out
 
+    def modelled_accuracy(self, config: Union[Selection, Sequence[int], Mapping[str, float]]) -> float:
+        """The accuracy model's estimate (%) for ``config``: the model's accuracy minus
+        Profile.modelled_drop of its blocks' summed measured drops (the interaction of compounding errors
+        included; the optimiser ranks by the summed pessimistic drops, which orders configurations the same way
+        where every drop is above its standard error)."""
+        table = self.profile.table()
+        choice = self._choice_of(config)
+        summed = sum(table[n][self.sparsities(n)[i]].drop for n, i in zip(self.block_names, choice))
+        return self.profile.accuracy - self.profile.modelled_drop(summed)
+
     @property
     def configuration(self) -> Dict[str, float]:
         """block -> the sparsity it runs at now."""
