@@ -134,9 +134,9 @@ def test_profile_calibrates_on_configurations_measured_whole(setup):
     result = profile(gm, students, loader, batch=1, runs=3, progress=False, calibration=4)
     assert len(result.calibration) == 4 and result.interaction >= 0.0
     table = result.table()
-    for summed, measured in result.calibration:  # each point's summed drop is a sum of the profiled ones
+    for summed, measured in result.calibration:  # each point's x is a sum of the profiled pessimistic drops
         assert any(abs(summed - sum(choice)) < 1e-9 for choice in itertools.product(
-            *[[table[n][s].drop for s in sorted(table[n])] for n in students]))
+            *[[max(table[n][s].drop + table[n][s].drop_se, 0.0) for s in sorted(table[n])] for n in students]))
         assert -100.0 < measured < 100.0
     # gm is restored: the blocks are the original ones
     assert all(getattr(gm, name) is not students[name].get(0.4) for name in students)

@@ -53,7 +53,8 @@ class Profile:
     model, and of its part outside the blocks (base_*), the batch size of the latencies, and the MACs the drops
     cost to evaluate against the seed's three whole-model evaluations per entry.
 
-    ``interaction``: c of the accuracy model, drop(configuration) = x + c x^2 with x the sum of its blocks' drops.
+    ``interaction``: c of the accuracy model, drop(configuration) = x + c x^2 with x the sum of its blocks'
+    pessimistic drops (``pessimistic``: each drop plus its standard error, at least 0).
     The descendants were each measured with every other block unpruned, and their errors compound when many are
     pruned at once: c is fitted (least squares, c >= 0) on ``calibration``, the (x, measured drop) of a few random
     configurations measured whole. The transform is increasing in x, so the configuration of least modelled drop is
@@ -78,7 +79,7 @@ class Profile:
         return out
 
     def modelled_drop(self, summed: float) -> float:
-        """The accuracy model's drop (points) of a configuration whose blocks' drops sum to ``summed``."""
+        """The accuracy model's drop (points) of a configuration whose blocks' pessimistic drops sum to ``summed``."""
         x = max(float(summed), 0.0)
         return x + self.interaction * x * x
 
@@ -101,11 +102,19 @@ def _whole_accuracy(gm: fx.GraphModule, loader: torch.utils.data.DataLoader, met
     return 100.0 * correct / count
 
 
+def pessimistic(drop: float, error: float) -> float:
+    """A descendant's drop as the models count it: its measured drop plus one standard error, at least 0 (drops
+    within the test split's noise are not free: many of them add up)."""
+    return max(drop + error, 0.0)
+
+
 def calibrate(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader,
-              drops: Mapping[str, Mapping[float, float]], accuracy: float, configurations: int = 8,
-              metric: Metric = top1, seed: int = 1234) -> List[List[float]]:
-    """[summed drop, measured drop] of ``configurations`` random configurations (each block at a sparsity drawn
-    uniformly, seeded), each swapped into ``gm`` and evaluated whole on ``loader``; gm is restored."""
+              drops: Mapping[str, Mapping[float, float]], errors: Mapping[str, Mapping[float, float]],
+              accuracy: float, configurations: int = 8, metric: Metric = top1,
+              seed: int = 1234) -> List[List[float]]:
+    """[summed pessimistic drop, measured drop] of ``configurations`` random configurations (each block at a
+    sparsity drawn uniformly, seeded), each swapped into ``gm`` and evaluated whole on ``loader``; gm is
+    restored."""
     names = [n for n in block_names(gm) if len(students.get(n, {})) > 1]
     if len(names) < 2:
         return []
@@ -119,7 +128,7 @@ def calibrate(gm: fx.GraphModule, students: Students, loader: torch.utils.data.D
                 options = sorted(students[name])
                 sparsity = options[int(torch.randint(len(options), (1,), generator=generator))]
                 setattr(gm, name, students[name][sparsity] if sparsity else originals[name])
-                summed += drops[name][sparsity]
+                summed += pessimistic(drops[name][sparsity], errors[name][sparsity])
             points.append([summed, accuracy - _whole_accuracy(gm, loader, metric)])
     finally:
         for name, module in originals.items():
@@ -282,7 +291,7 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
     if unknown:
         raise ValueError(f"fxeff.blocks.profile: students of {unknown}, which are not blocks of the graph {names}")
     accuracy, drops, errors, spent, seed = accuracy_drops(gm, students, loader, metric, progress)
-    points = calibrate(gm, students, loader, drops, accuracy, calibration, metric) if calibration else []
+    points = calibrate(gm, students, loader, drops, errors, accuracy, calibration, metric) if calibration else []
     first = next(iter(loader))
     x = (first[0] if isinstance(first, (list, tuple)) else first)[:1]
     if batch > 1:
@@ -327,5 +336,6 @@ def check_profile(profile_: Profile) -> None:
                              f"non-positive latency")
 
 
-__all__ = ["Entry", "Profile", "top1", "peak_activation_bytes", "accuracy_drops", "calibrate", "fit_interaction",
+__all__ = ["Entry", "Profile", "top1", "peak_activation_bytes", "accuracy_drops", "pessimistic", "calibrate",
+           "fit_interaction",
            "profile", "check_profile"]

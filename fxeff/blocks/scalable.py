@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .profile import Entry, Profile, check_profile
+from .profile import Entry, Profile, check_profile, pessimistic
 from .select import Choice, Selection, pareto_front, select
 
 ARTIFACT_FORMAT = "fxeff.blocks/1"
@@ -100,18 +100,18 @@ class ScalableModel(nn.Module):
             for sparsity in self._modules_by_block[name]:
                 e: Entry = table[name][sparsity]
                 memory = e.param_bytes + e.peak_activation_bytes * self.profile.batch
-                row.append(Choice(max(e.drop + e.drop_se, 0.0), e.latency, memory, e.param_bytes))
+                row.append(Choice(pessimistic(e.drop, e.drop_se), e.latency, memory, e.param_bytes))
             out.append(row)
         return out
 
     def modelled_accuracy(self, config: Union[Selection, Sequence[int], Mapping[str, float]]) -> float:
-        """The accuracy model's estimate (%) for ``config``: the model's accuracy minus
-        Profile.modelled_drop of its blocks' summed measured drops (the interaction of compounding errors
-        included; the optimiser ranks by the summed pessimistic drops, which orders configurations the same way
-        where every drop is above its standard error)."""
+        """The accuracy model's estimate (%) for ``config``: the model's accuracy minus Profile.modelled_drop of
+        its blocks' summed pessimistic drops (the interaction of compounding errors included). The optimiser ranks
+        by that sum, which orders configurations as the estimate does."""
         table = self.profile.table()
         choice = self._choice_of(config)
-        summed = sum(table[n][self.sparsities(n)[i]].drop for n, i in zip(self.block_names, choice))
+        summed = sum(pessimistic(e.drop, e.drop_se) for e in
+                     (table[n][self.sparsities(n)[i]] for n, i in zip(self.block_names, choice)))
         return self.profile.accuracy - self.profile.modelled_drop(summed)
 
     @property
