@@ -161,3 +161,55 @@ def test_retraining_lowers_the_block_mse_and_resumes(tmp_path):
     assert again["epochs_done"] == 2 and again["loss"] == []
     more = retrain(gm, students, loader, epochs=3, checkpoint=checkpoint, progress=False)
     assert more["epochs_done"] == 3 and len(more["loss"]) == 1
+
+
+def _ddp_retrain_worker(rank: int, world: int, port: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same model, descendants and data on every rank
+        model = reference.load("resnet20", "cluttered-fashion-mnist").eval()
+        x = reference.first_images("cluttered-fashion-mnist", "train", 64)
+        gm, inputs = outlined(model, x[:2])
+        students = {b["name"]: descendants(gm.get_submodule(b["name"]), inputs[b["name"]], b["prunable"],
+                                           sparsities=(0.0, 0.5)) for b in gm.fxeff_blocks[:2]}
+        dataset = torch.utils.data.TensorDataset(x)
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler)
+        history = retrain(gm, students, loader, epochs=1, checkpoint=f"{folder}/students.pt", progress=False)
+        assert history["epochs_done"] == 1 and len(loader) == 4  # each rank its half of the 64 images
+        # parameters: DDP averages their gradients (BatchNorm statistics are each rank's own last batch's)
+        torch.save({f"{name}/{k}": v.detach() for name, by in students.items()
+                    for k, v in by[0.5].named_parameters()}, f"{folder}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_retraining_under_ddp_ends_with_the_same_students_on_every_rank(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_retrain_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    checkpoint = torch.load(tmp_path / "students.pt", weights_only=True)
+    torch.manual_seed(0)
+    model = reference.load("resnet20", "cluttered-fashion-mnist").eval()
+    x = reference.first_images("cluttered-fashion-mnist", "train", 2)
+    gm, inputs = outlined(model, x)
+    start = {f"{b['name']}/{k}": v for b in gm.fxeff_blocks[:2] for k, v in
+             descendant(gm.get_submodule(b["name"]), inputs[b["name"]], 0.5, b["prunable"]).state_dict().items()}
+    assert checkpoint["epochs_done"] == 1
+    moved = 0
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), key  # DDP averaged the gradients: identical steps
+        moved += not torch.equal(start[key], value)
+    assert moved > 0
+    saved = checkpoint["students"]  # rank 0 wrote the checkpoint (StudentSet keys: block@sparsity/param)
+    block = gm.fxeff_blocks[0]["name"]
+    some = [k for k in ranks[0] if k.startswith(block) and k.endswith("weight")][0]
+    assert torch.equal(saved[f"{block}@0_5.{some.split('/', 1)[1]}"], ranks[0][some])

@@ -78,6 +78,10 @@ class StudentSet(nn.Module):
                 self.students[key] = module
                 self.index[key] = (block, float(sparsity))
 
+    def forward(self, seen: Mapping[str, Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The summed loss of every student on the captured values (what DistributedDataParallel calls)."""
+        return sum(self.losses(seen).values())
+
     def losses(self, seen: Mapping[str, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """key -> MSE of that student's output against its block's on the captured values."""
         out = {}
@@ -132,8 +136,14 @@ def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.dat
     output), Adam at ``lr``, ``epochs`` passes over ``loader`` (its batches: images, or (images, labels)), one
     teacher pass per batch for all students (fxeff.training.fit, progress bar). ``checkpoint``: the students'
     weights and the epochs done are saved there after each epoch, and a run that finds it resumes after the
-    epochs it holds. Returns fit's history ({"loss", "seconds"} per epoch run now) and "epochs_done"."""
-    from ..training import fit
+    epochs it holds. Returns fit's history ({"loss", "seconds"} per epoch run now) and "epochs_done".
+
+    Under torch.distributed (a process group initialised by the caller, each rank with its DistributedSampler
+    loader), the students train as one DistributedDataParallel module: each rank runs the teacher on its shard,
+    gradients are averaged, every rank ends with the same students; rank 0 writes the checkpoint."""
+    import torch.distributed as dist
+
+    from ..training import _rank, fit
 
     names = block_names(teacher)
     teacher.eval()  # its values are taken under no_grad
@@ -152,19 +162,21 @@ def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.dat
     if done >= epochs:
         return history
 
-    def loss_fn(model: StudentSet, batch: Any) -> torch.Tensor:
-        return sum(model.losses(_teacher_values(teacher, names, batch)).values())
+    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        return model(_teacher_values(teacher, names, batch))
 
     def save(epoch: int, loss: float) -> None:
         history["epochs_done"] = done + epoch + 1
-        if checkpoint is not None:
+        if checkpoint is not None and _rank() == 0:
             tmp = checkpoint + ".tmp"
             torch.save({"epochs_done": done + epoch + 1, "keys": sorted(student_set.students),
                         "students": student_set.students.state_dict()}, tmp)
             os.replace(tmp, checkpoint)
 
     try:  # fit trains in training mode (BatchNorm statistics of the intermediate data); then the teacher's mode
-        run = fit(student_set, loader, loss_fn, epochs - done, lr=lr, weight_decay=0.0, optimizer="adam",
+        model = nn.parallel.DistributedDataParallel(student_set) if dist.is_available() and dist.is_initialized() \
+            else student_set
+        run = fit(model, loader, loss_fn, epochs - done, lr=lr, weight_decay=0.0, optimizer="adam",
                   channels_last=False, progress=progress, description="fxeff.blocks.retrain", on_epoch_end=save)
     finally:
         student_set.train(teacher.training)
