@@ -315,14 +315,12 @@ def reference_part(args):
     every block at one sparsity at equal MACs."""
     from fxeff import reference
     from fxeff.blocks.build import build
+    from fxeff.blocks.command import reference_loaders
     from fxeff.blocks.select import Choice, pareto_front, select
 
     torch.manual_seed(0)
     model = reference.load("resnet20", args.dataset).eval()
-    train = torch.utils.data.DataLoader(reference.dataset(args.dataset, "train", limit=args.train_images),
-                                        batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    test = torch.utils.data.DataLoader(reference.dataset(args.dataset, "test", limit=args.test_images),
-                                       batch_size=256)
+    train, test = reference_loaders(args.dataset, args.train_images, args.test_images)
     wall, cpu = time.perf_counter(), time.process_time()
     scalable = build(model, train, test, sparsities=(0.0, 0.2, 0.4, 0.6, 0.8), epochs=args.epochs, batch=16,
                      progress=False, data=f"{args.dataset}: {args.train_images} train / {args.test_images} test")

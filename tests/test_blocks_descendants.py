@@ -6,8 +6,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxeff
 from fxeff import reference
 from fxeff.blocks.descendants import DEFAULT_SPARSITIES, IMPORTANCES, descendant, descendants
-from fxeff.blocks.retrain import block_mse, captured, retrain
+from fxeff.blocks.retrain import block_inputs, block_mse, retrain
 from fxeff.passes.graph import conv_sites
+
+import _gloo
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -20,9 +22,7 @@ def macs(module, x):
 
 def outlined(model, x):
     gm = fxeff.transform(model, x, [fxeff.Blocks()])
-    with captured(gm, [b["name"] for b in gm.fxeff_blocks]) as seen, torch.no_grad():
-        gm(x)
-    return gm, {name: value[0] for name, value in seen.items()}
+    return gm, block_inputs(gm, x)
 
 
 MODELS = {
@@ -163,38 +163,25 @@ def test_retraining_lowers_the_block_mse_and_resumes(tmp_path):
     assert more["epochs_done"] == 3 and len(more["loss"]) == 1
 
 
-def _ddp_retrain_worker(rank: int, world: int, port: int, folder: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)  # the same model, descendants and data on every rank
-        model = reference.load("resnet20", "cluttered-fashion-mnist").eval()
-        x = reference.first_images("cluttered-fashion-mnist", "train", 64)
-        gm, inputs = outlined(model, x[:2])
-        students = {b["name"]: descendants(gm.get_submodule(b["name"]), inputs[b["name"]], b["prunable"],
-                                           sparsities=(0.0, 0.5)) for b in gm.fxeff_blocks[:2]}
-        dataset = torch.utils.data.TensorDataset(x)
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=False)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler)
-        history = retrain(gm, students, loader, epochs=1, checkpoint=f"{folder}/students.pt", progress=False)
-        assert history["epochs_done"] == 1 and len(loader) == 4  # each rank its half of the 64 images
-        # parameters: DDP averages their gradients (BatchNorm statistics are each rank's own last batch's)
-        torch.save({f"{name}/{k}": v.detach() for name, by in students.items()
-                    for k, v in by[0.5].named_parameters()}, f"{folder}/rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _ddp_retrain_worker(rank: int, world: int, folder: str) -> None:
+    torch.manual_seed(0)  # the same model, descendants and data on every rank
+    model = reference.load("resnet20", "cluttered-fashion-mnist").eval()
+    x = reference.first_images("cluttered-fashion-mnist", "train", 64)
+    gm, inputs = outlined(model, x[:2])
+    students = {b["name"]: descendants(gm.get_submodule(b["name"]), inputs[b["name"]], b["prunable"],
+                                       sparsities=(0.0, 0.5)) for b in gm.fxeff_blocks[:2]}
+    dataset = torch.utils.data.TensorDataset(x)
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler)
+    history = retrain(gm, students, loader, epochs=1, checkpoint=f"{folder}/students.pt", progress=False)
+    assert history["epochs_done"] == 1 and len(loader) == 4  # each rank its half of the 64 images
+    # parameters: DDP averages their gradients (BatchNorm statistics are each rank's own last batch's)
+    torch.save({f"{name}/{k}": v.detach() for name, by in students.items()
+                for k, v in by[0.5].named_parameters()}, f"{folder}/rank{rank}.pt")
 
 
 def test_retraining_under_ddp_ends_with_the_same_students_on_every_rank(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_retrain_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    _gloo.spawn(_ddp_retrain_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     checkpoint = torch.load(tmp_path / "students.pt", weights_only=True)
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import fxeff
 from fxeff import reference
 from fxeff.blocks.descendants import descendants
 from fxeff.blocks.profile import accuracy_drops, peak_activation_bytes, profile, top1
-from fxeff.blocks.retrain import captured
+from fxeff.blocks.retrain import block_inputs
 
 DATASET = "cluttered-fashion-mnist"
 
@@ -24,9 +24,8 @@ def setup():
     loader = torch.utils.data.DataLoader(test, batch_size=32)
     x = next(iter(loader))[0]
     gm = fxeff.transform(model, x[:2], [fxeff.Blocks()])
-    with captured(gm, [b["name"] for b in gm.fxeff_blocks]) as seen, torch.no_grad():
-        gm(x[:2])
-    students = {b["name"]: descendants(gm.get_submodule(b["name"]), seen[b["name"]][0], b["prunable"],
+    inputs = block_inputs(gm, x[:2])
+    students = {b["name"]: descendants(gm.get_submodule(b["name"]), inputs[b["name"]], b["prunable"],
                                        sparsities=(0.0, 0.4, 0.8))
                 for b in gm.fxeff_blocks if b["name"] in ("block_0", "block_4", "block_8")}
     return model, gm, loader, students

@@ -1,7 +1,6 @@
 """fxeff.finetune: distillation from the original model into its HetConv rewrite (loss goes down, only the
 student trains), feature terms, checkpoints, DistributedDataParallel over 2 gloo processes, argument errors."""
 import copy
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ from torch import nn
 import fxeff
 from fxeff.distill import kd_loss
 from fxeff.training import cross_entropy_loss, fit, loader as make_loader
+
+import _gloo
 
 HETCONV = fxeff.HetConv(part=2, min_channels=8, skip_first=False)
 
@@ -198,42 +199,29 @@ def test_student_sharing_the_teachers_weights_is_refused():
         fxeff.finetune(teacher, teacher, data, 1, progress=False)
 
 
-def _ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _ddp_worker(rank: int, world: int, folder: str) -> None:
+    torch.manual_seed(0)  # the same teacher, student and data on every rank
+    teacher = _teacher()
+    dataset = _data(teacher, 128, seed=0)
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True, seed=0)
+    data = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler)
+    student = _student(teacher)  # fxeff.transform deleted the replaced conv2/conv3: DDP takes it as it is
+    # a parameter the graph never reads would make DDP fail mid-step: finetune says so up front
+    dead = copy.deepcopy(student)
+    dead.add_module("unused", nn.Linear(2, 2))
     try:
-        torch.manual_seed(0)  # the same teacher, student and data on every rank
-        teacher = _teacher()
-        dataset = _data(teacher, 128, seed=0)
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True, seed=0)
-        data = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler)
-        student = _student(teacher)  # fxeff.transform deleted the replaced conv2/conv3: DDP takes it as it is
-        # a parameter the graph never reads would make DDP fail mid-step: finetune says so up front
-        dead = copy.deepcopy(student)
-        dead.add_module("unused", nn.Linear(2, 2))
-        try:
-            fxeff.finetune(nn.parallel.DistributedDataParallel(dead), teacher, data, 1, progress=False)
-            raise AssertionError("a DDP student with uncalled parameters was accepted")
-        except ValueError as error:
-            assert "delete_all_unused_submodules" in str(error) and "unused.weight" in str(error), error
-        student = nn.parallel.DistributedDataParallel(student)
-        history = fxeff.finetune(student, teacher, data, 1, lr=0.05, checkpoint=f"{folder}/ckpt.pt", progress=False)
-        assert len(history["loss"]) == 1 and len(data) == 8
-        torch.save({k: v.detach().cpu() for k, v in student.module.named_parameters()}, f"{folder}/rank{rank}.pt")
-        # both ranks reach teardown together: a rank that destroys its gloo group while the other still writes
-        # the checkpoint can abort ("terminate called without an active exception"), seen once in CI
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        fxeff.finetune(nn.parallel.DistributedDataParallel(dead), teacher, data, 1, progress=False)
+        raise AssertionError("a DDP student with uncalled parameters was accepted")
+    except ValueError as error:
+        assert "delete_all_unused_submodules" in str(error) and "unused.weight" in str(error), error
+    student = nn.parallel.DistributedDataParallel(student)
+    history = fxeff.finetune(student, teacher, data, 1, lr=0.05, checkpoint=f"{folder}/ckpt.pt", progress=False)
+    assert len(history["loss"]) == 1 and len(data) == 8
+    torch.save({k: v.detach().cpu() for k, v in student.module.named_parameters()}, f"{folder}/rank{rank}.pt")
 
 
 def test_ddp_two_processes_end_with_the_same_student(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    _gloo.spawn(_ddp_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     torch.manual_seed(0)

@@ -7,13 +7,8 @@ import torch.nn as nn
 
 from .descendants import DEFAULT_SPARSITIES, descendants
 from .profile import Metric, profile, top1
-from .retrain import block_mse, captured, retrain
+from .retrain import block_inputs, block_mse, images_of, retrain
 from .scalable import ScalableModel, model_fingerprint, profile_from_dict, read_artifact
-
-
-def _first_images(loader: torch.utils.data.DataLoader) -> torch.Tensor:
-    batch = next(iter(loader))
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
 def _outline(model: nn.Module, x: torch.Tensor, settings: Mapping[str, Any]):
@@ -25,9 +20,7 @@ def _outline(model: nn.Module, x: torch.Tensor, settings: Mapping[str, Any]):
     if not names:
         raise ValueError(f"fxeff.blocks: {type(model).__name__} has no block to scale: "
                          f"{gm.fxeff_report.notes[0] if gm.fxeff_report.notes else ''}")
-    with captured(gm, names) as seen, torch.no_grad():
-        gm(x)
-    inputs = {name: seen[name][0] for name in names}
+    inputs = block_inputs(gm, x)
     students = {b["name"]: descendants(gm.get_submodule(b["name"]), inputs[b["name"]], b["prunable"],
                                        settings["sparsities"] if b["prunable"] else (0.0,), settings["importance"],
                                        settings["round_to"])
@@ -64,7 +57,7 @@ def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_load
     settings = {"sparsities": [float(s) for s in sparsities], "importance": importance, "round_to": round_to,
                 "epochs": epochs, "lr": lr, "max_ratio": max_ratio, "min_convs": min_convs, "batch": batch,
                 "fold_batchnorm": fold_batchnorm}
-    x = _first_images(train_loader)[:2]
+    x = images_of(next(iter(train_loader)))[:2]
     gm, students = _outline(model, x, settings)
     before = block_mse(gm, students, eval_loader, batches=4)
     history = retrain(gm, students, train_loader, epochs=epochs, lr=lr, checkpoint=checkpoint, progress=progress)

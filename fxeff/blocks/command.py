@@ -61,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=select_command)
 
 
-def _loaders(dataset: str, train_images: int, test_images: int, batch: int = 64):
+def reference_loaders(dataset: str, train_images: int, test_images: int, batch: int = 64):
+    """(training loader, shuffled with a fixed seed; test loader) over the first images of a reference dataset."""
     from .. import reference
 
     train = torch.utils.data.DataLoader(reference.dataset(dataset, "train", limit=train_images), batch_size=batch,
@@ -126,7 +127,7 @@ def build_command(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     model = reference.load(args.arch, args.dataset).eval()
-    train, test = _loaders(args.dataset, args.train_images, args.test_images)
+    train, test = reference_loaders(args.dataset, args.train_images, args.test_images)
     start = time.perf_counter()
     scalable = build(model, train, test, sparsities=args.sparsities, importance=args.importance,
                      round_to=args.round_to, epochs=args.epochs, batch=args.batch,
@@ -194,7 +195,7 @@ def select_command(args: argparse.Namespace) -> Optional[int]:
         from ..training import accuracy
 
         scalable.scale(chosen)
-        _, test = _loaders(source["dataset"], 1, args.test_images)
+        _, test = reference_loaders(source["dataset"], 1, args.test_images)
         one = x[:1]
         times = bench.interleaved([lambda: model(one), lambda: scalable(one)], 21)
         measured, original = 100 * accuracy(scalable, test), 100 * accuracy(model, test)

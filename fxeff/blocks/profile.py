@@ -7,16 +7,17 @@ values that each block's suffix needs recorded (the block's input, and anything 
 still read); each descendant then runs only its block and the rest of the network from those values. The compute
 this saves is reported as a ratio of MACs (``Profile.evaluation_macs``).
 """
+import contextlib
 import dataclasses
 import math
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .retrain import block_names
+from .retrain import block_inputs, block_names, images_of
 
 Students = Mapping[str, Mapping[float, nn.Module]]
 Metric = Callable[[Any, Any], torch.Tensor]  # (model output, batch) -> per-sample scores in [0, 1]
@@ -96,7 +97,7 @@ def _whole_accuracy(gm: fx.GraphModule, loader: torch.utils.data.DataLoader, met
     correct = count = 0.0
     with torch.no_grad():
         for batch in loader:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            x = images_of(batch)
             correct += float(metric(gm(x), batch).sum())
             count += x.shape[0]
     return 100.0 * correct / count
@@ -212,20 +213,15 @@ def _copy(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-def _swapped(gm: fx.GraphModule, name: str, module: nn.Module):
-    """Context: gm's block ``name`` replaced by ``module``."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def swap():
-        original = getattr(gm, name)
-        setattr(gm, name, module)
-        try:
-            yield
-        finally:
-            setattr(gm, name, original)
-
-    return swap()
+@contextlib.contextmanager
+def _swapped(gm: fx.GraphModule, name: str, module: nn.Module) -> Iterator[None]:
+    """Within the block: gm's block ``name`` replaced by ``module``."""
+    original = getattr(gm, name)
+    setattr(gm, name, module)
+    try:
+        yield
+    finally:
+        setattr(gm, name, original)
 
 
 def accuracy_drops(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader,
@@ -246,7 +242,7 @@ def accuracy_drops(gm: fx.GraphModule, students: Students, loader: torch.utils.d
     base, count, spent, whole = 0.0, 0, 0, 0
     entries = [(name, s) for name in names for s in students.get(name, {}) if s != 0.0]
     for batch in tqdm(loader, desc="fxeff.blocks.profile accuracy", disable=not progress, leave=False):
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        x = images_of(batch)
         recorder = _Recorder(gm, keep)
         with torch.no_grad():
             output = recorder.run(x)
@@ -292,15 +288,10 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
         raise ValueError(f"fxeff.blocks.profile: students of {unknown}, which are not blocks of the graph {names}")
     accuracy, drops, errors, spent, seed = accuracy_drops(gm, students, loader, metric, progress)
     points = calibrate(gm, students, loader, drops, errors, accuracy, calibration, metric) if calibration else []
-    first = next(iter(loader))
-    x = (first[0] if isinstance(first, (list, tuple)) else first)[:1]
+    x = images_of(next(iter(loader)))[:1]
     if batch > 1:
         x = x.expand(batch, *x.shape[1:]).contiguous()
-    from .retrain import captured
-
-    with captured(gm, names) as seen, torch.no_grad():
-        gm(x)
-    inputs = {name: seen[name][0] for name in names}
+    inputs = block_inputs(gm, x)
     model_latency = bench.interleaved([lambda: gm(x)], runs)[0]
     entries: List[Entry] = []
     block_latency = 0.0

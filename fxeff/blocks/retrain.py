@@ -31,6 +31,11 @@ def block_names(gm: fx.GraphModule) -> List[str]:
     return [b["name"] for b in blocks]
 
 
+def images_of(batch: Any) -> torch.Tensor:
+    """The model's input of a loader's batch: its images, or its first element where it is (images, labels)."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
 def mutating_blocks(gm: fx.GraphModule) -> Set[str]:
     """The blocks that write their input in place (a ReLU(inplace=True) on the entry, as a residual add followed
     by a ReLU that starts a block): their input is copied before them, for the teacher's record and for each
@@ -60,6 +65,14 @@ def captured(gm: fx.GraphModule, names: List[str]) -> Iterator[Dict[str, Tuple[t
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def block_inputs(gm: fx.GraphModule, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Block name -> its input when ``gm`` (outlined by fxeff.passes.Blocks) runs on ``x``, as it came (no_grad)."""
+    names = block_names(gm)
+    with captured(gm, names) as seen, torch.no_grad():
+        gm(x)
+    return {name: seen[name][0] for name in names}
 
 
 class StudentSet(nn.Module):
@@ -94,9 +107,8 @@ class StudentSet(nn.Module):
 
 def _teacher_values(teacher: fx.GraphModule, names: List[str], batch: Any
                     ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    x = batch[0] if isinstance(batch, (list, tuple)) else batch
     with captured(teacher, names) as seen, torch.no_grad():
-        teacher(x)
+        teacher(images_of(batch))
     return dict(seen)
 
 
@@ -184,4 +196,5 @@ def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.dat
     return history
 
 
-__all__ = ["StudentSet", "block_names", "mutating_blocks", "captured", "block_mse", "retrain"]
+__all__ = ["StudentSet", "block_names", "images_of", "mutating_blocks", "captured", "block_inputs", "block_mse",
+           "retrain"]
