@@ -357,7 +357,7 @@ def blocks_pass(gm: fx.GraphModule, config: Blocks, context: PassContext) -> Rep
                                        "blocks"))
         report.notes.append(f"{call.target}: {len(block.nodes)} nodes, {params} parameters ({nbytes / 2**20:.2f} MiB)"
                             f", {'n/a' if macs is None else f'{macs / 1e6:.2f}M'} MACs; {description}")
-    report.notes.insert(0, f"{len(blocks)} blocks of {min(config.min_convs, most)} to {most} convs cover "
+    report.notes.insert(0, f"{len(blocks)} blocks of {config.min_convs} to {most} convs cover "
                            f"{sum(len(b.convs) for b in blocks)} of the model's {n_convs} convs")
     return report
 
