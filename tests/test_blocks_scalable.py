@@ -8,6 +8,8 @@ import fxeff
 import fxeff.blocks as blocks
 from fxeff import reference
 from fxeff.blocks.select import InfeasibleBudgetError
+from fxeff.nn import NarrowConv2d
+from fxeff.ops.focused_conv2d import direct_strategy_available
 
 DATASET = "cluttered-fashion-mnist"
 
@@ -183,14 +185,16 @@ def test_a_chosen_configuration_exports_and_traces(built, tmp_path):
         x = images(4)
         with torch.no_grad():
             expected = scalable(x)
-        # block scaling calls no fxeff op: a plain torch model for every deployment form
-        program = export.export(scalable.gm, (x,), str(tmp_path / "r20.pt2"), require_fxeff_ops=False,
+        # the pruned convs are fxeff::narrow_conv2d calls where the CPU has AVX-512 (else plain convs)
+        narrow = direct_strategy_available()
+        assert narrow == any(isinstance(m, NarrowConv2d) for m in scalable.gm.modules())
+        program = export.export(scalable.gm, (x,), str(tmp_path / "r20.pt2"), require_fxeff_ops=narrow,
                                 dynamic_shapes=export.batch_dynamic_shapes((x,)))
         loaded = export.load_exported(str(tmp_path / "r20.pt2"))
         with torch.no_grad():
             torch.testing.assert_close(loaded.module()(x), expected, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(program.module()(x[:2]), expected[:2], rtol=1e-5, atol=1e-5)
-        export.trace(scalable.gm, (x,), str(tmp_path / "r20.ts"), require_fxeff_ops=False)
+        export.trace(scalable.gm, (x,), str(tmp_path / "r20.ts"), require_fxeff_ops=narrow)
         with torch.no_grad():
             torch.testing.assert_close(export.load_traced(str(tmp_path / "r20.ts"))(x), expected, rtol=1e-5,
                                        atol=1e-5)

@@ -74,3 +74,26 @@ def test_cpp_program_needs_the_op_library(fxeff_run, tmp_path):
     assert done.returncode == 1 and "fxeff::" in done.stderr, done.stderr
     done = subprocess.run([fxeff_run, tmp_path / "missing.so", "m.pt", "i.pt", "o.pt"], capture_output=True, text=True)
     assert done.returncode == 3 and "dlopen(" in done.stderr and "missing.so" in done.stderr
+
+
+def test_cpp_program_runs_a_chosen_block_configuration(fxeff_run, tmp_path):
+    """fxeff.blocks: the fastest configuration on the front (its pruned convs are fxeff::narrow_conv2d calls where
+    the CPU has AVX-512) traced and run by the C++ program, equal to Python's."""
+    from fxeff import blocks, reference
+    from fxeff.ops.focused_conv2d import direct_strategy_available
+
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(reference.dataset("fashion-mnist", "test", limit=32), batch_size=16)
+    scalable = blocks.build(reference.load("resnet20", "fashion-mnist").eval(), data, data,
+                            sparsities=(0.0, 0.8), epochs=1, progress=False)
+    fastest = scalable.series()[0]
+    scalable.scale(fastest.choice)
+    x = reference.first_images("fashion-mnist", "test", 4)
+    fxeff.export.trace(scalable.gm, (x,), tmp_path / "model.pt", require_fxeff_ops=direct_strategy_available())
+    torch.save(x, tmp_path / "input.pt")
+    stdout = _run([fxeff_run, fxeff.library_path(), tmp_path / "model.pt", tmp_path / "input.pt",
+                   tmp_path / "output.pt"], timeout=120)
+    assert "input [4, 1, 28, 28] -> output [4, 10]" in stdout
+    with torch.no_grad():
+        expected = scalable(x)
+    torch.testing.assert_close(torch.load(tmp_path / "output.pt"), expected, rtol=1e-5, atol=1e-5)

@@ -407,9 +407,68 @@ at::Tensor tile_conv2d_autograd(const at::Tensor& tiles, const at::Tensor& weigh
   return TileConv2dFunction::apply(tiles, weight, bias, stride, dilation, groups);
 }
 
+// ---------------------------------------------------------------- narrow_conv2d
+
+using NarrowConv2dSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                   at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, c10::optional<double>,
+                                   c10::optional<double>);
+
+class NarrowConv2dFunction : public torch::autograd::Function<NarrowConv2dFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, c10::optional<double> clamp_min,
+                            c10::optional<double> clamp_max) {
+    static auto op = op_handle<NarrowConv2dSig>("fxeff::narrow_conv2d");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = op.call(x, weight, bias, stride, padding, dilation, clamp_min, clamp_max);
+    ctx->save_for_backward({x, weight, out});
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["clamp_min"] = clamp_min.has_value() ? c10::IValue(*clamp_min) : c10::IValue();
+    ctx->saved_data["clamp_max"] = clamp_max.has_value() ? c10::IValue(*clamp_max) : c10::IValue();
+    return out;
+  }
+
+  // The clamp passes the gradient where the conv's value lies strictly inside (clamp_min, clamp_max), which is
+  // where the output does (as hardtanh_backward and threshold_backward decide); then the vendor conv backward.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &out = saved[2];
+    at::Tensor grad = grads[0];
+    const c10::IValue lo = ctx->saved_data["clamp_min"], hi = ctx->saved_data["clamp_max"];
+    if (!lo.isNone()) grad = grad * (out > lo.toDouble());
+    if (!hi.isNone()) grad = grad * (out < hi.toDouble());
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const int64_t out_channels = weight.size(0);
+    auto [grad_x, grad_w, grad_b] = at::convolution_backward(
+        grad.contiguous(x.suggest_memory_format()), x, weight,
+        has_bias ? c10::OptionalIntArrayRef(at::IntArrayRef{out_channels}) : c10::nullopt,
+        ints(ctx->saved_data["stride"]), ints(ctx->saved_data["padding"]), ints(ctx->saved_data["dilation"]), false,
+        {0, 0}, 1, {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(2)});
+    return {grad_x, grad_w, has_bias ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor narrow_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  c10::optional<double> clamp_min, c10::optional<double> clamp_max) {
+  if (!records({&x, &weight, &or_undefined(bias)})) {
+    static auto op = op_handle<NarrowConv2dSig>("fxeff::narrow_conv2d");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, weight, bias, stride, padding, dilation, clamp_min, clamp_max);
+  }
+  return NarrowConv2dFunction::apply(x, weight, bias, stride, padding, dilation, clamp_min, clamp_max);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fxeff, Autograd, m) {
+  m.impl("narrow_conv2d", &narrow_conv2d_autograd);
   m.impl("tile_conv2d", &tile_conv2d_autograd);
   m.impl("focused_conv2d", &focused_conv2d_autograd);
   m.impl("shift", &shift_autograd);

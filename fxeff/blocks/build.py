@@ -41,29 +41,59 @@ def fold_batchnorms(gm: torch.fx.GraphModule, students: Dict[str, Dict[float, nn
         setattr(gm, name, by_sparsity[0.0])
 
 
+def narrow_block_convs(gm: torch.fx.GraphModule, students: Dict[str, Dict[float, nn.Module]]) -> int:
+    """The convs of ``gm`` (outside the blocks) and of each block and descendant that run faster as
+    ``fxeff.nn.NarrowConv2d`` (few channels, as pruning leaves them, and strided 1x1 shortcuts:
+    ``fxeff.nn.narrow.gains``) replaced by it, with the ReLU after each fused, in place. The vendor convs cost a
+    pruned conv with 3 outputs what they cost it with 16. Returns the number replaced."""
+    from ..nn.narrow import narrow_convs
+
+    count = narrow_convs(gm)
+    for name, by_sparsity in students.items():
+        for module in by_sparsity.values():
+            count += narrow_convs(module)
+        setattr(gm, name, by_sparsity[0.0])
+    return count
+
+
+def inference_form(gm: torch.fx.GraphModule, students: Dict[str, Dict[float, nn.Module]],
+                   settings: Mapping[str, Any]) -> None:
+    """The model as it runs inference, in place, per ``settings``: BatchNorms folded into the convs before them
+    (in every block and descendant, and outside the blocks where conv and BatchNorm are both there), then narrow
+    convs."""
+    if settings.get("fold_batchnorm"):
+        from torch.fx.experimental.optimization import fuse
+
+        fold_batchnorms(gm, students)
+        gm.graph = fuse(gm, inplace=True, no_trace=True).graph
+        gm.recompile()
+    if settings.get("narrow_convs"):
+        narrow_block_convs(gm, students)
+
+
 def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_loader: torch.utils.data.DataLoader, *,
           sparsities: Sequence[float] = DEFAULT_SPARSITIES, importance: str = "l1", round_to: Optional[int] = None,
           epochs: int = 1, lr: float = 3e-4, max_ratio: float = 0.125, min_convs: int = 2, batch: int = 1,
           metric: Metric = top1, checkpoint: Optional[str] = None, progress: bool = True,
-          data: str = "", fold_batchnorm: bool = True) -> ScalableModel:
+          data: str = "", fold_batchnorm: bool = True, narrow_convs: bool = True) -> ScalableModel:
     """The ScalableModel of ``model`` (eval mode): its blocks (fxeff.passes.Blocks with ``max_ratio``,
     ``min_convs``), each block's descendants at ``sparsities`` (``importance``, ``round_to``), retrained for
     ``epochs`` on ``train_loader``'s images (Adam at ``lr``, resumable from ``checkpoint``), profiled on
     ``eval_loader`` (accuracy by ``metric``; latency at ``batch`` images). ``data`` names the data in the
     artifact. Its ``meta["mse"]`` holds each descendant's block MSE before and after retraining.
     ``fold_batchnorm``: after retraining, every block and descendant gets its BatchNorms folded
-    (``fold_batchnorms``), for inference."""
+    (``fold_batchnorms``), for inference. ``narrow_convs``: then every conv with few channels that runs faster as
+    ``fxeff.nn.NarrowConv2d`` (``narrow_block_convs``) becomes one, with its ReLU fused."""
     model.eval()
     settings = {"sparsities": [float(s) for s in sparsities], "importance": importance, "round_to": round_to,
                 "epochs": epochs, "lr": lr, "max_ratio": max_ratio, "min_convs": min_convs, "batch": batch,
-                "fold_batchnorm": fold_batchnorm}
+                "fold_batchnorm": fold_batchnorm, "narrow_convs": narrow_convs}
     x = images_of(next(iter(train_loader)))[:2]
     gm, students = _outline(model, x, settings)
     before = block_mse(gm, students, eval_loader, batches=4)
     history = retrain(gm, students, train_loader, epochs=epochs, lr=lr, checkpoint=checkpoint, progress=progress)
     after = block_mse(gm, students, eval_loader, batches=4)
-    if fold_batchnorm:
-        fold_batchnorms(gm, students)
+    inference_form(gm, students, settings)
     result = profile(gm, students, eval_loader, batch=batch, metric=metric, progress=progress)
     meta: Dict[str, Any] = {"model": f"{type(model).__module__}.{type(model).__qualname__}",
                             "fingerprint": model_fingerprint(model), "data": data, "settings": settings,
@@ -86,8 +116,7 @@ def load(path: str, model: nn.Module, example_input: torch.Tensor) -> ScalableMo
                          f"{type(model).__name__}")
     model.eval()
     gm, students = _outline(model, example_input[:2], meta["settings"])
-    if meta["settings"].get("fold_batchnorm"):
-        fold_batchnorms(gm, students)
+    inference_form(gm, students, meta["settings"])
     if [b["name"] for b in gm.fxeff_blocks] != list(data["blocks"]):
         raise ValueError(f"fxeff.blocks.load: the model's blocks {[b['name'] for b in gm.fxeff_blocks]} are not the "
                          f"artifact's {data['blocks']}")
@@ -105,4 +134,4 @@ def load(path: str, model: nn.Module, example_input: torch.Tensor) -> ScalableMo
     return ScalableModel(gm, students, profile_from_dict(data["profile"]), meta)
 
 
-__all__ = ["build", "load", "fold_batchnorms"]
+__all__ = ["build", "load", "fold_batchnorms", "narrow_block_convs", "inference_form"]

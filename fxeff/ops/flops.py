@@ -38,6 +38,11 @@ def _tile_conv2d_flops(tiles, weight, bias, stride, dilation, groups, out_val=No
     return flop_counter.conv_flop_count(list(tiles.shape), list(weight.shape), list(out_val.shape), False)
 
 
+def _narrow_conv2d_flops(x, weight, bias, stride, padding, dilation, clamp_min=None, clamp_max=None, out_val=None,
+                         **kwargs) -> int:
+    return flop_counter.conv_flop_count(list(x.shape), list(weight.shape), list(out_val.shape), False)
+
+
 def _zero_flops(*args, **kwargs) -> int:
     return 0
 
@@ -52,6 +57,7 @@ def register() -> None:
     flop_counter.register_flop_formula(ops.focused_conv2d_backward, get_raw=True)(_focused_conv2d_backward_flops)
     flop_counter.register_flop_formula(ops.hetconv2d, get_raw=True)(_hetconv2d_flops)
     flop_counter.register_flop_formula(ops.tile_conv2d, get_raw=True)(_tile_conv2d_flops)
+    flop_counter.register_flop_formula(ops.narrow_conv2d, get_raw=True)(_narrow_conv2d_flops)
     flop_counter.register_flop_formula([ops.aoi_mask, ops.mask_resize, ops.shift, ops.shift_pool, ops.shift_input_grad,
                                           ops.shift_shifts_grad], get_raw=True)(_zero_flops)
     _registered = True

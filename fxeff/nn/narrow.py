@@ -1,0 +1,143 @@
+"""NarrowConv2d: an nn.Conv2d (groups 1) with an optional clamp fused, computed by ``fxeff.ops.narrow_conv2d``:
+on CPU with AVX-512, 16 output pixels per vector instead of the vendor's 16 output channels, so a conv with few
+channels (a pruned one) costs in proportion to its channels. ``narrow_convs`` puts it in place of the convs that
+gain (``gains``) in an fx GraphModule, with the ReLU after each fused as its clamp.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..ops._utils import pair
+from ._notrace import register_notrace_module
+
+# Where the kernel beats the vendor conv on this project's CPU (benchmarks/blocks.py, part "narrow";
+# docs/benchmarks.md, "Narrow convs"): at stride 1, fewer than 16 outputs (1.0-3.4x), or fewer than 16 inputs and
+# at most 64 outputs (1.0-2.5x; with 256 or 512 outputs it lost); at larger strides, 1x1 convs with at most 64
+# inputs and 128 outputs (ResNet's downsample shortcuts: 1.4-2.4x) and KxK convs with fewer than 16 outputs
+# (1.2-1.4x). Other convs run at 0.3-1.3x of the vendor's: they stay nn.Conv2d.
+FEW = 16
+FEW_INPUTS_MOST_OUTPUTS = 64
+STRIDED_1X1_MOST = (64, 128)  # inputs, outputs
+
+
+@register_notrace_module
+class NarrowConv2d(nn.Module):
+    """``nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)`` (groups 1, zero
+    padding), then ``clamp(clamp_min, clamp_max)`` where either is set, by ``fxeff.ops.narrow_conv2d``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, clamp_min: Optional[float] = None, clamp_max: Optional[float] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(pair("kernel_size", "nn.NarrowConv2d", kernel_size))
+        self.stride = tuple(pair("stride", "nn.NarrowConv2d", stride))
+        self.padding = tuple(pair("padding", "nn.NarrowConv2d", padding))
+        self.dilation = tuple(pair("dilation", "nn.NarrowConv2d", dilation))
+        self.clamp_min, self.clamp_max = clamp_min, clamp_max
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        # nn.Conv2d's initialisation
+        reference = nn.Conv2d(in_channels, out_channels, self.kernel_size, bias=bias, **factory)
+        with torch.no_grad():
+            self.weight.copy_(reference.weight)
+            if bias:
+                self.bias.copy_(reference.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, clamp_min: Optional[float] = None,
+                  clamp_max: Optional[float] = None) -> "NarrowConv2d":
+        """The same conv (its own parameters, shared, not copied), with the clamp."""
+        if not convertible(conv):
+            raise ValueError(f"fxeff.nn.NarrowConv2d.from_conv: needs a Conv2d with groups 1, zero padding given as "
+                             f"ints, got {conv}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_channels, new.out_channels = conv.in_channels, conv.out_channels
+        new.kernel_size, new.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        new.padding, new.dilation = tuple(conv.padding), tuple(conv.dilation)
+        new.clamp_min, new.clamp_max = clamp_min, clamp_max
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.narrow_conv2d(x, self.weight, self.bias, list(self.stride), list(self.padding),
+                                 list(self.dilation), self.clamp_min, self.clamp_max)
+
+    def extra_repr(self) -> str:
+        clamp = "" if self.clamp_min is None and self.clamp_max is None else \
+            f", clamp=({self.clamp_min}, {self.clamp_max})"
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}{clamp}")
+
+
+def convertible(conv: nn.Module) -> bool:
+    """Whether ``conv`` is an nn.Conv2d that NarrowConv2d computes: groups 1, zero padding given as ints."""
+    return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+def gains(conv: nn.Module) -> bool:
+    """Whether ``conv`` runs faster as a NarrowConv2d on this CPU (float32; see FEW and the measurements above):
+    convertible, a CPU with AVX-512, and at stride 1 with same-width padding: fewer than 16 outputs, or fewer than
+    16 inputs and at most 64 outputs; at larger strides: a 1x1 conv without padding with at most 64 inputs and 128
+    outputs, or fewer than 16 outputs."""
+    if not convertible(conv) or not ops.direct_strategy_available():
+        return False
+    i, o = conv.in_channels, conv.out_channels
+    if tuple(conv.stride) == (1, 1):
+        same_width = 2 * conv.padding[1] == conv.dilation[1] * (conv.kernel_size[1] - 1)
+        return same_width and (o < FEW or (i < FEW and o <= FEW_INPUTS_MOST_OUTPUTS))
+    if tuple(conv.kernel_size) == (1, 1) and tuple(conv.padding) == (0, 0):
+        return i <= STRIDED_1X1_MOST[0] and o <= STRIDED_1X1_MOST[1]
+    return o < FEW
+
+
+def _clamp_of(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """(clamp_min, clamp_max) of ``node`` if it is a ReLU or ReLU6 (module or function), else None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if type(module) is nn.ReLU:
+            return 0.0, None
+        if type(module) is nn.ReLU6:
+            return 0.0, 6.0
+        return None
+    if node.op == "call_function" and node.target in (F.relu, torch.relu, torch.relu_):
+        return 0.0, None
+    if node.op == "call_function" and node.target is F.relu6:
+        return 0.0, 6.0
+    return None
+
+
+def narrow_convs(gm: torch.fx.GraphModule) -> int:
+    """Puts a NarrowConv2d in place of each nn.Conv2d of ``gm`` that ``gains``, in place; a ReLU (or ReLU6) that is
+    the conv's only reader is fused as the clamp and removed. Returns the number of convs replaced. The
+    parameters are the conv's own (shared), so state dicts keep their keys."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not gains(gm.get_submodule(node.target)):
+            continue
+        conv = gm.get_submodule(node.target)
+        users = list(node.users)
+        clamp = _clamp_of(gm, users[0]) if len(users) == 1 else None
+        narrow = NarrowConv2d.from_conv(conv, *(clamp or (None, None)))
+        owner, _, leaf = node.target.rpartition(".")
+        setattr(gm.get_submodule(owner) if owner else gm, leaf, narrow)
+        if clamp is not None:
+            users[0].replace_all_uses_with(node)
+            gm.graph.erase_node(users[0])
+        count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return count
+
+
+__all__ = ["NarrowConv2d", "narrow_convs", "gains", "convertible"]
