@@ -289,6 +289,48 @@ def speed_part(args):
             rows, SPEED_COLUMNS)
 
 
+NARROW_COLUMNS = ["conv", "batch", "map", "vendor ms", "narrow ms", "speedup", "rule picks narrow", "rule right"]
+# (inputs, outputs, kernel, stride, map side): ResNet-20's convs pruned and not (28/14/7 at 28x28 inputs), its
+# shortcuts, and torchvision-sized ones; at batch 16 / 1 (ResNet-20) and 8 / 1 (224-sized)
+NARROW_SHAPES = [(16, 3, 3, 1, 28), (3, 16, 3, 1, 28), (16, 8, 3, 1, 28), (16, 16, 3, 1, 28), (32, 6, 3, 1, 14),
+                 (6, 32, 3, 1, 14), (32, 32, 3, 1, 14), (64, 13, 3, 1, 7), (13, 64, 3, 1, 7), (64, 64, 3, 1, 7),
+                 (16, 6, 3, 2, 28), (32, 12, 3, 2, 14), (16, 32, 3, 2, 28), (16, 32, 1, 2, 28), (32, 64, 1, 2, 14)]
+WIDE_SHAPES = [(64, 8, 3, 1, 56), (64, 32, 3, 1, 56), (8, 64, 3, 1, 56), (8, 256, 3, 1, 14), (256, 8, 3, 1, 14),
+               (512, 16, 3, 1, 7), (64, 24, 1, 1, 56), (64, 128, 1, 2, 56), (128, 256, 1, 2, 28),
+               (64, 32, 3, 2, 56), (3, 64, 7, 2, 224)]
+
+
+def narrow_part(args):
+    """fxeff::narrow_conv2d (pixel-vectorised, fxeff.nn.NarrowConv2d) against the vendor conv (F.conv2d, oneDNN) on
+    the convs pruning leaves: medians of interleaved runs, float32 NCHW, bias, padding k // 2. "rule picks narrow":
+    fxeff.nn.narrow.gains, the rule fxeff.blocks.build rewrites by; "rule right": it picks narrow exactly where
+    narrow is faster (ties within 5% count either way)."""
+    import torch.nn.functional as F
+
+    from fxeff import bench, ops
+    from fxeff.nn.narrow import gains
+
+    rows = []
+    for shapes, batches in ((NARROW_SHAPES, (16, 1)), (WIDE_SHAPES, (8, 1))):
+        for (i, o, k, stride, side) in shapes:
+            conv = torch.nn.Conv2d(i, o, k, stride, k // 2)
+            for batch in batches:
+                x = torch.randn(batch, i, side, side)
+                w, b = conv.weight.detach(), conv.bias.detach()
+                with torch.no_grad():
+                    vendor, narrow = bench.interleaved([lambda: F.conv2d(x, w, b, stride, k // 2),
+                                                        lambda: ops.narrow_conv2d(x, w, b, stride, k // 2)],
+                                                       args.runs)
+                speedup = vendor / narrow
+                picks = gains(conv)
+                rows.append({"conv": f"{i}->{o} {k}x{k} s{stride}", "batch": batch, "map": f"{side}x{side}",
+                             "vendor ms": vendor * 1e3, "narrow ms": narrow * 1e3, "speedup": speedup,
+                             "rule picks narrow": picks,
+                             "rule right": picks == (speedup >= 1) or abs(speedup - 1) <= 0.05})
+                print(f"{rows[-1]['conv']} batch {batch} {side}: {speedup:.2f}x", flush=True)
+    return ("fxeff::narrow_conv2d against the vendor conv (CPU, float32, NCHW)", rows, NARROW_COLUMNS)
+
+
 REFERENCE_COLUMNS = ["measure", "value", "target", "target met"]
 CONFIG_COLUMNS = ["configuration", "MACs (M)", "MAC speedup", "modelled accuracy", "measured accuracy",
                   "modelled latency ms", "measured latency ms", "latency error"]
@@ -405,7 +447,7 @@ def reference_part(args):
 
 
 PARTS = {"solve": solve_part, "graph": graph_part, "switch": switch_part, "speed": speed_part,
-         "reference": reference_part}
+         "narrow": narrow_part, "reference": reference_part}
 
 
 def main(argv=None):
@@ -413,7 +455,8 @@ def main(argv=None):
     parser.add_argument("--parts", default="solve", help=f"comma list of: {', '.join(PARTS)}")
     parser.add_argument("--instances", type=int, default=200, help="random instances per row (default 200)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", type=int, default=15, help="interleaved timing runs (speed, reference parts)")
+    parser.add_argument("--runs", type=int, default=15,
+                        help="interleaved timing runs (speed, narrow, reference parts)")
     parser.add_argument("--dataset", default="cluttered-fashion-mnist", help="reference part: the dataset")
     parser.add_argument("--train-images", type=int, default=10000, help="reference part: retraining images")
     parser.add_argument("--epochs", type=int, default=2, help="reference part: retraining epochs")

@@ -39,7 +39,8 @@ def test_random_geometries(n, c, o, kh, kw, h, w, sh, sw, ph, pw, dh, dw, bias, 
     x, weight = torch.randn(n, c, h, w, generator=gen), torch.randn(o, c, kh, kw, generator=gen)
     b = torch.randn(o, generator=gen) if bias else None
     args = (x, weight, b, [sh, sw], [ph, pw], [dh, dw], *clamp)
-    torch.testing.assert_close(narrow_conv2d(*args), expected(*args), rtol=1e-5, atol=1e-5)
+    # the kernel sums in another order than the vendor's: a few ulps of the output's magnitude
+    torch.testing.assert_close(narrow_conv2d(*args), expected(*args), rtol=1e-4, atol=1e-4)
 
 
 @needs_kernel
@@ -129,8 +130,8 @@ class Small(nn.Module):
         self.a = nn.Conv2d(16, 3, 3, padding=1)     # gains: 3 outputs
         self.relu = nn.ReLU(inplace=True)
         self.b = nn.Conv2d(3, 16, 3, padding=1)     # gains: 3 inputs, 16 outputs
-        self.c = nn.Conv2d(16, 32, 3, padding=1)    # stays: 16 inputs, 32 outputs
-        self.d = nn.Conv2d(32, 32, 3, padding=1, groups=2)  # stays: grouped
+        self.c = nn.Conv2d(16, 48, 3, padding=1)    # stays: 16 inputs, 48 outputs
+        self.d = nn.Conv2d(48, 32, 3, padding=1, groups=2)  # stays: grouped
         self.e = nn.Conv2d(32, 64, 1, stride=2)     # gains: a strided 1x1 shortcut
 
     def forward(self, x):
@@ -162,12 +163,16 @@ def test_narrow_convs_rewrites_fuses_relu_and_keeps_outputs():
 
 
 def test_gains_rule():
-    assert not gains(nn.Conv2d(64, 64, 3, padding=1))
+    assert not gains(nn.Conv2d(64, 64, 3, padding=1))  # measured slower
     assert not gains(nn.Conv2d(16, 8, 3, padding=1, padding_mode="reflect"))
     assert not gains(nn.Conv2d(16, 8, 3, padding="same"))
     assert not gains(nn.Conv2d(8, 256, 3, padding=1))
-    assert gains(nn.Conv2d(256, 8, 3, padding=1)) == direct_strategy_available()
+    assert not gains(nn.Conv2d(64, 32, 3, stride=2, padding=1))  # measured slower
     assert not gains(nn.Conv2d(16, 8, 3))  # stride 1 without same width: the kernel would not run
+    kernel = direct_strategy_available()
+    for conv in (nn.Conv2d(256, 8, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(8, 64, 3, padding=1),
+                 nn.Conv2d(128, 256, 1, stride=2), nn.Conv2d(32, 12, 3, stride=2, padding=1)):
+        assert gains(conv) == kernel, conv
 
 
 def test_module_matches_conv_and_compiles():

@@ -13,14 +13,18 @@ from .. import ops
 from ..ops._utils import pair
 from ._notrace import register_notrace_module
 
-# Where the kernel beats the vendor conv on this project's CPU (benchmarks/blocks.py, part "narrow";
-# docs/benchmarks.md, "Narrow convs"): at stride 1, fewer than 16 outputs (1.0-3.4x), or fewer than 16 inputs and
-# at most 64 outputs (1.0-2.5x; with 256 or 512 outputs it lost); at larger strides, 1x1 convs with at most 64
-# inputs and 128 outputs (ResNet's downsample shortcuts: 1.4-2.4x) and KxK convs with fewer than 16 outputs
-# (1.2-1.4x). Other convs run at 0.3-1.3x of the vendor's: they stay nn.Conv2d.
+# Where the kernel beat the vendor conv on this project's CPU at batch 1 and 8-16 (benchmarks/blocks.py, part
+# "narrow"; docs/benchmarks.md, "Narrow convs"). At stride 1 with same-width padding: fewer than 16 outputs
+# (1.6-3.6x), at most 32 outputs from at most 64 inputs (1.2-2.0x), fewer than 16 inputs to at most 64 outputs
+# (1.0-1.9x); 64 -> 64 lost (0.86-0.92), and 8 -> 256 at batch 1. At larger strides: 1x1 convs with at most 128
+# inputs and 256 outputs (ResNet's downsample shortcuts: 1.0-2.8x, but 0.81 for 32 -> 64 at batch 1), and KxK
+# convs with fewer than 16 outputs from at most 32 inputs (1.1-1.7x); 64 -> 32 3x3 lost (0.54). Other convs stay
+# nn.Conv2d.
 FEW = 16
+STRIDE_1_MOST = (64, 32)          # inputs, outputs
 FEW_INPUTS_MOST_OUTPUTS = 64
-STRIDED_1X1_MOST = (64, 128)  # inputs, outputs
+STRIDED_1X1_MOST = (128, 256)     # inputs, outputs
+STRIDED_FEW_OUTPUTS_MOST_INPUTS = 32
 
 
 @register_notrace_module
@@ -84,19 +88,20 @@ def convertible(conv: nn.Module) -> bool:
 
 
 def gains(conv: nn.Module) -> bool:
-    """Whether ``conv`` runs faster as a NarrowConv2d on this CPU (float32; see FEW and the measurements above):
-    convertible, a CPU with AVX-512, and at stride 1 with same-width padding: fewer than 16 outputs, or fewer than
-    16 inputs and at most 64 outputs; at larger strides: a 1x1 conv without padding with at most 64 inputs and 128
-    outputs, or fewer than 16 outputs."""
+    """Whether ``conv`` runs faster as a NarrowConv2d on this CPU (float32; the measurements above): convertible,
+    a CPU with AVX-512, and at stride 1 with same-width padding: fewer than 16 outputs, or at most 32 outputs from
+    at most 64 inputs, or fewer than 16 inputs to at most 64 outputs; at larger strides: a 1x1 conv without padding
+    with at most 128 inputs and 256 outputs, or fewer than 16 outputs from at most 32 inputs."""
     if not convertible(conv) or not ops.direct_strategy_available():
         return False
     i, o = conv.in_channels, conv.out_channels
     if tuple(conv.stride) == (1, 1):
         same_width = 2 * conv.padding[1] == conv.dilation[1] * (conv.kernel_size[1] - 1)
-        return same_width and (o < FEW or (i < FEW and o <= FEW_INPUTS_MOST_OUTPUTS))
+        return same_width and (o < FEW or (i <= STRIDE_1_MOST[0] and o <= STRIDE_1_MOST[1])
+                               or (i < FEW and o <= FEW_INPUTS_MOST_OUTPUTS))
     if tuple(conv.kernel_size) == (1, 1) and tuple(conv.padding) == (0, 0):
         return i <= STRIDED_1X1_MOST[0] and o <= STRIDED_1X1_MOST[1]
-    return o < FEW
+    return o < FEW and i <= STRIDED_FEW_OUTPUTS_MOST_INPUTS
 
 
 def _clamp_of(gm: torch.fx.GraphModule, node: torch.fx.Node):

@@ -22,6 +22,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <cstdint>
 #include <limits>
 #include <utility>
@@ -53,93 +57,129 @@ bool avx512() {
 
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
-// The call's geometry. Output pixels q in [0, ho * wo) of an image, flattened over rows; tap t reads source
-// value q + off[t] of the image's channel. At stride 1 with wo == w the source is x itself. Otherwise it is x
-// split into phase planes (stride phase (ry, rx): x[ry::sh, rx::sw], cropped or zero-padded to wo columns and
-// rows rows), those that taps read in one buffer [phases][n][c][rows][wo]: the tap (dy, dx) = (sh qy + ry, sw qx + rx) of output
-// (oh, ow) reads row oh + qy, column ow + qx of plane (ry, rx), at one offset from q for every output pixel.
-struct Plan {
-  int64_t n, c, o, ho, wo, taps, pv, tiles;
+// A conv's geometry, whatever its batch and channels. Output pixels q in [0, ho * wo) of an image, flattened over
+// rows; tap t reads source value q + local[t] of plane slot[t], of the image's channel. At stride 1 with wo == w
+// the source is x itself (one plane). Otherwise it is x split into phase planes (stride phase (ry, rx):
+// x[ry::sh, rx::sw], cropped or zero-padded to wo columns and `rows` rows), those that taps read, in one buffer
+// [phases][n][c][rows][wo]: the tap (dy, dx) = (sh qy + ry, sw qx + rx) of output (oh, ow) reads row oh + qy,
+// column ow + qx of plane (ry, rx), at one offset from q for every output pixel.
+struct Geometry {
+  bool ok = false;                // false where the flattened addressing cannot hold (see geometry())
+  int64_t ho = 0, wo = 0, taps = 0, pv = 0, tiles = 0;
   bool planes = false;            // whether the source is the phase planes
-  int64_t sh = 1, sw = 1, rows = 0;
-  int64_t cstride = 0, nstride = 0, pstride = 0;  // source strides: channel, image, plane
+  int64_t sh = 1, sw = 1, rows = 0, width = 0;
   std::vector<int64_t> phases;    // the planes that taps read, as ry * sw + rx, in buffer order
-  std::vector<int64_t> off;       // [taps]
+  std::vector<int64_t> slot, local;  // [taps]
   std::vector<uint16_t> load;     // [tiles][taps][pv]: lanes whose tap is inside the image
   std::vector<uint16_t> store;    // [tiles][pv]: lanes that are output pixels
 };
 
-// The plan, or false where the flattened addressing cannot hold: a tap to the right would need a column that
-// the wo-wide planes do not keep.
-bool make_plan(Plan& p, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t pv) {
-  p.n = x.size(0), p.c = x.size(1), p.o = weight.size(0);
-  const int64_t h = x.size(2), w = x.size(3), kh = weight.size(2), kw = weight.size(3);
-  p.sh = stride[0], p.sw = stride[1];
-  p.ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / p.sh + 1;
-  p.wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / p.sw + 1;
+// The geometry of x [*, *, h, w] under a kh x kw kernel, or ok = false where a tap to the right would need a
+// column that the wo-wide planes do not keep.
+Geometry make_geometry(int64_t h, int64_t w, int64_t kh, int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t pv) {
+  Geometry g;
   if (h + 2 * padding[0] - dilation[0] * (kh - 1) <= 0 || w + 2 * padding[1] - dilation[1] * (kw - 1) <= 0) {
-    return false;
+    return g;
   }
-  p.planes = !(p.sh == 1 && p.sw == 1 && p.wo == w);
-  p.rows = p.planes ? (h + p.sh - 1) / p.sh : h;
-  const int64_t width = p.planes ? p.wo : w;
-  p.cstride = p.rows * width, p.nstride = p.c * p.cstride, p.pstride = p.n * p.nstride;
-  p.taps = kh * kw, p.pv = pv;
-  const int64_t hw = p.ho * p.wo, lanes = 16 * pv;
-  p.tiles = (hw + lanes - 1) / lanes;
-  p.off.resize(p.taps);
-  p.load.assign(p.tiles * p.taps * pv, 0);
-  p.store.assign(p.tiles * pv, 0);
-  for (int64_t t = 0; t < p.taps; ++t) {
+  g.sh = stride[0], g.sw = stride[1];
+  g.ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / g.sh + 1;
+  g.wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / g.sw + 1;
+  g.planes = !(g.sh == 1 && g.sw == 1 && g.wo == w);
+  g.rows = g.planes ? (h + g.sh - 1) / g.sh : h;
+  g.width = g.planes ? g.wo : w;
+  g.taps = kh * kw, g.pv = pv;
+  const int64_t hw = g.ho * g.wo, lanes = 16 * pv;
+  g.tiles = (hw + lanes - 1) / lanes;
+  g.slot.assign(g.taps, 0);
+  g.local.assign(g.taps, 0);
+  g.load.assign(g.tiles * g.taps * pv, 0);
+  g.store.assign(g.tiles * pv, 0);
+  for (int64_t q = 0; q < hw; ++q) g.store[q / 16] |= uint16_t(1u << (q % 16));
+  for (int64_t t = 0; t < g.taps; ++t) {
     const int64_t dy = (t / kw) * dilation[0] - padding[0], dx = (t % kw) * dilation[1] - padding[1];
     // plane (ry, rx) of this tap, its row and column offsets, and how many rows and columns of x it holds
-    const int64_t qy = p.planes ? floor_div(dy, p.sh) : dy, qx = p.planes ? floor_div(dx, p.sw) : dx;
-    const int64_t ry = dy - qy * p.sh, rx = dx - qx * p.sw;
-    const int64_t hold_rows = p.planes ? (h - ry + p.sh - 1) / p.sh : h;
-    const int64_t hold_cols = p.planes ? std::min((w - rx + p.sw - 1) / p.sw, p.wo) : w;
-    if (p.planes && qx > 0 && (w - rx + p.sw - 1) / p.sw > p.wo) return false;
-    int64_t slot = 0;
-    if (p.planes) {
-      const auto found = std::find(p.phases.begin(), p.phases.end(), ry * p.sw + rx);
-      slot = found - p.phases.begin();
-      if (found == p.phases.end()) p.phases.push_back(ry * p.sw + rx);
+    const int64_t qy = g.planes ? floor_div(dy, g.sh) : dy, qx = g.planes ? floor_div(dx, g.sw) : dx;
+    const int64_t ry = dy - qy * g.sh, rx = dx - qx * g.sw;
+    const int64_t hold_rows = g.planes ? (h - ry + g.sh - 1) / g.sh : h;
+    const int64_t hold_cols = g.planes ? std::min((w - rx + g.sw - 1) / g.sw, g.wo) : w;
+    if (g.planes && qx > 0 && (w - rx + g.sw - 1) / g.sw > g.wo) return Geometry();
+    if (g.planes) {
+      const auto found = std::find(g.phases.begin(), g.phases.end(), ry * g.sw + rx);
+      g.slot[t] = found - g.phases.begin();
+      if (found == g.phases.end()) g.phases.push_back(ry * g.sw + rx);
     }
-    p.off[t] = slot * p.pstride + qy * width + qx;
-    for (int64_t tile = 0; tile < p.tiles; ++tile) {
-      for (int64_t l = 0; l < lanes; ++l) {
-        const int64_t q = tile * lanes + l;
-        if (q >= hw) break;
-        const int64_t iy = q / p.wo + qy, ix = q % p.wo + qx;
-        if (t == 0) p.store[tile * pv + l / 16] |= uint16_t(1u << (l % 16));
-        if (iy >= 0 && iy < hold_rows && ix >= 0 && ix < hold_cols) {
-          p.load[(tile * p.taps + t) * pv + l / 16] |= uint16_t(1u << (l % 16));
-        }
+    g.local[t] = qy * g.width + qx;
+    // the valid output rows and, per row, columns of this tap: [y0, y1) x [x0, x1)
+    const int64_t y0 = std::max<int64_t>(0, -qy), y1 = std::min(g.ho, hold_rows - qy);
+    const int64_t x0 = std::max<int64_t>(0, -qx), x1 = std::min(g.wo, hold_cols - qx);
+    uint16_t* masks = g.load.data() + t * pv;
+    for (int64_t y = y0; y < y1; ++y) {
+      for (int64_t q = y * g.wo + x0; q < y * g.wo + x1; ++q) {
+        masks[(q / lanes) * g.taps * pv + (q % lanes) / 16] |= uint16_t(1u << (q % 16));
       }
     }
   }
-  return true;
+  g.ok = true;
+  return g;
+}
+
+// make_geometry, cached: inference calls a conv with the same geometry every time, and building the masks cost
+// about what a small conv does (at batch 1 the kernel lost to the vendor's by that much).
+std::shared_ptr<const Geometry> geometry(int64_t h, int64_t w, int64_t kh, int64_t kw, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t pv) {
+  using Key = std::array<int64_t, 11>;
+  static std::mutex mutex;
+  static std::map<Key, std::shared_ptr<const Geometry>> cache;
+  const Key key{h, w, kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], pv};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto found = cache.find(key);
+    if (found != cache.end()) return found->second;
+  }
+  auto made = std::make_shared<const Geometry>(make_geometry(h, w, kh, kw, stride, padding, dilation, pv));
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() >= 1024) cache.clear();  // bounded: a model has a few dozen geometries
+  cache.emplace(key, made);
+  return made;
+}
+
+// One call: the geometry, and the source's strides and each tap's offset for this batch and channel count.
+struct Plan {
+  const Geometry* g;
+  int64_t n, c, o;
+  int64_t cstride, nstride, pstride;  // source strides: channel, image, plane
+  std::vector<int64_t> off;           // [taps]: slot * pstride + local
+};
+
+Plan make_plan(const Geometry& g, int64_t n, int64_t c, int64_t o) {
+  Plan p{&g, n, c, o, g.rows * g.width, 0, 0, {}};
+  p.nstride = c * p.cstride, p.pstride = n * p.nstride;
+  p.off.resize(g.taps);
+  for (int64_t t = 0; t < g.taps; ++t) p.off[t] = g.slot[t] * p.pstride + g.local[t];
+  return p;
 }
 
 // The phase planes of x (NCHW contiguous) that plan p reads: [phases][n][c][rows][wo], zeros past x.
 at::Tensor phase_planes(const at::Tensor& x, const Plan& p) {
-  const int64_t count = static_cast<int64_t>(p.phases.size()), h = x.size(2), w = x.size(3);
-  at::Tensor planes = at::empty({count, p.n, p.c, p.rows, p.wo}, x.options());
+  const Geometry& g = *p.g;
+  const int64_t count = static_cast<int64_t>(g.phases.size()), h = x.size(2), w = x.size(3);
+  at::Tensor planes = at::empty({count, p.n, p.c, g.rows, g.wo}, x.options());
   const float* xd = x.const_data_ptr<float>();
   float* pd = planes.mutable_data_ptr<float>();
   at::parallel_for(0, count * p.n * p.c, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t phase = p.phases[i / (p.n * p.c)], ry = phase / p.sw, rx = phase % p.sw;
+      const int64_t phase = g.phases[i / (p.n * p.c)], ry = phase / g.sw, rx = phase % g.sw;
       const float* src = xd + (i % (p.n * p.c)) * h * w;
-      float* dst = pd + i * p.rows * p.wo;
-      for (int64_t r = 0; r < p.rows; ++r, dst += p.wo) {
-        const int64_t y = r * p.sh + ry;
+      float* dst = pd + i * g.rows * g.wo;
+      for (int64_t r = 0; r < g.rows; ++r, dst += g.wo) {
+        const int64_t y = r * g.sh + ry;
         int64_t j = 0;
         if (y < h) {
           const float* row = src + y * w + rx;
-          for (; j < p.wo && j * p.sw + rx < w; ++j) dst[j] = row[j * p.sw];
+          for (; j < g.wo && j * g.sw + rx < w; ++j) dst[j] = row[j * g.sw];
         }
-        for (; j < p.wo; ++j) dst[j] = 0.0f;
+        for (; j < g.wo; ++j) dst[j] = 0.0f;
       }
     }
   });
@@ -152,8 +192,9 @@ at::Tensor phase_planes(const at::Tensor& x, const Plan& p) {
 template <int PV, int OB>
 __attribute__((target("avx512f"))) void tile_kernel(const float* x, const Plan& p, int64_t tile, const float* wp,
                                                       const float* bias, float* out, float lo, float hi) {
-  const int64_t hw_out = p.ho * p.wo, q = tile * 16 * PV;
-  const uint16_t* masks = p.load.data() + tile * p.taps * PV;
+  const Geometry& g = *p.g;
+  const int64_t hw_out = g.ho * g.wo, q = tile * 16 * PV;
+  const uint16_t* masks = g.load.data() + tile * g.taps * PV;
   __m512 acc[OB][PV];
 #pragma GCC unroll 12
   for (int o = 0; o < OB; ++o) {
@@ -164,7 +205,7 @@ __attribute__((target("avx512f"))) void tile_kernel(const float* x, const Plan& 
   const float* w = wp;
   for (int64_t ci = 0; ci < p.c; ++ci) {
     const float* xc = x + ci * p.cstride + q;
-    for (int64_t t = 0; t < p.taps; ++t, w += OB) {
+    for (int64_t t = 0; t < g.taps; ++t, w += OB) {
       // a masked-off lane reads nothing, so the address may lie before or after the image
       const float* src = xc + p.off[t];
       __m512 v[PV];
@@ -179,7 +220,7 @@ __attribute__((target("avx512f"))) void tile_kernel(const float* x, const Plan& 
     }
   }
   const __m512 lov = _mm512_set1_ps(lo), hiv = _mm512_set1_ps(hi);
-  const uint16_t* store = p.store.data() + tile * PV;
+  const uint16_t* store = g.store.data() + tile * PV;
 #pragma GCC unroll 12
   for (int o = 0; o < OB; ++o) {
 #pragma GCC unroll 4
@@ -213,34 +254,36 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& weight, const c10::opti
                              weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous();
   const int64_t o = weight.size(0);
-  Plan p;
   const int64_t pixels = ((x.size(2) + stride[0] - 1) / stride[0]) * ((x.size(3) + stride[1] - 1) / stride[1]);
   const int64_t pv = o <= kMaxBlock4 && pixels > 32 ? 4 : 2;
-  if (!make_plan(p, x, weight, stride, padding, dilation, pv)) return at::Tensor();
+  const std::shared_ptr<const Geometry> g = geometry(x.size(2), x.size(3), weight.size(2), weight.size(3), stride,
+                                                     padding, dilation, pv);
+  if (!g->ok) return at::Tensor();
+  const Plan p = make_plan(*g, x.size(0), x.size(1), o);
   RECORD_FUNCTION("fxeff::narrow_conv2d::pixels", std::vector<c10::IValue>());  // the kernel runs (tests look)
   const int64_t most = pv == 4 ? kMaxBlock4 : kMaxBlock2;
   const int64_t blocks = (o + most - 1) / most;
   // block b: outputs [start[b], start[b + 1]), its weight packed [C][taps][size] from start[b] * C * taps
   std::vector<int64_t> start(blocks + 1);
   for (int64_t b = 0; b <= blocks; ++b) start[b] = b * o / blocks;
-  std::vector<float> packed(o * p.c * p.taps);
+  std::vector<float> packed(o * p.c * g->taps);
   const at::Tensor w = weight.contiguous();
   const float* wd = w.const_data_ptr<float>();
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t size = start[b + 1] - start[b];
-    float* dst = packed.data() + start[b] * p.c * p.taps;
+    float* dst = packed.data() + start[b] * p.c * g->taps;
     for (int64_t ci = 0; ci < p.c; ++ci) {
-      for (int64_t t = 0; t < p.taps; ++t) {
+      for (int64_t t = 0; t < g->taps; ++t) {
         for (int64_t k = 0; k < size; ++k) {
-          dst[(ci * p.taps + t) * size + k] = wd[((start[b] + k) * p.c + ci) * p.taps + t];
+          dst[(ci * g->taps + t) * size + k] = wd[((start[b] + k) * p.c + ci) * g->taps + t];
         }
       }
     }
   }
   const at::Tensor bc = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const float* bd = bc.defined() ? bc.const_data_ptr<float>() : nullptr;
-  const at::Tensor source = p.planes ? phase_planes(x, p) : x;
-  at::Tensor out = at::empty({p.n, o, p.ho, p.wo}, x.options());
+  const at::Tensor source = g->planes ? phase_planes(x, p) : x;
+  at::Tensor out = at::empty({p.n, o, g->ho, g->wo}, x.options());
   const float* sd = source.const_data_ptr<float>();
   float* od = out.mutable_data_ptr<float>();
   std::vector<TileFn> fns(blocks);
@@ -249,12 +292,12 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& weight, const c10::opti
     fns[b] = pv == 4 ? pick<4>(size, std::make_integer_sequence<int, kMaxBlock4>())
                      : pick<2>(size, std::make_integer_sequence<int, kMaxBlock2>());
   }
-  const int64_t items = p.n * blocks * p.tiles, hw_out = p.ho * p.wo;
-  const int64_t work = p.c * p.taps * (o / blocks + 1) * pv;  // FMAs per item, about
+  const int64_t items = p.n * blocks * g->tiles, hw_out = g->ho * g->wo;
+  const int64_t work = p.c * g->taps * (o / blocks + 1) * pv;  // FMAs per item, about
   at::parallel_for(0, items, std::max<int64_t>(1, 8192 / std::max<int64_t>(work, 1)), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t tile = i % p.tiles, b = (i / p.tiles) % blocks, n = i / (p.tiles * blocks);
-      fns[b](sd + n * p.nstride, p, tile, packed.data() + start[b] * p.c * p.taps,
+      const int64_t tile = i % g->tiles, b = (i / g->tiles) % blocks, n = i / (g->tiles * blocks);
+      fns[b](sd + n * p.nstride, p, tile, packed.data() + start[b] * p.c * g->taps,
              bd != nullptr ? bd + start[b] : nullptr, od + (n * o + start[b]) * hw_out, lo, hi);
     }
   });
