@@ -200,3 +200,59 @@ def test_retraining_under_ddp_ends_with_the_same_students_on_every_rank(tmp_path
     block = gm.fxeff_blocks[0]["name"]
     some = [k for k in ranks[0] if k.startswith(block) and k.endswith("weight")][0]
     assert torch.equal(saved[f"{block}@0_5.{some.split('/', 1)[1]}"], ranks[0][some])
+
+
+def _students_for_two(x):
+    torch.manual_seed(0)  # the same model, descendants and data in every process
+    model = reference.load("resnet20", "cluttered-fashion-mnist").eval()
+    gm, inputs = outlined(model, x[:2])
+    students = {b["name"]: descendants(gm.get_submodule(b["name"]), inputs[b["name"]], b["prunable"],
+                                       sparsities=(0.0, 0.4, 0.8)) for b in gm.fxeff_blocks[:3]}
+    return gm, students
+
+
+def _state(students):
+    return {f"{name}/{s}/{k}": v.detach().clone() for name, by in students.items() for s, m in by.items() if s
+            for k, v in m.state_dict().items()}
+
+
+def _blocks_retrain_worker(rank: int, world: int, folder: str) -> None:
+    x = reference.first_images("cluttered-fashion-mnist", "train", 32)
+    gm, students = _students_for_two(x)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8)  # the whole loader
+    history = retrain(gm, students, loader, epochs=2, checkpoint=f"{folder}/students.pt", progress=False,
+                      parallel="blocks")
+    assert history["epochs_done"] == 2
+    torch.save(_state(students), f"{folder}/rank{rank}.pt")
+
+
+def test_retraining_parallel_over_blocks_equals_one_process(tmp_path):
+    """parallel="blocks": 6 students dealt to 2 ranks, each trains its 3; after the broadcast both ranks hold all
+    6, equal to one process training them all (each student's Adam steps see only its own loss)."""
+    _gloo.spawn(_blocks_retrain_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    x = reference.first_images("cluttered-fashion-mnist", "train", 32)
+    gm, students = _students_for_two(x)
+    start = _state(students)
+    torch.set_num_threads(1)  # as the ranks ran (oneDNN's sums may depend on the thread count)
+    try:
+        retrain(gm, students, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8),
+                epochs=2, progress=False)
+    finally:
+        torch.set_num_threads(2)
+    alone = _state(students)
+    assert set(ranks[0]) == set(alone) and len({k.split("/")[0] + k.split("/")[1] for k in alone}) == 6
+    for key, value in alone.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # the broadcast: the same students on both ranks
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6)
+    assert sum(not torch.equal(start[k], v) for k, v in alone.items()) > 0
+    saved = torch.load(tmp_path / "students.pt", weights_only=True)
+    assert saved["epochs_done"] == 2 and len(saved["keys"]) == 6
+
+
+def test_parallel_must_be_data_or_blocks():
+    x = reference.first_images("cluttered-fashion-mnist", "train", 4)
+    gm, students = _students_for_two(x)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
+    with pytest.raises(ValueError, match="parallel must be 'data' or 'blocks'"):
+        retrain(gm, students, loader, parallel="layers", progress=False)

@@ -92,6 +92,11 @@ def test_profile_entries(setup):
         assert all(e.latency > 0 and e.peak_activation_bytes > 0 for e in sizes)
         assert sizes[0].peak_activation_bytes >= sizes[2].peak_activation_bytes
     assert 0 < result.base_latency < result.latency
+    # the latency model's calibration: the unpruned model and 8 random configurations timed whole
+    assert len(result.latency_calibration) == 9 and result.latency_scale > 0
+    x0, t0 = result.latency_calibration[0]
+    unpruned = result.base_latency + sum(table[name][0.0].latency for name in table)
+    assert unpruned == pytest.approx(t0, rel=1e-9) or t0 < x0  # exact, but where the base would be negative
     assert result.macs > sum(table[name][0.0].macs for name in table)
     assert 0 < result.accuracy <= 100
 
@@ -139,3 +144,14 @@ def test_profile_calibrates_on_configurations_measured_whole(setup):
         assert -100.0 < measured < 100.0
     # gm is restored: the blocks are the original ones
     assert all(getattr(gm, name) is not students[name].get(0.4) for name in students)
+
+
+def test_fit_latency_goes_through_the_unpruned_model_and_falls_back_on_noise():
+    from fxeff.blocks.profile import fit_latency
+
+    whole = (4.0, 5.0)  # summed isolated timings 4, measured whole 5
+    a, b = fit_latency(whole, [(2.0, 2.6), (3.0, 3.8), (1.0, 1.4)])  # exactly t = 0.2 + 1.2 x
+    assert a == pytest.approx(0.2) and b == pytest.approx(1.2)
+    assert fit_latency(whole, []) == (1.0, 1.0)  # no calibration: the plain additive model
+    assert fit_latency(whole, [(2.0, 5.5)]) == (1.0, 1.0)  # a slope <= 0 is noise: the additive model
+    assert fit_latency((4.0, 3.0), []) == (0.0, 1.0)  # never a negative base

@@ -75,7 +75,8 @@ def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_load
           sparsities: Sequence[float] = DEFAULT_SPARSITIES, importance: str = "l1", round_to: Optional[int] = None,
           epochs: int = 1, lr: float = 3e-4, max_ratio: float = 0.125, min_convs: int = 2, batch: int = 1,
           metric: Metric = top1, checkpoint: Optional[str] = None, progress: bool = True,
-          data: str = "", fold_batchnorm: bool = True, narrow_convs: bool = True) -> ScalableModel:
+          data: str = "", fold_batchnorm: bool = True, narrow_convs: bool = True,
+          parallel: str = "data") -> ScalableModel:
     """The ScalableModel of ``model`` (eval mode): its blocks (fxeff.passes.Blocks with ``max_ratio``,
     ``min_convs``), each block's descendants at ``sparsities`` (``importance``, ``round_to``), retrained for
     ``epochs`` on ``train_loader``'s images (Adam at ``lr``, resumable from ``checkpoint``), profiled on
@@ -83,7 +84,8 @@ def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_load
     artifact. Its ``meta["mse"]`` holds each descendant's block MSE before and after retraining.
     ``fold_batchnorm``: after retraining, every block and descendant gets its BatchNorms folded
     (``fold_batchnorms``), for inference. ``narrow_convs``: then every conv with few channels that runs faster as
-    ``fxeff.nn.NarrowConv2d`` (``narrow_block_convs``) becomes one, with its ReLU fused."""
+    ``fxeff.nn.NarrowConv2d`` (``narrow_block_convs``) becomes one, with its ReLU fused. ``parallel``: under
+    torch.distributed, what the ranks split in retraining ("data" or "blocks": ``retrain``)."""
     model.eval()
     settings = {"sparsities": [float(s) for s in sparsities], "importance": importance, "round_to": round_to,
                 "epochs": epochs, "lr": lr, "max_ratio": max_ratio, "min_convs": min_convs, "batch": batch,
@@ -91,7 +93,8 @@ def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_load
     x = images_of(next(iter(train_loader)))[:2]
     gm, students = _outline(model, x, settings)
     before = block_mse(gm, students, eval_loader, batches=4)
-    history = retrain(gm, students, train_loader, epochs=epochs, lr=lr, checkpoint=checkpoint, progress=progress)
+    history = retrain(gm, students, train_loader, epochs=epochs, lr=lr, checkpoint=checkpoint, progress=progress,
+                      parallel=parallel)
     after = block_mse(gm, students, eval_loader, batches=4)
     inference_form(gm, students, settings)
     result = profile(gm, students, eval_loader, batch=batch, metric=metric, progress=progress)

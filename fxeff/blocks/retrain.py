@@ -143,25 +143,50 @@ def block_mse(teacher: fx.GraphModule, students: Students, loader: torch.utils.d
 
 
 def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader, epochs: int = 1,
-            lr: float = 3e-4, checkpoint: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+            lr: float = 3e-4, checkpoint: Optional[str] = None, progress: bool = True,
+            parallel: str = "data") -> Dict[str, Any]:
     """Trains every student (in place) on the teacher's intermediate data: MSE(student(block input), block
     output), Adam at ``lr``, ``epochs`` passes over ``loader`` (its batches: images, or (images, labels)), one
     teacher pass per batch for all students (fxeff.training.fit, progress bar). ``checkpoint``: the students'
     weights and the epochs done are saved there after each epoch, and a run that finds it resumes after the
     epochs it holds. Returns fit's history ({"loss", "seconds"} per epoch run now) and "epochs_done".
 
-    Under torch.distributed (a process group initialised by the caller, each rank with its DistributedSampler
-    loader), the students train as one DistributedDataParallel module: each rank runs the teacher on its shard,
-    gradients are averaged, every rank ends with the same students; rank 0 writes the checkpoint."""
+    Under torch.distributed (a process group initialised by the caller), ``parallel`` says what is split:
+    - ``"data"``: each rank with its DistributedSampler loader; the students train as one DistributedDataParallel
+      module: each rank runs the teacher on its shard, gradients are averaged;
+    - ``"blocks"``: each rank with the whole loader (in the same order); the students are dealt to the ranks in
+      turn, each rank trains its own on the teacher's values (no gradient traffic: the students share no
+      parameter), and after each epoch every student's weights and statistics are broadcast from its rank. The
+      result is what one process training them all computes (each student's Adam steps see only its own loss).
+      Each rank runs the teacher on every batch; there must be at least as many students as ranks.
+    Either way every rank ends with the same students, and rank 0 writes the checkpoint."""
     import torch.distributed as dist
 
     from ..training import _rank, fit
 
+    if parallel not in ("data", "blocks"):
+        raise ValueError(f"fxeff.blocks.retrain: parallel must be 'data' or 'blocks', got {parallel!r}")
+    distributed = dist.is_available() and dist.is_initialized()
     names = block_names(teacher)
     teacher.eval()  # its values are taken under no_grad
     student_set = StudentSet(students, mutating_blocks(teacher))
     if not len(student_set.students):
         raise ValueError("fxeff.blocks.retrain: no student to train (every sparsity is 0)")
+    keys = sorted(student_set.students)
+    owner = {key: i % dist.get_world_size() for i, key in enumerate(keys)} if distributed else {}
+    trained = student_set
+    if distributed and parallel == "blocks":
+        if dist.get_world_size() > len(keys):
+            raise ValueError(f"fxeff.blocks.retrain: parallel='blocks' deals {len(keys)} students to "
+                             f"{dist.get_world_size()} ranks: some rank would have none (use parallel='data')")
+        trained = StudentSet({block: {s: m for s, m in by.items() if s == 0.0 or owner[_key(block, s)] == _rank()}
+                              for block, by in students.items()}, student_set.mutating)
+
+    def share() -> None:  # parallel="blocks": every student's state from the rank that trained it
+        if trained is not student_set:
+            for key, module in student_set.students.items():
+                for tensor in list(module.parameters()) + list(module.buffers()):
+                    dist.broadcast(tensor.data, src=owner[key])
     done = 0
     if checkpoint is not None and os.path.exists(checkpoint):
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -178,6 +203,7 @@ def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.dat
         return model(_teacher_values(teacher, names, batch))
 
     def save(epoch: int, loss: float) -> None:
+        share()
         history["epochs_done"] = done + epoch + 1
         if checkpoint is not None and _rank() == 0:
             tmp = checkpoint + ".tmp"
@@ -186,8 +212,7 @@ def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.dat
             os.replace(tmp, checkpoint)
 
     try:  # fit trains in training mode (BatchNorm statistics of the intermediate data); then the teacher's mode
-        model = nn.parallel.DistributedDataParallel(student_set) if dist.is_available() and dist.is_initialized() \
-            else student_set
+        model = nn.parallel.DistributedDataParallel(student_set) if distributed and parallel == "data" else trained
         run = fit(model, loader, loss_fn, epochs - done, lr=lr, weight_decay=0.0, optimizer="adam",
                   channels_last=False, progress=progress, description="fxeff.blocks.retrain", on_epoch_end=save)
     finally:

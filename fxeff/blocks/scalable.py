@@ -227,7 +227,7 @@ def read_artifact(path: str) -> Dict[str, Any]:
 def profile_from_dict(data: Mapping[str, Any]) -> Profile:
     entries = [Entry(**e) for e in data["entries"]]
     fields = {f.name for f in dataclasses.fields(Profile)} - {"entries"}
-    return Profile(entries=entries, **{k: data[k] for k in fields})
+    return Profile(entries=entries, **{k: data[k] for k in fields if k in data})  # later fields have defaults
 
 
 __all__ = ["ScalableModel", "ARTIFACT_FORMAT", "model_fingerprint", "read_artifact", "profile_from_dict"]
