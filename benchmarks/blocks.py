@@ -333,7 +333,8 @@ def narrow_part(args):
 
 REFERENCE_COLUMNS = ["measure", "value", "target", "target met"]
 CONFIG_COLUMNS = ["configuration", "MACs (M)", "MAC speedup", "modelled accuracy", "measured accuracy",
-                  "modelled latency ms", "measured latency ms", "latency error"]
+                  "modelled latency ms", "measured latency ms", "latency error", "modelled memory MiB",
+                  "measured memory MiB"]
 
 
 def _measured(scalable, model, choice, test, x, runs):
@@ -347,15 +348,70 @@ def _measured(scalable, model, choice, test, x, runs):
     return 100 * accuracy(scalable, test), seconds[1], seconds[0], macs
 
 
+UNIFORM_RATIOS = (0.15, 0.3, 0.45)  # torch-pruning's ratio of every conv: about 0.7, 0.5 and 0.3 of the MACs
+
+
+def _uniform_pruned(model, x, ratio, epochs, train):
+    """torch-pruning (DepGraph, per-filter L1 as the descendants) on the whole model at ``ratio`` for every conv,
+    the classifier's outputs kept, then fxeff.finetune (distilled from the original, with the labels) for
+    ``epochs`` on ``train``; BatchNorm folded and narrow convs (the inference form, as the blocks')."""
+    import copy
+
+    import torch_pruning as tp
+    from torch.fx.experimental.optimization import fuse
+
+    from fxeff import finetune
+    from fxeff.nn.narrow import narrow_convs
+
+    pruned = copy.deepcopy(model).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        pruner = tp.pruner.MetaPruner(pruned, x[:1], importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=ratio, ignored_layers=[pruned.fc])
+        pruner.step()
+    finetune(pruned, model, train, epochs=epochs, channels_last=False, progress=False)
+    inference = fuse(pruned.eval())
+    narrow_convs(inference)  # as fxeff.blocks.build runs its blocks: the same kernels for the same widths
+    return inference
+
+
+def _reference_plot(points, original, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"front": "o-", "every block at one sparsity": "s--", "torch-pruning uniform + fine-tuning": "^:"}
+    for ax, index, label in ((axes[0], 0, "MACs per image (M)"), (axes[1], 1, "measured latency, batch 16 (ms)")):
+        for name, pts in points.items():
+            pts = sorted(pts, key=lambda p: p[index])
+            if pts:
+                ax.plot([p[index] for p in pts], [p[2] for p in pts], styles[name], ms=4,
+                        label="fxeff blocks: the Pareto front" if name == "front" else name)
+        ax.axhline(original, color="grey", lw=0.8, ls="--", label="the original model")
+        ax.set_xlabel(label)
+        ax.set_ylabel("measured accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def reference_part(args):
     """ResNet-20 on --dataset: the whole offline stage (blocks, descendants at 0.2/0.4/0.6/0.8, retraining on
     --train-images for --epochs, profiles on --test-images at batch 16), then: the Pareto front (distinct
     configurations, their modelled and measured latency span), the models against 20 random composed
     configurations (accuracy, its interaction fitted on 8 other random configurations by the profile: within 1
-    point; additive latency: within 10% on 95%), the most accurate configuration with at
-    most half the MACs (the optimiser with MACs in the place of latency; drop <= 1.5 points), and the front against
-    every block at one sparsity at equal MACs."""
-    from fxeff import reference
+    point; additive latency: within 10% on 95%; memory: measured peaks, fxeff.bench.peak_memory), the most accurate
+    configuration with at most half the MACs (the optimiser with MACs in the place of latency; drop <= 1.5 points),
+    the front against every block at one sparsity and against torch-pruning's uniform pruning of the whole model
+    fine-tuned --uniform-epochs on the same images, at equal MACs, and (--plot) a PNG of the measured points."""
+    from fxeff import bench, reference
+    from fxeff.training import accuracy
     from fxeff.blocks.build import build
     from fxeff.blocks.command import reference_loaders
     from fxeff.blocks.select import Choice, pareto_front, select
@@ -385,7 +441,7 @@ def reference_part(args):
     # the additive models against composed configurations
     rng = np.random.default_rng(args.seed)
     configs = []
-    acc_errors, lat_errors = [], []
+    acc_errors, lat_errors, mem_ratios = [], [], []
     for i in range(20):
         choice = tuple(int(rng.integers(len(scalable.sparsities(n)))) for n in names)
         modelled = totals(scalable.choices(), choice, base_latency=prof.base_latency,
@@ -394,10 +450,13 @@ def reference_part(args):
         measured_acc, seconds, _, macs = _measured(scalable, model, choice, test, x, args.runs)
         acc_errors.append(abs(modelled_acc - measured_acc))
         lat_errors.append(abs(modelled.latency - seconds) / seconds)
+        memory = bench.peak_memory(lambda: scalable(x))  # scale() of _measured left the configuration in
+        mem_ratios.append(memory / modelled.memory)
         configs.append({"configuration": f"random {i}", "MACs (M)": macs / 1e6, "MAC speedup": prof.macs / macs,
                         "modelled accuracy": modelled_acc, "measured accuracy": measured_acc,
                         "modelled latency ms": modelled.latency * 1e3, "measured latency ms": seconds * 1e3,
-                        "latency error": lat_errors[-1]})
+                        "latency error": lat_errors[-1], "modelled memory MiB": modelled.memory / MIB,
+                        "measured memory MiB": memory / MIB})
     acc_ok = sum(e <= 1.0 for e in acc_errors)
     rows.append({"measure": "accuracy model: interaction c of x + c x^2, fitted on 8 other random configurations",
                  "value": f"{prof.interaction:.3f}", "target": "", "target met": ""})
@@ -405,7 +464,11 @@ def reference_part(args):
     rows += [{"measure": "accuracy model: |error| <= 1 point (20 random configurations)",
               "value": f"{acc_ok}/20 (max {max(acc_errors):.2f})", "target": "all", "target met": acc_ok == 20},
              {"measure": "additive latency model: |error| <= 10%", "value": f"{lat_ok}/20 (max {max(lat_errors):.0%})",
-              "target": ">= 95%", "target met": lat_ok >= 19}]
+              "target": ">= 95%", "target met": lat_ok >= 19},
+             {"measure": "memory model (parameters + each block's peak activations, summed): measured peak / "
+                         "modelled", "value": f"{min(mem_ratios):.2f}-{max(mem_ratios):.2f} (a bound in "
+                                              f"{sum(r <= 1 for r in mem_ratios)}/20)",
+              "target": "a bound: <= 1", "target met": max(mem_ratios) <= 1}]
     # MACs as the budgeted quantity: the most accurate configuration at <= half the MACs
     table = prof.table()
     by_macs = [[Choice(c.drop, float(table[n][s].macs), 0) for c, s in zip(row, scalable.sparsities(n))]
@@ -439,6 +502,41 @@ def reference_part(args):
     rows.append({"measure": "front at least as accurate as every block at one sparsity, at equal MACs",
                  "value": "everywhere" if not worse else f"not at {', '.join(worse)}", "target": "everywhere",
                  "target met": not worse})
+    # torch-pruning's uniform pruning of the whole model (residual channels included), fine-tuned with the same
+    # images and epochs as the block retraining, against the front at no more MACs (measured accuracy)
+    points = {"front": [], "every block at one sparsity": [], "torch-pruning uniform + fine-tuning": []}
+    for config in configs:
+        if config["configuration"].startswith("every block"):
+            points["every block at one sparsity"].append((config["MACs (M)"], config["measured latency ms"],
+                                                          config["measured accuracy"]))
+    behind = []
+    for ratio in (UNIFORM_RATIOS if args.uniform_epochs else ()):
+        pruned = _uniform_pruned(model, x, ratio, args.uniform_epochs, train)
+        p_macs = bench.macs(lambda: pruned(x[:1]))
+        with torch.no_grad():
+            p_s = bench.interleaved([lambda: model(x), lambda: pruned(x)], args.runs)[1]
+        p_acc = 100 * accuracy(pruned, test)
+        best = [s for s in mac_front if s.latency <= p_macs * (1 + 1e-9)]
+        f_acc = _measured(scalable, model, best[-1].choice, test, x, args.runs)[0] if best else float("nan")
+        configs.append({"configuration": f"torch-pruning uniform {ratio:g} + {args.uniform_epochs} epochs",
+                        "MACs (M)": p_macs / 1e6, "MAC speedup": prof.macs / p_macs, "modelled accuracy": "",
+                        "measured accuracy": p_acc, "modelled latency ms": "", "measured latency ms": p_s * 1e3,
+                        "latency error": f"front at <= its MACs: {f_acc:.2f}%"})
+        points["torch-pruning uniform + fine-tuning"].append((p_macs / 1e6, p_s * 1e3, p_acc))
+        if f_acc < p_acc:
+            behind.append(f"{ratio:g} ({f_acc:.2f} vs {p_acc:.2f})")
+    if args.uniform_epochs:
+        rows.append({"measure": f"front at least as accurate as torch-pruning's uniform whole-model pruning "
+                                f"fine-tuned {args.uniform_epochs} epochs on the same images, at equal MACs",
+                     "value": "everywhere" if not behind else f"not at {', '.join(behind)}",
+                     "target": "everywhere", "target met": not behind})
+    # the front measured along its length, for the plot
+    for s in mac_front[::max(1, len(mac_front) // 8)] + [mac_front[-1]]:
+        f_acc, f_s, _, f_macs = _measured(scalable, model, s.choice, test, x, args.runs)
+        points["front"].append((f_macs / 1e6, f_s * 1e3, f_acc))
+    if args.plot:
+        _reference_plot(points, prof.accuracy, args.plot, f"ResNet-20, {args.dataset}: measured (accuracy on "
+                                                          f"{args.test_images} test images, latency at batch 16)")
     scalable.scale([0] * len(names))
     print(report(f"ResNet-20 configurations on {args.dataset} (accuracy on {args.test_images} test images, latency "
                  f"at batch 16)", configs, CONFIG_COLUMNS), flush=True)
@@ -460,6 +558,10 @@ def main(argv=None):
     parser.add_argument("--dataset", default="cluttered-fashion-mnist", help="reference part: the dataset")
     parser.add_argument("--train-images", type=int, default=10000, help="reference part: retraining images")
     parser.add_argument("--epochs", type=int, default=2, help="reference part: retraining epochs")
+    parser.add_argument("--uniform-epochs", type=int, default=2,
+                        help="reference part: fine-tuning epochs of torch-pruning's uniform whole-model pruning, "
+                             "the baseline (0: none)")
+    parser.add_argument("--plot", default="", help="reference part: a PNG of the measured configurations")
     parser.add_argument("--test-images", type=int, default=10000,
                         help="reference part: accuracy images (default the whole test split: the drops of single "
                              "descendants are fractions of a point)")

@@ -100,3 +100,22 @@ def test_script_runs_on_cuda(name):
                            *QUICK[name]], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu " in proc.stdout and "cuda " in proc.stdout  # environment() names the GPU and the CUDA version
+
+
+def test_peak_memory_sees_the_tensors_alive_at_once():
+    from fxeff.bench import peak_memory
+
+    x = torch.randn(64, 1024)  # 256 KiB
+    size = x.numel() * 4
+
+    def three_kept():
+        a = x * 2
+        b = a + 1
+        return a, b, b * 3  # x, a, b and the product alive at once
+
+    def two_at_a_time():
+        return ((x * 2).relu_() + 1).relu_()  # x, the product, the sum; then in place
+
+    more, fewer = peak_memory(three_kept), peak_memory(two_at_a_time)
+    assert more >= 4 * size
+    assert 3 * size <= fewer < more
