@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     out = args.out or os.path.join(ROOT, *(("out", "finetuned.md") if args.students else ("docs", "accuracy.md")))
     plots = args.plots or os.path.join(ROOT, *(("out", "finetuned") if args.students else ("docs", "accuracy")))
-    only_students = dict(focus_halos=(), stem_fractions=(), hetconv_parts=(4,), shift_modes=("sparse",),
+    only_students = dict(focus_halos=(), stem_fractions=(), hetconv_parts=(4,), shift_modes=("sparse",), blocks=False,
                          save_students=True) if args.students else {}
     rows = args.rows or os.path.join(ROOT, *(("out", "students-rows.json") if args.students
                                              else ("docs", "accuracy-rows.json")))

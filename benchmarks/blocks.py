@@ -414,7 +414,7 @@ def reference_part(args):
     from fxeff.training import accuracy
     from fxeff.blocks.build import build
     from fxeff.blocks.command import reference_loaders
-    from fxeff.blocks.select import Choice, pareto_front, select
+    from fxeff.blocks.select import pareto_front
 
     torch.manual_seed(0)
     model = reference.load("resnet20", args.dataset).eval()
@@ -470,11 +470,8 @@ def reference_part(args):
                                               f"{sum(r <= 1 for r in mem_ratios)}/20)",
               "target": "a bound: <= 1", "target met": max(mem_ratios) <= 1}]
     # MACs as the budgeted quantity: the most accurate configuration at <= half the MACs
-    table = prof.table()
-    by_macs = [[Choice(c.drop, float(table[n][s].macs), 0) for c, s in zip(row, scalable.sparsities(n))]
-               for n, row in zip(names, scalable.choices())]
-    base_macs = float(prof.macs - sum(table[n][0.0].macs for n in names))
-    half = select(by_macs, prof.macs / 2, base_latency=base_macs)
+    by_macs, base_macs = scalable.macs_choices()
+    half = scalable.select_macs(prof.macs / 2)
     half_acc, half_s, dense_s, half_macs = _measured(scalable, model, half.choice, test, x, args.runs)
     rows.append({"measure": f"most accurate at <= 1/2 the MACs ({prof.macs / half_macs:.2f}x fewer): accuracy drop",
                  "value": f"{prof.accuracy - half_acc:.2f} points (modelled "

@@ -42,7 +42,8 @@ STEM_FRACTIONS = (0.1, 0.3)
 FOCUS_EXECUTIONS = ("auto", "layer")
 TARGET_AOI = 0.30  # the focus target holds for AoIs up to this fraction
 NOTES_FILE = "accuracy_notes.md"  # beside the report: included as written after the targets
-TARGETS = {"focus": 0.5, "shift sparse": 1.0, "hetconv P=4": 0.5}  # allowed drop, points of accuracy
+TARGETS = {"focus": 0.5, "shift sparse": 1.0, "hetconv P=4": 0.5, "blocks": 1.5}  # allowed drop, points of accuracy
+BLOCKS_MACS = 0.5  # the blocks row: the most accurate configuration with at most this fraction of the MACs
 
 
 @dataclasses.dataclass
@@ -75,6 +76,12 @@ class Settings:
     aoi_fractions: Sequence[float] = AOI_FRACTIONS    # the EfficientNet-Lite0 photo rows
     hetconv_parts: Sequence[int] = HETCONV_PARTS
     shift_modes: Sequence[str] = SHIFT_MODES
+    # block scaling (fxeff.blocks.build, descendants retrained on intermediate data only): its row is the most
+    # accurate configuration at <= BLOCKS_MACS of the MACs
+    blocks: bool = True
+    blocks_sparsities: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8)
+    blocks_train_images: int = 10000
+    blocks_epochs: int = 2
     progress: bool = True
     save_students: bool = False              # save the fine-tuned rows of reference.FINETUNED (reference.save_finetuned)
 
@@ -265,11 +272,35 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
         for mode in settings.shift_modes:
             measure(f"shift {mode}", mode, functools.partial(
                 finetuned_row, f"shift {mode}", mode, settings.calibration_images, Shift(mode=mode)))
+    def blocks_row() -> Dict[str, object]:
+        from .blocks.build import build
+
+        images = min(settings.blocks_train_images, len(ctx.train))
+        train = torch.utils.data.DataLoader(torch.utils.data.Subset(ctx.train, range(images)), batch_size=64,
+                                            shuffle=True, generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        scalable = build(copy.deepcopy(ctx.model).eval(), train, ctx.test_loader,
+                         sparsities=settings.blocks_sparsities, epochs=settings.blocks_epochs,
+                         batch=settings.latency_batch, progress=settings.progress)
+        from .blocks.select import InfeasibleBudgetError
+
+        try:
+            chosen, note = scalable.select_macs(BLOCKS_MACS * scalable.profile.macs), ""
+        except InfeasibleBudgetError as error:  # the sparsities cannot reach it: the fewest MACs (its own column)
+            chosen, note = error.closest, f"; {BLOCKS_MACS:g} of the MACs is out of reach: the fewest"
+        row = ctx.row("blocks", blocks_setting, scalable.static(chosen.choice))
+        row["fine-tune"] = (f"none (descendants retrained: {settings.blocks_epochs} x {images} images; build "
+                            f"{time.perf_counter() - start:.0f} s{note})")
+        return row
+
+    blocks_setting = f"most accurate at <= {BLOCKS_MACS:g} of the MACs, BatchNorm folded, narrow convs"
     if _has(ctx.model, _standard_kxk):
         for part in settings.hetconv_parts:
             measure("hetconv", f"P={part}", functools.partial(
                 finetuned_row, "hetconv", f"P={part}", settings.hetconv_fit_images,
                 HetConv(part=part, init=settings.hetconv_init)))
+    if settings.blocks:
+        measure("blocks", blocks_setting, blocks_row)
     return rows
 
 
@@ -313,13 +344,16 @@ def _percent(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
 
 def _target_name(row: Dict[str, object]) -> Optional[str]:
     """The key of TARGETS that applies to a row, or None: focus at <= 30% AoI on the cluttered set without
-    retraining, sparse shift and HetConv P=4 after recovery."""
+    retraining, sparse shift and HetConv P=4 after recovery, block scaling on ResNet-20 (issue 14's target: at
+    half the MACs, after block retraining only)."""
     if row["pass"] == "focus":
         return "focus" if row["dataset"] == "cluttered-fashion-mnist" and row["AoI"] <= TARGET_AOI else None
     if row["pass"] == "shift sparse":
         return "shift sparse"
     if row["pass"] == "hetconv" and row["setting"] == "P=4":
         return "hetconv P=4"
+    if row["pass"] == "blocks" and row["model"] == "resnet20":
+        return "blocks"
     return None
 
 
@@ -402,12 +436,14 @@ def _row_fingerprint(pass_name: str, setting: str, settings: Settings) -> Dict[s
     fields = ["eval_images", "calibration_images", "latency_batch", "latency_runs"]
     if pass_name == "focus":
         fields.append("focus_format")
+    elif pass_name == "blocks":
+        fields += ["blocks_sparsities", "blocks_train_images", "blocks_epochs"]
     else:
         fields.append("finetune_lr")
     if pass_name == "hetconv":
         fields += ["hetconv_init", "hetconv_fit_images"]
     kept = {k: getattr(settings, k) for k in fields}
-    if pass_name != "focus":
+    if pass_name not in ("focus", "blocks"):
         kept["finetune"] = _finetune_budget(pass_name, setting, settings)
     return json.loads(json.dumps({**kept, "torch": torch.__version__}))  # tuples as lists, as read back
 
@@ -487,7 +523,13 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
                "is never fine-tuned (its weights are the original's). The rewrites start from weights fitted "
                f"on training images: shift `init=\"lstsq\"` on {settings.calibration_images}, HetConv "
                f"`init=\"{settings.hetconv_init}\"` on {min(settings.hetconv_fit_images, settings.calibration_images)}"
-               " (each layer fitted to the input it sees once the layers before it are rewritten).", "",
+               " (each layer fitted to the input it sees once the layers before it are rewritten)."
+             + (f" Block scaling (`fxeff.blocks.build`): descendants at sparsities "
+                f"{', '.join(f'{v:g}' for v in settings.blocks_sparsities)}, each retrained to reproduce its block's "
+                f"output ({settings.blocks_epochs} epochs of {settings.blocks_train_images} training images, no "
+                f"fine-tuning of the whole model); its row is the configuration the optimiser finds most accurate "
+                f"with at most {BLOCKS_MACS:g} of the MACs, in the inference form build leaves (BatchNorm folded, "
+                f"narrow convs), timed against the original as it is." if settings.blocks else ""), "",
              "## Reference models", "",
              "Trained by `fxeff train ARCH DATASET` (fixed seed, 2 threads); the minutes include time shared with "
              "other jobs where the machine was busy (see the notes).", "",

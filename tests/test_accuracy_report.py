@@ -21,7 +21,8 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
     settings = accuracy_report.Settings(archs=("resnet20",), datasets=("fashion-mnist",), eval_images=200,
                                         calibration_images=32, finetune_images=64, hetconv_target_epochs=1,
                                         latency_runs=2, latency_batch=4, photos=False, focus_halos=(2,),
-                                        stem_fractions=(0.3,), hetconv_parts=(2, 4), progress=False)
+                                        stem_fractions=(0.3,), hetconv_parts=(2, 4), progress=False,
+                                        blocks_sparsities=(0.0, 0.5), blocks_train_images=64, blocks_epochs=1)
     md = str(tmp_path / "docs" / "accuracy.md")
     rows_path = str(tmp_path / "out" / "rows.json")
     text = accuracy_report.run(settings, md, str(tmp_path / "docs" / "plots"), rows_path=rows_path)
@@ -36,20 +37,28 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
     # has no depthwise conv)
     focus = ["input > black, halo 2, fill mean", "input > black, halo 2, fill zeros", "stem calibrated 30%, fill mean",
              "stem calibrated 30%, fill zeros"]
+    blocks = "most accurate at <= 0.5 of the MACs, BatchNorm folded, narrow convs"
     assert [(r["pass"], r["setting"]) for r in rows] == [
-        ("focus", f"{s}, {e}") for s in focus for e in ("auto", "layer")] + [("hetconv", "P=2"), ("hetconv", "P=4")]
+        ("focus", f"{s}, {e}") for s in focus for e in ("auto", "layer")] + [("hetconv", "P=2"), ("hetconv", "P=4"),
+                                                                             ("blocks", blocks)]
     # P=4 has a target: the longer budget over the whole training split; P=2 the short one
-    assert rows[-2]["fine-tune"].startswith("1 x 64 images") and rows[-1]["fine-tune"].startswith("1 x 96 images")
+    assert rows[-3]["fine-tune"].startswith("1 x 64 images") and rows[-2]["fine-tune"].startswith("1 x 96 images")
+    # block scaling: descendants retrained on intermediate data only, at most half the MACs
+    assert rows[-1]["fine-tune"].startswith("none (descendants retrained: 1 x 64 images")
+    # at sparsity 0.5 the blocks cannot reach half the MACs: the configuration with the fewest, said so
+    assert rows[-1]["fine-tune"].endswith("0.5 of the MACs is out of reach: the fewest)")
+    assert 0.5 < float(rows[-1]["MAC ratio"]) < 0.6
     assert len({r["AoI (measured)"] for r in rows[:4]}) == 1  # the same AoI, two fills, two executions
     for r in rows:
         # every rewrite cuts MACs; auto may run a grid dense where focusing measures slower (never above dense)
         assert 0 < float(r["MAC ratio"]) <= 1 if r["setting"].endswith("auto") else 0 < float(r["MAC ratio"]) < 1
         assert r["original acc."].endswith("%") and r["after rewrite"].endswith("%")
-        assert (r["after fine-tuning"] != "") == (r["pass"] == "hetconv")  # only weight-changing rewrites fine-tune
+        # only the rewrites whose weights change fine-tune (block scaling retrains its descendants instead)
+        assert (r["after fine-tuning"] != "") == (r["pass"] == "hetconv")
         assert (r["AoI (measured)"] != "") == (r["pass"] == "focus")
         # focus rows are timed in the focus format (original and rewritten alike), the others in NCHW
         assert r["format"] == ("channels_last" if r["pass"] == "focus" else "nchw")
-    assert "## Targets" in text and "hetconv P=4: drop <= 0.5 points" in text
+    assert "## Targets" in text and "hetconv P=4: drop <= 0.5 points" in text and "blocks: drop <= 1.5" in text
     plots = sorted(os.listdir(tmp_path / "docs" / "plots"))
     assert plots == ["fashion-mnist-latency.png", "fashion-mnist-mac.png"]
     for name in plots:
@@ -106,7 +115,8 @@ def test_row_cache_reuses_a_row_only_when_measured_the_same_way(tmp_path, monkey
     rows = [{"model": "vgg", "dataset": "fashion-mnist", "pass": "hetconv", "setting": "P=4", "drop": 0.25},
             {"model": "vgg", "dataset": "fashion-mnist", "pass": "hetconv", "setting": "P=2", "drop": 1.5},
             {"model": "vgg", "dataset": "fashion-mnist", "pass": "focus", "setting": "input", "drop": 0.1},
-            {"model": "vgg", "dataset": "fashion-mnist", "pass": "shift sparse", "setting": "sparse", "drop": 0.5}]
+            {"model": "vgg", "dataset": "fashion-mnist", "pass": "shift sparse", "setting": "sparse", "drop": 0.5},
+            {"model": "vgg", "dataset": "fashion-mnist", "pass": "blocks", "setting": "half", "drop": 0.7}]
     keys = [(r["pass"], r["setting"]) for r in rows]
     cache = accuracy_report.RowCache(path, settings)
     assert cache.get("vgg", "fashion-mnist", "hetconv", "P=4") is None  # nothing saved yet
@@ -134,7 +144,9 @@ def test_row_cache_reuses_a_row_only_when_measured_the_same_way(tmp_path, monkey
                            ({"finetune_images": 100}, [("hetconv", "P=2")]),
                            ({"hetconv_init": "sum"}, [k for k in keys if k[0] == "hetconv"]),
                            ({"hetconv_fit_images": 64}, [k for k in keys if k[0] == "hetconv"]),
-                           ({"finetune_lr": 0.01}, [k for k in keys if k[0] != "focus"]),
+                           ({"finetune_lr": 0.01}, [k for k in keys if k[0] not in ("focus", "blocks")]),
+                           ({"blocks_epochs": 3}, [("blocks", "half")]),
+                           ({"blocks_sparsities": (0.0, 0.5)}, [("blocks", "half")]),
                            ({"focus_format": "nchw"}, [("focus", "input")])):
         other = dataclasses.replace(settings, **changed)
         assert found(other) == [k for k in keys if k not in stale], changed
@@ -182,7 +194,8 @@ def test_students_are_saved_and_load_back_exactly(tmp_path, monkeypatch):
     settings = accuracy_report.Settings(archs=("resnet20",), datasets=("fashion-mnist",), eval_images=64,
                                         calibration_images=32, hetconv_fit_images=16, hetconv_target_epochs=1,
                                         latency_runs=2, latency_batch=4, photos=False, focus_halos=(),
-                                        stem_fractions=(), hetconv_parts=(2, 4), progress=False, save_students=True)
+                                        stem_fractions=(), hetconv_parts=(2, 4), progress=False, save_students=True,
+                                        blocks=False)
     rows = accuracy_report.model_rows("resnet20", "fashion-mnist", settings)
     assert [r["setting"] for r in rows] == ["P=2", "P=4"]
     path = reference.finetuned_path("resnet20", "fashion-mnist", "hetconv P=4")

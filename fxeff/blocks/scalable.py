@@ -135,6 +135,20 @@ class ScalableModel(nn.Module):
         """The distinct configurations on the Pareto front of modelled latency and accuracy drop, by latency."""
         return pareto_front(self.choices(), max_points=max_points, **self._budget_kwargs())
 
+    def macs_choices(self) -> Tuple[List[List[Choice]], float]:
+        """(the choices with each one's MACs per sample in the place of its latency, the MACs outside the blocks):
+        for the optimiser and ``pareto_front`` at a MAC budget, as comparisons at equal MACs need."""
+        table = self.profile.table()
+        rows = [[Choice(c.drop, float(table[n][s].macs), 0, c.load_bytes) for c, s in zip(row, self.sparsities(n))]
+                for n, row in zip(self.block_names, self.choices())]
+        return rows, float(self.profile.macs - sum(table[n][0.0].macs for n in self.block_names))
+
+    def select_macs(self, macs: float) -> Selection:
+        """The configuration of least summed pessimistic drop with at most ``macs`` MACs per sample (its
+        ``latency`` field holds its MACs)."""
+        rows, base = self.macs_choices()
+        return select(rows, macs, base_latency=base)
+
     # ------------------------------------------------------------ switching
     def _choice_of(self, config: Union[Selection, Sequence[int], Mapping[str, float]]) -> Tuple[int, ...]:
         if isinstance(config, Selection):
