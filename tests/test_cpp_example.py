@@ -51,15 +51,22 @@ def test_cpp_program_runs_traced_focused_model(fxeff_run, tmp_path, execution):
     model = make_model()
     a, b = bright_square(INPUT_A_CORNER), bright_square(INPUT_B_CORNER)
     gm = fxeff.transform(model, (a,), [CONFIGS[execution]()])
-    fxeff.export.trace(gm, (a,), tmp_path / "model.pt")
-    batch = torch.cat([b, a])  # traced on a alone; per-image AoIs in a new batch
+    # traced on a alone; per-image AoIs in a new batch
+    stdout = _traced_in_cpp(fxeff_run, tmp_path, gm, a, torch.cat([b, a]))
+    assert "input [2, 3, 32, 32] -> output [2, 4, 16, 16]" in stdout
+
+
+def _traced_in_cpp(fxeff_run, tmp_path, model, example, batch, require_fxeff_ops=True) -> str:
+    """``model`` traced on ``example`` and run by the C++ program on ``batch``: its output equals Python's; the
+    program's stdout."""
+    fxeff.export.trace(model, (example,), tmp_path / "model.pt", require_fxeff_ops=require_fxeff_ops)
     torch.save(batch, tmp_path / "input.pt")
     stdout = _run([fxeff_run, fxeff.library_path(), tmp_path / "model.pt", tmp_path / "input.pt",
                    tmp_path / "output.pt"], timeout=120)
-    assert "input [2, 3, 32, 32] -> output [2, 4, 16, 16]" in stdout
     with torch.no_grad():
-        expected = gm(batch)
+        expected = model(batch)
     torch.testing.assert_close(torch.load(tmp_path / "output.pt"), expected, rtol=1e-5, atol=1e-5)
+    return stdout
 
 
 def test_cpp_program_needs_the_op_library(fxeff_run, tmp_path):
@@ -89,11 +96,5 @@ def test_cpp_program_runs_a_chosen_block_configuration(fxeff_run, tmp_path):
     fastest = scalable.series()[0]
     scalable.scale(fastest.choice)
     x = reference.first_images("fashion-mnist", "test", 4)
-    fxeff.export.trace(scalable.gm, (x,), tmp_path / "model.pt", require_fxeff_ops=direct_strategy_available())
-    torch.save(x, tmp_path / "input.pt")
-    stdout = _run([fxeff_run, fxeff.library_path(), tmp_path / "model.pt", tmp_path / "input.pt",
-                   tmp_path / "output.pt"], timeout=120)
+    stdout = _traced_in_cpp(fxeff_run, tmp_path, scalable.gm, x, x, require_fxeff_ops=direct_strategy_available())
     assert "input [4, 1, 28, 28] -> output [4, 10]" in stdout
-    with torch.no_grad():
-        expected = scalable(x)
-    torch.testing.assert_close(torch.load(tmp_path / "output.pt"), expected, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,8 @@
 geometries (strides, padding, dilation, kernels, clamps), memory formats, non-contiguous inputs, dtypes, gradients
 (gradcheck and against autograd of the reference), opcheck, FLOPs; that the kernel really runs where it claims
 to; fxeff.nn.NarrowConv2d and the rewrite fxeff.nn.narrow.narrow_convs (ReLU fused, outputs equal)."""
+import operator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -16,8 +18,9 @@ from fxeff.ops.focused_conv2d import direct_strategy_available
 needs_kernel = pytest.mark.skipif(not direct_strategy_available(), reason="the CPU kernel needs AVX-512")
 
 
-def expected(x, weight, bias, stride, padding, dilation, lo=None, hi=None):
+def expected(x, weight, bias, stride, padding, dilation, lo=None, hi=None, residual=None):
     out = F.conv2d(x, weight, bias, stride, padding, dilation)
+    out = out if residual is None else out + residual
     return out if lo is None and hi is None else out.clamp(lo, hi)
 
 
@@ -31,14 +34,17 @@ def kernel_ran(fn) -> bool:
 @given(n=st.integers(1, 3), c=st.integers(1, 20), o=st.integers(1, 30), kh=st.sampled_from([1, 2, 3, 5]),
        kw=st.sampled_from([1, 3, 4]), h=st.integers(1, 19), w=st.integers(1, 19), sh=st.integers(1, 3),
        sw=st.integers(1, 3), ph=st.integers(0, 3), pw=st.integers(0, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
-       bias=st.booleans(), clamp=st.sampled_from([(None, None), (0.0, None), (0.0, 6.0), (None, 0.5)]))
-def test_random_geometries(n, c, o, kh, kw, h, w, sh, sw, ph, pw, dh, dw, bias, clamp):
+       bias=st.booleans(), clamp=st.sampled_from([(None, None), (0.0, None), (0.0, 6.0), (None, 0.5)]),
+       residual=st.booleans())
+def test_random_geometries(n, c, o, kh, kw, h, w, sh, sw, ph, pw, dh, dw, bias, clamp, residual):
     if h + 2 * ph - dh * (kh - 1) <= 0 or w + 2 * pw - dw * (kw - 1) <= 0:
         return
     gen = torch.Generator().manual_seed(n * 1000 + c * 31 + o)
     x, weight = torch.randn(n, c, h, w, generator=gen), torch.randn(o, c, kh, kw, generator=gen)
     b = torch.randn(o, generator=gen) if bias else None
-    args = (x, weight, b, [sh, sw], [ph, pw], [dh, dw], *clamp)
+    res = torch.randn(F.conv2d(x, weight, None, [sh, sw], [ph, pw], [dh, dw]).shape, generator=gen) if residual \
+        else None
+    args = (x, weight, b, [sh, sw], [ph, pw], [dh, dw], *clamp, res)
     # the kernel sums in another order than the vendor's: a few ulps of the output's magnitude
     torch.testing.assert_close(narrow_conv2d(*args), expected(*args), rtol=1e-4, atol=1e-4)
 
@@ -96,6 +102,8 @@ def test_gradients(clamp, device):
     bias = torch.randn(4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     for s in (1, 2):
         torch.autograd.gradcheck(lambda *a: narrow_conv2d(*a, s, 1, 1, *clamp), (x, weight, bias))
+    residual = torch.randn(2, 4, 6, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    torch.autograd.gradcheck(lambda x, w, b, r: narrow_conv2d(x, w, b, 1, 1, 1, *clamp, r), (x, weight, bias, residual))
     # float32 (the kernel's forward): the gradients of the reference's autograd
     args = [t.detach().float().requires_grad_() for t in (x, weight, bias)]
     narrow_conv2d(*args, 1, 1, 1, *clamp).square().sum().backward()
@@ -110,6 +118,9 @@ def test_opcheck_and_flops(device):
     x, weight, bias = torch.randn(2, 4, 9, 9).to(device), torch.randn(3, 4, 3, 3).to(device), torch.randn(3).to(device)
     for s, clamp in ((1, (0.0, None)), (2, (None, None))):
         torch.library.opcheck(torch.ops.fxeff.narrow_conv2d.default, (x, weight, bias, [s, s], [1, 1], [1, 1], *clamp))
+    residual = torch.randn(2, 3, 9, 9).to(device)
+    torch.library.opcheck(torch.ops.fxeff.narrow_conv2d.default,
+                          (x, weight, bias, [1, 1], [1, 1], [1, 1], 0.0, None, residual))
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as mine:
@@ -122,6 +133,9 @@ def test_opcheck_and_flops(device):
 def test_errors_name_the_op():
     with pytest.raises(RuntimeError, match="fxeff.narrow_conv2d: groups must be 1"):
         narrow_conv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 2, 3, 3))
+    with pytest.raises(RuntimeError, match=r"fxeff.narrow_conv2d: residual must have the output's shape"):
+        narrow_conv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 4, 3, 3), None, 1, 1, 1, None, None,
+                      torch.randn(1, 2, 5, 4))
 
 
 class Small(nn.Module):
@@ -192,3 +206,45 @@ def test_module_matches_conv_and_compiles():
         torch.testing.assert_close(exported.module()(x), F.relu(conv(x)))
     with pytest.raises(ValueError, match="groups 1"):
         NarrowConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2))
+
+
+class Residual(nn.Module):
+    """A residual block as pruning leaves it: 16 -> 3 -> 16, the input added, then ReLU; and a conv whose output is
+    read twice (no fusion)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(16, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 16, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        out = self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+        y = self.head(out)
+        return y + y.mean()
+
+
+def test_narrow_convs_fuses_the_residual_add_and_relu():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(2, 16, 10, 10)
+    want = model(x)
+    gm = torch.fx.symbolic_trace(model)
+    count = narrow_convs(gm, (x,))
+    if not direct_strategy_available():
+        assert count == 0
+        return
+    assert count == 3
+    calls = [(n.op, n.target) for n in gm.graph.nodes if n.op in ("call_module", "call_function")]
+    # conv1 + ReLU; conv2 + the add of x + ReLU; the head (its output read twice: nothing fused)
+    assert [c for c in calls if c[0] == "call_module"] == [("call_module", "conv1"), ("call_module", "conv2"),
+                                                           ("call_module", "head")]
+    assert gm.conv1.clamp_min == 0.0 and gm.conv2.clamp_min == 0.0 and gm.head.clamp_min is None
+    conv2 = next(n for n in gm.graph.nodes if n.target == "conv2")
+    assert conv2.args[1].op == "placeholder"  # x is the residual
+    torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)
+    # without shapes (no example inputs) the add is not fused: only the ReLUs are
+    plain = torch.fx.symbolic_trace(Residual().eval())
+    narrow_convs(plain)
+    assert sum(n.target is operator.add for n in plain.graph.nodes) == 2

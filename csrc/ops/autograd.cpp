@@ -411,17 +411,19 @@ at::Tensor tile_conv2d_autograd(const at::Tensor& tiles, const at::Tensor& weigh
 
 using NarrowConv2dSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, c10::optional<double>,
-                                   c10::optional<double>);
+                                   c10::optional<double>, const c10::optional<at::Tensor>&);
 
 class NarrowConv2dFunction : public torch::autograd::Function<NarrowConv2dFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, c10::optional<double> clamp_min,
-                            c10::optional<double> clamp_max) {
+                            c10::optional<double> clamp_max, const c10::optional<at::Tensor>& residual) {
     static auto op = op_handle<NarrowConv2dSig>("fxeff::narrow_conv2d");
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = op.call(x, weight, bias, stride, padding, dilation, clamp_min, clamp_max);
+    at::Tensor out = op.call(x, weight, bias, stride, padding, dilation, clamp_min, clamp_max, residual);
+    // needs_input_grad counts only some of the arguments: whether the residual wants a gradient is kept here
+    ctx->saved_data["residual_grad"] = residual.has_value() && residual->defined() && residual->requires_grad();
     ctx->save_for_backward({x, weight, out});
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
@@ -432,8 +434,9 @@ class NarrowConv2dFunction : public torch::autograd::Function<NarrowConv2dFuncti
     return out;
   }
 
-  // The clamp passes the gradient where the conv's value lies strictly inside (clamp_min, clamp_max), which is
-  // where the output does (as hardtanh_backward and threshold_backward decide); then the vendor conv backward.
+  // The clamp passes the gradient where the conv's value (plus the residual) lies strictly inside (clamp_min,
+  // clamp_max), which is where the output does (as hardtanh_backward and threshold_backward decide); that is the
+  // residual's gradient, and the vendor conv backward takes it on.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &out = saved[2];
@@ -449,20 +452,21 @@ class NarrowConv2dFunction : public torch::autograd::Function<NarrowConv2dFuncti
         ints(ctx->saved_data["stride"]), ints(ctx->saved_data["padding"]), ints(ctx->saved_data["dilation"]), false,
         {0, 0}, 1, {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(2)});
     return {grad_x, grad_w, has_bias ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), ctx->saved_data["residual_grad"].toBool() ? grad : at::Tensor()};
   }
 };
 
 at::Tensor narrow_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation,
-                                  c10::optional<double> clamp_min, c10::optional<double> clamp_max) {
-  if (!records({&x, &weight, &or_undefined(bias)})) {
+                                  c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                                  const c10::optional<at::Tensor>& residual) {
+  if (!records({&x, &weight, &or_undefined(bias), &or_undefined(residual)})) {
     static auto op = op_handle<NarrowConv2dSig>("fxeff::narrow_conv2d");
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, weight, bias, stride, padding, dilation, clamp_min, clamp_max);
+    return op.call(x, weight, bias, stride, padding, dilation, clamp_min, clamp_max, residual);
   }
-  return NarrowConv2dFunction::apply(x, weight, bias, stride, padding, dilation, clamp_min, clamp_max);
+  return NarrowConv2dFunction::apply(x, weight, bias, stride, padding, dilation, clamp_min, clamp_max, residual);
 }
 
 }  // namespace

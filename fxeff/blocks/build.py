@@ -41,26 +41,29 @@ def fold_batchnorms(gm: torch.fx.GraphModule, students: Dict[str, Dict[float, nn
         setattr(gm, name, by_sparsity[0.0])
 
 
-def narrow_block_convs(gm: torch.fx.GraphModule, students: Dict[str, Dict[float, nn.Module]]) -> int:
+def narrow_block_convs(gm: torch.fx.GraphModule, students: Dict[str, Dict[float, nn.Module]],
+                       example: torch.Tensor) -> int:
     """The convs of ``gm`` (outside the blocks) and of each block and descendant that run faster as
     ``fxeff.nn.NarrowConv2d`` (few channels, as pruning leaves them, and strided 1x1 shortcuts:
-    ``fxeff.nn.narrow.gains``) replaced by it, with the ReLU after each fused, in place. The vendor convs cost a
-    pruned conv with 3 outputs what they cost it with 16. Returns the number replaced."""
+    ``fxeff.nn.narrow.gains``) replaced by it, in place, with the residual add and the ReLU after each fused where
+    there are (``fxeff.nn.narrow.narrow_convs``; ``example``: a batch of the model's inputs, for the shapes). The
+    vendor convs cost a pruned conv with 3 outputs what they cost it with 16. Returns the number replaced."""
     from ..nn.narrow import narrow_convs
 
-    count = narrow_convs(gm)
+    inputs = block_inputs(gm, example)
+    count = narrow_convs(gm, (example,))
     for name, by_sparsity in students.items():
         for module in by_sparsity.values():
-            count += narrow_convs(module)
+            count += narrow_convs(module, (inputs[name],))
         setattr(gm, name, by_sparsity[0.0])
     return count
 
 
 def inference_form(gm: torch.fx.GraphModule, students: Dict[str, Dict[float, nn.Module]],
-                   settings: Mapping[str, Any]) -> None:
+                   settings: Mapping[str, Any], example: torch.Tensor) -> None:
     """The model as it runs inference, in place, per ``settings``: BatchNorms folded into the convs before them
     (in every block and descendant, and outside the blocks where conv and BatchNorm are both there), then narrow
-    convs."""
+    convs (``example``: a batch of the model's inputs)."""
     if settings.get("fold_batchnorm"):
         from torch.fx.experimental.optimization import fuse
 
@@ -68,7 +71,7 @@ def inference_form(gm: torch.fx.GraphModule, students: Dict[str, Dict[float, nn.
         gm.graph = fuse(gm, inplace=True, no_trace=True).graph
         gm.recompile()
     if settings.get("narrow_convs"):
-        narrow_block_convs(gm, students)
+        narrow_block_convs(gm, students, example)
 
 
 def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_loader: torch.utils.data.DataLoader, *,
@@ -96,7 +99,7 @@ def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_load
     history = retrain(gm, students, train_loader, epochs=epochs, lr=lr, checkpoint=checkpoint, progress=progress,
                       parallel=parallel)
     after = block_mse(gm, students, eval_loader, batches=4)
-    inference_form(gm, students, settings)
+    inference_form(gm, students, settings, x)
     result = profile(gm, students, eval_loader, batch=batch, metric=metric, progress=progress)
     meta: Dict[str, Any] = {"model": f"{type(model).__module__}.{type(model).__qualname__}",
                             "fingerprint": model_fingerprint(model), "data": data, "settings": settings,
@@ -119,7 +122,7 @@ def load(path: str, model: nn.Module, example_input: torch.Tensor) -> ScalableMo
                          f"{type(model).__name__}")
     model.eval()
     gm, students = _outline(model, example_input[:2], meta["settings"])
-    inference_form(gm, students, meta["settings"])
+    inference_form(gm, students, meta["settings"], example_input[:2])
     if [b["name"] for b in gm.fxeff_blocks] != list(data["blocks"]):
         raise ValueError(f"fxeff.blocks.load: the model's blocks {[b['name'] for b in gm.fxeff_blocks]} are not the "
                          f"artifact's {data['blocks']}")

@@ -3,6 +3,7 @@ on CPU with AVX-512, 16 output pixels per vector instead of the vendor's 16 outp
 channels (a pruned one) costs in proportion to its channels. ``narrow_convs`` puts it in place of the convs that
 gain (``gains``) in an fx GraphModule, with the ReLU after each fused as its clamp.
 """
+import operator
 from typing import Optional
 
 import torch
@@ -30,7 +31,8 @@ STRIDED_FEW_OUTPUTS_MOST_INPUTS = 32
 @register_notrace_module
 class NarrowConv2d(nn.Module):
     """``nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)`` (groups 1, zero
-    padding), then ``clamp(clamp_min, clamp_max)`` where either is set, by ``fxeff.ops.narrow_conv2d``."""
+    padding), plus the residual given to forward (if any), then ``clamp(clamp_min, clamp_max)`` where either is set,
+    by ``fxeff.ops.narrow_conv2d``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, clamp_min: Optional[float] = None, clamp_max: Optional[float] = None,
@@ -70,9 +72,10 @@ class NarrowConv2d(nn.Module):
         new.train(conv.training)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The conv of ``x``, plus ``residual`` (the output's shape) where given, then the clamp."""
         return ops.narrow_conv2d(x, self.weight, self.bias, list(self.stride), list(self.padding),
-                                 list(self.dilation), self.clamp_min, self.clamp_max)
+                                 list(self.dilation), self.clamp_min, self.clamp_max, residual)
 
     def extra_repr(self) -> str:
         clamp = "" if self.clamp_min is None and self.clamp_max is None else \
@@ -120,23 +123,58 @@ def _clamp_of(gm: torch.fx.GraphModule, node: torch.fx.Node):
     return None
 
 
-def narrow_convs(gm: torch.fx.GraphModule) -> int:
-    """Puts a NarrowConv2d in place of each nn.Conv2d of ``gm`` that ``gains``, in place; a ReLU (or ReLU6) that is
-    the conv's only reader is fused as the clamp and removed. Returns the number of convs replaced. The
-    parameters are the conv's own (shared), so state dicts keep their keys."""
+def _shape(node) -> Optional[tuple]:
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return (tuple(meta.shape), meta.dtype) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _residual_of(node: torch.fx.Node, add: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The other operand of ``add`` (``node`` + it, or it + ``node``) where it is a value of ``node``'s shape and
+    dtype (from ShapeProp's metadata: without it, None), else None."""
+    if add.op != "call_function" or add.target not in (operator.add, torch.add) or add.kwargs or len(add.args) != 2:
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0] if add.args[1] is node else None
+    if other is None or other is node or _shape(node) is None or _shape(other) != _shape(node):
+        return None
+    return other
+
+
+def narrow_convs(gm: torch.fx.GraphModule, example_inputs: Optional[tuple] = None) -> int:
+    """Puts a NarrowConv2d in place of each nn.Conv2d of ``gm`` that ``gains``, in place. Where the conv's only
+    reader adds a value of its shape to it (a residual block's last conv: needs ``example_inputs``, which ShapeProp
+    runs ``gm`` on, to know the shapes), the add is fused as the residual; a ReLU (or ReLU6) that is then the only
+    reader is fused as the clamp. Returns the number of convs replaced. The parameters are the conv's own
+    (shared), so state dicts keep their keys."""
+    if example_inputs is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():  # a clone: a graph may write its input in place (an in-place ReLU at its entry)
+            ShapeProp(gm).propagate(*(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs))
     count = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not gains(gm.get_submodule(node.target)):
             continue
         conv = gm.get_submodule(node.target)
+        tail, residual = node, None  # the last node the narrow conv's call stands for
         users = list(node.users)
-        clamp = _clamp_of(gm, users[0]) if len(users) == 1 else None
+        if len(users) == 1:
+            residual = _residual_of(node, users[0])
+            if residual is not None:
+                tail = users[0]
+        readers = list(tail.users)
+        clamp = _clamp_of(gm, readers[0]) if len(readers) == 1 else None
         narrow = NarrowConv2d.from_conv(conv, *(clamp or (None, None)))
         owner, _, leaf = node.target.rpartition(".")
         setattr(gm.get_submodule(owner) if owner else gm, leaf, narrow)
-        if clamp is not None:
-            users[0].replace_all_uses_with(node)
-            gm.graph.erase_node(users[0])
+        last = readers[0] if clamp is not None else tail
+        if residual is not None or clamp is not None:
+            with gm.graph.inserting_after(last):
+                fused = gm.graph.call_module(node.target, (node.args[0], residual) if residual is not None
+                                             else (node.args[0],))
+            fused.meta = dict(last.meta)
+            last.replace_all_uses_with(fused)
+            for gone in ([last] if last is not tail else []) + ([tail] if tail is not node else []) + [node]:
+                gm.graph.erase_node(gone)
         count += 1
     if count:
         gm.graph.eliminate_dead_code()

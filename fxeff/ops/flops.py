@@ -38,8 +38,8 @@ def _tile_conv2d_flops(tiles, weight, bias, stride, dilation, groups, out_val=No
     return flop_counter.conv_flop_count(list(tiles.shape), list(weight.shape), list(out_val.shape), False)
 
 
-def _narrow_conv2d_flops(x, weight, bias, stride, padding, dilation, clamp_min=None, clamp_max=None, out_val=None,
-                         **kwargs) -> int:
+def _narrow_conv2d_flops(x, weight, bias, stride, padding, dilation, clamp_min=None, clamp_max=None, residual=None,
+                         out_val=None, **kwargs) -> int:
     return flop_counter.conv_flop_count(list(x.shape), list(weight.shape), list(out_val.shape), False)
 
 

@@ -1,14 +1,15 @@
 // CPU kernel of fxeff::narrow_conv2d: a direct conv vectorised over output pixels, for convs with few channels.
 //
-// oneDNN's (and implicit_gemm.h's) AVX-512 convs put 16 output channels in a vector: a conv with 3 outputs runs
-// 16 lanes, 13 of them idle, and costs what the same conv with 16 outputs does. Here a vector holds 16 output
-// pixels of one channel instead. Per tile of 16 x PV consecutive output pixels of one image (NCHW, flattened over
-// rows) and block of OB output channels, OB x PV accumulators stay in registers; per input channel and tap, PV
-// input vectors are loaded once and each output channel's weight is broadcast into OB x PV FMAs. At stride 1 with
-// "same" width (2 * padding = dilation * (k - 1) along W), a tap of a run of output pixels is a run of input
-// pixels, at one offset: the lanes whose tap falls outside the image (the zero padding, also across row ends)
-// are masked off the load, so there is no padded copy and no border case in the loop. Masks and offsets depend
-// on the geometry only: built once per call. Bias and the clamp are applied before the masked store.
+// oneDNN's (and implicit_gemm.h's micro-kernel's) AVX-512 convs put 16 output channels in a vector: a conv with 3
+// outputs runs 16 lanes, 13 of them idle, and costs what the same conv with 16 outputs does. Here a vector holds
+// 16 output pixels of one channel instead. Per tile of 16 x PV consecutive output pixels of one image (NCHW,
+// flattened over rows) and block of OB output channels, OB x PV accumulators stay in registers; per input channel
+// and tap, PV input vectors are loaded once and each output channel's weight is broadcast into OB x PV FMAs. At
+// stride 1 with "same" width (2 * padding = dilation * (k - 1) along W), a tap of a run of output pixels is a run
+// of input pixels, at one offset: the lanes whose tap falls outside the image (the zero padding, also across row
+// ends) are masked off the load, so there is no padded copy and no border case in the loop. Masks and offsets
+// depend on the geometry only: built once per shape and cached. Bias, the residual and the clamp are applied
+// before the masked store.
 //
 // Strides: x is first split into its stride phase planes (Plan), so that each tap is again one offset.
 //
@@ -16,6 +17,8 @@
 // CPU with AVX-512, groups 1, where the flattened addressing holds (make_plan: always at stride 1 with same-width
 // padding; at larger strides where no tap needs a column past the output's width); anything else runs the
 // vendor conv (narrow_conv2d_reference), which computes the same function.
+#include "implicit_gemm.h"  // available(), clamp(), FXEFF_IMPLICIT_GEMM_AVX512
+
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/record_function.h>
@@ -23,18 +26,13 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <cstdint>
-#include <limits>
 #include <utility>
 #include <vector>
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FXEFF_NARROW_AVX512 1
-#include <immintrin.h>
-#endif
 
 namespace fxeff {
 namespace ops {
@@ -42,18 +40,10 @@ namespace ops {
 at::Tensor narrow_conv2d_reference(const at::Tensor& x, const at::Tensor& weight,
                                    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                    at::IntArrayRef padding, at::IntArrayRef dilation,
-                                   c10::optional<double> clamp_min, c10::optional<double> clamp_max);
+                                   c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                                   const c10::optional<at::Tensor>& residual);
 
 namespace {
-
-bool avx512() {
-#ifdef FXEFF_NARROW_AVX512
-  static const bool ok = __builtin_cpu_supports("avx512f") != 0;
-  return ok;
-#else
-  return false;
-#endif
-}
 
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -186,12 +176,13 @@ at::Tensor phase_planes(const at::Tensor& x, const Plan& p) {
   return planes;
 }
 
-#ifdef FXEFF_NARROW_AVX512
+#ifdef FXEFF_IMPLICIT_GEMM_AVX512
 // One tile (16 PV output pixels from q) x OB output channels of one image. x: the source's image, channel 0; wp: the
 // block's packed weight [C][taps][OB]; out: the block's first output channel at pixel 0 of the image.
 template <int PV, int OB>
 __attribute__((target("avx512f"))) void tile_kernel(const float* x, const Plan& p, int64_t tile, const float* wp,
-                                                      const float* bias, float* out, float lo, float hi) {
+                                                      const float* bias, float* out, const float* res, float lo,
+                                                      float hi) {
   const Geometry& g = *p.g;
   const int64_t hw_out = g.ho * g.wo, q = tile * 16 * PV;
   const uint16_t* masks = g.load.data() + tile * g.taps * PV;
@@ -225,14 +216,15 @@ __attribute__((target("avx512f"))) void tile_kernel(const float* x, const Plan& 
   for (int o = 0; o < OB; ++o) {
 #pragma GCC unroll 4
     for (int j = 0; j < PV; ++j) {
-      // max/min return their second operand where either is NaN: NaN is kept, as torch.clamp keeps it
-      const __m512 v = _mm512_min_ps(hiv, _mm512_max_ps(lov, acc[o][j]));
-      _mm512_mask_storeu_ps(out + o * hw_out + q + 16 * j, store[j], v);
+      const int64_t at = o * hw_out + q + 16 * j;
+      const __m512 v = res != nullptr ? _mm512_add_ps(acc[o][j], _mm512_maskz_loadu_ps(store[j], res + at)) : acc[o][j];
+      _mm512_mask_storeu_ps(out + at, store[j], implicit_gemm::clamp(v, lov, hiv));
     }
   }
 }
 
-using TileFn = void (*)(const float*, const Plan&, int64_t, const float*, const float*, float*, float, float);
+using TileFn = void (*)(const float*, const Plan&, int64_t, const float*, const float*, float*, const float*, float,
+                       float);
 
 template <int PV, int... OB>
 TileFn pick(int ob, std::integer_sequence<int, OB...>) {
@@ -247,8 +239,9 @@ constexpr int64_t kMaxBlock2 = 12, kMaxBlock4 = 6;
 
 // The kernel's result, or an undefined tensor where its plan cannot hold (the caller runs the vendor conv).
 at::Tensor run(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, float lo, float hi) {
-#ifdef FXEFF_NARROW_AVX512
+               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, float lo, float hi,
+               const c10::optional<at::Tensor>& residual) {
+#ifdef FXEFF_IMPLICIT_GEMM_AVX512
   // the output's format is the vendor conv's: channels_last if x or the weight suggests it
   const bool channels_last = x_in.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
                              weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
@@ -284,6 +277,14 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& weight, const c10::opti
   const float* bd = bc.defined() ? bc.const_data_ptr<float>() : nullptr;
   const at::Tensor source = g->planes ? phase_planes(x, p) : x;
   at::Tensor out = at::empty({p.n, o, g->ho, g->wo}, x.options());
+  at::Tensor rc;  // the residual, NCHW contiguous
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->sizes() == out.sizes(), "fxeff.narrow_conv2d: residual must have the output's shape ",
+                out.sizes(), ", got ", residual->sizes());
+    if (residual->scalar_type() != at::kFloat) return at::Tensor();
+    rc = residual->contiguous();
+  }
+  const float* rd = rc.defined() ? rc.const_data_ptr<float>() : nullptr;
   const float* sd = source.const_data_ptr<float>();
   float* od = out.mutable_data_ptr<float>();
   std::vector<TileFn> fns(blocks);
@@ -298,7 +299,8 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& weight, const c10::opti
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t tile = i % g->tiles, b = (i / g->tiles) % blocks, n = i / (g->tiles * blocks);
       fns[b](sd + n * p.nstride, p, tile, packed.data() + start[b] * p.c * g->taps,
-             bd != nullptr ? bd + start[b] : nullptr, od + (n * o + start[b]) * hw_out, lo, hi);
+             bd != nullptr ? bd + start[b] : nullptr, od + (n * o + start[b]) * hw_out,
+             rd != nullptr ? rd + (n * o + start[b]) * hw_out : nullptr, lo, hi);
     }
   });
   return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
@@ -309,11 +311,12 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& weight, const c10::opti
 
 at::Tensor narrow_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                             c10::optional<double> clamp_min, c10::optional<double> clamp_max) {
+                             c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                             const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "fxeff.narrow_conv2d: stride, "
               "padding and dilation must have 2 entries");
-  const bool kernel = avx512() && x.dim() == 4 && weight.dim() == 4 && x.scalar_type() == at::kFloat &&
-                      weight.scalar_type() == at::kFloat &&
+  const bool kernel = implicit_gemm::available() && x.dim() == 4 && weight.dim() == 4 &&
+                      x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
                       (!bias.has_value() || !bias->defined() || bias->scalar_type() == at::kFloat) &&
                       x.size(1) == weight.size(1) && x.size(0) > 0 && x.size(1) > 0 && weight.size(0) > 0 &&
                       stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 && padding[1] >= 0 &&
@@ -322,10 +325,10 @@ at::Tensor narrow_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     const float inf = std::numeric_limits<float>::infinity();
     at::Tensor out = run(x, weight, bias, stride, padding, dilation,
                          clamp_min.has_value() ? static_cast<float>(*clamp_min) : -inf,
-                         clamp_max.has_value() ? static_cast<float>(*clamp_max) : inf);
+                         clamp_max.has_value() ? static_cast<float>(*clamp_max) : inf, residual);
     if (out.defined()) return out;
   }
-  return narrow_conv2d_reference(x, weight, bias, stride, padding, dilation, clamp_min, clamp_max);
+  return narrow_conv2d_reference(x, weight, bias, stride, padding, dilation, clamp_min, clamp_max, residual);
 }
 
 }  // namespace
