@@ -1,9 +1,11 @@
 // Schema of fxeff::narrow_conv2d: F.conv2d (groups 1), plus an optional residual (a tensor of the output's shape),
 // then an optional clamp (ReLU: clamp_min 0): a residual block's last conv, add and ReLU in one op. For convs with
 // few input or output channels, such as the pruned convs of fxeff.blocks' descendants. The vendor's AVX-512 convs
-// block output channels by 16, so a conv with 3 of them cost what one with 16 does (docs/benchmarks.md, "Narrow
-// convs"); the CPU kernel (cpu/narrow_conv2d_kernel.cpp) vectorises over output pixels instead. Other backends run
-// the vendor conv here (CompositeExplicitAutograd); autograd is in autograd.cpp.
+// block output channels by 16, so a conv with 3 of them costs what one with 16 does (docs/benchmarks.md, "Block
+// scaling, seventh session"); the CPU kernel (cpu/narrow_conv2d_kernel.cpp) vectorises over output pixels instead.
+// Other backends run the vendor conv here (CompositeExplicitAutograd); autograd is in autograd.cpp.
+#include "narrow_conv2d.h"
+
 #include <ATen/ops/clamp.h>
 #include <ATen/ops/conv2d.h>
 #include <torch/library.h>

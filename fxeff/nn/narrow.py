@@ -1,7 +1,8 @@
-"""NarrowConv2d: an nn.Conv2d (groups 1) with an optional clamp fused, computed by ``fxeff.ops.narrow_conv2d``:
-on CPU with AVX-512, 16 output pixels per vector instead of the vendor's 16 output channels, so a conv with few
-channels (a pruned one) costs in proportion to its channels. ``narrow_convs`` puts it in place of the convs that
-gain (``gains``) in an fx GraphModule, with the ReLU after each fused as its clamp.
+"""NarrowConv2d: an nn.Conv2d (groups 1) with an optional residual add and clamp fused, computed by
+``fxeff.ops.narrow_conv2d``: on CPU with AVX-512, 16 output pixels per vector instead of the vendor's 16 output
+channels, so a conv with few channels (a pruned one) costs in proportion to its channels. ``narrow_convs`` puts it
+in place of the convs that gain (``gains``) in an fx GraphModule, with the residual add and the ReLU after each
+fused.
 """
 import operator
 from typing import Optional
@@ -15,12 +16,12 @@ from ..ops._utils import pair
 from ._notrace import register_notrace_module
 
 # Where the kernel beat the vendor conv on this project's CPU at batch 1 and 8-16 (benchmarks/blocks.py, part
-# "narrow"; docs/benchmarks.md, "Narrow convs"). At stride 1 with same-width padding: fewer than 16 outputs
-# (1.6-3.6x), at most 32 outputs from at most 64 inputs (1.2-2.0x), fewer than 16 inputs to at most 64 outputs
-# (1.0-1.9x); 64 -> 64 lost (0.86-0.92), and 8 -> 256 at batch 1. At larger strides: 1x1 convs with at most 128
-# inputs and 256 outputs (ResNet's downsample shortcuts: 1.0-2.8x, but 0.81 for 32 -> 64 at batch 1), and KxK
-# convs with fewer than 16 outputs from at most 32 inputs (1.1-1.7x); 64 -> 32 3x3 lost (0.54). Other convs stay
-# nn.Conv2d.
+# "narrow"; docs/benchmarks.md, "Block scaling, seventh session"). At stride 1 with same-width padding: fewer than
+# 16 outputs (1.6-3.6x), at most 32 outputs from at most 64 inputs (1.2-2.0x), fewer than 16 inputs to at most 64
+# outputs (1.0-1.9x); 64 -> 64 lost (0.86-0.92), and 8 -> 256 at batch 1. At larger strides: 1x1 convs with at
+# most 128 inputs and 256 outputs (ResNet's downsample shortcuts: 1.0-2.8x, but 0.81 for 32 -> 64 at batch 1),
+# and KxK convs with fewer than 16 outputs from at most 32 inputs (1.1-1.7x); 64 -> 32 3x3 lost (0.54). Other
+# convs stay nn.Conv2d.
 FEW = 16
 STRIDE_1_MOST = (64, 32)          # inputs, outputs
 FEW_INPUTS_MOST_OUTPUTS = 64

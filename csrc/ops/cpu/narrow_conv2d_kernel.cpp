@@ -17,6 +17,7 @@
 // CPU with AVX-512, groups 1, where the flattened addressing holds (make_plan: always at stride 1 with same-width
 // padding; at larger strides where no tap needs a column past the output's width); anything else runs the
 // vendor conv (narrow_conv2d_reference), which computes the same function.
+#include "../narrow_conv2d.h"
 #include "implicit_gemm.h"  // available(), clamp(), FXEFF_IMPLICIT_GEMM_AVX512
 
 #include <ATen/Parallel.h>
@@ -36,12 +37,6 @@
 
 namespace fxeff {
 namespace ops {
-
-at::Tensor narrow_conv2d_reference(const at::Tensor& x, const at::Tensor& weight,
-                                   const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation,
-                                   c10::optional<double> clamp_min, c10::optional<double> clamp_max,
-                                   const c10::optional<at::Tensor>& residual);
 
 namespace {
 
