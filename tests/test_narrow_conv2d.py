@@ -248,3 +248,19 @@ def test_narrow_convs_fuses_the_residual_add_and_relu():
     plain = torch.fx.symbolic_trace(Residual().eval())
     narrow_convs(plain)
     assert sum(n.target is operator.add for n in plain.graph.nodes) == 2
+
+
+def test_a_conv_called_twice_is_left_alone():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x)))  # fusing the ReLU would clamp the second call too
+
+    model = Twice().eval()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(1, 4, 6, 6)
+    assert narrow_convs(gm, (x,)) == 0 and type(gm.conv) is nn.Conv2d
+    torch.testing.assert_close(gm(x), model(x))

@@ -144,16 +144,21 @@ def narrow_convs(gm: torch.fx.GraphModule, example_inputs: Optional[tuple] = Non
     """Puts a NarrowConv2d in place of each nn.Conv2d of ``gm`` that ``gains``, in place. Where the conv's only
     reader adds a value of its shape to it (a residual block's last conv: needs ``example_inputs``, which ShapeProp
     runs ``gm`` on, to know the shapes), the add is fused as the residual; a ReLU (or ReLU6) that is then the only
-    reader is fused as the clamp. Returns the number of convs replaced. The parameters are the conv's own
-    (shared), so state dicts keep their keys."""
+    reader is fused as the clamp. A conv module that the graph calls at several places is left as it is. Returns the
+    number of convs replaced. The parameters are the conv's own (shared), so state dicts keep their keys."""
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
         with torch.no_grad():  # a clone: a graph may write its input in place (an in-place ReLU at its entry)
             ShapeProp(gm).propagate(*(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs))
+    calls: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not gains(gm.get_submodule(node.target)):
+        # a conv module called at several places stays: a fused add or clamp would apply at every one
+        if node.op != "call_module" or calls[node.target] > 1 or not gains(gm.get_submodule(node.target)):
             continue
         conv = gm.get_submodule(node.target)
         tail, residual = node, None  # the last node the narrow conv's call stands for
