@@ -483,13 +483,20 @@ def reference_part(args):
                     "latency error": ""})
     # the MAC front against every block at one sparsity, at equal MACs (measured accuracy)
     mac_front = pareto_front(by_macs, base_latency=base_macs)
+
+    def front_accuracy(macs):  # measured, of the front's most accurate configuration with at most ``macs``
+        best = [s for s in mac_front if s.latency <= macs * (1 + 1e-9)]
+        return _measured(scalable, model, best[-1].choice, test, x, args.runs)[0] if best else float("nan")
+
+    # (MACs in M, measured ms, measured accuracy) of each measured series, for the plot
+    points = {"front": [], "every block at one sparsity": [], "torch-pruning uniform + fine-tuning": []}
     worse = []
     for sparsity in scalable.sparsities(names[0]):
         choice = tuple(scalable.sparsities(n).index(sparsity) if sparsity in scalable.sparsities(n) else 0
                        for n in names)
         u_acc, u_s, _, u_macs = _measured(scalable, model, choice, test, x, args.runs)
-        best = [s for s in mac_front if s.latency <= u_macs * (1 + 1e-9)]
-        f_acc = _measured(scalable, model, best[-1].choice, test, x, args.runs)[0] if best else float("nan")
+        f_acc = front_accuracy(u_macs)
+        points["every block at one sparsity"].append((u_macs / 1e6, u_s * 1e3, u_acc))
         configs.append({"configuration": f"every block at {sparsity:g}", "MACs (M)": u_macs / 1e6,
                         "MAC speedup": prof.macs / u_macs, "modelled accuracy": "", "measured accuracy": u_acc,
                         "modelled latency ms": "", "measured latency ms": u_s * 1e3,
@@ -501,11 +508,6 @@ def reference_part(args):
                  "target met": not worse})
     # torch-pruning's uniform pruning of the whole model (residual channels included), fine-tuned with the same
     # images and epochs as the block retraining, against the front at no more MACs (measured accuracy)
-    points = {"front": [], "every block at one sparsity": [], "torch-pruning uniform + fine-tuning": []}
-    for config in configs:
-        if config["configuration"].startswith("every block"):
-            points["every block at one sparsity"].append((config["MACs (M)"], config["measured latency ms"],
-                                                          config["measured accuracy"]))
     behind = []
     for ratio in (UNIFORM_RATIOS if args.uniform_epochs else ()):
         pruned = _uniform_pruned(model, x, ratio, args.uniform_epochs, train)
@@ -513,8 +515,7 @@ def reference_part(args):
         with torch.no_grad():
             p_s = bench.interleaved([lambda: model(x), lambda: pruned(x)], args.runs)[1]
         p_acc = 100 * accuracy(pruned, test)
-        best = [s for s in mac_front if s.latency <= p_macs * (1 + 1e-9)]
-        f_acc = _measured(scalable, model, best[-1].choice, test, x, args.runs)[0] if best else float("nan")
+        f_acc = front_accuracy(p_macs)
         configs.append({"configuration": f"torch-pruning uniform {ratio:g} + {args.uniform_epochs} epochs",
                         "MACs (M)": p_macs / 1e6, "MAC speedup": prof.macs / p_macs, "modelled accuracy": "",
                         "measured accuracy": p_acc, "modelled latency ms": "", "measured latency ms": p_s * 1e3,
@@ -528,7 +529,8 @@ def reference_part(args):
                      "value": "everywhere" if not behind else f"not at {', '.join(behind)}",
                      "target": "everywhere", "target met": not behind})
     # the front measured along its length, for the plot
-    for s in mac_front[::max(1, len(mac_front) // 8)] + [mac_front[-1]]:
+    along = mac_front[::max(1, len(mac_front) // 8)]
+    for s in along + ([mac_front[-1]] if along[-1] is not mac_front[-1] else []):  # the last once
         f_acc, f_s, _, f_macs = _measured(scalable, model, s.choice, test, x, args.runs)
         points["front"].append((f_macs / 1e6, f_s * 1e3, f_acc))
     if args.plot:

@@ -128,6 +128,24 @@ def _random_configurations(names: Sequence[str], students: Students, count: int,
     return out
 
 
+@contextlib.contextmanager
+def _configurations(gm: fx.GraphModule, students: Students) -> Iterator[Callable[[Mapping[str, float]], None]]:
+    """Within: a function that puts a configuration (block -> sparsity; a block not named runs at 0) into ``gm``;
+    gm's blocks are restored after."""
+    originals = {n: getattr(gm, n) for n in block_names(gm)}
+
+    def apply(choice: Mapping[str, float]) -> None:
+        for name, original in originals.items():
+            sparsity = choice.get(name, 0.0)
+            setattr(gm, name, students[name][sparsity] if sparsity else original)
+
+    try:
+        yield apply
+    finally:
+        for name, module in originals.items():
+            setattr(gm, name, module)
+
+
 def _whole_accuracy(gm: fx.GraphModule, loader: torch.utils.data.DataLoader, metric: Metric) -> float:
     correct = count = 0.0
     with torch.no_grad():
@@ -154,18 +172,12 @@ def calibrate(gm: fx.GraphModule, students: Students, loader: torch.utils.data.D
     names = [n for n in block_names(gm) if len(students.get(n, {})) > 1]
     if len(names) < 2:
         return []
-    originals = {n: getattr(gm, n) for n in names}
     points = []
-    try:
+    with _configurations(gm, students) as apply:
         for choice in _random_configurations(names, students, configurations, seed):
-            summed = 0.0
-            for name, sparsity in choice.items():
-                setattr(gm, name, students[name][sparsity] if sparsity else originals[name])
-                summed += pessimistic(drops[name][sparsity], errors[name][sparsity])
+            apply(choice)
+            summed = sum(pessimistic(drops[n][s], errors[n][s]) for n, s in choice.items())
             points.append([summed, accuracy - _whole_accuracy(gm, loader, metric)])
-    finally:
-        for name, module in originals.items():
-            setattr(gm, name, module)
     return points
 
 
@@ -324,8 +336,6 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
     if batch > 1:
         x = x.expand(batch, *x.shape[1:]).contiguous()
     inputs = block_inputs(gm, x)
-    with torch.no_grad():  # as the blocks below are timed (with grad, autograd's recording inflated the base)
-        model_latency = bench.interleaved([lambda: gm(x)], runs)[0]
     entries: List[Entry] = []
     block_latency = 0.0
     for name in names:
@@ -342,9 +352,10 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
                                  errors.get(name, {}).get(sparsity, 0.0)))
             if sparsity == 0.0:
                 block_latency += seconds
-    timed = _time_configurations(gm, students, entries, x, calibration, runs) if calibration else []
-    # the unpruned model's point: timed with the random configurations (interleaved, the same conditions)
-    whole = (block_latency, timed.pop(0)[1]) if timed else (block_latency, model_latency)
+    # the unpruned model, timed whole with the random configurations (interleaved, the same conditions)
+    timed = _time_configurations(gm, students, entries, x, calibration, runs)
+    whole = tuple(timed.pop(0))
+    model_latency = whole[1]
     base, scale = fit_latency(whole, timed)
     for entry in entries:
         entry.latency *= scale
@@ -357,30 +368,16 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
 def _time_configurations(gm: fx.GraphModule, students: Students, entries: Sequence[Entry], x: torch.Tensor,
                          configurations: int, runs: int, seed: int = 4321) -> List[List[float]]:
     """[summed isolated block timings, whole seconds] of the unpruned model, then of ``configurations`` random
-    configurations, timed whole on ``x`` (medians of ``runs`` interleaved runs; each run swaps its configuration
-    in, a few attribute sets)."""
+    configurations (none where no block has a descendant), timed whole on ``x`` under no_grad (medians of ``runs``
+    interleaved runs; each run swaps its configuration in, a few attribute sets)."""
     from .. import bench
 
     names = [n for n in block_names(gm) if len(students.get(n, {})) > 1]
-    if not names:
-        return []
     isolated = {(e.block, e.sparsity): e.latency for e in entries}
-    originals = {n: getattr(gm, n) for n in block_names(gm)}
-    choices = [{}] + _random_configurations(names, students, configurations, seed)
-
-    def run(choice: Mapping[str, float]) -> Any:
-        for name in names:
-            sparsity = choice.get(name, 0.0)
-            setattr(gm, name, students[name][sparsity] if sparsity else originals[name])
-        return gm(x)
-
-    try:
-        with torch.no_grad():
-            times = bench.interleaved([lambda c=c: run(c) for c in choices], runs)
-    finally:
-        for name, module in originals.items():
-            setattr(gm, name, module)
-    summed = [sum(isolated[(n, c.get(n, 0.0))] for n in originals) for c in choices]
+    choices = [{}] + (_random_configurations(names, students, configurations, seed) if names else [])
+    with _configurations(gm, students) as apply, torch.no_grad():
+        times = bench.interleaved([lambda c=c: (apply(c), gm(x)) for c in choices], runs)
+    summed = [sum(isolated[(n, c.get(n, 0.0))] for n in block_names(gm)) for c in choices]
     return [[s, t] for s, t in zip(summed, times)]
 
 
