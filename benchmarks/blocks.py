@@ -403,7 +403,7 @@ def _reference_plot(points, original, path, title):
 
 def reference_part(args):
     """ResNet-20 on --dataset: the whole offline stage (blocks, descendants at 0.2/0.4/0.6/0.8, retraining on
-    --train-images for --epochs, profiles on --test-images at batch 16), then: the Pareto front (distinct
+    --train-images for --epochs, then --composed-epochs composed, profiles on --test-images at batch 16), then: the Pareto front (distinct
     configurations, their modelled and measured latency span), the models against 20 random composed
     configurations (accuracy, its interaction fitted on 8 other random configurations by the profile: within 1
     point; additive latency: within 10% on 95%; memory: measured peaks, fxeff.bench.peak_memory), the most accurate
@@ -420,7 +420,8 @@ def reference_part(args):
     model = reference.load("resnet20", args.dataset).eval()
     train, test = reference_loaders(args.dataset, args.train_images, args.test_images)
     wall, cpu = time.perf_counter(), time.process_time()
-    scalable = build(model, train, test, sparsities=(0.0, 0.2, 0.4, 0.6, 0.8), epochs=args.epochs, batch=16,
+    scalable = build(model, train, test, sparsities=(0.0, 0.2, 0.4, 0.6, 0.8), epochs=args.epochs,
+                     composed_epochs=args.composed_epochs, batch=16,
                      progress=False, data=f"{args.dataset}: {args.train_images} train / {args.test_images} test")
     wall, cpu = (time.perf_counter() - wall) / 60, (time.process_time() - cpu) / 60
     print(f"built in {wall:.1f} min ({cpu:.1f} CPU-min)", flush=True)
@@ -540,7 +541,8 @@ def reference_part(args):
     print(report(f"ResNet-20 configurations on {args.dataset} (accuracy on {args.test_images} test images, latency "
                  f"at batch 16)", configs, CONFIG_COLUMNS), flush=True)
     return (f"Block scaling of the trained ResNet-20 on {args.dataset}: {len(names)} blocks, descendants at "
-            f"0.2-0.8, retrained {args.epochs} epochs on {args.train_images} images"), rows, REFERENCE_COLUMNS
+            f"0.2-0.8, retrained {args.epochs} epochs on {args.train_images} images, then {args.composed_epochs} "
+            f"composed"), rows, REFERENCE_COLUMNS
 
 
 PARTS = {"solve": solve_part, "graph": graph_part, "switch": switch_part, "speed": speed_part,
@@ -556,7 +558,9 @@ def main(argv=None):
                         help="interleaved timing runs (speed, narrow, reference parts)")
     parser.add_argument("--dataset", default="cluttered-fashion-mnist", help="reference part: the dataset")
     parser.add_argument("--train-images", type=int, default=10000, help="reference part: retraining images")
-    parser.add_argument("--epochs", type=int, default=2, help="reference part: retraining epochs")
+    parser.add_argument("--epochs", type=int, default=2, help="reference part: block retraining epochs")
+    parser.add_argument("--composed-epochs", type=int, default=3,
+                        help="reference part: then epochs of composed retraining (0: block retraining only)")
     parser.add_argument("--uniform-epochs", type=int, default=2,
                         help="reference part: fine-tuning epochs of torch-pruning's uniform whole-model pruning, "
                              "the baseline (0: none)")

@@ -82,6 +82,7 @@ class Settings:
     blocks_sparsities: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8)
     blocks_train_images: int = 10000
     blocks_epochs: int = 2
+    blocks_composed_epochs: int = 3
     progress: bool = True
     save_students: bool = False              # save the fine-tuned rows of reference.FINETUNED (reference.save_finetuned)
 
@@ -281,6 +282,7 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
         start = time.perf_counter()
         scalable = build(copy.deepcopy(ctx.model).eval(), train, ctx.test_loader,
                          sparsities=settings.blocks_sparsities, epochs=settings.blocks_epochs,
+                         composed_epochs=settings.blocks_composed_epochs,
                          batch=settings.latency_batch, progress=settings.progress)
         from .blocks.select import InfeasibleBudgetError
 
@@ -289,7 +291,8 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
         except InfeasibleBudgetError as error:  # the sparsities cannot reach it: the fewest MACs (its own column)
             chosen, note = error.closest, f"; {BLOCKS_MACS:g} of the MACs is out of reach: the fewest"
         row = ctx.row("blocks", blocks_setting, scalable.static(chosen.choice))
-        row["fine-tune"] = (f"none (descendants retrained: {settings.blocks_epochs} x {images} images; build "
+        row["fine-tune"] = (f"descendants only ({settings.blocks_epochs} x {images} images per block, then "
+                            f"{settings.blocks_composed_epochs} composed; build "
                             f"{time.perf_counter() - start:.0f} s{note})")
         return row
 
@@ -437,7 +440,7 @@ def _row_fingerprint(pass_name: str, setting: str, settings: Settings) -> Dict[s
     if pass_name == "focus":
         fields.append("focus_format")
     elif pass_name == "blocks":
-        fields += ["blocks_sparsities", "blocks_train_images", "blocks_epochs"]
+        fields += ["blocks_sparsities", "blocks_train_images", "blocks_epochs", "blocks_composed_epochs"]
     else:
         fields.append("finetune_lr")
     if pass_name == "hetconv":
@@ -526,8 +529,9 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
                " (each layer fitted to the input it sees once the layers before it are rewritten)."
              + (f" Block scaling (`fxeff.blocks.build`): descendants at sparsities "
                 f"{', '.join(f'{v:g}' for v in settings.blocks_sparsities)}, each retrained to reproduce its block's "
-                f"output ({settings.blocks_epochs} epochs of {settings.blocks_train_images} training images, no "
-                f"fine-tuning of the whole model); its row is the configuration the optimiser finds most accurate "
+                f"output ({settings.blocks_epochs} epochs of {settings.blocks_train_images} training images), then "
+                f"trained composed into the model, distilling its output ({settings.blocks_composed_epochs} epochs, "
+                f"`fxeff.blocks.retrain_composed`); its row is the configuration the optimiser finds most accurate "
                 f"with at most {BLOCKS_MACS:g} of the MACs, in the inference form build leaves (BatchNorm folded, "
                 f"narrow convs), timed against the original as it is." if settings.blocks else ""), "",
              "## Reference models", "",

@@ -256,3 +256,88 @@ def test_parallel_must_be_data_or_blocks():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
     with pytest.raises(ValueError, match="parallel must be 'data' or 'blocks'"):
         retrain(gm, students, loader, parallel="layers", progress=False)
+
+
+def _composed_loss(gm, students, loader, choice):
+    from fxeff.blocks.retrain import configured
+    from fxeff.distill import kd_loss
+
+    total = 0.0
+    with torch.no_grad(), configured(gm, students) as apply:
+        for (x,) in loader:
+            apply({})
+            target = gm(x)
+            apply(choice)
+            total += float(kd_loss(gm(x), target))
+    return total / len(loader)
+
+
+def test_composed_retraining_distils_the_output_and_leaves_the_teacher(tmp_path):
+    from fxeff.blocks.retrain import retrain_composed
+
+    x = reference.first_images("cluttered-fashion-mnist", "train", 32)
+    gm, students = _students_for_two(x)
+    model = reference.load("resnet20", "cluttered-fashion-mnist").eval()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8)
+    smallest = {name: 0.8 for name in students}
+    before = _composed_loss(gm, students, loader, smallest)
+    start = _state(students)
+    teacher = {k: v.clone() for k, v in gm.state_dict().items()}
+    checkpoint = str(tmp_path / "composed.pt")
+    history = retrain_composed(gm, students, loader, epochs=2, lr=1e-3, checkpoint=checkpoint, progress=False)
+    assert history["epochs_done"] == 2 and len(history["loss"]) == 2
+    assert _composed_loss(gm, students, loader, smallest) < 0.8 * before  # the smallest is drawn every step
+    after = _state(students)
+    assert all(not torch.equal(start[k], after[k]) for k in start if "/0.8/" in k and k.endswith("weight"))
+    # BatchNorm statistics frozen (eval mode throughout), and the teacher untouched, gradients off and back
+    assert all(torch.equal(start[k], after[k]) for k in start if "running_" in k)
+    assert not any(m.training for by in students.values() for child in by.values() for m in child.modules())
+    assert all(torch.equal(v, teacher[k]) for k, v in gm.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in gm.parameters())
+    with torch.no_grad():
+        assert torch.equal(gm(x[:4]), model(x[:4]))
+    again = retrain_composed(gm, students, loader, epochs=2, checkpoint=checkpoint, progress=False)
+    assert again["epochs_done"] == 2 and again["loss"] == []
+    assert len(retrain_composed(gm, students, loader, epochs=3, checkpoint=checkpoint, progress=False)["loss"]) == 1
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        retrain_composed(gm, students, loader, epochs=0)
+
+
+def test_composed_retraining_draws():
+    from fxeff.blocks.retrain import StudentSet, _Compositions, retrain_composed
+
+    x = reference.first_images("cluttered-fashion-mnist", "train", 4)
+    gm, students = _students_for_two(x)
+    compositions = _Compositions(gm, StudentSet(students), students, 4.0, 0.9, draws="random", seed=3)
+    draws = [compositions.draw() for _ in range(300)]
+    assert all(len(d) == 1 for d in draws)
+    for name in students:  # each of a block's 3 sparsities drawn about a third of the time
+        counts = [sum(d[0][name] == s for d in draws) for s in (0.0, 0.4, 0.8)]
+        assert all(70 <= c <= 130 for c in counts), (name, counts)
+    sandwich = _Compositions(gm, StudentSet(students), students, 4.0, 0.9, draws="sandwich", seed=3).draw()
+    assert sandwich[0] == {name: 0.8 for name in students} and len(sandwich) == 2
+    levels = _Compositions(gm, StudentSet(students), students, 4.0, 0.9, draws="levels", seed=3)
+    assert [levels.draw()[0] for _ in range(3)] == [{name: s for name in students} for s in (0.4, 0.8, 0.4)]
+    with pytest.raises(ValueError, match="draws must be one of"):
+        retrain_composed(gm, students, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x)), draws="all")
+
+
+def _ddp_composed_worker(rank: int, world: int, folder: str) -> None:
+    from fxeff.blocks.retrain import retrain_composed
+
+    x = reference.first_images("cluttered-fashion-mnist", "train", 32)
+    gm, students = _students_for_two(x)
+    dataset = torch.utils.data.TensorDataset(x)
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler)
+    retrain_composed(gm, students, loader, epochs=1, lr=1e-3, progress=False)
+    torch.save(_state(students), f"{folder}/rank{rank}.pt")
+
+
+def test_composed_retraining_under_ddp_ends_with_the_same_students_on_every_rank(tmp_path):
+    _gloo.spawn(_ddp_composed_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    start = _state(_students_for_two(reference.first_images("cluttered-fashion-mnist", "train", 2))[1])
+    for key, value in ranks[0].items():  # the same draws on both ranks, gradients averaged: identical steps
+        assert torch.equal(value, ranks[1][key]), key
+    assert sum(not torch.equal(start[k], v) for k, v in ranks[0].items()) > 0

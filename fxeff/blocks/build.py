@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .descendants import DEFAULT_SPARSITIES, descendants
 from .profile import Metric, profile, top1
-from .retrain import block_inputs, block_mse, images_of, retrain
+from .retrain import block_inputs, block_mse, images_of, retrain, retrain_composed
 from .scalable import ScalableModel, model_fingerprint, profile_from_dict, read_artifact
 
 
@@ -79,12 +79,15 @@ def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_load
           epochs: int = 1, lr: float = 3e-4, max_ratio: float = 0.125, min_convs: int = 2, batch: int = 1,
           metric: Metric = top1, checkpoint: Optional[str] = None, progress: bool = True,
           data: str = "", fold_batchnorm: bool = True, narrow_convs: bool = True,
-          parallel: str = "data") -> ScalableModel:
+          parallel: str = "data", composed_epochs: int = 3, composed_lr: float = 3e-4) -> ScalableModel:
     """The ScalableModel of ``model`` (eval mode): its blocks (fxeff.passes.Blocks with ``max_ratio``,
     ``min_convs``), each block's descendants at ``sparsities`` (``importance``, ``round_to``), retrained for
     ``epochs`` on ``train_loader``'s images (Adam at ``lr``, resumable from ``checkpoint``), profiled on
     ``eval_loader`` (accuracy by ``metric``; latency at ``batch`` images). ``data`` names the data in the
     artifact. Its ``meta["mse"]`` holds each descendant's block MSE before and after retraining.
+    ``composed_epochs``: then the descendants train composed into the model for that many epochs, distilling its
+    output (``retrain_composed``, Adam at ``composed_lr``; resumable from ``checkpoint`` + ".composed"; 0: block
+    retraining only, LegoDNN's method).
     ``fold_batchnorm``: after retraining, every block and descendant gets its BatchNorms folded
     (``fold_batchnorms``), for inference. ``narrow_convs``: then every conv with few channels that runs faster as
     ``fxeff.nn.NarrowConv2d`` (``narrow_block_convs``) becomes one, with its ReLU fused. ``parallel``: under
@@ -92,18 +95,24 @@ def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_load
     model.eval()
     settings = {"sparsities": [float(s) for s in sparsities], "importance": importance, "round_to": round_to,
                 "epochs": epochs, "lr": lr, "max_ratio": max_ratio, "min_convs": min_convs, "batch": batch,
-                "fold_batchnorm": fold_batchnorm, "narrow_convs": narrow_convs}
+                "fold_batchnorm": fold_batchnorm, "narrow_convs": narrow_convs, "composed_epochs": composed_epochs,
+                "composed_lr": composed_lr}
     x = images_of(next(iter(train_loader)))[:2]
     gm, students = _outline(model, x, settings)
     before = block_mse(gm, students, eval_loader, batches=4)
     history = retrain(gm, students, train_loader, epochs=epochs, lr=lr, checkpoint=checkpoint, progress=progress,
                       parallel=parallel)
     after = block_mse(gm, students, eval_loader, batches=4)
+    composed: Dict[str, Any] = {"loss": []}
+    if composed_epochs:
+        composed = retrain_composed(gm, students, train_loader, epochs=composed_epochs, lr=composed_lr,
+                                    checkpoint=None if checkpoint is None else checkpoint + ".composed",
+                                    progress=progress)
     inference_form(gm, students, settings, x)
     result = profile(gm, students, eval_loader, batch=batch, metric=metric, progress=progress)
     meta: Dict[str, Any] = {"model": f"{type(model).__module__}.{type(model).__qualname__}",
                             "fingerprint": model_fingerprint(model), "data": data, "settings": settings,
-                            "retrain_loss": history["loss"],
+                            "retrain_loss": history["loss"], "composed_loss": composed["loss"],
                             "mse": {name: {f"{s:g}": [before[name][s], after[name][s]] for s in after[name]}
                                     for name in after}}
     return ScalableModel(gm, students, result, meta)

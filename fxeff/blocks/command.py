@@ -39,7 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated, from 0 (default 0,0.2,0.4,0.6,0.8)")
     p.add_argument("--importance", choices=IMPORTANCES, default="l1")
     p.add_argument("--round-to", type=int, default=None, help="channel counts rounded to multiples of this")
-    p.add_argument("--epochs", type=int, default=2, help="retraining epochs over --train-images")
+    p.add_argument("--epochs", type=int, default=2, help="block retraining epochs over --train-images")
+    p.add_argument("--composed-epochs", type=int, default=3,
+                   help="then epochs of training the descendants composed into the model, distilling its output "
+                        "(0: block retraining only, as LegoDNN)")
     p.add_argument("--train-images", type=int, default=10000)
     p.add_argument("--test-images", type=int, default=10000,
                    help="images the accuracy drops are measured on (default the whole test split: single "
@@ -130,7 +133,8 @@ def build_command(args: argparse.Namespace) -> None:
     train, test = reference_loaders(args.dataset, args.train_images, args.test_images)
     start = time.perf_counter()
     scalable = build(model, train, test, sparsities=args.sparsities, importance=args.importance,
-                     round_to=args.round_to, epochs=args.epochs, batch=args.batch,
+                     round_to=args.round_to, epochs=args.epochs, composed_epochs=args.composed_epochs,
+                     batch=args.batch,
                      data=f"{args.dataset}: {len(train.dataset)} train / {len(test.dataset)} test images")
     seconds = time.perf_counter() - start
     scalable.meta["source"] = {"arch": args.arch, "dataset": args.dataset}

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .retrain import block_inputs, block_names, images_of
+from .retrain import block_inputs, block_names, configured, images_of
 
 Students = Mapping[str, Mapping[float, nn.Module]]
 Metric = Callable[[Any, Any], torch.Tensor]  # (model output, batch) -> per-sample scores in [0, 1]
@@ -128,24 +128,6 @@ def _random_configurations(names: Sequence[str], students: Students, count: int,
     return out
 
 
-@contextlib.contextmanager
-def _configurations(gm: fx.GraphModule, students: Students) -> Iterator[Callable[[Mapping[str, float]], None]]:
-    """Within: a function that puts a configuration (block -> sparsity; a block not named runs at 0) into ``gm``;
-    gm's blocks are restored after."""
-    originals = {n: getattr(gm, n) for n in block_names(gm)}
-
-    def apply(choice: Mapping[str, float]) -> None:
-        for name, original in originals.items():
-            sparsity = choice.get(name, 0.0)
-            setattr(gm, name, students[name][sparsity] if sparsity else original)
-
-    try:
-        yield apply
-    finally:
-        for name, module in originals.items():
-            setattr(gm, name, module)
-
-
 def _whole_accuracy(gm: fx.GraphModule, loader: torch.utils.data.DataLoader, metric: Metric) -> float:
     correct = count = 0.0
     with torch.no_grad():
@@ -173,7 +155,7 @@ def calibrate(gm: fx.GraphModule, students: Students, loader: torch.utils.data.D
     if len(names) < 2:
         return []
     points = []
-    with _configurations(gm, students) as apply:
+    with configured(gm, students) as apply:
         for choice in _random_configurations(names, students, configurations, seed):
             apply(choice)
             summed = sum(pessimistic(drops[n][s], errors[n][s]) for n, s in choice.items())
@@ -375,7 +357,7 @@ def _time_configurations(gm: fx.GraphModule, students: Students, entries: Sequen
     names = [n for n in block_names(gm) if len(students.get(n, {})) > 1]
     isolated = {(e.block, e.sparsity): e.latency for e in entries}
     choices = [{}] + (_random_configurations(names, students, configurations, seed) if names else [])
-    with _configurations(gm, students) as apply, torch.no_grad():
+    with configured(gm, students) as apply, torch.no_grad():
         times = bench.interleaved([lambda c=c: (apply(c), gm(x)) for c in choices], runs)
     summed = [sum(isolated[(n, c.get(n, 0.0))] for n in block_names(gm)) for c in choices]
     return [[s, t] for s, t in zip(summed, times)]

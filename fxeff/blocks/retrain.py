@@ -8,7 +8,7 @@ summed loss gives each student exactly the gradient it would get alone, and Adam
 """
 import contextlib
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -65,6 +65,24 @@ def captured(gm: fx.GraphModule, names: List[str]) -> Iterator[Dict[str, Tuple[t
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@contextlib.contextmanager
+def configured(gm: fx.GraphModule, students: Students) -> Iterator[Callable[[Mapping[str, float]], None]]:
+    """Within: a function that puts a configuration (block -> sparsity; a block not named runs at 0) into ``gm``;
+    gm's blocks are restored after."""
+    originals = {n: getattr(gm, n) for n in block_names(gm)}
+
+    def apply(choice: Mapping[str, float]) -> None:
+        for name, original in originals.items():
+            sparsity = choice.get(name, 0.0)
+            setattr(gm, name, students[name][sparsity] if sparsity else original)
+
+    try:
+        yield apply
+    finally:
+        for name, module in originals.items():
+            setattr(gm, name, module)
 
 
 def block_inputs(gm: fx.GraphModule, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -142,6 +160,29 @@ def block_mse(teacher: fx.GraphModule, students: Students, loader: torch.utils.d
     return result
 
 
+def _resume(checkpoint: Optional[str], student_set: StudentSet, caller: str) -> int:
+    """The epochs done that ``checkpoint`` holds (0 where there is none), its students' weights loaded."""
+    if checkpoint is None or not os.path.exists(checkpoint):
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if sorted(state["keys"]) != sorted(student_set.students):
+        raise ValueError(f"{caller}: the checkpoint {checkpoint} holds students {state['keys']}, this run trains "
+                         f"{sorted(student_set.students)}")
+    student_set.students.load_state_dict(state["students"])
+    return int(state["epochs_done"])
+
+
+def _save(checkpoint: Optional[str], student_set: StudentSet, epochs_done: int) -> None:
+    """The students' weights and the epochs done, written to ``checkpoint`` (on rank 0, atomically)."""
+    from ..training import _rank
+
+    if checkpoint is not None and _rank() == 0:
+        tmp = checkpoint + ".tmp"
+        torch.save({"epochs_done": epochs_done, "keys": sorted(student_set.students),
+                    "students": student_set.students.state_dict()}, tmp)
+        os.replace(tmp, checkpoint)
+
+
 def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader, epochs: int = 1,
             lr: float = 3e-4, checkpoint: Optional[str] = None, progress: bool = True,
             parallel: str = "data") -> Dict[str, Any]:
@@ -187,14 +228,7 @@ def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.dat
             for key, module in student_set.students.items():
                 for tensor in list(module.parameters()) + list(module.buffers()):
                     dist.broadcast(tensor.data, src=owner[key])
-    done = 0
-    if checkpoint is not None and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if sorted(state["keys"]) != sorted(student_set.students):
-            raise ValueError(f"fxeff.blocks.retrain: the checkpoint {checkpoint} holds students {state['keys']}, "
-                             f"this run trains {sorted(student_set.students)}")
-        student_set.students.load_state_dict(state["students"])
-        done = int(state["epochs_done"])
+    done = _resume(checkpoint, student_set, "fxeff.blocks.retrain")
     history: Dict[str, Any] = {"loss": [], "seconds": [], "epochs_done": done}
     if done >= epochs:
         return history
@@ -205,11 +239,7 @@ def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.dat
     def save(epoch: int, loss: float) -> None:
         share()
         history["epochs_done"] = done + epoch + 1
-        if checkpoint is not None and _rank() == 0:
-            tmp = checkpoint + ".tmp"
-            torch.save({"epochs_done": done + epoch + 1, "keys": sorted(student_set.students),
-                        "students": student_set.students.state_dict()}, tmp)
-            os.replace(tmp, checkpoint)
+        _save(checkpoint, student_set, done + epoch + 1)
 
     try:  # fit trains in training mode (BatchNorm statistics of the intermediate data); then the teacher's mode
         model = nn.parallel.DistributedDataParallel(student_set) if distributed and parallel == "data" else trained
@@ -221,5 +251,133 @@ def retrain(teacher: fx.GraphModule, students: Students, loader: torch.utils.dat
     return history
 
 
-__all__ = ["StudentSet", "block_names", "images_of", "mutating_blocks", "captured", "block_inputs", "block_mse",
-           "retrain"]
+DRAWS = ("sandwich", "levels", "random")  # what retrain_composed draws each step
+
+
+class _Compositions(nn.Module):
+    """The students as one module whose forward is the loss of the teacher's graph with random configurations of
+    them swapped in, against the teacher's own output; what ``retrain_composed`` trains. It always runs in eval
+    mode: the students' BatchNorms keep the statistics that block retraining gave them (their scale and shift
+    train), so training computes what inference will."""
+
+    def __init__(self, teacher: fx.GraphModule, student_set: StudentSet, students: Students, temperature: float,
+                 alpha: float, draws: str, seed: int):
+        super().__init__()
+        self.student_set = student_set  # the trained parameters; the teacher is no submodule (it stays frozen)
+        self._teacher = [teacher]
+        self.students = students
+        self.options = {name: sorted(students[name]) for name in block_names(teacher) if len(students.get(name, ())) > 1}
+        self.temperature, self.alpha, self.draws = temperature, alpha, draws
+        self.steps = 0
+        self.generator = torch.Generator().manual_seed(seed)  # every rank draws the same configurations
+
+    def train(self, mode: bool = True) -> "_Compositions":
+        return super().train(False)
+
+    def draw(self) -> List[Dict[str, float]]:
+        """This step's configurations (``DRAWS``): one random (each block at a sparsity drawn uniformly), after
+        the smallest (every block at its highest sparsity: "sandwich") or after every block at one sparsity, the
+        next in turn ("levels")."""
+        choice = {name: options[int(torch.randint(len(options), (1,), generator=self.generator))]
+                  for name, options in self.options.items()}
+        self.steps += 1
+        if self.draws == "random":
+            return [choice]
+        if self.draws == "sandwich":
+            return [{name: options[-1] for name, options in self.options.items()}, choice]
+        levels = sorted({s for options in self.options.values() for s in options if s})
+        level = levels[(self.steps - 1) % len(levels)]
+        return [{name: max([s for s in options if s <= level]) for name, options in self.options.items()}, choice]
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        from ..distill import kd_loss
+
+        teacher = self._teacher[0]
+        x = images_of(batch)
+        with torch.no_grad():
+            target = teacher(x)
+        labels = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+        loss = 0.0
+        with configured(teacher, self.students) as apply:
+            for choice in self.draw():
+                apply(choice)
+                out = teacher(x)
+                if out.dim() == 2:  # logits: distilled, with the labels where the batches have them
+                    term = kd_loss(out, target, self.temperature)
+                    if labels is not None and self.alpha < 1:
+                        term = self.alpha * term + (1 - self.alpha) * F.cross_entropy(out, labels)
+                else:
+                    term = F.mse_loss(out, target)
+                loss = loss + term
+        return loss
+
+
+def retrain_composed(teacher: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader,
+                     epochs: int = 1, lr: float = 3e-4, temperature: float = 4.0, alpha: float = 0.9,
+                     draws: str = "levels", seed: int = 0, checkpoint: Optional[str] = None,
+                     progress: bool = True) -> Dict[str, Any]:
+    """Trains the students (in place, after ``retrain``) where they run: composed into the whole model. Block
+    retraining makes each descendant match its block's output on the teacher's input, so errors compound where
+    many blocks are pruned at once (a block's input then comes from pruned blocks), which a per-block retraining
+    cannot see. Here each step draws configurations (``draws``: "random", one with each block at a sparsity drawn
+    uniformly, the block itself included; "sandwich", also the smallest, every block at its highest sparsity, as
+    slimmable and once-for-all networks train; "levels", also every block at one sparsity, each in turn), runs the
+    model with them swapped in, and distils the teacher's
+    output: ``fxeff.distill.kd_loss`` at ``temperature`` for logits [N, classes] (weighted ``alpha``, plus
+    1 - ``alpha`` times the cross-entropy where the batches are (images, labels)), the MSE for other outputs.
+    Adam at ``lr`` for ``epochs`` over ``loader`` (fxeff.training.fit). Each student is stepped only when drawn;
+    the teacher, and so every block at sparsity 0, stays frozen; the students run in eval mode (BatchNorm
+    statistics frozen). ``seed`` fixes the draws. ``checkpoint``: resumable as ``retrain``.
+
+    Under torch.distributed (a process group initialised by the caller, each rank with its DistributedSampler
+    loader), the students train as one DistributedDataParallel module: every rank draws the same
+    configurations (the same seed and steps), gradients are averaged. Returns as ``retrain``."""
+    import torch.distributed as dist
+
+    from ..training import fit
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"fxeff.blocks.retrain_composed: epochs must be an int >= 1, got {epochs!r}")
+    if draws not in DRAWS:
+        raise ValueError(f"fxeff.blocks.retrain_composed: draws must be one of {DRAWS}, got {draws!r}")
+    if not 0 <= alpha <= 1 or not temperature > 0:
+        raise ValueError(f"fxeff.blocks.retrain_composed: alpha must be in [0, 1] and temperature > 0, got "
+                         f"{alpha!r} and {temperature!r}")
+    block_names(teacher)
+    teacher.eval()
+    student_set = StudentSet(students, mutating_blocks(teacher))
+    if not len(student_set.students):
+        raise ValueError("fxeff.blocks.retrain_composed: no student to train (every sparsity is 0)")
+    done = _resume(checkpoint, student_set, "fxeff.blocks.retrain_composed")
+    history: Dict[str, Any] = {"loss": [], "seconds": [], "epochs_done": done}
+    if done >= epochs:
+        return history
+    # the draws go on where a resumed run left off: the seed moves with the epochs done
+    compositions = _Compositions(teacher, student_set, students, temperature, alpha, draws, seed + done)
+    distributed = dist.is_available() and dist.is_initialized()
+    frozen = [(p, p.requires_grad) for p in teacher.parameters()]  # the model's own (and the blocks') weights
+
+    def save(epoch: int, loss: float) -> None:
+        history["epochs_done"] = done + epoch + 1
+        _save(checkpoint, student_set, done + epoch + 1)
+
+    modes = {m: m.training for m in student_set.modules()}
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        model = nn.parallel.DistributedDataParallel(compositions, find_unused_parameters=True) if distributed \
+            else compositions
+        run = fit(model, loader, lambda m, batch: m(batch), epochs - done, lr=lr, weight_decay=0.0,
+                  optimizer="adam", channels_last=False, progress=progress, description="fxeff.blocks.retrain_composed",
+                  on_epoch_end=save)
+    finally:
+        for p, requires in frozen:
+            p.requires_grad_(requires)
+        for m, mode in modes.items():
+            m.training = mode
+    history["loss"], history["seconds"] = run["loss"], run["seconds"]
+    return history
+
+
+__all__ = ["DRAWS", "StudentSet", "block_names", "images_of", "mutating_blocks", "captured", "block_inputs", "block_mse",
+           "retrain", "retrain_composed", "configured"]
