@@ -403,9 +403,9 @@ def _reference_plot(points, original, path, title):
 
 def reference_part(args):
     """ResNet-20 on --dataset: the whole offline stage (blocks, descendants at 0.2/0.4/0.6/0.8, retraining on
-    --train-images for --epochs, then --composed-epochs composed, profiles on --test-images at batch 16), then: the Pareto front (distinct
-    configurations, their modelled and measured latency span), the models against 20 random composed
-    configurations (accuracy, its interaction fitted on 8 other random configurations by the profile: within 1
+    --train-images for --epochs, then --composed-epochs composed, profiles on --test-images at batch 16), then: the
+    Pareto front (distinct configurations, their modelled and measured latency span), the models against 20 random
+    composed configurations (accuracy, its interaction fitted on 8 other random configurations by the profile: within 1
     point; additive latency: within 10% on 95%; memory: measured peaks, fxeff.bench.peak_memory), the most accurate
     configuration with at most half the MACs (the optimiser with MACs in the place of latency; drop <= 1.5 points),
     the front against every block at one sparsity and against torch-pruning's uniform pruning of the whole model

@@ -301,6 +301,10 @@ def test_composed_retraining_distils_the_output_and_leaves_the_teacher(tmp_path)
     assert len(retrain_composed(gm, students, loader, epochs=3, checkpoint=checkpoint, progress=False)["loss"]) == 1
     with pytest.raises(ValueError, match="epochs must be an int >= 1"):
         retrain_composed(gm, students, loader, epochs=0)
+    name = next(iter(students))
+    setattr(gm, name, students[name][0.8])
+    with pytest.raises(ValueError, match="put its own blocks back first"):
+        retrain_composed(gm, students, loader)
 
 
 def test_composed_retraining_draws():

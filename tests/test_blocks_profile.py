@@ -94,9 +94,13 @@ def test_profile_entries(setup):
     assert 0 < result.base_latency < result.latency
     # the latency model's calibration: the unpruned model and 8 random configurations timed whole
     assert len(result.latency_calibration) == 9 and result.latency_scale > 0
+    from fxeff.blocks.profile import fit_latency
+
     x0, t0 = result.latency_calibration[0]
+    base, scale = fit_latency((x0, t0), result.latency_calibration[1:])  # the entries carry the fitted line
+    assert (result.base_latency, result.latency_scale) == (base, scale)
     unpruned = result.base_latency + sum(table[name][0.0].latency for name in table)
-    assert unpruned == pytest.approx(t0, rel=1e-9) or t0 < x0  # exact, but where the base would be negative
+    assert unpruned == pytest.approx(base + scale * x0, rel=1e-9)
     assert result.macs > sum(table[name][0.0].macs for name in table)
     assert 0 < result.accuracy <= 100
 
@@ -146,11 +150,15 @@ def test_profile_calibrates_on_configurations_measured_whole(setup):
     assert all(getattr(gm, name) is not students[name].get(0.4) for name in students)
 
 
-def test_fit_latency_goes_through_the_unpruned_model_and_falls_back_on_noise():
+def test_fit_latency_is_a_robust_line_and_falls_back_on_noise():
     from fxeff.blocks.profile import fit_latency
 
     whole = (4.0, 5.0)  # summed isolated timings 4, measured whole 5
     a, b = fit_latency(whole, [(2.0, 2.6), (3.0, 3.8), (1.0, 1.4)])  # exactly t = 0.2 + 1.2 x
+    assert a == pytest.approx(0.2) and b == pytest.approx(1.2)
+    # one point timed while the machine was busy (the unpruned one here) does not move the line
+    points = [(1.0, 1.4), (1.5, 2.0), (2.0, 2.6), (2.5, 3.2), (3.0, 3.8), (3.5, 4.4)]
+    a, b = fit_latency((4.0, 6.0), points)
     assert a == pytest.approx(0.2) and b == pytest.approx(1.2)
     assert fit_latency(whole, []) == (1.0, 1.0)  # no calibration: the plain additive model
     assert fit_latency(whole, [(2.0, 5.5)]) == (1.0, 1.0)  # a slope <= 0 is noise: the additive model

@@ -65,8 +65,8 @@ class Profile:
     time, and their sum did not match whole models (overheads and caches do not add: 13 of 20 random
     configurations within 10%, all overestimates). So the entries' latencies are the isolated timings times
     ``latency_scale`` and base_latency is fitted with it (``fit_latency``: a + b x with x the summed isolated
-    timings, through the unpruned model's point) on ``latency_calibration``: [x, measured seconds] of the unpruned
-    model and of random configurations timed whole."""
+    timings, a robust line) on ``latency_calibration``: [x, measured seconds] of the unpruned model and of random
+    configurations timed whole."""
 
     entries: List[Entry]
     accuracy: float
@@ -103,15 +103,21 @@ def fit_interaction(points: Sequence[Tuple[float, float]]) -> float:
 
 
 def fit_latency(whole: Tuple[float, float], points: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
-    """(a, b) of the latency model t = a + b x (x: summed isolated block timings, t: the whole configuration's):
-    the line through ``whole`` (the unpruned model's point: its latency is measured best and stays exact) with the
-    slope b of least squares over ``points``; where that gives b <= 0 or a <= 0 (noise on tiny models), the plain
-    additive model (a = t - x of the unpruned model, at least 0; b = 1)."""
+    """(a, b) of the latency model t = a + b x (x: summed isolated block timings, t: the whole configuration's),
+    fitted on ``whole`` (the unpruned model's point) and ``points`` by Theil-Sen (scipy.stats.theilslopes: the
+    median of the pairwise slopes, robust to a point timed while the machine was busy; a line forced through the
+    unpruned point inherited that point's noise, and one slow timing of it skewed every estimate by 10-20%); where
+    that gives b <= 0 or a <= 0 (noise on tiny models), or there are no points, the plain additive model (a = t - x
+    of the unpruned model, at least 0; b = 1)."""
     x0, t0 = whole
-    sxx = sum((x - x0) ** 2 for x, _ in points)
-    b = sum((x - x0) * (t - t0) for x, t in points) / sxx if sxx > 0 else 0.0
-    a = t0 - b * x0
-    return (a, b) if a > 0 and b > 0 else (max(t0 - x0, 0.0), 1.0)
+    fallback = (max(t0 - x0, 0.0), 1.0)
+    xs = [x0] + [x for x, _ in points]
+    if len(set(xs)) < 2:
+        return fallback
+    from scipy.stats import theilslopes
+
+    b, a, _, _ = theilslopes([t0] + [t for _, t in points], xs)
+    return (float(a), float(b)) if a > 0 and b > 0 else fallback
 
 
 def _random_configurations(names: Sequence[str], students: Students, count: int, seed: int

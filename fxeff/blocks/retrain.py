@@ -266,7 +266,8 @@ class _Compositions(nn.Module):
         self.student_set = student_set  # the trained parameters; the teacher is no submodule (it stays frozen)
         self._teacher = [teacher]
         self.students = students
-        self.options = {name: sorted(students[name]) for name in block_names(teacher) if len(students.get(name, ())) > 1}
+        self.options = {name: sorted(students[name]) for name in block_names(teacher)
+                        if len(students.get(name, ())) > 1}
         self.temperature, self.alpha, self.draws = temperature, alpha, draws
         self.steps = 0
         self.generator = torch.Generator().manual_seed(seed)  # every rank draws the same configurations
@@ -322,9 +323,9 @@ def retrain_composed(teacher: fx.GraphModule, students: Students, loader: torch.
     cannot see. Here each step draws configurations (``draws``: "random", one with each block at a sparsity drawn
     uniformly, the block itself included; "sandwich", also the smallest, every block at its highest sparsity, as
     slimmable and once-for-all networks train; "levels", also every block at one sparsity, each in turn), runs the
-    model with them swapped in, and distils the teacher's
-    output: ``fxeff.distill.kd_loss`` at ``temperature`` for logits [N, classes] (weighted ``alpha``, plus
-    1 - ``alpha`` times the cross-entropy where the batches are (images, labels)), the MSE for other outputs.
+    model with them swapped in, and distils the teacher's output: ``fxeff.distill.kd_loss`` at ``temperature`` for
+    logits [N, classes] (weighted ``alpha``, plus 1 - ``alpha`` times the cross-entropy where the batches are
+    (images, labels)), the MSE for other outputs.
     Adam at ``lr`` for ``epochs`` over ``loader`` (fxeff.training.fit). Each student is stepped only when drawn;
     the teacher, and so every block at sparsity 0, stays frozen; the students run in eval mode (BatchNorm
     statistics frozen). ``seed`` fixes the draws. ``checkpoint``: resumable as ``retrain``.
@@ -343,7 +344,11 @@ def retrain_composed(teacher: fx.GraphModule, students: Students, loader: torch.
     if not 0 <= alpha <= 1 or not temperature > 0:
         raise ValueError(f"fxeff.blocks.retrain_composed: alpha must be in [0, 1] and temperature > 0, got "
                          f"{alpha!r} and {temperature!r}")
-    block_names(teacher)
+    swapped = [name for name in block_names(teacher)
+               if any(getattr(teacher, name) is m for s, m in students.get(name, {}).items() if s)]
+    if swapped:
+        raise ValueError(f"fxeff.blocks.retrain_composed: the teacher runs descendants in {swapped}; put its own "
+                         f"blocks back first (ScalableModel.scale to sparsity 0): its output is the target")
     teacher.eval()
     student_set = StudentSet(students, mutating_blocks(teacher))
     if not len(student_set.students):
@@ -379,5 +384,5 @@ def retrain_composed(teacher: fx.GraphModule, students: Students, loader: torch.
     return history
 
 
-__all__ = ["DRAWS", "StudentSet", "block_names", "images_of", "mutating_blocks", "captured", "block_inputs", "block_mse",
-           "retrain", "retrain_composed", "configured"]
+__all__ = ["DRAWS", "StudentSet", "block_names", "images_of", "mutating_blocks", "captured", "block_inputs",
+           "block_mse", "retrain", "retrain_composed", "configured"]

@@ -9,8 +9,8 @@ the fx graph):
 1. the data-flow nodes (those that depend on a graph input) and their dominator tree from a root above the inputs;
 2. for each node x, its dominators e walked upwards, growing the subgraph between e and x (the nodes that reach x
    without passing e) until it holds more convs than the maximum; each (e, x) whose subgraph is read outside only
-   at x, and that does not part a conv from the BatchNorm after it (the pair folds for inference only on one side
-   of a boundary), is a candidate;
+   at x, and that does not part a conv from the BatchNorm and activation after it (for inference they fold into
+   the conv only on one side of a boundary), is a candidate;
 3. the candidates to keep, pairwise disjoint, by an integer program (scipy's milp): most convs covered; then exits
    at small activations (the natural boundaries: residual adds, bottlenecks, after pooling; without this rule
    MobileNetV2's blocks ended after expand convs, on maps 6x wider); then most prunable convs (the seed's rule
@@ -170,25 +170,31 @@ class _Candidate:
         self.entry, self.exit, self.nodes, self.convs, self.prunable = entry, exit_node, nodes, convs, prunable
 
 
-def _with_batch_norm(gm: fx.GraphModule, conv_nodes: Set[fx.Node]) -> Set[fx.Node]:
-    """The convs whose only user is a BatchNorm of their output: a block boundary must not fall between the two
-    (the BatchNorm folds into its conv for inference only where both are on one side; a stem's BatchNorm at the
-    head of the first block stayed unfolded and cost the pruned model's latency span)."""
-    from .rewrite import batch_norm_stats
+def _unsplittable(gm: fx.GraphModule, conv_nodes: Set[fx.Node]) -> Set[fx.Node]:
+    """The nodes after which a block boundary must not fall: a conv whose only user is its BatchNorm or a clamp
+    activation (ReLU, ReLU6), and such a BatchNorm when its only user is such an activation. For inference the
+    BatchNorm folds into its conv and the activation becomes the conv's epilogue, but only where they are on one
+    side of a boundary (a stem's BatchNorm and ReLU at the head of ResNet-20's first block stayed unfused and cost
+    the pruned model's latency span)."""
+    from .rewrite import batch_norm_stats, clamp_after
 
     found = set()
     for conv in conv_nodes:
         users = list(conv.users)
         if len(users) == 1 and batch_norm_stats(gm, users[0], conv, {})[0] is not None:
             found.add(conv)
+            if clamp_after(gm, users[0]) is not None:
+                found.add(users[0])
+        elif clamp_after(gm, conv) is not None:
+            found.add(conv)
     return found
 
 
 def _candidates(gm: fx.GraphModule, conv_nodes: Set[fx.Node], most: int, least: int) -> List[_Candidate]:
     """Every (entry, exit) pair whose subgraph is single-entry single-exit with ``least`` to ``most`` convs, and
-    does not part a conv from the BatchNorm after it."""
+    does not part a conv from its BatchNorm and activation (``_unsplittable``)."""
     graph, flow = _data_flow(gm)
-    with_bn = _with_batch_norm(gm, conv_nodes)
+    unsplittable = _unsplittable(gm, conv_nodes)
     idom = nx.immediate_dominators(graph, _ROOT)
     found = []
     for x in gm.graph.nodes:
@@ -211,7 +217,7 @@ def _candidates(gm: fx.GraphModule, conv_nodes: Set[fx.Node], most: int, least: 
                             convs.add(arg)
             if len(convs) > most:
                 break
-            if len(convs) >= least and e not in with_bn and x not in with_bn and \
+            if len(convs) >= least and e not in unsplittable and x not in unsplittable and \
                     all(user in nodes for node in nodes if node is not x for user in node.users):
                 fixed = _producers(nodes, x, conv_nodes) | _tied_to_entry(nodes, e, conv_nodes)
                 found.append(_Candidate(e, x, set(nodes), set(convs), convs - fixed))
