@@ -92,8 +92,8 @@ def test_profile_entries(setup):
         assert all(e.latency > 0 and e.peak_activation_bytes > 0 for e in sizes)
         assert sizes[0].peak_activation_bytes >= sizes[2].peak_activation_bytes
     assert 0 < result.base_latency < result.latency
-    # the latency model's calibration: the unpruned model and 8 random configurations timed whole
-    assert len(result.latency_calibration) == 9 and result.latency_scale > 0
+    # the latency model's calibration: the unpruned model and 16 random configurations timed whole
+    assert len(result.latency_calibration) == 17 and result.latency_scale > 0
     from fxeff.blocks.profile import fit_latency
 
     x0, t0 = result.latency_calibration[0]
@@ -137,15 +137,38 @@ def test_the_interaction_is_the_least_squares_fit():
     assert profile_.modelled_drop(4.0) == pytest.approx(7.2) and profile_.modelled_drop(-1.0) == 0.0
 
 
+def test_the_offsets_are_the_ridge_fit_per_sparsity():
+    from fxeff.blocks.profile import fit_accuracy, fit_offsets
+
+    # residuals made by offsets 0.5 at 0.2 and 1.5 at 0.8 exactly: with a tiny ridge, those come back
+    rows = [({0.2: 2, 0.8: 1}, 2.5), ({0.2: 1, 0.8: 2}, 3.5), ({0.2: 3}, 1.5), ({0.0: 2, 0.8: 1}, 1.5)]
+    offsets = fit_offsets(rows, ridge=1e-9)
+    assert offsets[0.2] == pytest.approx(0.5) and offsets[0.8] == pytest.approx(1.5) and 0.0 not in offsets
+    shrunk = fit_offsets(rows, ridge=10.0)  # the ridge pulls them toward 0 (few configurations: noisy residuals)
+    assert 0 < shrunk[0.2] < 0.5 and 0 < shrunk[0.8] < 1.5
+    assert fit_offsets([]) == {}
+    # the whole fit: blocks a, b with drops at 0.8 of 1.0 (no error), measured drops of configurations
+    drops, errors = {"a": {0.0: 0.0, 0.8: 1.0}, "b": {0.0: 0.0, 0.8: 1.0}}, {"a": {0.8: 0.0}, "b": {0.8: 0.0}}
+    levels, c, points = fit_accuracy([({"a": 0.8, "b": 0.0}, 1.0), ({"a": 0.8, "b": 0.8}, 2.0)], drops, errors)
+    assert levels == [[0.8, pytest.approx(0.0)]] and c == pytest.approx(0.0)
+    assert points == [[pytest.approx(1.0), 1.0], [pytest.approx(2.0), 2.0]]
+
+
 def test_profile_calibrates_on_configurations_measured_whole(setup):
     _, gm, loader, students = setup
     result = profile(gm, students, loader, batch=1, runs=3, progress=False, calibration=4)
     assert len(result.calibration) == 4 and result.interaction >= 0.0
+    assert [s for s, _ in result.level_offsets] == [0.4, 0.8]
     table = result.table()
-    for summed, measured in result.calibration:  # each point's x is a sum of the profiled pessimistic drops
+    for summed, measured in result.calibration:  # each point's x is a sum of the entries' modelled drops
         assert any(abs(summed - sum(choice)) < 1e-9 for choice in itertools.product(
-            *[[max(table[n][s].drop + table[n][s].drop_se, 0.0) for s in sorted(table[n])] for n in students]))
+            *[[result.entry_drop(table[n][s]) for s in sorted(table[n])] for n in students]))
         assert -100.0 < measured < 100.0
+    offsets = dict((s, d) for s, d in result.level_offsets)
+    for name in students:  # an entry's modelled drop: pessimistic, plus its sparsity's offset, at least 0
+        e = table[name][0.8]
+        assert result.entry_drop(e) == max(max(e.drop + e.drop_se, 0.0) + offsets[0.8], 0.0)
+        assert result.entry_drop(table[name][0.0]) == 0.0
     # gm is restored: the blocks are the original ones
     assert all(getattr(gm, name) is not students[name].get(0.4) for name in students)
 

@@ -55,11 +55,14 @@ class Profile:
     cost to evaluate against the seed's three whole-model evaluations per entry.
 
     ``interaction``: c of the accuracy model, drop(configuration) = x + c x^2 with x the sum of its blocks'
-    pessimistic drops (``pessimistic``: each drop plus its standard error, at least 0).
-    The descendants were each measured with every other block unpruned, and their errors compound when many are
-    pruned at once: c is fitted (least squares, c >= 0) on ``calibration``, the (x, measured drop) of a few random
-    configurations measured whole. The transform is increasing in x, so the configuration of least modelled drop is
-    the one of least summed drop: the optimiser stays additive and exact.
+    modelled drops (``entry_drop``: each drop plus its standard error (``pessimistic``), plus the offset of its
+    sparsity in ``level_offsets`` ([sparsity, points]), at least 0).
+    The descendants were each measured with every other block unpruned, but they run among pruned blocks: their
+    errors compound, and descendants trained composed (``retrain_composed``) behave otherwise alone than among
+    others. So the offsets (one per sparsity, ``fit_offsets``) and then c (least squares, c >= 0) are fitted on
+    ``calibration``, the (x, measured drop) of random configurations measured whole. The transform is increasing in
+    x and the offsets are per entry, so the configuration of least modelled drop is the one of least summed entry
+    drop: the optimiser stays additive and exact.
 
     The latency model is additive too: base_latency plus each chosen entry's latency. Blocks are timed one at a
     time, and their sum did not match whole models (overheads and caches do not add: 13 of 20 random
@@ -79,6 +82,7 @@ class Profile:
     seed_evaluation_macs: int
     interaction: float = 0.0
     calibration: List[List[float]] = dataclasses.field(default_factory=list)
+    level_offsets: List[List[float]] = dataclasses.field(default_factory=list)
     latency_scale: float = 1.0
     latency_calibration: List[List[float]] = dataclasses.field(default_factory=list)
 
@@ -87,6 +91,14 @@ class Profile:
         for entry in self.entries:
             out.setdefault(entry.block, {})[entry.sparsity] = entry
         return out
+
+    def entry_drop(self, entry: Entry) -> float:
+        """The accuracy model's drop (points) of one descendant: its pessimistic drop plus its sparsity's offset,
+        at least 0; 0 for a block itself."""
+        if entry.sparsity == 0.0:
+            return 0.0
+        offset = dict((s, d) for s, d in self.level_offsets).get(entry.sparsity, 0.0)
+        return max(pessimistic(entry.drop, entry.drop_se) + offset, 0.0)
 
     def modelled_drop(self, summed: float) -> float:
         """The accuracy model's drop (points) of a configuration whose blocks' pessimistic drops sum to ``summed``."""
@@ -100,6 +112,21 @@ def fit_interaction(points: Sequence[Tuple[float, float]]) -> float:
     num = sum(max(x, 0.0) ** 2 * (m - max(x, 0.0)) for x, m in points)
     den = sum(max(x, 0.0) ** 4 for x, _ in points)
     return max(num / den, 0.0) if den > 0 else 0.0
+
+
+def fit_offsets(rows: Sequence[Tuple[Mapping[float, int], float]], ridge: float = 1.0) -> Dict[float, float]:
+    """Per sparsity s, the offset d_s (points) that each block at s adds to a configuration's summed drops:
+    ridge least squares (toward 0, weight ``ridge``) of the residuals r ~ sum_s n_s d_s over ``rows``, each (the
+    count n_s of blocks at each sparsity, the residual r: measured drop minus summed pessimistic drops)."""
+    levels = sorted({s for counts, _ in rows for s in counts if s})
+    if not levels:
+        return {}
+    import numpy as np
+
+    a = np.array([[counts.get(s, 0) for s in levels] for counts, _ in rows], dtype=np.float64)
+    r = np.array([residual for _, residual in rows], dtype=np.float64)
+    d = np.linalg.solve(a.T @ a + ridge * np.eye(len(levels)), a.T @ r)
+    return {s: float(v) for s, v in zip(levels, d)}
 
 
 def fit_latency(whole: Tuple[float, float], points: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
@@ -150,23 +177,36 @@ def pessimistic(drop: float, error: float) -> float:
     return max(drop + error, 0.0)
 
 
-def calibrate(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader,
-              drops: Mapping[str, Mapping[float, float]], errors: Mapping[str, Mapping[float, float]],
-              accuracy: float, configurations: int = 8, metric: Metric = top1,
-              seed: int = 1234) -> List[List[float]]:
-    """[summed pessimistic drop, measured drop] of ``configurations`` random configurations (each block at a
-    sparsity drawn uniformly, seeded), each swapped into ``gm`` and evaluated whole on ``loader``; gm is
-    restored."""
+def calibrate(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader, accuracy: float,
+              configurations: int = 8, metric: Metric = top1, seed: int = 1234
+              ) -> List[Tuple[Dict[str, float], float]]:
+    """(configuration, measured drop) of ``configurations`` random configurations (each block at a sparsity drawn
+    uniformly, seeded), each swapped into ``gm`` and evaluated whole on ``loader``; gm is restored."""
     names = [n for n in block_names(gm) if len(students.get(n, {})) > 1]
     if len(names) < 2:
         return []
-    points = []
+    out = []
     with configured(gm, students) as apply:
         for choice in _random_configurations(names, students, configurations, seed):
             apply(choice)
-            summed = sum(pessimistic(drops[n][s], errors[n][s]) for n, s in choice.items())
-            points.append([summed, accuracy - _whole_accuracy(gm, loader, metric)])
-    return points
+            out.append((choice, accuracy - _whole_accuracy(gm, loader, metric)))
+    return out
+
+
+def fit_accuracy(measured: Sequence[Tuple[Mapping[str, float], float]], drops: Mapping[str, Mapping[float, float]],
+                 errors: Mapping[str, Mapping[float, float]]) -> Tuple[List[List[float]], float, List[List[float]]]:
+    """(the level offsets [[sparsity, points]], the interaction c, the calibration rows [x, measured drop]) of the
+    accuracy model (Profile) fitted on ``measured`` (calibrate's configurations and drops)."""
+    rows = []
+    for choice, drop in measured:
+        counts: Dict[float, int] = {}
+        for s in choice.values():
+            counts[s] = counts.get(s, 0) + 1
+        rows.append((counts, drop - sum(pessimistic(drops[n][s], errors[n][s]) for n, s in choice.items() if s)))
+    offsets = fit_offsets(rows)
+    points = [[sum(max(pessimistic(drops[n][s], errors[n][s]) + offsets[s], 0.0) for n, s in choice.items() if s),
+               drop] for choice, drop in measured]
+    return [[s, d] for s, d in sorted(offsets.items())], fit_interaction(points), points
 
 
 def _bytes(module: nn.Module) -> int:
@@ -307,11 +347,12 @@ def accuracy_drops(gm: fx.GraphModule, students: Students, loader: torch.utils.d
 
 
 def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader, batch: int = 1,
-            metric: Metric = top1, runs: int = 15, progress: bool = True, calibration: int = 8) -> Profile:
+            metric: Metric = top1, runs: int = 15, progress: bool = True, calibration: int = 16) -> Profile:
     """The Profile of every (block, sparsity) of ``students`` (block name -> sparsity -> module; sparsity 0 is
     the block itself) on ``loader`` (its batches: (images, labels) for the default top-1 metric); latencies at
-    ``batch`` images (medians of ``runs`` interleaved runs, fxeff.bench); the accuracy model's interaction fitted
-    on ``calibration`` random configurations evaluated whole (0: none)."""
+    ``batch`` images (medians of ``runs`` interleaved runs, fxeff.bench); the accuracy model's offsets and
+    interaction fitted on ``calibration`` random configurations evaluated whole (0: none), and the latency model on
+    as many timed whole."""
     from .. import bench
 
     names = block_names(gm)
@@ -319,7 +360,8 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
     if unknown:
         raise ValueError(f"fxeff.blocks.profile: students of {unknown}, which are not blocks of the graph {names}")
     accuracy, drops, errors, spent, seed = accuracy_drops(gm, students, loader, metric, progress)
-    points = calibrate(gm, students, loader, drops, errors, accuracy, calibration, metric) if calibration else []
+    measured = calibrate(gm, students, loader, accuracy, calibration, metric) if calibration else []
+    offsets, interaction, points = fit_accuracy(measured, drops, errors)
     x = images_of(next(iter(loader)))[:1]
     if batch > 1:
         x = x.expand(batch, *x.shape[1:]).contiguous()
@@ -350,7 +392,7 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
     total_bytes = _bytes(gm)
     block_bytes = sum(_bytes(gm.get_submodule(name)) for name in names)
     return Profile(entries, accuracy, model_latency, base, total_bytes - block_bytes, _macs(lambda: gm(x[:1])),
-                   batch, spent, seed, fit_interaction(points), points, scale, [list(whole)] + timed)
+                   batch, spent, seed, interaction, points, offsets, scale, [list(whole)] + timed)
 
 
 def _time_configurations(gm: fx.GraphModule, students: Students, entries: Sequence[Entry], x: torch.Tensor,
@@ -381,5 +423,5 @@ def check_profile(profile_: Profile) -> None:
 
 
 __all__ = ["Entry", "Profile", "top1", "peak_activation_bytes", "accuracy_drops", "pessimistic", "calibrate",
-           "fit_interaction",
+           "fit_interaction", "fit_offsets", "fit_accuracy",
            "profile", "check_profile"]

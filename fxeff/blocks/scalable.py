@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .profile import Entry, Profile, check_profile, pessimistic
+from .profile import Entry, Profile, check_profile
 from .select import Choice, Selection, pareto_front, select
 
 ARTIFACT_FORMAT = "fxeff.blocks/1"
@@ -88,10 +88,11 @@ class ScalableModel(nn.Module):
         return list(self._modules_by_block[name])
 
     def choices(self) -> List[List[Choice]]:
-        """Per block, per sparsity: its profiled drop plus one standard error of it, at least 0 (a pessimistic
-        estimate: with the drop alone, descendants measured as good as their block by the test split's noise were
-        free, the optimiser pruned many of them, and the small true drops added up: the most accurate configuration
-        on ResNet-20's front measured 0.4 points below the original), latency, memory (parameter bytes plus peak
+        """Per block, per sparsity: its modelled drop (Profile.entry_drop: the profiled drop plus one standard
+        error of it, a pessimistic estimate, plus its sparsity's offset, at least 0: with the drop alone,
+        descendants measured as good as their block by the test split's noise were free, the optimiser pruned many
+        of them, and the small true drops added up: the most accurate configuration on ResNet-20's front measured
+        0.4 points below the original), latency, memory (parameter bytes plus peak
         activation bytes at the profiled batch) and the bytes a switch to it loads (its parameter bytes)."""
         table = self.profile.table()
         out = []
@@ -100,17 +101,17 @@ class ScalableModel(nn.Module):
             for sparsity in self._modules_by_block[name]:
                 e: Entry = table[name][sparsity]
                 memory = e.param_bytes + e.peak_activation_bytes * self.profile.batch
-                row.append(Choice(pessimistic(e.drop, e.drop_se), e.latency, memory, e.param_bytes))
+                row.append(Choice(self.profile.entry_drop(e), e.latency, memory, e.param_bytes))
             out.append(row)
         return out
 
     def modelled_accuracy(self, config: Union[Selection, Sequence[int], Mapping[str, float]]) -> float:
         """The accuracy model's estimate (%) for ``config``: the model's accuracy minus Profile.modelled_drop of
-        its blocks' summed pessimistic drops (the interaction of compounding errors included). The optimiser ranks
-        by that sum, which orders configurations as the estimate does."""
+        its blocks' summed modelled drops (Profile.entry_drop; the interaction of compounding errors included). The
+        optimiser ranks by that sum, which orders configurations as the estimate does."""
         table = self.profile.table()
         choice = self._choice_of(config)
-        summed = sum(pessimistic(e.drop, e.drop_se) for e in
+        summed = sum(self.profile.entry_drop(e) for e in
                      (table[n][self.sparsities(n)[i]] for n, i in zip(self.block_names, choice)))
         return self.profile.accuracy - self.profile.modelled_drop(summed)
 
@@ -144,7 +145,7 @@ class ScalableModel(nn.Module):
         return rows, float(self.profile.macs - sum(table[n][0.0].macs for n in self.block_names))
 
     def select_macs(self, macs: float) -> Selection:
-        """The configuration of least summed pessimistic drop with at most ``macs`` MACs per sample (its
+        """The configuration of least summed modelled drop with at most ``macs`` MACs per sample (its
         ``latency`` field holds its MACs)."""
         rows, base = self.macs_choices()
         return select(rows, macs, base_latency=base)
