@@ -165,9 +165,10 @@ def test_profile_calibrates_on_configurations_measured_whole(setup):
             *[[result.entry_drop(table[n][s]) for s in sorted(table[n])] for n in students]))
         assert -100.0 < measured < 100.0
     offsets = dict((s, d) for s, d in result.level_offsets)
-    for name in students:  # an entry's modelled drop: pessimistic, plus its sparsity's offset, at least 0
+    for name in students:  # an entry's modelled drop: pessimistic, plus its sparsity's offset, at least its error
         e = table[name][0.8]
-        assert result.entry_drop(e) == max(max(e.drop + e.drop_se, 0.0) + offsets[0.8], 0.0)
+        assert result.entry_drop(e) == max(max(e.drop + e.drop_se, 0.0) + offsets[0.8], e.drop_se)
+        assert e.drop_se > 0 and result.entry_drop(e) > 0  # it differs from its block: never free
         assert result.entry_drop(table[name][0.0]) == 0.0
     # gm is restored: the blocks are the original ones
     assert all(getattr(gm, name) is not students[name].get(0.4) for name in students)

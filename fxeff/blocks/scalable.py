@@ -89,10 +89,10 @@ class ScalableModel(nn.Module):
 
     def choices(self) -> List[List[Choice]]:
         """Per block, per sparsity: its modelled drop (Profile.entry_drop: the profiled drop plus one standard
-        error of it, a pessimistic estimate, plus its sparsity's offset, at least 0: with the drop alone,
-        descendants measured as good as their block by the test split's noise were free, the optimiser pruned many
-        of them, and the small true drops added up: the most accurate configuration on ResNet-20's front measured
-        0.4 points below the original), latency, memory (parameter bytes plus peak
+        error of it, a pessimistic estimate, plus its sparsity's offset, at least the standard error: with the drop
+        alone, descendants measured as good as their block by the test split's noise were free, the optimiser
+        pruned many of them, and the small true drops added up: the most accurate configuration on ResNet-20's
+        front measured 0.4 points below the original), latency, memory (parameter bytes plus peak
         activation bytes at the profiled batch) and the bytes a switch to it loads (its parameter bytes)."""
         table = self.profile.table()
         out = []
