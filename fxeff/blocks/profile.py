@@ -100,7 +100,7 @@ class Profile:
         return modelled(entry.drop, entry.drop_se, offset)
 
     def modelled_drop(self, summed: float) -> float:
-        """The accuracy model's drop (points) of a configuration whose blocks' pessimistic drops sum to ``summed``."""
+        """The accuracy model's drop (points) of a configuration whose blocks' modelled drops sum to ``summed``."""
         x = max(float(summed), 0.0)
         return x + self.interaction * x * x
 
