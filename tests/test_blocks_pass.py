@@ -156,3 +156,25 @@ def test_dynamo_graphs_are_refused_with_the_way_out():
     compiled = torch.compile(model, backend="effconv", options={"passes": [{"pass": "blocks"}]})
     with pytest.raises(Exception, match="fxeff.passes.Blocks: dynamo graphs"):
         compiled(torch.randn(2, 1, 64, 64))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_a_boundary_never_parts_a_conv_from_its_batchnorm_and_relu(name):
+    """ResNet-20's first block began with the stem's BatchNorm and ReLU; they now stay with the stem conv, outside
+    every block, where they fold into it for inference. No block starts or ends between a conv and its epilogue."""
+    if name == "resnet20":
+        model, x = reference.build("resnet20", "fashion-mnist").eval(), torch.randn(2, 1, 28, 28)
+    else:
+        model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    gm, _ = check_blocks(model, x)
+    first = gm.fxeff_blocks[0]
+    assert not {"bn1", "relu"} & set(first["nodes"]), first["nodes"]
+    traced = fx.symbolic_trace(model)
+    nodes = {n.name: n for n in traced.graph.nodes}
+    for info in gm.fxeff_blocks:
+        entry = nodes[info["entry"]]
+        assert not (entry.op == "call_module" and isinstance(traced.get_submodule(entry.target), nn.Conv2d)
+                    and len(entry.users) == 1), (info["name"], info["entry"])
+        if entry.op == "call_module" and isinstance(traced.get_submodule(entry.target), nn.BatchNorm2d):
+            assert not all(isinstance(traced.get_submodule(u.target), nn.ReLU) for u in entry.users
+                           if u.op == "call_module"), (info["name"], info["entry"])
