@@ -22,7 +22,8 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
                                         calibration_images=32, finetune_images=64, hetconv_target_epochs=1,
                                         latency_runs=2, latency_batch=4, photos=False, focus_halos=(2,),
                                         stem_fractions=(0.3,), hetconv_parts=(2, 4), progress=False,
-                                        blocks_sparsities=(0.0, 0.5), blocks_train_images=64, blocks_epochs=1)
+                                        blocks_sparsities=(0.0, 0.5), blocks_train_images=64, blocks_epochs=1,
+                                        blocks_composed_epochs=1)
     md = str(tmp_path / "docs" / "accuracy.md")
     rows_path = str(tmp_path / "out" / "rows.json")
     text = accuracy_report.run(settings, md, str(tmp_path / "docs" / "plots"), rows_path=rows_path)
@@ -43,8 +44,8 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
                                                                              ("blocks", blocks)]
     # P=4 has a target: the longer budget over the whole training split; P=2 the short one
     assert rows[-3]["fine-tune"].startswith("1 x 64 images") and rows[-2]["fine-tune"].startswith("1 x 96 images")
-    # block scaling: descendants retrained on intermediate data only, at most half the MACs
-    assert rows[-1]["fine-tune"].startswith("none (descendants retrained: 1 x 64 images")
+    # block scaling: only the descendants are trained (on intermediate data, then composed), at most half the MACs
+    assert rows[-1]["fine-tune"].startswith("descendants only (1 x 64 images per block, then 1 composed")
     # at sparsity 0.5 the blocks cannot reach half the MACs: the configuration with the fewest, said so
     assert rows[-1]["fine-tune"].endswith("0.5 of the MACs is out of reach: the fewest)")
     assert 0.5 < float(rows[-1]["MAC ratio"]) < 0.6
@@ -146,6 +147,7 @@ def test_row_cache_reuses_a_row_only_when_measured_the_same_way(tmp_path, monkey
                            ({"hetconv_fit_images": 64}, [k for k in keys if k[0] == "hetconv"]),
                            ({"finetune_lr": 0.01}, [k for k in keys if k[0] not in ("focus", "blocks")]),
                            ({"blocks_epochs": 3}, [("blocks", "half")]),
+                           ({"blocks_composed_epochs": 0}, [("blocks", "half")]),
                            ({"blocks_sparsities": (0.0, 0.5)}, [("blocks", "half")]),
                            ({"focus_format": "nchw"}, [("focus", "input")])):
         other = dataclasses.replace(settings, **changed)
