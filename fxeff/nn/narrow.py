@@ -4,11 +4,9 @@ channels, so a conv with few channels (a pruned one) costs in proportion to its 
 in place of the convs that gain (``gains``) in an fx GraphModule, with the residual add and the ReLU after each
 fused.
 """
-import operator
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -108,44 +106,16 @@ def gains(conv: nn.Module) -> bool:
     return o < FEW and i <= STRIDED_FEW_OUTPUTS_MOST_INPUTS
 
 
-def _clamp_of(gm: torch.fx.GraphModule, node: torch.fx.Node):
-    """(clamp_min, clamp_max) of ``node`` if it is a ReLU or ReLU6 (module or function), else None."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if type(module) is nn.ReLU:
-            return 0.0, None
-        if type(module) is nn.ReLU6:
-            return 0.0, 6.0
-        return None
-    if node.op == "call_function" and node.target in (F.relu, torch.relu, torch.relu_):
-        return 0.0, None
-    if node.op == "call_function" and node.target is F.relu6:
-        return 0.0, 6.0
-    return None
-
-
-def _shape(node) -> Optional[tuple]:
-    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
-    return (tuple(meta.shape), meta.dtype) if meta is not None and hasattr(meta, "shape") else None
-
-
-def _residual_of(node: torch.fx.Node, add: torch.fx.Node) -> Optional[torch.fx.Node]:
-    """The other operand of ``add`` (``node`` + it, or it + ``node``) where it is a value of ``node``'s shape and
-    dtype (from ShapeProp's metadata: without it, None), else None."""
-    if add.op != "call_function" or add.target not in (operator.add, torch.add) or add.kwargs or len(add.args) != 2:
-        return None
-    other = add.args[1] if add.args[0] is node else add.args[0] if add.args[1] is node else None
-    if other is None or other is node or _shape(node) is None or _shape(other) != _shape(node):
-        return None
-    return other
-
-
 def narrow_convs(gm: torch.fx.GraphModule, example_inputs: Optional[tuple] = None) -> int:
     """Puts a NarrowConv2d in place of each nn.Conv2d of ``gm`` that ``gains``, in place. Where the conv's only
     reader adds a value of its shape to it (a residual block's last conv: needs ``example_inputs``, which ShapeProp
-    runs ``gm`` on, to know the shapes), the add is fused as the residual; a ReLU (or ReLU6) that is then the only
-    reader is fused as the clamp. A conv module that the graph calls at several places is left as it is. Returns the
-    number of convs replaced. The parameters are the conv's own (shared), so state dicts keep their keys."""
+    runs ``gm`` on, to know the shapes), the add is fused as the residual; an activation that is a clamp (ReLU,
+    ReLU6, Hardtanh, clamp) and then the only reader is fused as the clamp. A conv module that the graph calls at several places is left as it is. Returns the
+    number of convs replaced. The parameters are the conv's own (shared), so state dicts keep their keys. The add
+    and the activation are found as the passes find a conv's epilogue (``fxeff.passes.rewrite.residual_add_after``,
+    ``clamp_after``)."""
+    from ..passes.rewrite import clamp_after, residual_add_after
+
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
@@ -162,18 +132,16 @@ def narrow_convs(gm: torch.fx.GraphModule, example_inputs: Optional[tuple] = Non
             continue
         conv = gm.get_submodule(node.target)
         tail, residual = node, None  # the last node the narrow conv's call stands for
-        users = list(node.users)
-        if len(users) == 1:
-            residual = _residual_of(node, users[0])
-            if residual is not None:
-                tail = users[0]
-        readers = list(tail.users)
-        clamp = _clamp_of(gm, readers[0]) if len(readers) == 1 else None
-        narrow = NarrowConv2d.from_conv(conv, *(clamp or (None, None)))
+        add = residual_add_after(node)
+        if add is not None:
+            tail, residual = add
+        activation = clamp_after(gm, tail)
+        narrow = NarrowConv2d.from_conv(conv, *(activation[1:] if activation is not None else (None, None)))
         owner, _, leaf = node.target.rpartition(".")
         setattr(gm.get_submodule(owner) if owner else gm, leaf, narrow)
-        last = readers[0] if clamp is not None else tail
-        if residual is not None or clamp is not None:
+        clamp = activation is not None
+        last = activation[0] if clamp else tail
+        if residual is not None or clamp:
             with gm.graph.inserting_after(last):
                 fused = gm.graph.call_module(node.target, (node.args[0], residual) if residual is not None
                                              else (node.args[0],))
