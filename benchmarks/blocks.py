@@ -415,7 +415,6 @@ def reference_part(args):
     from fxeff.training import accuracy
     from fxeff.blocks.build import build
     from fxeff.blocks.command import reference_loaders
-    from fxeff.blocks.select import pareto_front
 
     torch.manual_seed(0)
     model = reference.load("resnet20", args.dataset).eval()
@@ -489,7 +488,6 @@ def reference_part(args):
                                               f"{sum(r <= 1 for r in mem_ratios)}/20)",
               "target": "a bound: <= 1", "target met": max(mem_ratios) <= 1}]
     # MACs as the budgeted quantity: the most accurate configuration at <= half the MACs
-    by_macs, base_macs = scalable.macs_choices()
     half = scalable.select_macs(prof.macs / 2)
     half_acc, half_s, dense_s, half_macs = _measured(scalable, model, half.choice, test, x, args.runs)
     rows.append({"measure": f"most accurate at <= 1/2 the MACs ({prof.macs / half_macs:.2f}x fewer): accuracy drop",
@@ -501,7 +499,7 @@ def reference_part(args):
                     "measured accuracy": half_acc, "modelled latency ms": "", "measured latency ms": half_s * 1e3,
                     "latency error": ""})
     # the MAC front against every block at one sparsity, at equal MACs (measured accuracy)
-    mac_front = pareto_front(by_macs, base_latency=base_macs)
+    mac_front = scalable.series(by="macs")
 
     def front_accuracy(macs):  # measured, of the front's most accurate configuration with at most ``macs``
         best = [s for s in mac_front if s.latency <= macs * (1 + 1e-9)]

@@ -11,7 +11,7 @@ import fxeff
 from fxeff import reference
 from fxeff.blocks.descendants import descendants
 from fxeff.blocks.profile import accuracy_drops, peak_activation_bytes, profile, top1
-from fxeff.blocks.retrain import block_inputs
+from fxeff.blocks.retrain import block_inputs, configured
 
 DATASET = "cluttered-fashion-mnist"
 
@@ -149,7 +149,8 @@ def test_the_offsets_are_the_ridge_fit_per_sparsity():
     assert fit_offsets([]) == {}
     # the whole fit: blocks a, b with drops at 0.8 of 1.0 (no error), measured drops of configurations
     drops, errors = {"a": {0.0: 0.0, 0.8: 1.0}, "b": {0.0: 0.0, 0.8: 1.0}}, {"a": {0.8: 0.0}, "b": {0.8: 0.0}}
-    levels, c, points = fit_accuracy([({"a": 0.8, "b": 0.0}, 1.0), ({"a": 0.8, "b": 0.8}, 2.0)], drops, errors)
+    levels, c, points = fit_accuracy([({"a": 0.8, "b": 0.0}, 1.0, 0.1), ({"a": 0.8, "b": 0.8}, 2.0, 0.1)], drops,
+                                     errors)
     assert levels == [[0.8, pytest.approx(0.0)]] and c == pytest.approx(0.0)
     assert points == [[pytest.approx(1.0), 1.0], [pytest.approx(2.0), 2.0]]
 
@@ -157,7 +158,21 @@ def test_the_offsets_are_the_ridge_fit_per_sparsity():
 def test_profile_calibrates_on_configurations_measured_whole(setup):
     _, gm, loader, students = setup
     result = profile(gm, students, loader, batch=1, runs=3, progress=False, calibration=4)
-    assert len(result.calibration) == 4 and result.interaction >= 0.0
+    # every block at 0.4, every block at 0.8, then the 4 random configurations
+    assert len(result.calibration) == 6 and len(result.configurations) == 6 and result.interaction >= 0.0
+    assert [c for c, _, _ in result.configurations[:2]] == [{n: s for n in students} for s in (0.4, 0.8)]
+    for (summed, measured), (choice, drop, error) in zip(result.calibration, result.configurations):
+        assert measured == drop and error >= 0
+    # a measured configuration's drop, checked against swapping it into the whole model and evaluating it
+    choice, drop, error = result.configurations[1]
+    with configured(gm, students) as apply, torch.no_grad():
+        reference_scores = torch.cat([top1(gm(x), (x, y)) for x, y in loader]).double()
+        apply(choice)
+        scores = torch.cat([top1(gm(x), (x, y)) for x, y in loader]).double()
+    difference = reference_scores - scores
+    assert drop == pytest.approx(100 * float(difference.mean()))
+    assert error == pytest.approx(100 * float(difference.std()) / len(difference) ** 0.5)
+    assert result.measured()[1] == (choice, max(drop, error))
     assert [s for s, _ in result.level_offsets] == [0.4, 0.8]
     table = result.table()
     for summed, measured in result.calibration:  # each point's x is a sum of the entries' modelled drops

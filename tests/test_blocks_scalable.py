@@ -1,6 +1,7 @@
 """ScalableModel: build (blocks, descendants, retraining, profile), select, scale in place, series, the artifact."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,83 @@ def test_select_meets_the_budgets_and_scale_applies_it(built):
     assert choice == chosen.choice
     assert scalable.configuration == {n: scalable.sparsities(n)[i] for n, i in zip(scalable.block_names, choice)}
     scalable.scale([0] * len(scalable.block_names))
+
+
+def _mixed_brute_force(scalable, rows, base, known, current=None, switch_weight=0.0):
+    """Every configuration (numpy): choice indices, latency, memory, objective, where a configuration measured
+    whole counts by its measured drop (``known``: choice -> summed drop) and the others by the additive model."""
+
+    index = np.indices([len(r) for r in rows]).reshape(len(rows), -1).T
+    pick = lambda field: sum(np.array([getattr(c, field) for c in row])[index[:, b]]  # noqa: E731
+                             for b, row in enumerate(rows))
+    latency = base.get("base_latency", 0.0) + pick("latency")
+    memory = base.get("base_memory", 0) + pick("memory")
+    drop = pick("drop")
+    for choice, summed in known.items():
+        drop[np.all(index == np.array(choice), axis=1)] = summed
+    if current is not None:
+        loads = sum(np.array([c.load_bytes * (k != current[b]) for k, c in enumerate(row)])[index[:, b]]
+                    for b, row in enumerate(rows))
+        drop = drop + switch_weight * loads / 2 ** 20
+    return index, latency, memory, drop
+
+
+def test_configurations_measured_whole_count_by_their_measured_drops(built):
+    """The profile measured every block at each sparsity and 16 random configurations whole; the optimiser and the
+    front weigh those by their measured drops, the others by the additive model: select, select_macs and series
+    are that mixed objective's exact optima, checked against brute force over all 3^9 configurations, with the
+    measured drops as profiled and with some made to win and some to lose against the model."""
+    import dataclasses
+
+    _, scalable, _ = built
+    prof = scalable.profile
+    assert len(prof.configurations) == 2 + 16
+    assert [c for c, _, _ in prof.configurations[:2]] == [{n: s for n in scalable.block_names} for s in (0.4, 0.8)]
+    for (config, drop, error), (choice, summed) in zip(prof.configurations, scalable._known()):
+        assert scalable.modelled_accuracy(choice) == pytest.approx(prof.accuracy - max(drop, error))
+        assert prof.modelled_drop(summed) == pytest.approx(max(drop, error))
+    # every block at 0.8 measured nearly free; the additive optimum at a middle budget measured poor
+    middle = scalable.series()[len(scalable.series()) // 2]
+    poor = {n: scalable.sparsities(n)[i] for n, i in zip(scalable.block_names, middle.choice)}
+    edited = dataclasses.replace(prof, configurations=[[prof.configurations[1][0], 0.05, 0.01], [poor, 50.0, 1.0]] +
+                                 prof.configurations[2:])
+    students = {n: {s: m for s, m in by.items() if s} for n, by in scalable._modules_by_block.items()}
+    scalable.scale([0] * len(scalable.block_names))
+    variants = [scalable, blocks.ScalableModel(scalable.gm, students, edited, scalable.meta)]
+    for variant in variants:
+        known = dict(variant._known())
+        rows, base = variant.choices(), variant._budget_kwargs()
+        index, latency, memory, objective = _mixed_brute_force(variant, rows, base, known)
+        for budget in np.linspace(latency.min(), latency.max(), 9):
+            got = variant.select(latency=float(budget))
+            fits = latency <= budget * (1 + 1e-12)
+            assert got.objective == pytest.approx(objective[fits].min(), abs=1e-9)
+            assert got.latency <= budget * (1 + 1e-12)
+        current = tuple(int(i) for i in index[len(index) // 3])
+        _, latency_s, _, objective_s = _mixed_brute_force(variant, rows, base, known, current, 0.5)
+        for budget in np.linspace(latency.min(), latency.max(), 5):
+            got = variant._best(rows, base, float(budget), None, current, 0.5)
+            assert got.objective == pytest.approx(objective_s[latency_s <= budget * (1 + 1e-12)].min(), abs=1e-9)
+        # the front: brute force's non-dominated (latency, objective) points
+        order = np.lexsort((objective, latency))
+        want, best = [], np.inf
+        for i in order:
+            if objective[i] < best - 1e-12:
+                want.append((latency[i], objective[i]))
+                best = objective[i]
+        front = variant.series()
+        assert [(pytest.approx(a), pytest.approx(b, abs=1e-9)) for a, b in want] == \
+            [(s.latency, s.drop) for s in front]
+        # at MACs
+        rows_m, base_m = variant.macs_choices()
+        _, macs, _, objective_m = _mixed_brute_force(variant, rows_m, {"base_latency": base_m}, known)
+        half = variant.select_macs(prof.macs / 2)
+        assert half.objective == pytest.approx(objective_m[macs <= prof.macs / 2 * (1 + 1e-12)].min(), abs=1e-9)
+    # the edits took effect: the nearly free configuration is chosen at its latency, the poor one never
+    edited_model = variants[1]
+    cheap = tuple(s.choice for s in edited_model.series())
+    every_08 = tuple(len(edited_model.sparsities(n)) - 1 for n in edited_model.block_names)
+    assert every_08 in cheap and middle.choice not in cheap
 
 
 def test_infeasible_budgets_name_the_binding_budget(built):

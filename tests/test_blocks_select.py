@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxeff.blocks.select import Choice, InfeasibleBudgetError, Selection, pareto_front, select
+from fxeff.blocks.select import (Choice, InfeasibleBudgetError, Selection, pareto_front, select,
+                                 select_excluding)
 
 # the module (fxeff.blocks exports the function select under the same name)
 sel_mod = importlib.import_module("fxeff.blocks.select")
@@ -188,6 +189,43 @@ def test_matches_brute_force_hypothesis(data):
     else:
         s = select(blocks, latency, memory, **kw)
         assert (s.choice, s.objective, s.latency, s.memory) == (best[0], best[5], best[1], best[2])
+
+
+def test_select_excluding_matches_brute_force():
+    """select_excluding on 120 random instances, each excluding the brute-force optimum and up to 5 of the next
+    best configurations within the budgets (the optimum of what is left is found by Lawler's partition), and
+    random others: the same optimum as brute force over what is not excluded (the tuple itself where ties are
+    exact), totals recomputed; None where all that fits is excluded; infeasible budgets raise as select."""
+    mismatches, kinds = [], {"partitioned": 0, "none left": 0, "switching": 0, "infeasible": 0}
+    for seed in range(120):
+        rng = np.random.default_rng(1000 + seed)
+        blocks, latency, memory, kw = random_case(rng, dyadic=seed % 3 == 0)
+        configs = brute_force(blocks, latency, memory, **kw)
+        feasible = sorted((c for c in configs if fits(c[1], c[2], latency, memory)),
+                          key=lambda c: (c[5], c[1], c[2], c[0]))
+        if not feasible:
+            with pytest.raises(InfeasibleBudgetError):
+                select_excluding(blocks, latency, memory, exclude=[configs[0][0]], **kw)
+            kinds["infeasible"] += 1
+            continue
+        exclude = {c[0] for c in feasible[:int(rng.integers(1, 7))]}
+        exclude |= {configs[int(i)][0] for i in rng.integers(0, len(configs), 3)}
+        left = [c for c in feasible if c[0] not in exclude]
+        got = select_excluding(blocks, latency, memory, exclude=sorted(exclude), **kw)
+        kinds["switching"] += "current" in kw
+        if not left:
+            kinds["none left"] += 1
+            if got is not None:
+                mismatches.append((seed, "found one where all is excluded", got))
+            continue
+        kinds["partitioned"] += 1
+        if got is None or got.choice in exclude or abs(got.objective - left[0][5]) > 1e-9 or \
+                check_selection(got, blocks, latency, memory, **kw) or (seed % 3 == 0 and got.choice != left[0][0]):
+            mismatches.append((seed, got, left[0]))
+    assert mismatches == []
+    assert min(kinds.values()) >= 3, kinds
+    blocks, _, _, kw = random_case(np.random.default_rng(5))
+    assert select_excluding(blocks, **kw) == select(blocks, **kw)  # nothing excluded: select's answer
 
 
 def milp_optimum(blocks, latency, memory, base_latency=0.0, base_memory=0, current=None, switch_weight=0.0):
@@ -391,8 +429,8 @@ def test_binding():
 # the front
 
 
-def brute_front(blocks, **kw):
-    configs = brute_force(blocks, None, None, **kw)
+def brute_front(blocks, exclude=(), **kw):
+    configs = [c for c in brute_force(blocks, None, None, **kw) if c[0] not in set(exclude)]
     points = {(c[1], c[3]) for c in configs}
     front = sorted(p for p in points if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points))
     pick = {p: min((c for c in configs if (c[1], c[3]) == p), key=lambda c: (c[2], c[0]))[0] for p in front}
@@ -415,6 +453,30 @@ def test_pareto_front_matches_brute_force():
             bad.append(seed)
     assert bad == []
     assert max(sizes) >= 10
+
+
+def test_pareto_front_excluding_matches_brute_force():
+    """The front of the configurations not excluded (up to 4 of the front's own points, and random others): brute
+    force's, point for point and tuple for tuple (ties as pareto_front: the smallest memory, then the tuple)."""
+    bad, hits = [], 0
+    for seed in range(40):
+        rng = np.random.default_rng(700 + seed)
+        n_blocks = int(rng.integers(1, 6))
+        blocks = random_blocks(rng, n_blocks, 4, dyadic=True) if seed % 2 else tradeoff_blocks(rng, n_blocks, 4)
+        kw = {"base_latency": 0.25, "base_memory": 3}
+        full = pareto_front(blocks, **kw)
+        exclude = {full[int(i)].choice for i in rng.integers(0, len(full), 4)}
+        everything = list(itertools.product(*[range(len(b)) for b in blocks]))
+        exclude |= {everything[int(i)] for i in rng.integers(0, len(everything), 2)}
+        if len(exclude) == len(everything):
+            continue
+        hits += 1
+        front = pareto_front(blocks, exclude=sorted(exclude), **kw)
+        want = brute_front(blocks, exclude=exclude, **kw)
+        got = [((s.latency, s.drop), s.choice) for s in front]
+        if got != want or any(check_selection(s, blocks, None, None, **kw) for s in front):
+            bad.append((seed, got, want))
+    assert bad == [] and hits >= 30
 
 
 def test_pareto_front_max_points():

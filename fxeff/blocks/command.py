@@ -1,7 +1,6 @@
 """``fxeff blocks build ARCH DATASET`` and ``fxeff blocks select --latency-ms X --memory-mb Y``: block scaling of
 the trained reference models from the command line (artifact, table, plot)."""
 import argparse
-import dataclasses
 import os
 from typing import Dict, List, Optional
 
@@ -90,13 +89,10 @@ def plot(scalable, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .select import Choice, pareto_front, totals
+    from .select import totals
 
-    fronts = {"latency": scalable.series()}
     # the front in memory: the same optimiser with each choice's memory in the place of its latency
-    by_memory = [[Choice(c.drop, float(c.memory), 0, c.load_bytes) for c in row] for row in scalable.choices()]
-    fronts["memory"] = [dataclasses.replace(s, memory=int(s.latency)) for s in
-                        pareto_front(by_memory, base_latency=float(scalable.profile.base_param_bytes))]
+    fronts = {"latency": scalable.series(), "memory": scalable.series(by="memory")}
     uniform = []
     choices = scalable.choices()
     for s in sorted({s for n in scalable.block_names for s in scalable.sparsities(n)}):

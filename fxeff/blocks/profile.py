@@ -60,9 +60,11 @@ class Profile:
     The descendants were each measured with every other block unpruned, but they run among pruned blocks: their
     errors compound, and descendants trained composed (``retrain_composed``) behave otherwise alone than among
     others. So the offsets (one per sparsity, ``fit_offsets``) and then c (least squares, c >= 0) are fitted on
-    ``calibration``, the (x, measured drop) of random configurations measured whole. The transform is increasing in
-    x and the offsets are per entry, so the configuration of least modelled drop is the one of least summed entry
-    drop: the optimiser stays additive and exact.
+    ``calibration``, the (x, measured drop) of configurations measured whole: every block at each sparsity, and
+    random ones. The transform is increasing in x and the offsets are per entry, so the configuration of least
+    modelled drop is the one of least summed entry drop: the optimiser stays additive and exact.
+    ``configurations``: those configurations ([block -> sparsity, measured drop, its standard error]). Their drops
+    are known, not modelled: ScalableModel's optimiser and front weigh them as measured (``measured``).
 
     The latency model is additive too: base_latency plus each chosen entry's latency. Blocks are timed one at a
     time, and their sum did not match whole models (overheads and caches do not add: 13 of 20 random
@@ -85,6 +87,7 @@ class Profile:
     level_offsets: List[List[float]] = dataclasses.field(default_factory=list)
     latency_scale: float = 1.0
     latency_calibration: List[List[float]] = dataclasses.field(default_factory=list)
+    configurations: List[List[Any]] = dataclasses.field(default_factory=list)
 
     def table(self) -> Dict[str, Dict[float, Entry]]:
         out: Dict[str, Dict[float, Entry]] = {}
@@ -103,6 +106,21 @@ class Profile:
         """The accuracy model's drop (points) of a configuration whose blocks' modelled drops sum to ``summed``."""
         x = max(float(summed), 0.0)
         return x + self.interaction * x * x
+
+    def summed_for(self, drop: float) -> float:
+        """The summed modelled drop whose ``modelled_drop`` is ``drop`` (its inverse; ``drop`` itself where <= 0):
+        where a configuration's drop is known, the value that ranks it among the optimiser's sums."""
+        if drop <= 0 or self.interaction <= 0:
+            return float(drop)
+        return (math.sqrt(1.0 + 4.0 * self.interaction * drop) - 1.0) / (2.0 * self.interaction)
+
+    def measured(self) -> List[Tuple[Dict[str, float], float]]:
+        """(configuration: block -> sparsity, its drop as the optimiser counts it) of the configurations measured
+        whole (``configurations``: [configuration, measured drop, its standard error]): the measured drop, at least
+        its standard error (as ``modelled``: a configuration measured as good as the original within noise is not
+        free)."""
+        return [({str(n): float(v) for n, v in choice.items()}, max(float(drop), float(error)))
+                for choice, drop, error in self.configurations]
 
 
 def fit_interaction(points: Sequence[Tuple[float, float]]) -> float:
@@ -160,16 +178,6 @@ def _random_configurations(names: Sequence[str], students: Students, count: int,
     return out
 
 
-def _whole_accuracy(gm: fx.GraphModule, loader: torch.utils.data.DataLoader, metric: Metric) -> float:
-    correct = count = 0.0
-    with torch.no_grad():
-        for batch in loader:
-            x = images_of(batch)
-            correct += float(metric(gm(x), batch).sum())
-            count += x.shape[0]
-    return 100.0 * correct / count
-
-
 def pessimistic(drop: float, error: float) -> float:
     """A descendant's drop as the models count it: its measured drop plus one standard error, at least 0 (drops
     within the test split's noise are not free: many of them add up)."""
@@ -185,35 +193,63 @@ def modelled(drop: float, error: float, offset: float) -> float:
     return max(pessimistic(drop, error) + offset, error)
 
 
-def calibrate(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader, accuracy: float,
-              configurations: int = 8, metric: Metric = top1, seed: int = 1234
-              ) -> List[Tuple[Dict[str, float], float]]:
-    """(configuration, measured drop) of ``configurations`` random configurations (each block at a sparsity drawn
-    uniformly, seeded), each swapped into ``gm`` and evaluated whole on ``loader``; gm is restored."""
+def level_configurations(names: Sequence[str], students: Students) -> List[Dict[str, float]]:
+    """Every block at one sparsity, per sparsity that some block of ``names`` has (a block without a descendant at
+    it runs as itself): the configurations of uniform pruning within the blocks."""
+    levels = sorted({s for n in names for s in students[n] if s})
+    return [{n: (s if s in students[n] else 0.0) for n in names} for s in levels]
+
+
+def _scores(gm: fx.GraphModule, loader: torch.utils.data.DataLoader, metric: Metric) -> torch.Tensor:
+    """Per-sample metric scores (float64, the loader's order) of ``gm`` as it is configured."""
+    out = []
+    with torch.no_grad():
+        for batch in loader:
+            out.append(metric(gm(images_of(batch)), batch).double().flatten())
+    if not out:
+        raise ValueError("fxeff.blocks.profile: the loader yields no batch")
+    return torch.cat(out)
+
+
+def calibrate(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader,
+              configurations: int = 8, metric: Metric = top1, seed: int = 1234, levels: bool = True
+              ) -> List[Tuple[Dict[str, float], float, float]]:
+    """(configuration, measured drop, its standard error), in points, of configurations swapped into ``gm`` and
+    evaluated whole on ``loader`` against the unpruned model (paired per-sample differences): with ``levels``
+    every block at each sparsity (``level_configurations``), then ``configurations`` random ones (each block at a
+    sparsity drawn uniformly, seeded). gm is restored. None where fewer than two blocks have descendants (one
+    block's profiled drop is then its configuration's)."""
     names = [n for n in block_names(gm) if len(students.get(n, {})) > 1]
     if len(names) < 2:
         return []
+    choices = (level_configurations(names, students) if levels else []) + \
+        _random_configurations(names, students, configurations, seed)
     out = []
     with configured(gm, students) as apply:
-        for choice in _random_configurations(names, students, configurations, seed):
+        apply({})
+        reference = _scores(gm, loader, metric)
+        for choice in choices:
             apply(choice)
-            out.append((choice, accuracy - _whole_accuracy(gm, loader, metric)))
+            difference = reference - _scores(gm, loader, metric)
+            error = float(difference.std()) / math.sqrt(len(difference)) if len(difference) > 1 else 0.0
+            out.append((choice, 100.0 * float(difference.mean()), 100.0 * error))
     return out
 
 
-def fit_accuracy(measured: Sequence[Tuple[Mapping[str, float], float]], drops: Mapping[str, Mapping[float, float]],
-                 errors: Mapping[str, Mapping[float, float]]) -> Tuple[List[List[float]], float, List[List[float]]]:
+def fit_accuracy(measured: Sequence[Tuple[Mapping[str, float], float, float]],
+                 drops: Mapping[str, Mapping[float, float]], errors: Mapping[str, Mapping[float, float]]
+                 ) -> Tuple[List[List[float]], float, List[List[float]]]:
     """(the level offsets [[sparsity, points]], the interaction c, the calibration rows [x, measured drop]) of the
-    accuracy model (Profile) fitted on ``measured`` (calibrate's configurations and drops)."""
+    accuracy model (Profile) fitted on ``measured`` (calibrate's configurations, drops and their errors)."""
     rows = []
-    for choice, drop in measured:
+    for choice, drop, _ in measured:
         counts: Dict[float, int] = {}
         for s in choice.values():
             counts[s] = counts.get(s, 0) + 1
         rows.append((counts, drop - sum(pessimistic(drops[n][s], errors[n][s]) for n, s in choice.items() if s)))
     offsets = fit_offsets(rows)
     points = [[sum(modelled(drops[n][s], errors[n][s], offsets[s]) for n, s in choice.items() if s),
-               drop] for choice, drop in measured]
+               drop] for choice, drop, _ in measured]
     return [[s, d] for s, d in sorted(offsets.items())], fit_interaction(points), points
 
 
@@ -368,7 +404,7 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
     if unknown:
         raise ValueError(f"fxeff.blocks.profile: students of {unknown}, which are not blocks of the graph {names}")
     accuracy, drops, errors, spent, seed = accuracy_drops(gm, students, loader, metric, progress)
-    measured = calibrate(gm, students, loader, accuracy, calibration, metric) if calibration else []
+    measured = calibrate(gm, students, loader, calibration, metric) if calibration else []
     offsets, interaction, points = fit_accuracy(measured, drops, errors)
     x = images_of(next(iter(loader)))[:1]
     if batch > 1:
@@ -400,7 +436,8 @@ def profile(gm: fx.GraphModule, students: Students, loader: torch.utils.data.Dat
     total_bytes = _bytes(gm)
     block_bytes = sum(_bytes(gm.get_submodule(name)) for name in names)
     return Profile(entries, accuracy, model_latency, base, total_bytes - block_bytes, _macs(lambda: gm(x[:1])),
-                   batch, spent, seed, interaction, points, offsets, scale, [list(whole)] + timed)
+                   batch, spent, seed, interaction, points, offsets, scale, [list(whole)] + timed,
+                   [[dict(choice), drop, error] for choice, drop, error in measured])
 
 
 def _time_configurations(gm: fx.GraphModule, students: Students, entries: Sequence[Entry], x: torch.Tensor,

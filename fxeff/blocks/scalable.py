@@ -14,14 +14,16 @@ import hashlib
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from .profile import Entry, Profile, check_profile
-from .select import Choice, Selection, pareto_front, select
+from .select import Choice, Selection, _fits, _spread, pareto_front, select_excluding, totals
 
 ARTIFACT_FORMAT = "fxeff.blocks/1"
+_MIB = float(1 << 20)
 Students = Mapping[str, Mapping[float, nn.Module]]
 
 
@@ -107,13 +109,67 @@ class ScalableModel(nn.Module):
 
     def modelled_accuracy(self, config: Union[Selection, Sequence[int], Mapping[str, float]]) -> float:
         """The accuracy model's estimate (%) for ``config``: the model's accuracy minus Profile.modelled_drop of
-        its blocks' summed modelled drops (Profile.entry_drop; the interaction of compounding errors included). The
+        its blocks' summed modelled drops (Profile.entry_drop; the interaction of compounding errors included), or,
+        for a configuration the profile measured whole, minus its measured drop (at least its standard error). The
         optimiser ranks by that sum, which orders configurations as the estimate does."""
         table = self.profile.table()
         choice = self._choice_of(config)
-        summed = sum(self.profile.entry_drop(e) for e in
-                     (table[n][self.sparsities(n)[i]] for n, i in zip(self.block_names, choice)))
+        known = dict(self._known())
+        summed = known[choice] if choice in known else sum(
+            self.profile.entry_drop(e) for e in (table[n][self.sparsities(n)[i]] for n, i in zip(self.block_names,
+                                                                                                  choice)))
         return self.profile.accuracy - self.profile.modelled_drop(summed)
+
+    def _known(self) -> List[Tuple[Tuple[int, ...], float]]:
+        """(choice, summed drop) of each configuration the profile measured whole (Profile.measured): the sum
+        that the accuracy model maps to its measured drop (Profile.summed_for), so that it ranks among the
+        optimiser's sums by what was measured."""
+        out = []
+        for config, drop in self.profile.measured():
+            if not set(config) <= set(self.block_names) or any(
+                    config.get(n, 0.0) not in self._modules_by_block[n] for n in self.block_names):
+                continue  # a profile of other blocks is refused at construction; nothing to weigh here
+            out.append((tuple(self.sparsities(n).index(config.get(n, 0.0)) for n in self.block_names),
+                        self.profile.summed_for(drop)))
+        return out
+
+    def _best(self, rows: List[List[Choice]], base: Mapping[str, Any], latency: Optional[float],
+              memory: Optional[int], current: Optional[Sequence[int]], switch_weight: float) -> Selection:
+        """The exact optimum of ``rows`` within the budgets where the configurations the profile measured whole
+        (``_known``) count by their measured drops and the others by the additive model: the best of the measured
+        ones within the budgets and of the others' optimum (select.select_excluding). Ties as select.select."""
+        kwargs = dict(base, current=current, switch_weight=switch_weight)
+        known = dict(self._known())
+        best = select_excluding(rows, latency, memory, exclude=known, **kwargs)  # raises where nothing fits
+        for choice, summed in known.items():
+            sel = totals(rows, choice, **kwargs)
+            sel = dataclasses.replace(sel, drop=summed, objective=summed + switch_weight * sel.switch_bytes / _MIB)
+            if _fits(sel, latency, memory) and (best is None or (sel.objective, sel.latency, sel.memory, sel.choice)
+                                                < (best.objective, best.latency, best.memory, best.choice)):
+                best = sel
+        assert best is not None  # select_excluding found the budgets feasible, so something met them
+        return best
+
+    def _front(self, rows: List[List[Choice]], base: Mapping[str, Any], max_points: Optional[int]
+               ) -> List[Selection]:
+        """The (latency, drop) Pareto front of ``rows`` where the configurations the profile measured whole
+        (``_known``) count by their measured drops and the others by the additive model: the front of the others
+        (select.pareto_front with them excluded, exact) merged with them; sorted by latency."""
+        if max_points is not None and (isinstance(max_points, bool) or not isinstance(max_points, int)
+                                       or max_points < 2):
+            raise ValueError(f"fxeff.blocks.ScalableModel.series: max_points must be an int >= 2 (the front's two "
+                             f"ends) or None, got {max_points!r}")
+        known = dict(self._known())
+        points = pareto_front(rows, exclude=known, **base)
+        points += [dataclasses.replace(totals(rows, c, **base), drop=x, objective=x) for c, x in known.items()]
+        points.sort(key=lambda s: (s.latency, s.drop, s.memory, s.choice))
+        front: List[Selection] = []
+        for s in points:
+            if not front or s.drop < front[-1].drop:
+                front.append(s)
+        if max_points is not None and len(front) > max_points:
+            front = [front[i] for i in _spread(np.array([s.latency for s in front]), max_points)]
+        return front
 
     @property
     def configuration(self) -> Dict[str, float]:
@@ -127,14 +183,28 @@ class ScalableModel(nn.Module):
                switch_weight: float = 0.0) -> Selection:
         """The configuration of least modelled accuracy drop with modelled latency <= ``latency`` seconds and
         memory <= ``memory`` bytes, counting ``switch_weight`` points per MiB loaded to switch from the current
-        one. Infeasible budgets raise select.InfeasibleBudgetError (its ``closest`` configuration and ``binding``
-        budgets); nothing is relaxed silently. Nothing is swapped (see ``scale``)."""
-        return select(self.choices(), latency, memory, current=self._current, switch_weight=switch_weight,
-                      **self._budget_kwargs())
+        one. The optimiser (select.select) is exact for the additive model; the configurations the profile measured
+        whole then compete with their measured drops (a Selection's ``drop``: the summed modelled drops, or for
+        one of those the sum the model maps to its measured drop). Infeasible budgets raise
+        select.InfeasibleBudgetError (its ``closest`` configuration and ``binding`` budgets); nothing is relaxed
+        silently. Nothing is swapped (see ``scale``)."""
+        return self._best(self.choices(), self._budget_kwargs(), latency, memory, self._current, switch_weight)
 
-    def series(self, max_points: Optional[int] = None) -> List[Selection]:
-        """The distinct configurations on the Pareto front of modelled latency and accuracy drop, by latency."""
-        return pareto_front(self.choices(), max_points=max_points, **self._budget_kwargs())
+    def series(self, max_points: Optional[int] = None, by: str = "latency") -> List[Selection]:
+        """The distinct configurations on the Pareto front of modelled latency and accuracy drop, by latency; the
+        configurations the profile measured whole are on it by their measured drops (see ``select``). ``by``:
+        "latency", or "macs" (MACs per sample) or "memory" (modelled bytes) in the place of latency (the
+        Selections' ``latency`` field then holds it; their ``memory``: the modelled bytes)."""
+        if by == "latency":
+            return self._front(self.choices(), self._budget_kwargs(), max_points)
+        if by == "macs":
+            rows, base = self.macs_choices()
+            return self._front(rows, {"base_latency": base}, max_points)
+        if by == "memory":
+            rows = [[Choice(c.drop, float(c.memory), c.memory, c.load_bytes) for c in row] for row in self.choices()]
+            return self._front(rows, {"base_latency": float(self.profile.base_param_bytes),
+                                      "base_memory": self.profile.base_param_bytes}, max_points)
+        raise ValueError(f"fxeff.blocks.ScalableModel.series: by must be 'latency', 'macs' or 'memory', got {by!r}")
 
     def macs_choices(self) -> Tuple[List[List[Choice]], float]:
         """(the choices with each one's MACs per sample in the place of its latency, the MACs outside the blocks):
@@ -145,10 +215,10 @@ class ScalableModel(nn.Module):
         return rows, float(self.profile.macs - sum(table[n][0.0].macs for n in self.block_names))
 
     def select_macs(self, macs: float) -> Selection:
-        """The configuration of least summed modelled drop with at most ``macs`` MACs per sample (its
-        ``latency`` field holds its MACs)."""
+        """The configuration of least modelled drop (as ``select``: measured where the profile measured it whole)
+        with at most ``macs`` MACs per sample (its ``latency`` field holds its MACs)."""
         rows, base = self.macs_choices()
-        return select(rows, macs, base_latency=base)
+        return self._best(rows, {"base_latency": base}, macs, None, None, 0.0)
 
     # ------------------------------------------------------------ switching
     def _choice_of(self, config: Union[Selection, Sequence[int], Mapping[str, float]]) -> Tuple[int, ...]:

@@ -43,11 +43,12 @@ launch), and leaves the cost of switching blocks out of its objective; here swit
 import dataclasses
 import math
 import numbers
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Choice", "Selection", "InfeasibleBudgetError", "select", "pareto_front", "totals"]
+__all__ = ["Choice", "Selection", "InfeasibleBudgetError", "select", "select_excluding", "pareto_front",
+           "totals"]
 
 _WHERE = "fxeff.blocks.select"
 _RTOL = 1e-12  # a budget is met when total <= budget * (1 + _RTOL) (floats summed in block order)
@@ -594,6 +595,54 @@ def select(blocks: Sequence[Sequence[Choice]], latency: Optional[float] = None, 
     raise _infeasible(p, latency, memory, tuple(unmet), overshoot)
 
 
+def select_excluding(blocks: Sequence[Sequence[Choice]], latency: Optional[float] = None,
+                     memory: Optional[int] = None, *, exclude: Iterable[Sequence[int]] = (), base_latency: float = 0.0,
+                     base_memory: int = 0, current: Optional[Sequence[int]] = None, switch_weight: float = 0.0
+                     ) -> Optional[Selection]:
+    """``select``'s optimum among the configurations not in ``exclude`` (choice tuples); None when every
+    configuration within the budgets is excluded. Raises InfeasibleBudgetError as ``select`` where no configuration
+    meets the budgets. Exact, by Lawler's partition: where the optimum is excluded, the configurations other than
+    it are those that first differ from it at block b, for each b (its choices before b, any other choice at b,
+    any after), disjoint subproblems, each solved by ``select``, recursively; a solve per block per excluded
+    configuration met at most. The switching cost goes into each choice's drop, so subproblems need no
+    ``current``. Ties as ``select``."""
+    excluded = {tuple(int(j) for j in c) for c in exclude}
+    best = select(blocks, latency, memory, base_latency=base_latency, base_memory=base_memory, current=current,
+                  switch_weight=switch_weight)
+    if best.choice not in excluded:
+        return best
+    original = blocks
+    if current is not None and switch_weight:
+        blocks = [[dataclasses.replace(c, drop=c.drop + (switch_weight * c.load_bytes / _MIB if k != current[b]
+                                                          else 0.0))
+                   for k, c in enumerate(row)] for b, row in enumerate(blocks)]
+
+    def key(choice: Tuple[int, ...]) -> tuple:
+        sel = totals(blocks, choice, base_latency=base_latency, base_memory=base_memory)
+        return sel.objective, sel.latency, sel.memory, choice
+
+    def solve(allowed: List[List[int]]) -> Optional[Tuple[int, ...]]:
+        try:
+            sel = select([[blocks[b][k] for k in ks] for b, ks in enumerate(allowed)], latency, memory,
+                         base_latency=base_latency, base_memory=base_memory)
+        except InfeasibleBudgetError:
+            return None
+        choice = tuple(ks[k] for ks, k in zip(allowed, sel.choice))
+        if choice not in excluded:
+            return choice
+        found = [solve([[choice[i]] for i in range(b)] + [[k for k in allowed[b] if k != choice[b]]] +
+                       allowed[b + 1:]) for b in range(len(allowed)) if len(allowed[b]) > 1]
+        found = [c for c in found if c is not None]
+        return min(found, key=key) if found else None
+
+    choice = solve([list(range(len(row))) for row in blocks])
+    if choice is None:
+        return None
+    p = _Problem(original, base_latency, base_memory, current, switch_weight)
+    sel = p.selection(choice, True, ())
+    return dataclasses.replace(sel, binding=_binding(p, sel, latency, memory))
+
+
 def _bytes(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:.6g}"
 
@@ -664,17 +713,36 @@ def totals(blocks: Sequence[Sequence[Choice]], choice: Sequence[int], *, base_la
 
 
 def pareto_front(blocks: Sequence[Sequence[Choice]], *, base_latency: float = 0.0, base_memory: int = 0,
-                 max_points: Optional[int] = None) -> List[Selection]:
+                 max_points: Optional[int] = None, exclude: Iterable[Sequence[int]] = ()) -> List[Selection]:
     """The configurations on the (latency, drop) Pareto front, sorted by latency: no configuration has both a latency
     and a drop <=, one of them <. One configuration per distinct (latency, drop) point (the smallest memory, then the
     lexicographically smallest choice tuple). Exact: the same program over (latency, drop). With ``max_points`` and
-    a larger front, ``max_points`` of them spread evenly in latency, both ends included."""
+    a larger front, ``max_points`` of them spread evenly in latency, both ends included. ``exclude``: choice tuples
+    left out, the front of the others (where one is on the front, the others are partitioned as in
+    ``select_excluding`` and the fronts of the parts merged: exact)."""
     p = _Problem(blocks, base_latency, base_memory, None, 0.0)
     if max_points is not None:
         if isinstance(max_points, bool) or not isinstance(max_points, numbers.Integral):
             raise TypeError(f"{_WHERE}: max_points must be an int or None, got {type(max_points).__name__}")
         if max_points < 2:
             raise ValueError(f"{_WHERE}: max_points must be >= 2 (the front's two ends), got {max_points}")
+    excluded = {tuple(int(j) for j in c) for c in exclude}
+    if not excluded:
+        front = [p.selection(c, True, ()) for c in _front_choices(p)]
+    else:
+        candidates = {c: p.selection(c, True, ()) for c in _front_without(p.blocks, base_latency, base_memory,
+                                                                             excluded)}
+        front = []
+        for sel in sorted(candidates.values(), key=lambda s: (s.latency, s.drop, s.memory, s.choice)):
+            if not front or sel.drop < front[-1].drop:
+                front.append(sel)
+    if max_points is not None and len(front) > max_points:
+        front = [front[i] for i in _spread(np.array([s.latency for s in front]), max_points)]
+    return front
+
+
+def _front_choices(p: _Problem) -> List[Tuple[int, ...]]:
+    """The choice tuples on p's (latency, drop) front, by latency (pareto_front's program)."""
     lat = np.array([p.base_latency])
     mem = np.array([p.base_memory], dtype=np.int64)
     drop = np.zeros(1)
@@ -687,10 +755,27 @@ def pareto_front(blocks: Sequence[Sequence[Choice]], *, base_latency: float = 0.
         idx = _nondominated2(lat, drop, mem)
         lat, mem, drop = lat[idx], mem[idx], drop[idx]
         layers.add(idx, k)
-    order = np.lexsort((drop, lat))
-    if max_points is not None and len(order) > max_points:
-        order = order[_spread(lat[order], max_points)]
-    return [p.selection(layers.trace(int(i)), True, ()) for i in order]
+    return [tuple(int(j) for j in layers.trace(int(i))) for i in np.lexsort((drop, lat))]
+
+
+def _front_without(blocks: Sequence[Sequence[Choice]], base_latency: float, base_memory: int, excluded: set,
+                   allowed: Optional[List[List[int]]] = None) -> List[Tuple[int, ...]]:
+    """Choice tuples, none in ``excluded``, among which is every point of the front of the configurations not
+    excluded whose block b takes a choice in allowed[b]: that front where none of it is excluded; else, for its
+    first excluded configuration c, the same of each part of the rest (first differing from c at block b)."""
+    allowed = allowed if allowed is not None else [list(range(len(row))) for row in blocks]
+    p = _Problem([[blocks[b][k] for k in ks] for b, ks in enumerate(allowed)], base_latency, base_memory, None, 0.0)
+    choices = [tuple(ks[k] for ks, k in zip(allowed, c)) for c in _front_choices(p)]
+    hit = next((c for c in choices if c in excluded), None)
+    if hit is None:
+        return choices
+    out: List[Tuple[int, ...]] = []
+    for b in range(len(allowed)):
+        rest = [k for k in allowed[b] if k != hit[b]]
+        if rest:
+            out += _front_without(blocks, base_latency, base_memory, excluded,
+                                  [[hit[i]] for i in range(b)] + [rest] + allowed[b + 1:])
+    return out
 
 
 def _spread(x: np.ndarray, m: int) -> np.ndarray:
