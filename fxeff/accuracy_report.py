@@ -284,8 +284,11 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
                          sparsities=settings.blocks_sparsities, epochs=settings.blocks_epochs,
                          composed_epochs=settings.blocks_composed_epochs,
                          batch=settings.latency_batch, progress=settings.progress)
+        from .blocks.command import OUT
         from .blocks.select import InfeasibleBudgetError
 
+        os.makedirs(OUT, exist_ok=True)  # the artifact, for a look at the row's configurations (blocks.load)
+        scalable.save(os.path.join(OUT, f"accuracy-{arch}-{dataset}.pt"))
         try:
             chosen, note = scalable.select_macs(BLOCKS_MACS * scalable.profile.macs), ""
         except InfeasibleBudgetError as error:  # the sparsities cannot reach it: the fewest MACs (its own column)

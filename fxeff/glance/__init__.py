@@ -1,0 +1,9 @@
+"""Glance and focus (GFNet, NeurIPS'20): a downscaled glance of the whole image, then a few full-resolution
+patches chosen from what was seen, with real early exit. See the README's quick start."""
+from .crop import crop, crop_bilinear, pixel_corners
+from .inference import Exits, Thresholds, anytime, calibrate, early_exit, step_macs, thresholds_for
+from .model import GlanceFocus, steps_loss
+from .split import Split, split_classifier
+
+__all__ = ["crop", "crop_bilinear", "pixel_corners", "Split", "split_classifier", "GlanceFocus", "steps_loss",
+           "Exits", "Thresholds", "early_exit", "anytime", "calibrate", "step_macs", "thresholds_for"]

@@ -1,0 +1,215 @@
+"""fxeff.glance: batched crops against a per-sample reference, the classifier split, GlanceFocus's steps, real early
+exit against computing every step, per-step MACs against the flop counter, threshold calibration for a budget."""
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxeff import glance, reference
+
+DATASET = "cluttered-fashion-mnist"
+
+
+def reference_crop(x, corners, size):
+    """One image at a time, by slicing: the seed's way."""
+    h, w = x.shape[-2:]
+    out = []
+    for image, (cy, cx) in zip(x, corners.tolist()):
+        top = min(max(int(torch.round(torch.tensor(cy * (h - size)))), 0), h - size)
+        left = min(max(int(torch.round(torch.tensor(cx * (w - size)))), 0), w - size)
+        out.append(image[:, top:top + size, left:left + size])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.uint8])
+def test_crop_equals_a_per_sample_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    for n, c, h, w, size in [(1, 1, 8, 8, 8), (5, 3, 17, 23, 4), (7, 2, 64, 64, 32), (3, 4, 9, 30, 1)]:
+        x = (torch.rand(n, c, h, w, generator=g) * 100).to(dtype)
+        corners = torch.rand(n, 2, generator=g)
+        corners[0] = torch.tensor([0.0, 1.0])  # both edges
+        for variant in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous()
+                        .transpose(2, 3)):
+            got = glance.crop(variant, corners, size)
+            assert got.dtype == dtype and got.shape == (n, c, size, size) and got.is_contiguous()
+            assert torch.equal(got, reference_crop(x, corners, size))
+
+
+def test_crop_bilinear_at_whole_pixels_is_the_crop_and_is_differentiable():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 20, 24, generator=g)
+    size = 8
+    pixels = torch.tensor([[0, 0], [12, 16], [5, 9], [7, 1]], dtype=torch.float32)
+    corners = pixels / torch.tensor([20 - size, 24 - size])
+    torch.testing.assert_close(glance.crop_bilinear(x, corners, size), glance.crop(x, corners, size),
+                               rtol=1e-5, atol=1e-5)
+    xd = torch.randn(2, 2, 9, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    cd = (torch.rand(2, 2, dtype=torch.float64, generator=g) * 0.8 + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: glance.crop_bilinear(a, b, 4), (xd, cd))
+
+
+def test_crop_refuses_bad_input():
+    x = torch.zeros(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="patch size 17 is larger than the image"):
+        glance.crop(x, torch.zeros(2, 2), 17)
+    with pytest.raises(ValueError, match=r"corners must be a \[N, 2\] tensor"):
+        glance.crop(x, torch.zeros(3, 2), 4)
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        glance.crop_bilinear(x, torch.zeros(2, 2), 0)
+
+
+@pytest.mark.parametrize("arch", reference.ARCHS)
+def test_the_split_classifier_recomposes_the_model(arch):
+    model = reference.load(arch, DATASET).eval()
+    x = reference.first_images(DATASET, "test", 4)
+    split = glance.split_classifier(model, x)
+    with torch.no_grad():
+        features = split.trunk(x)
+        assert features.shape[1] == split.channels and tuple(features.shape[-2:]) == split.feature_size
+        torch.testing.assert_close(split.linear(features.mean(dim=(2, 3))), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_split_refuses_models_that_do_not_end_in_pooling_and_one_linear():
+    two = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="ends in two linear layers"):
+        glance.split_classifier(two, torch.zeros(2, 1, 8, 8))
+    dense = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 2))
+    with pytest.raises(ValueError, match="no global pooling|expected global pooling"):
+        glance.split_classifier(dense, torch.zeros(2, 1, 8, 8))
+    maps = nn.Sequential(nn.Conv2d(1, 4, 3))
+    with pytest.raises(ValueError, match=r"not \[N, classes\] logits"):
+        glance.split_classifier(maps, torch.zeros(2, 1, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model = reference.load("resnet20", DATASET).eval()
+    x = reference.first_images(DATASET, "test", 24)
+    return model, x
+
+
+def models(model, x):
+    for head, policy in itertools.product(glance.model.HEADS, glance.model.POLICIES):
+        torch.manual_seed(0)
+        yield glance.GlanceFocus(model, x, patch_size=32, steps=3, head=head, policy=policy).eval()
+
+
+def test_glance_focus_runs_every_step(trained):
+    model, x = trained
+    for gf in models(model, x):
+        with torch.no_grad():
+            out = gf(x)
+        assert out.shape == (3, len(x), 10) and torch.isfinite(out).all()
+    # the concat head's first step is the original classifier on the glance's features
+    gf = glance.GlanceFocus(model, x, patch_size=64, glance_size=64, steps=1, head="concat")
+    with torch.no_grad():
+        torch.testing.assert_close(gf(x)[0], model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_glance_focus_refuses_bad_arguments(trained):
+    model, x = trained
+    with pytest.raises(ValueError, match=r"steps \(T\) must be an int >= 1"):
+        glance.GlanceFocus(model, x, patch_size=32, steps=0)
+    with pytest.raises(ValueError, match=r"patch_size must be an int in \[1, 64\]"):
+        glance.GlanceFocus(model, x, patch_size=65)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        glance.GlanceFocus(model, x, patch_size=32, policy="ppo2")
+    gf = glance.GlanceFocus(model, x, patch_size=32)
+    with pytest.raises(ValueError, match=r"expected images \[N, C, 64, 64\]"):
+        gf(torch.zeros(2, 1, 32, 32))
+
+
+def test_the_saliency_policy_looks_where_the_class_activation_map_peaks(trained):
+    model, x = trained
+    gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, head="concat", policy="saliency").eval()
+    with torch.no_grad():
+        state = gf.glance(x)
+        cam = torch.einsum("nc,nchw->nhw", gf.policy.weight[state["logits"].argmax(1)], state["features"])
+        corners = gf.corners(state, 1)
+        h, w = cam.shape[-2:]
+        peak = cam.reshape(len(x), -1).argmax(1)
+        centre = torch.stack([(peak // w + 0.5) * 64 / h, (peak % w + 0.5) * 64 / w], 1)
+        torch.testing.assert_close(corners, ((centre - 16) / 32).clamp(0, 1))
+        assert state["covered"].reshape(len(x), -1)[torch.arange(len(x)), peak].all()  # the peak is now covered
+        second = gf.corners(state, 2)
+        assert not torch.equal(second, corners)  # the next patch goes elsewhere
+
+
+def test_the_learned_policy_trains_through_the_crop(trained):
+    model, x = trained
+    gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, head="gru", policy="learned").train()
+    loss = glance.steps_loss(gf(x), torch.zeros(len(x), dtype=torch.long))
+    loss.backward()
+    assert gf.policy.net[-1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.abs().sum() for p in gf.global_encoder.parameters()
+               if p in set(gf.policy.parameters()))
+
+
+def test_early_exit_equals_every_step_then_the_exit_chosen(trained):
+    model, x = trained
+    for gf in models(model, x):
+        macs = glance.step_macs(gf, x)
+        with torch.no_grad():
+            every = gf(x)
+        thresholds = glance.calibrate(gf, every, macs, p=1.0)
+        exits = glance.early_exit(gf, x, thresholds, macs)
+        confidence = torch.softmax(every, dim=2).amax(dim=2)
+        for i in range(len(x)):
+            leave = [t for t in range(gf.steps) if t == gf.steps - 1 or confidence[t, i] >= thresholds.values[t]]
+            assert int(exits.step[i]) == leave[0], (gf.head_kind, gf.policy_kind, i)
+            torch.testing.assert_close(exits.logits[i], every[leave[0], i], rtol=1e-4, atol=1e-4)
+        assert set(exits.step.tolist()) == {0, 1, 2}  # p = 1: a third meant to leave at each step
+        cumulative = torch.tensor(macs, dtype=torch.float64).cumsum(0)
+        assert torch.equal(exits.macs, cumulative[exits.step])
+
+
+def test_step_macs_are_the_flop_counters_on_each_part(trained):
+    model, x = trained
+
+    def count(fn):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() // 2
+
+    for gf in models(model, x[:1]):
+        macs = glance.step_macs(gf, x)
+        small = torch.nn.functional.interpolate(x[:1], size=(32, 32), mode="bilinear", antialias=True)
+        features = gf.global_encoder(small)
+        pooled = features.mean(dim=(2, 3))
+        head = count(lambda: gf.rnn(pooled)) + count(lambda: gf.classifiers[0](pooled)) if gf.head_kind == "gru" \
+            else count(lambda: gf.classifiers[0](pooled))
+        policy = count(lambda: gf.policy(pooled)) if gf.policy_kind == "learned" else 0
+        assert macs[0] == count(lambda: gf.global_encoder(small)) + head + policy
+        patch = x[:1, :, :32, :32]
+        local = count(lambda: gf.local_encoder(patch))
+        assert macs[1] > local and macs[1] - local < 0.05 * local  # the head (and the saliency map) on top
+
+
+def test_calibration_meets_a_budget_and_refuses_what_it_cannot(trained):
+    model, x = trained
+    gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, head="concat", policy="saliency").eval()
+    macs = glance.step_macs(gf, x)
+    with torch.no_grad():
+        every = gf(x)
+    total = sum(macs)
+    for fraction in (0.5, 0.7, 0.9):
+        found = glance.calibrate(gf, every, macs, budget=fraction * total, tolerance=0.03)
+        assert abs(found.expected_macs - fraction * total) <= 0.03 * fraction * total, (fraction, found)
+        # the expected MACs are the thresholds' own on these images
+        exits = glance.early_exit(gf, x, found, macs)
+        assert float(exits.macs.mean()) == pytest.approx(found.expected_macs)
+    with pytest.raises(ValueError, match="budget expected MACs per image in"):
+        glance.calibrate(gf, every, macs, budget=macs[0] * 0.5)
+    other = glance.GlanceFocus(model, x, patch_size=32, steps=3, head="gru", policy="saliency").eval()
+    with pytest.raises(ValueError, match="calibrated for another model"):
+        glance.early_exit(other, x, found, macs)
+
+
+def test_thresholds_make_steps_without_exits_explicit():
+    confidence = torch.tensor([[0.9, 0.5, 0.4], [0.95, 0.6, 0.7], [0.99, 0.8, 0.9]])
+    values, counts, none = glance.thresholds_for(confidence, p=10.0)  # shares 1/111, 10/111, 100/111 of 3
+    assert none == [0, 1] and values[:2] == [float("inf")] * 2 and counts == [0, 0, 3]
+    values, counts, none = glance.thresholds_for(confidence, p=1.0)  # one image per step
+    assert none == [] and counts == [1, 1, 1] and values[0] == pytest.approx(0.9) and values[-1] == float("-inf")
