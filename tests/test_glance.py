@@ -213,3 +213,24 @@ def test_thresholds_make_steps_without_exits_explicit():
     assert none == [0, 1] and values[:2] == [float("inf")] * 2 and counts == [0, 0, 3]
     values, counts, none = glance.thresholds_for(confidence, p=1.0)  # one image per step
     assert none == [] and counts == [1, 1, 1] and values[0] == pytest.approx(0.9) and values[-1] == float("-inf")
+
+
+def test_training_lowers_the_loss_and_leaves_the_teacher_untouched(trained):
+    model, x = trained
+    data = torch.utils.data.DataLoader(reference.dataset(DATASET, "train", limit=64), batch_size=32)
+    gf = glance.GlanceFocus(model, x, patch_size=32, steps=2, head="concat", policy="learned")
+    before_teacher = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def mean_loss():
+        gf.eval()
+        with torch.no_grad():
+            return sum(float(glance.steps_loss(gf(a), b)) for a, b in data) / len(data)
+
+    start = mean_loss()
+    history = glance.train(gf, data, epochs=3, teacher=model, lr=0.01, progress=False)
+    assert len(history["loss"]) == 3 and mean_loss() < start
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_teacher.items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert not model.training
+    with pytest.raises(TypeError, match="model must be a GlanceFocus"):
+        glance.train(model, data, epochs=1)

@@ -4,6 +4,7 @@ from .crop import crop, crop_bilinear, pixel_corners
 from .inference import Exits, Thresholds, anytime, calibrate, early_exit, step_macs, thresholds_for
 from .model import GlanceFocus, steps_loss
 from .split import Split, split_classifier
+from .train import train
 
 __all__ = ["crop", "crop_bilinear", "pixel_corners", "Split", "split_classifier", "GlanceFocus", "steps_loss",
-           "Exits", "Thresholds", "early_exit", "anytime", "calibrate", "step_macs", "thresholds_for"]
+           "Exits", "Thresholds", "early_exit", "anytime", "calibrate", "step_macs", "thresholds_for", "train"]
