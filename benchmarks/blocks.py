@@ -411,12 +411,13 @@ def reference_part(args):
     """ResNet-20 on --dataset: the whole offline stage (blocks, descendants at 0.2/0.4/0.6/0.8, retraining on
     --train-images for --epochs, then --composed-epochs composed, profiles on --test-images at batch 16), then: the
     Pareto front (distinct configurations, their modelled and measured latency span), the models against 20 random
-    composed configurations (accuracy, its offsets and interaction fitted on 16 other random configurations by the
-    profile: within 1 point; additive latency: within 10% on 95%; memory: measured peaks, fxeff.bench.peak_memory),
-    the most accurate configuration with at most half the MACs (the optimiser with MACs in the place of latency; drop
-    <= 1.5 points), the front against every block at one sparsity and against torch-pruning's uniform pruning of the
-    whole model fine-tuned --uniform-epochs on the same images, at equal MACs, and (--plot) a PNG of the measured
-    points."""
+    composed configurations (accuracy, its offsets and interaction fitted by the profile on every block at each
+    sparsity and 16 other random configurations, measured whole: within 1 point; additive latency: within 10% on
+    95%; memory: measured peaks, fxeff.bench.peak_memory), the most accurate configuration with at most half the MACs
+    (the optimiser with MACs in the place of latency; drop <= 1.5 points), the front against every block at one
+    sparsity, against torch-pruning's uniform pruning of the whole model and against its pruning of the blocks'
+    internal convs only (the residual width kept), each fine-tuned --uniform-epochs on the same images, at equal
+    MACs, and (--plot) a PNG of the measured points."""
     from fxeff import bench, reference
     from fxeff.training import accuracy
     from fxeff.blocks.build import build
@@ -476,7 +477,8 @@ def reference_part(args):
                         "measured memory MiB": memory / MIB})
     acc_ok = sum(e <= 1.0 for e in acc_errors)
     rows.append({"measure": f"accuracy model: offsets per sparsity and interaction c of x + c x^2, fitted on "
-                            f"{len(prof.calibration)} other random configurations",
+                            f"{len(prof.calibration)} configurations measured whole (every block at each sparsity, "
+                            f"and random ones other than these 20)",
                  "value": ", ".join(f"{s:g}: {d:+.2f}" for s, d in prof.level_offsets) +
                  f"; c = {prof.interaction:.3f}",
                  "target": "", "target met": ""})
@@ -553,7 +555,7 @@ def reference_part(args):
         if f_acc < p_acc:
             behind[internal].append(f"{prof.macs / p_macs:.2f}x ({f_acc:.2f} vs {p_acc:.2f})")
     for internal in ((False, True) if args.uniform_epochs else ()):
-        what = "the blocks' internal convs only" if internal else "uniform whole-model pruning"
+        what = "pruning of the blocks' internal convs only" if internal else "uniform whole-model pruning"
         rows.append({"measure": f"front at least as accurate as torch-pruning's {what} fine-tuned "
                                 f"{args.uniform_epochs} epochs on the same images, at equal MACs",
                      "value": "everywhere" if not behind[internal] else f"not at {', '.join(behind[internal])}",

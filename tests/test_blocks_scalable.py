@@ -103,7 +103,8 @@ def test_configurations_measured_whole_count_by_their_measured_drops(built):
 
     _, scalable, _ = built
     prof = scalable.profile
-    assert len(prof.configurations) == 2 + 16
+    # every block at 0.4 and at 0.8, 16 random ones, then those build measured along the fronts (measure_front)
+    assert len(prof.configurations) == 2 + 16 + scalable.meta["front_measured"] and scalable.meta["front_measured"]
     assert [c for c, _, _ in prof.configurations[:2]] == [{n: s for n in scalable.block_names} for s in (0.4, 0.8)]
     for (config, drop, error), (choice, summed) in zip(prof.configurations, scalable._known()):
         assert scalable.modelled_accuracy(choice) == pytest.approx(prof.accuracy - max(drop, error))
@@ -150,6 +151,30 @@ def test_configurations_measured_whole_count_by_their_measured_drops(built):
     cheap = tuple(s.choice for s in edited_model.series())
     every_08 = tuple(len(edited_model.sparsities(n)) - 1 for n in edited_model.block_names)
     assert every_08 in cheap and middle.choice not in cheap
+
+
+def test_measure_front_measures_the_configurations_the_fronts_choose(built):
+    from fxeff.training import accuracy
+
+    model, scalable, test = built
+    before = len(scalable.profile.configurations)
+    names = scalable.block_names
+    scalable.scale([1] * len(names))
+    places = {s.choice for by in ("latency", "macs") for s in scalable.series(max_points=12, by=by)}
+    known = {c for c, _ in scalable._known()}
+    added = scalable.measure_front(test, points=12, rounds=1)
+    assert scalable._current == tuple([1] * len(names))  # the running configuration is restored
+    new = scalable.profile.configurations[before:]
+    assert added == len(new) == len(places - known - {tuple([0] * len(names))}) > 0
+    config, drop, error = new[0]
+    choice = tuple(scalable.sparsities(n).index(config[n]) for n in names)
+    assert choice in places
+    unpruned = 100 * accuracy(scalable.static([0] * len(names)), test)
+    assert drop == pytest.approx(unpruned - 100 * accuracy(scalable.static(choice), test), abs=1e-9)
+    assert 0 <= error and scalable.modelled_accuracy(choice) == pytest.approx(scalable.profile.accuracy -
+                                                                             max(drop, error))
+    del scalable.profile.configurations[before:]  # as the other tests expect it
+    scalable.scale([0] * len(names))
 
 
 def test_infeasible_budgets_name_the_binding_budget(built):

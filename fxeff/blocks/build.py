@@ -79,7 +79,8 @@ def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_load
           epochs: int = 1, lr: float = 3e-4, max_ratio: float = 0.125, min_convs: int = 2, batch: int = 1,
           metric: Metric = top1, checkpoint: Optional[str] = None, progress: bool = True,
           data: str = "", fold_batchnorm: bool = True, narrow_convs: bool = True,
-          parallel: str = "data", composed_epochs: int = 3, composed_lr: float = 3e-4) -> ScalableModel:
+          parallel: str = "data", composed_epochs: int = 3, composed_lr: float = 3e-4,
+          measure_front: int = 8) -> ScalableModel:
     """The ScalableModel of ``model`` (eval mode): its blocks (fxeff.passes.Blocks with ``max_ratio``,
     ``min_convs``), each block's descendants at ``sparsities`` (``importance``, ``round_to``), retrained for
     ``epochs`` on ``train_loader``'s images (Adam at ``lr``, resumable from ``checkpoint``), profiled on
@@ -91,12 +92,15 @@ def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_load
     ``fold_batchnorm``: after retraining, every block and descendant gets its BatchNorms folded
     (``fold_batchnorms``), for inference. ``narrow_convs``: then every conv with few channels that runs faster as
     ``fxeff.nn.NarrowConv2d`` (``narrow_block_convs``) becomes one, with its ReLU fused. ``parallel``: under
-    torch.distributed, what the ranks split in retraining ("data" or "blocks": ``retrain``)."""
+    torch.distributed, what the ranks split in retraining ("data" or "blocks": ``retrain``). ``measure_front``: then
+    the configurations at that many places along the fronts by latency and by MACs are measured whole on
+    ``eval_loader`` (``ScalableModel.measure_front``, two rounds; 0: none), so the front's accuracy is measured
+    where the model's optimism would otherwise choose."""
     model.eval()
     settings = {"sparsities": [float(s) for s in sparsities], "importance": importance, "round_to": round_to,
                 "epochs": epochs, "lr": lr, "max_ratio": max_ratio, "min_convs": min_convs, "batch": batch,
                 "fold_batchnorm": fold_batchnorm, "narrow_convs": narrow_convs, "composed_epochs": composed_epochs,
-                "composed_lr": composed_lr}
+                "composed_lr": composed_lr, "measure_front": measure_front}
     x = images_of(next(iter(train_loader)))[:2]
     gm, students = _outline(model, x, settings)
     before = block_mse(gm, students, eval_loader, batches=4)
@@ -115,7 +119,10 @@ def build(model: nn.Module, train_loader: torch.utils.data.DataLoader, eval_load
                             "retrain_loss": history["loss"], "composed_loss": composed["loss"],
                             "mse": {name: {f"{s:g}": [before[name][s], after[name][s]] for s in after[name]}
                                     for name in after}}
-    return ScalableModel(gm, students, result, meta)
+    scalable = ScalableModel(gm, students, result, meta)
+    if measure_front:
+        scalable.meta["front_measured"] = scalable.measure_front(eval_loader, points=measure_front, metric=metric)
+    return scalable
 
 
 def load(path: str, model: nn.Module, example_input: torch.Tensor) -> ScalableModel:

@@ -211,29 +211,36 @@ def _scores(gm: fx.GraphModule, loader: torch.utils.data.DataLoader, metric: Met
     return torch.cat(out)
 
 
+def measure_whole(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader,
+                  configurations: Sequence[Mapping[str, float]], metric: Metric = top1
+                  ) -> List[Tuple[Dict[str, float], float, float]]:
+    """(configuration, measured drop, its standard error), in points, of each of ``configurations`` (block ->
+    sparsity; a block not named runs as itself) swapped into ``gm`` and evaluated whole on ``loader`` against gm's
+    blocks as they are (paired per-sample differences). gm is restored."""
+    out = []
+    with configured(gm, students) as apply:
+        apply({})
+        reference = _scores(gm, loader, metric)
+        for choice in configurations:
+            apply(choice)
+            difference = reference - _scores(gm, loader, metric)
+            error = float(difference.std()) / math.sqrt(len(difference)) if len(difference) > 1 else 0.0
+            out.append((dict(choice), 100.0 * float(difference.mean()), 100.0 * error))
+    return out
+
+
 def calibrate(gm: fx.GraphModule, students: Students, loader: torch.utils.data.DataLoader,
               configurations: int = 8, metric: Metric = top1, seed: int = 1234, levels: bool = True
               ) -> List[Tuple[Dict[str, float], float, float]]:
-    """(configuration, measured drop, its standard error), in points, of configurations swapped into ``gm`` and
-    evaluated whole on ``loader`` against the unpruned model (paired per-sample differences): with ``levels``
-    every block at each sparsity (``level_configurations``), then ``configurations`` random ones (each block at a
-    sparsity drawn uniformly, seeded). gm is restored. None where fewer than two blocks have descendants (one
-    block's profiled drop is then its configuration's)."""
+    """``measure_whole`` of, with ``levels``, every block at each sparsity (``level_configurations``), then
+    ``configurations`` random ones (each block at a sparsity drawn uniformly, seeded). None where fewer than two
+    blocks have descendants (one block's profiled drop is then its configuration's)."""
     names = [n for n in block_names(gm) if len(students.get(n, {})) > 1]
     if len(names) < 2:
         return []
     choices = (level_configurations(names, students) if levels else []) + \
         _random_configurations(names, students, configurations, seed)
-    out = []
-    with configured(gm, students) as apply:
-        apply({})
-        reference = _scores(gm, loader, metric)
-        for choice in choices:
-            apply(choice)
-            difference = reference - _scores(gm, loader, metric)
-            error = float(difference.std()) / math.sqrt(len(difference)) if len(difference) > 1 else 0.0
-            out.append((choice, 100.0 * float(difference.mean()), 100.0 * error))
-    return out
+    return measure_whole(gm, students, loader, choices, metric)
 
 
 def fit_accuracy(measured: Sequence[Tuple[Mapping[str, float], float, float]],
@@ -468,4 +475,5 @@ def check_profile(profile_: Profile) -> None:
 
 
 __all__ = ["Entry", "Profile", "top1", "peak_activation_bytes", "accuracy_drops", "pessimistic", "modelled",
-           "calibrate", "fit_interaction", "fit_offsets", "fit_accuracy", "profile", "check_profile"]
+           "calibrate", "measure_whole", "level_configurations", "fit_interaction", "fit_offsets", "fit_accuracy",
+           "profile", "check_profile"]
