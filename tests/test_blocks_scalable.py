@@ -103,8 +103,8 @@ def test_configurations_measured_whole_count_by_their_measured_drops(built):
 
     _, scalable, _ = built
     prof = scalable.profile
-    # every block at 0.4 and at 0.8, 16 random ones, then those build measured along the fronts (measure_front)
-    assert len(prof.configurations) == 2 + 16 + scalable.meta["front_measured"] and scalable.meta["front_measured"]
+    # every block at 0.4 and at 0.8, then 16 random ones (build measures no front by default)
+    assert len(prof.configurations) == 2 + 16 and "front_measured" not in scalable.meta
     assert [c for c, _, _ in prof.configurations[:2]] == [{n: s for n in scalable.block_names} for s in (0.4, 0.8)]
     for (config, drop, error), (choice, summed) in zip(prof.configurations, scalable._known()):
         assert scalable.modelled_accuracy(choice) == pytest.approx(prof.accuracy - max(drop, error))

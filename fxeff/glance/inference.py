@@ -22,15 +22,13 @@ _WHERE = "fxeff.glance"
 
 
 def fingerprint(model: GlanceFocus) -> str:
-    """sha256 over the model's configuration and weights: thresholds calibrated on one model are refused on
-    another."""
-    digest = hashlib.sha256(repr((model.image_size, model.patch_size, model.glance_size, model.steps,
-                                  model.head_kind, model.policy_kind)).encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b"")
-    return digest.hexdigest()
+    """sha256 over the model's configuration and weights (fxeff.blocks' model_fingerprint): thresholds calibrated
+    on one model are refused on another."""
+    from ..blocks.scalable import model_fingerprint
+
+    config = repr((model.image_size, model.patch_size, model.glance_size, model.steps, model.head_kind,
+                   model.policy_kind))
+    return hashlib.sha256((config + model_fingerprint(model)).encode()).hexdigest()
 
 
 def step_macs(model: GlanceFocus, example: torch.Tensor) -> List[int]:
