@@ -437,7 +437,7 @@ def reference_part(args):
     front = scalable.series()
     fast, slow = (_measured(scalable, model, s.choice, test, x, args.runs) for s in (front[0], front[-1]))
     rows = [{"measure": "offline stage: wall minutes (CPU-minutes)", "value": f"{wall:.1f} ({cpu:.1f})",
-             "target": "<= 15 CPU-minutes on 2 cores", "target met": wall <= 15},
+             "target": "<= 15 CPU-minutes on 2 cores", "target met": cpu <= 15},
             {"measure": "accuracy drops: MACs spent / the seed's 3 whole evaluations per entry",
              "value": f"{prof.evaluation_macs / prof.seed_evaluation_macs:.3f}", "target": "", "target met": ""},
             {"measure": "distinct configurations on the front", "value": len(front), "target": ">= 50",
@@ -477,8 +477,7 @@ def reference_part(args):
                         "measured memory MiB": memory / MIB})
     acc_ok = sum(e <= 1.0 for e in acc_errors)
     rows.append({"measure": f"accuracy model: offsets per sparsity and interaction c of x + c x^2, fitted on "
-                            f"{len(prof.calibration)} configurations measured whole (every block at each sparsity, "
-                            f"and random ones other than these 20)",
+                            f"{len(prof.calibration)} random configurations measured whole (other than these 20)",
                  "value": ", ".join(f"{s:g}: {d:+.2f}" for s, d in prof.level_offsets) +
                  f"; c = {prof.interaction:.3f}",
                  "target": "", "target met": ""})
