@@ -20,10 +20,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .profile import Entry, Profile, check_profile
-from .select import Choice, Selection, _fits, _spread, pareto_front, select_excluding, totals
+from .select import (_MIB, Choice, Selection, _fits, _spread, nondominated, pareto_front, select_excluding,
+                     totals)
 
 ARTIFACT_FORMAT = "fxeff.blocks/1"
-_MIB = float(1 << 20)
 Students = Mapping[str, Mapping[float, nn.Module]]
 
 
@@ -162,11 +162,7 @@ class ScalableModel(nn.Module):
         known = dict(self._known())
         points = pareto_front(rows, exclude=known, **base)
         points += [dataclasses.replace(totals(rows, c, **base), drop=x, objective=x) for c, x in known.items()]
-        points.sort(key=lambda s: (s.latency, s.drop, s.memory, s.choice))
-        front: List[Selection] = []
-        for s in points:
-            if not front or s.drop < front[-1].drop:
-                front.append(s)
+        front = nondominated(points)
         if max_points is not None and len(front) > max_points:
             front = [front[i] for i in _spread(np.array([s.latency for s in front]), max_points)]
         return front

@@ -47,7 +47,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Choice", "Selection", "InfeasibleBudgetError", "select", "select_excluding", "pareto_front",
+__all__ = ["Choice", "Selection", "InfeasibleBudgetError", "select", "select_excluding", "pareto_front", "nondominated",
            "totals"]
 
 _WHERE = "fxeff.blocks.select"
@@ -732,12 +732,19 @@ def pareto_front(blocks: Sequence[Sequence[Choice]], *, base_latency: float = 0.
     else:
         candidates = {c: p.selection(c, True, ()) for c in _front_without(p.blocks, base_latency, base_memory,
                                                                              excluded)}
-        front = []
-        for sel in sorted(candidates.values(), key=lambda s: (s.latency, s.drop, s.memory, s.choice)):
-            if not front or sel.drop < front[-1].drop:
-                front.append(sel)
+        front = nondominated(list(candidates.values()))
     if max_points is not None and len(front) > max_points:
         front = [front[i] for i in _spread(np.array([s.latency for s in front]), max_points)]
+    return front
+
+
+def nondominated(selections: Sequence[Selection]) -> List[Selection]:
+    """The (latency, drop) Pareto front of ``selections``, by latency: one per distinct point, the smallest memory,
+    then the lexicographically smallest choice tuple (pareto_front's rule)."""
+    front: List[Selection] = []
+    for sel in sorted(selections, key=lambda s: (s.latency, s.drop, s.memory, s.choice)):
+        if not front or sel.drop < front[-1].drop:
+            front.append(sel)
     return front
 
 
