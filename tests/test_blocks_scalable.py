@@ -8,7 +8,7 @@ import torch
 import fxeff
 import fxeff.blocks as blocks
 from fxeff import reference
-from fxeff.blocks.select import InfeasibleBudgetError
+from fxeff.blocks.select import TIE, InfeasibleBudgetError
 from fxeff.nn import NarrowConv2d
 from fxeff.ops.focused_conv2d import direct_strategy_available
 
@@ -135,7 +135,7 @@ def test_configurations_measured_whole_count_by_their_measured_drops(built):
         order = np.lexsort((objective, latency))
         want, best = [], np.inf
         for i in order:
-            if objective[i] < best - 1e-12:
+            if objective[i] < best - TIE:
                 want.append((latency[i], objective[i]))
                 best = objective[i]
         front = variant.series()

@@ -479,6 +479,20 @@ def test_pareto_front_excluding_matches_brute_force():
     assert bad == [] and hits >= 30
 
 
+def test_nondominated_counts_last_bit_differences_as_ties():
+    """The same drop summed in another order differs in its last bits; the slower configuration with the drop one ulp
+    lower is not on the merged front (CI once found the series listing one)."""
+    from fxeff.blocks.select import TIE, nondominated
+
+    def sel(choice, latency, drop, memory=1):
+        return Selection(choice, drop, latency, memory, 0, drop, True, ())
+
+    drop = 15.282840229026892
+    points = [sel((0,), 1.0, 20.0), sel((1,), 2.0, drop), sel((2,), 2.5, math.nextafter(drop, 0.0)),
+              sel((3,), 2.8, drop - 2 * TIE), sel((4,), 3.0, 0.0, 5), sel((5,), 3.0, 0.0, 2)]
+    assert [s.choice for s in nondominated(points)] == [(0,), (1,), (3,), (5,)]
+
+
 def test_pareto_front_max_points():
     # one block, 11 choices on a line: the whole front, latencies 0..10
     block = [Choice(10.0 - i, float(i), i) for i in range(11)]

@@ -738,12 +738,17 @@ def pareto_front(blocks: Sequence[Sequence[Choice]], *, base_latency: float = 0.
     return front
 
 
+# Drops closer than this (points) count as equal on a merged front: the same modelled drop summed in another order
+# differs in its last bits, and a slower configuration "better" by that is not on the front.
+TIE = 1e-9
+
+
 def nondominated(selections: Sequence[Selection]) -> List[Selection]:
     """The (latency, drop) Pareto front of ``selections``, by latency: one per distinct point, the smallest memory,
-    then the lexicographically smallest choice tuple (pareto_front's rule)."""
+    then the lexicographically smallest choice tuple (pareto_front's rule); drops within ``TIE`` count as equal."""
     front: List[Selection] = []
     for sel in sorted(selections, key=lambda s: (s.latency, s.drop, s.memory, s.choice)):
-        if not front or sel.drop < front[-1].drop:
+        if not front or sel.drop < front[-1].drop - TIE:
             front.append(sel)
     return front
 
