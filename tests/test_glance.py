@@ -234,3 +234,100 @@ def test_training_lowers_the_loss_and_leaves_the_teacher_untouched(trained):
     assert not model.training
     with pytest.raises(TypeError, match="model must be a GlanceFocus"):
         glance.train(model, data, epochs=1)
+
+
+def test_exit_steps_from_the_anytime_logits_are_early_exits(trained):
+    model, x = trained
+    for gf in models(model, x):
+        macs = glance.step_macs(gf, x)
+        with torch.no_grad():
+            every = gf(x)
+        confidence = torch.softmax(every, dim=2).amax(dim=2)
+        for k in (3, 8, 16):
+            # each threshold midway between two images' confidences: a threshold equal to one image's confidence
+            # (calibrate's, on its own images) decides that image by float rounding, which the compacted batch
+            # computes otherwise
+            values = []
+            for t in range(gf.steps - 1):
+                ranked = torch.sort(confidence[t]).values
+                values.append(float(ranked[k] + ranked[k + 1]) / 2)
+            thresholds = glance.Thresholds(values + [-float("inf")], glance.inference.fingerprint(gf), [], 0.0, 1.0)
+            assert torch.equal(glance.exit_steps(every, thresholds), glance.early_exit(gf, x, thresholds, macs).step)
+
+
+def test_the_budget_curve_applies_held_out_thresholds(trained):
+    model, x = trained
+    gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, head="gru", policy="saliency").eval()
+    macs = glance.step_macs(gf, x)
+    with torch.no_grad():
+        every = gf(x)
+    held, test = every[:, :12], every[:, 12:]
+    labels = torch.arange(12) % 10
+    cumulative = torch.tensor(macs, dtype=torch.float64).cumsum(0)
+    budgets = [float(cumulative[0] * 1.2), float(cumulative[1]), float(cumulative[2] * 0.9)]
+    points = glance.budget_curve(gf, held, test, labels, macs, budgets)
+    for budget, point in zip(budgets, points):
+        thresholds = glance.calibrate(gf, held, macs, budget=budget)
+        assert point.calibration_macs == pytest.approx(thresholds.expected_macs)
+        step = glance.exit_steps(test, thresholds)
+        assert point.macs == pytest.approx(float(cumulative[step].mean()))
+        want = 100.0 * float((test[step, torch.arange(12)].argmax(1) == labels).double().mean())
+        assert point.accuracy == pytest.approx(want) and sum(point.exit_shares) == pytest.approx(1.0)
+
+
+def test_item_coverage_counts_the_items_own_pixels():
+    data = reference.dataset(DATASET, "test", limit=3)
+    places = [data.placement(i) for i in range(3)]
+    mask = data.sources[0] > 0
+    at = torch.tensor([list(p) for p in places])
+    assert glance.item_coverage(at, 28, data, range(3)).tolist() == [1.0, 1.0, 1.0]
+    # a patch over the item's left half: the share of its pixels in columns 0..13
+    top, left = places[0]
+    half = glance.item_coverage(torch.tensor([[top, left - 14]]), 28, data, [0])
+    assert float(half) == pytest.approx(mask[:, :14].sum() / mask.sum())
+    far = torch.tensor([[top + 28, left]]) if top + 28 <= 36 else torch.tensor([[top - 28, left]])
+    assert float(glance.item_coverage(far, 28, data, [0])) == 0.0
+    with pytest.raises(TypeError, match="must know its items' places"):
+        glance.item_coverage(at, 28, reference.dataset("fashion-mnist", "test", limit=3), range(3))
+
+
+def test_checkpoints_rebuild_the_model_with_its_macs(trained, tmp_path):
+    model, x = trained
+    gf = glance.GlanceFocus(model, x, patch_size=24, glance_size=16, steps=2, head="concat", policy="learned")
+    with torch.no_grad():
+        gf.policy.net[-1].bias.fill_(0.3)  # not its initial weights
+    gf.eval()
+    path = str(tmp_path / "gf.pt")
+    record = glance.save(gf, path, x, {"epochs": 1})
+    assert record["macs"] == glance.step_macs(gf, x)
+    back = glance.load(path, reference.load("resnet20", DATASET), x)
+    assert back.macs_per_step == record["macs"] and back.meta == {"epochs": 1}
+    with torch.no_grad():
+        assert torch.equal(back(x), gf(x))
+    with pytest.raises(ValueError, match="built from another classifier"):
+        other = reference.load("resnet20", DATASET)
+        other.conv1.stride = (1, 1)  # the same weights, 4x the MACs
+        glance.load(path, other, x)
+    with pytest.raises(ValueError, match="weights do not fit"):
+        glance.load(path, reference.load("vgg", DATASET), x)
+    with pytest.raises(ValueError, match="for \\[64, 64\\] images"):
+        glance.load(path, model, torch.zeros(1, 1, 32, 32))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable glance checkpoint"):
+        glance.load(str(tmp_path / "bad.pt"), model, x)
+
+
+def test_the_fingerprint_follows_every_weight_change(trained):
+    model, x = trained
+    gf = glance.GlanceFocus(model, x, patch_size=32, steps=2)
+    first = glance.inference.fingerprint(gf)
+    original = {k: v.clone() for k, v in gf.state_dict().items()}
+    assert glance.inference.fingerprint(gf) == first  # cached
+    with torch.no_grad():
+        gf.local_encoder.conv1.weight[0, 0, 0, 0] += 1.0
+    changed = glance.inference.fingerprint(gf)
+    assert changed != first
+    gf.load_state_dict(original)
+    assert glance.inference.fingerprint(gf) == first
+    gf.rnn.bias_hh.data = gf.rnn.bias_hh.data + 1  # a new tensor, not an in-place write
+    assert glance.inference.fingerprint(gf) not in (first, changed)

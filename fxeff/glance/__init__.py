@@ -2,9 +2,11 @@
 patches chosen from what was seen, with real early exit. See the README's quick start."""
 from .crop import crop, crop_bilinear, pixel_corners
 from .inference import Exits, Thresholds, anytime, calibrate, early_exit, step_macs, thresholds_for
+from .evaluate import BudgetPoint, budget_curve, exit_steps, first_corners, item_coverage, load, save
 from .model import GlanceFocus, steps_loss
 from .split import Split, split_classifier
 from .train import train
 
 __all__ = ["crop", "crop_bilinear", "pixel_corners", "Split", "split_classifier", "GlanceFocus", "steps_loss",
-           "Exits", "Thresholds", "early_exit", "anytime", "calibrate", "step_macs", "thresholds_for", "train"]
+           "Exits", "Thresholds", "early_exit", "anytime", "calibrate", "step_macs", "thresholds_for", "train",
+           "BudgetPoint", "budget_curve", "exit_steps", "first_corners", "item_coverage", "save", "load"]

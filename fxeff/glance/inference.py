@@ -23,12 +23,21 @@ _WHERE = "fxeff.glance"
 
 def fingerprint(model: GlanceFocus) -> str:
     """sha256 over the model's configuration and weights (fxeff.blocks' model_fingerprint): thresholds calibrated
-    on one model are refused on another."""
+    on one model are refused on another. Cached on the model while no tensor of its state changes (each one's
+    storage and version counter, which every in-place write bumps): early exit checks it on every call, and
+    hashing the weights would cost a batch of one more than its steps."""
     from ..blocks.scalable import model_fingerprint
 
-    config = repr((model.image_size, model.patch_size, model.glance_size, model.steps, model.head_kind,
-                   model.policy_kind))
-    return hashlib.sha256((config + model_fingerprint(model)).encode()).hexdigest()
+    config = (tuple(model.image_size), model.patch_size, model.glance_size, model.steps, model.head_kind,
+              model.policy_kind)
+    key = (config,) + tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+                            for name, t in model.state_dict(keep_vars=True).items())
+    cached = getattr(model, "_fxeff_fingerprint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = hashlib.sha256((repr(config) + model_fingerprint(model)).encode()).hexdigest()
+    model._fxeff_fingerprint = (key, value)
+    return value
 
 
 def step_macs(model: GlanceFocus, example: torch.Tensor) -> List[int]:

@@ -1,0 +1,252 @@
+"""Glance and focus (GFNet, fxeff.glance) over the trained ResNet-20 on Cluttered Fashion-MNIST (64x64 canvases,
+the item at a random place among clutter), by part (--parts, comma list).
+
+Part "train": for each of --policies, a GlanceFocus over the committed ResNet-20 (fxeff.reference): the glance at
+--glance-size, then --steps - 1 patches of --patch-size at full resolution, a GRU head; trained with
+fxeff.glance.train (fxeff.training.fit, one stage for every policy) for --epochs on the first --train-images
+training images, distilled from the full-resolution model; saved with its MACs per step to
+out/glance/resnet20-cluttered-POLICY.pt. The minutes (wall and CPU) are reported.
+
+Part "curve": per policy (the checkpoints of "train"), every step's logits on --holdout held-out training images
+(the split's last ones: never trained on, not augmented) and on the test split. The budget curve: for each budget
+(a fraction of the full-resolution model's MACs), thresholds calibrated on the held-out images by bisection
+(fxeff.glance.calibrate) and applied to the test images: accuracy, the MACs realised against those asked. Where
+the first patch lands: the share of the item's own pixels it covers (the generator knows the item's place).
+Targets: within 0.3 points of the full-resolution model at <= 40% of its MACs; realised MACs within 3% of the
+budget; the first patch covering >= 90% of the item on >= 95% of test images (learned or saliency; random is
+the floor); saliency within 1 point of learned at equal MACs.
+
+Part "exit": real early exit (fxeff.glance.early_exit: the images that have left stop computing) at the
+thresholds of --exit-budget, on CPU at batch 256 and 1, against the full-resolution model on the same images
+(interleaved medians, fxeff.bench): wall-clock speedup / MAC speedup (targets >= 0.75 at batch 256, >= 0.6 at
+batch 1), and the crop's share of a focus step's time (target <= 2%).
+
+    .venv/bin/python benchmarks/glance.py --parts train,curve,exit [--policies random,saliency,learned]
+        [--epochs 3] [--train-images 20000] [--json out.json] [--markdown out.md] [--plot curve.png]
+"""
+import os
+import resource
+import time
+
+import torch
+
+from fxeff import reference
+from fxeff.bench import environment, interleaved, macs, report, script_parser, write_markdown
+
+ARCH, DATASET = "resnet20", "cluttered-fashion-mnist"
+OUT = os.path.join("out", "glance")
+BUDGETS = (0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _images(split: str, start: int, stop: int):
+    """(images [n, 1, 64, 64], labels [n]) of items start..stop-1 of the split, and the dataset."""
+    data = reference.dataset(DATASET, split)
+    items = [data[i] for i in range(start, stop)]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]), data
+
+
+def _path(policy: str) -> str:
+    return os.path.join(OUT, f"{ARCH}-cluttered-{policy}.pt")
+
+
+def _example() -> torch.Tensor:
+    return reference.first_images(DATASET, "test", 2)
+
+
+def train_part(args):
+    from fxeff import glance
+    from fxeff.training import loader
+
+    os.makedirs(OUT, exist_ok=True)
+    x, y, _ = _images("train", 0, args.train_images)
+    data = torch.utils.data.TensorDataset(x, y)
+    rows = []
+    for policy in args.policies:
+        torch.manual_seed(args.seed)
+        gf = glance.GlanceFocus(reference.load(ARCH, DATASET), _example(), args.patch_size, args.steps,
+                                glance_size=args.glance_size, policy=policy, seed=args.seed)
+        teacher = reference.load(ARCH, DATASET)
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        history = glance.train(gf, loader(data, args.batch_size, True, args.seed), args.epochs, teacher=teacher,
+                               lr=args.lr)
+        wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+        gf.eval()
+        record = glance.save(gf, _path(policy), _example(), {
+            "arch": ARCH, "dataset": DATASET, "epochs": args.epochs, "train_images": args.train_images,
+            "lr": args.lr, "train_seconds": wall, "train_cpu_seconds": cpu, "torch": torch.__version__})
+        rows.append({"policy": policy, "epochs": args.epochs, "images": args.train_images,
+                     "final loss": history["loss"][-1], "wall min": wall / 60, "CPU min": cpu / 60,
+                     "MACs per step (M)": ", ".join(f"{m / 1e6:.2f}" for m in record["macs"])})
+    return (f"Glance and focus training (ResNet-20 encoders, glance {args.glance_size}, patches {args.patch_size}, "
+            f"{args.steps} steps)"), rows, ["policy", "epochs", "images", "final loss", "wall min", "CPU min",
+                                           "MACs per step (M)"]
+
+
+def _load(policy: str):
+    from fxeff import glance
+
+    return glance.load(_path(policy), reference.load(ARCH, DATASET), _example())
+
+
+def curve_part(args):
+    from fxeff import glance
+
+    test_x, test_y, test_data = _images("test", 0, args.test_images)
+    total = len(reference.dataset(DATASET, "train"))
+    hold_x, _, _ = _images("train", total - args.holdout, total)
+    if args.train_images > total - args.holdout:
+        raise SystemExit(f"--train-images {args.train_images} overlaps the {args.holdout} held-out images")
+    full = reference.load(ARCH, DATASET)
+    full_macs = macs(lambda: full(test_x[:1]))
+    with torch.no_grad():
+        full_acc = 100.0 * float((torch.cat([full(b) for b in test_x.split(500)]).argmax(1) == test_y)
+                                 .double().mean())
+    rows = [{"policy": "full resolution", "asked": 1.0, "MACs": 1.0, "accuracy": full_acc,
+             "vs full (points)": 0.0}]
+    curves = {}
+    for policy in args.policies:
+        gf = _load(policy)
+        step = gf.macs_per_step
+        with torch.no_grad():
+            hold = torch.cat([gf(b) for b in hold_x.split(500)], dim=1)
+            test = torch.cat([gf(b) for b in test_x.split(500)], dim=1)
+        every = [100.0 * float((test[t].argmax(1) == test_y).double().mean()) for t in range(gf.steps)]
+        cumulative = torch.tensor(step, dtype=torch.float64).cumsum(0) / full_macs
+        budgets = [b * full_macs for b in BUDGETS if cumulative[0] <= b <= cumulative[-1]]
+        points = glance.budget_curve(gf, hold, test, test_y, step, budgets)
+        curves[policy] = points
+        for t in range(gf.steps):
+            rows.append({"policy": policy, "asked": "", "MACs": float(cumulative[t]), "accuracy": every[t],
+                         "vs full (points)": every[t] - full_acc, "exits": f"all after step {t}"})
+        for pt in points:
+            rows.append({"policy": policy, "asked": pt.asked / full_macs, "MACs": pt.macs / full_macs,
+                         "accuracy": pt.accuracy, "vs full (points)": pt.accuracy - full_acc,
+                         "realised / asked": pt.macs / pt.asked,
+                         "exits": "/".join(f"{100 * s:.0f}" for s in pt.exit_shares) + "%" +
+                         (f", no exit at {pt.no_exit_steps}" if pt.no_exit_steps else "")})
+        if gf.steps > 1:
+            coverage = glance.item_coverage(glance.first_corners(gf, test_x), gf.patch_size, test_data,
+                                            range(args.test_images))
+            rows.append({"policy": policy, "asked": "first patch", "exits": f"covers >= 90% of the item on "
+                         f"{100 * float((coverage >= 0.9).double().mean()):.1f}% of images (median "
+                         f"{100 * float(coverage.median()):.0f}%)"})
+    if args.plot:
+        _plot(curves, full_acc, full_macs, args.plot)
+    return (f"Glance and focus on Cluttered Fashion-MNIST: budget curves ({args.test_images} test images, "
+            f"thresholds calibrated on {args.holdout} held-out training images; MACs as a fraction of the "
+            f"full-resolution ResNet-20's {full_macs / 1e6:.1f} M)"), rows, \
+        ["policy", "asked", "MACs", "realised / asked", "accuracy", "vs full (points)", "exits"]
+
+
+def _plot(curves, full_acc, full_macs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, points in curves.items():
+        ax.plot([p.macs / full_macs for p in points], [p.accuracy for p in points], marker="o", label=policy)
+    ax.axhline(full_acc, color="k", linestyle="--", label="full-resolution ResNet-20")
+    ax.axhline(full_acc - 0.3, color="grey", linestyle=":", label="-0.3 points")
+    ax.axvline(0.4, color="grey", linestyle=":")
+    ax.set_xlabel("MACs per image / full-resolution model's")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Glance and focus, Cluttered Fashion-MNIST")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def exit_part(args):
+    from fxeff import glance
+    from fxeff.glance.crop import crop
+
+    test_x, _, _ = _images("test", 0, 256)
+    total = len(reference.dataset(DATASET, "train"))
+    hold_x, _, _ = _images("train", total - args.holdout, total)
+    full = reference.load(ARCH, DATASET)
+    full_macs = macs(lambda: full(test_x[:1]))
+    rows = []
+    for policy in args.policies:
+        gf = _load(policy)
+        with torch.no_grad():
+            hold = torch.cat([gf(b) for b in hold_x.split(500)], dim=1)
+        th = glance.calibrate(gf, hold, gf.macs_per_step, budget=args.exit_budget * full_macs)
+        for batch in (256, 1):
+            x = test_x[:batch]
+            exits = glance.early_exit(gf, x, th, gf.macs_per_step)
+            images = [test_x[i:i + batch] for i in range(0, 256, batch)][:max(1, 64 // batch)]
+            full_s, exit_s = interleaved([lambda: [full(b) for b in images],
+                                          lambda: [glance.early_exit(gf, b, th, gf.macs_per_step) for b in images]],
+                                         args.runs)
+            realised = float(torch.cat([glance.early_exit(gf, b, th, gf.macs_per_step).macs for b in images]).mean())
+            mac_speedup = full_macs / realised
+            rows.append({"policy": policy, "batch": batch, "full ms": full_s * 1e3 / len(images),
+                         "early exit ms": exit_s * 1e3 / len(images), "wall speedup": full_s / exit_s,
+                         "MAC speedup": mac_speedup, "wall / MAC": full_s / exit_s / mac_speedup,
+                         "target": 0.75 if batch == 256 else 0.6,
+                         "target met": full_s / exit_s / mac_speedup >= (0.75 if batch == 256 else 0.6),
+                         "exit steps": "/".join(str(int((exits.step == t).sum())) for t in range(gf.steps))})
+        if gf.steps > 1:  # the crop's share of a focus step, batch 256
+            with torch.no_grad():
+                state = gf.glance(test_x)
+                corners = gf.corners(dict(state), 1)
+            step_s, crop_s = interleaved([lambda: gf.focus(test_x, dict(state), 1),
+                                          lambda: crop(test_x, corners, gf.patch_size)], args.runs)
+            rows.append({"policy": policy, "batch": 256, "early exit ms": step_s * 1e3,
+                         "exit steps": f"crop {crop_s * 1e3:.3f} ms = {100 * crop_s / step_s:.2f}% of a focus step "
+                                       f"(target <= 2%)", "target met": crop_s / step_s <= 0.02})
+    return (f"Glance and focus: real early exit on {environment().get('device', 'cpu')} at {args.exit_budget:.0%} of the "
+            f"full-resolution model's MACs, against it on the same images (medians of {args.runs} interleaved runs)"), \
+        rows, ["policy", "batch", "full ms", "early exit ms", "wall speedup", "MAC speedup", "wall / MAC", "target",
+               "target met", "exit steps"]
+
+
+PARTS = {"train": train_part, "curve": curve_part, "exit": exit_part}
+
+
+def main(argv=None):
+    import json
+
+    parser = script_parser(__doc__)
+    parser.add_argument("--parts", default="curve", help=f"comma list of: {', '.join(PARTS)}")
+    parser.add_argument("--policies", default="random,saliency,learned", type=lambda s: [p for p in s.split(",") if p])
+    parser.add_argument("--patch-size", type=int, default=32)
+    parser.add_argument("--glance-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-images", type=int, default=20000)
+    parser.add_argument("--holdout", type=int, default=5000, help="held-out training images for the thresholds")
+    parser.add_argument("--test-images", type=int, default=10000)
+    parser.add_argument("--exit-budget", type=float, default=0.4, help="exit part: MACs budget, fraction of full")
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default="", help="curve part: a PNG of the budget curves")
+    args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    for p in parts:
+        if p not in PARTS:
+            parser.error(f"--parts takes {', '.join(PARTS)}; got {p!r}")
+    torch.set_num_threads(args.threads)
+    texts, results = [], {}
+    for p in parts:
+        title, rows, columns = PARTS[p](args)
+        texts.append(report(title, rows, columns))
+        results[p] = {"title": title, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "parts": results}, f, indent=1)
+    write_markdown(args.markdown, "\n\n".join(texts))
+
+
+if __name__ == "__main__":
+    main()
