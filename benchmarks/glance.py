@@ -5,10 +5,11 @@ Part "train": for each of --policies, a GlanceFocus over the committed ResNet-20
 --glance-size, then --steps - 1 patches of --patch-size at full resolution, a GRU head; trained with
 fxeff.glance.train (fxeff.training.fit, one stage for every policy) for --epochs on the first --train-images
 training images, distilled from the full-resolution model; saved with its MACs per step to
-out/glance/resnet20-cluttered-POLICY.pt. The minutes (wall and CPU) are reported.
+out/glance/resnet20-cluttered-fashion-mnist-POLICY.pt (fxeff.glance.command.train_reference, as `fxeff glance
+train`). The minutes (wall and CPU) are reported.
 
-Part "curve": per policy (the checkpoints of "train"), every step's logits on --holdout held-out training images
-(the split's last ones: never trained on, not augmented) and on the test split. The budget curve: for each budget
+Part "curve": per policy (the checkpoints of "train"), every step's logits on 5000 held-out training images
+(the split's last 5000: never trained on, not augmented) and on the test split. The budget curve: for each budget
 (a fraction of the full-resolution model's MACs), thresholds calibrated on the held-out images by bisection
 (fxeff.glance.calibrate) and applied to the test images: accuracy, the MACs realised against those asked. Where
 the first patch lands: the share of the item's own pixels it covers (the generator knows the item's place).
@@ -24,9 +25,6 @@ batch 1), and the crop's share of a focus step's time (target <= 2%).
     .venv/bin/python benchmarks/glance.py --parts train,curve,exit [--policies random,saliency,learned]
         [--epochs 3] [--train-images 20000] [--json out.json] [--markdown out.md] [--plot curve.png]
 """
-import os
-import resource
-import time
 
 import torch
 
@@ -34,13 +32,7 @@ from fxeff import reference
 from fxeff.bench import environment, interleaved, macs, report, script_parser, write_markdown
 
 ARCH, DATASET = "resnet20", "cluttered-fashion-mnist"
-OUT = os.path.join("out", "glance")
 BUDGETS = (0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _images(split: str, start: int, stop: int):
@@ -50,37 +42,18 @@ def _images(split: str, start: int, stop: int):
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]), data
 
 
-def _path(policy: str) -> str:
-    return os.path.join(OUT, f"{ARCH}-cluttered-{policy}.pt")
-
-
-def _example() -> torch.Tensor:
-    return reference.first_images(DATASET, "test", 2)
-
-
 def train_part(args):
-    from fxeff import glance
-    from fxeff.training import loader
+    from fxeff.glance.command import train_reference
 
-    os.makedirs(OUT, exist_ok=True)
-    x, y, _ = _images("train", 0, args.train_images)
-    data = torch.utils.data.TensorDataset(x, y)
     rows = []
     for policy in args.policies:
-        torch.manual_seed(args.seed)
-        gf = glance.GlanceFocus(reference.load(ARCH, DATASET), _example(), args.patch_size, args.steps,
-                                glance_size=args.glance_size, policy=policy, seed=args.seed)
-        teacher = reference.load(ARCH, DATASET)
-        wall, cpu = time.perf_counter(), _cpu_seconds()
-        history = glance.train(gf, loader(data, args.batch_size, True, args.seed), args.epochs, teacher=teacher,
-                               lr=args.lr)
-        wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-        gf.eval()
-        record = glance.save(gf, _path(policy), _example(), {
-            "arch": ARCH, "dataset": DATASET, "epochs": args.epochs, "train_images": args.train_images,
-            "lr": args.lr, "train_seconds": wall, "train_cpu_seconds": cpu, "torch": torch.__version__})
+        record = train_reference(ARCH, DATASET, policy, patch_size=args.patch_size, glance_size=args.glance_size,
+                                 steps=args.steps, epochs=args.epochs, train_images=args.train_images, lr=args.lr,
+                                 batch=args.batch_size, seed=args.seed)
+        meta = record["meta"]
         rows.append({"policy": policy, "epochs": args.epochs, "images": args.train_images,
-                     "final loss": history["loss"][-1], "wall min": wall / 60, "CPU min": cpu / 60,
+                     "final loss": meta["loss"][-1], "wall min": meta["train_seconds"] / 60,
+                     "CPU min": meta["train_cpu_seconds"] / 60,
                      "MACs per step (M)": ", ".join(f"{m / 1e6:.2f}" for m in record["macs"])})
     return (f"Glance and focus training (ResNet-20 encoders, glance {args.glance_size}, patches {args.patch_size}, "
             f"{args.steps} steps)"), rows, ["policy", "epochs", "images", "final loss", "wall min", "CPU min",
@@ -88,19 +61,17 @@ def train_part(args):
 
 
 def _load(policy: str):
-    from fxeff import glance
+    from fxeff.glance.command import checkpoint_path, load_reference
 
-    return glance.load(_path(policy), reference.load(ARCH, DATASET), _example())
+    return load_reference(checkpoint_path(ARCH, DATASET, policy))[0]
 
 
 def curve_part(args):
     from fxeff import glance
 
+    from fxeff.glance.command import HOLDOUT, held_out_logits
+
     test_x, test_y, test_data = _images("test", 0, args.test_images)
-    total = len(reference.dataset(DATASET, "train"))
-    hold_x, _, _ = _images("train", total - args.holdout, total)
-    if args.train_images > total - args.holdout:
-        raise SystemExit(f"--train-images {args.train_images} overlaps the {args.holdout} held-out images")
     full = reference.load(ARCH, DATASET)
     full_macs = macs(lambda: full(test_x[:1]))
     with torch.no_grad():
@@ -112,8 +83,8 @@ def curve_part(args):
     for policy in args.policies:
         gf = _load(policy)
         step = gf.macs_per_step
+        hold = held_out_logits(gf, DATASET)
         with torch.no_grad():
-            hold = torch.cat([gf(b) for b in hold_x.split(500)], dim=1)
             test = torch.cat([gf(b) for b in test_x.split(500)], dim=1)
         every = [100.0 * float((test[t].argmax(1) == test_y).double().mean()) for t in range(gf.steps)]
         cumulative = torch.tensor(step, dtype=torch.float64).cumsum(0) / full_macs
@@ -138,7 +109,7 @@ def curve_part(args):
     if args.plot:
         _plot(curves, full_acc, full_macs, args.plot)
     return (f"Glance and focus on Cluttered Fashion-MNIST: budget curves ({args.test_images} test images, "
-            f"thresholds calibrated on {args.holdout} held-out training images; MACs as a fraction of the "
+            f"thresholds calibrated on {HOLDOUT} held-out training images; MACs as a fraction of the "
             f"full-resolution ResNet-20's {full_macs / 1e6:.1f} M)"), rows, \
         ["policy", "asked", "MACs", "realised / asked", "accuracy", "vs full (points)", "exits"]
 
@@ -168,16 +139,15 @@ def exit_part(args):
     from fxeff import glance
     from fxeff.glance.crop import crop
 
+    from fxeff.glance.command import held_out_logits
+
     test_x, _, _ = _images("test", 0, 256)
-    total = len(reference.dataset(DATASET, "train"))
-    hold_x, _, _ = _images("train", total - args.holdout, total)
     full = reference.load(ARCH, DATASET)
     full_macs = macs(lambda: full(test_x[:1]))
     rows = []
     for policy in args.policies:
         gf = _load(policy)
-        with torch.no_grad():
-            hold = torch.cat([gf(b) for b in hold_x.split(500)], dim=1)
+        hold = held_out_logits(gf, DATASET)
         th = glance.calibrate(gf, hold, gf.macs_per_step, budget=args.exit_budget * full_macs)
         for batch in (256, 1):
             x = test_x[:batch]
@@ -225,7 +195,6 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-images", type=int, default=20000)
-    parser.add_argument("--holdout", type=int, default=5000, help="held-out training images for the thresholds")
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--exit-budget", type=float, default=0.4, help="exit part: MACs budget, fraction of full")
     parser.add_argument("--runs", type=int, default=15)

@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .blocks.command import add_parser as add_blocks_parser
 
     add_blocks_parser(sub)
+    from .glance.command import add_parser as add_glance_parser
+
+    add_glance_parser(sub)
     return parser
 
 

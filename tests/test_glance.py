@@ -331,3 +331,22 @@ def test_the_fingerprint_follows_every_weight_change(trained):
     assert glance.inference.fingerprint(gf) == first
     gf.rnn.bias_hh.data = gf.rnn.bias_hh.data + 1  # a new tensor, not an in-place write
     assert glance.inference.fingerprint(gf) not in (first, changed)
+
+
+def test_the_command_line_trains_then_evaluates_at_a_budget(tmp_path, capsys):
+    from fxeff.cli import main
+
+    path = str(tmp_path / "gf.pt")
+    assert main(["glance", "train", "resnet20", DATASET, "--policy", "saliency", "--train-images", "64",
+                 "--epochs", "1", "--out", path]) == 0
+    out = capsys.readouterr().out
+    assert "policy saliency: trained 1 epochs on 64 images" in out and "MACs per step (M): " in out
+    assert main(["glance", "eval", "--checkpoint", path, "--budget", "0.4", "--test-images", "256",
+                 "--batch", "32"]) == 0
+    out = capsys.readouterr().out
+    realised = float(out.split("realised ")[1].split()[0])
+    assert abs(realised - 0.4) <= 0.1 and "real early exit, batch 32" in out  # 256 test images: coarse
+    with pytest.raises(ValueError, match=r"--budget expected a fraction of the full model's MACs in \[0.25"):
+        main(["glance", "eval", "--checkpoint", path, "--budget", "0.1", "--test-images", "256"])
+    with pytest.raises(ValueError, match="train_images must be in"):
+        main(["glance", "train", "resnet20", DATASET, "--train-images", "59000", "--out", path])
