@@ -432,6 +432,10 @@ def reference_part(args):
                      progress=False, data=f"{args.dataset}: {args.train_images} train / {args.test_images} test")
     wall, cpu = (time.perf_counter() - wall) / 60, (time.process_time() - cpu) / 60
     print(f"built in {wall:.1f} min ({cpu:.1f} CPU-min)", flush=True)
+    os.makedirs(os.path.join("out", "blocks"), exist_ok=True)
+    artifact = os.path.join("out", "blocks", f"benchmark-resnet20-{args.dataset}.pt")
+    scalable.save(artifact)  # for looking into the run afterwards (--parts noise --artifact)
+    print(f"artifact: {artifact}", flush=True)
     x = reference.first_images(args.dataset, "test", 16)
     names, prof = scalable.block_names, scalable.profile
     front = scalable.series()
@@ -447,14 +451,12 @@ def reference_part(args):
             {"measure": "front: measured latency span (batch 16)", "value": f"{slow[1] / fast[1]:.2f}x",
              "target": ">= 2.5x", "target met": slow[1] / fast[1] >= 2.5}]
     # the additive models against composed configurations
-    rng = np.random.default_rng(args.seed)
     configs = []
     acc_errors, lat_errors, rel_errors, mem_ratios = [], [], [], []
     unpruned = [0] * len(names)
     modelled_unpruned = totals(scalable.choices(), unpruned, base_latency=prof.base_latency,
                                base_memory=prof.base_param_bytes).latency
-    for i in range(20):
-        choice = tuple(int(rng.integers(len(scalable.sparsities(n)))) for n in names)
+    for i, choice in enumerate(_random_choices(scalable, args.seed)):
         modelled = totals(scalable.choices(), choice, base_latency=prof.base_latency,
                           base_memory=prof.base_param_bytes)
         modelled_acc = scalable.modelled_accuracy(choice)
@@ -576,8 +578,78 @@ def reference_part(args):
             f"composed"), rows, REFERENCE_COLUMNS
 
 
+def _random_choices(scalable, seed, count=20):
+    """The reference part's random configurations (choice indices), in its order."""
+    rng = np.random.default_rng(seed)
+    return [tuple(int(rng.integers(len(scalable.sparsities(n)))) for n in scalable.block_names)
+            for _ in range(count)]
+
+
+def noise_part(args):
+    """The accuracy model's errors against measurement noise, on the saved artifact of a ResNet-20 build
+    (--artifact: the reference part's out/blocks/benchmark-resnet20-DATASET.pt, or the accuracy report's): the
+    reference part's 20 random configurations, each measured whole on --test-images test images with the standard
+    error of its paired per-sample differences from the unpruned model, against the modelled drop, whose noise is
+    its entries' standard errors added in quadrature (each entry's drop was measured on the same test images). An
+    error is within noise where |error| <= 2 sqrt(se_model^2 + se_measured^2)."""
+    import math
+
+    from fxeff import reference
+    from fxeff.blocks.build import load
+    from fxeff.blocks.command import reference_loaders
+    from fxeff.blocks.scalable import read_artifact
+
+    if not args.artifact:
+        raise SystemExit("--parts noise needs --artifact (a saved ResNet-20 build)")
+    data = read_artifact(args.artifact)
+    dataset = data["meta"].get("source", {}).get("dataset", args.dataset)
+    model = reference.load("resnet20", dataset).eval()
+    scalable = load(args.artifact, model, reference.first_images(dataset, "test", 2))
+    _, test = reference_loaders(dataset, 1, args.test_images)
+    prof, names = scalable.profile, scalable.block_names
+    table = prof.table()
+
+    def correct():
+        out = []
+        with torch.no_grad():
+            for images, labels in test:
+                out.append((scalable(images).argmax(1) == labels).double())
+        return torch.cat(out)
+
+    scalable.scale([0] * len(names))
+    base = correct()
+    rows, errors, within, sigmas = [], [], 0, []
+    for i, choice in enumerate(_random_choices(scalable, args.seed)):
+        scalable.scale(choice)
+        difference = base - correct()
+        measured = 100 * float(difference.mean())
+        se_measured = 100 * float(difference.std()) / math.sqrt(len(difference))
+        picked = [table[n][scalable.sparsities(n)[j]] for n, j in zip(names, choice) if j]
+        se_model = math.sqrt(sum(e.drop_se ** 2 for e in picked))
+        modelled = prof.accuracy - scalable.modelled_accuracy(choice)
+        error = modelled - measured
+        sigma = math.sqrt(se_model ** 2 + se_measured ** 2)
+        errors.append(error)
+        sigmas.append(sigma)
+        within += abs(error) <= 2 * sigma
+        rows.append({"configuration": f"random {i}", "modelled drop": modelled, "measured drop": measured,
+                     "error": error, "se model": se_model, "se measured": se_measured,
+                     "error / sigma": error / sigma, "over 1 point": abs(error) > 1.0})
+    scalable.scale([0] * len(names))
+    rms = math.sqrt(sum(e * e for e in errors) / len(errors))
+    noise = math.sqrt(sum(s * s for s in sigmas) / len(sigmas))
+    rows.append({"configuration": "all 20", "error": f"rms {rms:.2f}, mean {sum(errors) / len(errors):+.2f}",
+                 "se model": f"rms {math.sqrt(sum(r['se model'] ** 2 for r in rows) / 20):.2f}",
+                 "se measured": f"rms {math.sqrt(sum(r['se measured'] ** 2 for r in rows) / 20):.2f}",
+                 "error / sigma": f"{within}/20 within 2 sigma; noise rms {noise:.2f}",
+                 "over 1 point": f"{sum(abs(e) > 1.0 for e in errors)}/20"})
+    return (f"The accuracy model's errors against measurement noise ({args.artifact}, {args.test_images} test "
+            f"images; points)"), rows, ["configuration", "modelled drop", "measured drop", "error", "se model",
+                                        "se measured", "error / sigma", "over 1 point"]
+
+
 PARTS = {"solve": solve_part, "graph": graph_part, "switch": switch_part, "speed": speed_part,
-         "narrow": narrow_part, "reference": reference_part}
+         "narrow": narrow_part, "reference": reference_part, "noise": noise_part}
 
 
 def main(argv=None):
@@ -596,6 +668,7 @@ def main(argv=None):
                         help="reference part: fine-tuning epochs of torch-pruning's uniform whole-model pruning, "
                              "the baseline (0: none)")
     parser.add_argument("--plot", default="", help="reference part: a PNG of the measured configurations")
+    parser.add_argument("--artifact", default="", help="noise part: a saved ResNet-20 build")
     parser.add_argument("--test-images", type=int, default=10000,
                         help="reference part: accuracy images (default the whole test split: the drops of single "
                              "descendants are fractions of a point)")
