@@ -121,20 +121,52 @@ def test_glance_focus_refuses_bad_arguments(trained):
         gf(torch.zeros(2, 1, 32, 32))
 
 
-def test_the_saliency_policy_looks_where_the_class_activation_map_peaks(trained):
+def test_the_saliency_policy_centres_on_the_class_activation_maps_region(trained):
     model, x = trained
     gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, head="concat", policy="saliency").eval()
     with torch.no_grad():
         state = gf.glance(x)
         cam = torch.einsum("nc,nchw->nhw", gf.policy.weight[state["logits"].argmax(1)], state["features"])
         corners = gf.corners(state, 1)
-        h, w = cam.shape[-2:]
-        peak = cam.reshape(len(x), -1).argmax(1)
-        centre = torch.stack([(peak // w + 0.5) * 64 / h, (peak % w + 0.5) * 64 / w], 1)
-        torch.testing.assert_close(corners, ((centre - 16) / 32).clamp(0, 1))
-        assert state["covered"].reshape(len(x), -1)[torch.arange(len(x)), peak].all()  # the peak is now covered
+    h, w = cam.shape[-2:]
+    for i in range(len(x)):  # one image at a time, by the definition
+        c = cam[i].double()
+        mass = (c - (c.min() + 0.3 * (c.max() - c.min()))).clamp(min=0)
+        rows, cols = torch.meshgrid((torch.arange(h) + 0.5) * 64 / h, (torch.arange(w) + 0.5) * 64 / w,
+                                    indexing="ij")
+        centre = torch.stack([(mass * rows).sum(), (mass * cols).sum()]) / mass.sum()
+        torch.testing.assert_close(corners[i].double(), ((centre - 16) / 32).clamp(0, 1), rtol=1e-5, atol=1e-5)
+    # the cells whose centres the patch covers are now covered
+    pixels = glance.pixel_corners(corners, 32, 64, 64)
+    centres = (torch.arange(h) + 0.5) * 64 / h
+    for i, (top, left) in enumerate(pixels.tolist()):
+        inside = ((centres >= top) & (centres < top + 32))[:, None] & ((centres >= left) & (centres < left + 32))[None]
+        assert torch.equal(state["covered"][i], inside)
+    with torch.no_grad():
         second = gf.corners(state, 2)
-        assert not torch.equal(second, corners)  # the next patch goes elsewhere
+    assert not torch.equal(second, corners)  # the next patch goes elsewhere
+    # a flat map (every cell equal): the first open cell's centre
+    flat = torch.ones(2, gf.channels, h, w)
+    covered = torch.zeros(2, h, w, dtype=torch.bool)
+    covered[1, 0, 0] = True
+    got, _ = gf.policy(flat, state["logits"][:2], covered, [64, 64], 32)
+    torch.testing.assert_close(got, torch.tensor([[0.0, 0.0], [0.0, 0.5 * 64 / w / 32]]))
+
+
+def test_the_learned_policy_starts_at_the_soft_argmax_of_the_class_activation_map(trained):
+    model, x = trained
+    gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, head="gru", policy="learned").eval()
+    with torch.no_grad():
+        state = gf.glance(x)
+        cam = torch.einsum("nc,nchw->nhw", gf.policy.weight[state["logits"].argmax(1)], state["features"])
+    n, h, w = cam.shape
+    z = cam.reshape(n, -1)
+    weights = torch.softmax(2.0 * (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6), 1)
+    rows, cols = torch.meshgrid((torch.arange(h) + 0.5) * 64 / h, (torch.arange(w) + 0.5) * 64 / w, indexing="ij")
+    centre = torch.stack([(weights * rows.reshape(1, -1)).sum(1), (weights * cols.reshape(1, -1)).sum(1)], 1)
+    want = ((centre - 16) / 32).clamp(0, 1)
+    for t in (1, 2):
+        torch.testing.assert_close(gf.corners(state, t), want, rtol=1e-5, atol=1e-5)
 
 
 def test_the_learned_policy_trains_through_the_crop(trained):
@@ -180,7 +212,8 @@ def test_step_macs_are_the_flop_counters_on_each_part(trained):
         pooled = features.mean(dim=(2, 3))
         head = count(lambda: gf.rnn(pooled)) + count(lambda: gf.classifiers[0](pooled)) if gf.head_kind == "gru" \
             else count(lambda: gf.classifiers[0](pooled))
-        policy = count(lambda: gf.policy(pooled)) if gf.policy_kind == "learned" else 0
+        logits = gf.classifiers[0](gf.rnn(pooled) if gf.head_kind == "gru" else pooled)
+        policy = count(lambda: gf.policy(features, logits, [64, 64], 32)) if gf.policy_kind == "learned" else 0
         assert macs[0] == count(lambda: gf.global_encoder(small)) + head + policy
         patch = x[:1, :, :32, :32]
         local = count(lambda: gf.local_encoder(patch))
