@@ -19,7 +19,7 @@ the floor); saliency within 1 point of learned at equal MACs.
 
 Part "exit": real early exit (fxeff.glance.early_exit: the images that have left stop computing) at the
 thresholds of --exit-budget, on CPU at batch 256 and 1, against the full-resolution model on the same images
-(interleaved medians, fxeff.bench): wall-clock speedup / MAC speedup (targets >= 0.75 at batch 256, >= 0.6 at
+(both in the inference form, BatchNorm folded: GlanceFocus.fold_batchnorm; interleaved medians, fxeff.bench): wall-clock speedup / MAC speedup (targets >= 0.75 at batch 256, >= 0.6 at
 batch 1), and the crop's share of a focus step's time (target <= 2%).
 
     .venv/bin/python benchmarks/glance.py --parts train,curve,exit [--policies random,saliency,learned]
@@ -142,11 +142,13 @@ def exit_part(args):
     from fxeff.glance.command import held_out_logits
 
     test_x, _, _ = _images("test", 0, 256)
-    full = reference.load(ARCH, DATASET)
+    from torch.fx.experimental.optimization import fuse
+
+    full = fuse(reference.load(ARCH, DATASET))  # both in the inference form: BatchNorm folded
     full_macs = macs(lambda: full(test_x[:1]))
     rows = []
     for policy in args.policies:
-        gf = _load(policy)
+        gf = _load(policy).fold_batchnorm()
         hold = held_out_logits(gf, DATASET)
         th = glance.calibrate(gf, hold, gf.macs_per_step, budget=args.exit_budget * full_macs)
         for batch in (256, 1):
@@ -174,7 +176,8 @@ def exit_part(args):
                          "exit steps": f"crop {crop_s * 1e3:.3f} ms = {100 * crop_s / step_s:.2f}% of a focus step "
                                        f"(target <= 2%)", "target met": crop_s / step_s <= 0.02})
     return (f"Glance and focus: real early exit on {environment().get('device', 'cpu')} at {args.exit_budget:.0%} of the "
-            f"full-resolution model's MACs, against it on the same images (medians of {args.runs} interleaved runs)"), \
+            f"full-resolution model's MACs, against it on the same images (both with BatchNorm folded; medians of "
+            f"{args.runs} interleaved runs)"), \
         rows, ["policy", "batch", "full ms", "early exit ms", "wall speedup", "MAC speedup", "wall / MAC", "target",
                "target met", "exit steps"]
 

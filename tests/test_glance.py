@@ -383,3 +383,16 @@ def test_the_command_line_trains_then_evaluates_at_a_budget(tmp_path, capsys):
         main(["glance", "eval", "--checkpoint", path, "--budget", "0.1", "--test-images", "256"])
     with pytest.raises(ValueError, match="train_images must be in"):
         main(["glance", "train", "resnet20", DATASET, "--train-images", "59000", "--out", path])
+
+
+def test_folding_the_batchnorms_keeps_every_steps_logits(trained):
+    model, x = trained
+    for gf in models(model, x):
+        with torch.no_grad():
+            before = gf(x)
+            gf.fold_batchnorm()
+            after = gf(x)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in gf.modules())
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match=r"call .eval\(\) first"):
+        glance.GlanceFocus(model, x, patch_size=32).train().fold_batchnorm()

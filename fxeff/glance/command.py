@@ -144,7 +144,11 @@ def eval_command(args: argparse.Namespace) -> Optional[int]:
                                     f"'fxeff glance train ARCH DATASET' first")
         with open(LAST) as f:
             path = f.read().strip()
+    from torch.fx.experimental.optimization import fuse
+
     gf, model = load_reference(path)
+    gf.fold_batchnorm()
+    model = fuse(model)  # both timed in the inference form (BatchNorm folded)
     dataset = gf.meta["dataset"]
     test = reference.dataset(dataset, "test", limit=args.test_images)
     x = torch.stack([test[i][0] for i in range(min(args.batch, len(test)))])

@@ -239,6 +239,19 @@ class GlanceFocus(nn.Module):
         pooled = self._pool(self.local_encoder(patch))
         return self._classify(state, pooled, t)
 
+    def fold_batchnorm(self) -> "GlanceFocus":
+        """The inference form, in place: every BatchNorm of both encoders folded into the conv before it
+        (torch.fx.experimental.optimization.fuse; eval mode only, as folding freezes the running statistics).
+        Calibrate thresholds after folding: the weights, hence the fingerprint, change."""
+        from torch.fx.experimental.optimization import fuse
+
+        if self.training:
+            raise RuntimeError(f"{_WHERE}.fold_batchnorm: call .eval() first (folding freezes the BatchNorms' "
+                               f"running statistics)")
+        self.global_encoder = fuse(self.global_encoder)
+        self.local_encoder = fuse(self.local_encoder)
+        return self
+
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or list(x.shape[-2:]) != self.image_size:
             raise ValueError(f"{_WHERE}: expected images [N, C, {self.image_size[0]}, {self.image_size[1]}], got "
