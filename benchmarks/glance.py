@@ -26,6 +26,8 @@ batch 1), and the crop's share of a focus step's time (target <= 2%).
         [--epochs 3] [--train-images 20000] [--json out.json] [--markdown out.md] [--plot curve.png]
 """
 
+import os
+
 import torch
 
 from fxeff import reference
@@ -107,32 +109,17 @@ def curve_part(args):
                          f"{100 * float((coverage >= 0.9).double().mean()):.1f}% of images (median "
                          f"{100 * float(coverage.median()):.0f}%)"})
     if args.plot:
-        _plot(curves, full_acc, full_macs, args.plot)
+        from fxeff.data import CLASSES
+
+        glance.plot_curves(curves, full_acc, full_macs, args.plot, title="Glance and focus over ResNet-20, "
+                           "Cluttered Fashion-MNIST: thresholds for each budget calibrated on held-out images")
+        for policy in args.policies:  # the first 8 test images, step by step
+            glance.visualise(_load(policy), test_x[:8], f"{os.path.splitext(args.plot)[0]}-steps-{policy}.png",
+                             test_y[:8], CLASSES)
     return (f"Glance and focus on Cluttered Fashion-MNIST: budget curves ({args.test_images} test images, "
             f"thresholds calibrated on {HOLDOUT} held-out training images; MACs as a fraction of the "
             f"full-resolution ResNet-20's {full_macs / 1e6:.1f} M)"), rows, \
         ["policy", "asked", "MACs", "realised / asked", "accuracy", "vs full (points)", "exits"]
-
-
-def _plot(curves, full_acc, full_macs, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for policy, points in curves.items():
-        ax.plot([p.macs / full_macs for p in points], [p.accuracy for p in points], marker="o", label=policy)
-    ax.axhline(full_acc, color="k", linestyle="--", label="full-resolution ResNet-20")
-    ax.axhline(full_acc - 0.3, color="grey", linestyle=":", label="-0.3 points")
-    ax.axvline(0.4, color="grey", linestyle=":")
-    ax.set_xlabel("MACs per image / full-resolution model's")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Glance and focus, Cluttered Fashion-MNIST")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def exit_part(args):
@@ -202,7 +189,8 @@ def main(argv=None):
     parser.add_argument("--exit-budget", type=float, default=0.4, help="exit part: MACs budget, fraction of full")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default="", help="curve part: a PNG of the budget curves")
+    parser.add_argument("--plot", default="", help="curve part: a PNG of the budget curves, and beside it one per "
+                                                   "policy of the first test images step by step")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     for p in parts:

@@ -396,3 +396,22 @@ def test_folding_the_batchnorms_keeps_every_steps_logits(trained):
         torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match=r"call .eval\(\) first"):
         glance.GlanceFocus(model, x, patch_size=32).train().fold_batchnorm()
+
+
+def test_pictures_of_the_steps_and_the_budget_curves(trained, tmp_path):
+    import matplotlib.image
+
+    model, x = trained
+    gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, policy="saliency").eval()
+    path = glance.visualise(gf, x[:3], str(tmp_path / "steps.png"), torch.tensor([0, 1, 2]), [str(i) for i in
+                                                                                               range(10)])
+    picture = matplotlib.image.imread(path)
+    assert picture.shape[0] >= 500 and picture.shape[1] >= 500  # three rows of three panels, titled
+    macs = glance.step_macs(gf, x)
+    with torch.no_grad():
+        every = gf(x)
+    points = glance.budget_curve(gf, every, every, torch.zeros(len(x), dtype=torch.long), macs,
+                                 [1.5 * macs[0], 2.5 * macs[0]])
+    path = glance.plot_curves({"saliency": points}, 90.0, 4 * macs[0], str(tmp_path / "curve.png"),
+                              latency={"saliency": [(0.3, 80.0), (0.5, 85.0)]})
+    assert matplotlib.image.imread(path).shape[1] > 1000  # two panels
