@@ -51,9 +51,10 @@ def train_part(args):
     for policy in args.policies:
         record = train_reference(ARCH, DATASET, policy, patch_size=args.patch_size, glance_size=args.glance_size,
                                  steps=args.steps, epochs=args.epochs, train_images=args.train_images, lr=args.lr,
-                                 batch=args.batch_size, seed=args.seed)
+                                 batch=args.batch_size, seed=args.seed, ppo_stages=args.ppo_stages)
         meta = record["meta"]
-        rows.append({"policy": policy, "epochs": args.epochs, "images": args.train_images,
+        rows.append({"policy": policy, "epochs": args.epochs if policy != "ppo" else
+                     f"{args.epochs}+{args.ppo_stages[0]}+{args.ppo_stages[1]}", "images": args.train_images,
                      "final loss": meta["loss"][-1], "wall min": meta["train_seconds"] / 60,
                      "CPU min": meta["train_cpu_seconds"] / 60,
                      "MACs per step (M)": ", ".join(f"{m / 1e6:.2f}" for m in record["macs"])})
@@ -181,7 +182,9 @@ def main(argv=None):
     parser.add_argument("--patch-size", type=int, default=32)
     parser.add_argument("--glance-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="train part: epochs (ppo: of its warm-up)")
+    parser.add_argument("--ppo-stages", type=lambda t: tuple(int(v) for v in t.split(",")), default=(2, 1),
+                        help="train part, ppo: epochs of PPO, then of fine-tuning")
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-images", type=int, default=20000)

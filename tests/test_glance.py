@@ -213,7 +213,8 @@ def test_step_macs_are_the_flop_counters_on_each_part(trained):
         head = count(lambda: gf.rnn(pooled)) + count(lambda: gf.classifiers[0](pooled)) if gf.head_kind == "gru" \
             else count(lambda: gf.classifiers[0](pooled))
         logits = gf.classifiers[0](gf.rnn(pooled) if gf.head_kind == "gru" else pooled)
-        policy = count(lambda: gf.policy(features, logits, [64, 64], 32)) if gf.policy_kind == "learned" else 0
+        policy = count(lambda: gf.policy(features, logits, [64, 64], 32)) if gf.policy_kind == "learned" else \
+            count(lambda: gf.policy(features)) if gf.policy_kind == "ppo" else 0
         assert macs[0] == count(lambda: gf.global_encoder(small)) + head + policy
         patch = x[:1, :, :32, :32]
         local = count(lambda: gf.local_encoder(patch))
@@ -415,3 +416,48 @@ def test_pictures_of_the_steps_and_the_budget_curves(trained, tmp_path):
     path = glance.plot_curves({"saliency": points}, 90.0, 4 * macs[0], str(tmp_path / "curve.png"),
                               latency={"saliency": [(0.3, 80.0), (0.5, 85.0)]})
     assert matplotlib.image.imread(path).shape[1] > 1000  # two panels
+
+
+def test_ppo_trains_the_policy_alone_between_its_warm_up_and_fine_tuning(trained):
+    model, x = trained
+    data = torch.utils.data.DataLoader(reference.dataset(DATASET, "train", limit=64), batch_size=32)
+    torch.manual_seed(0)
+    gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, policy="ppo")
+    policy = gf.policy
+    # the modes: the actor's means, Gaussian samples around them, uniform places
+    with torch.no_grad():
+        gf.eval()
+        mean = gf.glance(x)["places"]
+        policy.mode = "sample"
+        state = gf.glance(x)
+        assert "ppo_value" in state and not torch.equal(state["places"], mean)
+        assert float((state["places"] - mean).std()) == pytest.approx(0.1, rel=0.3)
+        policy.mode = "random"
+        assert not torch.equal(gf.glance(x)["places"], mean)
+        policy.mode = "mean"
+    # the loss reaches the policy only
+    policy.mode = "sample"
+    labels = torch.arange(len(x)) % 10
+    glance.ppo_loss(gf, x, labels).backward()
+    policy.mode = "mean"
+    assert policy.actor.weight.grad.abs().sum() > 0 and policy.critic.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in gf.named_parameters() if not n.startswith("policy."))
+    gf.zero_grad(set_to_none=True)
+    # stage 2 alone: the policy moves, nothing else does (BatchNorm statistics included)
+    before = {k: v.clone() for k, v in gf.state_dict().items()}
+    gf.local_encoder.conv1.weight.requires_grad_(False)  # a user's frozen weight stays frozen
+    history = glance.train_ppo(gf, data, stages=(0, 1, 0), progress=False)
+    after = gf.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("policy.") for k in moved) and list(history) == ["ppo"]
+    assert policy.mode == "mean" and not gf.local_encoder.conv1.weight.requires_grad
+    assert all(p.requires_grad for n, p in gf.named_parameters() if n != "local_encoder.conv1.weight")
+    # stage 3 alone: the policy frozen, the encoders move
+    before = {k: v.clone() for k, v in gf.state_dict().items()}
+    glance.train_ppo(gf, data, stages=(0, 0, 1), progress=False)
+    moved = {k for k in before if not torch.equal(before[k], gf.state_dict()[k])}
+    assert moved and not any(k.startswith("policy.") for k in moved)
+    with pytest.raises(TypeError, match="policy='ppo'"):
+        glance.train_ppo(glance.GlanceFocus(model, x, patch_size=32, policy="random"), data)
+    with pytest.raises(ValueError, match="three epoch counts"):
+        glance.train_ppo(gf, data, stages=(1, 1))

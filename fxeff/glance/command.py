@@ -4,7 +4,7 @@ import argparse
 import os
 import resource
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -25,15 +25,18 @@ def checkpoint_path(arch: str, dataset: str, policy: str) -> str:
 def train_reference(arch: str, dataset: str, policy: str, *, patch_size: int, glance_size: Optional[int] = None,
                     steps: int = 3, head: str = "gru", epochs: int = 3, train_images: int = 20000,
                     lr: float = 0.02, batch: int = 128, seed: int = 0, out: Optional[str] = None,
-                    progress: bool = True) -> Dict[str, Any]:
+                    progress: bool = True, ppo_stages: Sequence[int] = (2, 1)) -> Dict[str, Any]:
     """Glance and focus over the committed reference model ``arch`` on ``dataset``: built (``GlanceFocus``),
     trained (``fxeff.glance.train``, distilled from the model itself) on the first ``train_images`` training
     images (the split's last HOLDOUT stay out: they calibrate), saved with its MACs per step to ``out`` (default
-    out/glance/ARCH-DATASET-POLICY.pt). Returns the saved record plus the path and the minutes it took."""
+    out/glance/ARCH-DATASET-POLICY.pt). Policy "ppo" trains by GFNet's three stages (``train_ppo``): ``epochs`` of
+    warm-up, then ``ppo_stages`` epochs of PPO and of fine-tuning. Returns the saved record plus the path and the
+    minutes it took."""
     from .. import reference
     from ..training import loader
     from .evaluate import save
     from .model import GlanceFocus
+    from .ppo import train_ppo
     from .train import train
 
     data = reference.dataset(dataset, "train")
@@ -47,13 +50,19 @@ def train_reference(arch: str, dataset: str, policy: str, *, patch_size: int, gl
     teacher = reference.load(arch, dataset)
     subset = torch.utils.data.Subset(data, range(train_images))
     wall, cpu = time.perf_counter(), _cpu_seconds()
-    history = train(gf, loader(subset, batch, True, seed), epochs, teacher=teacher, lr=lr, progress=progress)
+    data_loader = loader(subset, batch, True, seed)
+    if policy == "ppo":
+        stages = train_ppo(gf, data_loader, (epochs, *ppo_stages), teacher=teacher, lr=lr, progress=progress)
+        history = {"loss": [v for h in stages.values() for v in h["loss"]]}
+    else:
+        history = train(gf, data_loader, epochs, teacher=teacher, lr=lr, progress=progress)
     wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
     path = out or checkpoint_path(arch, dataset, policy)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     record = save(gf.eval(), path, example, {
         "arch": arch, "dataset": dataset, "epochs": epochs, "train_images": train_images, "lr": lr, "batch": batch,
-        "seed": seed, "train_seconds": wall, "train_cpu_seconds": cpu, "threads": torch.get_num_threads(),
+        "seed": seed, "ppo_stages": list(ppo_stages) if policy == "ppo" else [], "train_seconds": wall,
+        "train_cpu_seconds": cpu, "threads": torch.get_num_threads(),
         "loss": history["loss"]})
     return dict(record, path=path, model=gf)
 
@@ -97,7 +106,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-size", type=int, default=32)
     p.add_argument("--glance-size", type=int, default=None, help="default: the patch size")
     p.add_argument("--steps", type=int, default=3, help="T: the glance, then T - 1 patches")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="(ppo: of the warm-up with random patches)")
+    p.add_argument("--ppo-stages", type=lambda t: tuple(int(v) for v in t.split(",")), default=(2, 1),
+                   help="ppo only: epochs of PPO, then of fine-tuning (default 2,1)")
     p.add_argument("--train-images", type=int, default=20000)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--threads", type=int, default=2)
@@ -118,7 +129,7 @@ def train_command(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     record = train_reference(args.arch, args.dataset, args.policy, patch_size=args.patch_size,
                              glance_size=args.glance_size, steps=args.steps, head=args.head, epochs=args.epochs,
-                             train_images=args.train_images, lr=args.lr, out=args.out)
+                             train_images=args.train_images, lr=args.lr, out=args.out, ppo_stages=args.ppo_stages)
     os.makedirs(OUT, exist_ok=True)
     with open(LAST, "w") as f:
         f.write(record["path"])

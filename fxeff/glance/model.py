@@ -17,7 +17,10 @@ Policies (``policy=``):
 - "learned" (AdaFocusV2 / Uni-AdaFocus: one training stage, no reinforcement learning): a soft argmax over the
   glance's feature map (detached; the class activation map plus a small 1x1 conv network) places every later
   step's patch, which is cropped by interpolation (``crop_bilinear``) so that the classification loss trains it;
-- "random": patches at uniformly random places (the floor, and GFNet's warm-up).
+- "random": patches at uniformly random places (the floor, and GFNet's warm-up);
+- "ppo": GFNet's own policy, the baseline: a Gaussian actor-critic on the glance's feature map, trained in three
+  stages by ``fxeff.glance.train_ppo`` (random patches, then PPO on the gain in true-class probability, then
+  fine-tuning).
 """
 import copy
 from typing import Dict, List, Optional
@@ -30,7 +33,7 @@ from .crop import crop, crop_bilinear
 from .split import split_classifier
 
 State = Dict[str, torch.Tensor]
-POLICIES = ("saliency", "learned", "random")
+POLICIES = ("saliency", "learned", "random", "ppo")
 HEADS = ("gru", "concat")
 _WHERE = "fxeff.glance.GlanceFocus"
 
@@ -129,6 +132,41 @@ class LearnedPolicy(nn.Module):
         return centred_corners(weights, image_size, patch_size)
 
 
+class PPOPolicy(nn.Module):
+    """GFNet's policy, the baseline (fxeff.glance.train_ppo trains it): an actor-critic on the glance's feature
+    map (detached): a 1x1 conv to 32 channels, flattened (where things are stays in it), a hidden layer, then for
+    the later steps an actor (the means of Gaussians over the patches' corners in [0, 1]^2, standard deviation
+    ``action_std``: GFNet's 0.1) and a critic (each step's expected return). ``mode``: "mean" (inference),
+    "sample" (PPO's rollouts), "random" (stage 1: uniform places)."""
+
+    differentiable = False
+
+    def __init__(self, channels: int, cells: int, places: int, hidden: int = 256, action_std: float = 0.1):
+        super().__init__()
+        self.places, self.action_std, self.mode = places, action_std, "mean"
+        self.encoder = nn.Sequential(nn.Conv2d(channels, 32, 1, bias=False), nn.ReLU(inplace=True), nn.Flatten(),
+                                     nn.Linear(32 * cells, hidden), nn.ReLU(inplace=True))
+        self.actor = nn.Linear(hidden, 2 * places)
+        self.critic = nn.Linear(hidden, places)
+
+    def forward(self, features: torch.Tensor):
+        """(the actor's means [N, places, 2], the critic's values [N, places])."""
+        hidden = self.encoder(features.detach())
+        return torch.sigmoid(self.actor(hidden)).reshape(-1, self.places, 2), self.critic(hidden)
+
+    def places_for(self, features: torch.Tensor, state: State) -> torch.Tensor:
+        """The patches' corners [N, places, 2] in this policy's ``mode``; a rollout keeps the critic's values."""
+        mean, value = self(features)
+        if self.mode == "random":
+            return torch.rand_like(mean)
+        if self.mode == "sample":
+            state["ppo_value"] = value
+            return (mean + self.action_std * torch.randn_like(mean)).clamp(0, 1)
+        if self.mode != "mean":
+            raise ValueError(f"{_WHERE}: PPOPolicy.mode must be 'mean', 'sample' or 'random', got {self.mode!r}")
+        return mean
+
+
 class GlanceFocus(nn.Module):
     """Glance and focus over ``model`` (a CNN classifier: trunk, global pooling, one linear layer), for images of
     ``example``'s size: the glance at ``glance_size`` (default: ``patch_size``, so a glance costs what a patch
@@ -182,6 +220,10 @@ class GlanceFocus(nn.Module):
             self.policy = SaliencyPolicy(split.linear.weight)
         elif policy == "learned":
             self.policy = LearnedPolicy(split.linear.weight, channels, max(steps - 1, 1))
+        elif policy == "ppo":
+            with torch.no_grad():  # the glance's feature map: its cells
+                cells = split.trunk(torch.zeros(1, example.shape[1], glance_size, glance_size)).shape[-2:]
+            self.policy = PPOPolicy(channels, int(cells[0]) * int(cells[1]), max(steps - 1, 1))
         else:
             self.policy = None
         self.seed = seed
@@ -214,6 +256,8 @@ class GlanceFocus(nn.Module):
                                            device=features.device)
         elif self.policy_kind == "learned":
             state["places"] = self.policy(features, state["logits"], self.image_size, self.patch_size)
+        elif self.policy_kind == "ppo":
+            state["places"] = self.policy.places_for(features, state)
         else:  # random: every later step's place drawn now, per image (they stay with it when the batch shrinks)
             generator = torch.Generator().manual_seed(self.seed)
             state["places"] = torch.rand(x.shape[0], max(self.steps - 1, 1), 2, generator=generator).to(pooled)
@@ -225,7 +269,7 @@ class GlanceFocus(nn.Module):
             corners, state["covered"] = self.policy(state["features"], state["logits"], state["covered"],
                                                     self.image_size, self.patch_size)
             return corners
-        return state["places"][:, t - 1]  # learned and random: drawn at the glance
+        return state["places"][:, t - 1]  # learned, ppo and random: placed at the glance
 
     def focus(self, x: torch.Tensor, state: State, t: int) -> State:
         """Step t (1 <= t < steps) on images ``x`` whose state after step t - 1 is ``state`` (updated in place and
@@ -282,4 +326,5 @@ def steps_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[tor
     return torch.stack(losses).mean()
 
 
-__all__ = ["GlanceFocus", "SaliencyPolicy", "LearnedPolicy", "class_activation_map", "centred_corners", "POLICIES", "HEADS", "steps_loss"]
+__all__ = ["GlanceFocus", "SaliencyPolicy", "LearnedPolicy", "PPOPolicy", "class_activation_map", "centred_corners",
+           "POLICIES", "HEADS", "steps_loss"]
