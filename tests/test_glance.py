@@ -367,8 +367,10 @@ def test_the_fingerprint_follows_every_weight_change(trained):
     assert glance.inference.fingerprint(gf) not in (first, changed)
 
 
-def test_the_command_line_trains_then_evaluates_at_a_budget(tmp_path, capsys):
+def test_the_command_line_trains_then_evaluates_at_a_budget(tmp_path, capsys, monkeypatch):
     from fxeff.cli import main
+
+    monkeypatch.chdir(tmp_path)  # out/glance/LAST goes there, not into the checkout
 
     path = str(tmp_path / "gf.pt")
     assert main(["glance", "train", "resnet20", DATASET, "--policy", "saliency", "--train-images", "64",
