@@ -17,7 +17,6 @@ The seed (LegoDNN) shells out to a CBC solver, ~0.32 s per solve (not measured h
     .venv/bin/python benchmarks/blocks.py [--parts solve] [--instances 200] [--seed 0] [--json out.json]
         [--markdown out.md]
 """
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fxeff.bench import environment, report, script_parser, write_markdown  # noqa: E402
+from fxeff.bench import report, run_parts, script_parser  # noqa: E402
 
 from fxeff.blocks.select import Choice, InfeasibleBudgetError, select, totals  # noqa: E402
 
@@ -672,21 +671,7 @@ def main(argv=None):
     parser.add_argument("--test-images", type=int, default=10000,
                         help="reference part: accuracy images (default the whole test split: the drops of single "
                              "descendants are fractions of a point)")
-    args = parser.parse_args(argv)
-    parts = [p for p in args.parts.split(",") if p]
-    for p in parts:
-        if p not in PARTS:
-            parser.error(f"--parts takes {', '.join(PARTS)}; got {p!r}")
-    torch.set_num_threads(args.threads)
-    texts, results = [], {}
-    for p in parts:
-        title, rows, columns = PARTS[p](args)
-        texts.append(report(title, rows, columns))
-        results[p] = {"title": title, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "parts": results}, f, indent=1)
-    write_markdown(args.markdown, "\n\n".join(texts))
+    run_parts(parser, PARTS, argv)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ the floor); saliency within 1 point of learned at equal MACs.
 
 Part "exit": real early exit (fxeff.glance.early_exit: the images that have left stop computing) at the
 thresholds of --exit-budget, on CPU at batch 256 and 1, against the full-resolution model on the same images
-(both in the inference form, BatchNorm folded: GlanceFocus.fold_batchnorm; interleaved medians, fxeff.bench): wall-clock speedup / MAC speedup (targets >= 0.75 at batch 256, >= 0.6 at
-batch 1), and the crop's share of a focus step's time (target <= 2%).
+(both in the inference form, BatchNorm folded: GlanceFocus.fold_batchnorm; interleaved medians, fxeff.bench):
+wall-clock speedup / MAC speedup (targets >= 0.75 at batch 256, >= 0.6 at batch 1), and the crop's share of a
+focus step's time (target <= 2%).
 
     .venv/bin/python benchmarks/glance.py --parts train,curve,exit [--policies random,saliency,learned]
         [--epochs 3] [--train-images 20000] [--json out.json] [--markdown out.md] [--plot curve.png]
@@ -31,7 +32,7 @@ import os
 import torch
 
 from fxeff import reference
-from fxeff.bench import environment, interleaved, macs, report, script_parser, write_markdown
+from fxeff.bench import environment, interleaved, macs, run_parts, script_parser
 
 ARCH, DATASET = "resnet20", "cluttered-fashion-mnist"
 BUDGETS = (0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
@@ -163,18 +164,16 @@ def exit_part(args):
             rows.append({"policy": policy, "batch": 256, "early exit ms": step_s * 1e3,
                          "exit steps": f"crop {crop_s * 1e3:.3f} ms = {100 * crop_s / step_s:.2f}% of a focus step "
                                        f"(target <= 2%)", "target met": crop_s / step_s <= 0.02})
-    return (f"Glance and focus: real early exit on {environment().get('device', 'cpu')} at {args.exit_budget:.0%} of the "
-            f"full-resolution model's MACs, against it on the same images (both with BatchNorm folded; medians of "
-            f"{args.runs} interleaved runs)"), \
+    return (f"Glance and focus: real early exit on {environment().get('device', 'cpu')} at {args.exit_budget:.0%} "
+            f"of the full-resolution model's MACs, against it on the same images (both with BatchNorm folded; "
+            f"medians of {args.runs} interleaved runs)"), \
         rows, ["policy", "batch", "full ms", "early exit ms", "wall speedup", "MAC speedup", "wall / MAC", "target",
                "target met", "exit steps"]
 
 
 PARTS = {"train": train_part, "curve": curve_part, "exit": exit_part}
 
-
 def main(argv=None):
-    import json
 
     parser = script_parser(__doc__)
     parser.add_argument("--parts", default="curve", help=f"comma list of: {', '.join(PARTS)}")
@@ -194,21 +193,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="", help="curve part: a PNG of the budget curves, and beside it one per "
                                                    "policy of the first test images step by step")
-    args = parser.parse_args(argv)
-    parts = [p for p in args.parts.split(",") if p]
-    for p in parts:
-        if p not in PARTS:
-            parser.error(f"--parts takes {', '.join(PARTS)}; got {p!r}")
-    torch.set_num_threads(args.threads)
-    texts, results = [], {}
-    for p in parts:
-        title, rows, columns = PARTS[p](args)
-        texts.append(report(title, rows, columns))
-        results[p] = {"title": title, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "parts": results}, f, indent=1)
-    write_markdown(args.markdown, "\n\n".join(texts))
+    run_parts(parser, PARTS, argv)
 
 
 if __name__ == "__main__":

@@ -190,3 +190,26 @@ def model_before_after(name: str, model: torch.nn.Module, rewritten: torch.nn.Mo
             "fxeff ms": after * 1e3, "speedup": before / after, "MACs before (G)": rep.model_macs_before / 1e9,
             "MACs after (G)": rep.model_macs_after / 1e9, "MAC ratio": ratio, "efficiency": before / after * ratio,
             "rewritten": len(rep.rewritten), "skipped": len(rep.skipped)}
+
+
+def run_parts(parser: argparse.ArgumentParser, parts: Dict[str, Callable], argv=None) -> Dict[str, object]:
+    """The main of a benchmark script made of parts (``--parts``, a comma list of ``parts``' keys; each part
+    takes the parsed arguments and returns (title, rows, columns)): runs them in turn at ``--threads``, prints each
+    table (``report``), writes the JSON (``--json``: the environment and every part's rows) and the markdown
+    (``--markdown``). Returns the parts' results by name."""
+    args = parser.parse_args(argv)
+    names = [p for p in args.parts.split(",") if p]
+    for name in names:
+        if name not in parts:
+            parser.error(f"--parts takes {', '.join(parts)}; got {name!r}")
+    torch.set_num_threads(args.threads)
+    texts, results = [], {}
+    for name in names:
+        title, rows, columns = parts[name](args)
+        texts.append(report(title, rows, columns))
+        results[name] = {"title": title, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "parts": results}, f, indent=1)
+    write_markdown(args.markdown, "\n\n".join(texts))
+    return results

@@ -273,6 +273,18 @@ def train_command(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- entry
 
+def path_or_last(path: Optional[str], last: str, what: str, producer: str) -> str:
+    """``path``, or the path that the file ``last`` holds (the last run of ``producer`` wrote it there): the
+    default of a command that reads what another one made. ``what`` names the missing option in the error."""
+    if path is not None:
+        return path
+    if not os.path.exists(last):
+        raise FileNotFoundError(f"{what} and nothing from a last '{producer.split(' ARCH')[0]}' ({last}); run "
+                                f"'{producer}' first")
+    with open(last) as f:
+        return f.read().strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxeff", description="fxeff: make trained CNNs cheaper to run")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -166,17 +166,12 @@ def _model_for(data: Dict) -> torch.nn.Module:
 
 def select_command(args: argparse.Namespace) -> Optional[int]:
     from .. import bench, reference
+    from ..cli import path_or_last
     from .build import load
     from .scalable import read_artifact
 
     torch.set_num_threads(args.threads)
-    path = args.artifact
-    if path is None:
-        if not os.path.exists(LAST):
-            raise FileNotFoundError(f"fxeff blocks select: no --artifact and no last build ({LAST}); run "
-                                    f"'fxeff blocks build ARCH DATASET' first")
-        with open(LAST) as f:
-            path = f.read().strip()
+    path = path_or_last(args.artifact, LAST, "fxeff blocks select: no --artifact", "fxeff blocks build ARCH DATASET")
     data = read_artifact(path)
     model = _model_for(data)
     source = data["meta"]["source"]

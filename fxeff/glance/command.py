@@ -144,17 +144,12 @@ def train_command(args: argparse.Namespace) -> None:
 
 def eval_command(args: argparse.Namespace) -> Optional[int]:
     from .. import bench, reference
+    from ..cli import path_or_last
     from .evaluate import budget_curve
     from .inference import anytime, calibrate, early_exit
 
     torch.set_num_threads(args.threads)
-    path = args.checkpoint
-    if path is None:
-        if not os.path.exists(LAST):
-            raise FileNotFoundError(f"fxeff glance eval: no --checkpoint and no last training ({LAST}); run "
-                                    f"'fxeff glance train ARCH DATASET' first")
-        with open(LAST) as f:
-            path = f.read().strip()
+    path = path_or_last(args.checkpoint, LAST, "fxeff glance eval: no --checkpoint", "fxeff glance train ARCH DATASET")
     from torch.fx.experimental.optimization import fuse
 
     gf, model = load_reference(path)
@@ -184,8 +179,8 @@ def eval_command(args: argparse.Namespace) -> Optional[int]:
           f"{len(test)} test images (calibration {point.calibration_macs / full_macs:.3f}); exits per step "
           + "/".join(f"{100 * s:.0f}%" for s in point.exit_shares)
           + (f"; no exit at steps {point.no_exit_steps}" if point.no_exit_steps else ""))
-    print(f"accuracy {point.accuracy:.2f}% (full resolution {full_accuracy:.2f}%, {point.accuracy - full_accuracy:+.2f} "
-          f"points)")
+    print(f"accuracy {point.accuracy:.2f}% (full resolution {full_accuracy:.2f}%, "
+          f"{point.accuracy - full_accuracy:+.2f} points)")
     print(f"real early exit, batch {len(x)}: {exit_s * 1e3:.2f} ms against {full_s * 1e3:.2f} ms for the full model "
           f"({full_s / exit_s:.2f}x; MACs {full_macs / realised:.2f}x)")
     return None

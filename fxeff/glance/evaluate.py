@@ -122,8 +122,8 @@ def load(path: str, model: nn.Module, example: torch.Tensor) -> GlanceFocus:
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt file reads as one clear error
-        raise ValueError(f"{_WHERE}.load: {path} is not a readable glance checkpoint ({str(exc).strip().splitlines()[0]})") \
-            from exc
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"{_WHERE}.load: {path} is not a readable glance checkpoint ({first})") from exc
     if not isinstance(record, dict) or record.get("format") != "fxeff.glance/1":
         raise ValueError(f"{_WHERE}.load: {path} is not a glance checkpoint (fxeff.glance.save writes them)")
     if list(example.shape[-2:]) != list(record["image_size"]):
