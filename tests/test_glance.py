@@ -463,3 +463,30 @@ def test_ppo_trains_the_policy_alone_between_its_warm_up_and_fine_tuning(trained
         glance.train_ppo(glance.GlanceFocus(model, x, patch_size=32, policy="random"), data)
     with pytest.raises(ValueError, match="three epoch counts"):
         glance.train_ppo(gf, data, stages=(1, 1))
+
+
+def test_the_glance_pass_makes_the_model_glance_and_focus(trained):
+    import fxeff
+
+    model, x = trained
+    gm = fxeff.transform(model, x, [fxeff.Glance(patch_size=24, glance_size=16, steps=3, policy="learned")])
+    gf = gm.glance_focus
+    assert isinstance(gf, glance.GlanceFocus) and [n for n, _ in gm.named_children()] == ["glance_focus"]
+    assert (gf.patch_size, gf.glance_size, gf.steps, gf.policy_kind) == (24, 16, 3, "learned")
+    with torch.no_grad():
+        assert torch.equal(gm(x), gf(x)[-1]) and gm(x).shape == model(x).shape
+    report = gm.fxeff_report
+    macs = glance.step_macs(gf.eval(), x)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x[:1])
+    assert report.model_macs_before == counter.get_total_flops() // 2 and report.model_macs_after == sum(macs)
+    assert "the heads and the learned policy start untrained" in " ".join(report.notes)
+    # as a dict (torch.compile options, JSON)
+    config = fxeff.config_from_dict({"pass": "glance", "patch_size": 24, "policy": "ppo"})
+    assert config == fxeff.Glance(patch_size=24, policy="ppo") and config.to_dict()["pass"] == "glance"
+    for bad, match in [({"patch_size": 0}, "patch_size must be an int >= 1"), ({"head": "lstm"}, "head must be"),
+                       ({"policy": "greedy"}, "policy must be one of"), ({"glance_size": 1.5}, "glance_size")]:
+        with pytest.raises(ValueError, match=match):
+            fxeff.Glance(**bad)
+    with pytest.raises(ValueError, match=r"patch_size must be an int in \[1, 64\]"):
+        fxeff.transform(model, x, [fxeff.Glance(patch_size=65)])
