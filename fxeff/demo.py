@@ -8,7 +8,9 @@ give top-1 accuracy on the test images (original vs rewritten), MACs per image a
   semantics: every conv after the split focused) and "auto" (the default: per grid, regions on tiles, per-layer
   focused convs or dense, whichever is fastest, measured at transform time);
 - HetConv P=4 (VGG-style, ResNet-20) and sparse shift (MobileNetV2): the fine-tuned rewrites that ship with fxeff
-  (``fxeff.reference.load_finetuned``).
+  (``fxeff.reference.load_finetuned``);
+- glance and focus (ResNet-20): the shipped checkpoint (saliency policy), thresholds calibrated on held-out
+  training images for GLANCE_BUDGET of the model's MACs, run with real early exit (``glance_row``).
 
 ``summary_plot`` draws accuracy against latency for these rows beside the photos' agreement against speedup.
 """
@@ -24,6 +26,9 @@ HOME_DATASET = "cluttered-fashion-mnist"
 LATENCY_BATCH = 16
 CALIBRATION_IMAGES = 64  # training images the focus rows are transformed on (as docs/accuracy.md's rows)
 FINETUNED_TECHNIQUE = {"vgg": "hetconv P=4", "resnet20": "hetconv P=4", "mobilenetv2": "shift sparse"}
+GLANCE = {"resnet20": "saliency"}  # the shipped glance and focus checkpoints: arch -> policy
+GLANCE_BUDGET = 0.4  # MACs per image, a fraction of the model's
+GLANCE_CALIBRATION = 2000  # held-out training images the thresholds are calibrated on
 HOME_COLUMNS = (("model", "model"), ("technique", "technique"), ("acc_original", "acc. original"),
                 ("acc_rewritten", "acc. rewritten"), ("mmacs_original", "MMACs/image original"),
                 ("mmacs_rewritten", "MMACs/image rewritten"), ("ms_original", "ms original"),
@@ -90,11 +95,45 @@ def home_ground_rows(test_images: int, runs: int, out: str, overlays: int = 4, p
                    "mmacs_rewritten": bench.macs(lambda: rewritten(timing)) / LATENCY_BATCH / 1e6,
                    "ms_original": ms[0] * 1e3, "ms_rewritten": ms[1] * 1e3, "speedup": ms[0] / ms[1]}
             rows.append(row)
-            tqdm.write(f"{arch:>12} {name:<32} top-1 {100 * row['acc_original']:.2f}% -> "
+            _log(tqdm, arch, name, row)
+        if arch in GLANCE:
+            row = glance_row(arch, model, accuracy, macs, loader, timing, runs)
+            rows.append(row)
+            _log(tqdm, arch, row["technique"], row)
+    return rows
+
+
+def _log(tqdm, arch: str, name: str, row: Dict[str, object]) -> None:
+    tqdm.write(f"{arch:>12} {name:<32} top-1 {100 * row['acc_original']:.2f}% -> "
                        f"{100 * row['acc_rewritten']:.2f}%  MMACs {row['mmacs_original']:.1f} -> "
                        f"{row['mmacs_rewritten']:.1f}  latency {row['ms_original']:.1f} -> {row['ms_rewritten']:.1f}"
                        f" ms ({row['speedup']:.2f}x)")
-    return rows
+
+
+def glance_row(arch: str, model: torch.nn.Module, accuracy: float, macs: float, loader, timing: torch.Tensor,
+               runs: int) -> Dict[str, object]:
+    """The glance and focus row of ``arch``: its shipped checkpoint (``GLANCE``'s policy), thresholds calibrated
+    for GLANCE_BUDGET of the model's MACs (``macs`` per image) on GLANCE_CALIBRATION held-out training images, top-1
+    on ``loader`` and latency on ``timing`` with real early exit, against ``model`` timed alongside."""
+    from . import glance
+    from .glance.command import held_out_logits, shipped_path
+
+    policy = GLANCE[arch]
+    gf = glance.load(shipped_path(arch, HOME_DATASET, policy), reference.load(arch, HOME_DATASET), timing)
+    steps = gf.macs_per_step
+    held = held_out_logits(gf, HOME_DATASET, images=GLANCE_CALIBRATION)
+    thresholds = glance.calibrate(gf, held, steps, budget=GLANCE_BUDGET * macs)
+    correct, spent, seen = 0, 0.0, 0
+    for images, labels in loader:
+        exits = glance.early_exit(gf, images, thresholds, steps)
+        correct += int((exits.logits.argmax(dim=1) == labels).sum())
+        spent += float(exits.macs.sum())
+        seen += len(labels)
+    ms = bench.interleaved([lambda: model(timing), lambda: glance.early_exit(gf, timing, thresholds, steps)], runs)
+    return {"model": arch, "technique": f"glance and focus, {policy} ({GLANCE_BUDGET:.0%} MACs budget)",
+            "acc_original": accuracy, "acc_rewritten": correct / seen, "mmacs_original": macs / 1e6,
+            "mmacs_rewritten": spent / seen / 1e6, "ms_original": ms[0] * 1e3, "ms_rewritten": ms[1] * 1e3,
+            "speedup": ms[0] / ms[1]}
 
 
 def home_ground_markdown(rows: List[Dict[str, object]], test_images: int, runs: int) -> str:
@@ -105,7 +144,9 @@ def home_ground_markdown(rows: List[Dict[str, object]], test_images: int, runs: 
             f"{LATENCY_BATCH} test images (median of {runs} interleaved runs; original and rewritten both in "
             f"channels_last). Focus: AoI = pixels brighter than "
             f"black, halo 2, fill mean, no retraining. HetConv P=4 and sparse shift: the fine-tuned checkpoints "
-            f"shipped in fxeff/checkpoints.\n\n{bench.markdown_table(shown, HOME_COLUMNS)}\n")
+            f"shipped in fxeff/checkpoints. Glance and focus: the shipped checkpoint, thresholds for "
+            f"{GLANCE_BUDGET:.0%} of the model's MACs calibrated on {GLANCE_CALIBRATION} held-out training images, "
+            f"real early exit (its MACs: those the images spent).\n\n{bench.markdown_table(shown, HOME_COLUMNS)}\n")
 
 
 def summary_plot(home: List[Dict[str, object]], photos: List[Dict[str, object]], path: str,
@@ -155,5 +196,5 @@ def summary_plot(home: List[Dict[str, object]], photos: List[Dict[str, object]],
     return path
 
 
-__all__ = ["home_focus", "home_ground_rows", "home_ground_markdown", "summary_plot", "HOME_COLUMNS",
+__all__ = ["home_focus", "home_ground_rows", "glance_row", "home_ground_markdown", "summary_plot", "HOME_COLUMNS",
            "FINETUNED_TECHNIQUE"]

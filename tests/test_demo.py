@@ -65,3 +65,21 @@ def test_summary_plot_writes_a_png(tmp_path):
     path = demo.summary_plot(home, photos, str(tmp_path / "summary.png"), "efficientnet-lite0")
     assert _is_png(path) and os.path.getsize(path) > 10_000
     assert _is_png(demo.summary_plot([], [], str(tmp_path / "empty.png")))
+
+
+def test_the_glance_row_runs_the_shipped_checkpoint_within_its_budget():
+    from fxeff import glance
+    from fxeff.glance.command import shipped_path
+
+    path = shipped_path("resnet20", demo.HOME_DATASET, demo.GLANCE["resnet20"])
+    assert os.path.getsize(path) < 5 * 2 ** 20
+    model = reference.load("resnet20", demo.HOME_DATASET)
+    timing = reference.first_images(demo.HOME_DATASET, "test", demo.LATENCY_BATCH)
+    loader = training.loader(reference.dataset(demo.HOME_DATASET, "test", limit=500), 250, False)
+    macs = bench.macs(lambda: model(timing[:1]))
+    row = demo.glance_row("resnet20", model, 0.9, macs, loader, timing, 3)
+    # 500 test images: the realised MACs near the budget, the accuracy near the model's
+    assert abs(row["mmacs_rewritten"] * 1e6 / macs - demo.GLANCE_BUDGET) < 0.05
+    assert row["acc_rewritten"] > 0.8 and row["speedup"] > 0
+    gf = glance.load(path, model, timing)
+    assert gf.policy_kind == demo.GLANCE["resnet20"] and gf.meta["train_images"] == 20000

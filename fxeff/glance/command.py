@@ -22,6 +22,15 @@ def checkpoint_path(arch: str, dataset: str, policy: str) -> str:
     return os.path.join(OUT, f"{arch}-{dataset}-{policy}.pt")
 
 
+def shipped_path(arch: str, dataset: str, policy: str) -> str:
+    """Where a glance and focus checkpoint that ships with fxeff lives (beside the reference checkpoints; the demo
+    reads ResNet-20's on Cluttered Fashion-MNIST with the saliency policy, from benchmarks/glance.py's train
+    part)."""
+    from ..reference import CHECKPOINT_DIR
+
+    return os.path.join(CHECKPOINT_DIR, f"{arch}-{dataset}-glance-{policy}.pt")
+
+
 def train_reference(arch: str, dataset: str, policy: str, *, patch_size: int, glance_size: Optional[int] = None,
                     steps: int = 3, head: str = "gru", epochs: int = 3, train_images: int = 20000,
                     lr: float = 0.02, batch: int = 128, seed: int = 0, out: Optional[str] = None,
@@ -81,13 +90,16 @@ def load_reference(path: str):
     return load(path, model, reference.first_images(meta["dataset"], "test", 2)), model
 
 
-def held_out_logits(gf, dataset: str, batch: int = 500) -> torch.Tensor:
-    """Every step's logits [T, HOLDOUT, classes] on the training split's last HOLDOUT images."""
+def held_out_logits(gf, dataset: str, batch: int = 500, images: int = HOLDOUT) -> torch.Tensor:
+    """Every step's logits [T, images, classes] on the training split's last ``images`` images (at most HOLDOUT:
+    never trained on)."""
     from .. import reference
     from .inference import anytime
 
+    if not 1 <= images <= HOLDOUT:
+        raise ValueError(f"fxeff.glance.command.held_out_logits: images must be in [1, {HOLDOUT}], got {images}")
     data = reference.dataset(dataset, "train")
-    held = torch.utils.data.Subset(data, range(len(data) - HOLDOUT, len(data)))
+    held = torch.utils.data.Subset(data, range(len(data) - images, len(data)))
     return anytime(gf, torch.utils.data.DataLoader(held, batch_size=batch))[0]
 
 
@@ -186,4 +198,5 @@ def eval_command(args: argparse.Namespace) -> Optional[int]:
     return None
 
 
-__all__ = ["train_reference", "load_reference", "held_out_logits", "checkpoint_path", "add_parser", "HOLDOUT"]
+__all__ = ["train_reference", "load_reference", "held_out_logits", "checkpoint_path", "shipped_path", "add_parser",
+           "HOLDOUT"]
