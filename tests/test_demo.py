@@ -3,7 +3,6 @@ summary plot, checked against values recomputed here."""
 import os
 
 import pytest
-import torch
 
 from fxeff import bench, demo, reference, training
 
