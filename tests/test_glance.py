@@ -490,3 +490,36 @@ def test_the_glance_pass_makes_the_model_glance_and_focus(trained):
             fxeff.Glance(**bad)
     with pytest.raises(ValueError, match=r"patch_size must be an int in \[1, 64\]"):
         fxeff.transform(model, x, [fxeff.Glance(patch_size=65)])
+
+
+def test_the_exported_parts_reproduce_early_exit_on_any_batch(trained, tmp_path):
+    model, x = trained
+    for head, policy in [("gru", "saliency"), ("concat", "learned"), ("gru", "ppo")]:
+        torch.manual_seed(0)
+        gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, head=head, policy=policy).eval()
+        parts = glance.export_parts(gf, x[:4], directory=str(tmp_path / policy))
+        want = {"glance", "local", "classify_1", "classify_2"} | ({"policy"} if policy == "saliency" else set())
+        assert set(parts.programs) == want
+        assert sorted(p.name for p in (tmp_path / policy).iterdir()) == sorted(f"{n}.pt2" for n in want)
+        macs = glance.step_macs(gf, x)
+        with torch.no_grad():
+            every = gf(x)
+        confidence = torch.softmax(every, dim=2).amax(dim=2)
+        values = [float(torch.sort(confidence[t]).values[8:10].mean()) for t in range(2)]  # between two images
+        thresholds = glance.Thresholds(values + [-float("inf")], glance.inference.fingerprint(gf), [], 0.0, 1.0)
+        for batch in (x, x[:1], x[:7]):  # other batch sizes than the example's 4
+            eager = glance.early_exit(gf, batch, thresholds, macs)
+            exported = glance.run_parts(parts, batch, thresholds, macs)
+            assert torch.equal(exported.step, eager.step) and torch.equal(exported.macs, eager.macs)
+            torch.testing.assert_close(exported.logits, eager.logits, rtol=1e-5, atol=1e-5)
+        # a saved part loads back and gives the same glance
+        loaded = torch.export.load(str(tmp_path / policy / "glance.pt2")).module()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x)[0], gf.glance(x)["logits"])
+    other = glance.Thresholds(values + [-float("inf")], "another model", [], 0.0, 1.0)
+    with pytest.raises(ValueError, match="calibrated for another model"):
+        glance.run_parts(parts, x, other, macs)
+    with pytest.raises(NotImplementedError, match="random policy"):
+        glance.export_parts(glance.GlanceFocus(model, x, patch_size=32, policy="random").eval(), x[:4])
+    with pytest.raises(ValueError, match="at least 2 images"):
+        glance.export_parts(gf, x[:1])
