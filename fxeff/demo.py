@@ -159,7 +159,7 @@ def summary_plot(home: List[Dict[str, object]], photos: List[Dict[str, object]],
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
-    markers = {"focus, layer": "s", "focus, auto": "D", "hetconv": "^", "shift": "v"}
+    markers = {"focus, layer": "s", "focus, auto": "D", "hetconv": "^", "shift": "v", "glance": "P"}
     colours = dict(zip(reference.ARCHS, ("tab:blue", "tab:orange", "tab:green")))
     for arch in dict.fromkeys(r["model"] for r in home):
         mine = [r for r in home if r["model"] == arch]

@@ -68,8 +68,8 @@ def test_demo_default_model_is_efficientnet_lite0_with_real_weights(tmp_path):
         ["demo", "--photos", "chelsea", "--runs", "1", "--test-images", "32", "--out", str(tmp_path)]))
     home = summary["home_ground"]
     assert [(r["model"], r["technique"].split(",")[0].split(" (")[0]) for r in home] == [
-        (arch, t) for arch, last in (("vgg", "hetconv P=4"), ("resnet20", "hetconv P=4"),
-                                     ("mobilenetv2", "shift sparse")) for t in ("focus", "focus", last)]
+        (arch, t) for arch, last in (("vgg", ("hetconv P=4",)), ("resnet20", ("hetconv P=4", "glance and focus")),
+                                     ("mobilenetv2", ("shift sparse",))) for t in ("focus", "focus") + last]
     assert summary["test_images"] == 32
     text = (tmp_path / "summary.md").read_text()
     assert text.index("## Home ground") < text.index("## Natural images") < text.index("![summary](summary.png)")
