@@ -105,9 +105,9 @@ def home_ground_rows(test_images: int, runs: int, out: str, overlays: int = 4, p
 
 def _log(tqdm, arch: str, name: str, row: Dict[str, object]) -> None:
     tqdm.write(f"{arch:>12} {name:<32} top-1 {100 * row['acc_original']:.2f}% -> "
-                       f"{100 * row['acc_rewritten']:.2f}%  MMACs {row['mmacs_original']:.1f} -> "
-                       f"{row['mmacs_rewritten']:.1f}  latency {row['ms_original']:.1f} -> {row['ms_rewritten']:.1f}"
-                       f" ms ({row['speedup']:.2f}x)")
+               f"{100 * row['acc_rewritten']:.2f}%  MMACs {row['mmacs_original']:.1f} -> "
+               f"{row['mmacs_rewritten']:.1f}  latency {row['ms_original']:.1f} -> {row['ms_rewritten']:.1f}"
+               f" ms ({row['speedup']:.2f}x)")
 
 
 def glance_row(arch: str, model: torch.nn.Module, accuracy: float, macs: float, loader, timing: torch.Tensor,

@@ -2,7 +2,6 @@
 reference models from the command line (checkpoint, budget curve point, real early exit timed)."""
 import argparse
 import os
-import resource
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -11,11 +10,6 @@ import torch
 OUT = os.path.join("out", "glance")
 LAST = os.path.join(OUT, "LAST")  # the checkpoint of the last training: eval's default
 HOLDOUT = 5000  # the training split's last images: never trained on, they calibrate the thresholds
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def checkpoint_path(arch: str, dataset: str, policy: str) -> str:
@@ -58,14 +52,14 @@ def train_reference(arch: str, dataset: str, policy: str, *, patch_size: int, gl
                      policy=policy, seed=seed)
     teacher = reference.load(arch, dataset)
     subset = torch.utils.data.Subset(data, range(train_images))
-    wall, cpu = time.perf_counter(), _cpu_seconds()
+    wall, cpu = time.perf_counter(), time.process_time()
     data_loader = loader(subset, batch, True, seed)
     if policy == "ppo":
         stages = train_ppo(gf, data_loader, (epochs, *ppo_stages), teacher=teacher, lr=lr, progress=progress)
         history = {"loss": [v for h in stages.values() for v in h["loss"]]}
     else:
         history = train(gf, data_loader, epochs, teacher=teacher, lr=lr, progress=progress)
-    wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     path = out or checkpoint_path(arch, dataset, policy)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     record = save(gf.eval(), path, example, {

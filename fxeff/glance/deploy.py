@@ -15,7 +15,6 @@ The parts (each an ExportedProgram; inputs and outputs are tensors, the batch di
 leave and the batch shrinks to the others, as ``fxeff.glance.early_exit`` (tested equal).
 """
 import dataclasses
-import itertools
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -23,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from .crop import crop, crop_bilinear
-from .inference import Exits, Thresholds, _confidence, fingerprint
-from .model import GlanceFocus
+from .inference import Exits, Thresholds, exit_loop, fingerprint
+from .model import GlanceFocus, State
 
 _WHERE = "fxeff.glance.export_parts"
 
@@ -135,35 +134,25 @@ def run_parts(parts: Parts, x: torch.Tensor, thresholds: Thresholds, macs: Seque
     policy = parts.programs["policy"].module() if "policy" in parts.programs else None
     local = parts.programs["local"].module() if "local" in parts.programs else None
     classify: List = [None] + [parts.programs[f"classify_{t}"].module() for t in range(1, parts.steps)]
-    cumulative = list(itertools.accumulate(macs))
-    n = x.shape[0]
-    index = torch.arange(n)
-    step_out = torch.full((n,), -1, dtype=torch.long)
-    with torch.no_grad():
-        out = glance(x)
-        logits, carry, features = out[0], out[1], out[2]
-        places = out[3] if len(out) > 3 else None
-        covered = torch.zeros(n, *features.shape[-2:], dtype=torch.bool) if policy is not None else None
-        logits_out = logits.new_empty(n, logits.shape[1])
-        for t in range(parts.steps):
-            if t:
-                if policy is not None:
-                    corners, covered = policy(features, logits, covered)
-                else:
-                    corners = places[:, t - 1]
-                logits, carry = classify[t](carry, local(x, corners))
-            leave = _confidence(logits) >= thresholds.values[t] if t < parts.steps - 1 else \
-                torch.ones(len(index), dtype=torch.bool)
-            logits_out[index[leave]] = logits[leave]
-            step_out[index[leave]] = t
-            if bool(leave.all()):
-                break
-            keep = ~leave
-            index = index[keep]
-            x, carry, features, logits = x[keep], carry[keep], features[keep], logits[keep]
-            places = places[keep] if places is not None else None
-            covered = covered[keep] if covered is not None else None
-    return Exits(logits_out, step_out, torch.tensor(cumulative, dtype=torch.float64)[step_out])
+
+    def first(images: torch.Tensor) -> State:
+        out = glance(images)
+        state = {"logits": out[0], "carry": out[1], "features": out[2]}
+        if len(out) > 3:
+            state["places"] = out[3]
+        if policy is not None:
+            state["covered"] = torch.zeros(len(images), *out[2].shape[-2:], dtype=torch.bool)
+        return state
+
+    def step(images: torch.Tensor, state: State, t: int) -> State:
+        if policy is not None:
+            corners, state["covered"] = policy(state["features"], state["logits"], state["covered"])
+        else:
+            corners = state["places"][:, t - 1]
+        state["logits"], state["carry"] = classify[t](state["carry"], local(images, corners))
+        return state
+
+    return exit_loop(x, parts.steps, thresholds, macs, first, step)
 
 
 __all__ = ["Parts", "export_parts", "run_parts"]

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import itertools
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ def fingerprint(model: GlanceFocus) -> str:
     config = (tuple(model.image_size), model.patch_size, model.glance_size, model.steps, model.head_kind,
               model.policy_kind)
     value = hashlib.sha256((repr(config) + model_fingerprint(model)).encode()).hexdigest()
-    tensors = [t for t in model.state_dict(keep_vars=True).values()]
+    tensors = list(model.state_dict(keep_vars=True).values())
     model.__dict__["_fxeff_fingerprint"] = (_REGISTRATIONS[0], sum(t._version + t.data_ptr() for t in tensors),
                                             tensors, value)
     return value
@@ -119,20 +119,30 @@ def early_exit(model: GlanceFocus, x: torch.Tensor, thresholds: Thresholds, macs
                          f"with other weights); calibrate them for this one")
     if len(thresholds.values) != model.steps:
         raise ValueError(f"{_WHERE}.early_exit: {len(thresholds.values)} thresholds for {model.steps} steps")
-    cumulative = list(itertools.accumulate(macs if macs is not None else step_macs(model, x)))
+    macs = macs if macs is not None else step_macs(model, x)
+    return exit_loop(x, model.steps, thresholds, macs, model.glance, model.focus)
+
+
+def exit_loop(x: torch.Tensor, steps: int, thresholds: Thresholds, macs: Sequence[int],
+              first: Callable[[torch.Tensor], State], step: Callable[[torch.Tensor, State, int], State]) -> Exits:
+    """Real early exit of ``steps`` steps over the images ``x``: ``first(x)`` and ``step(x, state, t)`` return the
+    state after each step (a dict of per-image tensors holding its ``logits``); after each step the images whose
+    confidence reaches ``thresholds.values[t]`` are written out in their place and ``x`` and the state shrink to
+    the others. The one loop of ``early_exit`` (eager) and ``run_parts`` (the exported parts)."""
+    cumulative = list(itertools.accumulate(macs))
     n = x.shape[0]
     index = torch.arange(n)
     logits_out: Optional[torch.Tensor] = None
     step_out = torch.full((n,), -1, dtype=torch.long)
     with torch.no_grad():
-        state = model.glance(x)
-        for t in range(model.steps):
+        state = first(x)
+        for t in range(steps):
             if t:
-                state = model.focus(x, state, t)
+                state = step(x, state, t)
             logits = state["logits"]
             if logits_out is None:
                 logits_out = logits.new_empty(n, logits.shape[1])
-            leave = _confidence(logits) >= thresholds.values[t] if t < model.steps - 1 else \
+            leave = _confidence(logits) >= thresholds.values[t] if t < steps - 1 else \
                 torch.ones(len(index), dtype=torch.bool)
             leave = leave.cpu()
             if bool(leave.all()):
@@ -230,5 +240,5 @@ def calibrate(model: GlanceFocus, logits: torch.Tensor, macs: Sequence[int], bud
     return Thresholds(values, fingerprint(model), none, cost, float(p))
 
 
-__all__ = ["Exits", "Thresholds", "early_exit", "step_macs", "anytime", "thresholds_for", "calibrate",
+__all__ = ["Exits", "Thresholds", "early_exit", "exit_loop", "step_macs", "anytime", "thresholds_for", "calibrate",
            "fingerprint"]

@@ -76,7 +76,6 @@ def glance_pass(gm: fx.GraphModule, config: Glance, context: PassContext) -> Rep
     before = count_macs(lambda: gm(example[:1]))
     gf = GlanceFocus(gm, example, config.patch_size, config.steps, glance_size=config.glance_size,
                      head=config.head, policy=config.policy, seed=config.seed)
-    gf.train(gm.training)
     macs = step_macs(gf.eval(), example)
     gf.train(gm.training)
     graph = fx.Graph()
