@@ -116,22 +116,29 @@ def test_glance_focus_refuses_bad_arguments(trained):
         glance.GlanceFocus(model, x, patch_size=65)
     with pytest.raises(ValueError, match="policy must be one of"):
         glance.GlanceFocus(model, x, patch_size=32, policy="ppo2")
+    with pytest.raises(ValueError, match=r"saliency must be one of \('activation', 'cam'\), got 'grad'"):
+        glance.GlanceFocus(model, x, patch_size=32, saliency="grad")
     gf = glance.GlanceFocus(model, x, patch_size=32)
     with pytest.raises(ValueError, match=r"expected images \[N, C, 64, 64\]"):
         gf(torch.zeros(2, 1, 32, 32))
 
 
-def test_the_saliency_policy_centres_on_the_class_activation_maps_region(trained):
+@pytest.mark.parametrize("saliency,level", [("activation", 0.4), ("cam", 0.3)])
+def test_the_saliency_policy_centres_on_its_maps_region(trained, saliency, level):
     model, x = trained
-    gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, head="concat", policy="saliency").eval()
+    gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, head="concat", policy="saliency",
+                            saliency=saliency).eval()
     with torch.no_grad():
         state = gf.glance(x)
-        cam = torch.einsum("nc,nchw->nhw", gf.policy.weight[state["logits"].argmax(1)], state["features"])
+        if saliency == "cam":  # the class activation map of the predicted class
+            cam = torch.einsum("nc,nchw->nhw", gf.policy.weight[state["logits"].argmax(1)], state["features"])
+        else:  # the feature map summed over channels
+            cam = state["features"].sum(1)
         corners = gf.corners(state, 1)
     h, w = cam.shape[-2:]
     for i in range(len(x)):  # one image at a time, by the definition
         c = cam[i].double()
-        mass = (c - (c.min() + 0.3 * (c.max() - c.min()))).clamp(min=0)
+        mass = (c - (c.min() + level * (c.max() - c.min()))).clamp(min=0)
         rows, cols = torch.meshgrid((torch.arange(h) + 0.5) * 64 / h, (torch.arange(w) + 0.5) * 64 / w,
                                     indexing="ij")
         centre = torch.stack([(mass * rows).sum(), (mass * cols).sum()]) / mass.sum()
@@ -153,12 +160,17 @@ def test_the_saliency_policy_centres_on_the_class_activation_maps_region(trained
     torch.testing.assert_close(got, torch.tensor([[0.0, 0.0], [0.0, 0.5 * 64 / w / 32]]))
 
 
-def test_the_learned_policy_starts_at_the_soft_argmax_of_the_class_activation_map(trained):
+@pytest.mark.parametrize("saliency", ["activation", "cam"])
+def test_the_learned_policy_starts_at_the_soft_argmax_of_its_map(trained, saliency):
     model, x = trained
-    gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, head="gru", policy="learned").eval()
+    gf = glance.GlanceFocus(model, x, patch_size=32, steps=3, head="gru", policy="learned",
+                            saliency=saliency).eval()
     with torch.no_grad():
         state = gf.glance(x)
-        cam = torch.einsum("nc,nchw->nhw", gf.policy.weight[state["logits"].argmax(1)], state["features"])
+        if saliency == "cam":
+            cam = torch.einsum("nc,nchw->nhw", gf.policy.weight[state["logits"].argmax(1)], state["features"])
+        else:
+            cam = state["features"].sum(1)
     n, h, w = cam.shape
     z = cam.reshape(n, -1)
     weights = torch.softmax(2.0 * (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6), 1)
@@ -346,6 +358,15 @@ def test_checkpoints_rebuild_the_model_with_its_macs(trained, tmp_path):
         glance.load(path, reference.load("vgg", DATASET), x)
     with pytest.raises(ValueError, match="for \\[64, 64\\] images"):
         glance.load(path, model, torch.zeros(1, 1, 32, 32))
+    # a checkpoint written before the saliency map was a choice was built on the class activation map
+    cam = glance.GlanceFocus(model, x, patch_size=24, steps=2, policy="saliency", saliency="cam").eval()
+    glance.save(cam, path, x)
+    old = torch.load(path, weights_only=True)
+    assert old["config"].pop("saliency") == "cam"
+    torch.save(old, path)
+    back = glance.load(path, model, x)
+    with torch.no_grad():
+        assert back.saliency == "cam" and torch.equal(back(x), cam(x))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable glance checkpoint"):
         glance.load(str(tmp_path / "bad.pt"), model, x)
@@ -485,7 +506,8 @@ def test_the_glance_pass_makes_the_model_glance_and_focus(trained):
     config = fxeff.config_from_dict({"pass": "glance", "patch_size": 24, "policy": "ppo"})
     assert config == fxeff.Glance(patch_size=24, policy="ppo") and config.to_dict()["pass"] == "glance"
     for bad, match in [({"patch_size": 0}, "patch_size must be an int >= 1"), ({"head": "lstm"}, "head must be"),
-                       ({"policy": "greedy"}, "policy must be one of"), ({"glance_size": 1.5}, "glance_size")]:
+                       ({"policy": "greedy"}, "policy must be one of"), ({"glance_size": 1.5}, "glance_size"),
+                       ({"saliency": "grad"}, "saliency must be one of")]:
         with pytest.raises(ValueError, match=match):
             fxeff.Glance(**bad)
     with pytest.raises(ValueError, match=r"patch_size must be an int in \[1, 64\]"):

@@ -28,7 +28,8 @@ def shipped_path(arch: str, dataset: str, policy: str) -> str:
 def train_reference(arch: str, dataset: str, policy: str, *, patch_size: int, glance_size: Optional[int] = None,
                     steps: int = 3, head: str = "gru", epochs: int = 3, train_images: int = 20000,
                     lr: float = 0.02, batch: int = 128, seed: int = 0, out: Optional[str] = None,
-                    progress: bool = True, ppo_stages: Sequence[int] = (2, 1)) -> Dict[str, Any]:
+                    progress: bool = True, ppo_stages: Sequence[int] = (2, 1), saliency: str = "activation"
+                    ) -> Dict[str, Any]:
     """Glance and focus over the committed reference model ``arch`` on ``dataset``: built (``GlanceFocus``),
     trained (``fxeff.glance.train``, distilled from the model itself) on the first ``train_images`` training
     images (the split's last HOLDOUT stay out: they calibrate), saved with its MACs per step to ``out`` (default
@@ -49,7 +50,7 @@ def train_reference(arch: str, dataset: str, policy: str, *, patch_size: int, gl
     example = reference.first_images(dataset, "test", 2)
     torch.manual_seed(seed)
     gf = GlanceFocus(reference.load(arch, dataset), example, patch_size, steps, glance_size=glance_size, head=head,
-                     policy=policy, seed=seed)
+                     policy=policy, seed=seed, saliency=saliency)
     teacher = reference.load(arch, dataset)
     subset = torch.utils.data.Subset(data, range(train_images))
     wall, cpu = time.perf_counter(), time.process_time()
@@ -99,7 +100,7 @@ def held_out_logits(gf, dataset: str, batch: int = 500, images: int = HOLDOUT) -
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..reference import ARCHS, DATASETS
-    from .model import HEADS, POLICIES
+    from .model import HEADS, POLICIES, SALIENCY_MAPS
 
     parser = sub.add_parser("glance", help="glance and focus (GFNet): a downscaled glance, then a few "
                                            "full-resolution patches, with real early exit")
@@ -109,6 +110,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--policy", choices=POLICIES, default="learned")
     p.add_argument("--head", choices=HEADS, default="gru")
+    p.add_argument("--saliency", choices=SALIENCY_MAPS, default="activation",
+                   help="the map the saliency policy centres on and the learned one starts from: the feature map "
+                        "summed over channels (focused convolution's) or the class activation map")
     p.add_argument("--patch-size", type=int, default=32)
     p.add_argument("--glance-size", type=int, default=None, help="default: the patch size")
     p.add_argument("--steps", type=int, default=3, help="T: the glance, then T - 1 patches")
@@ -135,7 +139,8 @@ def train_command(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     record = train_reference(args.arch, args.dataset, args.policy, patch_size=args.patch_size,
                              glance_size=args.glance_size, steps=args.steps, head=args.head, epochs=args.epochs,
-                             train_images=args.train_images, lr=args.lr, out=args.out, ppo_stages=args.ppo_stages)
+                             train_images=args.train_images, lr=args.lr, out=args.out, ppo_stages=args.ppo_stages,
+                             saliency=args.saliency)
     os.makedirs(OUT, exist_ok=True)
     with open(LAST, "w") as f:
         f.write(record["path"])

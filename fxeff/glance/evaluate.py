@@ -14,7 +14,9 @@ from .inference import Thresholds, _confidence, calibrate, step_macs
 from .model import GlanceFocus
 
 _WHERE = "fxeff.glance"
-CONFIG_KEYS = ("patch_size", "steps", "glance_size", "head", "policy", "seed")
+CONFIG_KEYS = ("patch_size", "steps", "glance_size", "head", "policy", "seed", "saliency")
+# what a checkpoint written before a key existed was built with
+CONFIG_BEFORE = {"saliency": "cam"}
 
 
 def exit_steps(logits: torch.Tensor, thresholds: Thresholds) -> torch.Tensor:
@@ -99,7 +101,7 @@ def item_coverage(corners: torch.Tensor, patch_size: int, dataset: Any, indices:
 def config_of(model: GlanceFocus) -> Dict[str, Any]:
     """The constructor arguments that rebuild ``model`` around the same classifier."""
     return {"patch_size": model.patch_size, "steps": model.steps, "glance_size": model.glance_size,
-            "head": model.head_kind, "policy": model.policy_kind, "seed": model.seed}
+            "head": model.head_kind, "policy": model.policy_kind, "seed": model.seed, "saliency": model.saliency}
 
 
 def save(model: GlanceFocus, path: str, example: torch.Tensor, meta: Optional[Mapping[str, Any]] = None
@@ -129,7 +131,7 @@ def load(path: str, model: nn.Module, example: torch.Tensor) -> GlanceFocus:
     if list(example.shape[-2:]) != list(record["image_size"]):
         raise ValueError(f"{_WHERE}.load: the checkpoint is for {record['image_size']} images, the example is "
                          f"{list(example.shape[-2:])}")
-    gf = GlanceFocus(model, example, **{k: record["config"][k] for k in CONFIG_KEYS})
+    gf = GlanceFocus(model, example, **{k: record["config"].get(k, CONFIG_BEFORE.get(k)) for k in CONFIG_KEYS})
     try:
         gf.load_state_dict(record["state_dict"])
     except RuntimeError as exc:

@@ -11,9 +11,11 @@ exit can drop the images that have left (``fxeff.glance.inference``): ``glance(x
 t)`` -> state, each state holding the step's ``logits``.
 
 Policies (``policy=``):
-- "saliency" (training-free): the patch is centred on the centre of mass of the class activation map of the
-  glance's feature map around its peak, for the class predicted so far (the classifier's own weights), cells that
-  earlier patches covered left out;
+- "saliency" (training-free): the patch is centred on the centre of mass of a saliency map of the glance's
+  feature map around its peak, cells that earlier patches covered left out. The map (``saliency=``) is
+  "activation", the feature map summed over channels (the map whose threshold is focused convolution's Area of
+  Interest, fxeff.focus.reduce_channels), or "cam", the class activation map of the class predicted so far (the
+  classifier's own weights);
 - "learned" (AdaFocusV2 / Uni-AdaFocus: one training stage, no reinforcement learning): a soft argmax over the
   glance's feature map (detached; the class activation map plus a small 1x1 conv network) places every later
   step's patch, which is cropped by interpolation (``crop_bilinear``) so that the classification loss trains it;
@@ -35,6 +37,11 @@ from .split import split_classifier
 State = Dict[str, torch.Tensor]
 POLICIES = ("saliency", "learned", "random", "ppo")
 HEADS = ("gru", "concat")
+SALIENCY_MAPS = ("activation", "cam")
+# the default level of each saliency map (SaliencyPolicy): the one whose first patch covered >= 90% of the item on
+# the most Cluttered Fashion-MNIST test images (ResNet-20, glance 32, patch 32; activation 0.3: 95.5%, 0.4: 95.9%,
+# 0.5: 94.7%; cam 0.2: 86.7%, 0.3: 87.0%, 0.4: 85.7%)
+SALIENCY_LEVELS = {"activation": 0.4, "cam": 0.3}
 _WHERE = "fxeff.glance.GlanceFocus"
 
 
@@ -58,26 +65,45 @@ def centred_corners(weights: torch.Tensor, image_size: List[int], patch_size: in
     return torch.stack([corner_y, corner_x], dim=-1)
 
 
+def saliency_map(kind: str, weight: torch.Tensor, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The saliency map [N, h, w] of the feature map [N, C, h, w]: "activation", summed over channels
+    (fxeff.focus.reduce_channels: the map focused convolution thresholds into its Area of Interest; class-agnostic),
+    or "cam", the class activation map for the class ``logits`` predict (``class_activation_map`` with the
+    classifier's ``weight``)."""
+    if kind == "activation":
+        from ..focus import reduce_channels
+
+        return reduce_channels(features, "sum").to(features.dtype)
+    if kind == "cam":
+        return class_activation_map(weight, features, logits)
+    raise ValueError(f"{_WHERE}: saliency must be one of {SALIENCY_MAPS}, got {kind!r}")
+
+
 class SaliencyPolicy(nn.Module):
-    """The patch of step t centred on the centre of mass of the glance's class activation map (``weight``
-    [classes, C] of the classifier, on the feature map [N, C, h, w]) for the class the latest logits predict, over
-    the cells no earlier patch covered whose activation is above ``level`` of the way from the smallest to the
-    largest (there: the activation above that level). The peak cell alone places a patch no finer than a cell
-    (16 pixels on a 64-pixel image seen at 32); the centre of mass of the region around it covered >= 90% of the
-    item on 87% of Cluttered Fashion-MNIST test images against 56% (level 0.3; 0.5: 84%, 0: 71%). Returns corners
-    [N, 2] in [0, 1] and the updated coverage [N, h, w]."""
+    """The patch of step t centred on the centre of mass of the glance's saliency map (``saliency_map`` of kind
+    ``source`` on the feature map [N, C, h, w]; ``weight`` [classes, C]: the classifier's, for "cam") over the
+    cells no earlier patch covered whose value is above ``level`` of the way from the smallest to the largest
+    (there: the value above that level; default ``SALIENCY_LEVELS[source]``). The peak cell alone places a patch
+    no finer than a cell (16 pixels on a 64-pixel image seen at 32); the centre of mass of the region around it
+    covered >= 90% of the item on 87% of Cluttered Fashion-MNIST test images against 56% with the class activation
+    map, and on 96% with the activation map (whose every cell is positive where the item is; the class weights
+    are negative on some of an item's features). Returns corners [N, 2] in [0, 1] and the updated coverage
+    [N, h, w]."""
 
     differentiable = False
 
-    def __init__(self, weight: torch.Tensor, level: float = 0.3):
+    def __init__(self, weight: torch.Tensor, source: str = "activation", level: Optional[float] = None):
         super().__init__()
+        if source not in SALIENCY_MAPS:
+            raise ValueError(f"{_WHERE}: saliency must be one of {SALIENCY_MAPS}, got {source!r}")
         self.register_buffer("weight", weight.detach().clone())
-        self.level = level
+        self.source = source
+        self.level = SALIENCY_LEVELS[source] if level is None else level
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor, covered: torch.Tensor, image_size: List[int],
                 patch_size: int):
         n, _, h, w = features.shape
-        cam = class_activation_map(self.weight, features, logits).reshape(n, h * w)
+        cam = saliency_map(self.source, self.weight, features, logits).reshape(n, h * w)
         open_cells = ~covered.reshape(n, h * w)
         low = cam.masked_fill(~open_cells, float("inf")).amin(dim=1, keepdim=True)
         high = cam.masked_fill(~open_cells, float("-inf")).amax(dim=1, keepdim=True)
@@ -103,31 +129,33 @@ class SaliencyPolicy(nn.Module):
 class LearnedPolicy(nn.Module):
     """Corners of the patches of steps 1..T-1 [N, T-1, 2] from the glance's feature map [N, C, h, w] (detached, as
     AdaFocusV2: the policy does not pull the glance's features; Uni-AdaFocus: the place from the feature map, not
-    from pooled features, which have lost where things are): per later step, a score for every cell, the class
-    activation map (standardised, times a learned scale) plus a two-layer 1x1 conv network of the features, and
-    the patch centred on the softmax-weighted mean of the cells' centres (a soft argmax: differentiable, so the
-    classification loss trains it through the interpolating crop). The network's last layer starts at zero, so
-    training starts from the map's soft argmax (which covered >= 90% of the item on 80% of Cluttered Fashion-MNIST
-    test images at scale 2)."""
+    from pooled features, which have lost where things are): per later step, a score for every cell, the saliency
+    map of kind ``source`` (``saliency_map``; standardised, times a learned scale) plus a two-layer 1x1 conv
+    network of the features, and the patch centred on the softmax-weighted mean of the cells' centres (a soft
+    argmax: differentiable, so the classification loss trains it through the interpolating crop). The network's
+    last layer starts at zero, so training starts from the map's soft argmax at ``scale``."""
 
     differentiable = True
 
-    def __init__(self, weight: torch.Tensor, channels: int, places: int, hidden: int = 64):
+    def __init__(self, weight: torch.Tensor, channels: int, places: int, hidden: int = 64,
+                 source: str = "activation", scale: float = 2.0):
         super().__init__()
-        self.places = places
+        if source not in SALIENCY_MAPS:
+            raise ValueError(f"{_WHERE}: saliency must be one of {SALIENCY_MAPS}, got {source!r}")
+        self.places, self.source = places, source
         self.register_buffer("weight", weight.detach().clone())
         self.net = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, places, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
-        self.cam_scale = nn.Parameter(torch.full((places,), 2.0))
+        self.map_scale = nn.Parameter(torch.full((places,), float(scale)))
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor, image_size: List[int], patch_size: int
                 ) -> torch.Tensor:
         features = features.detach()
         n, _, h, w = features.shape
-        cam = class_activation_map(self.weight, features, logits.detach()).reshape(n, 1, h * w)
-        cam = (cam - cam.mean(dim=2, keepdim=True)) / (cam.std(dim=2, keepdim=True) + 1e-6)
-        scores = self.cam_scale[None, :, None] * cam + self.net(features).reshape(n, self.places, h * w)
+        prior = saliency_map(self.source, self.weight, features, logits.detach()).reshape(n, 1, h * w)
+        prior = (prior - prior.mean(dim=2, keepdim=True)) / (prior.std(dim=2, keepdim=True) + 1e-6)
+        scores = self.map_scale[None, :, None] * prior + self.net(features).reshape(n, self.places, h * w)
         weights = torch.softmax(scores, dim=2).reshape(n, self.places, h, w)
         return centred_corners(weights, image_size, patch_size)
 
@@ -171,11 +199,13 @@ class GlanceFocus(nn.Module):
     """Glance and focus over ``model`` (a CNN classifier: trunk, global pooling, one linear layer), for images of
     ``example``'s size: the glance at ``glance_size`` (default: ``patch_size``, so a glance costs what a patch
     does), then ``steps - 1`` patches of ``patch_size``; ``head``: "gru" or "concat"; ``policy``: "saliency",
-    "learned" or "random" (see the module docstring). ``forward(x)``: the logits of every step [steps, N,
+    "learned", "random" or "ppo"; ``saliency``: the map the saliency policy centres on and the learned policy
+    starts from, "activation" or "cam" (see the module docstring). ``forward(x)``: the logits of every step [steps, N,
     classes] (anytime prediction; ``fxeff.glance.inference`` exits early)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, patch_size: int, steps: int = 3,
-                 glance_size: Optional[int] = None, head: str = "gru", policy: str = "saliency", seed: int = 0):
+                 glance_size: Optional[int] = None, head: str = "gru", policy: str = "saliency", seed: int = 0,
+                 saliency: str = "activation"):
         super().__init__()
         if not isinstance(example, torch.Tensor) or example.dim() != 4:
             raise ValueError(f"{_WHERE}: example must be a batch of images [N, C, H, W], got "
@@ -197,10 +227,12 @@ class GlanceFocus(nn.Module):
             raise ValueError(f"{_WHERE}: head must be one of {HEADS}, got {head!r}")
         if policy not in POLICIES:
             raise ValueError(f"{_WHERE}: policy must be one of {POLICIES}, got {policy!r}")
+        if saliency not in SALIENCY_MAPS:
+            raise ValueError(f"{_WHERE}: saliency must be one of {SALIENCY_MAPS}, got {saliency!r}")
         split = split_classifier(model, example[:2])
         self.image_size = [height, width]
         self.patch_size, self.glance_size, self.steps = patch_size, glance_size, steps
-        self.head_kind, self.policy_kind, self.pooling = head, policy, split.pooling
+        self.head_kind, self.policy_kind, self.saliency, self.pooling = head, policy, saliency, split.pooling
         self.global_encoder = split.trunk
         self.local_encoder = copy.deepcopy(split.trunk)
         channels, classes = split.channels, split.linear.out_features
@@ -217,9 +249,9 @@ class GlanceFocus(nn.Module):
                     linear.bias.copy_(split.linear.bias)
                 self.classifiers.append(linear)
         if policy == "saliency":
-            self.policy = SaliencyPolicy(split.linear.weight)
+            self.policy = SaliencyPolicy(split.linear.weight, saliency)
         elif policy == "learned":
-            self.policy = LearnedPolicy(split.linear.weight, channels, max(steps - 1, 1))
+            self.policy = LearnedPolicy(split.linear.weight, channels, max(steps - 1, 1), source=saliency)
         elif policy == "ppo":
             with torch.no_grad():  # the glance's feature map: its cells
                 cells = split.trunk(torch.zeros(1, example.shape[1], glance_size, glance_size)).shape[-2:]
@@ -326,5 +358,5 @@ def steps_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[tor
     return torch.stack(losses).mean()
 
 
-__all__ = ["GlanceFocus", "SaliencyPolicy", "LearnedPolicy", "PPOPolicy", "class_activation_map", "centred_corners",
-           "POLICIES", "HEADS", "steps_loss"]
+__all__ = ["GlanceFocus", "SaliencyPolicy", "LearnedPolicy", "PPOPolicy", "class_activation_map", "saliency_map",
+           "centred_corners", "POLICIES", "HEADS", "SALIENCY_MAPS", "steps_loss"]

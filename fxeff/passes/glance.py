@@ -26,7 +26,8 @@ SUBMODULE = "glance_focus"
 class Glance(PassConfig):
     """Config of the glance pass: GlanceFocus's arguments (``patch_size``; ``steps``, the glance then
     ``steps`` - 1 patches; ``glance_size``, default the patch size; ``head``, "gru" or "concat"; ``policy``,
-    "saliency", "learned", "random" or "ppo"; ``seed``, of the random policy)."""
+    "saliency", "learned", "random" or "ppo"; ``seed``, of the random policy; ``saliency``, the map the saliency
+    policy centres on and the learned one starts from: "activation" or "cam")."""
 
     patch_size: int = 32
     steps: int = 3
@@ -34,9 +35,10 @@ class Glance(PassConfig):
     head: str = "gru"
     policy: str = "saliency"
     seed: int = 0
+    saliency: str = "activation"
 
     def __post_init__(self):
-        from ..glance.model import HEADS, POLICIES
+        from ..glance.model import HEADS, POLICIES, SALIENCY_MAPS
 
         for name in ("patch_size", "steps"):
             value = getattr(self, name)
@@ -49,6 +51,8 @@ class Glance(PassConfig):
             raise ValueError(f"fxeff.passes.Glance: head must be one of {HEADS}, got {self.head!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"fxeff.passes.Glance: policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.saliency not in SALIENCY_MAPS:
+            raise ValueError(f"fxeff.passes.Glance: saliency must be one of {SALIENCY_MAPS}, got {self.saliency!r}")
 
     def run(self, gm: fx.GraphModule, context: PassContext) -> Report:
         return glance_pass(gm, self, context)
@@ -75,7 +79,8 @@ def glance_pass(gm: fx.GraphModule, config: Glance, context: PassContext) -> Rep
     example = inputs[0]
     before = count_macs(lambda: gm(example[:1]))
     gf = GlanceFocus(gm, example, config.patch_size, config.steps, glance_size=config.glance_size,
-                     head=config.head, policy=config.policy, seed=config.seed)
+                     head=config.head, policy=config.policy, seed=config.seed,
+                     saliency=config.saliency)
     macs = step_macs(gf.eval(), example)
     gf.train(gm.training)
     graph = fx.Graph()
