@@ -15,11 +15,14 @@ Part "curve": per policy (the checkpoints of "train"), every step's logits on 50
 the first patch lands: the share of the item's own pixels it covers (the generator knows the item's place).
 Targets: within 0.3 points of the full-resolution model at <= 40% of its MACs; realised MACs within 3% of the
 budget; the first patch covering >= 90% of the item on >= 95% of test images (learned or saliency; random is
-the floor); saliency within 1 point of learned at equal MACs.
+the floor); saliency within 1 point of learned at equal MACs. With --latency, each point's real early exit is
+timed too (the first 256 test images at once, against the full model; both BatchNorm-folded in channels_last):
+the plot's second panel, accuracy against measured latency.
 
 Part "exit": real early exit (fxeff.glance.early_exit: the images that have left stop computing) at the
 thresholds of --exit-budget, on CPU at batch 256 and 1, against the full-resolution model on the same images
-(both in the inference form, BatchNorm folded: GlanceFocus.fold_batchnorm; interleaved medians, fxeff.bench):
+(both in the inference form, BatchNorm folded: GlanceFocus.fold_batchnorm, and in --memory-format, channels_last by
+default; interleaved medians, fxeff.bench), also at batch 16, the demo's:
 wall-clock speedup / MAC speedup (targets >= 0.75 at batch 256, >= 0.6 at batch 1), and the crop's share of a
 focus step's time (target <= 2%).
 
@@ -82,8 +85,10 @@ def curve_part(args):
         full_acc = 100.0 * float((torch.cat([full(b) for b in test_x.split(500)]).argmax(1) == test_y)
                                  .double().mean())
     rows = [{"policy": "full resolution", "asked": 1.0, "MACs": 1.0, "accuracy": full_acc,
-             "vs full (points)": 0.0}]
-    curves = {}
+             "vs full (points)": 0.0, "latency / full": 1.0 if args.latency else ""}]
+    curves, latency = {}, {}
+    timed = test_x[:256].contiguous(memory_format=torch.channels_last)
+    fast_full = _inference_form(full)
     for policy in args.policies:
         gf = _load(policy)
         step = gf.macs_per_step
@@ -95,13 +100,23 @@ def curve_part(args):
         budgets = [b * full_macs for b in BUDGETS if cumulative[0] <= b <= cumulative[-1]]
         points = glance.budget_curve(gf, hold, test, test_y, step, budgets)
         curves[policy] = points
+        ratios = {}
+        if args.latency:  # each point's real early exit at batch 256 against the full model, both fast forms
+            fast = _inference_form(gf)
+            fast_hold = held_out_logits(fast, DATASET)  # thresholds after folding (the fingerprint changed)
+            for pt in points:
+                th = glance.calibrate(fast, fast_hold, step, budget=pt.asked)
+                full_s, exit_s = interleaved([lambda: fast_full(timed),
+                                              lambda: glance.early_exit(fast, timed, th, step)], args.runs)
+                ratios[pt.asked] = exit_s / full_s
+            latency[policy] = [(ratios[pt.asked], pt.accuracy) for pt in points]
         for t in range(gf.steps):
             rows.append({"policy": policy, "asked": "", "MACs": float(cumulative[t]), "accuracy": every[t],
                          "vs full (points)": every[t] - full_acc, "exits": f"all after step {t}"})
         for pt in points:
             rows.append({"policy": policy, "asked": pt.asked / full_macs, "MACs": pt.macs / full_macs,
                          "accuracy": pt.accuracy, "vs full (points)": pt.accuracy - full_acc,
-                         "realised / asked": pt.macs / pt.asked,
+                         "realised / asked": pt.macs / pt.asked, "latency / full": ratios.get(pt.asked, ""),
                          "exits": "/".join(f"{100 * s:.0f}" for s in pt.exit_shares) + "%" +
                          (f", no exit at {pt.no_exit_steps}" if pt.no_exit_steps else "")})
         if gf.steps > 1:
@@ -113,15 +128,35 @@ def curve_part(args):
     if args.plot:
         from fxeff.data import CLASSES
 
-        glance.plot_curves(curves, full_acc, full_macs, args.plot, title="Glance and focus over ResNet-20, "
-                           "Cluttered Fashion-MNIST: thresholds for each budget calibrated on held-out images")
+        glance.plot_curves(curves, full_acc, full_macs, args.plot, latency=latency or None,
+                           title="Glance and focus over ResNet-20, Cluttered Fashion-MNIST: thresholds for each "
+                                 "budget calibrated on held-out images" + (
+                                     "; latency: real early exit at batch 256 against the full model (BatchNorm "
+                                     "folded, channels_last)" if latency else ""))
         for policy in args.policies:  # the first 8 test images, step by step
             glance.visualise(_load(policy), test_x[:8], f"{os.path.splitext(args.plot)[0]}-steps-{policy}.png",
                              test_y[:8], CLASSES)
     return (f"Glance and focus on Cluttered Fashion-MNIST: budget curves ({args.test_images} test images, "
             f"thresholds calibrated on {HOLDOUT} held-out training images; MACs as a fraction of the "
-            f"full-resolution ResNet-20's {full_macs / 1e6:.1f} M)"), rows, \
-        ["policy", "asked", "MACs", "realised / asked", "accuracy", "vs full (points)", "exits"]
+            f"full-resolution ResNet-20's {full_macs / 1e6:.1f} M" + (
+                f"; latency / full: real early exit on the first 256 test images at once against the full model, "
+                f"both BatchNorm-folded in channels_last, medians of {args.runs} interleaved runs" if args.latency
+                else "") + ")"), rows, \
+        ["policy", "asked", "MACs", "realised / asked", "accuracy", "vs full (points)", "latency / full", "exits"]
+
+
+def _inference_form(model):
+    """A copy of ``model`` (a classifier or a GlanceFocus) in the inference form the exit part times: BatchNorm
+    folded, channels_last."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    from fxeff.glance import GlanceFocus
+
+    model = copy.deepcopy(model).eval()
+    model = model.fold_batchnorm() if isinstance(model, GlanceFocus) else fuse(model)
+    return model.to(memory_format=torch.channels_last)
 
 
 def exit_part(args):
@@ -132,14 +167,18 @@ def exit_part(args):
     from fxeff.glance.crop import crop
 
     test_x, _, _ = _images("test", 0, 256)
-    full = fuse(reference.load(ARCH, DATASET))  # both in the inference form: BatchNorm folded
+    form = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[args.memory_format]
+    test_x = test_x.contiguous(memory_format=form)
+    # both in the inference form: BatchNorm folded, in --memory-format
+    full = fuse(reference.load(ARCH, DATASET)).to(memory_format=form)
     full_macs = macs(lambda: full(test_x[:1]))
     rows = []
     for policy in args.policies:
-        gf = _load(policy).fold_batchnorm()
+        gf = _load(policy).fold_batchnorm().to(memory_format=form)
         hold = held_out_logits(gf, DATASET)
         th = glance.calibrate(gf, hold, gf.macs_per_step, budget=args.exit_budget * full_macs)
-        for batch in (256, 1):
+        for batch in (256, 16, 1):  # 16: the demo's batch (no target in the issue)
+            target = {256: 0.75, 1: 0.6}.get(batch)
             images = [test_x[i:i + batch] for i in range(0, 256, batch)][:max(1, 64 // batch)]
             full_s, exit_s = interleaved([lambda: [full(b) for b in images],
                                           lambda: [glance.early_exit(gf, b, th, gf.macs_per_step) for b in images]],
@@ -151,8 +190,8 @@ def exit_part(args):
             rows.append({"policy": policy, "batch": batch, "full ms": full_s * 1e3 / len(images),
                          "early exit ms": exit_s * 1e3 / len(images), "wall speedup": full_s / exit_s,
                          "MAC speedup": mac_speedup, "wall / MAC": full_s / exit_s / mac_speedup,
-                         "target": 0.75 if batch == 256 else 0.6,
-                         "target met": full_s / exit_s / mac_speedup >= (0.75 if batch == 256 else 0.6),
+                         "target": target if target else "",
+                         "target met": full_s / exit_s / mac_speedup >= target if target else "",
                          "exit steps": "/".join(str(int((steps == t).sum())) for t in range(gf.steps))})
         if gf.steps > 1:  # the crop's share of a focus step, batch 256
             with torch.no_grad():
@@ -164,8 +203,8 @@ def exit_part(args):
                          "exit steps": f"crop {crop_s * 1e3:.3f} ms = {100 * crop_s / step_s:.2f}% of a focus step "
                                        f"(target <= 2%)", "target met": crop_s / step_s <= 0.02})
     return (f"Glance and focus: real early exit on {environment().get('device', 'cpu')} at {args.exit_budget:.0%} "
-            f"of the full-resolution model's MACs, against it on the same images (both with BatchNorm folded; "
-            f"medians of {args.runs} interleaved runs)"), \
+            f"of the full-resolution model's MACs, against it on the same images (both with BatchNorm folded, in "
+            f"{args.memory_format}; medians of {args.runs} interleaved runs)"), \
         rows, ["policy", "batch", "full ms", "early exit ms", "wall speedup", "MAC speedup", "wall / MAC", "target",
                "target met", "exit steps"]
 
@@ -189,7 +228,12 @@ def main(argv=None):
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--exit-budget", type=float, default=0.4, help="exit part: MACs budget, fraction of full")
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last",
+                        help="exit part: the memory format of both models and the images (channels_last: the "
+                             "faster CPU format for either at batch 1, 1.66x for the full model)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency", action="store_true", help="curve part: time each point's real early exit "
+                        "(batch 256) against the full model, a column and the plot's second panel")
     parser.add_argument("--plot", default="", help="curve part: a PNG of the budget curves, and beside it one per "
                                                    "policy of the first test images step by step")
     run_parts(parser, PARTS, argv)

@@ -81,4 +81,5 @@ def test_the_glance_row_runs_the_shipped_checkpoint_within_its_budget():
     assert abs(row["mmacs_rewritten"] * 1e6 / macs - demo.GLANCE_BUDGET) < 0.05
     assert row["acc_rewritten"] > 0.8 and row["speedup"] > 0
     gf = glance.load(path, model, timing)
-    assert gf.policy_kind == demo.GLANCE["resnet20"] and gf.meta["train_images"] == 20000
+    assert gf.policy_kind == demo.GLANCE["resnet20"] and gf.saliency == "activation"
+    assert gf.meta["train_images"] == 55000 and gf.meta["epochs"] == 5

@@ -18,8 +18,8 @@ def checkpoint_path(arch: str, dataset: str, policy: str) -> str:
 
 def shipped_path(arch: str, dataset: str, policy: str) -> str:
     """Where a glance and focus checkpoint that ships with fxeff lives (beside the reference checkpoints; the demo
-    reads ResNet-20's on Cluttered Fashion-MNIST with the saliency policy, from benchmarks/glance.py's train
-    part)."""
+    reads ResNet-20's on Cluttered Fashion-MNIST with the saliency policy, written by `benchmarks/glance.py --parts
+    train --policies saliency --train-images 55000 --epochs 5`: 13 minutes on 2 cores)."""
     from ..reference import CHECKPOINT_DIR
 
     return os.path.join(CHECKPOINT_DIR, f"{arch}-{dataset}-glance-{policy}.pt")

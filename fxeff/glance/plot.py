@@ -1,5 +1,6 @@
 """Pictures of glance and focus (GFNet ships none: its issues #5 and #6): each image's glance and patch sequence
 with every step's prediction and confidence, and budget curves (accuracy against MACs per image)."""
+import textwrap
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -102,7 +103,7 @@ def plot_curves(curves: Mapping[str, Sequence], full_accuracy: float, full_macs:
         a.set_ylabel("test accuracy (%)")
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 90), fontsize=9)  # wrapped: a long title would leave the figure
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
