@@ -9,7 +9,7 @@ the seed in every row. The machine may be shared: ratios are measured side by si
 With --device cuda every tensor lives on the GPU (dense = cuDNN), the rows are at batch 1 and 32, and the target
 is issue 6's GPU one: efficiency >= 0.7 x the MAC-ratio speedup at both batches.
 
-    python benchmarks/hetconv.py [--quick] [--threads 2] [--device cpu|cuda] [--channels-last] [--backward]
+    python benchmarks/hetconv.py [--quick] [--small] [--threads 2] [--device cpu|cuda] [--channels-last] [--backward]
                                  [--json out.json] [--markdown out.md]
 """
 import argparse
@@ -27,6 +27,10 @@ from fxeff.ops import hetconv2d, hetconv_dense_weight  # noqa: E402
 
 SHAPES = [(256, 56), (128, 28)]  # (channels in = out, spatial size)
 BATCHES = [1, 8]
+# --small: the reference models' layers (fxeff.reference on 64x64 canvases, stride-2 stem: 32 channels at 32x32, 64
+# at 16x16, 128 at 8x8), at batch 1 and 16 (docs/accuracy.md's latency batch); issue 17
+SMALL_SHAPES = [(32, 32), (64, 16), (128, 8)]
+SMALL_BATCHES = [1, 16]
 PARTS = [2, 4, 8, 16]
 TARGET = {1: 0.8, 8: 0.7}  # required fraction of the MAC-ratio speedup, per batch
 CUDA_BATCHES = [1, 32]
@@ -60,8 +64,23 @@ def best_of_rounds(fns: Dict[str, Callable[[], object]], min_run_time: float, ro
     return best
 
 
+STRATEGIES = ("gemm", "grouped", "direct")  # the CPU kernel's (csrc/ops/cpu/hetconv2d_kernel.cpp); auto picks one
+
+
+def forced(strategy: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the CPU kernel's strategy forced (torch.ops.fxeff._hetconv2d_set_strategy), then restored."""
+    def run():
+        previous = torch.ops.fxeff._hetconv2d_set_strategy(strategy, 0)
+        try:
+            return fn()
+        finally:
+            torch.ops.fxeff._hetconv2d_set_strategy(previous, 0)
+    return run
+
+
 def bench_row(c: int, size: int, batch: int, part: int, k: int, channels_last: bool, backward: bool,
-              min_run_time: float, rounds: int, device: torch.device = torch.device("cpu")) -> Dict[str, object]:
+              min_run_time: float, rounds: int, device: torch.device = torch.device("cpu"),
+              strategies: bool = False) -> Dict[str, object]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, c, size, size).to(device).contiguous(memory_format=fmt)
     wk = (torch.randn(c, c // part, k, k) * 0.1).to(device)
@@ -82,6 +101,8 @@ def bench_row(c: int, size: int, batch: int, part: int, k: int, channels_last: b
         return hetconv2d(x, wk, w1, bias, part, 1, pad)
 
     fns = {"dense": dense, "seed": seed, "fxeff": ours}
+    if strategies and device.type == "cpu":  # direct: float32 NCHW stride 1 only (else the kernel runs gemm)
+        fns.update({s: forced(s, ours) for s in STRATEGIES if s != "direct" or not channels_last})
     with torch.no_grad():
         err = float((ours() - dense()).abs().max())
         t = best_of_rounds(fns, min_run_time, rounds)
@@ -93,6 +114,11 @@ def bench_row(c: int, size: int, batch: int, part: int, k: int, channels_last: b
         "efficiency": t["dense"] / t["fxeff"] * ratio, "seed speedup": t["dense"] / t["seed"],
         "seed efficiency": t["dense"] / t["seed"] * ratio, "max abs err": err,
     }
+    for s in STRATEGIES:
+        if s in t:
+            row[f"{s} ms"] = t[s] * 1e3
+    if any(s in t for s in STRATEGIES):
+        row["fastest"] = min((s for s in STRATEGIES if s in t), key=t.get)
     target = CUDA_TARGET if device.type == "cuda" else TARGET
     row["targets met"] = bool(row["efficiency"] >= target.get(batch, 0.7) and t["fxeff"] < t["seed"])
     if backward:
@@ -111,8 +137,12 @@ def bench_row(c: int, size: int, batch: int, part: int, k: int, channels_last: b
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="P 4 and 16 only, shorter timing")
+    parser.add_argument("--small", action="store_true", help="the reference models' small layers (32/64/128 "
+                        "channels at 32x32/16x16/8x8) at batch 1 and 16 instead of the VGG/ResNet-50 ones")
     parser.add_argument("--channels-last", action="store_true", help="also the channels_last rows")
     parser.add_argument("--backward", action="store_true", help="also forward+backward (dense vs fxeff)")
+    parser.add_argument("--strategies", action="store_true", help="CPU: also each of the kernel's strategies "
+                        "forced (gemm, grouped, direct), and the fastest: the data of the auto pick's rule")
     return parser
 
 
@@ -124,17 +154,21 @@ def main(argv=None) -> None:
     min_run_time = 0.3 if args.quick else 1.5
     rounds = 2 if args.quick else 5
     parts = [4, 16] if args.quick else PARTS
-    batches = CUDA_BATCHES if device.type == "cuda" else BATCHES
+    batches = CUDA_BATCHES if device.type == "cuda" else SMALL_BATCHES if args.small else BATCHES
+    shapes = SMALL_SHAPES if args.small else SHAPES
     text = ""
     for channels_last in ([False, True] if args.channels_last else [False]):
         rows: List[Dict[str, object]] = [
-            bench_row(c, size, batch, part, 3, channels_last, args.backward, min_run_time, rounds, device)
-            for c, size in SHAPES for batch in batches for part in parts]
+            bench_row(c, size, batch, part, 3, channels_last, args.backward, min_run_time, rounds, device,
+                      args.strategies)
+            for c, size in shapes for batch in batches for part in parts]
         columns = ["layer", "batch", "P", "dense ms", "seed ms", "fxeff ms", "MAC ratio", ("speedup", "dense/fxeff"),
                    ("efficiency", "speedup / (1/MAC ratio)"), "seed speedup", ("seed efficiency", "seed / (1/MAC)"),
                    "targets met"]
         if args.backward:
             columns += ["dense fb ms", "fxeff fb ms", "fb speedup"]
+        if args.strategies:
+            columns += [f"{s} ms" for s in STRATEGIES if s != "direct" or not channels_last] + ["fastest"]
         name = "channels_last" if channels_last else "NCHW"
         path = args.json.replace(".json", f"_{name}.json") if args.json else ""
         text += report(f"HetConv layer, K=3 pad 1, float32, {name}, {device.type}: dense vs seed vs "

@@ -119,3 +119,13 @@ def test_peak_memory_sees_the_tensors_alive_at_once():
     more, fewer = peak_memory(three_kept), peak_memory(two_at_a_time)
     assert more >= 4 * size
     assert 3 * size <= fewer < more
+
+
+def test_hetconv_rows_time_each_strategy_forced_and_restore_the_auto_pick():
+    hetconv = _script("hetconv")
+    row = hetconv.bench_row(16, 8, 1, 4, 3, False, False, 0.01, 1, strategies=True)
+    assert all(row[f"{s} ms"] > 0 for s in hetconv.STRATEGIES) and row["fastest"] in hetconv.STRATEGIES
+    assert row["max abs err"] < 1e-4
+    row = hetconv.bench_row(16, 8, 1, 4, 3, True, False, 0.01, 1, strategies=True)
+    assert "direct ms" not in row  # the direct strategy is NCHW only: forced in channels_last it would run gemm
+    assert torch.ops.fxeff._hetconv2d_set_strategy("auto", 0) == "auto"  # each forced run restored the pick
