@@ -145,9 +145,9 @@ def curve_part(args):
         ["policy", "asked", "MACs", "realised / asked", "accuracy", "vs full (points)", "latency / full", "exits"]
 
 
-def _inference_form(model):
-    """A copy of ``model`` (a classifier or a GlanceFocus) in the inference form the exit part times: BatchNorm
-    folded, channels_last."""
+def _inference_form(model, memory_format=torch.channels_last):
+    """A copy of ``model`` (a classifier or a GlanceFocus) in the inference form the timings use: BatchNorm
+    folded, in ``memory_format``."""
     import copy
 
     from torch.fx.experimental.optimization import fuse
@@ -156,12 +156,10 @@ def _inference_form(model):
 
     model = copy.deepcopy(model).eval()
     model = model.fold_batchnorm() if isinstance(model, GlanceFocus) else fuse(model)
-    return model.to(memory_format=torch.channels_last)
+    return model.to(memory_format=memory_format)
 
 
 def exit_part(args):
-    from torch.fx.experimental.optimization import fuse
-
     from fxeff import glance
     from fxeff.glance.command import held_out_logits
     from fxeff.glance.crop import crop
@@ -169,12 +167,11 @@ def exit_part(args):
     test_x, _, _ = _images("test", 0, 256)
     form = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[args.memory_format]
     test_x = test_x.contiguous(memory_format=form)
-    # both in the inference form: BatchNorm folded, in --memory-format
-    full = fuse(reference.load(ARCH, DATASET)).to(memory_format=form)
+    full = _inference_form(reference.load(ARCH, DATASET), form)  # both BatchNorm-folded, in --memory-format
     full_macs = macs(lambda: full(test_x[:1]))
     rows = []
     for policy in args.policies:
-        gf = _load(policy).fold_batchnorm().to(memory_format=form)
+        gf = _inference_form(_load(policy), form)
         hold = held_out_logits(gf, DATASET)
         th = glance.calibrate(gf, hold, gf.macs_per_step, budget=args.exit_budget * full_macs)
         for batch in (256, 16, 1):  # 16: the demo's batch (no target in the issue)
