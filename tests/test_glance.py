@@ -421,6 +421,13 @@ def test_the_fingerprint_follows_every_weight_change(trained):
     assert glance.inference.fingerprint(gf) == first
     gf.rnn.bias_hh.data = gf.rnn.bias_hh.data + 1  # a new tensor, not an in-place write
     assert glance.inference.fingerprint(gf) not in (first, changed)
+    # the same weights with another saliency map or random seed place patches elsewhere: another model
+    for other in ({"saliency": "cam"}, {"policy": "random", "seed": 1}):
+        torch.manual_seed(0)
+        a = glance.GlanceFocus(model, x, patch_size=32, steps=2, **{"policy": other.get("policy", "saliency")})
+        b = glance.GlanceFocus(model, x, patch_size=32, steps=2, **{"policy": "saliency", **other})
+        b.load_state_dict(a.state_dict())
+        assert glance.inference.fingerprint(a) != glance.inference.fingerprint(b)
 
 
 def test_the_command_line_trains_then_evaluates_at_a_budget(tmp_path, capsys, monkeypatch):

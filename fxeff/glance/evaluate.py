@@ -99,9 +99,8 @@ def item_coverage(corners: torch.Tensor, patch_size: int, dataset: Any, indices:
 
 
 def config_of(model: GlanceFocus) -> Dict[str, Any]:
-    """The constructor arguments that rebuild ``model`` around the same classifier."""
-    return {"patch_size": model.patch_size, "steps": model.steps, "glance_size": model.glance_size,
-            "head": model.head_kind, "policy": model.policy_kind, "seed": model.seed, "saliency": model.saliency}
+    """The constructor arguments that rebuild ``model`` around the same classifier (``GlanceFocus.config``)."""
+    return model.config()
 
 
 def save(model: GlanceFocus, path: str, example: torch.Tensor, meta: Optional[Mapping[str, Any]] = None

@@ -54,8 +54,7 @@ def fingerprint(model: GlanceFocus) -> str:
     if cached is not None and cached[0] == _REGISTRATIONS[0] and \
             cached[1] == sum(t._version + t.data_ptr() for t in cached[2]):
         return cached[3]
-    config = (tuple(model.image_size), model.patch_size, model.glance_size, model.steps, model.head_kind,
-              model.policy_kind)
+    config = (tuple(model.image_size), sorted(model.config().items()))  # every constructor argument
     value = hashlib.sha256((repr(config) + model_fingerprint(model)).encode()).hexdigest()
     tensors = list(model.state_dict(keep_vars=True).values())
     model.__dict__["_fxeff_fingerprint"] = (_REGISTRATIONS[0], sum(t._version + t.data_ptr() for t in tensors),

@@ -66,18 +66,23 @@ def centred_corners(weights: torch.Tensor, image_size: List[int], patch_size: in
     return torch.stack([corner_y, corner_x], dim=-1)
 
 
+def check_saliency(kind: str) -> str:
+    """``kind`` if it names a saliency map (SALIENCY_MAPS), else the ValueError naming the argument."""
+    if kind not in SALIENCY_MAPS:
+        raise ValueError(f"{_WHERE}: saliency must be one of {SALIENCY_MAPS}, got {kind!r}")
+    return kind
+
+
 def saliency_map(kind: str, weight: torch.Tensor, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """The saliency map [N, h, w] of the feature map [N, C, h, w]: "activation", summed over channels
     (fxeff.focus.reduce_channels: the map focused convolution thresholds into its Area of Interest; class-agnostic),
     or "cam", the class activation map for the class ``logits`` predict (``class_activation_map`` with the
     classifier's ``weight``)."""
-    if kind == "activation":
-        from ..focus import reduce_channels
+    from ..focus import reduce_channels
 
-        return reduce_channels(features, "sum").to(features.dtype)
-    if kind == "cam":
+    if check_saliency(kind) == "cam":
         return class_activation_map(weight, features, logits)
-    raise ValueError(f"{_WHERE}: saliency must be one of {SALIENCY_MAPS}, got {kind!r}")
+    return reduce_channels(features, "sum").to(features.dtype)
 
 
 class SaliencyPolicy(nn.Module):
@@ -95,10 +100,8 @@ class SaliencyPolicy(nn.Module):
 
     def __init__(self, weight: torch.Tensor, source: str = "activation", level: Optional[float] = None):
         super().__init__()
-        if source not in SALIENCY_MAPS:
-            raise ValueError(f"{_WHERE}: saliency must be one of {SALIENCY_MAPS}, got {source!r}")
         self.register_buffer("weight", weight.detach().clone())
-        self.source = source
+        self.source = check_saliency(source)
         self.level = SALIENCY_LEVELS[source] if level is None else level
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor, covered: torch.Tensor, image_size: List[int],
@@ -141,9 +144,7 @@ class LearnedPolicy(nn.Module):
     def __init__(self, weight: torch.Tensor, channels: int, places: int, hidden: int = 64,
                  source: str = "activation", scale: float = 2.0):
         super().__init__()
-        if source not in SALIENCY_MAPS:
-            raise ValueError(f"{_WHERE}: saliency must be one of {SALIENCY_MAPS}, got {source!r}")
-        self.places, self.source = places, source
+        self.places, self.source = places, check_saliency(source)
         self.register_buffer("weight", weight.detach().clone())
         self.net = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, places, 1))
         nn.init.zeros_(self.net[-1].weight)
@@ -228,8 +229,7 @@ class GlanceFocus(nn.Module):
             raise ValueError(f"{_WHERE}: head must be one of {HEADS}, got {head!r}")
         if policy not in POLICIES:
             raise ValueError(f"{_WHERE}: policy must be one of {POLICIES}, got {policy!r}")
-        if saliency not in SALIENCY_MAPS:
-            raise ValueError(f"{_WHERE}: saliency must be one of {SALIENCY_MAPS}, got {saliency!r}")
+        check_saliency(saliency)
         split = split_classifier(model, example[:2])
         self.image_size = [height, width]
         self.patch_size, self.glance_size, self.steps = patch_size, glance_size, steps
@@ -260,6 +260,12 @@ class GlanceFocus(nn.Module):
         else:
             self.policy = None
         self.seed = seed
+
+    def config(self) -> Dict[str, object]:
+        """The constructor arguments besides the classifier and the example: what rebuilds this model around the
+        same classifier (checkpoints) and, with the weights, tells it from another (thresholds' fingerprint)."""
+        return {"patch_size": self.patch_size, "steps": self.steps, "glance_size": self.glance_size,
+                "head": self.head_kind, "policy": self.policy_kind, "seed": self.seed, "saliency": self.saliency}
 
     # ------------------------------------------------------------------ the steps
     def _pool(self, features: torch.Tensor) -> torch.Tensor:
@@ -360,4 +366,4 @@ def steps_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[tor
 
 
 __all__ = ["GlanceFocus", "SaliencyPolicy", "LearnedPolicy", "PPOPolicy", "class_activation_map", "saliency_map",
-           "centred_corners", "POLICIES", "HEADS", "SALIENCY_MAPS", "steps_loss"]
+           "check_saliency", "centred_corners", "POLICIES", "HEADS", "SALIENCY_MAPS", "steps_loss"]
