@@ -591,31 +591,31 @@ struct ClRowArgs {
   int64_t centre_offset;  // from a pixel's group channels at tap (0, 0) to its channel 0 at the centre tap
 };
 
-// One output row of count pixels in register blocks of kR (the tail by a smaller instantiation).
+// One output row of count pixels in ceil(count / kR) register blocks of nearly equal size (8 pixels as 4 + 4, not
+// 6 + 2: a block of few pixels loads its weights for few multiply-adds).
 template <int G, int NV>
 void cl_direct_row(float* out, const float* in, const float* w, const float* bias, const ClStore* store,
                    int64_t count, const ClRowArgs& a) {
   constexpr int kR = NV == 1 ? 12 : 6;
+  const int64_t blocks = (count + kR - 1) / kR, small = count / blocks, larger = count % blocks;
   int64_t x0 = 0;
-#define FXEFF_CL_BLOCK(r)                                                                                         \
-  cl_direct_block<G, NV, r>(out + x0 * a.ostep, a.ostep, in + x0 * a.istep, in + x0 * a.istep + a.centre_offset, \
-                            a.istep, a.tap_offset, a.taps, a.mb, a.cx, w, a.wblock, bias, store)
-  for (; x0 + kR <= count; x0 += kR) FXEFF_CL_BLOCK(kR);
-  switch (count - x0) {
-    case 1: FXEFF_CL_BLOCK(1); break;
-    case 2: FXEFF_CL_BLOCK(2); break;
-    case 3: FXEFF_CL_BLOCK(3); break;
-    case 4: FXEFF_CL_BLOCK(4); break;
-    case 5: FXEFF_CL_BLOCK(5); break;
-    case 6: FXEFF_CL_BLOCK(6); break;
-    case 7: FXEFF_CL_BLOCK(7); break;
-    case 8: FXEFF_CL_BLOCK(8); break;
-    case 9: FXEFF_CL_BLOCK(9); break;
-    case 10: FXEFF_CL_BLOCK(10); break;
-    case 11: FXEFF_CL_BLOCK(11); break;
-    default: break;
-  }
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t r = small + (i >= blocks - larger ? 1 : 0);
+#define FXEFF_CL_BLOCK(R)                                                                                          \
+  case R:                                                                                                          \
+    if constexpr (R <= kR) {                                                                                       \
+      cl_direct_block<G, NV, R>(out + x0 * a.ostep, a.ostep, in + x0 * a.istep, in + x0 * a.istep + a.centre_offset, \
+                                a.istep, a.tap_offset, a.taps, a.mb, a.cx, w, a.wblock, bias, store);              \
+    }                                                                                                              \
+    break;
+    switch (r) {
+      FXEFF_CL_BLOCK(1) FXEFF_CL_BLOCK(2) FXEFF_CL_BLOCK(3) FXEFF_CL_BLOCK(4) FXEFF_CL_BLOCK(5) FXEFF_CL_BLOCK(6)
+      FXEFF_CL_BLOCK(7) FXEFF_CL_BLOCK(8) FXEFF_CL_BLOCK(9) FXEFF_CL_BLOCK(10) FXEFF_CL_BLOCK(11) FXEFF_CL_BLOCK(12)
+      default: break;
+    }
 #undef FXEFF_CL_BLOCK
+    x0 += r;
+  }
 }
 
 template <int G>
