@@ -394,6 +394,8 @@ struct ClDirect {
 
 ClDirect plan_cl_direct(const HetGeometry& g) {
   ClDirect p;
+  // (G = 2 for 8-15 filters per block, a 64-bit broadcast: measured slower than G = 4 at 32ch@32x32 P4, 0.54 vs
+  // 0.44 of dense's time, more loads per multiply-add.)
   p.lanes_g = g.ob >= 16 ? 1 : g.ob >= 4 ? 4 : g.ob >= 2 ? 8 : 16;
   p.per = 16 / p.lanes_g;
   p.groups = (g.part + p.lanes_g - 1) / p.lanes_g;
@@ -511,14 +513,16 @@ void cl_direct_pad_rows(const float* x, float* dst, const HetGeometry& g, const 
   }
 }
 
-// Where one vector of accumulators goes, relative to the pixel's output: G = 1, 16 lanes at channel (mask: the
-// filters that exist); G = 4, 4 segments of 4 filters at channel + s * ob (segs: blocks that exist, mask4: filters);
-// G = 8, 16: scattered to channel + idx[lane] (mask: lanes that exist).
+// Where one vector of accumulators goes, relative to the pixel's output channels. dense (every block of the group
+// present and ob == 16 / G): the lanes, put in channel order by perm, are 16 consecutive channels from channel.
+// Otherwise G = 1: 16 lanes at channel (mask: the filters that exist); G = 4: 4 segments of 4 filters at channel
+// + s * ob (segs: blocks that exist, mask4: filters); G = 8, 16: scattered to channel + idx[lane] (mask).
 struct ClStore {
   int64_t channel, ob, segs;
+  bool dense;
   __mmask16 mask;
   __mmask8 mask4;
-  int32_t idx[16];
+  int32_t idx[16], perm[16];
 };
 
 template <int G>
@@ -526,10 +530,10 @@ __attribute__((target("avx512f,avx512vl"))) inline void cl_store(float* o, __m51
   o += s.channel;
   if (G == 1) {
     _mm512_mask_storeu_ps(o, s.mask, acc);
+  } else if (s.dense) {
+    _mm512_storeu_ps(o, _mm512_permutexvar_ps(_mm512_loadu_si512(s.perm), acc));
   } else if (G == 4) {
-    // lanes (filter, block) -> (block, filter): a 4x4 transpose of 32-bit lanes
-    const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-    const __m512 a = _mm512_permutexvar_ps(idx, acc);
+    const __m512 a = _mm512_permutexvar_ps(_mm512_loadu_si512(s.perm), acc);
     _mm_mask_storeu_ps(o, s.mask4, _mm512_extractf32x4_ps(a, 0));
     if (s.segs > 1) _mm_mask_storeu_ps(o + s.ob, s.mask4, _mm512_extractf32x4_ps(a, 1));
     if (s.segs > 2) _mm_mask_storeu_ps(o + 2 * s.ob, s.mask4, _mm512_extractf32x4_ps(a, 2));
@@ -655,10 +659,12 @@ void run_direct_cl(const at::Tensor& x, const float* wk, const float* w1, const 
       s.ob = g.ob;
       s.segs = blocks;
       s.mask4 = static_cast<__mmask8>((1u << filters) - 1);
+      s.dense = G > 1 && blocks == G && g.ob == p.per;
       s.mask = 0;
       for (int64_t lane = 0; lane < 16; ++lane) {
         const int64_t l = lane % G, jj = lane / G;
         s.idx[lane] = static_cast<int32_t>(l * g.ob + jj);
+        s.perm[l * p.per + jj] = static_cast<int32_t>(lane);  // channel order (block, filter) <- lane (filter, block)
         if (l < blocks && jj < filters) s.mask = static_cast<__mmask16>(s.mask | (1u << lane));
       }
     }
