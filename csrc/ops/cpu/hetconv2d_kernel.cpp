@@ -409,9 +409,7 @@ ClDirect plan_cl_direct(const HetGeometry& g) {
 
 // Per (group, vector): the off-centre taps as [tap][channel in block][16 lanes], then the centre tap as [channel of
 // the padded copy][16 lanes]; lane = filter * G + block in group. Zero lanes for missing blocks / filters. Also
-// the bias per (group, vector) as 16 lanes. wd and bd are the calling thread's buffers, reused between calls: a
-// fresh vector of this size (up to a few hundred KiB) comes from mmap and page-faults on every call, which
-// measured several times the packing's own work (128ch@8x8, batch 1: 130 us of a 173 us call).
+// the bias per (group, vector) as 16 lanes.
 void cl_direct_weights(const float* wk, const float* w1, const float* bias, const HetGeometry& g, const ClDirect& p,
                        std::vector<float>& wd, std::vector<float>& bd) {
   const int64_t kk = g.k * g.k, c0 = (g.k / 2) * g.k + g.k / 2, taps = g.taps(), G = p.lanes_g, rest = g.m - g.mb;
@@ -635,8 +633,9 @@ void cl_direct_row_nv(int nv, float* out, const float* in, const float* w, const
 void run_direct_cl(const at::Tensor& x, const float* wk, const float* w1, const float* bias, at::Tensor& out,
                    const HetGeometry& g) {
   const ClDirect p = plan_cl_direct(g);
-  // (thread_local: the lambda below must use the pointers, not name these, or each worker sees its own.)
-  thread_local std::vector<float> wbuf, bbuf;
+  // Fresh buffers per call: keeping them in thread_local storage measured slower on whole models (ResNet-20 at
+  // batch 16: 0.82 vs 0.71 of the original's time, glibc malloc), whatever it does to the allocator's trimming.
+  std::vector<float> wbuf, bbuf;
   {
     RECORD_FUNCTION("fxeff::hetconv2d::direct::weights", c10::ArrayRef<const c10::IValue>{});
     cl_direct_weights(wk, w1, bias, g, p, wbuf, bbuf);
@@ -688,9 +687,10 @@ void run_direct_cl(const at::Tensor& x, const float* wk, const float* w1, const 
   float* op = out.mutable_data_ptr<float>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    // The worker's band buffer, kept between calls (a fresh allocation of this size would page-fault on every call).
-    thread_local std::vector<float> buffer;
-    if (buffer.size() < static_cast<size_t>(in_rows * row_floats)) buffer.resize(in_rows * row_floats);
+    // The worker's band buffer, allocated per call: kept between calls in thread_local storage it measured slower on
+    // whole models (ResNet-20 / VGG-style at batch 16: 0.71 / 0.56 of the original's time vs 0.61 / 0.52, glibc
+    // malloc), though not on a layer alone.
+    std::vector<float> buffer(static_cast<size_t>(in_rows * row_floats));
     for (int64_t item = next++; item < items; item = next++) {
       const int64_t n = item / bands, y0 = (item % bands) * band, y1 = std::min(g.ho, y0 + band);
       {
