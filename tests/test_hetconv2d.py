@@ -11,7 +11,8 @@ import fxeff
 from fxeff.ops import hetconv2d, hetconv_dense_weight
 from fxeff.ops._utils import memory_format_of
 
-STRATEGIES = ["auto", "gemm", "grouped", "direct"]  # direct: float32 NCHW stride 1 with AVX-512, else gemm
+# direct: float32 with AVX-512 (NCHW: stride 1; channels_last: any stride, also AVX-512VL), else gemm
+STRATEGIES = ["auto", "gemm", "grouped", "direct"]
 # Max error allowed relative to the output's scale.
 REL_TOL = {torch.float64: 1e-12, torch.float32: 3e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -281,3 +282,96 @@ def test_wide_rows_several_register_blocks(k, padding, dilation, strategy):
     with forced(strategy):
         out = hetconv2d(x, wk, w1, b, 2, 1, padding, dilation)
     assert_matches(out, reference(x, wk, w1, b, 2, 1, padding, dilation))
+
+
+def _cpu_has_avx512vl() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512f" in flags and " avx512vl" in flags
+
+
+# (o, part): filters per block o / part picks how many blocks share a vector (G): >= 16 one block, 4-15 four,
+# 2-3 eight, 1 sixteen; parts that leave the last group of blocks short; filters that do not fill the last vector.
+CL_DIRECT_SHAPES = [(32, 2), (48, 1), (40, 2), (16, 4), (32, 4), (24, 4), (20, 5), (36, 6), (16, 8), (24, 8),
+                    (6, 3), (16, 16), (10, 10), (17, 17)]
+
+
+@pytest.mark.parametrize("o,part", CL_DIRECT_SHAPES)
+@pytest.mark.parametrize("strategy", ["auto", "direct"])
+def test_channels_last_direct_lane_layouts(o, part, strategy):
+    """The channels_last direct kernel (auto's pick for float32 channels_last) against the reference at every
+    blocks-per-vector layout, with and without bias, 2 channels per block."""
+    for bias in (True, False):
+        x, wk, w1, b = make(2, 2 * part, o, part, 3, 7, 9, dtype=torch.float32, bias=bias)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with forced(strategy):
+            out = hetconv2d(x, wk, w1, b, part, 1, 1)
+        assert_matches(out, reference(x, wk, w1, b, part, 1, 1))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation", [(3, 2, 1, 1), (3, (1, 2), (0, 2), (2, 1)), (5, 1, 2, 1),
+                                                       (5, 2, 0, 2), (7, 3, 3, 1), (3, 1, 4, 1)])
+@pytest.mark.parametrize("m,o,part", [(64, 64, 4), (16, 16, 4), (24, 12, 3)])
+def test_channels_last_direct_geometry(k, stride, padding, dilation, m, o, part):
+    """Strides, dilation, padding 0 and padding beyond the kernel's reach, through the padded bands."""
+    x, wk, w1, b = make(2, m, o, part, k, 13, 11, dtype=torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with forced("direct"):
+        out = hetconv2d(x, wk, w1, b, part, stride, padding, dilation)
+    assert_matches(out, reference(x, wk, w1, b, part, stride, padding, dilation))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_channels_last_direct_bands_and_threads(threads):
+    """Images split into several bands of rows (each pads its rows again) and more items than threads, handed out
+    one at a time; row widths that leave register blocks of every size."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, size, m in [(3, (96, 50), 64), (1, (61, 23), 16), (5, (8, 8), 128)]:
+            x, wk, w1, b = make(n, m, m, 4, 3, *size, dtype=torch.float32)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with forced("direct"):
+                out = hetconv2d(x, wk, w1, b, 4, 1, 1)
+            assert_matches(out, reference(x, wk, w1, b, 4, 1, 1))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_channels_last_direct_non_contiguous_and_grad():
+    """A channels_last view with gaps (a channel slice) is read through a copy; the op's gradient is unchanged."""
+    x, wk, w1, b = make(2, 32, 16, 4, 3, 9, 9, dtype=torch.float32)
+    wide = torch.randn(2, 48, 9, 9).contiguous(memory_format=torch.channels_last)
+    xs = wide[:, 8:40]
+    assert not xs.is_contiguous(memory_format=torch.channels_last)
+    with forced("direct"):
+        out = hetconv2d(xs, wk, w1, b, 4, 1, 1)
+    assert_matches(out, reference(xs, wk, w1, b, 4, 1, 1))
+    xg = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    wkg, w1g = wk.clone().requires_grad_(), w1.clone().requires_grad_()
+    with forced("direct"):
+        hetconv2d(xg, wkg, w1g, b, 4, 1, 1).square().sum().backward()
+    xr, wkr, w1r = (t.detach().double().requires_grad_() for t in (xg, wk, w1))
+    F.conv2d(xr, hetconv_dense_weight(wkr, w1r, 4), b.double(), 1, 1).square().sum().backward()
+    for got, want in ((xg.grad, xr.grad), (wkg.grad, wkr.grad), (w1g.grad, w1r.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not _cpu_has_avx512vl(), reason="the channels_last direct kernel needs AVX-512F and VL")
+def test_auto_picks_channels_last_direct():
+    """auto runs float32 channels_last through the direct kernel (its profiler scopes), float64 through another."""
+    x, wk, w1, b = make(1, 16, 16, 4, 3, 8, 8, dtype=torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def scopes(t):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            hetconv2d(t, wk.to(t.dtype), w1.to(t.dtype), b.to(t.dtype), 4, 1, 1)
+        return {e.key for e in prof.key_averages() if e.key.startswith("fxeff::hetconv2d::")}
+
+    with forced("auto"):
+        assert {"fxeff::hetconv2d::direct", "fxeff::hetconv2d::direct::pad"} <= scopes(x)
+        assert "fxeff::hetconv2d::direct" not in scopes(x.double())
