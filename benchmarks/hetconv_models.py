@@ -14,6 +14,7 @@ rewrite timed in turn (medians), with FlopCounterMode MACs; --device cuda runs t
 (parts 0 and 1, errors and accuracy, stay on the CPU).
 
     python benchmarks/hetconv_models.py [--models vgg16,resnet50] [--part 4] [--size 224] [--runs 10]
+        [--latency-models vgg16,reference:vgg,reference:resnet20] [--memory-format nchw|channels_last]
         [--reference-images 2000] [--fit-images 256] [--threads 2] [--device cpu|cuda] [--json out.json] [--markdown out.md]
 """
 import argparse
@@ -70,19 +71,40 @@ def init_rows(names, part: int, size: int):
     return rows
 
 
-def latency_rows(names, part: int, size: int, runs: int, device: torch.device = torch.device("cpu")):
+REFERENCE_DATASET = "cluttered-fashion-mnist"  # the reference models timed by --latency-models reference:<arch>
+
+
+def latency_rows(names, part: int, size: int, runs: int, device: torch.device = torch.device("cpu"),
+                 memory_format: str = "nchw", reference_batch: int = 16):
+    """Each model and its HetConv rewrite timed in turn: a torchvision model at batch 1 and size x size (random
+    input), or ``reference:<arch>``, fxeff's trained reference model on the first ``reference_batch`` test images
+    of Cluttered Fashion-MNIST (docs/accuracy.md's latency batch). Both in ``memory_format``."""
+    fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}[memory_format]
     rows = []
     for name in names:
-        model = models.load_model(f"torchvision:{name}").eval().to(device)
-        x = torch.rand(1, 3, size, size).to(device)
-        rows.append(model_before_after(name, model, fxeff.transform(model, x, [fxeff.HetConv(part=part)]), x, runs))
+        if name.startswith("reference:"):
+            model = reference.load(name.split(":", 1)[1], REFERENCE_DATASET)
+            test = reference.dataset(REFERENCE_DATASET, "test", limit=reference_batch)
+            x = torch.stack([test[i][0] for i in range(len(test))])
+        else:
+            model = models.load_model(f"torchvision:{name}")
+            x = torch.rand(1, 3, size, size)
+        model = model.eval().to(device, memory_format=fmt)
+        x = x.to(device).contiguous(memory_format=fmt)
+        row = model_before_after(name, model, fxeff.transform(model, x, [fxeff.HetConv(part=part)]), x, runs)
+        rows.append({**row, "format": memory_format})
     return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     parser.add_argument("--models", default="vgg16,resnet50")
-    parser.add_argument("--latency-models", default="vgg16")
+    parser.add_argument("--latency-models", default="vgg16",
+                        help="comma list: torchvision names, or reference:vgg / reference:resnet20 (fxeff's trained "
+                             "reference models on Cluttered Fashion-MNIST test images)")
+    parser.add_argument("--memory-format", choices=["nchw", "channels_last"], default="nchw",
+                        help="the latency part's memory format, model and input (default nchw)")
+    parser.add_argument("--reference-batch", type=int, default=16, help="batch of the reference models' latency")
     parser.add_argument("--part", type=int, default=4)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--runs", type=int, default=10)
@@ -108,8 +130,11 @@ def main(argv=None) -> None:
         rows = init_rows(args.models.split(","), args.part, args.size)
     text += report(f"HetConv init on real photos, P={args.part}: relative output error before fine-tuning", rows,
                   list(rows[0].keys()), args.json.replace(".json", "_init.json") if args.json else "")
-    rows = latency_rows(args.latency_models.split(","), args.part, args.size, args.runs, args.device)
-    text += "\n\n" + report(f"Whole model, eager, batch 1, {args.device.type}, before/after the HetConv pass", rows,
+    rows = latency_rows(args.latency_models.split(","), args.part, args.size, args.runs, args.device,
+                        args.memory_format, args.reference_batch)
+    text += "\n\n" + report(f"Whole model, eager, {args.device.type}, {args.memory_format}, before/after the HetConv "
+                            f"pass (torchvision models at batch 1, reference models at batch {args.reference_batch})",
+                            rows,
                             list(rows[0].keys()), args.json.replace(".json", "_latency.json") if args.json else "",
                             args.device)
     write_markdown(args.markdown, text)

@@ -127,5 +127,14 @@ def test_hetconv_rows_time_each_strategy_forced_and_restore_the_auto_pick():
     assert all(row[f"{s} ms"] > 0 for s in hetconv.STRATEGIES) and row["fastest"] in hetconv.STRATEGIES
     assert row["max abs err"] < 1e-4
     row = hetconv.bench_row(16, 8, 1, 4, 3, True, False, 0.01, 1, strategies=True)
-    assert "direct ms" not in row  # the direct strategy is NCHW only: forced in channels_last it would run gemm
+    assert all(row[f"{s} ms"] > 0 for s in hetconv.STRATEGIES)  # direct runs channels_last too (its own kernel)
+    assert row["max abs err"] < 1e-4
     assert torch.ops.fxeff._hetconv2d_set_strategy("auto", 0) == "auto"  # each forced run restored the pick
+
+
+def test_hetconv_models_latency_rows_time_reference_models_in_a_memory_format():
+    models = _script("hetconv_models")
+    rows = models.latency_rows(["reference:resnet20"], 4, 224, 1, memory_format="channels_last", reference_batch=2)
+    (row,) = rows
+    assert row["model"] == "reference:resnet20" and row["input"] == "2x1x64x64" and row["format"] == "channels_last"
+    assert 0.3 < row["MAC ratio"] < 0.45 and row["rewritten"] > 0 and row["dense ms"] > 0 and row["fxeff ms"] > 0
