@@ -415,7 +415,8 @@ ClDirect plan_cl_direct(const HetGeometry& g) {
 void cl_direct_weights(const float* wk, const float* w1, const float* bias, const HetGeometry& g, const ClDirect& p,
                        std::vector<float>& wd, std::vector<float>& bd) {
   const int64_t kk = g.k * g.k, c0 = (g.k / 2) * g.k + g.k / 2, taps = g.taps(), G = p.lanes_g, rest = g.m - g.mb;
-  const size_t wsize = static_cast<size_t>(p.groups * p.jvs * p.wblock), bsize = static_cast<size_t>(p.groups * p.jvs * 16);
+  const size_t wsize = static_cast<size_t>(p.groups * p.jvs * p.wblock);
+  const size_t bsize = static_cast<size_t>(p.groups * p.jvs * 16);
   if (wd.size() < wsize) wd.resize(wsize);
   if (bd.size() < bsize) bd.resize(bsize);
   std::fill_n(wd.data(), wsize, 0.f);
