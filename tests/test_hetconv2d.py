@@ -284,15 +284,6 @@ def test_wide_rows_several_register_blocks(k, padding, dilation, strategy):
     assert_matches(out, reference(x, wk, w1, b, 2, 1, padding, dilation))
 
 
-def _cpu_has_avx512vl() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx512f" in flags and " avx512vl" in flags
-
-
 # (o, part): filters per block o / part picks how many blocks share a vector (G): >= 16 one block, 4-15 four,
 # 2-3 eight, 1 sixteen; parts that leave the last group of blocks short; filters that do not fill the last vector.
 CL_DIRECT_SHAPES = [(32, 2), (48, 1), (40, 2), (16, 4), (32, 4), (24, 4), (20, 5), (36, 6), (16, 8), (24, 8),
@@ -361,7 +352,8 @@ def test_channels_last_direct_non_contiguous_and_grad():
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.skipif(not _cpu_has_avx512vl(), reason="the channels_last direct kernel needs AVX-512F and VL")
+@pytest.mark.skipif(not torch.ops.fxeff._hetconv2d_direct_available(True),
+                    reason="the channels_last direct kernel needs AVX-512F and VL")
 def test_auto_picks_channels_last_direct():
     """auto runs float32 channels_last through the direct kernel (its profiler scopes), float64 through another."""
     x, wk, w1, b = make(1, 16, 16, 4, 3, 8, 8, dtype=torch.float32)

@@ -17,6 +17,9 @@ struct HetGeometry {
   int64_t ho, wo;       // output
   int64_t sh, sw, ph, pw, dh, dw;
   int64_t taps() const { return k * k - 1; }  // KxK taps other than the centre
+  int64_t centre_tap() const { return (k / 2) * k + k / 2; }  // its index in the row-major KxK kernel
+  // The kernel index (row-major, ky * k + kx) of off-centre tap t in [0, taps()): the centre skipped.
+  int64_t kernel_tap(int64_t t) const { return t < centre_tap() ? t : t + 1; }
   // The centre tap of output (yo, xo) reads input (yo * sh + ch, xo * sw + cw): ch = dh * (k / 2) - ph.
   int64_t ch() const { return dh * (k / 2) - ph; }
   int64_t cw() const { return dw * (k / 2) - pw; }

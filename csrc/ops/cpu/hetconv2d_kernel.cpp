@@ -86,7 +86,7 @@ int64_t pick_chunk(int64_t total_pixels) {
 // the "grouped" strategy's Wc0).
 template <typename T>
 void fill_centre_matrix(const T* wk, const T* w1, T* wc, const HetGeometry& g, bool with_own_block) {
-  const int64_t kk = g.k * g.k, c = (g.k / 2) * g.k + g.k / 2, rest = g.m - g.mb;
+  const int64_t kk = g.k * g.k, c = g.centre_tap(), rest = g.m - g.mb;
   for (int64_t j = 0; j < g.o; ++j) {
     const int64_t b = j / g.ob;
     T* row = wc + j * g.m;
@@ -101,12 +101,12 @@ void fill_centre_matrix(const T* wk, const T* w1, T* wc, const HetGeometry& g, b
 // channels_last (tap_major true), matching the gathers below.
 template <typename T>
 void fill_offcentre_matrix(const T* wk, T* wo, const HetGeometry& g, bool tap_major) {
-  const int64_t kk = g.k * g.k, c = (g.k / 2) * g.k + g.k / 2, taps = g.taps();
+  const int64_t kk = g.k * g.k, taps = g.taps();
   for (int64_t j = 0; j < g.o; ++j) {
     for (int64_t i = 0; i < g.mb; ++i) {
       const T* src = wk + (j * g.mb + i) * kk;
       for (int64_t t = 0; t < taps; ++t) {
-        const int64_t q = t < c ? t : t + 1;
+        const int64_t q = g.kernel_tap(t);
         wo[j * g.mb * taps + (tap_major ? t * g.mb + i : i * taps + t)] = src[q];
       }
     }
@@ -132,11 +132,11 @@ ColRange valid_cols(int64_t kx, int64_t dil, int64_t pad, int64_t stride, int64_
 template <typename T>
 void gather_block_nchw(const T* x, T* cols, const HetGeometry& g, const std::vector<ColRange>& cr, int64_t n,
                        int64_t b, int64_t y0, int64_t y1) {
-  const int64_t taps = g.taps(), c = (g.k / 2) * g.k + g.k / 2, np = (y1 - y0) * g.wo;
+  const int64_t taps = g.taps(), np = (y1 - y0) * g.wo;
   for (int64_t i = 0; i < g.mb; ++i) {
     const T* plane = x + ((n * g.m) + b * g.mb + i) * g.h * g.w;
     for (int64_t t = 0; t < taps; ++t) {
-      const int64_t q = t < c ? t : t + 1, ky = q / g.k;
+      const int64_t q = g.kernel_tap(t), ky = q / g.k;
       const ColRange& r = cr[q % g.k];
       T* dst = cols + (i * taps + t) * np;
       for (int64_t y = y0; y < y1; ++y, dst += g.wo) {
@@ -254,21 +254,6 @@ void centre_gemm(const at::Tensor& out2, const at::Tensor& xc2, const at::Tensor
   }
 }
 
-// The 1x1 part of every filter for the whole channels_last batch, one GEMM with pixels as rows:
-// out [B*Ho*Wo, O] = x_centre [.., M] @ wc^T (+ bias).
-void centre_gemm_cl(at::Tensor& out, const at::Tensor& xc, const at::Tensor& wc, const c10::optional<at::Tensor>& bias,
-                    const HetGeometry& g) {
-  const int64_t total = g.n * g.ho * g.wo;
-  at::Tensor out2 = out.permute({0, 2, 3, 1}).view({total, g.o});
-  const at::Tensor xc2 = xc.permute({0, 2, 3, 1}).reshape({total, g.m});
-  at::AutoDispatchBelowADInplaceOrView guard;
-  if (bias.has_value()) {
-    at::addmm_out(out2, *bias, xc2, wc.t());
-  } else {
-    at::mm_out(out2, xc2, wc.t());
-  }
-}
-
 // NCHW: stride 1 (AVX-512F); channels_last: any stride (AVX-512F and VL).
 bool direct_possible(const HetGeometry& g, bool cl, at::ScalarType dtype) {
   if (dtype != at::kFloat || g.k == 1) return false;
@@ -278,7 +263,7 @@ bool direct_possible(const HetGeometry& g, bool cl, at::ScalarType dtype) {
 #ifdef FXEFF_HETCONV_X86
 // Off-centre weights for the direct kernel: per block, tiles of OT filters as [(c, tap), OT]; then single filters.
 std::vector<float> direct_weights(const float* wk, const HetGeometry& g) {
-  const int64_t kk = g.k * g.k, c0 = (g.k / 2) * g.k + g.k / 2, taps = g.taps();
+  const int64_t kk = g.k * g.k, taps = g.taps();
   std::vector<float> out(static_cast<size_t>(g.o * g.mb * taps));
   for (int64_t b = 0; b < g.part; ++b) {
     float* dst = out.data() + b * g.ob * g.mb * taps;
@@ -286,7 +271,7 @@ std::vector<float> direct_weights(const float* wk, const HetGeometry& g) {
       const int64_t ot = g.ob - j0 >= 8 ? 8 : 1;
       for (int64_t c = 0; c < g.mb; ++c) {
         for (int64_t t = 0; t < taps; ++t) {
-          const int64_t q = t < c0 ? t : t + 1;
+          const int64_t q = g.kernel_tap(t);
           for (int64_t o = 0; o < ot; ++o) {
             dst[j0 * g.mb * taps + (c * taps + t) * ot + o] = wk[((b * g.ob + j0 + o) * g.mb + c) * kk + q];
           }
@@ -312,9 +297,8 @@ void run_direct(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc,
   const int64_t trows = rows_per_chunk + span_h;
   const int64_t cstride = trows * tstride;
   std::vector<int64_t> tap_offset(taps);
-  const int64_t c0 = (g.k / 2) * g.k + g.k / 2;
   for (int64_t t = 0; t < taps; ++t) {
-    const int64_t q = t < c0 ? t : t + 1;
+    const int64_t q = g.kernel_tap(t);
     tap_offset[t] = (q / g.k) * g.dh * tstride + (q % g.k) * g.dw;
   }
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
@@ -414,13 +398,9 @@ ClDirect plan_cl_direct(const HetGeometry& g) {
 // the bias per (group, vector) as 16 lanes.
 void cl_direct_weights(const float* wk, const float* w1, const float* bias, const HetGeometry& g, const ClDirect& p,
                        std::vector<float>& wd, std::vector<float>& bd) {
-  const int64_t kk = g.k * g.k, c0 = (g.k / 2) * g.k + g.k / 2, taps = g.taps(), G = p.lanes_g, rest = g.m - g.mb;
-  const size_t wsize = static_cast<size_t>(p.groups * p.jvs * p.wblock);
-  const size_t bsize = static_cast<size_t>(p.groups * p.jvs * 16);
-  if (wd.size() < wsize) wd.resize(wsize);
-  if (bd.size() < bsize) bd.resize(bsize);
-  std::fill_n(wd.data(), wsize, 0.f);
-  std::fill_n(bd.data(), bsize, 0.f);
+  const int64_t kk = g.k * g.k, c0 = g.centre_tap(), taps = g.taps(), G = p.lanes_g, rest = g.m - g.mb;
+  wd.assign(static_cast<size_t>(p.groups * p.jvs * p.wblock), 0.f);
+  bd.assign(static_cast<size_t>(p.groups * p.jvs * 16), 0.f);
   // Written row by row (16 lanes at a time), the vectors' blocks shared among the threads. (Filter by filter, or
   // lane by lane within a block, measured up to 2x slower.)
   at::parallel_for(0, p.groups * p.jvs, 1, [&](int64_t begin, int64_t end) {
@@ -439,7 +419,7 @@ void cl_direct_weights(const float* wk, const float* w1, const float* bias, cons
         if (real && bias != nullptr) bd[v * 16 + lane] = bias[filter];
       }
       for (int64_t t = 0; t < taps; ++t) {
-        const int64_t q = t < c0 ? t : t + 1;
+        const int64_t q = g.kernel_tap(t);
         for (int64_t c = 0; c < g.mb; ++c, dst += 16) {
           for (int64_t lane = 0; lane < 16; ++lane) {
             if (src[lane] != nullptr) dst[lane] = src[lane][c * kk + q];
@@ -645,10 +625,10 @@ void run_direct_cl(const at::Tensor& x, const float* wk, const float* w1, const 
   }
   const float* wd = wbuf.data();
   const float* bd = bbuf.data();
-  const int64_t taps = g.taps(), c0 = (g.k / 2) * g.k + g.k / 2, G = p.lanes_g;
+  const int64_t taps = g.taps(), G = p.lanes_g;
   std::vector<int64_t> tap_offset(taps);
   for (int64_t t = 0; t < taps; ++t) {
-    const int64_t q = t < c0 ? t : t + 1;
+    const int64_t q = g.kernel_tap(t);
     tap_offset[t] = ((q / g.k) * g.dh * p.wp + (q % g.k) * g.dw) * p.cx;
   }
   // Each vector's store: its output channels, masks, and (G >= 8) scatter offsets.
@@ -755,12 +735,12 @@ bool use_grouped(const HetGeometry& g, bool cl, int64_t elem) {
 // mb], so block b's matrix is the [np, taps * mb] slice at column b * taps * mb (row stride taps * M).
 template <typename T>
 void gather_pixels_cl(const T* x, T* cols, const HetGeometry& g, int64_t p0, int64_t np) {
-  const int64_t taps = g.taps(), c = (g.k / 2) * g.k + g.k / 2, row = taps * g.m, hw = g.ho * g.wo;
+  const int64_t taps = g.taps(), row = taps * g.m, hw = g.ho * g.wo;
   for (int64_t p = 0; p < np; ++p) {
     const int64_t pix = p0 + p, n = pix / hw, y = (pix % hw) / g.wo, xo = pix % g.wo;
     T* dst = cols + p * row;
     for (int64_t t = 0; t < taps; ++t) {
-      const int64_t q = t < c ? t : t + 1;
+      const int64_t q = g.kernel_tap(t);
       const int64_t iy = y * g.sh - g.ph + (q / g.k) * g.dh, ix = xo * g.sw - g.pw + (q % g.k) * g.dw;
       if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
         for (int64_t b = 0; b < g.part; ++b) std::fill_n(dst + b * taps * g.mb + t * g.mb, g.mb, T(0));
@@ -822,9 +802,17 @@ template <typename T>
 void run_cl(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc, const at::Tensor& woff,
             const c10::optional<at::Tensor>& bias, at::Tensor& out, const HetGeometry& g) {
   const int64_t taps = g.taps(), total = g.n * g.ho * g.wo;
-  centre_gemm_cl(out, xc, wc, bias, g);
-  if (taps == 0) return;
   at::Tensor out2 = out.permute({0, 2, 3, 1}).view({total, g.o});
+  const at::Tensor xc2 = xc.permute({0, 2, 3, 1}).reshape({total, g.m});
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    if (bias.has_value()) {
+      at::addmm_out(out2, *bias, xc2, wc.t());
+    } else {
+      at::mm_out(out2, xc2, wc.t());
+    }
+  }
+  if (taps == 0) return;
   const int64_t chunk = pick_chunk(total);
   const int64_t items = (total + chunk - 1) / chunk;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
@@ -926,6 +914,9 @@ TORCH_LIBRARY_FRAGMENT(fxeff, m) {
   // Forces a strategy ("auto", "gemm", "grouped") and the gemm strategy's pixels per chunk (0 = the kernel's pick);
   // returns the previous strategy. For tests and benchmarks; process-wide.
   m.def("_hetconv2d_set_strategy(str strategy, int chunk) -> str", &set_strategy);
+  // Whether this CPU runs the "direct" strategy in that layout (float32; the checks the kernel itself makes).
+  m.def("_hetconv2d_direct_available(bool channels_last) -> bool",
+        [](bool channels_last) { return channels_last ? cpu_has_avx512vl() : cpu_has_avx512f(); });
 }
 
 TORCH_LIBRARY_IMPL(fxeff, CPU, m) { m.impl("hetconv2d", &hetconv2d_cpu); }
