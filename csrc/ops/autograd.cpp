@@ -8,7 +8,9 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/clamp.h>
 #include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/conv2d.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/logical_not.h>
 #include <ATen/ops/zeros.h>
@@ -255,6 +257,38 @@ at::Tensor shift_pool_autograd(const at::Tensor& x, const at::Tensor& shifts, c1
   return ShiftPoolFunction::apply(x, shifts, padding, mode, pad, pool, needs_shift_grad(shifts, mode));
 }
 
+// shift_conv1x1 is the inference form of shift -> BatchNorm -> clamp -> 1x1 conv (fxeff.passes.FuseShift makes it
+// from an eval-mode graph). A call that records a backward runs as its composition (shift_pool, the per-channel
+// affine, clamp, conv2d), each op with its own autograd: the same function, differentiable in every input.
+using ShiftConv1x1Sig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, c10::string_view,
+                                   at::IntArrayRef, at::IntArrayRef, const c10::optional<at::Tensor>&,
+                                   const c10::optional<at::Tensor>&, c10::optional<double>, c10::optional<double>,
+                                   const at::Tensor&, const c10::optional<at::Tensor>&);
+
+at::Tensor shift_conv1x1_autograd(const at::Tensor& x, const at::Tensor& shifts, c10::string_view padding,
+                                  c10::string_view mode, at::IntArrayRef pad, at::IntArrayRef pool,
+                                  const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& offset,
+                                  c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  if (!records({&x, &shifts, &or_undefined(scale), &or_undefined(offset), &weight, &or_undefined(bias)})) {
+    static auto op = op_handle<ShiftConv1x1Sig>("fxeff::shift_conv1x1");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, shifts, padding, mode, pad, pool, scale, offset, clamp_min, clamp_max, weight, bias);
+  }
+  const bool has_scale = scale.has_value() && scale->defined(), has_offset = offset.has_value() && offset->defined();
+  TORCH_CHECK_VALUE(has_scale == has_offset, "fxeff.shift_conv1x1: scale and offset go together (a folded "
+                    "BatchNorm), got ", has_scale ? "scale without offset" : "offset without scale");
+  static auto shift_pool = op_handle<ShiftPoolSig>("fxeff::shift_pool");
+  at::Tensor z = shift_pool.call(x, shifts, padding, mode, pad, pool);
+  if (has_scale) z = z * scale->view({1, -1, 1, 1}) + offset->view({1, -1, 1, 1});
+  if (clamp_min.has_value() || clamp_max.has_value()) {
+    const c10::optional<at::Scalar> lo = clamp_min.has_value() ? c10::optional<at::Scalar>(*clamp_min) : c10::nullopt;
+    const c10::optional<at::Scalar> hi = clamp_max.has_value() ? c10::optional<at::Scalar>(*clamp_max) : c10::nullopt;
+    z = at::clamp(z, lo, hi);
+  }
+  return at::conv2d(z, weight, bias);
+}
+
 // ---------------------------------------------------------------- hetconv2d
 
 using HetConv2dSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -477,6 +511,7 @@ TORCH_LIBRARY_IMPL(fxeff, Autograd, m) {
   m.impl("focused_conv2d", &focused_conv2d_autograd);
   m.impl("shift", &shift_autograd);
   m.impl("shift_pool", &shift_pool_autograd);
+  m.impl("shift_conv1x1", &shift_conv1x1_autograd);
   m.impl("hetconv2d", &hetconv2d_autograd);
 }
 

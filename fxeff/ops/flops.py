@@ -43,6 +43,13 @@ def _narrow_conv2d_flops(x, weight, bias, stride, padding, dilation, clamp_min=N
     return flop_counter.conv_flop_count(list(x.shape), list(weight.shape), list(out_val.shape), False)
 
 
+def _shift_conv1x1_flops(x, shifts, padding, mode, pad, pool, scale, offset, clamp_min, clamp_max, weight, bias,
+                         out_val=None, **kwargs) -> int:
+    # The 1x1 conv on the shifted (and pooled) map: the shift is free, as in fxeff.ops.shift.
+    o = out_val.shape
+    return flop_counter.conv_flop_count([o[0], x.shape[1], o[2], o[3]], list(weight.shape), list(o), False)
+
+
 def _zero_flops(*args, **kwargs) -> int:
     return 0
 
@@ -58,6 +65,7 @@ def register() -> None:
     flop_counter.register_flop_formula(ops.hetconv2d, get_raw=True)(_hetconv2d_flops)
     flop_counter.register_flop_formula(ops.tile_conv2d, get_raw=True)(_tile_conv2d_flops)
     flop_counter.register_flop_formula(ops.narrow_conv2d, get_raw=True)(_narrow_conv2d_flops)
+    flop_counter.register_flop_formula(ops.shift_conv1x1, get_raw=True)(_shift_conv1x1_flops)
     flop_counter.register_flop_formula([ops.aoi_mask, ops.mask_resize, ops.shift, ops.shift_pool, ops.shift_input_grad,
                                           ops.shift_shifts_grad], get_raw=True)(_zero_flops)
     _registered = True

@@ -7,7 +7,7 @@ outside the input follow ``padding``. "sparse" and "grouped" shift by s rounded 
 shifts get the derivative of the linear interpolation at the real s ("active" exactly, "sparse"
 straight-through); "grouped" shifts are fixed (no gradient).
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -87,4 +87,34 @@ def _shift_pool_fake(x, shifts, padding, mode, pad, pool):
                  lambda: f"fxeff.shift_pool: pad must have {2 * (x.dim() - 2)} and pool {x.dim() - 2} entries, got "
                          f"{list(pad)} and {list(pool)}")
     out = x.new_empty((x.shape[0], x.shape[1], *pooled_sizes(list(x.shape[2:]), pad, pool)))
+    return out.contiguous(memory_format=memory_format_of(x))
+
+
+# ---------------------------------------------------------------- shift_conv1x1: the shift fused into a 1x1 conv
+
+@torch.fx.wrap
+def shift_conv1x1(x: torch.Tensor, shifts: torch.Tensor, padding: str, mode: str, pad: List[int], pool: List[int],
+                  scale: Optional[torch.Tensor], offset: Optional[torch.Tensor], clamp_min: Optional[float],
+                  clamp_max: Optional[float], weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+    """``conv2d(clamp(shift_pool(x, ...) * scale + offset, clamp_min, clamp_max), weight, bias)`` in one op,
+    inference only: a shift layer, its BatchNorm folded to a per-channel ``scale`` and ``offset`` [C] (both or
+    neither), a clamp activation (ReLU, ReLU6, Hardtanh; None bounds are open) and the 1x1 conv (``weight`` [O, C,
+    1, 1], stride 1, no padding) that reads them. The shifted map never reaches memory: NCHW runs it in L2-sized
+    chunks of channels, each one GEMM into the output. x: 4-D float32/float64, NCHW or channels_last (the output
+    follows). ``fxeff.passes.FuseShift`` rewrites graphs into it. A call that needs grad runs as that composition
+    (differentiable, not fused)."""
+    return torch.ops.fxeff.shift_conv1x1(x, shifts, padding, mode, pad, pool, scale, offset, clamp_min, clamp_max,
+                                         weight, bias)
+
+
+@torch.library.register_fake("fxeff::shift_conv1x1")
+def _shift_conv1x1_fake(x, shifts, padding, mode, pad, pool, scale, offset, clamp_min, clamp_max, weight, bias):
+    _check(x, shifts, padding, mode)
+    torch._check(x.dim() == 4, lambda: f"fxeff.shift_conv1x1: x must be 4-D, got {x.dim()}-D")
+    torch._check(weight.dim() == 4 and weight.shape[1] == x.shape[1] and weight.shape[2] == 1 and weight.shape[3] == 1,
+                 lambda: f"fxeff.shift_conv1x1: weight must be [O, {x.shape[1]}, 1, 1], got {list(weight.shape)}")
+    torch._check(len(pad) == 4 and len(pool) == 2,
+                 lambda: f"fxeff.shift_conv1x1: pad must have 4 and pool 2 entries, got {list(pad)} and {list(pool)}")
+    out = x.new_empty((x.shape[0], weight.shape[0], *pooled_sizes(list(x.shape[2:]), pad, pool)))
     return out.contiguous(memory_format=memory_format_of(x))

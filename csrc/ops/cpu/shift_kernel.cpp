@@ -11,13 +11,16 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/_make_per_tensor_quantized_tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/avg_pool1d.h>
 #include <ATen/ops/avg_pool2d.h>
 #include <ATen/ops/avg_pool3d.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/int_repr.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -552,17 +555,53 @@ struct PoolGeometry {
   int64_t out[kDims] = {1, 1, 1};
 };
 
+// Output columns whose window lies inside the shifted row and is whole: [lo, hi), summed without checks.
+struct PoolColumns {
+  int64_t lo = 0, hi = 0;
+};
+
+PoolColumns pool_columns(const PoolGeometry& g, int64_t W) {
+  const int64_t sx = g.stride[2], bx = g.begin[2];
+  PoolColumns cols;
+  cols.lo = bx >= 0 ? 0 : (-bx + sx - 1) / sx;
+  const int64_t inside = std::min(g.len[2], W - bx);  // padded columns backed by the shifted row
+  cols.hi = inside >= sx ? std::max(cols.lo, std::min(g.out[2], (inside - sx) / sx + 1)) : cols.lo;
+  return cols;
+}
+
+// acc[ox] += the window sums of one shifted row (columns of the crop/pad, windows of g.stride[2], clipped).
+template <typename T, typename A>
+void pool_row_add(const T* shifted, A* acc, const PoolGeometry& g, PoolColumns cols, int64_t W) {
+  const int64_t sx = g.stride[2], bx = g.begin[2];
+  const T* row = shifted + bx;  // row[u] = shifted value at padded column u
+  if (sx == 2) {
+    for (int64_t ox = cols.lo; ox < cols.hi; ++ox) acc[ox] += static_cast<A>(row[2 * ox]) + static_cast<A>(row[2 * ox + 1]);
+  } else {
+    for (int64_t ox = cols.lo; ox < cols.hi; ++ox)
+      for (int64_t u = ox * sx; u < ox * sx + sx; ++u) acc[ox] += static_cast<A>(row[u]);
+  }
+  auto edge = [&](int64_t ox) {
+    const int64_t x0 = ox * sx, x1 = std::min(x0 + sx, g.len[2]);
+    for (int64_t u = x0; u < x1; ++u)
+      if (u + bx >= 0 && u + bx < W) acc[ox] += static_cast<A>(row[u]);
+  };
+  for (int64_t ox = 0; ox < cols.lo; ++ox) edge(ox);
+  for (int64_t ox = cols.hi; ox < g.out[2]; ++ox) edge(ox);
+}
+
+// The window of output index o along pooled dim d: [o * stride, min(o * stride + stride, len)).
+inline std::pair<int64_t, int64_t> pool_window(const PoolGeometry& g, int d, int64_t o) {
+  const int64_t a = o * g.stride[d];
+  return {a, std::min(a + g.stride[d], g.len[d])};
+}
+
 // NCDHW: each plane is shifted into a thread-local scratch plane, then cropped and averaged into the
 // output, so the full-resolution shift never goes to memory.
 template <typename T, typename A>
 void shift_pool_nchw(const T* x, T* out, const ShiftPlan& p, int64_t N, bool linear, const PoolGeometry& g) {
   const int64_t D = p.size[0], H = p.size[1], W = p.size[2], plane = D * H * W;
   const int64_t out_plane = g.out[0] * g.out[1] * g.out[2];
-  // Output columns whose window lies inside the shifted row and is whole: summed without checks.
-  const int64_t sx = g.stride[2], bx = g.begin[2];
-  const int64_t ox_lo = bx >= 0 ? 0 : (-bx + sx - 1) / sx;
-  const int64_t inside = std::min(g.len[2], W - bx);  // padded columns backed by the shifted row
-  const int64_t ox_hi = inside >= sx ? std::max(ox_lo, std::min(g.out[2], (inside - sx) / sx + 1)) : ox_lo;
+  const PoolColumns cols = pool_columns(g, W);
   at::parallel_for(0, N * p.C, grain_for(plane), [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(plane);
     std::vector<A> acc(g.out[2]);
@@ -570,36 +609,21 @@ void shift_pool_nchw(const T* x, T* out, const ShiftPlan& p, int64_t N, bool lin
       shift_plane<T, A>(x + q * plane, scratch.data(), p, q % p.C, linear, T(0));
       T* o = out + q * out_plane;
       for (int64_t oz = 0; oz < g.out[0]; ++oz) {
-        const int64_t z0 = oz * g.stride[0], z1 = std::min(z0 + g.stride[0], g.len[0]);
+        const auto [z0, z1] = pool_window(g, 0, oz);
         for (int64_t oy = 0; oy < g.out[1]; ++oy, o += g.out[2]) {
-          const int64_t y0 = oy * g.stride[1], y1 = std::min(y0 + g.stride[1], g.len[1]);
+          const auto [y0, y1] = pool_window(g, 1, oy);
           std::fill(acc.begin(), acc.end(), A(0));
           for (int64_t z = z0; z < z1; ++z) {
             const int64_t sz = z + g.begin[0];
             if (sz < 0 || sz >= D) continue;  // zero padding
             for (int64_t y = y0; y < y1; ++y) {
               const int64_t sy = y + g.begin[1];
-              if (sy < 0 || sy >= H) continue;
-              const T* row = scratch.data() + (sz * H + sy) * W + bx;  // row[u] = shifted value at padded u
-              if (sx == 2) {
-                for (int64_t ox = ox_lo; ox < ox_hi; ++ox)
-                  acc[ox] += static_cast<A>(row[2 * ox]) + static_cast<A>(row[2 * ox + 1]);
-              } else {
-                for (int64_t ox = ox_lo; ox < ox_hi; ++ox)
-                  for (int64_t u = ox * sx; u < ox * sx + sx; ++u) acc[ox] += static_cast<A>(row[u]);
-              }
-              auto edge = [&](int64_t ox) {
-                const int64_t x0 = ox * sx, x1 = std::min(x0 + sx, g.len[2]);
-                for (int64_t u = x0; u < x1; ++u)
-                  if (u + bx >= 0 && u + bx < W) acc[ox] += static_cast<A>(row[u]);
-              };
-              for (int64_t ox = 0; ox < ox_lo; ++ox) edge(ox);
-              for (int64_t ox = ox_hi; ox < g.out[2]; ++ox) edge(ox);
+              if (sy >= 0 && sy < H) pool_row_add<T, A>(scratch.data() + (sz * H + sy) * W, acc.data(), g, cols, W);
             }
           }
           const A rows = static_cast<A>((z1 - z0) * (y1 - y0));
           for (int64_t ox = 0; ox < g.out[2]; ++ox) {
-            const int64_t x0 = ox * sx, x1 = std::min(x0 + sx, g.len[2]);
+            const auto [x0, x1] = pool_window(g, 2, ox);
             o[ox] = static_cast<T>(acc[ox] / (rows * static_cast<A>(x1 - x0)));
           }
         }
@@ -1002,6 +1026,33 @@ at::Tensor shift_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10::stri
   return out;
 }
 
+// The crop/pad and window geometry of shift_pool (pad in F.pad order, negative = crop; windows = strides = pool,
+// the last clipped) for x's spatial sizes; kernel gets avg_pool's kernel per dim (the window, at most the length).
+PoolGeometry pool_geometry(const char* op, const at::Tensor& x, at::IntArrayRef pad, at::IntArrayRef pool,
+                           std::vector<int64_t>* kernel) {
+  const int64_t dims = x.dim() - 2;
+  TORCH_CHECK_VALUE(static_cast<int64_t>(pad.size()) == 2 * dims, op, ": pad must have 2 * dims = ", 2 * dims,
+                    " entries (F.pad order: last dim first), got ", pad);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(pool.size()) == dims, op, ": pool must have dims = ", dims,
+                    " entries, got ", pool);
+  PoolGeometry g;
+  const int first = kDims - static_cast<int>(dims);
+  kernel->assign(dims, 1);
+  for (int64_t d = 0; d < dims; ++d) {
+    const int64_t before = pad[2 * (dims - 1 - d)], after = pad[2 * (dims - 1 - d) + 1];
+    const int64_t len = x.size(2 + d) + before + after;
+    TORCH_CHECK_VALUE(len >= 1, op, ": input size ", x.size(2 + d), " along spatial dim ", d,
+                      " is too small for the emulated depthwise conv (size after pad ", len, " < 1)");
+    TORCH_CHECK_VALUE(pool[d] >= 1, op, ": pool must be >= 1, got ", pool);
+    g.begin[first + d] = -before;
+    g.len[first + d] = len;
+    g.stride[first + d] = pool[d];
+    g.out[first + d] = (len + pool[d] - 1) / pool[d];
+    (*kernel)[d] = std::min(pool[d], len);
+  }
+  return g;
+}
+
 // shift, then F.pad(pad) (negative = crop), then avg_pool(kernel = stride = pool, ceil_mode): the
 // geometry of a depthwise conv emulated by a shift layer. NCDHW float inputs run fused; other layouts
 // run the shift kernel and ATen's pad and pooling (fast on channels-last).
@@ -1010,25 +1061,9 @@ at::Tensor shift_pool_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10:
   const char* op = "fxeff.shift_pool";
   check_shift_args(op, x_in, shifts, false);
   const int64_t dims = x_in.dim() - 2;
-  TORCH_CHECK_VALUE(static_cast<int64_t>(pad.size()) == 2 * dims, op, ": pad must have 2 * dims = ", 2 * dims,
-                    " entries (F.pad order: last dim first), got ", pad);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(pool.size()) == dims, op, ": pool must have dims = ", dims,
-                    " entries, got ", pool);
-  PoolGeometry g;
   const int first = kDims - static_cast<int>(dims);
-  std::vector<int64_t> kernel(dims);
-  for (int64_t d = 0; d < dims; ++d) {
-    const int64_t before = pad[2 * (dims - 1 - d)], after = pad[2 * (dims - 1 - d) + 1];
-    const int64_t len = x_in.size(2 + d) + before + after;
-    TORCH_CHECK_VALUE(len >= 1, op, ": input size ", x_in.size(2 + d), " along spatial dim ", d,
-                      " is too small for the emulated depthwise conv (size after pad ", len, " < 1)");
-    TORCH_CHECK_VALUE(pool[d] >= 1, op, ": pool must be >= 1, got ", pool);
-    g.begin[first + d] = -before;
-    g.len[first + d] = len;
-    g.stride[first + d] = pool[d];
-    g.out[first + d] = (len + pool[d] - 1) / pool[d];
-    kernel[d] = std::min(pool[d], len);
-  }
+  std::vector<int64_t> kernel;
+  const PoolGeometry g = pool_geometry(op, x_in, pad, pool, &kernel);
   const ShiftPadding pad_mode = parse_shift_padding(op, padding);
   const bool linear = parse_shift_mode(op, mode) == ShiftMode::Active;
   const ShiftPlan plan = make_plan(op, shifts, x_in.sizes().slice(2), pad_mode, linear);
@@ -1055,6 +1090,349 @@ at::Tensor shift_pool_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10:
   if (dims == 2) return at::avg_pool2d(shifted, kernel, pool, {0, 0}, true, true);
   return at::avg_pool3d(shifted, kernel, pool, {0, 0, 0}, true, true);
 }
+
+// ------------------------------------------------------------------ shift_conv1x1: the shift fused into a 1x1 conv
+// conv1x1(clamp(scale * shift_pool(x) + offset), weight, bias): a shift layer, its BatchNorm (folded to a per-channel
+// scale and offset) and a clamp activation, read by a pointwise conv. Work items are bands of output rows of one
+// image; a thread builds its band's shifted (pooled, scaled, clamped) map in an L2-sized tile, in the layout the
+// GEMM reads ([C, pixels] for NCHW, [pixels, C] for channels-last), and multiplies it into the output rows with one
+// GEMM (ATen's, single-threaded inside the parallel region). The shifted map never reaches memory.
+
+// v = clamp(v * scale + offset, lo, hi); NaN stays NaN (as torch.clamp). scale null: no affine.
+template <typename T>
+struct Epilogue {
+  const T* scale = nullptr;
+  const T* offset = nullptr;
+  T lo = 0, hi = 0;
+  bool has_lo = false, has_hi = false;
+
+  T apply(T v, int64_t c) const {
+    if (scale != nullptr) v = v * scale[c] + offset[c];
+    if (has_lo) v = v < lo ? lo : v;
+    if (has_hi) v = v > hi ? hi : v;
+    return v;
+  }
+
+  // One channel's run of n values (an NCHW tile row).
+  void run(T* v, int64_t n, int64_t c) const {
+    if (scale != nullptr) {
+      const T a = scale[c], b = offset[c];
+      for (int64_t i = 0; i < n; ++i) v[i] = v[i] * a + b;
+    }
+    if (has_lo)
+      for (int64_t i = 0; i < n; ++i) v[i] = v[i] < lo ? lo : v[i];
+    if (has_hi)
+      for (int64_t i = 0; i < n; ++i) v[i] = v[i] > hi ? hi : v[i];
+  }
+};
+
+// Shifted row y (2-D plan, z = 0) of channel c into dst[W]: sources through the lookup tables, out of range = 0;
+// the interior of a rounded shift is one memcpy.
+template <typename T, typename A>
+void shifted_row(const T* plane, T* dst, const ShiftPlan& p, int64_t c, int64_t y, bool linear,
+                 const SliceTerm* terms, int nterms) {
+  const int64_t W = p.size[2];
+  if (nterms == 0 || (!linear && p.table(c, 1, 0)[y] < 0)) {
+    std::fill(dst, dst + W, T(0));
+    return;
+  }
+  if (linear) {
+    slice_row_lookup<T, A>(dst, plane, p, c, y, 0, W, terms, nterms, true, T(0));
+    return;
+  }
+  const int32_t iy = p.table(c, 1, 0)[y];
+  const int64_t i = p.at(c, 2, 0), lo = p.lo[i], hi = std::max(p.hi[i], lo);
+  if (hi > lo) std::memcpy(dst + lo, plane + iy * W + lo - p.t[i], (hi - lo) * sizeof(T));
+  slice_row_lookup<T, A>(dst, plane, p, c, y, 0, lo, terms, nterms, false, T(0));
+  slice_row_lookup<T, A>(dst, plane, p, c, y, hi, W, terms, nterms, false, T(0));
+}
+
+// NCHW tile: rows [oy0, oy1) of the output grid, tile[c][(oy - oy0) * Wo + ox], every channel.
+template <typename T, typename A>
+void fill_tile_nchw(const T* xn, T* tile, const ShiftPlan& p, const PoolGeometry& g, bool pooled, bool linear,
+                    const Epilogue<T>& epi, int64_t oy0, int64_t oy1, T* row, A* acc) {
+  const int64_t C = p.C, H = p.size[1], W = p.size[2], Wo = g.out[2], np = (oy1 - oy0) * Wo;
+  const PoolColumns cols = pool_columns(g, W);
+  SliceTerm terms[8];
+  for (int64_t c = 0; c < C; ++c) {
+    const T* plane = xn + c * H * W;
+    T* t = tile + c * np;
+    const int nterms = slice_terms(p, c, 0, terms);
+    for (int64_t oy = oy0; oy < oy1; ++oy) {
+      T* dst = t + (oy - oy0) * Wo;
+      if (!pooled) {
+        shifted_row<T, A>(plane, dst, p, c, oy, linear, terms, nterms);
+        continue;
+      }
+      std::fill(acc, acc + Wo, A(0));
+      const auto [y0, y1] = pool_window(g, 1, oy);
+      for (int64_t y = y0; y < y1; ++y) {
+        const int64_t sy = y + g.begin[1];
+        if (sy < 0 || sy >= H) continue;  // zero padding
+        shifted_row<T, A>(plane, row, p, c, sy, linear, terms, nterms);
+        pool_row_add<T, A>(row, acc, g, cols, W);
+      }
+      for (int64_t ox = 0; ox < Wo; ++ox) {
+        const auto [x0, x1] = pool_window(g, 2, ox);
+        dst[ox] = static_cast<T>(acc[ox] / static_cast<A>((y1 - y0) * (x1 - x0)));
+      }
+    }
+    epi.run(t, np, c);
+  }
+}
+
+// Channels-last, any mode and padding, through the lookup tables: the shifted value of channel c at (y, x).
+template <typename T, typename A>
+T shifted_value_cl(const T* xn, const ShiftPlan& p, int64_t c, int64_t y, int64_t x) {
+  const int64_t C = p.C, W = p.size[2];
+  A sum = 0;
+  for (int ky = 0; ky < p.ntaps[1]; ++ky) {
+    const int32_t iy = p.table(c, 1, ky)[y];
+    const double wy = p.w[p.at(c, 1, ky)];
+    if (iy < 0 || wy == 0) continue;
+    for (int kx = 0; kx < p.ntaps[2]; ++kx) {
+      const int32_t ix = p.table(c, 2, kx)[x];
+      const double wx = p.w[p.at(c, 2, kx)];
+      if (ix >= 0 && wx != 0) sum += static_cast<A>(wy * wx) * static_cast<A>(xn[(iy * W + ix) * C + c]);
+    }
+  }
+  return static_cast<T>(sum);
+}
+
+// Channels-last tile: output pixels of rows [oy0, oy1), tile[(oy - oy0) * Wo + ox][c] (the portable path).
+template <typename T, typename A>
+void fill_tile_cl(const T* xn, T* tile, const ShiftPlan& p, const PoolGeometry& g, bool pooled,
+                  const Epilogue<T>& epi, int64_t oy0, int64_t oy1) {
+  const int64_t C = p.C, H = p.size[1], W = p.size[2], Wo = g.out[2];
+  for (int64_t oy = oy0; oy < oy1; ++oy)
+    for (int64_t ox = 0; ox < Wo; ++ox) {
+      T* dst = tile + ((oy - oy0) * Wo + ox) * C;
+      if (!pooled) {
+        for (int64_t c = 0; c < C; ++c) dst[c] = epi.apply(shifted_value_cl<T, A>(xn, p, c, oy, ox), c);
+        continue;
+      }
+      const auto [y0, y1] = pool_window(g, 1, oy);
+      const auto [x0, x1] = pool_window(g, 2, ox);
+      const A count = static_cast<A>((y1 - y0) * (x1 - x0));
+      for (int64_t c = 0; c < C; ++c) {
+        A sum = 0;
+        for (int64_t y = y0; y < y1; ++y) {
+          const int64_t sy = y + g.begin[1];
+          if (sy < 0 || sy >= H) continue;
+          for (int64_t x = x0; x < x1; ++x) {
+            const int64_t sx = x + g.begin[2];
+            if (sx >= 0 && sx < W) sum += static_cast<A>(shifted_value_cl<T, A>(xn, p, c, sy, sx));
+          }
+        }
+        dst[c] = epi.apply(static_cast<T>(sum / count), c);
+      }
+    }
+}
+
+// Channels-last with rounded shifts: per block of 16 channels the distinct shifts, each with the lanes that take it
+// and a channel whose lookup tables it shares (the tables depend only on the shift).
+struct ShiftGroups {
+  int count = 0;
+  int64_t channel[16];
+  uint16_t mask[16];
+};
+
+std::vector<ShiftGroups> shift_groups(const ShiftPlan& p) {
+  std::vector<ShiftGroups> blocks((p.C + 15) / 16);
+  for (int64_t c = 0; c < p.C; ++c) {
+    ShiftGroups& b = blocks[c / 16];
+    const int64_t ty = p.t[p.at(c, 1, 0)], tx = p.t[p.at(c, 2, 0)];
+    int k = 0;
+    while (k < b.count && (p.t[p.at(b.channel[k], 1, 0)] != ty || p.t[p.at(b.channel[k], 2, 0)] != tx)) ++k;
+    if (k == b.count) {
+      b.channel[b.count] = c;
+      b.mask[b.count++] = 0;
+    }
+    b.mask[k] |= static_cast<uint16_t>(1u << (c % 16));
+  }
+  return blocks;
+}
+
+// The channels-last tile by the AVX-512 kernel below where it applies (float32; the caller checks the CPU and that
+// the shifts are rounded); false: the caller uses fill_tile_cl.
+template <typename T>
+bool fill_tile_cl_fast(const T*, T*, const ShiftPlan&, const std::vector<ShiftGroups>&, const PoolGeometry&, bool,
+                       const Epilogue<T>&, int64_t, int64_t) {
+  return false;
+}
+
+#ifdef FXEFF_SHIFT_AVX2
+// A pixel's block of 16 channels: one masked load per distinct shift whose source is in range (zeros elsewhere).
+__attribute__((target("avx512f"))) inline __m512 gather_block(const float* xn, const ShiftPlan& p,
+                                                              const ShiftGroups& b, int64_t c0, int64_t y, int64_t x) {
+  const int64_t C = p.C, W = p.size[2];
+  __m512 v = _mm512_setzero_ps();
+  for (int k = 0; k < b.count; ++k) {
+    const int32_t iy = p.table(b.channel[k], 1, 0)[y], ix = p.table(b.channel[k], 2, 0)[x];
+    if (iy >= 0 && ix >= 0) v = _mm512_mask_loadu_ps(v, b.mask[k], xn + (iy * W + ix) * C + c0);
+  }
+  return v;
+}
+
+__attribute__((target("avx512f"))) void fill_tile_cl_avx512(const float* xn, float* tile, const ShiftPlan& p,
+                                                            const std::vector<ShiftGroups>& groups,
+                                                            const PoolGeometry& g, bool pooled,
+                                                            const Epilogue<float>& epi, int64_t oy0, int64_t oy1) {
+  const int64_t C = p.C, H = p.size[1], W = p.size[2], Wo = g.out[2];
+  const __m512 lo = _mm512_set1_ps(epi.lo), hi = _mm512_set1_ps(epi.hi);
+  const bool affine = epi.scale != nullptr;
+  for (int64_t b = 0; b * 16 < C; ++b) {
+    const int64_t c0 = b * 16;
+    const __mmask16 valid = lanes_of(C - c0);
+    const ShiftGroups& grp = groups[b];
+    const __m512 a = affine ? _mm512_maskz_loadu_ps(valid, epi.scale + c0) : _mm512_set1_ps(1.0f);
+    const __m512 off = affine ? _mm512_maskz_loadu_ps(valid, epi.offset + c0) : _mm512_setzero_ps();
+    for (int64_t oy = oy0; oy < oy1; ++oy) {
+      float* dst = tile + (oy - oy0) * Wo * C + c0;
+      for (int64_t ox = 0; ox < Wo; ++ox, dst += C) {
+        __m512 v;
+        if (!pooled) {
+          v = gather_block(xn, p, grp, c0, oy, ox);
+        } else {
+          const auto [y0, y1] = pool_window(g, 1, oy);
+          const auto [x0, x1] = pool_window(g, 2, ox);
+          v = _mm512_setzero_ps();
+          for (int64_t y = y0; y < y1; ++y) {
+            const int64_t sy = y + g.begin[1];
+            if (sy < 0 || sy >= H) continue;
+            for (int64_t x = x0; x < x1; ++x) {
+              const int64_t sx = x + g.begin[2];
+              if (sx >= 0 && sx < W) v = _mm512_add_ps(v, gather_block(xn, p, grp, c0, sy, sx));
+            }
+          }
+          v = _mm512_div_ps(v, _mm512_set1_ps(static_cast<float>((y1 - y0) * (x1 - x0))));
+        }
+        if (affine) v = _mm512_fmadd_ps(v, a, off);
+        if (epi.has_lo) v = _mm512_max_ps(lo, v);  // max(lo, NaN) = NaN: the second operand wins
+        if (epi.has_hi) v = _mm512_min_ps(hi, v);
+        _mm512_mask_storeu_ps(dst, valid, v);
+      }
+    }
+  }
+}
+
+template <>
+bool fill_tile_cl_fast<float>(const float* xn, float* tile, const ShiftPlan& p, const std::vector<ShiftGroups>& groups,
+                              const PoolGeometry& g, bool pooled, const Epilogue<float>& epi, int64_t oy0,
+                              int64_t oy1) {
+  fill_tile_cl_avx512(xn, tile, p, groups, g, pooled, epi, oy0, oy1);
+  return true;
+}
+#endif
+
+constexpr int64_t kFusedTileBytes = 256 * 1024;  // one band's shifted map, next to the GEMM's panels in L2
+
+at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10::string_view padding,
+                             c10::string_view mode, at::IntArrayRef pad, at::IntArrayRef pool,
+                             const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& offset,
+                             c10::optional<double> clamp_min, c10::optional<double> clamp_max,
+                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const char* op = "fxeff.shift_conv1x1";
+  TORCH_CHECK_VALUE(x_in.dim() == 4, op, ": x must be 4-D [N, C, H, W] (a 2-D shift read by a 1x1 conv2d), got ",
+                    x_in.dim(), "-D ", x_in.sizes());
+  check_shift_args(op, x_in, shifts, false);
+  TORCH_CHECK_NOT_IMPLEMENTED(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, op,
+                              ": CPU kernel for float32 and float64 only, got ", x_in.scalar_type(),
+                              " (run the unfused shift, batch_norm and conv2d for other dtypes)");
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == C && weight.size(2) == 1 && weight.size(3) == 1, op,
+                    ": weight must be [O, C, 1, 1] with C = ", C, ", got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.scalar_type() == x_in.scalar_type() && weight.device() == x_in.device(), op,
+                    ": weight must be ", x_in.scalar_type(), " on ", x_in.device(), ", got ", weight.scalar_type(),
+                    " on ", weight.device());
+  const int64_t O = weight.size(0);
+  auto check_vector = [&](const c10::optional<at::Tensor>& t, const char* name, int64_t n) {
+    if (!t.has_value() || !t->defined()) return false;
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == n && t->scalar_type() == x_in.scalar_type() &&
+                      t->device() == x_in.device(), op, ": ", name, " must be [", n, "] ", x_in.scalar_type(),
+                      " on ", x_in.device(), ", got ", t->sizes(), " ", t->scalar_type(), " on ", t->device());
+    return true;
+  };
+  const bool has_bias = check_vector(bias, "bias", O);
+  const bool has_scale = check_vector(scale, "scale", C), has_offset = check_vector(offset, "offset", C);
+  TORCH_CHECK_VALUE(has_scale == has_offset, op, ": scale and offset go together (a folded BatchNorm), got ",
+                    has_scale ? "scale without offset" : "offset without scale");
+  std::vector<int64_t> kernel;
+  const PoolGeometry g = pool_geometry(op, x_in, pad, pool, &kernel);
+  const bool pooled = std::any_of(pad.begin(), pad.end(), [](int64_t v) { return v != 0; }) ||
+                      std::any_of(pool.begin(), pool.end(), [](int64_t v) { return v != 1; });
+  const bool linear = parse_shift_mode(op, mode) == ShiftMode::Active;
+  const ShiftPlan plan = make_plan(op, shifts, x_in.sizes().slice(2), parse_shift_padding(op, padding), linear);
+  const at::Tensor x = dense(x_in);
+  const bool cl = is_channels_last(x);
+  const int64_t H = x.size(2), W = x.size(3), Ho = g.out[1], Wo = g.out[2], P = Ho * Wo;
+  at::Tensor out = at::empty({N, O, Ho, Wo}, x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                                          : at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  // Detached: the GEMMs run in the parallel region's worker threads, whose grad mode and dispatch state are their
+  // own (the caller's below-autograd guard does not reach them), and they must not see tensors that require grad.
+  const at::Tensor w2 = weight.detach().reshape({O, C}).contiguous();
+  const at::Tensor sc = has_scale ? scale->detach().contiguous() : at::Tensor();
+  const at::Tensor of = has_offset ? offset->detach().contiguous() : at::Tensor();
+  const at::Tensor b = has_bias ? bias->detach().contiguous() : at::Tensor();
+  // Bands: as many output rows as fit the tile budget, and at least two items per thread where the map allows.
+  const int64_t row_bytes = Wo * C * static_cast<int64_t>(x.element_size());
+  int64_t rows = std::max<int64_t>(1, std::min<int64_t>(Ho, kFusedTileBytes / std::max<int64_t>(1, row_bytes)));
+  const int64_t want = 2 * at::get_num_threads();
+  if (N * ((Ho + rows - 1) / rows) < want) rows = std::max<int64_t>(1, (N * Ho + want - 1) / want);
+  rows = std::min(rows, Ho);
+  const int64_t bands = (Ho + rows - 1) / rows;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxeff_shift_conv1x1", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    Epilogue<T> epi;
+    if (has_scale) {
+      epi.scale = sc.const_data_ptr<T>();
+      epi.offset = of.const_data_ptr<T>();
+    }
+    epi.has_lo = clamp_min.has_value();
+    epi.has_hi = clamp_max.has_value();
+    if (epi.has_lo) epi.lo = static_cast<T>(*clamp_min);
+    if (epi.has_hi) epi.hi = static_cast<T>(*clamp_max);
+    const T* xp = x.const_data_ptr<T>();
+    T* outp = out.data_ptr<T>();
+    const auto options = x.options();
+    // the AVX-512 gather for float32 rounded shifts in channels-last
+    const bool fast_cl = cl && !linear && std::is_same<T, float>::value && cpu_has_avx512f();
+    const std::vector<ShiftGroups> groups = fast_cl ? shift_groups(plan) : std::vector<ShiftGroups>();
+    at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> tile(rows * Wo * C), row(cl ? 0 : W);
+      std::vector<A> acc(cl ? 0 : Wo);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / bands, oy0 = (item % bands) * rows, oy1 = std::min(Ho, oy0 + rows);
+        const int64_t np = (oy1 - oy0) * Wo, p0 = oy0 * Wo;
+        const T* xn = xp + n * C * H * W;
+        if (!cl) {
+          fill_tile_nchw<T, A>(xn, tile.data(), plan, g, pooled, linear, epi, oy0, oy1, row.data(), acc.data());
+          // out[n][:, p0:p0 + np] (row stride P) = W [O, C] @ tile [C, np] (+ bias)
+          at::Tensor o = at::from_blob(outp + n * O * P + p0, {O, np}, {P, 1}, options);
+          const at::Tensor z = at::from_blob(tile.data(), {C, np}, options);
+          if (has_bias)
+            at::addmm_out(o, b.view({O, 1}), w2, z);
+          else
+            at::mm_out(o, w2, z);
+          continue;
+        }
+        const bool done = fast_cl && fill_tile_cl_fast<T>(xn, tile.data(), plan, groups, g, pooled, epi, oy0, oy1);
+        if (!done) fill_tile_cl<T, A>(xn, tile.data(), plan, g, pooled, epi, oy0, oy1);
+        // out[n][p0:p0 + np, :] = tile [np, C] @ W^T [C, O] (+ bias)
+        at::Tensor o = at::from_blob(outp + (n * P + p0) * O, {np, O}, options);
+        const at::Tensor z = at::from_blob(tile.data(), {np, C}, options);
+        if (has_bias)
+          at::addmm_out(o, b, z, w2.t());
+        else
+          at::mm_out(o, z, w2.t());
+      }
+    });
+  });
+  return out;
+}
+
 
 // Quantized sparse/grouped shift: the integer shift of the stored integers, zero padding with the
 // zero point, so the result equals the float shift quantized with the same scale and zero point.
@@ -1137,6 +1515,7 @@ at::Tensor shift_shifts_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x
 TORCH_LIBRARY_IMPL(fxeff, CPU, m) {
   m.impl("shift", &shift_cpu);
   m.impl("shift_pool", &shift_pool_cpu);
+  m.impl("shift_conv1x1", &shift_conv1x1_cpu);
   m.impl("shift_input_grad", &shift_input_grad_cpu);
   m.impl("shift_shifts_grad", &shift_shifts_grad_cpu);
 }

@@ -1,0 +1,281 @@
+"""The shift-fusion pass: a shift layer, its BatchNorm, a clamp activation and the 1x1 conv reading them become
+one ``fxeff::shift_conv1x1`` (inference).
+
+The shift pass leaves ``shift -> BatchNorm -> activation -> 1x1 conv`` where a MobileNet-style block had its
+depthwise conv (the BatchNorm re-parameterised to see the shift). Run as three ops the shifted map is written,
+read by the BatchNorm, written, read by the activation and read again by the conv; ``shift_conv1x1`` builds the
+shifted (for strided layers pooled) map one band of output rows at a time in an L2-sized tile, applies the
+BatchNorm as a per-channel scale and offset and the clamp there, and multiplies the tile into the conv's output
+rows with one GEMM, so the shifted map never reaches memory.
+
+A site is a shift (``fxeff.nn.Shift2d`` module, ``fxeff::shift`` / ``fxeff::shift_pool`` call; 4-D input) whose
+only reader is, in order and each optional: an eval-mode BatchNorm with running statistics (folded: scale = gamma /
+sqrt(var + eps), offset = beta - mean * scale; at transform time, in float64, where the graph module holds its
+tensors; in the graph, at run time, where they are graph inputs, as dynamo lifts parameters), an activation that is a clamp (ReLU, ReLU6, Hardtanh, clamp), and a 1x1 conv (stride 1, no
+padding, groups 1) that reads only that. Anything else between them (an SE block's multiply, a Hardswish, a
+residual add) leaves the site unfused, with the reason in the report. The result computes the same function in
+eval mode up to float rounding (the BatchNorm folded). It is the inference form: fuse after fine-tuning. A call
+that needs grad runs the op as its composition (differentiable, not fused; the BatchNorm stays folded). All three
+graph kinds (symbolic, dynamo, export).
+"""
+import dataclasses
+import operator
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.fx as fx
+
+from .. import ops as fxeff_ops
+from ..nn import shift as shift_nn
+from ..report import Report, SiteReport
+from .config import PassConfig, PassContext, register_pass_config
+from .graph import EXPORT, ConvSite, conv_site, get_attr_value, graph_kind, node_shape
+from .measure import fake_mode_of
+from .rewrite import BN_FUNCTIONS, BN_MODULES, bn_arg, clamp_after, fake_key_and_mode, finish_report, new_attr, \
+    propagate_fake, record_before, sweep
+
+aten = torch.ops.aten
+
+_ROLE = "fxeff_fuse_shift"  # node.meta key marking the nodes this pass inserted
+_SHIFT_OPS = {torch.ops.fxeff.shift.default: False, torch.ops.fxeff.shift: False, fxeff_ops.shift: False,
+              torch.ops.fxeff.shift_pool.default: True, torch.ops.fxeff.shift_pool: True,
+              fxeff_ops.shift_pool: True}
+_SHIFT_ARGS = ("x", "shifts", "padding", "mode", "pad", "pool")
+_SHIFT_DEFAULTS = {"padding": "zeros", "mode": "sparse"}
+
+
+@register_pass_config("fuse_shift")
+@dataclasses.dataclass
+class FuseShift(PassConfig):
+    """Config of the shift-fusion pass (no options): see the module docstring. Run it on the fine-tuned model in
+    eval mode (``fxeff.transform(model.eval(), x, passes=[Shift(), FuseShift()])`` for a model that needs no
+    fine-tuning, or on the fine-tuned shift network): the BatchNorms are folded with their running statistics."""
+
+    def run(self, gm: fx.GraphModule, context: PassContext) -> Report:
+        return fuse_shift_pass(gm, self, context)
+
+
+@dataclasses.dataclass
+class _ShiftCall:
+    node: fx.Node
+    input: fx.Node
+    shifts: Union[fx.Node, str]  # a graph node, or (call_module) the attribute name of the module's shifts
+    padding: str
+    mode: str
+    pad: List[int]
+    pool: List[int]
+    name: str
+
+
+def _shift_call(gm: fx.GraphModule, node: fx.Node) -> Optional[_ShiftCall]:
+    """The shift computed by ``node`` (a Shift2d module or a shift / shift_pool call), else None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if type(module) is not shift_nn.Shift2d or len(node.args) != 1 or node.kwargs:
+            return None
+        return _ShiftCall(node, node.args[0], f"{node.target}.shifts", module.padding, module.mode,
+                          list(module._fused_pad), list(module._fused_pool), str(node.target))
+    if node.op != "call_function" or node.target not in _SHIFT_OPS:
+        return None
+    pooled = _SHIFT_OPS[node.target]
+    names = _SHIFT_ARGS if pooled else _SHIFT_ARGS[:4]
+    if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
+        return None
+    values: Dict[str, Any] = dict(_SHIFT_DEFAULTS)
+    values.update(zip(names, node.args))
+    values.update(node.kwargs)
+    if any(n not in values for n in names) or not isinstance(values["x"], fx.Node):
+        return None
+    pad, pool = (list(values["pad"]), list(values["pool"])) if pooled else ([0, 0, 0, 0], [1, 1])
+    if len(pad) != 4 or len(pool) != 2 or not all(isinstance(v, int) for v in pad + pool):
+        return None  # not 2-D, or symbolic amounts
+    return _ShiftCall(node, values["x"], values["shifts"], values["padding"], values["mode"], pad, pool, node.name)
+
+
+def _pointwise_conv(gm: fx.GraphModule, node: fx.Node, reads: fx.Node) -> Tuple[Optional[ConvSite], str]:
+    """(the conv site, "") when ``node`` is a 1x1 conv2d (stride 1, no padding, groups 1) reading only ``reads``;
+    (None, why not) otherwise."""
+    site = conv_site(gm, node)
+    if site is None:
+        return None, f"its reader {node.name!r} is not a conv"
+    if site.input is not reads or reads in (site.node.args[1:] + tuple(site.node.kwargs.values())):
+        return None, f"the conv {site.name!r} reads the shifted map other than as its input"
+    if site.transposed or site.dims != 2 or site.weight_shape is None or tuple(site.weight_shape[2:]) != (1, 1):
+        return None, f"the conv {site.name!r} is not a 1x1 conv2d ({site.describe()})"
+    if any(s != 1 for s in site.stride) or any(p != 0 for p in site.padding) or site.groups != 1:
+        return None, f"the conv {site.name!r} has a stride, padding or groups ({site.describe()})"
+    if site.unsupported:
+        return None, f"the conv {site.name!r}: {site.unsupported}"
+    return site, ""
+
+
+_BN_NO_TRAINING = torch.ops.aten._native_batch_norm_legit_no_training.default  # export's eval BN: (out, mean, rstd)
+
+
+@dataclasses.dataclass
+class _EvalBatchNorm:
+    node: fx.Node  # the BatchNorm call
+    out: fx.Node  # the node holding its output (export: the getitem of the no-training op)
+    removed: List[fx.Node]  # nodes to erase with it (the getitems)
+    refs: Dict[str, Any]  # weight / bias / running_mean / running_var: a tensor, a graph node, or None
+    eps: float
+    name: str
+
+
+def _eval_batch_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[_EvalBatchNorm]:
+    """The eval-mode BatchNorm with running statistics that is ``node``'s only reader and reads nothing else of the
+    graph, else None. Its tensors are values where the graph module holds them (modules, get_attr) and graph nodes
+    where they are graph inputs (dynamo's lifted parameters): those are folded at run time, in the graph."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    user = users[0]
+    if user.op == "call_module":
+        bn = gm.get_submodule(user.target)
+        if type(bn) not in BN_MODULES or bn.training or bn.running_mean is None or user.args != (node,) or \
+                user.kwargs:
+            return None
+        refs = dict(weight=bn.weight, bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var)
+        return _EvalBatchNorm(user, user, [], refs, bn.eps, str(user.target))
+    if user.op != "call_function" or user.target not in BN_FUNCTIONS or bn_arg(user, "input") is not node:
+        return None
+    refs = {name: bn_arg(user, name) for name in ("weight", "bias", "running_mean", "running_var")}
+    if refs["running_mean"] is None or refs["running_var"] is None or node in refs.values():
+        return None
+    out, removed = user, []
+    if user.target is _BN_NO_TRAINING:
+        outs = list(user.users)
+        if not all(u.target is operator.getitem for u in outs) or \
+                any(u.args[1] != 0 and u.users for u in outs) or sum(u.args[1] == 0 for u in outs) != 1:
+            return None
+        out, removed = next(u for u in outs if u.args[1] == 0), outs
+    elif bn_arg(user, "training", False):
+        return None
+    for name, ref in refs.items():
+        if isinstance(ref, fx.Node) and ref.op == "get_attr":
+            refs[name] = get_attr_value(gm, ref.target)
+        elif ref is not None and not isinstance(ref, fx.Node):
+            return None
+    return _EvalBatchNorm(user, out, removed, refs, bn_arg(user, "eps", 1e-5), user.name)
+
+
+def _fold_constant(refs: Dict[str, Any], eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode BatchNorm as y = x * scale + offset (float64, then the statistics' dtype)."""
+    mean, var = refs["running_mean"].detach().double(), refs["running_var"].detach().double()
+    gamma = refs["weight"].detach().double() if refs["weight"] is not None else torch.ones_like(mean)
+    beta = refs["bias"].detach().double() if refs["bias"] is not None else torch.zeros_like(mean)
+    scale = gamma / (var + eps).sqrt()
+    dtype = refs["running_mean"].dtype
+    return scale.to(dtype), (beta - mean * scale).to(dtype)
+
+
+def _fold_in_graph(gm: fx.GraphModule, bn: _EvalBatchNorm, kind: str, base: str,
+                   new_nodes: List[fx.Node]) -> Tuple[fx.Node, fx.Node]:
+    """(scale, offset) nodes computing the fold at run time from the BatchNorm's tensors (some are graph inputs):
+    scale = weight * rsqrt(var + eps), offset = bias - mean * scale, as torch functions (dynamo) or aten ops
+    (export). Appends the new nodes to new_nodes."""
+    graph = gm.graph
+    if kind == EXPORT:
+        add, mul, sub, rsqrt, neg = aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor, aten.rsqrt.default, \
+            aten.neg.default
+    else:
+        add, mul, sub, rsqrt, neg = operator.add, operator.mul, operator.sub, torch.rsqrt, operator.neg
+
+    def node(ref: Any, name: str) -> fx.Node:
+        if isinstance(ref, fx.Node):
+            return ref
+        new_nodes.append(graph.get_attr(new_attr(gm, f"{base}_bn_{name}", ref, False)))
+        return new_nodes[-1]
+
+    def call(target, *args) -> fx.Node:
+        new_nodes.append(graph.call_function(target, args))
+        return new_nodes[-1]
+
+    refs = bn.refs
+    scale = call(rsqrt, call(add, node(refs["running_var"], "running_var"), bn.eps))
+    if refs["weight"] is not None:
+        scale = call(mul, node(refs["weight"], "weight"), scale)
+    shifted_mean = call(mul, node(refs["running_mean"], "running_mean"), scale)
+    offset = call(sub, node(refs["bias"], "bias"), shifted_mean) if refs["bias"] is not None else \
+        call(neg, shifted_mean)
+    return scale, offset
+
+
+def _fuse_site(gm: fx.GraphModule, kind: str, call: _ShiftCall) -> SiteReport:
+    graph = gm.graph
+    shape = node_shape(call.input)
+    describe = f"shift2d {call.mode} {call.padding}" + (
+        f" pad {call.pad} pool {call.pool}" if any(call.pad) or any(p != 1 for p in call.pool) else "")
+    if shape is not None and len(shape) != 4:
+        return SiteReport(call.name, describe, "skipped", f"a {len(shape)}-D shift: the fused op is 2-D",
+                          pass_name="fuse_shift")
+    tail, removed, parts = call.node, [], []
+    bn = _eval_batch_norm(gm, tail)
+    if bn is not None:
+        removed += [bn.node] + bn.removed
+        tail = bn.out
+        parts.append(f"BatchNorm {bn.name}")
+    lo = hi = None
+    found = clamp_after(gm, tail)
+    if found is not None:
+        act, lo, hi = found
+        removed.append(act)
+        tail = act
+        parts.append(f"clamp({lo}, {hi}) {act.target if act.op == 'call_module' else act.name}")
+    users = list(tail.users)
+    if len(users) != 1:
+        why = f"{tail.name!r} has {len(users)} readers" if users else f"nothing reads {tail.name!r}"
+        return SiteReport(call.name, describe, "skipped", f"no 1x1 conv to fuse into: {why}", pass_name="fuse_shift")
+    site, why = _pointwise_conv(gm, users[0], tail)
+    if site is None:
+        return SiteReport(call.name, describe, "skipped", f"no 1x1 conv to fuse into: {why}", pass_name="fuse_shift")
+    base = f"fxeff_fuse_shift_{site.name}".replace(".", "_")
+    key, fake_mode = fake_key_and_mode(site)
+    new_nodes: List[fx.Node] = []
+    with graph.inserting_before(site.node):
+        def param(ref):
+            if isinstance(ref, str):
+                new_nodes.append(graph.get_attr(ref))
+                return new_nodes[-1]
+            return ref
+
+        scale = offset = None
+        if bn is not None and not any(isinstance(r, fx.Node) for r in bn.refs.values()):
+            for name, value in zip(("scale", "offset"), _fold_constant(bn.refs, bn.eps)):
+                new_nodes.append(graph.get_attr(new_attr(gm, f"{base}_{name}", value, False)))
+            scale, offset = new_nodes[-2:]
+        elif bn is not None:
+            scale, offset = _fold_in_graph(gm, bn, kind, base, new_nodes)
+        args = (call.input, param(call.shifts), call.padding, call.mode, call.pad, call.pool, scale, offset, lo, hi,
+                param(site.weight), param(site.bias))
+        fused = graph.call_function(torch.ops.fxeff.shift_conv1x1.default, args)
+    new_nodes.append(fused)
+    for node in new_nodes:
+        node.meta[_ROLE] = True
+        for meta in ("nn_module_stack", "stack_trace"):
+            if meta in site.node.meta:
+                node.meta[meta] = site.node.meta[meta]
+    propagate_fake(gm, new_nodes, key, fake_mode)
+    site.node.replace_all_uses_with(fused)
+    for node in [site.node] + removed[::-1] + [call.node]:
+        graph.erase_node(node)
+    what = " + ".join([f"shift {call.name}"] + parts + [f"1x1 conv {site.name}"])
+    return SiteReport(call.name, describe, "rewritten", f"fused: {what}", site.macs(), site.macs(), "fuse_shift")
+
+
+def fuse_shift_pass(gm: fx.GraphModule, config: FuseShift, context: PassContext) -> Report:
+    """Rewrites ``gm`` in place (recompiled) and returns the report; see the module docstring."""
+    shift_nodes = [n for n in gm.graph.nodes if _shift_call(gm, n) is not None]
+    recorded = record_before(gm, context.example_inputs, [])
+    with sweep(gm, context.example_inputs, recorded) as run:
+        kind = graph_kind(gm)
+        # each shift read again when its turn comes: a fusion before it may have replaced its input node
+        sites = [_fuse_site(gm, kind, _shift_call(gm, node)) for node in shift_nodes]
+        notes = [] if fake_mode_of(context.example_inputs) is not None or not shift_nodes else \
+            ["inference form: BatchNorms folded with their running statistics (a call that needs grad runs the fused "
+             "op as its composition)"]
+        return finish_report(gm, run, "fuse_shift", sites, notes, recorded,
+                             "no shift read by a 1x1 conv: the graph is unchanged", _ROLE)
+
+
+__all__ = ["FuseShift", "fuse_shift_pass"]
