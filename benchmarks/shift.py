@@ -4,16 +4,19 @@ Per shape and memory format, side by side in one run (medians of repeats): x.clo
 depthwise (padding 1, no bias), fxeff.ops.shift in modes sparse / grouped / active, and the pure-PyTorch
 reference (tests/_shift_reference.py). Forward, and forward+backward (input and weight/shift gradients).
 Shifts: uniform(-1, 1) per channel (a fresh Shift2d's range) for sparse/active; for grouped the
-9 offsets of the 3x3 neighbourhood on consecutive channel groups. With --models, whole torchvision
-MobileNetV2 at 224 before/after the Shift pass: eager latency and MACs.
+9 offsets of the 3x3 neighbourhood on consecutive channel groups. With --models, whole models (MobileNetV2,
+MobileNetV3-Large, EfficientNet-Lite0 at 224 with every depthwise conv shifted; the fine-tuned reference MobileNetV2
+on Cluttered Fashion-MNIST) at batch 1 and 8 in NCHW and channels_last: the original, the shift network, and the
+shift network after FuseShift (the shift, its BatchNorm, ReLU6 and the 1x1 conv in one fxeff::shift_conv1x1), timed
+in turn.
 
 With --device cuda everything runs on the GPU, against cuDNN's depthwise conv and issue 6's GPU targets
 (fxeff's sparse forward >= 80% of x.clone()'s device-to-device bandwidth and >= 3x the depthwise conv,
 forward+backward >= 2x); extra columns give the achieved bandwidth of the sparse forward and of x.clone() in
 GB/s (bytes read + written / time) and their ratio. The pure-PyTorch reference is CPU-only: skipped on CUDA.
 
-    python benchmarks/shift.py [--quick] [--threads 2] [--device cpu|cuda] [--models] [--json out.json]
-        [--markdown out.md]
+    python benchmarks/shift.py [--quick] [--threads 2] [--device cpu|cuda] [--models] [--model-names a,b]
+        [--batches 1,8] [--formats nchw,channels_last] [--runs N] [--json out.json] [--markdown out.md]
 """
 import argparse
 import os
@@ -27,7 +30,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import fxeff  # noqa: E402
 from _shift_reference import shift_reference  # noqa: E402
-from fxeff.bench import script_parser, write_markdown, measure, model_before_after, report  # noqa: E402
+from fxeff.bench import interleaved, script_parser, write_markdown, measure, report  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (1, 32, 112, 112)]
 # The issue's targets: (quantity, bound); checked per row and printed with the table.
@@ -100,22 +103,87 @@ def bench_shape(shape, channels_last: bool, min_run_time: float, with_reference:
     return row
 
 
-def bench_models(runs: int, device: torch.device = torch.device("cpu")) -> List[Dict[str, object]]:
-    """Whole MobileNetV2 at 224 (random weights, eval): eager latency and MACs before/after the Shift pass."""
-    import torchvision
+MODELS = ("mobilenet_v2", "mobilenet_v3_large", "efficientnet-lite0", "reference:mobilenetv2")
+REFERENCE_DATASET = "cluttered-fashion-mnist"
+MODEL_TARGET = 0.85  # the issue's bound on fused / dense latency at batch 1 and 8
 
+
+def _model_and_input(name: str, batch: int, device: torch.device):
+    """(original, shifted, input): a torchvision model / EfficientNet-Lite0 (real weights when installed) at 224,
+    every depthwise conv shifted (lstsq on the input), or ``reference:mobilenetv2``, fxeff's trained MobileNetV2 and
+    its committed fine-tuned sparse-shift model on the first ``batch`` test images of Cluttered Fashion-MNIST."""
+    from fxeff import models, reference
     from fxeff.passes import Shift
 
-    model = torchvision.models.mobilenet_v2().eval().to(device)
-    x = torch.rand(1, 3, 224, 224).to(device)
-    return [model_before_after("mobilenet_v2", model, fxeff.transform(model, x, passes=[Shift()]), x, runs)]
+    if name.startswith("reference:"):
+        arch = name.split(":", 1)[1]
+        test = reference.dataset(REFERENCE_DATASET, "test", limit=batch)
+        x = torch.stack([test[i][0] for i in range(len(test))]).to(device)
+        return (reference.load(arch, REFERENCE_DATASET).eval().to(device),
+                reference.load_finetuned(arch, REFERENCE_DATASET, "shift sparse").eval().to(device), x)
+    model = models.load_model(name if name == models.EFFICIENTNET_LITE0 else f"torchvision:{name}").eval().to(device)
+    x = torch.rand(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    return model, fxeff.transform(model, x, passes=[Shift()]).eval(), x
+
+
+def bench_models(names, batches, formats, runs: int, device: torch.device = torch.device("cpu")
+                 ) -> List[Dict[str, object]]:
+    """Per model, batch and memory format, timed in turn (medians of ``runs``): the original, the shift network
+    (every depthwise conv a shift) and the shift network after FuseShift (shift + BatchNorm + clamp + 1x1 conv in
+    one op). The fused and unfused shift networks are checked to agree first."""
+    from fxeff.passes import FuseShift
+
+    rows = []
+    for name in names:
+        for batch in batches:
+            model, shifted, x = _model_and_input(name, batch, device)
+            fused = fxeff.transform(shifted, x, passes=[FuseShift()])
+            report_ = fused.fxeff_report
+            for fmt in formats:
+                memory_format = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}[fmt]
+                m, s, f = (k.to(memory_format=memory_format) for k in (model, shifted, fused))
+                xf = x.contiguous(memory_format=memory_format)
+                with torch.no_grad():
+                    want, got = s(xf), f(xf)
+                error = float((got - want).norm() / want.norm().clamp_min(1e-30))
+                if error > 1e-4:
+                    raise RuntimeError(f"shift.py: {name} fused differs from the shift network by {error:.3g}")
+                dense, unfused, fused_t = interleaved([lambda: m(xf), lambda: s(xf), lambda: f(xf)], runs)
+                rows.append({"model": name, "batch": batch, "format": fmt, "dense ms": dense * 1e3,
+                             "shifted ms": unfused * 1e3, "fused ms": fused_t * 1e3,
+                             "shifted / dense": unfused / dense, "fused / dense": fused_t / dense,
+                             "fused sites": f"{len(report_.rewritten)}/{len(report_.sites)}",
+                             "fused vs shifted error": error,
+                             f"met (<= {MODEL_TARGET})": "yes" if fused_t / dense <= MODEL_TARGET else "no"})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def layer_table(args, shapes, min_run_time: float, with_reference: bool, device: torch.device) -> str:
+    """The one-layer table: the shift ops against the 3x3 depthwise conv and x.clone()."""
+    rows = [bench_shape(shape, cl, min_run_time, with_reference, device) for shape in shapes for cl in (False, True)]
+    columns = ["shape", "format", "clone ms", "dw ms", "sparse ms", "grouped ms", "active ms", "sparse / clone",
+               "grouped / clone", "dw / sparse", "dw / grouped", "dw / active", "dw fb ms", "sparse fb ms",
+               "dw fb / sparse fb", "dw fb / active fb"] + (["reference / sparse"] if with_reference else [])
+    if device.type == "cuda":
+        columns += ["sparse GB/s", "clone GB/s", "sparse % of copy bw"]
+    columns.append("targets missed")
+    return report(f"fxeff.ops.shift vs 3x3 depthwise conv, float32, {device.type}", rows, columns,
+                  args.json.replace(".json", "_layers.json") if args.json else "", device)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = script_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="one shape, shorter timing")
-    parser.add_argument("--models", action="store_true", help="also whole MobileNetV2 before/after the Shift pass")
+    parser.add_argument("--models", action="store_true",
+                        help="also whole models: original, shift network and shift network fused (FuseShift)")
+    parser.add_argument("--model-names", default=",".join(MODELS),
+                        help=f"with --models: comma list of {', '.join(MODELS)} (default: all)")
+    parser.add_argument("--batches", default="1,8", help="with --models: batch sizes (default 1,8)")
+    parser.add_argument("--formats", default="nchw,channels_last", help="with --models: memory formats")
+    parser.add_argument("--runs", type=int, default=0, help="with --models: timed rounds (default 30, 10 --quick)")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) pure-PyTorch reference")
+    parser.add_argument("--skip-layers", action="store_true", help="with --models: only the whole-model table")
     return parser
 
 
@@ -128,19 +196,19 @@ def main(argv=None) -> None:
     with_reference = not args.no_reference and device.type == "cpu"
     if device.type == "cuda" and not args.no_reference:
         print("shift.py: on CUDA the pure-PyTorch reference (CPU-only) is skipped", flush=True)
-    rows = [bench_shape(shape, cl, min_run_time, with_reference, device) for shape in shapes for cl in (False, True)]
-    columns = ["shape", "format", "clone ms", "dw ms", "sparse ms", "grouped ms", "active ms", "sparse / clone",
-               "grouped / clone", "dw / sparse", "dw / grouped", "dw / active", "dw fb ms", "sparse fb ms",
-               "dw fb / sparse fb", "dw fb / active fb"] + (["reference / sparse"] if with_reference else [])
-    if device.type == "cuda":
-        columns += ["sparse GB/s", "clone GB/s", "sparse % of copy bw"]
-    columns.append("targets missed")
-    text = report(f"fxeff.ops.shift vs 3x3 depthwise conv, float32, {device.type}", rows, columns,
-                  args.json.replace(".json", "_layers.json") if args.json else "", device)
+    text = ""
+    if not (args.models and args.skip_layers):
+        text = layer_table(args, shapes, min_run_time, with_reference, device)
     if args.models:
-        model_rows = bench_models(10 if args.quick else 30, device)
-        text += "\n\n" + report(f"Whole model at 224, eager, {device.type}, before/after the Shift pass", model_rows,
-                                list(model_rows[0].keys()),
+        names = [n for n in args.model_names.split(",") if n]
+        unknown = [n for n in names if n not in MODELS]
+        if unknown:
+            raise SystemExit(f"shift.py: --model-names takes {', '.join(MODELS)}; got {unknown}")
+        model_rows = bench_models(names, [int(b) for b in args.batches.split(",")], args.formats.split(","),
+                                  args.runs or (10 if args.quick else 30), device)
+        text += "\n\n" + report(f"Whole models, eager, {device.type}: original vs shift network vs shift network fused "
+                                f"(torchvision / EfficientNet-Lite0 at 224, the reference model on test images)",
+                                model_rows, list(model_rows[0].keys()),
                                 args.json.replace(".json", "_models.json") if args.json else "", device)
     write_markdown(args.markdown, text)
 

@@ -138,3 +138,15 @@ def test_hetconv_models_latency_rows_time_reference_models_in_a_memory_format():
     (row,) = rows
     assert row["model"] == "reference:resnet20" and row["input"] == "2x1x64x64" and row["format"] == "channels_last"
     assert 0.3 < row["MAC ratio"] < 0.45 and row["rewritten"] > 0 and row["dense ms"] > 0 and row["fxeff ms"] > 0
+
+
+def test_shift_models_rows_time_the_fused_shift_network():
+    """benchmarks/shift.py --models: the fine-tuned reference MobileNetV2, its shift network fused (every depthwise
+    layer), checked against the unfused one and timed side by side in the asked memory format."""
+    shift = _script("shift")
+    rows = shift.bench_models(["reference:mobilenetv2"], [2], ["channels_last"], runs=1)
+    (row,) = rows
+    assert row["model"] == "reference:mobilenetv2" and row["batch"] == 2 and row["format"] == "channels_last"
+    fused, total = (int(v) for v in row["fused sites"].split("/"))
+    assert fused == total > 0 and row["fused vs shifted error"] < 1e-4
+    assert row["dense ms"] > 0 and row["shifted ms"] > 0 and row["fused ms"] > 0

@@ -1147,21 +1147,77 @@ void shifted_row(const T* plane, T* dst, const ShiftPlan& p, int64_t c, int64_t 
   slice_row_lookup<T, A>(dst, plane, p, c, y, hi, W, terms, nterms, false, T(0));
 }
 
-// NCHW tile: rows [oy0, oy1) of the output grid, tile[c][(oy - oy0) * Wo + ox], every channel.
+// Per output column of a pooled row: the window's width (the last window clipped), as the divisor's factor.
+template <typename A>
+std::vector<A> pool_widths(const PoolGeometry& g) {
+  std::vector<A> widths(g.out[2]);
+  for (int64_t ox = 0; ox < g.out[2]; ++ox) {
+    const auto [x0, x1] = pool_window(g, 2, ox);
+    widths[ox] = static_cast<A>(x1 - x0);
+  }
+  return widths;
+}
+
+// Pooled output row oy of channel c for a rounded shift (ty, tx) with zero padding, straight from the input plane:
+// the shifted value at (sy, sx) is plane[sy - ty][sx - tx] where both are in range, else 0. Interior windows (every
+// column inside the map and the source) sum without checks; acc: Wo.
+template <typename T, typename A>
+void pooled_row_rounded(const T* plane, T* dst, const ShiftPlan& p, int64_t c, const PoolGeometry& g, int64_t oy,
+                        const A* widths, A* acc) {
+  const int64_t H = p.size[1], W = p.size[2], Wo = g.out[2], s = g.stride[2], bx = g.begin[2];
+  const int64_t ty = p.t[p.at(c, 1, 0)], tx = p.t[p.at(c, 2, 0)];
+  // interior: every u of the window has 0 <= u + bx < W and 0 <= u + bx - tx < W, and the window is whole
+  const int64_t first = std::max<int64_t>(0, tx) - bx, last = std::min(W, W + tx) - bx;  // u in [first, last)
+  const int64_t end = std::min(last, g.len[2]);
+  const int64_t ox_lo = std::min(Wo, first <= 0 ? int64_t(0) : (first + s - 1) / s);
+  const int64_t ox_hi = end >= s ? std::max(ox_lo, std::min(Wo, (end - s) / s + 1)) : ox_lo;
+  std::fill(acc, acc + Wo, A(0));
+  const auto [y0, y1] = pool_window(g, 1, oy);
+  for (int64_t y = y0; y < y1; ++y) {
+    const int64_t sy = y + g.begin[1], iy = sy - ty;
+    if (sy < 0 || sy >= H || iy < 0 || iy >= H) continue;
+    const T* r = plane + iy * W + bx - tx;  // r[u] = the shifted row at padded column u
+    if (s == 2) {
+      for (int64_t ox = ox_lo; ox < ox_hi; ++ox) acc[ox] += static_cast<A>(r[2 * ox]) + static_cast<A>(r[2 * ox + 1]);
+    } else {
+      for (int64_t ox = ox_lo; ox < ox_hi; ++ox)
+        for (int64_t u = ox * s; u < ox * s + s; ++u) acc[ox] += static_cast<A>(r[u]);
+    }
+    auto edge = [&](int64_t ox) {
+      const int64_t u0 = ox * s, u1 = std::min(u0 + s, g.len[2]);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t sx = u + bx, ix = sx - tx;
+        if (sx >= 0 && sx < W && ix >= 0 && ix < W) acc[ox] += static_cast<A>(r[u]);
+      }
+    };
+    for (int64_t ox = 0; ox < ox_lo; ++ox) edge(ox);
+    for (int64_t ox = ox_hi; ox < Wo; ++ox) edge(ox);
+  }
+  const A rows = static_cast<A>(y1 - y0);
+  for (int64_t ox = 0; ox < Wo; ++ox) dst[ox] = static_cast<T>(acc[ox] / (rows * widths[ox]));
+}
+
+// NCHW tile: rows [oy0, oy1) of the output grid of channels [c0, c1), tile[c - c0][(oy - oy0) * Wo + ox].
 template <typename T, typename A>
 void fill_tile_nchw(const T* xn, T* tile, const ShiftPlan& p, const PoolGeometry& g, bool pooled, bool linear,
-                    const Epilogue<T>& epi, int64_t oy0, int64_t oy1, T* row, A* acc) {
-  const int64_t C = p.C, H = p.size[1], W = p.size[2], Wo = g.out[2], np = (oy1 - oy0) * Wo;
+                    const Epilogue<T>& epi, int64_t oy0, int64_t oy1, int64_t c0, int64_t c1, T* row, A* acc,
+                    const A* widths) {
+  const int64_t H = p.size[1], W = p.size[2], Wo = g.out[2], np = (oy1 - oy0) * Wo;
   const PoolColumns cols = pool_columns(g, W);
+  const bool direct = pooled && !linear && p.zero_padding;
   SliceTerm terms[8];
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     const T* plane = xn + c * H * W;
-    T* t = tile + c * np;
+    T* t = tile + (c - c0) * np;
     const int nterms = slice_terms(p, c, 0, terms);
     for (int64_t oy = oy0; oy < oy1; ++oy) {
       T* dst = t + (oy - oy0) * Wo;
       if (!pooled) {
         shifted_row<T, A>(plane, dst, p, c, oy, linear, terms, nterms);
+        continue;
+      }
+      if (direct) {
+        pooled_row_rounded<T, A>(plane, dst, p, c, g, oy, widths, acc);
         continue;
       }
       std::fill(acc, acc + Wo, A(0));
@@ -1172,10 +1228,8 @@ void fill_tile_nchw(const T* xn, T* tile, const ShiftPlan& p, const PoolGeometry
         shifted_row<T, A>(plane, row, p, c, sy, linear, terms, nterms);
         pool_row_add<T, A>(row, acc, g, cols, W);
       }
-      for (int64_t ox = 0; ox < Wo; ++ox) {
-        const auto [x0, x1] = pool_window(g, 2, ox);
-        dst[ox] = static_cast<T>(acc[ox] / static_cast<A>((y1 - y0) * (x1 - x0)));
-      }
+      const A rows = static_cast<A>(y1 - y0);
+      for (int64_t ox = 0; ox < Wo; ++ox) dst[ox] = static_cast<T>(acc[ox] / (rows * widths[ox]));
     }
     epi.run(t, np, c);
   }
@@ -1234,6 +1288,7 @@ void fill_tile_cl(const T* xn, T* tile, const ShiftPlan& p, const PoolGeometry& 
 struct ShiftGroups {
   int count = 0;
   int64_t channel[16];
+  int64_t ty[16], tx[16];  // the shift (rounded), for zero padding: sources checked by comparison, no tables
   uint16_t mask[16];
 };
 
@@ -1246,6 +1301,8 @@ std::vector<ShiftGroups> shift_groups(const ShiftPlan& p) {
     while (k < b.count && (p.t[p.at(b.channel[k], 1, 0)] != ty || p.t[p.at(b.channel[k], 2, 0)] != tx)) ++k;
     if (k == b.count) {
       b.channel[b.count] = c;
+      b.ty[b.count] = ty;
+      b.tx[b.count] = tx;
       b.mask[b.count++] = 0;
     }
     b.mask[k] |= static_cast<uint16_t>(1u << (c % 16));
@@ -1265,8 +1322,26 @@ bool fill_tile_cl_fast(const T*, T*, const ShiftPlan&, const std::vector<ShiftGr
 // A pixel's block of 16 channels: one masked load per distinct shift whose source is in range (zeros elsewhere).
 __attribute__((target("avx512f"))) inline __m512 gather_block(const float* xn, const ShiftPlan& p,
                                                               const ShiftGroups& b, int64_t c0, int64_t y, int64_t x) {
-  const int64_t C = p.C, W = p.size[2];
+  const int64_t C = p.C, H = p.size[1], W = p.size[2];
   __m512 v = _mm512_setzero_ps();
+  if (p.zero_padding) {  // three independent chains of merge-masked loads (disjoint lanes), then one OR
+    __m512 u = v, w = v;
+    for (int k = 0; k < b.count; ++k) {
+      const int64_t iy = y - b.ty[k], ix = x - b.tx[k];
+      if (static_cast<uint64_t>(iy) >= static_cast<uint64_t>(H) || static_cast<uint64_t>(ix) >= static_cast<uint64_t>(W))
+        continue;
+      const float* src = xn + (iy * W + ix) * C + c0;
+      if (k % 3 == 0)
+        v = _mm512_mask_loadu_ps(v, b.mask[k], src);
+      else if (k % 3 == 1)
+        u = _mm512_mask_loadu_ps(u, b.mask[k], src);
+      else
+        w = _mm512_mask_loadu_ps(w, b.mask[k], src);
+    }
+    const __m512i bits = _mm512_or_si512(_mm512_castps_si512(v),
+                                         _mm512_or_si512(_mm512_castps_si512(u), _mm512_castps_si512(w)));
+    return _mm512_castsi512_ps(bits);
+  }
   for (int k = 0; k < b.count; ++k) {
     const int32_t iy = p.table(b.channel[k], 1, 0)[y], ix = p.table(b.channel[k], 2, 0)[x];
     if (iy >= 0 && ix >= 0) v = _mm512_mask_loadu_ps(v, b.mask[k], xn + (iy * W + ix) * C + c0);
@@ -1325,7 +1400,21 @@ bool fill_tile_cl_fast<float>(const float* xn, float* tile, const ShiftPlan& p, 
 }
 #endif
 
-constexpr int64_t kFusedTileBytes = 256 * 1024;  // one band's shifted map, next to the GEMM's panels in L2
+// A buffer of n elements owned by the calling thread and kept between calls (slot: one per use), so that the fused
+// op's tiles do not take fresh pages from the allocator on every call. A parallel region's worker calls it for its
+// own buffer; a pointer from the calling thread's may be shared with the workers, its name may not.
+template <typename T>
+T* thread_buffer(int slot, int64_t n) {
+  thread_local std::vector<double> buffers[3];
+  std::vector<double>& b = buffers[slot];
+  const size_t want = static_cast<size_t>((n * static_cast<int64_t>(sizeof(T)) + 7) / 8);
+  if (b.size() < want) b.resize(want);
+  return reinterpret_cast<T*>(b.data());
+}
+
+constexpr int64_t kFusedTileBytes = 512 * 1024;  // one band's shifted map, with the GEMM's panels in the 1 MiB L2
+constexpr int64_t kImagePixels = 1024;  // maps up to 32x32 run whole images (see shift_conv1x1_cpu)
+constexpr int64_t kImageTileBytes = 1024 * 1024;
 
 at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10::string_view padding,
                              c10::string_view mode, at::IntArrayRef pad, at::IntArrayRef pool,
@@ -1375,11 +1464,18 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c
   const at::Tensor sc = has_scale ? scale->detach().contiguous() : at::Tensor();
   const at::Tensor of = has_offset ? offset->detach().contiguous() : at::Tensor();
   const at::Tensor b = has_bias ? bias->detach().contiguous() : at::Tensor();
-  // Bands: as many output rows as fit the tile budget, and at least two items per thread where the map allows.
-  const int64_t row_bytes = Wo * C * static_cast<int64_t>(x.element_size());
-  int64_t rows = std::max<int64_t>(1, std::min<int64_t>(Ho, kFusedTileBytes / std::max<int64_t>(1, row_bytes)));
+  // Small maps (at most kImagePixels outputs, the whole shifted image within kImageTileBytes) in a batch too small to
+  // give every thread images: per image the whole tile, built by all threads, then one GEMM that ATen runs on all
+  // threads (bands of a 7x7 or 14x14 map would be GEMMs of a few dozen columns, each reading the whole weight).
+  // Otherwise: bands of output rows as fit the tile budget, at least two per thread where the map allows, each
+  // thread building its band and running its GEMM.
+  const int64_t elt = static_cast<int64_t>(x.element_size());
+  const bool image_mode = P <= kImagePixels && C * P * elt <= kImageTileBytes && N < 2 * at::get_num_threads();
+  const int64_t row_bytes = Wo * C * elt;
+  int64_t rows = image_mode ? Ho
+                            : std::max<int64_t>(1, std::min<int64_t>(Ho, kFusedTileBytes / std::max<int64_t>(1, row_bytes)));
   const int64_t want = 2 * at::get_num_threads();
-  if (N * ((Ho + rows - 1) / rows) < want) rows = std::max<int64_t>(1, (N * Ho + want - 1) / want);
+  if (!image_mode && N * ((Ho + rows - 1) / rows) < want) rows = std::max<int64_t>(1, (N * Ho + want - 1) / want);
   rows = std::min(rows, Ho);
   const int64_t bands = (Ho + rows - 1) / rows;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxeff_shift_conv1x1", [&] {
@@ -1400,39 +1496,66 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c
     // the AVX-512 gather for float32 rounded shifts in channels-last
     const bool fast_cl = cl && !linear && std::is_same<T, float>::value && cpu_has_avx512f();
     const std::vector<ShiftGroups> groups = fast_cl ? shift_groups(plan) : std::vector<ShiftGroups>();
-    at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> tile(rows * Wo * C), row(cl ? 0 : W);
-      std::vector<A> acc(cl ? 0 : Wo);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / bands, oy0 = (item % bands) * rows, oy1 = std::min(Ho, oy0 + rows);
-        const int64_t np = (oy1 - oy0) * Wo, p0 = oy0 * Wo;
+    const std::vector<A> widths = pool_widths<A>(g);
+    // The band [oy0, oy1) (channels [c0, c1) in NCHW) of image n into tile.
+    auto fill = [&](const T* xn, T* tile, int64_t oy0, int64_t oy1, int64_t c0, int64_t c1, T* row, A* acc) {
+      if (!cl) {
+        fill_tile_nchw<T, A>(xn, tile, plan, g, pooled, linear, epi, oy0, oy1, c0, c1, row, acc, widths.data());
+        return;
+      }
+      if (!(fast_cl && fill_tile_cl_fast<T>(xn, tile, plan, groups, g, pooled, epi, oy0, oy1)))
+        fill_tile_cl<T, A>(xn, tile, plan, g, pooled, epi, oy0, oy1);
+    };
+    // out's rows [oy0, oy1) of image n = the GEMM of the band's tile (+ bias).
+    auto gemm = [&](int64_t n, T* tile, int64_t oy0, int64_t oy1) {
+      const int64_t np = (oy1 - oy0) * Wo, p0 = oy0 * Wo;
+      if (!cl) {  // out[n][:, p0:p0 + np] (row stride P) = W [O, C] @ tile [C, np]
+        at::Tensor o = at::from_blob(outp + n * O * P + p0, {O, np}, {P, 1}, options);
+        const at::Tensor z = at::from_blob(tile, {C, np}, options);
+        if (has_bias)
+          at::addmm_out(o, b.view({O, 1}), w2, z);
+        else
+          at::mm_out(o, w2, z);
+        return;
+      }
+      // out[n][p0:p0 + np, :] = tile [np, C] @ W^T [C, O]
+      at::Tensor o = at::from_blob(outp + (n * P + p0) * O, {np, O}, options);
+      const at::Tensor z = at::from_blob(tile, {np, C}, options);
+      if (has_bias)
+        at::addmm_out(o, b, z, w2.t());
+      else
+        at::mm_out(o, z, w2.t());
+    };
+    if (image_mode) {
+      T* tile = thread_buffer<T>(0, C * P);  // the caller's; shared with the workers by pointer
+      for (int64_t n = 0; n < N; ++n) {
         const T* xn = xp + n * C * H * W;
         if (!cl) {
-          fill_tile_nchw<T, A>(xn, tile.data(), plan, g, pooled, linear, epi, oy0, oy1, row.data(), acc.data());
-          // out[n][:, p0:p0 + np] (row stride P) = W [O, C] @ tile [C, np] (+ bias)
-          at::Tensor o = at::from_blob(outp + n * O * P + p0, {O, np}, {P, 1}, options);
-          const at::Tensor z = at::from_blob(tile.data(), {C, np}, options);
-          if (has_bias)
-            at::addmm_out(o, b.view({O, 1}), w2, z);
-          else
-            at::mm_out(o, w2, z);
-          continue;
+          at::parallel_for(0, C, std::max<int64_t>(1, kGrainElements / P), [&](int64_t c0, int64_t c1) {
+            fill(xn, tile + c0 * P, 0, Ho, c0, c1, thread_buffer<T>(1, W), thread_buffer<A>(2, Wo));
+          });
+        } else {
+          at::parallel_for(0, Ho, 1, [&](int64_t y0, int64_t y1) {
+            fill(xn, tile + y0 * Wo * C, y0, y1, 0, C, nullptr, nullptr);
+          });
         }
-        const bool done = fast_cl && fill_tile_cl_fast<T>(xn, tile.data(), plan, groups, g, pooled, epi, oy0, oy1);
-        if (!done) fill_tile_cl<T, A>(xn, tile.data(), plan, g, pooled, epi, oy0, oy1);
-        // out[n][p0:p0 + np, :] = tile [np, C] @ W^T [C, O] (+ bias)
-        at::Tensor o = at::from_blob(outp + (n * P + p0) * O, {np, O}, options);
-        const at::Tensor z = at::from_blob(tile.data(), {np, C}, options);
-        if (has_bias)
-          at::addmm_out(o, b, z, w2.t());
-        else
-          at::mm_out(o, z, w2.t());
+        gemm(n, tile, 0, Ho);
+      }
+      return;
+    }
+    at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
+      T* tile = thread_buffer<T>(0, rows * Wo * C);  // each worker's own
+      T* row = thread_buffer<T>(1, W);
+      A* acc = thread_buffer<A>(2, Wo);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / bands, oy0 = (item % bands) * rows, oy1 = std::min(Ho, oy0 + rows);
+        fill(xp + n * C * H * W, tile, oy0, oy1, 0, C, row, acc);
+        gemm(n, tile, oy0, oy1);
       }
     });
   });
   return out;
 }
-
 
 // Quantized sparse/grouped shift: the integer shift of the stored integers, zero padding with the
 // zero point, so the result equals the float shift quantized with the same scale and zero point.
