@@ -1471,13 +1471,16 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c
   // thread building its band and running its GEMM.
   const int64_t elt = static_cast<int64_t>(x.element_size());
   const bool image_mode = P <= kImagePixels && C * P * elt <= kImageTileBytes && N < 2 * at::get_num_threads();
-  const int64_t row_bytes = Wo * C * elt;
+  // channels-last bands run over the batch's rows (N * Ho, images back to back as the output stores them), so one
+  // GEMM may cover several small images; NCHW bands stay within an image (its output is [O, pixels] per image).
+  const int64_t row_bytes = Wo * C * elt, span = cl ? N * Ho : Ho;
   int64_t rows = image_mode ? Ho
-                            : std::max<int64_t>(1, std::min<int64_t>(Ho, kFusedTileBytes / std::max<int64_t>(1, row_bytes)));
+                            : std::max<int64_t>(1, std::min<int64_t>(span, kFusedTileBytes / std::max<int64_t>(1, row_bytes)));
   const int64_t want = 2 * at::get_num_threads();
-  if (!image_mode && N * ((Ho + rows - 1) / rows) < want) rows = std::max<int64_t>(1, (N * Ho + want - 1) / want);
-  rows = std::min(rows, Ho);
-  const int64_t bands = (Ho + rows - 1) / rows;
+  if (!image_mode && (cl ? 1 : N) * ((span + rows - 1) / rows) < want)
+    rows = std::max<int64_t>(1, (N * Ho + want - 1) / want);
+  rows = std::min(rows, span);
+  const int64_t bands = (span + rows - 1) / rows;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxeff_shift_conv1x1", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
@@ -1541,6 +1544,21 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c
         }
         gemm(n, tile, 0, Ho);
       }
+      return;
+    }
+    if (cl) {  // bands of the batch's rows [r0, r1): each image's part filled in turn, then one GEMM
+      at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
+        T* tile = thread_buffer<T>(0, rows * Wo * C);  // each worker's own
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t r0 = item * rows, r1 = std::min(span, r0 + rows);
+          for (int64_t r = r0; r < r1;) {
+            const int64_t n = r / Ho, oy0 = r % Ho, oy1 = std::min(Ho, oy0 + (r1 - r));
+            fill(xp + n * C * H * W, tile + (r - r0) * Wo * C, oy0, oy1, 0, C, nullptr, nullptr);
+            r += oy1 - oy0;
+          }
+          gemm(0, tile, r0, r1);  // image 0's rows r0.. run on into the next images: out is [N * Ho * Wo, O]
+        }
+      });
       return;
     }
     at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
