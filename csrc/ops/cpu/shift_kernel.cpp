@@ -1353,24 +1353,24 @@ __attribute__((target("avx512f"))) void fill_tile_cl_avx512(const float* xn, flo
                                                             const std::vector<ShiftGroups>& groups,
                                                             const PoolGeometry& g, bool pooled,
                                                             const Epilogue<float>& epi, int64_t oy0, int64_t oy1) {
-  const int64_t C = p.C, H = p.size[1], W = p.size[2], Wo = g.out[2];
+  const int64_t C = p.C, H = p.size[1], W = p.size[2], Wo = g.out[2], nblocks = (C + 15) / 16;
   const __m512 lo = _mm512_set1_ps(epi.lo), hi = _mm512_set1_ps(epi.hi);
   const bool affine = epi.scale != nullptr;
-  for (int64_t b = 0; b * 16 < C; ++b) {
-    const int64_t c0 = b * 16;
-    const __mmask16 valid = lanes_of(C - c0);
-    const ShiftGroups& grp = groups[b];
-    const __m512 a = affine ? _mm512_maskz_loadu_ps(valid, epi.scale + c0) : _mm512_set1_ps(1.0f);
-    const __m512 off = affine ? _mm512_maskz_loadu_ps(valid, epi.offset + c0) : _mm512_setzero_ps();
-    for (int64_t oy = oy0; oy < oy1; ++oy) {
-      float* dst = tile + (oy - oy0) * Wo * C + c0;
-      for (int64_t ox = 0; ox < Wo; ++ox, dst += C) {
+  // pixel by pixel, every block of 16 channels of a pixel in turn: the pixel's sources stay in L1
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    const auto [y0, y1] = pool_window(g, 1, oy);
+    for (int64_t ox = 0; ox < Wo; ++ox) {
+      float* dst = tile + ((oy - oy0) * Wo + ox) * C;
+      const auto [x0, x1] = pool_window(g, 2, ox);
+      const __m512 count = _mm512_set1_ps(static_cast<float>((y1 - y0) * (x1 - x0)));
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t c0 = b * 16;
+        const __mmask16 valid = lanes_of(C - c0);
+        const ShiftGroups& grp = groups[b];
         __m512 v;
         if (!pooled) {
           v = gather_block(xn, p, grp, c0, oy, ox);
         } else {
-          const auto [y0, y1] = pool_window(g, 1, oy);
-          const auto [x0, x1] = pool_window(g, 2, ox);
           v = _mm512_setzero_ps();
           for (int64_t y = y0; y < y1; ++y) {
             const int64_t sy = y + g.begin[1];
@@ -1380,12 +1380,13 @@ __attribute__((target("avx512f"))) void fill_tile_cl_avx512(const float* xn, flo
               if (sx >= 0 && sx < W) v = _mm512_add_ps(v, gather_block(xn, p, grp, c0, sy, sx));
             }
           }
-          v = _mm512_div_ps(v, _mm512_set1_ps(static_cast<float>((y1 - y0) * (x1 - x0))));
+          v = _mm512_div_ps(v, count);
         }
-        if (affine) v = _mm512_fmadd_ps(v, a, off);
+        if (affine) v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(valid, epi.scale + c0),
+                                        _mm512_maskz_loadu_ps(valid, epi.offset + c0));
         if (epi.has_lo) v = _mm512_max_ps(lo, v);  // max(lo, NaN) = NaN: the second operand wins
         if (epi.has_hi) v = _mm512_min_ps(hi, v);
-        _mm512_mask_storeu_ps(dst, valid, v);
+        _mm512_mask_storeu_ps(dst + c0, valid, v);
       }
     }
   }
