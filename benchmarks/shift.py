@@ -2,7 +2,9 @@
 
 Per shape and memory format, side by side in one run (medians of repeats): x.clone(), nn.Conv2d 3x3
 depthwise (padding 1, no bias), fxeff.ops.shift in modes sparse / grouped / active, and the pure-PyTorch
-reference (tests/_shift_reference.py). Forward, and forward+backward (input and weight/shift gradients).
+reference (tests/_shift_reference.py). Forward, and forward+backward (input and weight/shift gradients). On the
+CPU also a MobileNet block's tail, inference: depthwise conv -> BatchNorm -> ReLU6 -> 1x1 conv to C/4 channels,
+the same with the sparse shift in place of the conv, and fxeff.ops.shift_conv1x1 (all four in one op).
 Shifts: uniform(-1, 1) per channel (a fresh Shift2d's range) for sparse/active; for grouped the
 9 offsets of the 3x3 neighbourhood on consecutive channel groups. With --models, whole models (MobileNetV2,
 MobileNetV3-Large, EfficientNet-Lite0 at 224 with every depthwise conv shifted; the fine-tuned reference MobileNetV2
@@ -24,6 +26,7 @@ import sys
 from typing import Callable, Dict, List
 
 import torch
+import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -74,6 +77,15 @@ def bench_shape(shape, channels_last: bool, min_run_time: float, with_reference:
         t["active"] = measure(lambda: shift(x, s, "zeros", "active"), min_run_time)
         if with_reference:
             t["reference"] = measure(lambda: shift_reference(x, s, "zeros", "sparse"), min_run_time)
+        if device.type == "cpu":  # the MobileNet block tail: dw, BatchNorm, ReLU6, 1x1 conv to c/4 vs the fused op
+            bn = torch.nn.BatchNorm2d(c).eval()
+            pw = torch.nn.Conv2d(c, c // 4, 1, bias=False).to(memory_format=fmt)
+            scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+            offset = bn.bias - bn.running_mean * scale
+            t["dw+bn+relu6+1x1"] = measure(lambda: pw(F.relu6(bn(conv(x)))), min_run_time)
+            t["shift+bn+relu6+1x1"] = measure(lambda: pw(F.relu6(bn(shift(x, s, "zeros", "sparse")))), min_run_time)
+            t["fused"] = measure(lambda: fxeff.ops.shift_conv1x1(x, s, "zeros", "sparse", [0] * 4, [1, 1], scale,
+                                                                 offset, 0.0, 6.0, pw.weight, None), min_run_time)
     xg = x.clone().requires_grad_()
     sr = s.clone().requires_grad_()
     g = torch.randn_like(x)
@@ -91,6 +103,9 @@ def bench_shape(shape, channels_last: bool, min_run_time: float, with_reference:
     row["dw fb / active fb"] = t["dw fb"] / t["active fb"]
     if with_reference:
         row["reference / sparse"] = t["reference"] / t["sparse"]
+    if "fused" in t:
+        row["dw block / fused"] = t["dw+bn+relu6+1x1"] / t["fused"]
+        row["shift block / fused"] = t["shift+bn+relu6+1x1"] / t["fused"]
     if device.type == "cuda":  # achieved bandwidth: the bytes read (x) + written (out) per call / time
         moved = 2 * x.numel() * x.element_size()
         row["sparse GB/s"] = moved / t["sparse"] / 1e9
@@ -165,6 +180,9 @@ def layer_table(args, shapes, min_run_time: float, with_reference: bool, device:
     columns = ["shape", "format", "clone ms", "dw ms", "sparse ms", "grouped ms", "active ms", "sparse / clone",
                "grouped / clone", "dw / sparse", "dw / grouped", "dw / active", "dw fb ms", "sparse fb ms",
                "dw fb / sparse fb", "dw fb / active fb"] + (["reference / sparse"] if with_reference else [])
+    if device.type == "cpu":
+        columns += ["dw+bn+relu6+1x1 ms", "shift+bn+relu6+1x1 ms", "fused ms", "dw block / fused",
+                    "shift block / fused"]
     if device.type == "cuda":
         columns += ["sparse GB/s", "clone GB/s", "sparse % of copy bw"]
     columns.append("targets missed")

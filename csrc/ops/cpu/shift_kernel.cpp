@@ -1177,7 +1177,9 @@ void pooled_row_rounded(const T* plane, T* dst, const ShiftPlan& p, int64_t c, c
     const int64_t sy = y + g.begin[1], iy = sy - ty;
     if (sy < 0 || sy >= H || iy < 0 || iy >= H) continue;
     const T* r = plane + iy * W + bx - tx;  // r[u] = the shifted row at padded column u
-    if (s == 2) {
+    if (s == 1) {  // a crop or pad without pooling (EfficientNet's explicit "same" padding)
+      for (int64_t ox = ox_lo; ox < ox_hi; ++ox) acc[ox] += static_cast<A>(r[ox]);
+    } else if (s == 2) {
       for (int64_t ox = ox_lo; ox < ox_hi; ++ox) acc[ox] += static_cast<A>(r[2 * ox]) + static_cast<A>(r[2 * ox + 1]);
     } else {
       for (int64_t ox = ox_lo; ox < ox_hi; ++ox)
@@ -1192,6 +1194,10 @@ void pooled_row_rounded(const T* plane, T* dst, const ShiftPlan& p, int64_t c, c
     };
     for (int64_t ox = 0; ox < ox_lo; ++ox) edge(ox);
     for (int64_t ox = ox_hi; ox < Wo; ++ox) edge(ox);
+  }
+  if (y1 - y0 == 1 && s == 1) {  // windows of one: no division
+    for (int64_t ox = 0; ox < Wo; ++ox) dst[ox] = static_cast<T>(acc[ox]);
+    return;
   }
   const A rows = static_cast<A>(y1 - y0);
   for (int64_t ox = 0; ox < Wo; ++ox) dst[ox] = static_cast<T>(acc[ox] / (rows * widths[ox]));
