@@ -12,6 +12,7 @@ from torch import nn
 import fxeff
 from fxeff.ops import shift_conv1x1
 from fxeff.passes import FuseShift, Shift
+from fxeff.passes.graph import get_attr_value
 
 from _graph_kinds import rewritten
 from _shift_reference import shift_reference
@@ -200,9 +201,9 @@ class Block(nn.Module):
             return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout),
                                  nn.ReLU6())
 
-        self.expand = cbr(3, 16)
-        self.dw1 = cbr(16, 16, 3, 1, 16)
-        self.project1 = nn.Conv2d(16, 12, 1, bias=False)
+        self.expand = cbr(3, 48)
+        self.dw1 = cbr(48, 48, 3, 1, 48)
+        self.project1 = nn.Conv2d(48, 12, 1, bias=False)
         self.dw2 = cbr(12, 12, 3, 2, 12)  # strided: shift_pool
         self.project2 = nn.Conv2d(12, 8, 1)
         self.dw3 = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8), nn.BatchNorm2d(8), nn.Hardswish())
@@ -279,8 +280,11 @@ def test_fused_model_trains_through_the_composition():
     gm = fxeff.transform(shifted, x, passes=[FuseShift()])
     out = gm(x)
     out.square().mean().backward()
-    weight = next(p for n, p in gm.named_parameters() if n.startswith("project1"))
-    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    fused = [n for n in gm.graph.nodes if n.target is FUSED]
+    for node in fused:  # the 1x1 conv's weight (a channel-sorted copy where sorted) and the shifts learn
+        weight, shifts = get_attr_value(gm, node.args[10].target), get_attr_value(gm, node.args[1].target)
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+        assert shifts.grad is not None
 
 
 def test_deployment_forms(tmp_path):
@@ -330,3 +334,33 @@ def test_no_shift_is_reported():
     gm = fxeff.transform(model, x, passes=[FuseShift()])
     assert "unchanged" in " ".join(gm.fxeff_report.notes)
     assert not any(n.target is operator.add for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "export"])
+def test_sort_channels_renumbers_the_producer_exactly(kind):
+    """With sort_channels the first site's channels (the expand conv, its BatchNorm and ReLU6, the fused op's shifts,
+    scale, offset and the 1x1 conv's columns) are renumbered so that equal shifts are neighbours: the report says so,
+    the output is the unfused model's in both memory formats, and the user's modules are untouched."""
+    shifted, x = _shifted(5)
+    expand_weight = shifted.get_submodule("expand.0").weight.detach().clone()
+    with torch.no_grad():
+        want = shifted(x)
+    gm, report, out = rewritten(shifted, x, kind, FuseShift())
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert "channels sorted by shift" in report.sites[0].reason
+    assert "sorted by shift" not in report.sites[1].reason  # 12 channels: one block, nothing to gain
+    fused = [n for n in gm.graph.nodes if n.target is FUSED][0]
+    shifts = get_attr_value(gm, fused.args[1].target)
+    keys = [tuple(r) for r in shifts.round().tolist()]
+    assert keys == sorted(keys)
+    assert torch.equal(shifted.get_submodule("expand.0").weight, expand_weight)
+    with torch.no_grad():
+        cl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(gm(cl), want, rtol=1e-5, atol=1e-5)
+    unsorted = rewritten(shifted, x, kind, FuseShift(sort_channels=False))[1]
+    assert "sorted" not in unsorted.sites[0].reason
+
+
+def test_sort_channels_must_be_a_bool():
+    with pytest.raises(TypeError, match="sort_channels must be a bool"):
+        FuseShift(sort_channels=1)

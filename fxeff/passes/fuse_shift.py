@@ -11,13 +11,20 @@ rows with one GEMM, so the shifted map never reaches memory.
 A site is a shift (``fxeff.nn.Shift2d`` module, ``fxeff::shift`` / ``fxeff::shift_pool`` call; 4-D input) whose
 only reader is, in order and each optional: an eval-mode BatchNorm with running statistics (folded: scale = gamma /
 sqrt(var + eps), offset = beta - mean * scale; at transform time, in float64, where the graph module holds its
-tensors; in the graph, at run time, where they are graph inputs, as dynamo lifts parameters), an activation that is a clamp (ReLU, ReLU6, Hardtanh, clamp), and a 1x1 conv (stride 1, no
-padding, groups 1) that reads only that. Anything else between them (an SE block's multiply, a Hardswish, a
-residual add) leaves the site unfused, with the reason in the report. The result computes the same function in
-eval mode up to float rounding (the BatchNorm folded). It is the inference form: fuse after fine-tuning. A call
-that needs grad runs the op as its composition (differentiable, not fused; the BatchNorm stays folded). All three
-graph kinds (symbolic, dynamo, export).
+tensors; in the graph, at run time, where they are graph inputs, as dynamo lifts parameters), an activation that
+is a clamp (ReLU, ReLU6, Hardtanh, clamp), and a 1x1 conv (stride 1, no padding, groups 1) that reads only that.
+Anything else between them (an SE block's multiply, a Hardswish, a residual add) leaves the site unfused, with the
+reason in the report. The result computes the same function in eval mode up to float rounding (the BatchNorm
+folded). It is the inference form: fuse after fine-tuning. A call that needs grad runs the op as its composition
+(differentiable, not fused; the BatchNorm stays folded). All three graph kinds (symbolic, dynamo, export).
+
+With ``sort_channels`` (default) the channels from the conv that produces a shifted map (through its BatchNorm,
+clamp and zero padding) to the fused op are renumbered so that channels with the same rounded shift are neighbours:
+the same function, and in channels_last a pixel's block of 16 channels is then one masked load per distinct shift
+(MobileNetV2 at 224 with fitted taps: 4-9 distinct shifts per block before, 1-2 after). Only where the graph module
+holds every tensor involved (symbolic and export graphs; dynamo lifts parameters to graph inputs).
 """
+import copy
 import dataclasses
 import operator
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -29,10 +36,10 @@ from .. import ops as fxeff_ops
 from ..nn import shift as shift_nn
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
-from .graph import EXPORT, ConvSite, conv_site, get_attr_value, graph_kind, node_shape
+from .graph import EXPORT, TORCH_CONVS, ConvSite, conv_site, get_attr_value, graph_kind, node_shape
 from .measure import fake_mode_of
-from .rewrite import BN_FUNCTIONS, BN_MODULES, bn_arg, clamp_after, fake_key_and_mode, finish_report, new_attr, \
-    propagate_fake, record_before, sweep
+from .rewrite import BN_FUNCTIONS, BN_MODULES, bn_arg, clamp_after, clamp_bounds, fake_key_and_mode, finish_report, \
+    new_attr, propagate_fake, record_before, sweep, unique_name
 
 aten = torch.ops.aten
 
@@ -49,7 +56,17 @@ _SHIFT_DEFAULTS = {"padding": "zeros", "mode": "sparse"}
 class FuseShift(PassConfig):
     """Config of the shift-fusion pass (no options): see the module docstring. Run it on the fine-tuned model in
     eval mode (``fxeff.transform(model.eval(), x, passes=[Shift(), FuseShift()])`` for a model that needs no
-    fine-tuning, or on the fine-tuned shift network): the BatchNorms are folded with their running statistics."""
+    fine-tuning, or on the fine-tuned shift network): the BatchNorms are folded with their running statistics.
+
+    ``sort_channels``: renumber the channels from the conv producing each shifted map to the fused op so that
+    channels with the same shift are neighbours (exact; where the graph module holds every tensor involved), which
+    makes a channels-last pixel one masked load per distinct shift in each block of 16 channels."""
+
+    sort_channels: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.sort_channels, bool):
+            raise TypeError(f"fxeff.passes.FuseShift: sort_channels must be a bool, got {self.sort_channels!r}")
 
     def run(self, gm: fx.GraphModule, context: PassContext) -> Report:
         return fuse_shift_pass(gm, self, context)
@@ -201,7 +218,7 @@ def _fold_in_graph(gm: fx.GraphModule, bn: _EvalBatchNorm, kind: str, base: str,
     return scale, offset
 
 
-def _fuse_site(gm: fx.GraphModule, kind: str, call: _ShiftCall) -> SiteReport:
+def _fuse_site(gm: fx.GraphModule, kind: str, call: _ShiftCall, sort_channels: bool) -> SiteReport:
     graph = gm.graph
     shape = node_shape(call.input)
     describe = f"shift2d {call.mode} {call.padding}" + (
@@ -260,7 +277,163 @@ def _fuse_site(gm: fx.GraphModule, kind: str, call: _ShiftCall) -> SiteReport:
     for node in [site.node] + removed[::-1] + [call.node]:
         graph.erase_node(node)
     what = " + ".join([f"shift {call.name}"] + parts + [f"1x1 conv {site.name}"])
+    sorted_ = _sort_channels(gm, fused, base) if sort_channels else ""
+    what += f"; {sorted_}" if sorted_ else ""
     return SiteReport(call.name, describe, "rewritten", f"fused: {what}", site.macs(), site.macs(), "fuse_shift")
+
+
+# ---------------------------------------------------------------- channels sorted by shift (channels_last gathers)
+
+_PAD_FUNCTIONS = {torch.nn.functional.pad, aten.constant_pad_nd.default, aten.pad.default}
+
+
+def _rounded(shifts: torch.Tensor) -> torch.Tensor:
+    """The shifts as the op rounds them (half away from zero), int64 [C, 2]."""
+    s = shifts.detach().double()
+    return (s.sign() * (s.abs() + 0.5).floor()).long()
+
+
+def _block_groups(rounded: torch.Tensor) -> int:
+    """Distinct shifts summed over the blocks of 16 channels: the masked loads a channels-last pixel costs."""
+    return sum(len({tuple(r) for r in rounded[b:b + 16].tolist()}) for b in range(0, rounded.shape[0], 16))
+
+
+def _producer_chain(gm: fx.GraphModule, x: fx.Node) -> Optional[Tuple[ConvSite, List[fx.Node]]]:
+    """(the conv computing x, the per-channel nodes between: BatchNorms, clamps, zero pads) when x is a conv's
+    output (groups 1) passed through only such nodes, each read by the next alone, the conv's tensors held by the
+    graph module; else None. Its output channels can then be renumbered without changing the function."""
+    chain, node = [], x
+    while True:
+        if len(node.users) != 1:
+            return None
+        site = conv_site(gm, node)
+        if site is not None:
+            if site.transposed or site.groups != 1 or site.unsupported or not _held(gm, site.weight, site.bias):
+                return None
+            return site, chain
+        chain.append(node)
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if not (type(module) in BN_MODULES or clamp_bounds(gm, node, node.args[0]) is not None):
+                return None
+            node = node.args[0]
+        elif node.op == "call_function" and node.target is operator.getitem and \
+                getattr(node.args[0], "target", None) is _BN_NO_TRAINING and node.args[1] == 0:
+            bn = node.args[0]
+            if any(u is not node and u.users for u in bn.users):
+                return None
+            chain.append(bn)
+            node = bn.args[0]
+        elif node.op == "call_function" and node.target in BN_FUNCTIONS:
+            if not _held(gm, *[bn_arg(node, k) for k in ("weight", "bias", "running_mean", "running_var")]):
+                return None
+            node = bn_arg(node, "input")
+        elif node.op == "call_function" and node.target in _PAD_FUNCTIONS:
+            pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+            if not isinstance(pad, (list, tuple)) or len(pad) > 4 or \
+                    any(k not in ("mode", "value") for k in node.kwargs if k != "pad") or \
+                    (node.target is torch.nn.functional.pad and node.kwargs.get("mode", "constant") != "constant"):
+                return None
+            node = node.args[0]
+        elif clamp_bounds(gm, node, node.args[0] if node.args else None) is not None:
+            node = node.args[0]
+        else:
+            return None
+        if not isinstance(node, fx.Node):
+            return None
+
+
+def _held(gm: fx.GraphModule, *refs: Any) -> bool:
+    return all(r is None or isinstance(r, (str, torch.Tensor)) or (isinstance(r, fx.Node) and r.op == "get_attr")
+               for r in refs)
+
+
+def _permuted_attr(gm: fx.GraphModule, before: fx.Node, ref: Any, perm: torch.Tensor, dim: int, base: str) -> Any:
+    """A get_attr node (inserted before ``before``) of the tensor ``ref`` refers to, its ``dim`` indexed by perm."""
+    if ref is None:
+        return None
+    value = get_attr_value(gm, ref if isinstance(ref, str) else ref.target)
+    permuted = value.detach().index_select(dim, perm.to(value.device))
+    name = new_attr(gm, base, permuted, isinstance(value, torch.nn.Parameter))
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta.update({k: v for k, v in (ref.meta.items() if isinstance(ref, fx.Node) else ()) if k in ("val",)})
+    return node
+
+
+def _permute_module(gm: fx.GraphModule, node: fx.Node, perm: torch.Tensor, base: str) -> None:
+    """node (a call_module of a conv or BatchNorm) gets a copy of its module with output channels in perm order."""
+    module = copy.deepcopy(gm.get_submodule(node.target))
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(module, name, None)
+            if isinstance(t, torch.Tensor):
+                t.copy_(t.index_select(0, perm.to(t.device)))
+    name = unique_name(gm, base)
+    gm.add_submodule(name, module)
+    node.target = name
+
+
+def _set_node_arg(node: fx.Node, names: Tuple[str, ...], name: str, value: Any) -> None:
+    if name in node.kwargs:
+        node.update_kwarg(name, value)
+    else:
+        node.update_arg(names.index(name), value)
+
+
+def _sort_channels(gm: fx.GraphModule, fused: fx.Node, base: str) -> str:
+    """Renumbers the channels between the conv that produces the shifted map and the fused op so that channels with
+    the same shift are neighbours: in channels_last a pixel's block of 16 channels then takes one masked load per
+    distinct shift instead of up to 9 (25 for 5x5 layers). Exact (a relabeling); only where every tensor involved is
+    held by the graph module and the shifts are rounded. Returns what it did (or why not), for the report."""
+    x, shifts_ref, mode = fused.args[0], fused.args[1], fused.args[3]
+    if mode == "active" or not (isinstance(shifts_ref, fx.Node) and shifts_ref.op == "get_attr"):
+        return "channels not sorted: the shifts are interpolated or a graph input"
+    rounded = _rounded(get_attr_value(gm, shifts_ref.target))
+    keys = rounded[:, 0] * 4096 + rounded[:, 1]
+    perm = torch.sort(keys, stable=True).indices
+    before, after = _block_groups(rounded), _block_groups(rounded[perm])
+    if after >= before:
+        return ""
+    found = _producer_chain(gm, x)
+    if found is None or not _held(gm, *fused.args[6:8], fused.args[10], fused.args[11]):
+        return "channels not sorted: the map does not come straight from a conv held by the graph module"
+    site, chain = found
+    graph = gm.graph
+    # the producer conv's and BatchNorms' output channels
+    if site.node.op == "call_module":
+        _permute_module(gm, site.node, perm, f"{base}_producer")
+    else:
+        names = tuple(a.name for a in site.node.target._schema.arguments) if isinstance(
+            site.node.target, torch._ops.OpOverload) else TORCH_CONVS[site.node.target][2]
+        for name, ref in (("weight", site.weight), ("bias", site.bias)):
+            if ref is not None:
+                new = _permuted_attr(gm, site.node, ref, perm, 0, f"{base}_producer_{name}")
+                _set_node_arg(site.node, names, name, new)
+    for node in chain:
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) in BN_MODULES:
+            _permute_module(gm, node, perm, f"{base}_producer_bn")
+        elif node.op == "call_function" and node.target in BN_FUNCTIONS:
+            names = BN_FUNCTIONS[node.target]
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                ref = bn_arg(node, name)
+                if ref is not None:
+                    new = _permuted_attr(gm, node, ref, perm, 0, f"{base}_producer_bn_{name}")
+                    _set_node_arg(node, names, name, new)
+    # the fused op's per-channel arguments and the 1x1 conv's input channels
+    args = list(fused.args)
+    args[1] = _permuted_attr(gm, fused, shifts_ref, perm, 0, f"{base}_shifts")
+    for i in (6, 7):
+        if args[i] is not None:
+            args[i] = _permuted_attr(gm, fused, args[i], perm, 0, f"{base}_{('scale', 'offset')[i - 6]}")
+    args[10] = _permuted_attr(gm, fused, args[10], perm, 1, f"{base}_weight")
+    for node in [n for n in (args[1], args[6], args[7], args[10]) if isinstance(n, fx.Node)]:
+        node.meta[_ROLE] = True
+    fused.args = tuple(args)
+    for node in list(graph.nodes):  # the references the copies replaced
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    return f"channels sorted by shift ({before} -> {after} masked loads per channels-last pixel)"
 
 
 def fuse_shift_pass(gm: fx.GraphModule, config: FuseShift, context: PassContext) -> Report:
@@ -270,7 +443,7 @@ def fuse_shift_pass(gm: fx.GraphModule, config: FuseShift, context: PassContext)
     with sweep(gm, context.example_inputs, recorded) as run:
         kind = graph_kind(gm)
         # each shift read again when its turn comes: a fusion before it may have replaced its input node
-        sites = [_fuse_site(gm, kind, _shift_call(gm, node)) for node in shift_nodes]
+        sites = [_fuse_site(gm, kind, _shift_call(gm, node), config.sort_channels) for node in shift_nodes]
         notes = [] if fake_mode_of(context.example_inputs) is not None or not shift_nodes else \
             ["inference form: BatchNorms folded with their running statistics (a call that needs grad runs the fused "
              "op as its composition)"]

@@ -1483,10 +1483,15 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c
   const int64_t row_bytes = Wo * C * elt, span = cl ? N * Ho : Ho;
   int64_t rows = image_mode ? Ho
                             : std::max<int64_t>(1, std::min<int64_t>(span, kFusedTileBytes / std::max<int64_t>(1, row_bytes)));
-  const int64_t want = 2 * at::get_num_threads();
+  const int64_t threads = at::get_num_threads(), want = 2 * threads;
   if (!image_mode && (cl ? 1 : N) * ((span + rows - 1) / rows) < want)
     rows = std::max<int64_t>(1, (N * Ho + want - 1) / want);
   rows = std::min(rows, span);
+  if (!image_mode) {  // a whole number of items per thread where the rows allow (5 items on 2 threads idle one 20%)
+    const int64_t per = cl ? 1 : N, items = per * ((span + rows - 1) / rows);
+    const int64_t target = (items + threads - 1) / threads * threads, bands_wanted = (target + per - 1) / per;
+    rows = std::max<int64_t>(1, (span + bands_wanted - 1) / bands_wanted);
+  }
   const int64_t bands = (span + rows - 1) / rows;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fxeff_shift_conv1x1", [&] {
     using T = scalar_t;
