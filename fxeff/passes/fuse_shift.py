@@ -39,7 +39,7 @@ from .config import PassConfig, PassContext, register_pass_config
 from .graph import EXPORT, TORCH_CONVS, ConvSite, conv_site, get_attr_value, graph_kind, node_shape
 from .measure import fake_mode_of
 from .rewrite import BN_FUNCTIONS, BN_MODULES, bn_arg, clamp_after, clamp_bounds, fake_key_and_mode, finish_report, \
-    new_attr, propagate_fake, record_before, sweep, unique_name
+    mark_inserted, new_attr, propagate_fake, record_before, sweep, unique_name
 
 aten = torch.ops.aten
 
@@ -267,11 +267,7 @@ def _fuse_site(gm: fx.GraphModule, kind: str, call: _ShiftCall, sort_channels: b
                 param(site.weight), param(site.bias))
         fused = graph.call_function(torch.ops.fxeff.shift_conv1x1.default, args)
     new_nodes.append(fused)
-    for node in new_nodes:
-        node.meta[_ROLE] = True
-        for meta in ("nn_module_stack", "stack_trace"):
-            if meta in site.node.meta:
-                node.meta[meta] = site.node.meta[meta]
+    mark_inserted(new_nodes, _ROLE, site.node)
     propagate_fake(gm, new_nodes, key, fake_mode)
     site.node.replace_all_uses_with(fused)
     for node in [site.node] + removed[::-1] + [call.node]:

@@ -24,7 +24,7 @@ from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, graph_kind
 from .measure import IncrementalRun
-from .rewrite import Recorded, fake_key_and_mode, finish_report, new_attr, propagate_fake, \
+from .rewrite import Recorded, fake_key_and_mode, finish_report, mark_inserted, new_attr, propagate_fake, \
     record_before, relative_error, site_params, sweep, unique_name
 
 HETCONV2D = torch.ops.fxeff.hetconv2d.default
@@ -105,11 +105,7 @@ def _rewrite(gm: fx.GraphModule, kind: str, site: ConvSite, module: hetconv_nn.H
             out = graph.call_function(HETCONV2D, (site.input, new[0], new[1], bias, module.part, list(module.stride),
                                                   list(module.padding), list(module.dilation)))
         new.append(out)
-    for node in new:
-        node.meta[_ROLE] = True
-        for meta in ("nn_module_stack", "stack_trace"):
-            if meta in site.node.meta:
-                node.meta[meta] = site.node.meta[meta]
+    mark_inserted(new, _ROLE, site.node)
     if kind != SYMBOLIC:
         propagate_fake(gm, new, key, fake_mode)
     site.node.replace_all_uses_with(out)

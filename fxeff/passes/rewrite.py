@@ -270,6 +270,16 @@ def fake_key_and_mode(site: ConvSite):
     return None, None
 
 
+def mark_inserted(nodes: List[fx.Node], role: str, like: fx.Node) -> None:
+    """Marks the nodes a pass inserted (``node.meta[role]``) and gives them the module stack and stack trace of the
+    node they replace, so that later passes and reports place them where ``like`` was."""
+    for node in nodes:
+        node.meta[role] = True
+        for meta in ("nn_module_stack", "stack_trace"):
+            if meta in like.meta:
+                node.meta[meta] = like.meta[meta]
+
+
 def propagate_fake(gm: fx.GraphModule, nodes: List[fx.Node], key: Optional[str], fake_mode) -> None:
     """Gives inserted nodes the fake values their neighbours carry, so later passes see their shapes."""
     if fake_mode is None:

@@ -48,7 +48,7 @@ from .config import PassConfig, PassContext, register_pass_config
 from .graph import TORCH_CONVS, EXPORT, SYMBOLIC, ConvSite, concrete_shape, conv_site, conv_sites, graph_kind
 from .measure import IncrementalRun, fake_mode_of
 from .rewrite import BN_FUNCTIONS, Recorded, batch_norm_stats, fake_key_and_mode, finish_report, new_attr, \
-    param_value, propagate_fake, record_before, relative_error, site_params, sweep, unique_name
+    mark_inserted, param_value, propagate_fake, record_before, relative_error, site_params, sweep, unique_name
 
 aten = torch.ops.aten
 INIT_RULES = ("lstsq", "max_tap")
@@ -422,11 +422,7 @@ def _rewrite(gm: fx.GraphModule, kind: str, site: ConvSite, config: Shift, init:
         new, z = new + affine, affine[-1]
     else:
         new = new + folded
-    for node in new:
-        node.meta[_ROLE] = True
-        for meta in ("nn_module_stack", "stack_trace"):
-            if meta in site.node.meta:
-                node.meta[meta] = site.node.meta[meta]
+    mark_inserted(new, _ROLE, site.node)
     propagate_fake(gm, [n for n in new if n.op != "call_module"], key, fake_mode)
     site.node.replace_all_uses_with(z)
     gm.graph.erase_node(site.node)
