@@ -38,8 +38,9 @@ from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import EXPORT, TORCH_CONVS, ConvSite, conv_site, get_attr_value, graph_kind, node_shape
 from .measure import fake_mode_of
-from .rewrite import BN_FUNCTIONS, BN_MODULES, bn_arg, clamp_after, clamp_bounds, fake_key_and_mode, finish_report, \
-    mark_inserted, new_attr, propagate_fake, record_before, sweep, unique_name
+from .rewrite import BN_FUNCTIONS, BN_MODULES, BN_NO_TRAINING, batch_norm_output, bn_arg, clamp_after, clamp_bounds, \
+    fake_key_and_mode, finish_report, held_by_module, mark_inserted, new_attr, propagate_fake, record_before, sweep, \
+    unique_name
 
 aten = torch.ops.aten
 
@@ -126,9 +127,6 @@ def _pointwise_conv(gm: fx.GraphModule, node: fx.Node, reads: fx.Node) -> Tuple[
     return site, ""
 
 
-_BN_NO_TRAINING = torch.ops.aten._native_batch_norm_legit_no_training.default  # export's eval BN: (out, mean, rstd)
-
-
 @dataclasses.dataclass
 class _EvalBatchNorm:
     node: fx.Node  # the BatchNorm call
@@ -159,15 +157,12 @@ def _eval_batch_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[_EvalBatchNo
     refs = {name: bn_arg(user, name) for name in ("weight", "bias", "running_mean", "running_var")}
     if refs["running_mean"] is None or refs["running_var"] is None or node in refs.values():
         return None
-    out, removed = user, []
-    if user.target is _BN_NO_TRAINING:
-        outs = list(user.users)
-        if not all(u.target is operator.getitem for u in outs) or \
-                any(u.args[1] != 0 and u.users for u in outs) or sum(u.args[1] == 0 for u in outs) != 1:
-            return None
-        out, removed = next(u for u in outs if u.args[1] == 0), outs
-    elif bn_arg(user, "training", False):
+    if user.target is not BN_NO_TRAINING and bn_arg(user, "training", False):
         return None
+    found = batch_norm_output(user)
+    if found is None:
+        return None
+    out, removed = found
     for name, ref in refs.items():
         if isinstance(ref, fx.Node) and ref.op == "get_attr":
             refs[name] = get_attr_value(gm, ref.target)
@@ -304,7 +299,7 @@ def _producer_chain(gm: fx.GraphModule, x: fx.Node) -> Optional[Tuple[ConvSite, 
             return None
         site = conv_site(gm, node)
         if site is not None:
-            if site.transposed or site.groups != 1 or site.unsupported or not _held(gm, site.weight, site.bias):
+            if site.transposed or site.groups != 1 or site.unsupported or not held_by_module(site.weight, site.bias):
                 return None
             return site, chain
         chain.append(node)
@@ -314,14 +309,14 @@ def _producer_chain(gm: fx.GraphModule, x: fx.Node) -> Optional[Tuple[ConvSite, 
                 return None
             node = node.args[0]
         elif node.op == "call_function" and node.target is operator.getitem and \
-                getattr(node.args[0], "target", None) is _BN_NO_TRAINING and node.args[1] == 0:
+                getattr(node.args[0], "target", None) is BN_NO_TRAINING and node.args[1] == 0:
             bn = node.args[0]
             if any(u is not node and u.users for u in bn.users):
                 return None
             chain.append(bn)
             node = bn.args[0]
         elif node.op == "call_function" and node.target in BN_FUNCTIONS:
-            if not _held(gm, *[bn_arg(node, k) for k in ("weight", "bias", "running_mean", "running_var")]):
+            if not held_by_module(*[bn_arg(node, k) for k in ("weight", "bias", "running_mean", "running_var")]):
                 return None
             node = bn_arg(node, "input")
         elif node.op == "call_function" and node.target in _PAD_FUNCTIONS:
@@ -337,11 +332,6 @@ def _producer_chain(gm: fx.GraphModule, x: fx.Node) -> Optional[Tuple[ConvSite, 
             return None
         if not isinstance(node, fx.Node):
             return None
-
-
-def _held(gm: fx.GraphModule, *refs: Any) -> bool:
-    return all(r is None or isinstance(r, (str, torch.Tensor)) or (isinstance(r, fx.Node) and r.op == "get_attr")
-               for r in refs)
 
 
 def _permuted_attr(gm: fx.GraphModule, before: fx.Node, ref: Any, perm: torch.Tensor, dim: int, base: str) -> Any:
@@ -392,7 +382,7 @@ def _sort_channels(gm: fx.GraphModule, fused: fx.Node, base: str) -> str:
     if after >= before:
         return ""
     found = _producer_chain(gm, x)
-    if found is None or not _held(gm, *fused.args[6:8], fused.args[10], fused.args[11]):
+    if found is None or not held_by_module(*fused.args[6:8], fused.args[10], fused.args[11]):
         return "channels not sorted: the map does not come straight from a conv held by the graph module"
     site, chain = found
     graph = gm.graph

@@ -104,7 +104,20 @@ def held_by_module(*refs: Any) -> bool:
                for ref in refs)
 
 
-_BN_NO_TRAINING = torch.ops.aten._native_batch_norm_legit_no_training.default  # export's eval BN: (out, mean, rstd)
+BN_NO_TRAINING = torch.ops.aten._native_batch_norm_legit_no_training.default  # export's eval BN: (out, mean, rstd)
+
+
+def batch_norm_output(user: fx.Node) -> Optional[Tuple[fx.Node, List[fx.Node]]]:
+    """(the node holding the output of the BatchNorm call ``user``, the getitems to erase with it): export's
+    no-training op gives (out, mean, rstd) and its output is the getitem 0 (None when another of them is read);
+    every other form is its own output."""
+    if user.op != "call_function" or user.target is not BN_NO_TRAINING:
+        return user, []
+    outs = list(user.users)
+    if not all(u.target is operator.getitem for u in outs) or \
+            any(u.args[1] != 0 and u.users for u in outs) or sum(u.args[1] == 0 for u in outs) != 1:
+        return None
+    return next(u for u in outs if u.args[1] == 0), outs
 
 
 def eval_batch_norm_after(gm: fx.GraphModule, node: fx.Node
@@ -119,19 +132,13 @@ def eval_batch_norm_after(gm: fx.GraphModule, node: fx.Node
     stats, eps, _ = batch_norm_stats(gm, user, node, {})
     if stats is None:
         return None
-    out = user
     if user.op == "call_module":
         if gm.get_submodule(user.target).training:
             return None
-    elif user.target is _BN_NO_TRAINING:
-        outs = list(user.users)
-        if not all(u.target is operator.getitem for u in outs) or \
-                any(u.args[1] != 0 and u.users for u in outs) or sum(u.args[1] == 0 for u in outs) != 1:
-            return None
-        out = next(u for u in outs if u.args[1] == 0)
-    elif bn_arg(user, "training", False):
+    elif user.target is not BN_NO_TRAINING and bn_arg(user, "training", False):
         return None
-    return user, out, stats, eps
+    found = batch_norm_output(user)
+    return None if found is None else (user, found[0], stats, eps)
 
 
 # Activations that are a clamp, as functions in each graph kind: their parameters after the input (name, default)

@@ -575,7 +575,8 @@ void pool_row_add(const T* shifted, A* acc, const PoolGeometry& g, PoolColumns c
   const int64_t sx = g.stride[2], bx = g.begin[2];
   const T* row = shifted + bx;  // row[u] = shifted value at padded column u
   if (sx == 2) {
-    for (int64_t ox = cols.lo; ox < cols.hi; ++ox) acc[ox] += static_cast<A>(row[2 * ox]) + static_cast<A>(row[2 * ox + 1]);
+    for (int64_t ox = cols.lo; ox < cols.hi; ++ox)
+      acc[ox] += static_cast<A>(row[2 * ox]) + static_cast<A>(row[2 * ox + 1]);
   } else {
     for (int64_t ox = cols.lo; ox < cols.hi; ++ox)
       for (int64_t u = ox * sx; u < ox * sx + sx; ++u) acc[ox] += static_cast<A>(row[u]);
@@ -1027,9 +1028,10 @@ at::Tensor shift_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10::stri
 }
 
 // The crop/pad and window geometry of shift_pool (pad in F.pad order, negative = crop; windows = strides = pool,
-// the last clipped) for x's spatial sizes; kernel gets avg_pool's kernel per dim (the window, at most the length).
+// the last clipped) for x's spatial sizes; kernel (where given) gets avg_pool's kernel per dim (the window, at most
+// the length).
 PoolGeometry pool_geometry(const char* op, const at::Tensor& x, at::IntArrayRef pad, at::IntArrayRef pool,
-                           std::vector<int64_t>* kernel) {
+                           std::vector<int64_t>* kernel = nullptr) {
   const int64_t dims = x.dim() - 2;
   TORCH_CHECK_VALUE(static_cast<int64_t>(pad.size()) == 2 * dims, op, ": pad must have 2 * dims = ", 2 * dims,
                     " entries (F.pad order: last dim first), got ", pad);
@@ -1037,7 +1039,7 @@ PoolGeometry pool_geometry(const char* op, const at::Tensor& x, at::IntArrayRef 
                     " entries, got ", pool);
   PoolGeometry g;
   const int first = kDims - static_cast<int>(dims);
-  kernel->assign(dims, 1);
+  if (kernel != nullptr) kernel->assign(dims, 1);
   for (int64_t d = 0; d < dims; ++d) {
     const int64_t before = pad[2 * (dims - 1 - d)], after = pad[2 * (dims - 1 - d) + 1];
     const int64_t len = x.size(2 + d) + before + after;
@@ -1048,7 +1050,7 @@ PoolGeometry pool_geometry(const char* op, const at::Tensor& x, at::IntArrayRef 
     g.len[first + d] = len;
     g.stride[first + d] = pool[d];
     g.out[first + d] = (len + pool[d] - 1) / pool[d];
-    (*kernel)[d] = std::min(pool[d], len);
+    if (kernel != nullptr) (*kernel)[d] = std::min(pool[d], len);
   }
   return g;
 }
@@ -1334,7 +1336,8 @@ __attribute__((target("avx512f"))) inline __m512 gather_block(const float* xn, c
     __m512 u = v, w = v;
     for (int k = 0; k < b.count; ++k) {
       const int64_t iy = y - b.ty[k], ix = x - b.tx[k];
-      if (static_cast<uint64_t>(iy) >= static_cast<uint64_t>(H) || static_cast<uint64_t>(ix) >= static_cast<uint64_t>(W))
+      if (static_cast<uint64_t>(iy) >= static_cast<uint64_t>(H) ||
+          static_cast<uint64_t>(ix) >= static_cast<uint64_t>(W))
         continue;
       const float* src = xn + (iy * W + ix) * C + c0;
       if (k % 3 == 0)
@@ -1453,8 +1456,7 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c
   const bool has_scale = check_vector(scale, "scale", C), has_offset = check_vector(offset, "offset", C);
   TORCH_CHECK_VALUE(has_scale == has_offset, op, ": scale and offset go together (a folded BatchNorm), got ",
                     has_scale ? "scale without offset" : "offset without scale");
-  std::vector<int64_t> kernel;
-  const PoolGeometry g = pool_geometry(op, x_in, pad, pool, &kernel);
+  const PoolGeometry g = pool_geometry(op, x_in, pad, pool);
   const bool pooled = std::any_of(pad.begin(), pad.end(), [](int64_t v) { return v != 0; }) ||
                       std::any_of(pool.begin(), pool.end(), [](int64_t v) { return v != 1; });
   const bool linear = parse_shift_mode(op, mode) == ShiftMode::Active;
@@ -1480,9 +1482,8 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c
   const bool image_mode = P <= kImagePixels && C * P * elt <= kImageTileBytes && N < 2 * at::get_num_threads();
   // channels-last bands run over the batch's rows (N * Ho, images back to back as the output stores them), so one
   // GEMM may cover several small images; NCHW bands stay within an image (its output is [O, pixels] per image).
-  const int64_t row_bytes = Wo * C * elt, span = cl ? N * Ho : Ho;
-  int64_t rows = image_mode ? Ho
-                            : std::max<int64_t>(1, std::min<int64_t>(span, kFusedTileBytes / std::max<int64_t>(1, row_bytes)));
+  const int64_t row_bytes = std::max<int64_t>(1, Wo * C * elt), span = cl ? N * Ho : Ho;  // C may be 0
+  int64_t rows = image_mode ? Ho : std::max<int64_t>(1, std::min<int64_t>(span, kFusedTileBytes / row_bytes));
   const int64_t threads = at::get_num_threads(), want = 2 * threads;
   if (!image_mode && (cl ? 1 : N) * ((span + rows - 1) / rows) < want)
     rows = std::max<int64_t>(1, (N * Ho + want - 1) / want);
