@@ -7,7 +7,7 @@ top-1 agreement on the real photos. See fxeff.accuracy_report for what is measur
         [--hetconv-target-epochs 10] [--shift-target-epochs 3]
         [--finetune-lr 0.1] [--hetconv-init fit]
         [--focus-format channels_last|nchw] [--no-photos] [--threads 2] [--out docs/accuracy.md] [--plots docs/accuracy]
-        [--rows docs/accuracy-rows.json] [--resume] [--students]
+        [--rows docs/accuracy-rows.json] [--resume] [--keep-saved] [--deploy-format channels_last|nchw] [--students]
 
 --students runs only the fine-tuned rows that have a target (HetConv P=4, sparse shift) and saves each fine-tuned
 model beside the reference checkpoints (fxeff/checkpoints/<arch>-<dataset>-<technique>.pt and .json, read by
@@ -17,7 +17,9 @@ The whole run takes about three hours on 2 cores, most of it in fine-tuning. Eac
 soon as it is measured; --resume reuses the rows saved there that were measured the same way (an
 interrupted run goes on where it stopped, and a changed setting measures again only the rows it changes),
 so the report can also be built a few models at a time. The rows of the committed report are in
-docs/accuracy-rows.json: `--resume` measures only what changed.
+docs/accuracy-rows.json: `--resume` measures only what changed. `--keep-saved` measures nothing but the fine-tuned
+rows' latencies that are stale (another --deploy-format, or a new deployment form): each is timed on the committed
+fine-tuned model where there is one, else on the rewrite before fine-tuning (the timed column says which).
 """
 import argparse
 import os
@@ -56,6 +58,9 @@ def main(argv=None) -> None:
     parser.add_argument("--latency-runs", type=int, default=accuracy_report.Settings.latency_runs)
     parser.add_argument("--focus-format", default=accuracy_report.Settings.focus_format,
                         choices=sorted(accuracy_report.FORMATS), help="the memory format the focus rows are timed in")
+    parser.add_argument("--deploy-format", default=accuracy_report.Settings.deploy_format,
+                        choices=sorted(accuracy_report.FORMATS),
+                        help="the memory format the fine-tuned rows (HetConv, shift) are timed in, deployed")
     parser.add_argument("--no-photos", action="store_true", help="skip the EfficientNet-Lite0 photo table")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--students", action="store_true",
@@ -67,6 +72,10 @@ def main(argv=None) -> None:
                              "committed rows of docs/accuracy.md, so --resume re-measures only what changed "
                              "(out/students-rows.json with --students)")
     parser.add_argument("--resume", action="store_true", help="reuse the rows saved in --rows with the same settings")
+    parser.add_argument("--keep-saved", action="store_true",
+                        help="use every row saved in --rows as it is, whatever its settings (the report lists those "
+                             "measured otherwise); only the fine-tuned rows' latencies are measured again where their "
+                             "deployment form or format changed (a few minutes instead of hours)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -83,9 +92,9 @@ def main(argv=None) -> None:
         hetconv_target_epochs=args.hetconv_target_epochs, shift_target_epochs=args.shift_target_epochs,
         finetune_lr=args.finetune_lr,
         hetconv_init=args.hetconv_init,
-        latency_runs=args.latency_runs, focus_format=args.focus_format,
+        latency_runs=args.latency_runs, focus_format=args.focus_format, deploy_format=args.deploy_format,
         photos=not (args.no_photos or args.students), **only_students)
-    print(accuracy_report.run(settings, out, plots, rows_path=rows, resume=args.resume))
+    print(accuracy_report.run(settings, out, plots, rows_path=rows, resume=args.resume, keep=args.keep_saved))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ TARGET_AOI = 0.30  # the focus target holds for AoIs up to this fraction
 NOTES_FILE = "accuracy_notes.md"  # beside the report: included as written after the targets
 TARGETS = {"focus": 0.5, "shift sparse": 1.0, "hetconv P=4": 0.5, "blocks": 1.5}  # allowed drop, points of accuracy
 BLOCKS_MACS = 0.5  # the blocks row: the most accurate configuration with at most this fraction of the MACs
+# The fine-tuned rows (their pass -> what runs when the row is timed): each is timed after fine-tuning in the form it
+# is deployed in on CPU, in Settings.deploy_format. A shift network runs with fxeff.FuseShift (the shift, its
+# BatchNorm and clamp fused into the 1x1 conv that reads it); HetConv runs as rewritten (fxeff::hetconv2d).
+DEPLOY_FORMS = {"hetconv": "hetconv2d", "shift sparse": "FuseShift", "shift active": "FuseShift"}
 
 
 @dataclasses.dataclass
@@ -67,8 +71,11 @@ class Settings:
     latency_batch: int = 16
     latency_runs: int = 20
     # The memory format the focus rows are timed in, original and rewritten alike (fxeff's ops keep it); on CPU
-    # channels_last is the faster one for both. The fine-tuned rows keep the format they were timed in (column).
+    # channels_last is the faster one for both.
     focus_format: str = "channels_last"
+    # The memory format the fine-tuned rows (DEPLOY_FORMS) are timed in, original and deployed rewrite alike: HetConv's
+    # direct kernel is channels_last's (docs/benchmarks.md); the fused shift runs within 0.05 of NCHW's time there.
+    deploy_format: str = "channels_last"
     photos: bool = True                      # the EfficientNet-Lite0 agreement table
     focus_halos: Sequence[int] = FOCUS_HALOS
     focus_executions: Sequence[str] = FOCUS_EXECUTIONS
@@ -87,9 +94,10 @@ class Settings:
     save_students: bool = False              # save the fine-tuned rows of reference.FINETUNED (reference.save_finetuned)
 
     def __post_init__(self):
-        if self.focus_format not in FORMATS:
-            raise ValueError(f"fxeff.accuracy_report.Settings: focus_format must be one of {sorted(FORMATS)}, "
-                             f"got {self.focus_format!r}")
+        for name in ("focus_format", "deploy_format"):
+            if getattr(self, name) not in FORMATS:
+                raise ValueError(f"fxeff.accuracy_report.Settings: {name} must be one of {sorted(FORMATS)}, "
+                                 f"got {getattr(self, name)!r}")
 
 
 def _batch(dataset: torch.utils.data.Dataset, n: int) -> torch.Tensor:
@@ -99,6 +107,23 @@ def _batch(dataset: torch.utils.data.Dataset, n: int) -> torch.Tensor:
 def _latency_ratio(model: torch.nn.Module, rewritten: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
     before, after = bench.interleaved([lambda: model(x), lambda: rewritten(x)], runs)
     return after / before
+
+
+def _deployed(student: torch.nn.Module, pass_name: str, x: torch.Tensor, fmt: str) -> torch.nn.Module:
+    """A fine-tuned rewrite in its CPU deployment form (DEPLOY_FORMS) and memory format ``fmt``, checked against the
+    student on ``x`` (the fusion is exact up to float rounding)."""
+    from .passes import FuseShift
+    from .transform import transform
+
+    model = copy.deepcopy(student).eval().to(memory_format=FORMATS[fmt])
+    if DEPLOY_FORMS[pass_name] == "FuseShift":
+        model = transform(model, (x,), [FuseShift()]).eval()
+    with torch.no_grad():
+        expected, got = student.eval()(x), model(x)
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
+        raise RuntimeError(f"fxeff.accuracy_report: the deployed {pass_name} model differs from the fine-tuned one by "
+                           f"{float((got - expected).abs().max()):.3g}")
+    return model
 
 
 class _Context:
@@ -144,16 +169,28 @@ class _Context:
                                   self.timing_input.contiguous(memory_format=memory_format))
         return self._formats[fmt]
 
-    def row(self, pass_name: str, setting: str, rewritten: torch.nn.Module, fmt: str = "nchw") -> Dict[str, object]:
+    def row(self, pass_name: str, setting: str, rewritten: torch.nn.Module, fmt: Optional[str] = "nchw"
+            ) -> Dict[str, object]:
         """The row of one rewrite, before any fine-tuning; its latency ratio in memory format ``fmt`` (rewritten
-        from the model in that format)."""
+        from the model in that format), or none with ``fmt=None`` (a fine-tuned row is timed after, ``time_deployed``)."""
         rewritten.eval()
         macs = bench.macs(lambda: rewritten(self.timing_input))
-        original, _, timing = self.in_format(fmt)
-        return {"model": self.arch, "dataset": self.dataset, "pass": pass_name, "setting": setting,
-                "original": self.accuracy, "rewritten": training.accuracy(rewritten, self.test_loader),
-                "MAC ratio": macs / self.macs, "format": fmt,
-                "latency ratio": _latency_ratio(original, rewritten, timing, self.settings.latency_runs)}
+        row = {"model": self.arch, "dataset": self.dataset, "pass": pass_name, "setting": setting,
+               "original": self.accuracy, "rewritten": training.accuracy(rewritten, self.test_loader),
+               "MAC ratio": macs / self.macs}
+        if fmt is not None:
+            original, _, timing = self.in_format(fmt)
+            row.update({"format": fmt,
+                        "latency ratio": _latency_ratio(original, rewritten, timing, self.settings.latency_runs)})
+        return row
+
+    def time_deployed(self, row: Dict[str, object], student: torch.nn.Module, timed: str) -> None:
+        """Times a fine-tuned row's model in its deployment form (``_deployed``) against the original, both in
+        ``settings.deploy_format``; ``timed`` (its own column) says which weights ran."""
+        original, _, timing = self.in_format(self.settings.deploy_format)
+        deployed = _deployed(student, row["pass"], timing, self.settings.deploy_format)
+        row.update({"format": self.settings.deploy_format, "timed": timed,
+                    "latency ratio": _latency_ratio(original, deployed, timing, self.settings.latency_runs)})
 
     def finetune(self, row: Dict[str, object], student: torch.nn.Module) -> None:
         """Recovers ``student`` by distillation from the original and records the accuracy after, with the
@@ -205,7 +242,11 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
                ) -> List[Dict[str, object]]:
     """Every row of one reference model: focus, then shift or HetConv (with fine-tuning). With ``cache``
     each row is saved there as soon as it is measured, and a row it already holds, measured the same way
-    (``_row_fingerprint``), is taken from it instead of measured again."""
+    (``_row_fingerprint``), is taken from it instead of measured again. A saved fine-tuned row whose latency was
+    measured another way (``_latency_fingerprint``: the deployment form or format) is timed again, and only timed:
+    on the committed fine-tuned model where there is one (``reference.load_finetuned``), else on the rewrite before
+    fine-tuning, the same graph (HetConv's time does not depend on its weights' values; a shift network's depends on
+    how many distinct shifts it has, which fine-tuning changes) -- the "timed" column says which."""
     from . import data, focus
     from .passes import Focus, HetConv, Shift
     from .passes.focus import dilate_mask
@@ -213,14 +254,16 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
     ctx = _Context(arch, dataset, settings)
     rows = []
 
-    def measure(pass_name: str, setting: str, measure_row) -> None:
-        saved = cache.get(arch, dataset, pass_name, setting) if cache is not None else None
-        row = saved
+    def measure(pass_name: str, setting: str, measure_row, retime=None) -> None:
+        row = cache.get(arch, dataset, pass_name, setting) if cache is not None else None
         if row is None:
             row = measure_row()
             row["drop"] = 100 * (row["original"] - row.get("fine-tuned", row["rewritten"]))
             if cache is not None:
                 cache.put(arch, dataset, row)
+        elif retime is not None and cache.latency_stale(arch, dataset, row):
+            retime(row)
+            cache.put(arch, dataset, row)
         rows.append(row)
 
     def focus_row(where: str, threshold_of, fill: str, halo: int, execution: str, setting: str
@@ -239,14 +282,22 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
 
     def finetuned_row(pass_name: str, setting: str, images: int, config) -> Dict[str, object]:
         student = _transform(ctx.model, ctx.calibration[:images], config)
-        row = ctx.row(pass_name, setting, student)
+        row = ctx.row(pass_name, setting, student, fmt=None)
         ctx.finetune(row, student)
+        ctx.time_deployed(row, student, "fine-tuned")
         technique = _target_name(row)
         if settings.save_students and technique in reference.FINETUNED:
             meta = {k: row[k] for k in ("original", "rewritten", "fine-tuned", "fine-tune", "MAC ratio")}
             row["checkpoint"] = os.path.relpath(reference.save_finetuned(
                 student, arch, dataset, technique, config, min(images, len(ctx.calibration)), meta))
         return row
+
+    def retime(images: int, config, row: Dict[str, object]) -> None:
+        technique = _target_name(row)
+        if technique in reference.FINETUNED and os.path.isfile(reference.finetuned_path(arch, dataset, technique)):
+            ctx.time_deployed(row, reference.load_finetuned(arch, dataset, technique), "fine-tuned (committed)")
+        else:
+            ctx.time_deployed(row, _transform(ctx.model, ctx.calibration[:images], config), "as rewritten")
 
     runs = [("input", lambda: data.BACKGROUND, "mean", h, f"input > black, halo {h}, fill mean")
             for h in settings.focus_halos]
@@ -271,8 +322,10 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
                                                                           f"{setting}, {execution}"))
     if _has(ctx.model, _depthwise):
         for mode in settings.shift_modes:
+            config = Shift(mode=mode)
             measure(f"shift {mode}", mode, functools.partial(
-                finetuned_row, f"shift {mode}", mode, settings.calibration_images, Shift(mode=mode)))
+                finetuned_row, f"shift {mode}", mode, settings.calibration_images, config),
+                functools.partial(retime, settings.calibration_images, config))
     def blocks_row() -> Dict[str, object]:
         from .blocks.build import build
 
@@ -302,9 +355,10 @@ def model_rows(arch: str, dataset: str, settings: Settings, cache: Optional["Row
     blocks_setting = f"most accurate at <= {BLOCKS_MACS:g} of the MACs, BatchNorm folded, narrow convs"
     if _has(ctx.model, _standard_kxk):
         for part in settings.hetconv_parts:
+            config = HetConv(part=part, init=settings.hetconv_init)
             measure("hetconv", f"P={part}", functools.partial(
-                finetuned_row, "hetconv", f"P={part}", settings.hetconv_fit_images,
-                HetConv(part=part, init=settings.hetconv_init)))
+                finetuned_row, "hetconv", f"P={part}", settings.hetconv_fit_images, config),
+                functools.partial(retime, settings.hetconv_fit_images, config))
     if settings.blocks:
         measure("blocks", blocks_setting, blocks_row)
     return rows
@@ -339,7 +393,7 @@ def photo_rows(settings: Settings) -> List[Dict[str, object]]:
 
 COLUMNS = ("model", "dataset", "pass", "setting", ("AoI", "AoI (measured)"), ("original", "original acc."), ("rewritten", "after rewrite"),
            ("fine-tuned", "after fine-tuning"), ("drop", "drop (points)"), "MAC ratio", "latency ratio", "format",
-           "fine-tune")
+           "timed", "fine-tune")
 PHOTO_COLUMNS = ("rewrite", "photos", "top-1 agreement", "MAC ratio")
 
 
@@ -454,6 +508,15 @@ def _row_fingerprint(pass_name: str, setting: str, settings: Settings) -> Dict[s
     return json.loads(json.dumps({**kept, "torch": torch.__version__}))  # tuples as lists, as read back
 
 
+def _latency_fingerprint(pass_name: str, settings: Settings) -> Optional[Dict[str, object]]:
+    """How a fine-tuned row's latency is measured (its deployment form and format), apart from its accuracy:
+    a change here times the row again without fine-tuning it again. None for the other rows, whose latency is
+    part of ``_row_fingerprint``."""
+    if pass_name not in DEPLOY_FORMS:
+        return None
+    return {"deploy_format": settings.deploy_format, "form": DEPLOY_FORMS[pass_name]}
+
+
 def _checkpoint_digest(arch: str, dataset: str) -> str:
     import hashlib
 
@@ -466,10 +529,13 @@ class RowCache:
     where it stopped and a change of settings measures again only the rows it changes. With ``reuse``,
     ``get`` returns a saved row only when it was measured the same way (``_row_fingerprint``: settings and
     torch) from the same checkpoint (a retrained model is measured again); without, it returns nothing and
-    the cache only saves."""
+    the cache only saves. With ``keep`` a saved row is returned whatever its settings (still from the same
+    checkpoint), and the rows kept that way are listed in ``kept``: the report is remade without measuring
+    anything but stale latencies (``latency_stale``), and says which rows are older."""
 
-    def __init__(self, path: str, settings: Settings, reuse: bool = True):
-        self.path, self.settings, self.reuse = path, settings, reuse
+    def __init__(self, path: str, settings: Settings, reuse: bool = True, keep: bool = False):
+        self.path, self.settings, self.reuse, self.keep = path, settings, reuse or keep, keep
+        self.kept: List[str] = []
         self.saved: Dict[str, Dict[str, object]] = {}
         if os.path.isfile(path):
             with open(path) as f:
@@ -483,14 +549,27 @@ class RowCache:
         return self._digests[key]
 
     def get(self, arch: str, dataset: str, pass_name: str, setting: str) -> Optional[Dict[str, object]]:
-        entry = self.saved.get(f"{arch}/{dataset}/{pass_name}/{setting}")
-        if not self.reuse or not entry or entry["settings"] != _row_fingerprint(pass_name, setting, self.settings):
+        key = f"{arch}/{dataset}/{pass_name}/{setting}"
+        entry = self.saved.get(key)
+        if not self.reuse or not entry or entry["checkpoint"] != self._digest(arch, dataset):
             return None
-        return entry["row"] if entry["checkpoint"] == self._digest(arch, dataset) else None
+        if entry["settings"] != _row_fingerprint(pass_name, setting, self.settings):
+            if not self.keep:
+                return None
+            self.kept.append(key)
+        return entry["row"]
+
+    def latency_stale(self, arch: str, dataset: str, row: Dict[str, object]) -> bool:
+        """Whether a saved row's latency was measured another way than ``_latency_fingerprint`` says now."""
+        entry = self.saved.get(f"{arch}/{dataset}/{row['pass']}/{row['setting']}", {})
+        return entry.get("latency") != _latency_fingerprint(row["pass"], self.settings)
 
     def put(self, arch: str, dataset: str, row: Dict[str, object]) -> None:
-        self.saved[f"{arch}/{dataset}/{row['pass']}/{row['setting']}"] = {
-            "settings": _row_fingerprint(row["pass"], row["setting"], self.settings),
+        key = f"{arch}/{dataset}/{row['pass']}/{row['setting']}"
+        self.saved[key] = {  # a kept row keeps the settings it was measured with
+            "settings": self.saved[key]["settings"] if key in self.kept else _row_fingerprint(
+                row["pass"], row["setting"], self.settings),
+            "latency": _latency_fingerprint(row["pass"], self.settings),
             "checkpoint": self._digest(arch, dataset), "row": row}
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path + ".tmp", "w") as f:
@@ -499,15 +578,18 @@ class RowCache:
 
 
 def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Optional[str] = None,
-        resume: bool = False) -> str:
+        resume: bool = False, keep: bool = False) -> str:
     """Computes every row, writes the markdown report and the plots; returns the markdown. With
     ``rows_path`` each row is also saved there as it is measured; with ``resume`` the rows saved there,
-    measured the same way, are used instead of measured again (``RowCache``)."""
+    measured the same way, are used instead of measured again (``RowCache``); with ``keep`` every row saved there
+    is used as it is, and only the fine-tuned rows' stale latencies are measured again (the report lists the rows
+    kept from other settings)."""
     from tqdm.auto import tqdm
 
-    if resume and not rows_path:
-        raise ValueError("fxeff.accuracy_report.run: resume=True needs rows_path (where the rows were saved)")
-    cache = RowCache(rows_path, settings, reuse=resume) if rows_path else None
+    if (resume or keep) and not rows_path:
+        raise ValueError("fxeff.accuracy_report.run: resume=True or keep=True needs rows_path (where the rows were "
+                         "saved)")
+    cache = RowCache(rows_path, settings, reuse=resume, keep=keep) if rows_path else None
     rows: List[Dict[str, object]] = []
     pairs = [(a, d) for d in settings.datasets for a in settings.archs]
     for arch, dataset in tqdm(pairs, desc="accuracy report", disable=not settings.progress):
@@ -529,7 +611,12 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
                "is never fine-tuned (its weights are the original's). The rewrites start from weights fitted "
                f"on training images: shift `init=\"lstsq\"` on {settings.calibration_images}, HetConv "
                f"`init=\"{settings.hetconv_init}\"` on {min(settings.hetconv_fit_images, settings.calibration_images)}"
-               " (each layer fitted to the input it sees once the layers before it are rewritten)."
+               " (each layer fitted to the input it sees once the layers before it are rewritten). The fine-tuned "
+               f"rows are timed after fine-tuning in {settings.deploy_format}, in their CPU deployment form: HetConv "
+               "as rewritten, a shift network with `fxeff.FuseShift` (shift, BatchNorm and clamp fused into the 1x1 "
+               "conv that reads them); the timed column says which weights ran (a row timed again after its "
+               "fine-tuning, on the committed fine-tuned model where there is one, else on the rewrite before "
+               "fine-tuning: the same graph)."
              + (f" Block scaling (`fxeff.blocks.build`): descendants at sparsities "
                 f"{', '.join(f'{v:g}' for v in settings.blocks_sparsities)}, each retrained to reproduce its block's "
                 f"output ({settings.blocks_epochs} epochs of {settings.blocks_train_images} training images), then "
@@ -543,9 +630,13 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
              bench.markdown_table(checkpoint_rows(settings), ("model", "dataset", "test accuracy", "epochs",
                                                               "train minutes", "checkpoint MB", "torch")), "",
              "## Every pass", "",
-             bench.markdown_table(_percent(rows), COLUMNS), "", "## Targets", "",
-             bench.markdown_table(targets(rows), ("target", "model", "dataset", "setting", "drop (points)", "met")),
-             ""]
+             bench.markdown_table(_percent(rows), COLUMNS), ""]
+    if cache is not None and cache.kept:
+        lines += ["Rows kept as saved, measured with other settings than this run's (`--keep-saved`): "
+                  + ", ".join(f"`{key}`" for key in cache.kept) + ".", ""]
+    lines += ["## Targets", "",
+              bench.markdown_table(targets(rows), ("target", "model", "dataset", "setting", "drop (points)", "met")),
+              ""]
     notes = os.path.join(os.path.dirname(os.path.abspath(markdown_path)), NOTES_FILE)
     if os.path.isfile(notes):  # the hand-written reading of the numbers (the gaps and their causes)
         with open(notes) as f:

@@ -57,8 +57,10 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
         # only the rewrites whose weights change fine-tune (block scaling retrains its descendants instead)
         assert (r["after fine-tuning"] != "") == (r["pass"] == "hetconv")
         assert (r["AoI (measured)"] != "") == (r["pass"] == "focus")
-        # focus rows are timed in the focus format (original and rewritten alike), the others in NCHW
-        assert r["format"] == ("channels_last" if r["pass"] == "focus" else "nchw")
+        # focus rows are timed in the focus format (original and rewritten alike), the fine-tuned ones after
+        # fine-tuning in the deployment format, the blocks row in NCHW
+        assert r["format"] == ("nchw" if r["pass"] == "blocks" else "channels_last")
+        assert r["timed"] == ("fine-tuned" if r["pass"] == "hetconv" else "")
     assert "## Targets" in text and "hetconv P=4: drop <= 0.5 points" in text and "blocks: drop <= 1.5" in text
     plots = sorted(os.listdir(tmp_path / "docs" / "plots"))
     assert plots == ["fashion-mnist-latency.png", "fashion-mnist-mac.png"]
@@ -91,6 +93,27 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
     assert "| 2 x 96 images" in third and "| 1 x 96 images" not in third
     assert [line for line in third.split("## Every pass")[1].split("![")[0].splitlines() if "P=4" not in line] == \
         [line for line in table.splitlines() if "P=4" not in line]
+    # another deployment format only times the fine-tuned rows again: no fine-tuning, each timed on its rewrite
+    # (no committed fine-tuned model here), the accuracy columns as they were
+    from fxeff import distill
+
+    measured.clear()
+    monkeypatch.setattr(reference, "FINETUNED_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(distill, "finetune", lambda *a, **k: pytest.fail("a latency change fine-tuned again"))
+    nchw = dataclasses.replace(longer, deploy_format="nchw")
+    fourth = accuracy_report.run(nchw, str(tmp_path / "fourth.md"), str(tmp_path / "plots4"), rows_path=rows_path,
+                                 resume=True)
+    assert measured == ["HetConv P=2", "HetConv P=4"]
+    retimed = [line for line in fourth.split("## Every pass")[1].splitlines() if "| hetconv |" in line]
+    assert len(retimed) == 2 and all("| nchw | as rewritten |" in line for line in retimed)
+    before = [line.split("|")[:10] for line in third.split("## Every pass")[1].splitlines() if "| hetconv |" in line]
+    assert [line.split("|")[:10] for line in retimed] == before
+    # keep: every saved row as it is, even one measured with other settings (listed); nothing measured
+    measured.clear()
+    kept = accuracy_report.run(dataclasses.replace(nchw, hetconv_target_epochs=3), str(tmp_path / "fifth.md"),
+                               str(tmp_path / "plots5"), rows_path=rows_path, keep=True)
+    assert measured == [] and "| 2 x 96 images" in kept
+    assert "Rows kept as saved" in kept and "`resnet20/fashion-mnist/hetconv/P=4`" in kept
 
 
 def test_targets_read_the_rows():
@@ -154,14 +177,40 @@ def test_row_cache_reuses_a_row_only_when_measured_the_same_way(tmp_path, monkey
         assert found(other) == [k for k in keys if k not in stale], changed
 
 
-def test_focus_format_is_checked():
+def test_row_cache_keeps_saved_rows_and_finds_stale_latencies(tmp_path):
+    path = str(tmp_path / "rows.json")
+    settings = accuracy_report.Settings(archs=("vgg",), eval_images=100)
+    rows = [{"model": "vgg", "dataset": "fashion-mnist", "pass": "hetconv", "setting": "P=4", "drop": 0.25},
+            {"model": "vgg", "dataset": "fashion-mnist", "pass": "focus", "setting": "input", "drop": 0.1}]
+    cache = accuracy_report.RowCache(path, settings)
+    for row in rows:
+        cache.put("vgg", "fashion-mnist", row)
+    assert not any(cache.latency_stale("vgg", "fashion-mnist", r) for r in rows)
+    # the deployment format is the fine-tuned rows' latency only: their accuracy still matches
+    other = accuracy_report.RowCache(path, dataclasses.replace(settings, deploy_format="nchw"))
+    assert other.get("vgg", "fashion-mnist", "hetconv", "P=4") == rows[0]
+    assert [other.latency_stale("vgg", "fashion-mnist", r) for r in rows] == [True, False]
+    # keep: a row measured with other settings is returned and listed, and put keeps its saved settings
+    changed = dataclasses.replace(settings, eval_images=200)
+    assert accuracy_report.RowCache(path, changed).get("vgg", "fashion-mnist", "focus", "input") is None
+    keeping = accuracy_report.RowCache(path, changed, reuse=False, keep=True)
+    assert keeping.get("vgg", "fashion-mnist", "focus", "input") == rows[1]
+    assert keeping.kept == ["vgg/fashion-mnist/focus/input"]
+    keeping.put("vgg", "fashion-mnist", rows[1])
+    assert accuracy_report.RowCache(path, settings).get("vgg", "fashion-mnist", "focus", "input") == rows[1]
+
+
+def test_formats_are_checked():
     with pytest.raises(ValueError, match="focus_format must be one of"):
         accuracy_report.Settings(focus_format="nhwc")
+    with pytest.raises(ValueError, match="deploy_format must be one of"):
+        accuracy_report.Settings(deploy_format="nhwc")
 
 
 def test_run_resume_needs_a_rows_path(tmp_path):
-    with pytest.raises(ValueError, match="resume=True needs rows_path"):
-        accuracy_report.run(accuracy_report.Settings(), str(tmp_path / "a.md"), str(tmp_path), resume=True)
+    for flags in ({"resume": True}, {"keep": True}):
+        with pytest.raises(ValueError, match="needs rows_path"):
+            accuracy_report.run(accuracy_report.Settings(), str(tmp_path / "a.md"), str(tmp_path), **flags)
 
 
 def test_finetune_budget_follows_the_targets():

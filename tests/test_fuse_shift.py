@@ -364,3 +364,24 @@ def test_sort_channels_renumbers_the_producer_exactly(kind):
 def test_sort_channels_must_be_a_bool():
     with pytest.raises(TypeError, match="sort_channels must be a bool"):
         FuseShift(sort_channels=1)
+    with pytest.raises(TypeError, match="interpolated must be a bool"):
+        FuseShift(interpolated="yes")
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "export"])
+def test_interpolated_shifts_fuse_only_when_asked(kind):
+    """Active (interpolated) shifts measure slower fused: by default their sites are skipped with the reason and the
+    model is unchanged; interpolated=True fuses them (the two MobileNet-style sites) with the same output."""
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(2, 3, 12, 12)
+    shifted = fxeff.transform(model, x, passes=[Shift(mode="active")]).eval()
+    with torch.no_grad():
+        want = shifted(x)
+    gm, report, out = rewritten(shifted, x, kind, FuseShift())
+    assert _fused_count(gm) == 0 and all(s.status == "skipped" for s in report.sites)
+    assert "interpolated (mode 'active')" in report.sites[0].reason
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    gm, report, out = rewritten(shifted, x, kind, FuseShift(interpolated=True))
+    assert _fused_count(gm) == 2
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
