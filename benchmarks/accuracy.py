@@ -7,7 +7,7 @@ top-1 agreement on the real photos. See fxeff.accuracy_report for what is measur
         [--hetconv-target-epochs 10] [--shift-target-epochs 3]
         [--finetune-lr 0.1] [--hetconv-init fit]
         [--focus-format channels_last|nchw] [--no-photos] [--threads 2] [--out docs/accuracy.md] [--plots docs/accuracy]
-        [--rows docs/accuracy-rows.json] [--resume] [--keep-saved] [--deploy-format channels_last|nchw] [--students]
+        [--rows docs/accuracy-rows.json] [--resume] [--keep-saved] [--hetconv-format F] [--shift-format F] [--students]
 
 --students runs only the fine-tuned rows that have a target (HetConv P=4, sparse shift) and saves each fine-tuned
 model beside the reference checkpoints (fxeff/checkpoints/<arch>-<dataset>-<technique>.pt and .json, read by
@@ -18,7 +18,7 @@ soon as it is measured; --resume reuses the rows saved there that were measured 
 interrupted run goes on where it stopped, and a changed setting measures again only the rows it changes),
 so the report can also be built a few models at a time. The rows of the committed report are in
 docs/accuracy-rows.json: `--resume` measures only what changed. `--keep-saved` measures nothing but the fine-tuned
-rows' latencies that are stale (another --deploy-format, or a new deployment form): each is timed on the committed
+rows' latencies that are stale (another --hetconv-format / --shift-format, or a new deployment form): each is timed on the committed
 fine-tuned model where there is one, else on the rewrite before fine-tuning (the timed column says which).
 """
 import argparse
@@ -58,9 +58,10 @@ def main(argv=None) -> None:
     parser.add_argument("--latency-runs", type=int, default=accuracy_report.Settings.latency_runs)
     parser.add_argument("--focus-format", default=accuracy_report.Settings.focus_format,
                         choices=sorted(accuracy_report.FORMATS), help="the memory format the focus rows are timed in")
-    parser.add_argument("--deploy-format", default=accuracy_report.Settings.deploy_format,
-                        choices=sorted(accuracy_report.FORMATS),
-                        help="the memory format the fine-tuned rows (HetConv, shift) are timed in, deployed")
+    parser.add_argument("--hetconv-format", default=accuracy_report.Settings.hetconv_format,
+                        choices=sorted(accuracy_report.FORMATS), help="the memory format the HetConv rows are timed in")
+    parser.add_argument("--shift-format", default=accuracy_report.Settings.shift_format,
+                        choices=sorted(accuracy_report.FORMATS), help="the memory format the shift rows are timed in")
     parser.add_argument("--no-photos", action="store_true", help="skip the EfficientNet-Lite0 photo table")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--students", action="store_true",
@@ -92,7 +93,8 @@ def main(argv=None) -> None:
         hetconv_target_epochs=args.hetconv_target_epochs, shift_target_epochs=args.shift_target_epochs,
         finetune_lr=args.finetune_lr,
         hetconv_init=args.hetconv_init,
-        latency_runs=args.latency_runs, focus_format=args.focus_format, deploy_format=args.deploy_format,
+        latency_runs=args.latency_runs, focus_format=args.focus_format,
+        hetconv_format=args.hetconv_format, shift_format=args.shift_format,
         photos=not (args.no_photos or args.students), **only_students)
     print(accuracy_report.run(settings, out, plots, rows_path=rows, resume=args.resume, keep=args.keep_saved))
 

@@ -45,8 +45,9 @@ NOTES_FILE = "accuracy_notes.md"  # beside the report: included as written after
 TARGETS = {"focus": 0.5, "shift sparse": 1.0, "hetconv P=4": 0.5, "blocks": 1.5}  # allowed drop, points of accuracy
 BLOCKS_MACS = 0.5  # the blocks row: the most accurate configuration with at most this fraction of the MACs
 # The fine-tuned rows (their pass -> what runs when the row is timed): each is timed after fine-tuning in the form it
-# is deployed in on CPU, in Settings.deploy_format. A shift network runs with fxeff.FuseShift (the shift, its
-# BatchNorm and clamp fused into the 1x1 conv that reads it); HetConv runs as rewritten (fxeff::hetconv2d).
+# is deployed in on CPU, in its pass's format (Settings.hetconv_format, shift_format). A shift network runs with
+# fxeff.FuseShift (the shift, its BatchNorm and clamp fused into the 1x1 conv that reads it; interpolated shifts stay
+# unfused, FuseShift's default); HetConv runs as rewritten (fxeff::hetconv2d).
 DEPLOY_FORMS = {"hetconv": "hetconv2d", "shift sparse": "FuseShift", "shift active": "FuseShift"}
 
 
@@ -73,9 +74,12 @@ class Settings:
     # The memory format the focus rows are timed in, original and rewritten alike (fxeff's ops keep it); on CPU
     # channels_last is the faster one for both.
     focus_format: str = "channels_last"
-    # The memory format the fine-tuned rows (DEPLOY_FORMS) are timed in, original and deployed rewrite alike: HetConv's
-    # direct kernel is channels_last's (docs/benchmarks.md); the fused shift runs within 0.05 of NCHW's time there.
-    deploy_format: str = "channels_last"
+    # The memory formats the fine-tuned rows (DEPLOY_FORMS) are timed in, original and deployed rewrite alike, each
+    # the faster one for its pass: HetConv's direct kernel is channels_last's (docs/benchmarks.md); the sparse shift
+    # networks fused measured alike in both (0.73-0.90 of the original's time) and the active ones (interpolated,
+    # unfused) at 1.85-1.95 in channels_last against 1.05-1.10 in NCHW.
+    hetconv_format: str = "channels_last"
+    shift_format: str = "nchw"
     photos: bool = True                      # the EfficientNet-Lite0 agreement table
     focus_halos: Sequence[int] = FOCUS_HALOS
     focus_executions: Sequence[str] = FOCUS_EXECUTIONS
@@ -94,7 +98,7 @@ class Settings:
     save_students: bool = False              # save the fine-tuned rows of reference.FINETUNED (reference.save_finetuned)
 
     def __post_init__(self):
-        for name in ("focus_format", "deploy_format"):
+        for name in ("focus_format", "hetconv_format", "shift_format"):
             if getattr(self, name) not in FORMATS:
                 raise ValueError(f"fxeff.accuracy_report.Settings: {name} must be one of {sorted(FORMATS)}, "
                                  f"got {getattr(self, name)!r}")
@@ -107,6 +111,11 @@ def _batch(dataset: torch.utils.data.Dataset, n: int) -> torch.Tensor:
 def _latency_ratio(model: torch.nn.Module, rewritten: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
     before, after = bench.interleaved([lambda: model(x), lambda: rewritten(x)], runs)
     return after / before
+
+
+def _deploy_format(pass_name: str, settings: Settings) -> str:
+    """The memory format a fine-tuned row (DEPLOY_FORMS) is timed in."""
+    return settings.hetconv_format if pass_name == "hetconv" else settings.shift_format
 
 
 def _deployed(student: torch.nn.Module, pass_name: str, x: torch.Tensor, fmt: str) -> torch.nn.Module:
@@ -185,11 +194,12 @@ class _Context:
         return row
 
     def time_deployed(self, row: Dict[str, object], student: torch.nn.Module, timed: str) -> None:
-        """Times a fine-tuned row's model in its deployment form (``_deployed``) against the original, both in
-        ``settings.deploy_format``; ``timed`` (its own column) says which weights ran."""
-        original, _, timing = self.in_format(self.settings.deploy_format)
-        deployed = _deployed(student, row["pass"], timing, self.settings.deploy_format)
-        row.update({"format": self.settings.deploy_format, "timed": timed,
+        """Times a fine-tuned row's model in its deployment form (``_deployed``) against the original, both in its
+        pass's format (``_deploy_format``); ``timed`` (its own column) says which weights ran."""
+        fmt = _deploy_format(row["pass"], self.settings)
+        original, _, timing = self.in_format(fmt)
+        deployed = _deployed(student, row["pass"], timing, fmt)
+        row.update({"format": fmt, "timed": timed,
                     "latency ratio": _latency_ratio(original, deployed, timing, self.settings.latency_runs)})
 
     def finetune(self, row: Dict[str, object], student: torch.nn.Module) -> None:
@@ -514,7 +524,7 @@ def _latency_fingerprint(pass_name: str, settings: Settings) -> Optional[Dict[st
     part of ``_row_fingerprint``."""
     if pass_name not in DEPLOY_FORMS:
         return None
-    return {"deploy_format": settings.deploy_format, "form": DEPLOY_FORMS[pass_name]}
+    return {"format": _deploy_format(pass_name, settings), "form": DEPLOY_FORMS[pass_name]}
 
 
 def _checkpoint_digest(arch: str, dataset: str) -> str:
@@ -612,9 +622,10 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
                f"on training images: shift `init=\"lstsq\"` on {settings.calibration_images}, HetConv "
                f"`init=\"{settings.hetconv_init}\"` on {min(settings.hetconv_fit_images, settings.calibration_images)}"
                " (each layer fitted to the input it sees once the layers before it are rewritten). The fine-tuned "
-               f"rows are timed after fine-tuning in {settings.deploy_format}, in their CPU deployment form: HetConv "
-               "as rewritten, a shift network with `fxeff.FuseShift` (shift, BatchNorm and clamp fused into the 1x1 "
-               "conv that reads them); the timed column says which weights ran (a row timed again after its "
+               "rows are timed after fine-tuning in their CPU deployment form: HetConv as rewritten, in "
+               f"{settings.hetconv_format}; a shift network with `fxeff.FuseShift` (shift, BatchNorm and clamp fused "
+               f"into the 1x1 conv that reads them; interpolated shifts stay unfused), in {settings.shift_format}; the "
+               "timed column says which weights ran (a row timed again after its "
                "fine-tuning, on the committed fine-tuned model where there is one, else on the rewrite before "
                "fine-tuning: the same graph)."
              + (f" Block scaling (`fxeff.blocks.build`): descendants at sparsities "

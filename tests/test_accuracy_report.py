@@ -100,7 +100,7 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
     measured.clear()
     monkeypatch.setattr(reference, "FINETUNED_DIR", str(tmp_path / "none"))
     monkeypatch.setattr(distill, "finetune", lambda *a, **k: pytest.fail("a latency change fine-tuned again"))
-    nchw = dataclasses.replace(longer, deploy_format="nchw")
+    nchw = dataclasses.replace(longer, hetconv_format="nchw")
     fourth = accuracy_report.run(nchw, str(tmp_path / "fourth.md"), str(tmp_path / "plots4"), rows_path=rows_path,
                                  resume=True)
     assert measured == ["HetConv P=2", "HetConv P=4"]
@@ -186,8 +186,8 @@ def test_row_cache_keeps_saved_rows_and_finds_stale_latencies(tmp_path):
     for row in rows:
         cache.put("vgg", "fashion-mnist", row)
     assert not any(cache.latency_stale("vgg", "fashion-mnist", r) for r in rows)
-    # the deployment format is the fine-tuned rows' latency only: their accuracy still matches
-    other = accuracy_report.RowCache(path, dataclasses.replace(settings, deploy_format="nchw"))
+    # a deployment format is the fine-tuned rows' latency only: their accuracy still matches
+    other = accuracy_report.RowCache(path, dataclasses.replace(settings, hetconv_format="nchw"))
     assert other.get("vgg", "fashion-mnist", "hetconv", "P=4") == rows[0]
     assert [other.latency_stale("vgg", "fashion-mnist", r) for r in rows] == [True, False]
     # keep: a row measured with other settings is returned and listed, and put keeps its saved settings
@@ -203,8 +203,8 @@ def test_row_cache_keeps_saved_rows_and_finds_stale_latencies(tmp_path):
 def test_formats_are_checked():
     with pytest.raises(ValueError, match="focus_format must be one of"):
         accuracy_report.Settings(focus_format="nhwc")
-    with pytest.raises(ValueError, match="deploy_format must be one of"):
-        accuracy_report.Settings(deploy_format="nhwc")
+    with pytest.raises(ValueError, match="shift_format must be one of"):
+        accuracy_report.Settings(shift_format="nhwc")
 
 
 def test_run_resume_needs_a_rows_path(tmp_path):

@@ -367,3 +367,78 @@ def test_auto_picks_channels_last_direct():
     with forced("auto"):
         assert {"fxeff::hetconv2d::direct", "fxeff::hetconv2d::direct::pad"} <= scopes(x)
         assert "fxeff::hetconv2d::direct" not in scopes(x.double())
+
+
+@pytest.mark.skipif(not torch.ops.fxeff._hetconv2d_direct_available(True),
+                    reason="the channels_last direct kernel needs AVX-512F and VL")
+def test_packed_weights_are_kept_between_inference_calls_and_never_stale():
+    """The direct kernel packs a layer's weights once per inference and keeps them (hits); an in-place update (copy_,
+    load_state_dict, an optimiser step) packs again, a call that records for autograd packs per call and keeps
+    nothing, a new tensor never reuses a freed one's packing, and every output equals the contract."""
+    cache = fxeff.ops.hetconv2d_pack_cache
+    limit = cache()["limit_mb"]
+    cache(clear=True)
+    x, wk, w1, b = make(2, 16, 32, 4, 3, 6, 6, dtype=torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def run(*weights):
+        got = hetconv2d(x, *weights, 4, 1, 1)
+        want = reference(x, *[w.detach() for w in weights], 4, 1, 1)
+        assert (got - want).abs().max() <= REL_TOL[torch.float32] * want.abs().max()
+        return got
+
+    try:
+        with forced("auto"):
+            first = run(wk, w1, b)
+            start = cache()
+            assert start["entries"] == 1 and start["bytes"] > 0 and start["misses"] >= 1
+            assert torch.equal(run(wk, w1, b), first)
+            after = cache()
+            assert after["hits"] == start["hits"] + 1 and after["misses"] == start["misses"]
+            # in place: the version counter moves, the weights are packed again and replace the entry
+            with torch.no_grad():
+                wk.mul_(-2.0)
+                b.add_(1.0)
+            assert not torch.allclose(run(wk, w1, b), first)
+            assert cache()["misses"] == after["misses"] + 1 and cache()["entries"] == 1
+            # non-contiguous weights: packed from a contiguous copy, kept under the view's own strides
+            wt = wk.transpose(2, 3).contiguous().transpose(2, 3)
+            run(wt, w1, b)
+            run(wt, w1, b)
+            assert cache()["entries"] == 2
+            # new tensors, freed between calls (storage addresses get reused): each gets its own packing
+            for seed in range(4):
+                gen = torch.Generator().manual_seed(seed)
+                run(*make(2, 16, 32, 4, 3, 6, 6, dtype=torch.float32, gen=gen)[1:])
+            # a module: load_state_dict copies in place
+            conv = fxeff.nn.HetConv2d(16, 32, 3, 4, padding=1).eval().to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                y0 = conv(x)
+                conv.load_state_dict({"weight_kxk": wk, "weight_1x1": w1, "bias": b})
+                torch.testing.assert_close(conv(x), hetconv2d(x, wk, w1, b, 4, 1, 1), rtol=0, atol=0)
+                assert not torch.allclose(conv(x), y0)
+            # a call that records for autograd packs per call and keeps nothing
+            trained = [t.clone().requires_grad_() for t in (wk, w1, b)]
+            kept = cache()["entries"]
+            run(*trained).sum().backward()
+            assert cache()["entries"] == kept and trained[0].grad is not None
+            # inference tensors have no version counter: never kept
+            with torch.inference_mode():
+                frozen = [t.clone() for t in (wk, w1, b)]
+            run(*frozen)
+            assert cache()["entries"] == kept
+            # a change through .data bypasses the version counter: clear=True packs again
+            with torch.no_grad():
+                before = run(wk, w1, b)
+            wk.data.mul_(0.5)
+            cache(clear=True)
+            assert cache()["entries"] == 0
+            assert not torch.allclose(run(wk, w1, b), before)
+            # limit 0: nothing kept
+            cache(limit_mb=0)
+            run(wk, w1, b)
+            assert cache()["entries"] == 0
+    finally:
+        cache(limit_mb=limit, clear=True)
+    with pytest.raises(ValueError, match="limit_mb must be >= 0"):
+        cache(limit_mb=-1)

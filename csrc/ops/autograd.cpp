@@ -4,6 +4,8 @@
 // or without grad: 4-9 us per call before any work, more than a small conv costs. Here a call under no_grad, or
 // on inputs that need no grad, costs what an ATen op's autograd layer costs. Each backward calls the ops and
 // ATen functions the Python one called, in the same order, so gradients are the same bit for bit.
+#include "hetconv2d.h"
+
 #include <ATen/TensorOperators.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -320,6 +322,7 @@ class HetConv2dFunction : public torch::autograd::Function<HetConv2dFunction> {
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    HetConvRecording recording;  // trained weights: the CPU kernel packs them per call
     return op.call(x, weight_kxk, weight_1x1, bias, part, stride, padding, dilation);
   }
 

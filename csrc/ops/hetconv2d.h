@@ -32,5 +32,19 @@ HetGeometry check_hetconv2d_args(const char* op, const at::Tensor& x, const at::
                                  const at::Tensor& weight_1x1, const c10::optional<at::Tensor>& bias, int64_t part,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
 
+// Whether this thread runs fxeff::hetconv2d for autograd (a call that records a graph: its weights are being
+// trained), set by HetConvRecording in the autograd kernel; the CPU kernel keeps no packed weights for such calls.
+bool hetconv2d_recording();
+
+struct HetConvRecording {
+  HetConvRecording();
+  ~HetConvRecording();
+  HetConvRecording(const HetConvRecording&) = delete;
+  HetConvRecording& operator=(const HetConvRecording&) = delete;
+
+ private:
+  bool previous_;
+};
+
 }  // namespace ops
 }  // namespace fxeff

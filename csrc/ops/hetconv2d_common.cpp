@@ -66,5 +66,15 @@ HetGeometry check_hetconv2d_args(const char* op, const at::Tensor& x, const at::
   return g;
 }
 
+namespace {
+thread_local bool recording = false;
+}  // namespace
+
+bool hetconv2d_recording() { return recording; }
+
+HetConvRecording::HetConvRecording() : previous_(recording) { recording = true; }
+
+HetConvRecording::~HetConvRecording() { recording = previous_; }
+
 }  // namespace ops
 }  // namespace fxeff

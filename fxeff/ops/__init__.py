@@ -2,7 +2,7 @@
 from . import flops  # noqa: F401
 from .aoi_mask import aoi_mask, dilate_mask
 from .focused_conv2d import direct_strategy_available, focused_conv2d, forced_strategy, strategy_counters
-from .hetconv2d import hetconv2d, hetconv_dense_weight
+from .hetconv2d import hetconv2d, hetconv2d_pack_cache, hetconv_dense_weight
 from .mask_resize import mask_resize
 from .narrow_conv2d import narrow_conv2d
 from .shift import SHIFT_MODES, SHIFT_PADDINGS, shift, shift_conv1x1, shift_pool
@@ -10,4 +10,4 @@ from .tile_conv2d import tile_conv2d
 
 __all__ = ["aoi_mask", "dilate_mask", "mask_resize", "focused_conv2d", "direct_strategy_available", "forced_strategy",
            "strategy_counters", "shift", "shift_pool", "shift_conv1x1", "SHIFT_MODES", "SHIFT_PADDINGS", "hetconv2d",
-           "hetconv_dense_weight", "tile_conv2d", "narrow_conv2d"]
+           "hetconv2d_pack_cache", "hetconv_dense_weight", "tile_conv2d", "narrow_conv2d"]

@@ -30,6 +30,23 @@ def hetconv2d(x: torch.Tensor, weight_kxk: torch.Tensor, weight_1x1: torch.Tenso
                                      pair("padding", "hetconv2d", padding), pair("dilation", "hetconv2d", dilation))
 
 
+def hetconv2d_pack_cache(limit_mb: Optional[float] = None, clear: bool = False) -> dict:
+    """The CPU kernel's cache of packed weights (the channels-last direct strategy, float32 with AVX-512).
+
+    An inference call packs a layer's weights into the kernel's order once and keeps them, keyed by the weight
+    tensors (their storage, place, shape and version counter: an in-place update such as an optimiser step,
+    ``load_state_dict`` or ``copy_`` packs again). A call that records for autograd packs per call. A change made
+    through ``.data`` bypasses the version counter: call this with ``clear=True`` after one. ``limit_mb`` sets the
+    byte limit (least recently used entries dropped beyond it; 0 turns the cache off; default 256, or the
+    environment's ``FXEFF_HETCONV_PACK_CACHE_MB``). Returns ``{"entries", "bytes", "hits", "misses", "limit_mb"}``.
+    """
+    if limit_mb is not None and not limit_mb >= 0:
+        raise ValueError(f"fxeff.ops.hetconv2d_pack_cache: limit_mb must be >= 0, got {limit_mb!r}")
+    limit = -1 if limit_mb is None else int(limit_mb * 2 ** 20)
+    entries, size, hits, misses, kept = torch.ops.fxeff._hetconv2d_pack_cache(limit, bool(clear))
+    return {"entries": entries, "bytes": size, "hits": hits, "misses": misses, "limit_mb": kept / 2 ** 20}
+
+
 def block_columns(n_filters: int, channels: int, part: int, device) -> tuple:
     """Column indices into [N, M]: each filter's own block [N, M/P] and the other channels [N, M - M/P], in order."""
     mb, ob = channels // part, n_filters // part
