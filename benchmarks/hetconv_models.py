@@ -126,11 +126,13 @@ def main(argv=None) -> None:
         text = report(f"HetConv init on the trained reference models ({args.reference_images} test images each): "
                       "errors and accuracy before fine-tuning", rows, list(rows[0].keys()),
                       args.json.replace(".json", "_reference_init.json") if args.json else "") + "\n\n"
-    with torch.no_grad():
-        rows = init_rows(args.models.split(","), args.part, args.size)
-    text += report(f"HetConv init on real photos, P={args.part}: relative output error before fine-tuning", rows,
-                  list(rows[0].keys()), args.json.replace(".json", "_init.json") if args.json else "")
-    rows = latency_rows(args.latency_models.split(","), args.part, args.size, args.runs, args.device,
+    names = [n for n in args.models.split(",") if n]  # --models "": no init table
+    if names:
+        with torch.no_grad():
+            rows = init_rows(names, args.part, args.size)
+        text += report(f"HetConv init on real photos, P={args.part}: relative output error before fine-tuning", rows,
+                       list(rows[0].keys()), args.json.replace(".json", "_init.json") if args.json else "")
+    rows = latency_rows([n for n in args.latency_models.split(",") if n], args.part, args.size, args.runs, args.device,
                         args.memory_format, args.reference_batch)
     text += "\n\n" + report(f"Whole model, eager, {args.device.type}, {args.memory_format}, before/after the HetConv "
                             f"pass (torchvision models at batch 1, reference models at batch {args.reference_batch})",

@@ -9,12 +9,14 @@ load_library()
 
 from . import ops  # noqa: E402,F401  (registers fake kernels, autograd and FLOP formulas)
 from . import focus, nn, passes, report  # noqa: E402  (focus: calibrate, render)
-from .passes import Blocks, Focus, FuseShift, Glance, HetConv, Shift, config_from_dict, run_passes  # noqa: E402
+from .passes import (Blocks, FoldBatchNorm, Focus, FuseShift, Glance, HetConv, Shift,  # noqa: E402
+                     config_from_dict, run_passes)
 from .report import Report, SiteReport  # noqa: E402
 from .transform import TraceError, transform  # noqa: E402
 from .distill import finetune  # noqa: E402  (the function: recovery fine-tuning by distillation)
 
 __version__ = "0.1.0"
 __all__ = ["library_path", "load_library", "ops", "focus", "nn", "passes", "report", "transform", "TraceError", "Focus",
-           "Shift", "FuseShift", "HetConv", "Blocks", "Glance", "config_from_dict", "run_passes", "Report", "SiteReport",
+           "Shift", "FuseShift", "FoldBatchNorm",
+           "HetConv", "Blocks", "Glance", "config_from_dict", "run_passes", "Report", "SiteReport",
            "finetune"]

@@ -392,7 +392,8 @@ def finish_report(gm: fx.GraphModule, run: Optional[IncrementalRun], pass_name: 
     flops_after, after = run.finish(outputs_after)
     report.model_macs_after = flops_after // 2
     inserted = sum(f for node, f in run.node_flops.items() if node.meta.get(role))
-    report.model_macs_before = (flops_after - inserted) // 2 + sum(s.macs_before for s in rewritten)
+    # a site without MACs of its own (FoldBatchNorm: the layer is the one that ran before) adds none
+    report.model_macs_before = (flops_after - inserted) // 2 + sum(s.macs_before or 0 for s in rewritten)
     if rewritten:
         error = relative_output_error(recorded.values, after, recorded.outputs, outputs_after)
         if error is not None:
