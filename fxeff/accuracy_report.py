@@ -45,10 +45,12 @@ NOTES_FILE = "accuracy_notes.md"  # beside the report: included as written after
 TARGETS = {"focus": 0.5, "shift sparse": 1.0, "hetconv P=4": 0.5, "blocks": 1.5}  # allowed drop, points of accuracy
 BLOCKS_MACS = 0.5  # the blocks row: the most accurate configuration with at most this fraction of the MACs
 # The fine-tuned rows (their pass -> what runs when the row is timed): each is timed after fine-tuning in the form it
-# is deployed in on CPU, in its pass's format (Settings.hetconv_format, shift_format). A shift network runs with
-# fxeff.FuseShift (the shift, its BatchNorm and clamp fused into the 1x1 conv that reads it; interpolated shifts stay
-# unfused, FuseShift's default); HetConv runs as rewritten (fxeff::hetconv2d).
-DEPLOY_FORMS = {"hetconv": "hetconv2d", "shift sparse": "FuseShift", "shift active": "FuseShift"}
+# is deployed in on CPU, in its pass's format (Settings.hetconv_format, shift_format), against the original deployed
+# alike: both with their BatchNorms folded into the convs they read (fxeff.FoldBatchNorm), and a shift network with
+# fxeff.FuseShift first (the shift, its BatchNorm and clamp fused into the 1x1 conv that reads it; interpolated
+# shifts stay unfused, FuseShift's default).
+DEPLOY_FORMS = {"hetconv": "FoldBatchNorm", "shift sparse": "FuseShift+FoldBatchNorm",
+                "shift active": "FuseShift+FoldBatchNorm"}
 
 
 @dataclasses.dataclass
@@ -118,21 +120,21 @@ def _deploy_format(pass_name: str, settings: Settings) -> str:
     return settings.hetconv_format if pass_name == "hetconv" else settings.shift_format
 
 
-def _deployed(student: torch.nn.Module, pass_name: str, x: torch.Tensor, fmt: str) -> torch.nn.Module:
-    """A fine-tuned rewrite in its CPU deployment form (DEPLOY_FORMS) and memory format ``fmt``, checked against the
-    student on ``x`` (the fusion is exact up to float rounding)."""
-    from .passes import FuseShift
+def _deployed(model: torch.nn.Module, form: str, x: torch.Tensor, fmt: str) -> torch.nn.Module:
+    """``model`` in a CPU deployment form (DEPLOY_FORMS: its passes joined by "+") and memory format ``fmt``,
+    checked against ``model`` on ``x`` (the fusions are exact up to float rounding)."""
+    from .passes import FoldBatchNorm, FuseShift
     from .transform import transform
 
-    model = copy.deepcopy(student).eval().to(memory_format=FORMATS[fmt])
-    if DEPLOY_FORMS[pass_name] == "FuseShift":
-        model = transform(model, (x,), [FuseShift()]).eval()
+    passes = {"FuseShift": FuseShift(), "FoldBatchNorm": FoldBatchNorm()}
+    deployed = transform(copy.deepcopy(model).eval(), (x,), [passes[name] for name in form.split("+")]).eval()
+    deployed = deployed.to(memory_format=FORMATS[fmt])
     with torch.no_grad():
-        expected, got = student.eval()(x), model(x)
+        expected, got = model.eval()(x), deployed(x)
     if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
-        raise RuntimeError(f"fxeff.accuracy_report: the deployed {pass_name} model differs from the fine-tuned one by "
+        raise RuntimeError(f"fxeff.accuracy_report: the model deployed with {form} differs from it by "
                            f"{float((got - expected).abs().max()):.3g}")
-    return model
+    return deployed
 
 
 class _Context:
@@ -143,6 +145,7 @@ class _Context:
         self.arch, self.dataset, self.settings = arch, dataset, settings
         self.model = reference.load(arch, dataset)
         self._formats: Dict[str, Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = {}  # in_format's copies
+        self._deployed_originals: Dict[str, torch.nn.Module] = {}
 
     @functools.cached_property
     def test_loader(self) -> torch.utils.data.DataLoader:
@@ -194,11 +197,15 @@ class _Context:
         return row
 
     def time_deployed(self, row: Dict[str, object], student: torch.nn.Module, timed: str) -> None:
-        """Times a fine-tuned row's model in its deployment form (``_deployed``) against the original, both in its
-        pass's format (``_deploy_format``); ``timed`` (its own column) says which weights ran."""
+        """Times a fine-tuned row's model in its deployment form (``_deployed``) against the original with its
+        BatchNorms folded, both in its pass's format (``_deploy_format``); ``timed`` (its own column) says which
+        weights ran."""
         fmt = _deploy_format(row["pass"], self.settings)
-        original, _, timing = self.in_format(fmt)
-        deployed = _deployed(student, row["pass"], timing, fmt)
+        _, _, timing = self.in_format(fmt)
+        if fmt not in self._deployed_originals:  # the original with its BatchNorms folded, once per format
+            self._deployed_originals[fmt] = _deployed(self.model, "FoldBatchNorm", timing, fmt)
+        original = self._deployed_originals[fmt]
+        deployed = _deployed(student, DEPLOY_FORMS[row["pass"]], timing, fmt)
         row.update({"format": fmt, "timed": timed,
                     "latency ratio": _latency_ratio(original, deployed, timing, self.settings.latency_runs)})
 
@@ -622,10 +629,11 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
                f"on training images: shift `init=\"lstsq\"` on {settings.calibration_images}, HetConv "
                f"`init=\"{settings.hetconv_init}\"` on {min(settings.hetconv_fit_images, settings.calibration_images)}"
                " (each layer fitted to the input it sees once the layers before it are rewritten). The fine-tuned "
-               "rows are timed after fine-tuning in their CPU deployment form: HetConv as rewritten, in "
-               f"{settings.hetconv_format}; a shift network with `fxeff.FuseShift` (shift, BatchNorm and clamp fused "
-               f"into the 1x1 conv that reads them; interpolated shifts stay unfused), in {settings.shift_format}; the "
-               "timed column says which weights ran (a row timed again after its "
+               "rows are timed after fine-tuning in their CPU deployment form, against the original deployed alike: "
+               "both with their BatchNorms folded into the convs they read (`fxeff.FoldBatchNorm`), a shift network "
+               "with `fxeff.FuseShift` first (shift, BatchNorm and clamp fused into the 1x1 conv that reads them; "
+               f"interpolated shifts stay unfused); HetConv in {settings.hetconv_format}, shift in "
+               f"{settings.shift_format}; the timed column says which weights ran (a row timed again after its "
                "fine-tuning, on the committed fine-tuned model where there is one, else on the rewrite before "
                "fine-tuning: the same graph)."
              + (f" Block scaling (`fxeff.blocks.build`): descendants at sparsities "
