@@ -42,7 +42,7 @@ bench: setup
 	$(BIN)/python benchmarks/hetconv.py
 
 # docs/accuracy.md and its plots (trained reference models, every pass, recovery fine-tuning; about three hours
-# on 2 cores). Each row is saved to out/accuracy-rows.json; `make accuracy ARGS=--resume` goes on after a stop.
+# on 2 cores). Each row is saved to docs/accuracy-rows.json (committed); `make accuracy ARGS=--resume` goes on after a stop.
 accuracy: setup data
 	$(BIN)/python benchmarks/accuracy.py $(ARGS)
 

@@ -18,15 +18,16 @@ soon as it is measured; --resume reuses the rows saved there that were measured 
 interrupted run goes on where it stopped, and a changed setting measures again only the rows it changes),
 so the report can also be built a few models at a time. The rows of the committed report are in
 docs/accuracy-rows.json: `--resume` measures only what changed. `--keep-saved` measures nothing but the fine-tuned
-rows' latencies that are stale (another --hetconv-format / --shift-format, or a new deployment form): each is timed on the committed
-fine-tuned model where there is one, else on the rewrite before fine-tuning (the timed column says which).
+rows' latencies that are stale (another --hetconv-format / --shift-format, or a new deployment form): each is timed
+on the committed fine-tuned model where there is one, else on the rewrite before fine-tuning (the timed column says
+which).
 """
 import argparse
 import os
 
 import torch
 
-from fxeff import accuracy_report, reference
+from fxeff import accuracy_report, bench, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +63,7 @@ def main(argv=None) -> None:
                         choices=sorted(accuracy_report.FORMATS), help="the memory format the HetConv rows are timed in")
     parser.add_argument("--shift-format", default=accuracy_report.Settings.shift_format,
                         choices=sorted(accuracy_report.FORMATS), help="the memory format the shift rows are timed in")
+    bench.add_malloc_option(parser)
     parser.add_argument("--no-photos", action="store_true", help="skip the EfficientNet-Lite0 photo table")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--students", action="store_true",
@@ -94,7 +96,7 @@ def main(argv=None) -> None:
         finetune_lr=args.finetune_lr,
         hetconv_init=args.hetconv_init,
         latency_runs=args.latency_runs, focus_format=args.focus_format,
-        hetconv_format=args.hetconv_format, shift_format=args.shift_format,
+        hetconv_format=args.hetconv_format, shift_format=args.shift_format, keep_freed_memory=not args.default_malloc,
         photos=not (args.no_photos or args.students), **only_students)
     print(accuracy_report.run(settings, out, plots, rows_path=rows, resume=args.resume, keep=args.keep_saved))
 

@@ -24,7 +24,8 @@ import torch
 
 import fxeff
 from fxeff import data, models, reference, training
-from fxeff.bench import script_parser, write_markdown, model_before_after, report
+from fxeff.bench import (add_malloc_option, apply_malloc_option, model_before_after, report, script_parser,
+                         write_markdown)
 
 
 def _model_error(rep) -> str:
@@ -112,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test images per reference model (0 skips part 0)")
     parser.add_argument("--fit-images", type=int, default=256,
                         help="part 0: training images given as the example inputs (init='fit' fits on them)")
+    add_malloc_option(parser)
     return parser
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
+    apply_malloc_option(args)
     torch.manual_seed(0)
     text = ""
     if args.reference_images:

@@ -33,7 +33,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import fxeff  # noqa: E402
 from _shift_reference import shift_reference  # noqa: E402
-from fxeff.bench import interleaved, script_parser, write_markdown, measure, report  # noqa: E402
+from fxeff.bench import (add_malloc_option, apply_malloc_option, interleaved, measure, report,  # noqa: E402
+                         script_parser, write_markdown)
 
 SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (1, 32, 112, 112)]
 # The targets: (quantity, bound); checked per row and printed with the table.
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=0, help="with --models: timed rounds (default 30, 10 --quick)")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) pure-PyTorch reference")
     parser.add_argument("--skip-layers", action="store_true", help="with --models: only the whole-model table")
+    add_malloc_option(parser)
     return parser
 
 
@@ -209,6 +211,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     device = args.device
     torch.set_num_threads(args.threads)
+    apply_malloc_option(args)
     min_run_time = 0.2 if args.quick else 0.6
     shapes = SHAPES[:1] if args.quick else SHAPES
     with_reference = not args.no_reference and device.type == "cpu"

@@ -82,6 +82,11 @@ class Settings:
     # unfused) at 1.85-1.95 in channels_last against 1.05-1.10 in NCHW.
     hetconv_format: str = "channels_last"
     shift_format: str = "nchw"
+    # glibc's malloc told to keep freed memory (fxeff.bench.keep_freed_memory) before anything is timed: without it
+    # a model's activations page-fault in on every call, by an amount that depends on what the process freed before
+    # (the fine-tuned ResNet-20 measured 0.57 and 0.76 of the original in two processes). Recorded in the fine-tuned
+    # rows' latency fingerprint; the focus and blocks rows keep what they were measured with.
+    keep_freed_memory: bool = True
     photos: bool = True                      # the EfficientNet-Lite0 agreement table
     focus_halos: Sequence[int] = FOCUS_HALOS
     focus_executions: Sequence[str] = FOCUS_EXECUTIONS
@@ -127,8 +132,10 @@ def _deployed(model: torch.nn.Module, form: str, x: torch.Tensor, fmt: str) -> t
     from .transform import transform
 
     passes = {"FuseShift": FuseShift(), "FoldBatchNorm": FoldBatchNorm()}
-    deployed = transform(copy.deepcopy(model).eval(), (x,), [passes[name] for name in form.split("+")]).eval()
-    deployed = deployed.to(memory_format=FORMATS[fmt])
+    # converted before the passes: the folded weights keep the converted strides (a one-channel stem's weight is
+    # "contiguous" in both formats, and .to() after would leave it NCHW, and the whole network with it)
+    converted = copy.deepcopy(model).eval().to(memory_format=FORMATS[fmt])
+    deployed = transform(converted, (x,), [passes[name] for name in form.split("+")]).eval()
     with torch.no_grad():
         expected, got = model.eval()(x), deployed(x)
     if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
@@ -184,7 +191,8 @@ class _Context:
     def row(self, pass_name: str, setting: str, rewritten: torch.nn.Module, fmt: Optional[str] = "nchw"
             ) -> Dict[str, object]:
         """The row of one rewrite, before any fine-tuning; its latency ratio in memory format ``fmt`` (rewritten
-        from the model in that format), or none with ``fmt=None`` (a fine-tuned row is timed after, ``time_deployed``)."""
+        from the model in that format), or none with ``fmt=None`` (a fine-tuned row is timed after fine-tuning,
+        ``time_deployed``)."""
         rewritten.eval()
         macs = bench.macs(lambda: rewritten(self.timing_input))
         row = {"model": self.arch, "dataset": self.dataset, "pass": pass_name, "setting": setting,
@@ -531,7 +539,8 @@ def _latency_fingerprint(pass_name: str, settings: Settings) -> Optional[Dict[st
     part of ``_row_fingerprint``."""
     if pass_name not in DEPLOY_FORMS:
         return None
-    return {"format": _deploy_format(pass_name, settings), "form": DEPLOY_FORMS[pass_name]}
+    return {"format": _deploy_format(pass_name, settings), "form": DEPLOY_FORMS[pass_name],
+            "malloc": "freed memory kept" if settings.keep_freed_memory else "default"}
 
 
 def _checkpoint_digest(arch: str, dataset: str) -> str:
@@ -607,6 +616,9 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
         raise ValueError("fxeff.accuracy_report.run: resume=True or keep=True needs rows_path (where the rows were "
                          "saved)")
     cache = RowCache(rows_path, settings, reuse=resume, keep=keep) if rows_path else None
+    if settings.keep_freed_memory and not bench.keep_freed_memory():
+        raise RuntimeError("fxeff.accuracy_report.run: keep_freed_memory needs glibc's mallopt, which this C library "
+                           "lacks; run with keep_freed_memory=False (--default-malloc)")
     rows: List[Dict[str, object]] = []
     pairs = [(a, d) for d in settings.datasets for a in settings.archs]
     for arch, dataset in tqdm(pairs, desc="accuracy report", disable=not settings.progress):
@@ -633,7 +645,10 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
                "both with their BatchNorms folded into the convs they read (`fxeff.FoldBatchNorm`), a shift network "
                "with `fxeff.FuseShift` first (shift, BatchNorm and clamp fused into the 1x1 conv that reads them; "
                f"interpolated shifts stay unfused); HetConv in {settings.hetconv_format}, shift in "
-               f"{settings.shift_format}; the timed column says which weights ran (a row timed again after its "
+               f"{settings.shift_format}"
+               + ("; glibc's malloc keeping freed memory (`fxeff.bench.keep_freed_memory`; the focus and blocks rows "
+                  "were timed with the default allocator)" if settings.keep_freed_memory else "")
+               + "; the timed column says which weights ran (a row timed again after its "
                "fine-tuning, on the committed fine-tuned model where there is one, else on the rewrite before "
                "fine-tuning: the same graph)."
              + (f" Block scaling (`fxeff.blocks.build`): descendants at sparsities "

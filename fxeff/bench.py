@@ -48,6 +48,19 @@ def script_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_malloc_option(parser: argparse.ArgumentParser) -> None:
+    """``--default-malloc`` of the whole-model benchmarks: by default they call ``keep_freed_memory`` first
+    (``apply_malloc_option``), so that the models' latencies do not depend on what the process freed before."""
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="time with glibc's default malloc (by default it keeps freed memory: "
+                             "fxeff.bench.keep_freed_memory; the environment line says which)")
+
+
+def apply_malloc_option(args: argparse.Namespace) -> None:
+    if not args.default_malloc:
+        keep_freed_memory()
+
+
 def write_markdown(path: str, text: str) -> None:
     """``--markdown``: the tables a script printed, to a file (nothing when ``path`` is empty)."""
     if path:
@@ -75,10 +88,40 @@ def environment(device: Union[str, torch.device, None] = None) -> Dict[str, obje
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
     }
+    if _KEEP_FREED_MEMORY:
+        env["malloc"] = "freed memory kept"
     if _on_cuda(device):
         index = torch.device(device).index if device is not None else None
         env.update(device="cuda", gpu=torch.cuda.get_device_name(index), cuda=torch.version.cuda)
     return env
+
+
+_KEEP_FREED_MEMORY = False
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Tells glibc's malloc to keep the memory freed in this process instead of returning it to the OS (``mallopt``
+    M_MMAP_THRESHOLD and M_TRIM_THRESHOLD: what ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:
+    glibc.malloc.trim_threshold=...`` does at start-up). By default a block above the mmap threshold (128 KiB until
+    a larger block is freed) is mapped for each allocation and page-faulted in on first touch (about 2.5 us per 4 KiB
+    page here), so a model's activations cost page faults on every call, more or less depending on what the process
+    freed before: the same reference ResNet-20 measured 4.9 or 7.3 ms per batch in one process. Whole-model latencies
+    are then a property of the allocator's history; with this they are not. It applies to every model timed after it
+    alike; ``environment()`` says so. Returns whether it applied (False where the C library is not glibc)."""
+    global _KEEP_FREED_MEMORY
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
+        mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    _KEEP_FREED_MEMORY = _KEEP_FREED_MEMORY or applied
+    return applied
 
 
 def measure(fn: Callable[[], object], min_run_time: float = 0.5, repeats: int = 5, warmup: int = 2) -> float:

@@ -150,3 +150,19 @@ def test_shift_models_rows_time_the_fused_shift_network():
     fused, total = (int(v) for v in row["fused sites"].split("/"))
     assert fused == total > 0 and row["fused vs shifted error"] < 1e-4
     assert row["dense ms"] > 0 and row["shifted ms"] > 0 and row["fused ms"] > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="mallopt is glibc's")
+def test_keep_freed_memory_applies_and_is_reported(monkeypatch):
+    """keep_freed_memory sets glibc's thresholds (mallopt) and the environment line says so; the scripts' option
+    applies it unless --default-malloc."""
+    monkeypatch.setattr(bench, "_KEEP_FREED_MEMORY", False)
+    assert "malloc" not in bench.environment()
+    parser = argparse.ArgumentParser()
+    bench.add_malloc_option(parser)
+    bench.apply_malloc_option(parser.parse_args(["--default-malloc"]))
+    assert "malloc" not in bench.environment()
+    bench.apply_malloc_option(parser.parse_args([]))
+    assert bench.environment()["malloc"] == "freed memory kept"
+    assert bench.keep_freed_memory() is True

@@ -410,6 +410,8 @@ def test_packed_weights_are_kept_between_inference_calls_and_never_stale():
             for seed in range(4):
                 gen = torch.Generator().manual_seed(seed)
                 run(*make(2, 16, 32, 4, 3, 6, 6, dtype=torch.float32, gen=gen)[1:])
+            run(wk, w1, b)  # the freed weights' entries are dropped
+            assert cache()["entries"] == 2
             # a module: load_state_dict copies in place
             conv = fxeff.nn.HetConv2d(16, 32, 3, 4, padding=1).eval().to(memory_format=torch.channels_last)
             with torch.no_grad():

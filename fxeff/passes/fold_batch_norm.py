@@ -80,13 +80,16 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> Optional[_Layer]:
 
 def _fold(weights: List[torch.Tensor], bias: Optional[torch.Tensor], stats: Dict[str, Optional[torch.Tensor]],
           eps: float) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """The weights and bias of layer -> BatchNorm as one layer (float64, stored in the weights' dtype)."""
+    """The weights and bias of layer -> BatchNorm as one layer (float64, stored in the weights' dtype and strides: a
+    channels_last weight stays channels_last, which decides the conv's output format where the input's is ambiguous,
+    as for a one-channel image)."""
     mean, var = stats["running_mean"].detach().double(), stats["running_var"].detach().double()
     gamma = stats["weight"].detach().double() if stats["weight"] is not None else torch.ones_like(mean)
     beta = stats["bias"].detach().double() if stats["bias"] is not None else torch.zeros_like(mean)
     scale = gamma / (var + eps).sqrt()
     dtype = weights[0].dtype
-    folded = [(w.detach().double() * scale.view(-1, *([1] * (w.dim() - 1)))).to(dtype) for w in weights]
+    folded = [torch.empty_strided(w.shape, w.stride(), dtype=dtype, device=w.device).copy_(
+        w.detach().double() * scale.view(-1, *([1] * (w.dim() - 1)))) for w in weights]
     b = bias.detach().double() if bias is not None else torch.zeros_like(mean)
     return folded, ((b - mean) * scale + beta).to(dtype)
 

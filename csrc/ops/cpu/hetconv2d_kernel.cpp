@@ -25,6 +25,7 @@
 // conv runs the same work much faster, so "grouped" wins except where re-reading a large NCHW output costs more
 // (use_grouped).
 #include "../hetconv2d.h"
+#include "thread_buffer.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -659,6 +660,12 @@ struct TensorStamp {
 struct PackCacheEntry {
   TensorStamp stamp[3];  // weight_kxk, weight_1x1, bias
   std::shared_ptr<const PackedWeights> packed;
+  bool expired() const {
+    for (const TensorStamp& s : stamp) {
+      if (s.storage.has_value() && s.storage->expired()) return true;
+    }
+    return false;
+  }
 };
 
 class PackCache {
@@ -676,13 +683,21 @@ class PackCache {
                            !(wk.is_inference() || w1.is_inference() || (bias.defined() && bias.is_inference()));
     if (cacheable) {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      for (auto it = entries_.begin(); it != entries_.end();) {
+        if (it->expired()) {  // a freed weight: its packing is dead memory
+          bytes_ -= it->packed->bytes();
+          it = entries_.erase(it);
+          continue;
+        }
         bool same = true, current = true;
         for (int i = 0; i < 3 && same; ++i) {
           same = it->stamp[i].same_tensor(*t[i]);
           current = current && (!t[i]->defined() || it->stamp[i].version == t[i]->_version());
         }
-        if (!same) continue;
+        if (!same) {
+          ++it;
+          continue;
+        }
         if (current) {
           entries_.splice(entries_.begin(), entries_, it);  // most recently used first
           ++hits_;
@@ -797,15 +812,15 @@ void run_direct_cl(const at::Tensor& x, const at::Tensor& weight_kxk, const at::
   float* op = out.mutable_data_ptr<float>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    // The worker's band buffer, allocated per call: kept between calls in thread_local storage it measured slower on
-    // whole models (ResNet-20 / VGG-style at batch 16: 0.71 / 0.56 of the original's time vs 0.61 / 0.52, glibc
-    // malloc), though not on a layer alone.
-    std::vector<float> buffer(static_cast<size_t>(in_rows * row_floats));
+    // The worker's band buffer, kept between calls (thread_buffer): allocated per call, a band over glibc's mmap
+    // threshold was mapped and page-faulted in on every call whenever the threshold had not been raised by an
+    // earlier free, which moved the reference ResNet-20 between 4.9 and 7.3 ms per batch in one process.
+    float* const buffer = thread_buffer<float>(kHetconvBand, in_rows * row_floats);
     for (int64_t item = next++; item < items; item = next++) {
       const int64_t n = item / bands, y0 = (item % bands) * band, y1 = std::min(g.ho, y0 + band);
       {
         RECORD_FUNCTION("fxeff::hetconv2d::direct::pad", c10::ArrayRef<const c10::IValue>{});
-        cl_direct_pad_rows(xp, buffer.data(), g, p, n, y0 * g.sh, (y1 - 1) * g.sh + span_h + 1);
+        cl_direct_pad_rows(xp, buffer, g, p, n, y0 * g.sh, (y1 - 1) * g.sh + span_h + 1);
       }
       for (int64_t gi = 0; gi < p.groups; ++gi) {
         ClRowArgs ra = a;
@@ -816,7 +831,7 @@ void run_direct_cl(const at::Tensor& x, const at::Tensor& weight_kxk, const at::
           const float* b = bd + (gi * p.jvs + jv) * 16;
           const ClStore* s = stores.data() + gi * p.jvs + jv;
           for (int64_t y = y0; y < y1; ++y) {
-            const float* in = buffer.data() + (y - y0) * g.sh * row_floats + gi * g.mb * G;
+            const float* in = buffer + (y - y0) * g.sh * row_floats + gi * g.mb * G;
             float* orow = op + (n * g.ho + y) * g.wo * g.o;
             switch (G) {
               case 1: cl_direct_row_nv<1>(nv, orow, in, w, b, s, g.wo, ra); break;

@@ -6,6 +6,7 @@
 // memcpy in the interior, a lookup table at the edges. Shift gradients reduce per channel in a fixed
 // order (one thread owns a channel), so they are bitwise identical at any thread count.
 #include "../shift.h"
+#include "thread_buffer.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -1410,18 +1411,6 @@ bool fill_tile_cl_fast<float>(const float* xn, float* tile, const ShiftPlan& p, 
 }
 #endif
 
-// A buffer of n elements owned by the calling thread and kept between calls (slot: one per use), so that the fused
-// op's tiles do not take fresh pages from the allocator on every call. A parallel region's worker calls it for its
-// own buffer; a pointer from the calling thread's may be shared with the workers, its name may not.
-template <typename T>
-T* thread_buffer(int slot, int64_t n) {
-  thread_local std::vector<double> buffers[3];
-  std::vector<double>& b = buffers[slot];
-  const size_t want = static_cast<size_t>((n * static_cast<int64_t>(sizeof(T)) + 7) / 8);
-  if (b.size() < want) b.resize(want);
-  return reinterpret_cast<T*>(b.data());
-}
-
 constexpr int64_t kFusedTileBytes = 512 * 1024;  // one band's shifted map, with the GEMM's panels in the 1 MiB L2
 constexpr int64_t kImagePixels = 1024;  // maps up to 32x32 run whole images (see shift_conv1x1_cpu)
 constexpr int64_t kImageTileBytes = 1024 * 1024;
@@ -1543,12 +1532,12 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c
         at::mm_out(o, z, w2.t());
     };
     if (image_mode) {
-      T* tile = thread_buffer<T>(0, C * P);  // the caller's; shared with the workers by pointer
+      T* tile = thread_buffer<T>(kShiftTile, C * P);  // the caller's; shared with the workers by pointer
       for (int64_t n = 0; n < N; ++n) {
         const T* xn = xp + n * C * H * W;
         if (!cl) {
           at::parallel_for(0, C, std::max<int64_t>(1, kGrainElements / P), [&](int64_t c0, int64_t c1) {
-            fill(xn, tile + c0 * P, 0, Ho, c0, c1, thread_buffer<T>(1, W), thread_buffer<A>(2, Wo));
+            fill(xn, tile + c0 * P, 0, Ho, c0, c1, thread_buffer<T>(kShiftRow, W), thread_buffer<A>(kShiftAcc, Wo));
           });
         } else {
           at::parallel_for(0, Ho, 1, [&](int64_t y0, int64_t y1) {
@@ -1561,7 +1550,7 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c
     }
     if (cl) {  // bands of the batch's rows [r0, r1): each image's part filled in turn, then one GEMM
       at::parallel_for(0, bands, 1, [&](int64_t begin, int64_t end) {
-        T* tile = thread_buffer<T>(0, rows * Wo * C);  // each worker's own
+        T* tile = thread_buffer<T>(kShiftTile, rows * Wo * C);  // each worker's own
         for (int64_t item = begin; item < end; ++item) {
           const int64_t r0 = item * rows, r1 = std::min(span, r0 + rows);
           for (int64_t r = r0; r < r1;) {
@@ -1575,9 +1564,9 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c
       return;
     }
     at::parallel_for(0, N * bands, 1, [&](int64_t begin, int64_t end) {
-      T* tile = thread_buffer<T>(0, rows * Wo * C);  // each worker's own
-      T* row = thread_buffer<T>(1, W);
-      A* acc = thread_buffer<A>(2, Wo);
+      T* tile = thread_buffer<T>(kShiftTile, rows * Wo * C);  // each worker's own
+      T* row = thread_buffer<T>(kShiftRow, W);
+      A* acc = thread_buffer<A>(kShiftAcc, Wo);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / bands, oy0 = (item % bands) * rows, oy1 = std::min(Ho, oy0 + rows);
         fill(xp + n * C * H * W, tile, oy0, oy1, 0, C, row, acc);
