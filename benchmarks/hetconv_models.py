@@ -76,10 +76,11 @@ REFERENCE_DATASET = "cluttered-fashion-mnist"  # the reference models timed by -
 
 
 def latency_rows(names, part: int, size: int, runs: int, device: torch.device = torch.device("cpu"),
-                 memory_format: str = "nchw", reference_batch: int = 16):
+                 memory_format: str = "nchw", reference_batch: int = 16, fold_batch_norm: bool = False):
     """Each model and its HetConv rewrite timed in turn: a torchvision model at batch 1 and size x size (random
     input), or ``reference:<arch>``, fxeff's trained reference model on the first ``reference_batch`` test images
-    of Cluttered Fashion-MNIST (docs/accuracy.md's latency batch). Both in ``memory_format``."""
+    of Cluttered Fashion-MNIST (docs/accuracy.md's latency batch). Both in ``memory_format``; with
+    ``fold_batch_norm`` both with their BatchNorms folded (fxeff.FoldBatchNorm, the deployment form)."""
     fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}[memory_format]
     rows = []
     for name in names:
@@ -92,8 +93,14 @@ def latency_rows(names, part: int, size: int, runs: int, device: torch.device = 
             x = torch.rand(1, 3, size, size)
         model = model.eval().to(device, memory_format=fmt)
         x = x.to(device).contiguous(memory_format=fmt)
-        row = model_before_after(name, model, fxeff.transform(model, x, [fxeff.HetConv(part=part)]), x, runs)
-        rows.append({**row, "format": memory_format})
+        rewritten = fxeff.transform(model, x, [fxeff.HetConv(part=part)])
+        if fold_batch_norm:  # the MACs stay the HetConv pass's: folding moves none
+            model = fxeff.transform(model, x, [fxeff.FoldBatchNorm()]).eval()
+            report = rewritten.fxeff_report
+            rewritten = fxeff.transform(rewritten.eval(), x, [fxeff.FoldBatchNorm()])
+            rewritten.fxeff_report = report
+        row = model_before_after(name, model, rewritten, x, runs)
+        rows.append({**row, "format": memory_format, "BatchNorms": "folded" if fold_batch_norm else "as trained"})
     return rows
 
 
@@ -113,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="test images per reference model (0 skips part 0)")
     parser.add_argument("--fit-images", type=int, default=256,
                         help="part 0: training images given as the example inputs (init='fit' fits on them)")
+    parser.add_argument("--fold-batch-norm", action="store_true",
+                        help="the latency part with both models' BatchNorms folded (fxeff.FoldBatchNorm)")
     add_malloc_option(parser)
     return parser
 
@@ -136,7 +145,7 @@ def main(argv=None) -> None:
         text += report(f"HetConv init on real photos, P={args.part}: relative output error before fine-tuning", rows,
                        list(rows[0].keys()), args.json.replace(".json", "_init.json") if args.json else "")
     rows = latency_rows([n for n in args.latency_models.split(",") if n], args.part, args.size, args.runs, args.device,
-                        args.memory_format, args.reference_batch)
+                        args.memory_format, args.reference_batch, args.fold_batch_norm)
     text += "\n\n" + report(f"Whole model, eager, {args.device.type}, {args.memory_format}, before/after the HetConv "
                             f"pass (torchvision models at batch 1, reference models at batch {args.reference_batch})",
                             rows,

@@ -138,6 +138,11 @@ def test_hetconv_models_latency_rows_time_reference_models_in_a_memory_format():
     (row,) = rows
     assert row["model"] == "reference:resnet20" and row["input"] == "2x1x64x64" and row["format"] == "channels_last"
     assert 0.3 < row["MAC ratio"] < 0.45 and row["rewritten"] > 0 and row["dense ms"] > 0 and row["fxeff ms"] > 0
+    assert row["BatchNorms"] == "as trained"
+    (folded,) = models.latency_rows(["reference:resnet20"], 4, 224, 1, memory_format="channels_last",
+                                    reference_batch=2, fold_batch_norm=True)
+    assert folded["BatchNorms"] == "folded" and folded["MAC ratio"] == row["MAC ratio"]
+    assert folded["rewritten"] == row["rewritten"]
 
 
 def test_shift_models_rows_time_the_fused_shift_network():
