@@ -285,9 +285,10 @@ def test_wide_rows_several_register_blocks(k, padding, dilation, strategy):
 
 
 # (o, part): filters per block o / part picks how many blocks share a vector (G): >= 16 one block, 4-15 four,
-# 2-3 eight, 1 sixteen; parts that leave the last group of blocks short; filters that do not fill the last vector.
-CL_DIRECT_SHAPES = [(32, 2), (48, 1), (40, 2), (16, 4), (32, 4), (24, 4), (20, 5), (36, 6), (16, 8), (24, 8),
-                    (6, 3), (16, 16), (10, 10), (17, 17)]
+# 2-3 eight, 1 sixteen, halved while above the part (P = 2: two, 8 filters each; P = 3: two, the second group one
+# block short); parts that leave the last group of blocks short; filters that do not fill the last vector.
+CL_DIRECT_SHAPES = [(32, 2), (48, 1), (40, 2), (16, 2), (24, 2), (12, 3), (16, 4), (32, 4), (24, 4), (20, 5),
+                    (36, 6), (16, 8), (24, 8), (6, 3), (16, 16), (10, 10), (17, 17)]
 
 
 @pytest.mark.parametrize("o,part", CL_DIRECT_SHAPES)
@@ -306,7 +307,7 @@ def test_channels_last_direct_lane_layouts(o, part, strategy):
 
 @pytest.mark.parametrize("k,stride,padding,dilation", [(3, 2, 1, 1), (3, (1, 2), (0, 2), (2, 1)), (5, 1, 2, 1),
                                                        (5, 2, 0, 2), (7, 3, 3, 1), (3, 1, 4, 1)])
-@pytest.mark.parametrize("m,o,part", [(64, 64, 4), (16, 16, 4), (24, 12, 3)])
+@pytest.mark.parametrize("m,o,part", [(64, 64, 4), (16, 16, 4), (24, 12, 3), (16, 16, 2)])
 def test_channels_last_direct_geometry(k, stride, padding, dilation, m, o, part):
     """Strides, dilation, padding 0 and padding beyond the kernel's reach, through the padded bands."""
     x, wk, w1, b = make(2, m, o, part, k, 13, 11, dtype=torch.float32)

@@ -367,11 +367,11 @@ void run_direct(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc,
 // ---- direct, channels_last (float32, AVX-512; any stride / padding / dilation): the whole HetConv, the 1x1 part
 // included, as one register-blocked direct convolution with output channels as vector lanes, from a zero-padded
 // copy of the input (no bounds checks, no im2col, no BLAS packing, the output written once). A vector holds 16 / G
-// filters of each of G blocks (G = 1 with >= 16 filters per block, 4 with >= 4, 8 with >= 2, else 16): the padded
-// copy stores each pixel's channels as (group of G blocks, channel in block, block in group), so a broadcast of G
-// consecutive values gives every lane its own block's input at an off-centre tap; the centre tap (every filter reads
-// every channel there) broadcasts one value to all lanes. Missing blocks and filters are zero lanes; the lanes go
-// back to channel order when stored. Per vector and pixel: taps * M/P + M multiply-adds, the HetConv count.
+// filters of each of G blocks (G = 1 with >= 16 filters per block, 4 with >= 4, 8 with >= 2, else 16; halved while
+// above P: 2 for P = 2): the padded copy stores each pixel's channels as (group of G blocks, channel in block, block
+// in group), so a broadcast of G consecutive values gives every lane its own block's input at an off-centre tap; the
+// centre tap (every filter reads every channel there) broadcasts one value to all lanes. Missing blocks and filters
+// are zero lanes; the lanes go back to channel order when stored. Per vector and pixel: taps * M/P + M multiply-adds, the HetConv count.
 // Why: the vendor grouped conv and the per-block GEMMs both run blocks of 4-16 channels at a fraction of their dense
 // speed (issue 17's profile: the grouped conv took 0.58 of the dense layers' time for 0.25 of their KxK MACs).
 struct ClDirect {
@@ -389,6 +389,9 @@ ClDirect plan_cl_direct(const HetGeometry& g) {
   // (G = 2 for 8-15 filters per block, a 64-bit broadcast: measured slower than G = 4 at 32ch@32x32 P4, 0.54 vs
   // 0.44 of dense's time, more loads per multiply-add.)
   p.lanes_g = g.ob >= 16 ? 1 : g.ob >= 4 ? 4 : g.ob >= 2 ? 8 : 16;
+  // No more blocks per vector than there are blocks: with P = 2 and 8 filters per block (ResNet-20's 16-channel
+  // layers), G = 4 left half of every vector's lanes empty; G = 2 (a 64-bit broadcast) fills them.
+  while (p.lanes_g > 1 && p.lanes_g > g.part) p.lanes_g /= 2;
   p.per = 16 / p.lanes_g;
   p.groups = (g.part + p.lanes_g - 1) / p.lanes_g;
   p.jvs = (g.ob + p.per - 1) / p.per;
@@ -503,7 +506,7 @@ void cl_direct_pad_rows(const float* x, float* dst, const HetGeometry& g, const 
 // Where one vector of accumulators goes, relative to the pixel's output channels. dense (every block of the group
 // present and ob == 16 / G): the lanes, put in channel order by perm, are 16 consecutive channels from channel.
 // Otherwise G = 1: 16 lanes at channel (mask: the filters that exist); G = 4: 4 segments of 4 filters at channel
-// + s * ob (segs: blocks that exist, mask4: filters); G = 8, 16: scattered to channel + idx[lane] (mask).
+// + s * ob (segs: blocks that exist, mask4: filters); G = 2, 8, 16: scattered to channel + idx[lane] (mask).
 struct ClStore {
   int64_t channel, ob, segs;
   bool dense;
@@ -533,6 +536,11 @@ __attribute__((target("avx512f,avx512vl"))) inline void cl_store(float* o, __m51
 template <int G>
 __attribute__((target("avx512f,avx512vl,avx512dq"))) inline __m512 cl_broadcast(const float* p) {
   if (G == 1) return _mm512_set1_ps(*p);
+  if (G == 2) {
+    double pair;
+    std::memcpy(&pair, p, sizeof(pair));
+    return _mm512_castpd_ps(_mm512_set1_pd(pair));
+  }
   if (G == 4) return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
   if (G == 8) return _mm512_broadcast_f32x8(_mm256_loadu_ps(p));
   return _mm512_loadu_ps(p);
@@ -835,6 +843,7 @@ void run_direct_cl(const at::Tensor& x, const at::Tensor& weight_kxk, const at::
             float* orow = op + (n * g.ho + y) * g.wo * g.o;
             switch (G) {
               case 1: cl_direct_row_nv<1>(nv, orow, in, w, b, s, g.wo, ra); break;
+              case 2: cl_direct_row_nv<2>(nv, orow, in, w, b, s, g.wo, ra); break;
               case 4: cl_direct_row_nv<4>(nv, orow, in, w, b, s, g.wo, ra); break;
               case 8: cl_direct_row_nv<8>(nv, orow, in, w, b, s, g.wo, ra); break;
               default: cl_direct_row_nv<16>(nv, orow, in, w, b, s, g.wo, ra); break;
