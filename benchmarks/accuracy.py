@@ -7,7 +7,8 @@ top-1 agreement on the real photos. See fxeff.accuracy_report for what is measur
         [--hetconv-target-epochs 10] [--shift-target-epochs 3]
         [--finetune-lr 0.1] [--hetconv-init fit]
         [--focus-format channels_last|nchw] [--no-photos] [--threads 2] [--out docs/accuracy.md] [--plots docs/accuracy]
-        [--rows docs/accuracy-rows.json] [--resume] [--keep-saved] [--hetconv-format F] [--shift-format F] [--students]
+        [--rows docs/accuracy-rows.json] [--resume] [--keep-saved] [--retime] [--hetconv-format F] [--shift-format F]
+        [--students]
 
 --students runs only the fine-tuned rows that have a target (HetConv P=4, sparse shift) and saves each fine-tuned
 model beside the reference checkpoints (fxeff/checkpoints/<arch>-<dataset>-<technique>.pt and .json, read by
@@ -75,6 +76,9 @@ def main(argv=None) -> None:
                              "committed rows of docs/accuracy.md, so --resume re-measures only what changed "
                              "(out/students-rows.json with --students)")
     parser.add_argument("--resume", action="store_true", help="reuse the rows saved in --rows with the same settings")
+    parser.add_argument("--retime", action="store_true",
+                        help="time the saved fine-tuned rows again (after a kernel change; with --resume or "
+                             "--keep-saved: their accuracy is kept)")
     parser.add_argument("--keep-saved", action="store_true",
                         help="use every row saved in --rows as it is, whatever its settings (the report lists those "
                              "measured otherwise); only the fine-tuned rows' latencies are measured again where their "
@@ -98,7 +102,8 @@ def main(argv=None) -> None:
         latency_runs=args.latency_runs, focus_format=args.focus_format,
         hetconv_format=args.hetconv_format, shift_format=args.shift_format, keep_freed_memory=not args.default_malloc,
         photos=not (args.no_photos or args.students), **only_students)
-    print(accuracy_report.run(settings, out, plots, rows_path=rows, resume=args.resume, keep=args.keep_saved))
+    print(accuracy_report.run(settings, out, plots, rows_path=rows, resume=args.resume, keep=args.keep_saved,
+                              retime=args.retime))
 
 
 if __name__ == "__main__":

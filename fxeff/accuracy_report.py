@@ -559,8 +559,8 @@ class RowCache:
     checkpoint), and the rows kept that way are listed in ``kept``: the report is remade without measuring
     anything but stale latencies (``latency_stale``), and says which rows are older."""
 
-    def __init__(self, path: str, settings: Settings, reuse: bool = True, keep: bool = False):
-        self.path, self.settings, self.reuse, self.keep = path, settings, reuse or keep, keep
+    def __init__(self, path: str, settings: Settings, reuse: bool = True, keep: bool = False, retime: bool = False):
+        self.path, self.settings, self.reuse, self.keep, self.retime = path, settings, reuse or keep, keep, retime
         self.kept: List[str] = []
         self.saved: Dict[str, Dict[str, object]] = {}
         if os.path.isfile(path):
@@ -586,7 +586,10 @@ class RowCache:
         return entry["row"]
 
     def latency_stale(self, arch: str, dataset: str, row: Dict[str, object]) -> bool:
-        """Whether a saved row's latency was measured another way than ``_latency_fingerprint`` says now."""
+        """Whether a saved row's latency was measured another way than ``_latency_fingerprint`` says now (every
+        fine-tuned row's with ``retime``: after a kernel change, which no setting records)."""
+        if self.retime and row["pass"] in DEPLOY_FORMS:
+            return True
         entry = self.saved.get(f"{arch}/{dataset}/{row['pass']}/{row['setting']}", {})
         return entry.get("latency") != _latency_fingerprint(row["pass"], self.settings)
 
@@ -604,18 +607,19 @@ class RowCache:
 
 
 def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Optional[str] = None,
-        resume: bool = False, keep: bool = False) -> str:
+        resume: bool = False, keep: bool = False, retime: bool = False) -> str:
     """Computes every row, writes the markdown report and the plots; returns the markdown. With
     ``rows_path`` each row is also saved there as it is measured; with ``resume`` the rows saved there,
     measured the same way, are used instead of measured again (``RowCache``); with ``keep`` every row saved there
     is used as it is, and only the fine-tuned rows' stale latencies are measured again (the report lists the rows
-    kept from other settings)."""
+    kept from other settings); with ``retime`` the fine-tuned rows saved there are timed again whatever their latency
+    fingerprint (only timed: their accuracy is kept)."""
     from tqdm.auto import tqdm
 
     if (resume or keep) and not rows_path:
         raise ValueError("fxeff.accuracy_report.run: resume=True or keep=True needs rows_path (where the rows were "
                          "saved)")
-    cache = RowCache(rows_path, settings, reuse=resume, keep=keep) if rows_path else None
+    cache = RowCache(rows_path, settings, reuse=resume, keep=keep, retime=retime) if rows_path else None
     if settings.keep_freed_memory and not bench.keep_freed_memory():
         raise RuntimeError("fxeff.accuracy_report.run: keep_freed_memory needs glibc's mallopt, which this C library "
                            "lacks; run with keep_freed_memory=False (--default-malloc)")

@@ -190,6 +190,8 @@ def test_row_cache_keeps_saved_rows_and_finds_stale_latencies(tmp_path):
     other = accuracy_report.RowCache(path, dataclasses.replace(settings, hetconv_format="nchw"))
     assert other.get("vgg", "fashion-mnist", "hetconv", "P=4") == rows[0]
     assert [other.latency_stale("vgg", "fashion-mnist", r) for r in rows] == [True, False]
+    again = accuracy_report.RowCache(path, settings, retime=True)  # after a kernel change: the fine-tuned rows
+    assert [again.latency_stale("vgg", "fashion-mnist", r) for r in rows] == [True, False]
     # keep: a row measured with other settings is returned and listed, and put keeps its saved settings
     changed = dataclasses.replace(settings, eval_images=200)
     assert accuracy_report.RowCache(path, changed).get("vgg", "fashion-mnist", "focus", "input") is None
