@@ -155,6 +155,7 @@ def test_shift_models_rows_time_the_fused_shift_network():
     fused, total = (int(v) for v in row["fused sites"].split("/"))
     assert fused == total > 0 and row["fused vs shifted error"] < 1e-4
     assert row["dense ms"] > 0 and row["shifted ms"] > 0 and row["fused ms"] > 0
+    assert row["dense folded ms"] > 0 and row["fused folded ms"] > 0 and row["folded: fused / dense"] > 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
