@@ -33,3 +33,17 @@ def rewritten(model, x, kind, config):
         run = lambda: gm(x)  # noqa: E731
     with torch.no_grad():
         return gm, report, run()
+
+
+def randomize_batch_norms(model):
+    """Gives every BatchNorm2d of ``model`` running statistics and an affine part away from the identity, so that
+    folding or fusing them is visible in the output. Returns the model."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model
+

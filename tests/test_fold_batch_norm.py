@@ -7,7 +7,7 @@ from torch import nn
 import fxeff
 from fxeff.passes import FoldBatchNorm, HetConv
 
-from _graph_kinds import rewritten
+from _graph_kinds import randomize_batch_norms, rewritten
 
 HETCONV = torch.ops.fxeff.hetconv2d.default
 
@@ -35,15 +35,7 @@ class Net(nn.Module):
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    model = Net()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-    return model.eval(), torch.randn(2, 3, 16, 16)
+    return randomize_batch_norms(Net()).eval(), torch.randn(2, 3, 16, 16)
 
 
 def _batch_norms(gm):
@@ -97,11 +89,7 @@ def test_hetconv_layers_fold(kind, bias):
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 32, 3, padding=1, bias=bias), nn.BatchNorm2d(32), nn.ReLU(),
                           nn.Conv2d(32, 32, 3, padding=1, bias=bias), nn.BatchNorm2d(32)).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
+    randomize_batch_norms(model)
     x = torch.randn(2, 3, 12, 12)
     het = fxeff.transform(model, (x,), [HetConv(part=4)]).eval()
     with torch.no_grad():

@@ -14,7 +14,7 @@ from fxeff.ops import shift_conv1x1
 from fxeff.passes import FuseShift, Shift
 from fxeff.passes.graph import get_attr_value
 
-from _graph_kinds import rewritten
+from _graph_kinds import randomize_batch_norms, rewritten
 from _shift_reference import shift_reference
 
 FUSED = torch.ops.fxeff.shift_conv1x1.default
@@ -220,14 +220,7 @@ class Block(nn.Module):
 
 def _shifted(seed=0):
     torch.manual_seed(seed)
-    model = Block()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
+    model = randomize_batch_norms(Block())
     x = torch.randn(2, 3, 12, 12)
     return fxeff.transform(model.eval(), x, passes=[Shift()]).eval(), x
 
