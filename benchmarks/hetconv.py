@@ -64,7 +64,7 @@ def best_of_rounds(fns: Dict[str, Callable[[], object]], min_run_time: float, ro
     return best
 
 
-STRATEGIES = ("gemm", "grouped", "direct")  # the CPU kernel's (csrc/ops/cpu/hetconv2d_kernel.cpp); auto picks one
+STRATEGIES = ("gemm", "grouped", "direct", "direct_cl")  # the CPU kernel's (csrc/ops/cpu/hetconv2d_kernel.cpp)
 
 
 def forced(strategy: str, fn: Callable[[], object]) -> Callable[[], object]:

@@ -11,8 +11,9 @@ import fxeff
 from fxeff.ops import hetconv2d, hetconv_dense_weight
 from fxeff.ops._utils import memory_format_of
 
-# direct: float32 with AVX-512 (NCHW: stride 1; channels_last: any stride, also AVX-512VL), else gemm
-STRATEGIES = ["auto", "gemm", "grouped", "direct"]
+# direct: float32 with AVX-512 (NCHW: stride 1; channels_last: any stride, also AVX-512VL), else gemm; direct_cl:
+# NCHW float32 through the channels-last direct kernel (AVX-512VL; on channels_last input the same as direct)
+STRATEGIES = ["auto", "gemm", "grouped", "direct", "direct_cl"]
 # Max error allowed relative to the output's scale.
 REL_TOL = {torch.float64: 1e-12, torch.float32: 3e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -259,7 +260,7 @@ def test_dense_weight_errors_and_wrapper_pairs():
 
 
 def test_strategy_control_validates_and_restores():
-    with pytest.raises(ValueError, match="strategy must be one of auto, gemm, grouped, direct"):
+    with pytest.raises(ValueError, match="strategy must be one of auto, gemm, grouped, direct, direct_cl"):
         torch.ops.fxeff._hetconv2d_set_strategy("fast", 0)
     with forced("gemm", 5):
         pass
@@ -356,7 +357,8 @@ def test_channels_last_direct_non_contiguous_and_grad():
 @pytest.mark.skipif(not torch.ops.fxeff._hetconv2d_direct_available(True),
                     reason="the channels_last direct kernel needs AVX-512F and VL")
 def test_auto_picks_channels_last_direct():
-    """auto runs float32 channels_last through the direct kernel (its profiler scopes), float64 through another."""
+    """auto runs float32 channels_last through the direct kernel (its profiler scopes), float64 through another, and
+    float32 NCHW through it too (direct_cl)."""
     x, wk, w1, b = make(1, 16, 16, 4, 3, 8, 8, dtype=torch.float32)
     x = x.contiguous(memory_format=torch.channels_last)
 
@@ -368,6 +370,12 @@ def test_auto_picks_channels_last_direct():
     with forced("auto"):
         assert {"fxeff::hetconv2d::direct", "fxeff::hetconv2d::direct::pad"} <= scopes(x)
         assert "fxeff::hetconv2d::direct" not in scopes(x.double())
+        # NCHW float32 goes through the same kernel (copies in and out) and stays NCHW
+        nchw = x.contiguous()
+        assert "fxeff::hetconv2d::direct_cl" in scopes(nchw)
+        out = hetconv2d(nchw, wk, w1, b, 4, 1, 1)
+        assert out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
+        assert_matches(out, reference(nchw, wk, w1, b, 4, 1, 1))
 
 
 @pytest.mark.skipif(not torch.ops.fxeff._hetconv2d_direct_available(True),

@@ -57,19 +57,20 @@ namespace fxeff {
 namespace ops {
 namespace {
 
-// Forced strategy (0 auto, 1 gemm, 2 grouped, 3 direct) and pixels per chunk (0 = the kernel's pick): tests and benchmarks.
+// Forced strategy (0 auto, 1 gemm, 2 grouped, 3 direct, 4 direct_cl: NCHW through the channels-last direct kernel)
+// and pixels per chunk (0 = the kernel's pick): tests and benchmarks.
 std::atomic<int> forced_strategy{0};
 std::atomic<int64_t> forced_chunk{0};
-const char* const kStrategies[] = {"auto", "gemm", "grouped", "direct"};
-constexpr int kNumStrategies = 4;
+const char* const kStrategies[] = {"auto", "gemm", "grouped", "direct", "direct_cl"};
+constexpr int kNumStrategies = 5;
 
 std::string set_strategy(c10::string_view strategy, int64_t chunk) {
   int index = -1;
   for (int i = 0; i < kNumStrategies; ++i) {
     if (strategy == kStrategies[i]) index = i;
   }
-  TORCH_CHECK_VALUE(index >= 0, "fxeff._hetconv2d_set_strategy: strategy must be one of auto, gemm, grouped, direct, got \"",
-                    strategy, "\"");
+  TORCH_CHECK_VALUE(index >= 0, "fxeff._hetconv2d_set_strategy: strategy must be one of auto, gemm, grouped, direct, "
+                    "direct_cl, got \"", strategy, "\"");
   TORCH_CHECK_VALUE(chunk >= 0, "fxeff._hetconv2d_set_strategy: chunk must be >= 0 (0 = auto), got ", chunk);
   forced_chunk.store(chunk);
   return kStrategies[forced_strategy.exchange(index)];
@@ -870,11 +871,18 @@ void run_direct_cl(const at::Tensor& x, const at::Tensor& weight_kxk, const at::
 // (batch 16), 0.82 / 0.39 (batch 1); 64ch@16x16 0.89 / 0.75, 0.81 / 0.39; 128ch@8x8 0.81 / 0.61; ResNet-20's
 // 16-channel layer at 64x64, batch 16: 0.57 / 1.12 of dense's time; 256ch@56x56 and 128ch@28x28 at batch 1 and 8
 // even with grouped (0.82-0.86 both).
+// NCHW float32 where the channels-last kernel runs (AVX-512VL): direct_cl, the input copied to channels_last and the
+// output back (use_direct_via_cl); the rules above are for the other NCHW cases (no AVX-512VL).
 // K = 1 has no KxK part: "gemm" is then a single 1x1 GEMM.
 bool use_direct(const HetGeometry& g, bool cl) {
   if (cl) return true;
   return g.mb <= 16 && (g.wo >= 40 || g.n * g.ho * g.wo >= 4096);
 }
+
+// NCHW float32 through the channels-last direct kernel (the input copied to channels_last, the output back): measured
+// faster than every NCHW strategy at the reference models' sizes and at 256ch@56x56 / 128ch@28x28 (issue 17,
+// fourteenth session: docs/benchmarks.md), the two copies included.
+bool use_direct_via_cl(const HetGeometry&) { return true; }
 
 bool use_grouped(const HetGeometry& g, bool cl, int64_t elem) {
   if (g.k == 1) return false;
@@ -1010,11 +1018,21 @@ at::Tensor hetconv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_kxk, c
   const auto wopts = wk.options().memory_format(at::MemoryFormat::Contiguous);
   const bool has_bias = bias.has_value() && bias->defined();
   const int forced = forced_strategy.load();
-  const bool direct =
-      direct_possible(g, cl, x.scalar_type()) && (forced == 3 || (forced == 0 && use_direct(g, cl)));
-  const bool grouped = !direct && (forced == 2 || (forced == 0 && use_grouped(g, cl, x.element_size())));
+  // direct_cl on a channels_last input is direct itself
+  const bool direct = direct_possible(g, cl, x.scalar_type()) &&
+                      (forced == 3 || (forced == 4 && cl) || (forced == 0 && use_direct(g, cl)));
+  const bool via_cl = !cl && direct_possible(g, true, x.scalar_type()) &&
+                      (forced == 4 || (forced == 0 && use_direct_via_cl(g)));
+  const bool grouped = !direct && !via_cl && (forced == 2 || (forced == 0 && use_grouped(g, cl, x.element_size())));
   at::Tensor out;
 #ifdef FXEFF_HETCONV_X86
+  if (via_cl) {
+    RECORD_FUNCTION("fxeff::hetconv2d::direct_cl", c10::ArrayRef<const c10::IValue>{});
+    const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+    out = at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    run_direct_cl(xc, weight_kxk, weight_1x1, has_bias ? *bias : at::Tensor(), out, g);
+    return out.contiguous();  // the op keeps x's memory format
+  }
   if (direct) {
     RECORD_FUNCTION("fxeff::hetconv2d::direct", c10::ArrayRef<const c10::IValue>{});
     out = at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(fmt));
