@@ -372,7 +372,8 @@ void run_direct(const at::Tensor& x, const at::Tensor& xc, const at::Tensor& wc,
 // above P: 2 for P = 2): the padded copy stores each pixel's channels as (group of G blocks, channel in block, block
 // in group), so a broadcast of G consecutive values gives every lane its own block's input at an off-centre tap; the
 // centre tap (every filter reads every channel there) broadcasts one value to all lanes. Missing blocks and filters
-// are zero lanes; the lanes go back to channel order when stored. Per vector and pixel: taps * M/P + M multiply-adds, the HetConv count.
+// are zero lanes; the lanes go back to channel order when stored. Per vector and pixel: taps * M/P + M multiply-adds,
+// the HetConv count.
 // Why: the vendor grouped conv and the per-block GEMMs both run blocks of 4-16 channels at a fraction of their dense
 // speed (issue 17's profile: the grouped conv took 0.58 of the dense layers' time for 0.25 of their KxK MACs).
 struct ClDirect {
@@ -871,18 +872,25 @@ void run_direct_cl(const at::Tensor& x, const at::Tensor& weight_kxk, const at::
 // (batch 16), 0.82 / 0.39 (batch 1); 64ch@16x16 0.89 / 0.75, 0.81 / 0.39; 128ch@8x8 0.81 / 0.61; ResNet-20's
 // 16-channel layer at 64x64, batch 16: 0.57 / 1.12 of dense's time; 256ch@56x56 and 128ch@28x28 at batch 1 and 8
 // even with grouped (0.82-0.86 both).
-// NCHW float32 where the channels-last kernel runs (AVX-512VL): direct_cl, the input copied to channels_last and the
-// output back (use_direct_via_cl); the rules above are for the other NCHW cases (no AVX-512VL).
+// NCHW float32 where the channels-last kernel runs (AVX-512VL) and the copies pay (use_direct_via_cl): direct_cl, the
+// input copied to channels_last and the output back; the rules above for the other NCHW cases.
 // K = 1 has no KxK part: "gemm" is then a single 1x1 GEMM.
 bool use_direct(const HetGeometry& g, bool cl) {
   if (cl) return true;
   return g.mb <= 16 && (g.wo >= 40 || g.n * g.ho * g.wo >= 4096);
 }
 
-// NCHW float32 through the channels-last direct kernel (the input copied to channels_last, the output back): measured
-// faster than every NCHW strategy at the reference models' sizes and at 256ch@56x56 / 128ch@28x28 (issue 17,
-// fourteenth session: docs/benchmarks.md), the two copies included.
-bool use_direct_via_cl(const HetGeometry&) { return true; }
+// NCHW float32 through the channels-last direct kernel (the input copied to channels_last, the output back) where the
+// copies are cheap against the convolution: inputs up to 1 MiB, or up to 4 MiB with P <= 4 and >= 64 channels.
+// Measured, every strategy forced side by side (issue 17, fourteenth session, docs/benchmarks.md): fastest or
+// within 5% in all 12 reference-size rows but 32ch@32x32 batch 16 (NCHW direct 1.34 / 0.75 ms against 1.53 / 1.20,
+// 2 MiB of 32 channels) and at P = 4 at 128ch@28x28 batch 8 and 256ch@56x56 batch 1 (3.2 MiB: 4.04 / 6.89 ms
+// against 4.31 / 7.38 for the best NCHW strategy); slower at P = 16 there (2.80 / 7.38 against 2.43 / 4.11) and at
+// 256ch@56x56 batch 8 (25 MiB: 80.7 against 57.4 ms), where the copies cost more than the kernel saves.
+bool use_direct_via_cl(const HetGeometry& g) {
+  const int64_t bytes = g.n * g.m * g.h * g.w * static_cast<int64_t>(sizeof(float));
+  return bytes <= (int64_t(1) << 20) || (bytes <= (int64_t(4) << 20) && g.part <= 4 && g.m >= 64);
+}
 
 bool use_grouped(const HetGeometry& g, bool cl, int64_t elem) {
   if (g.k == 1) return false;
