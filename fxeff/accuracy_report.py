@@ -132,8 +132,7 @@ def _deployed(model: torch.nn.Module, form: str, x: torch.Tensor, fmt: str) -> t
     from .transform import transform
 
     passes = {"FuseShift": FuseShift(), "FoldBatchNorm": FoldBatchNorm()}
-    # converted before the passes: the folded weights keep the converted strides (a one-channel stem's weight is
-    # "contiguous" in both formats, and .to() after would leave it NCHW, and the whole network with it)
+    # converted before the passes, which then see (and FoldBatchNorm keeps) the format's strides
     converted = copy.deepcopy(model).eval().to(memory_format=FORMATS[fmt])
     deployed = transform(converted, (x,), [passes[name] for name in form.split("+")]).eval()
     with torch.no_grad():
