@@ -125,7 +125,7 @@ def _deploy_format(pass_name: str, settings: Settings) -> str:
     return settings.hetconv_format if pass_name == "hetconv" else settings.shift_format
 
 
-def _deployed(model: torch.nn.Module, form: str, x: torch.Tensor, fmt: str) -> torch.nn.Module:
+def deploy(model: torch.nn.Module, form: str, x: torch.Tensor, fmt: str) -> torch.nn.Module:
     """``model`` in a CPU deployment form (DEPLOY_FORMS: its passes joined by "+") and memory format ``fmt``,
     checked against ``model`` on ``x`` (the fusions are exact up to float rounding)."""
     from .passes import FoldBatchNorm, FuseShift
@@ -204,15 +204,15 @@ class _Context:
         return row
 
     def time_deployed(self, row: Dict[str, object], student: torch.nn.Module, timed: str) -> None:
-        """Times a fine-tuned row's model in its deployment form (``_deployed``) against the original with its
+        """Times a fine-tuned row's model in its deployment form (``deploy``) against the original with its
         BatchNorms folded, both in its pass's format (``_deploy_format``); ``timed`` (its own column) says which
         weights ran."""
         fmt = _deploy_format(row["pass"], self.settings)
         _, _, timing = self.in_format(fmt)
         if fmt not in self._deployed_originals:  # the original with its BatchNorms folded, once per format
-            self._deployed_originals[fmt] = _deployed(self.model, "FoldBatchNorm", timing, fmt)
+            self._deployed_originals[fmt] = deploy(self.model, "FoldBatchNorm", timing, fmt)
         original = self._deployed_originals[fmt]
-        deployed = _deployed(student, DEPLOY_FORMS[row["pass"]], timing, fmt)
+        deployed = deploy(student, DEPLOY_FORMS[row["pass"]], timing, fmt)
         row.update({"format": fmt, "timed": timed,
                     "latency ratio": _latency_ratio(original, deployed, timing, self.settings.latency_runs)})
 
@@ -693,4 +693,4 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
 
 
 __all__ = ["Settings", "RowCache", "model_rows", "photo_rows", "targets", "plot", "run", "AOI_FRACTIONS", "HETCONV_PARTS",
-           "SHIFT_MODES", "FOCUS_SPLITS", "FOCUS_HALOS", "STEM_FRACTIONS", "TARGETS"]
+           "SHIFT_MODES", "FOCUS_SPLITS", "FOCUS_HALOS", "STEM_FRACTIONS", "TARGETS", "DEPLOY_FORMS", "deploy"]

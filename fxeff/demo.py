@@ -8,7 +8,10 @@ give top-1 accuracy on the test images (original vs rewritten), MACs per image a
   semantics: every conv after the split focused) and "auto" (the default: per grid, regions on tiles, per-layer
   focused convs or dense, whichever is fastest, measured at transform time);
 - HetConv P=4 (VGG-style, ResNet-20) and sparse shift (MobileNetV2): the fine-tuned rewrites that ship with fxeff
-  (``fxeff.reference.load_finetuned``);
+  (``fxeff.reference.load_finetuned``), in their CPU inference form as the focus rows are (BatchNorms folded by
+  ``fxeff.FoldBatchNorm``, the shift network fused by ``fxeff.FuseShift`` first: the accuracy report's
+  ``DEPLOY_FORMS``), against the original as trained like every row here (docs/accuracy.md times them against the
+  original folded too);
 - glance and focus (ResNet-20): the shipped checkpoint (saliency policy), thresholds calibrated on held-out
   training images for GLANCE_BUDGET of the model's MACs, run with real early exit (``glance_row``).
 
@@ -60,6 +63,7 @@ def home_ground_rows(test_images: int, runs: int, out: str, overlays: int = 4, p
     from tqdm.auto import tqdm
 
     from . import focus, training
+    from .accuracy_report import DEPLOY_FORMS, deploy
     from .data import BACKGROUND, CLASSES
     from .transform import transform
 
@@ -85,7 +89,9 @@ def home_ground_rows(test_images: int, runs: int, out: str, overlays: int = 4, p
                      lambda execution=execution: transform(model, calibration, [home_focus(execution)]))
                     for execution in ("layer", "auto")]
         technique = FINETUNED_TECHNIQUE[arch]
-        rewrites.append((f"{technique} (fine-tuned)", lambda: reference.load_finetuned(arch, HOME_DATASET, technique)))
+        rewrites.append((f"{technique} (fine-tuned)", lambda: deploy(
+            reference.load_finetuned(arch, HOME_DATASET, technique), DEPLOY_FORMS[technique.split(" P=")[0]],
+            timing, "channels_last")))
         for name, make in rewrites:
             rewritten = make().eval().to(memory_format=cl)
             ms = bench.interleaved([lambda: model(timing), lambda: rewritten(timing)], runs)
