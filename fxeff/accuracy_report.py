@@ -542,6 +542,11 @@ def _latency_fingerprint(pass_name: str, settings: Settings) -> Optional[Dict[st
             "malloc": "freed memory kept" if settings.keep_freed_memory else "default"}
 
 
+def _row_key(arch: str, dataset: str, pass_name: str, setting: str) -> str:
+    """A row's key in the saved rows (and in the report's list of rows kept from other settings)."""
+    return f"{arch}/{dataset}/{pass_name}/{setting}"
+
+
 def _checkpoint_digest(arch: str, dataset: str) -> str:
     import hashlib
 
@@ -574,7 +579,7 @@ class RowCache:
         return self._digests[key]
 
     def get(self, arch: str, dataset: str, pass_name: str, setting: str) -> Optional[Dict[str, object]]:
-        key = f"{arch}/{dataset}/{pass_name}/{setting}"
+        key = _row_key(arch, dataset, pass_name, setting)
         entry = self.saved.get(key)
         if not self.reuse or not entry or entry["checkpoint"] != self._digest(arch, dataset):
             return None
@@ -589,11 +594,11 @@ class RowCache:
         fine-tuned row's with ``retime``: after a kernel change, which no setting records)."""
         if self.retime and row["pass"] in DEPLOY_FORMS:
             return True
-        entry = self.saved.get(f"{arch}/{dataset}/{row['pass']}/{row['setting']}", {})
+        entry = self.saved.get(_row_key(arch, dataset, row["pass"], row["setting"]), {})
         return entry.get("latency") != _latency_fingerprint(row["pass"], self.settings)
 
     def put(self, arch: str, dataset: str, row: Dict[str, object]) -> None:
-        key = f"{arch}/{dataset}/{row['pass']}/{row['setting']}"
+        key = _row_key(arch, dataset, row["pass"], row["setting"])
         self.saved[key] = {  # a kept row keeps the settings it was measured with
             "settings": self.saved[key]["settings"] if key in self.kept else _row_fingerprint(
                 row["pass"], row["setting"], self.settings),
@@ -649,8 +654,9 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
                "with `fxeff.FuseShift` first (shift, BatchNorm and clamp fused into the 1x1 conv that reads them; "
                f"interpolated shifts stay unfused); HetConv in {settings.hetconv_format}, shift in "
                f"{settings.shift_format}"
-               + ("; glibc's malloc keeping freed memory (`fxeff.bench.keep_freed_memory`; the focus and blocks rows "
-                  "were timed with the default allocator)" if settings.keep_freed_memory else "")
+               + ("; the rows this run measures, with glibc's malloc keeping freed memory "
+                  "(`fxeff.bench.keep_freed_memory`; rows reused from an earlier run keep the allocator they were "
+                  "timed with: the default before the fourteenth session)" if settings.keep_freed_memory else "")
                + "; the timed column says which weights ran (a row timed again after its "
                "fine-tuning, on the committed fine-tuned model where there is one, else on the rewrite before "
                "fine-tuning: the same graph)."
@@ -693,4 +699,5 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
 
 
 __all__ = ["Settings", "RowCache", "model_rows", "photo_rows", "targets", "plot", "run", "AOI_FRACTIONS", "HETCONV_PARTS",
-           "SHIFT_MODES", "FOCUS_SPLITS", "FOCUS_HALOS", "STEM_FRACTIONS", "TARGETS", "DEPLOY_FORMS", "deploy"]
+           "SHIFT_MODES", "FOCUS_SPLITS", "FOCUS_HALOS", "STEM_FRACTIONS", "TARGETS", "DEPLOY_FORMS",
+           "deploy"]

@@ -29,7 +29,7 @@ from .graph import SYMBOLIC, ConvSite, conv_site, conv_sites, get_attr_value, gr
 from .layout import ChannelAxes, channels_first_error
 from .measure import fake_mode_of, run_recording
 from .regions import LAYER_RUNS, Planner, fill_means, grid_masks_for, tile_macs
-from .rewrite import clamp_after, eval_batch_norm_after, held_by_module, new_attr, residual_add_after
+from .rewrite import batch_norm_affine, clamp_after, eval_batch_norm_after, held_by_module, new_attr, residual_add_after
 from .splits import default_split_for_class, no_split_message
 
 aten = torch.ops.aten
@@ -484,10 +484,7 @@ def _fold_batch_norm(gm: fx.GraphModule, new: fx.Node, site: ConvSite, split: fx
         return None
     weight = get_attr_value(gm, weight_node.target)
     o = weight.shape[0]
-    mean, var = stats["running_mean"].double(), stats["running_var"].double()
-    gamma = stats["weight"].double() if stats["weight"] is not None else torch.ones_like(mean)
-    beta = stats["bias"].double() if stats["bias"] is not None else torch.zeros_like(mean)
-    scale = gamma / (var + eps).sqrt()
+    scale, mean, beta = batch_norm_affine(stats, eps)
     bias = get_attr_value(gm, bias_node.target).double() if bias_node is not None else torch.zeros_like(mean)
     fill = get_attr_value(gm, fill_node.target).double().reshape(o) if fill_node is not None \
         else torch.zeros_like(mean)

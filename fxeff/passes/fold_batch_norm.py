@@ -28,8 +28,8 @@ from ..nn import hetconv as hetconv_nn
 from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import conv_site, get_attr_value
-from .rewrite import batch_norm_stats, eval_batch_norm_after, finish_report, held_by_module, mark_inserted, \
-    new_attr, record_before, sweep, unique_name
+from .rewrite import batch_norm_affine, batch_norm_stats, eval_batch_norm_after, finish_report, held_by_module, \
+    mark_inserted, new_attr, record_before, sweep, unique_name
 
 _ROLE = "fxeff_fold_batch_norm"  # node.meta key marking the nodes this pass inserted
 _HETCONV_OPS = (torch.ops.fxeff.hetconv2d.default, torch.ops.fxeff.hetconv2d, fxeff_ops.hetconv2d)
@@ -83,10 +83,7 @@ def _fold(weights: List[torch.Tensor], bias: Optional[torch.Tensor], stats: Dict
     """The weights and bias of layer -> BatchNorm as one layer (float64, stored in the weights' dtype and strides: a
     channels_last weight stays channels_last, which decides the conv's output format where the input's is ambiguous,
     as for a one-channel image)."""
-    mean, var = stats["running_mean"].detach().double(), stats["running_var"].detach().double()
-    gamma = stats["weight"].detach().double() if stats["weight"] is not None else torch.ones_like(mean)
-    beta = stats["bias"].detach().double() if stats["bias"] is not None else torch.zeros_like(mean)
-    scale = gamma / (var + eps).sqrt()
+    scale, mean, beta = batch_norm_affine(stats, eps)
     dtype = weights[0].dtype
     folded = [torch.empty_strided(w.shape, w.stride(), dtype=dtype, device=w.device).copy_(
         w.detach().double() * scale.view(-1, *([1] * (w.dim() - 1)))) for w in weights]

@@ -38,9 +38,9 @@ from ..report import Report, SiteReport
 from .config import PassConfig, PassContext, register_pass_config
 from .graph import EXPORT, TORCH_CONVS, ConvSite, conv_site, get_attr_value, graph_kind, node_shape
 from .measure import fake_mode_of
-from .rewrite import BN_FUNCTIONS, BN_MODULES, BN_NO_TRAINING, batch_norm_output, bn_arg, clamp_after, clamp_bounds, \
-    fake_key_and_mode, finish_report, held_by_module, mark_inserted, new_attr, propagate_fake, record_before, sweep, \
-    unique_name
+from .rewrite import BN_FUNCTIONS, BN_MODULES, BN_NO_TRAINING, batch_norm_affine, batch_norm_output, bn_arg, \
+    clamp_after, clamp_bounds, fake_key_and_mode, finish_report, held_by_module, mark_inserted, new_attr, \
+    propagate_fake, record_before, sweep, unique_name
 
 aten = torch.ops.aten
 
@@ -180,10 +180,7 @@ def _eval_batch_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[_EvalBatchNo
 
 def _fold_constant(refs: Dict[str, Any], eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """The eval-mode BatchNorm as y = x * scale + offset (float64, then the statistics' dtype)."""
-    mean, var = refs["running_mean"].detach().double(), refs["running_var"].detach().double()
-    gamma = refs["weight"].detach().double() if refs["weight"] is not None else torch.ones_like(mean)
-    beta = refs["bias"].detach().double() if refs["bias"] is not None else torch.zeros_like(mean)
-    scale = gamma / (var + eps).sqrt()
+    scale, mean, beta = batch_norm_affine(refs, eps)
     dtype = refs["running_mean"].dtype
     return scale.to(dtype), (beta - mean * scale).to(dtype)
 

@@ -120,6 +120,17 @@ def batch_norm_output(user: fx.Node) -> Optional[Tuple[fx.Node, List[fx.Node]]]:
     return next(u for u in outs if u.args[1] == 0), outs
 
 
+def batch_norm_affine(stats: Dict[str, Optional[torch.Tensor]], eps: float
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, running_mean, beta) of an eval-mode BatchNorm in float64, y = (x - running_mean) * scale + beta with
+    scale = gamma / sqrt(running_var + eps) (gamma 1 and beta 0 where it has no affine part): what every fold of a
+    BatchNorm into the layer before it starts from."""
+    mean, var = stats["running_mean"].detach().double(), stats["running_var"].detach().double()
+    gamma = stats["weight"].detach().double() if stats["weight"] is not None else torch.ones_like(mean)
+    beta = stats["bias"].detach().double() if stats["bias"] is not None else torch.zeros_like(mean)
+    return gamma / (var + eps).sqrt(), mean, beta
+
+
 def eval_batch_norm_after(gm: fx.GraphModule, node: fx.Node
                           ) -> Optional[Tuple[fx.Node, fx.Node, Dict[str, Optional[torch.Tensor]], float]]:
     """(the BatchNorm call, the node holding its output, its tensors, eps) when ``node``'s only user is an eval-mode
