@@ -19,17 +19,19 @@ def dynamo_graph(model, x, dynamic=None):
 
 
 def rewritten(model, x, kind, config):
-    """(rewritten GraphModule, report, its output on x) for a graph of ``kind`` rewritten by ``config``."""
+    """(rewritten GraphModule, report, its output on x) for a graph of ``kind`` rewritten by ``config`` (a pass
+    config, or a list of them run in turn)."""
+    configs = list(config) if isinstance(config, (list, tuple)) else [config]
     if kind == "symbolic":
-        gm = fxeff.transform(model, (x,), [config])
+        gm = fxeff.transform(model, (x,), configs)
         report, run = gm.fxeff_report, lambda: gm(x)
     elif kind == "dynamo":
         gm, inputs = dynamo_graph(model, x)
-        report = run_passes(gm, inputs, [config])
+        report = run_passes(gm, inputs, configs)
         run = lambda: (lambda out: out[0] if len(out) == 1 else tuple(out))(gm(*inputs))  # noqa: E731
     else:
         gm = torch.export.export(model, (x,)).module()
-        report = run_passes(gm, (x,), [config])
+        report = run_passes(gm, (x,), configs)
         run = lambda: gm(x)  # noqa: E731
     with torch.no_grad():
         return gm, report, run()

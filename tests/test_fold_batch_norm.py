@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 import fxeff
-from fxeff.passes import FoldBatchNorm, HetConv
+from fxeff.passes import FoldBatchNorm, FuseShift, HetConv, Shift
 
 from _graph_kinds import randomize_batch_norms, rewritten
 
 HETCONV = torch.ops.fxeff.hetconv2d.default
+SHIFT_CONV = torch.ops.fxeff.shift_conv1x1.default
 
 
 class Net(nn.Module):
@@ -105,6 +106,44 @@ def test_hetconv_layers_fold(kind, bias):
         if kind == "symbolic":
             double = fxeff.transform(het.double(), (x.double(),), [FoldBatchNorm()])
             torch.testing.assert_close(double(x.double()), het(x.double()), rtol=1e-10, atol=1e-10)
+
+
+class MobileBlock(nn.Module):
+    """expand -> depthwise -> project with a BatchNorm after the project conv, twice (the second strided)."""
+
+    def __init__(self):
+        super().__init__()
+
+        def cbr(cin, cout, k=1, s=1, g=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU6())
+
+        self.body = nn.Sequential(cbr(3, 32), cbr(32, 32, 3, 1, 32), nn.Conv2d(32, 16, 1, bias=False),
+                                  nn.BatchNorm2d(16), cbr(16, 48), cbr(48, 48, 3, 2, 48), nn.Conv2d(48, 24, 1),
+                                  nn.BatchNorm2d(24))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "export"])
+def test_folds_the_batch_norm_after_a_fused_shift(kind):
+    """FuseShift leaves the project conv's BatchNorm after fxeff::shift_conv1x1; FoldBatchNorm folds it into the
+    op's 1x1 weight and bias (with and without a bias, strided): no BatchNorm left, the same output."""
+    torch.manual_seed(5)
+    model, x = randomize_batch_norms(MobileBlock()).eval(), torch.randn(2, 3, 12, 12)
+    shifted = fxeff.transform(model, x, passes=[Shift()]).eval()
+    with torch.no_grad():
+        want = shifted(x)
+    gm, report, out = rewritten(shifted, x, kind, [FuseShift(), FoldBatchNorm()])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert _batch_norms(gm) == 0
+    assert sum(1 for n in gm.graph.nodes if n.target is SHIFT_CONV) == 2
+    folded = [s for s in report.sites if s.pass_name == "fold_batch_norm" and "shift_conv1x1" in s.op]
+    assert len(folded) == 2 and all(s.status == "rewritten" for s in folded)
+    with torch.no_grad():
+        cl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(gm(cl), want, rtol=1e-5, atol=1e-5)
 
 
 def test_deployment_forms(tmp_path):

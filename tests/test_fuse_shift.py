@@ -111,6 +111,15 @@ def test_bands_and_threads(threads, channels_last):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("pad, pool", GEOMETRIES[:2])
+def test_large_channels_last_input_prefetched(pad, pool):
+    """A channels-last input above 8 MiB (the gather prefetches its source rows ahead): the composition's result."""
+    x, shifts, weight, bias, scale, offset = _case(2, 67, 130, 127, 9, torch.float32, seed=8, shift_range=1)
+    assert x.numel() * 4 > 8 * 2 ** 20
+    _check(x.contiguous(memory_format=torch.channels_last), shifts, "zeros", "sparse", pad, pool, scale, offset, 0.0,
+           6.0, weight, bias)
+
+
 def test_non_contiguous_input_and_weight():
     x, shifts, weight, bias, scale, offset = _case(2, 12, 10, 10, 5, torch.float32, seed=4)
     wide = torch.randn(2, 24, 10, 12)

@@ -1,5 +1,5 @@
-"""The BatchNorm-folding pass: each eval-mode BatchNorm that is the only reader of a convolution or a HetConv is
-folded into that layer's weights and bias (inference form).
+"""The BatchNorm-folding pass: each eval-mode BatchNorm that is the only reader of a convolution, a HetConv or a fused
+shift + 1x1 conv (``fxeff::shift_conv1x1``) is folded into that layer's weights and bias (inference form).
 
 Per output channel s = gamma / sqrt(running_var + eps): the weights (a conv's weight; a HetConv's weight_kxk and
 weight_1x1) times s, the bias (b - running_mean) * s + beta (a layer without one gets one), computed in float64 at
@@ -10,10 +10,11 @@ eval-mode function up to float rounding; it is the inference form: fold after fi
 without its BatchNorms).
 
 A site is a layer -- ``nn.Conv1d/2d/3d`` module or a conv call (``F.conv2d``, ``aten.conv2d``,
-``aten.convolution``; not transposed), ``fxeff.nn.HetConv2d`` module or ``fxeff::hetconv2d`` call -- whose only
-reader is an eval-mode BatchNorm with running statistics. The layer's tensors and the BatchNorm's must be held by
-the graph module (symbolic and export graphs); where dynamo lifted them to graph inputs the site is reported as
-skipped. The user's modules are not changed: folded layers get new modules or constants on the graph module.
+``aten.convolution``; not transposed), ``fxeff.nn.HetConv2d`` module, ``fxeff::hetconv2d`` or
+``fxeff::shift_conv1x1`` call (its 1x1 conv's weight and bias; ``FuseShift`` leaves the BatchNorm after it) --
+whose only reader is an eval-mode BatchNorm with running statistics. The layer's tensors and the BatchNorm's must
+be held by the graph module (symbolic and export graphs); where dynamo lifted them to graph inputs the site is
+reported as skipped. The user's modules are not changed: folded layers get new modules or constants on the graph module.
 """
 import copy
 import dataclasses
@@ -33,6 +34,7 @@ from .rewrite import batch_norm_affine, batch_norm_stats, eval_batch_norm_after,
 
 _ROLE = "fxeff_fold_batch_norm"  # node.meta key marking the nodes this pass inserted
 _HETCONV_OPS = (torch.ops.fxeff.hetconv2d.default, torch.ops.fxeff.hetconv2d, fxeff_ops.hetconv2d)
+_SHIFT_CONV_OPS = (torch.ops.fxeff.shift_conv1x1.default, torch.ops.fxeff.shift_conv1x1, fxeff_ops.shift_conv1x1)
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -49,10 +51,11 @@ class FoldBatchNorm(PassConfig):
 @dataclasses.dataclass
 class _Layer:
     node: fx.Node
-    kind: str  # "conv module", "hetconv module", "conv call", "hetconv call"
+    kind: str  # "conv module", "hetconv module", "conv call", "hetconv call", "shift_conv1x1 call"
     weights: List[object]  # weight (conv) or weight_kxk, weight_1x1 (HetConv): attribute names or graph nodes
     bias: object  # attribute name, graph node or None
     bias_index: int  # the call's argument index of the bias
+    weight_indices: Tuple[int, ...] = ()  # the call's argument indices of the weights
 
 
 def _layer(gm: fx.GraphModule, node: fx.Node) -> Optional[_Layer]:
@@ -71,11 +74,15 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> Optional[_Layer]:
         if len(node.args) < 3 or node.kwargs:
             return None
         return _Layer(node, "hetconv call", [node.args[1], node.args[2]], node.args[3] if len(node.args) > 3 else None,
-                      3)
+                      3, (1, 2))
+    if node.target in _SHIFT_CONV_OPS:
+        if len(node.args) != 12 or node.kwargs:
+            return None
+        return _Layer(node, "shift_conv1x1 call", [node.args[10]], node.args[11], 11, (10,))
     site = conv_site(gm, node)
     if site is None or site.transposed or node.kwargs or site.node.args[1] is not site.weight:
         return None
-    return _Layer(node, "conv call", [site.weight], site.bias, 2)
+    return _Layer(node, "conv call", [site.weight], site.bias, 2, (1,))
 
 
 def _fold(weights: List[torch.Tensor], bias: Optional[torch.Tensor], stats: Dict[str, Optional[torch.Tensor]],
@@ -122,8 +129,8 @@ def _fold_site(gm: fx.GraphModule, layer: _Layer) -> SiteReport:
         weights, bias = _fold(values[:-1], values[-1], stats, eps)
         base = name.replace(".", "_")
         args = list(node.args) + [None] * (layer.bias_index + 1 - len(node.args))
-        indices = list(range(1, 1 + len(weights))) + [layer.bias_index]
-        fake = node.args[1].meta.get("val")  # export: the fake value later passes read
+        indices = list(layer.weight_indices) + [layer.bias_index]
+        fake = node.args[indices[0]].meta.get("val")  # export: the fake value later passes read
         with graph.inserting_before(node):
             for i, value in zip(indices, weights + [bias]):
                 attr = graph.get_attr(new_attr(gm, f"{base}_bn_folded_{i}", value, parameter=False))
