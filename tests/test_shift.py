@@ -256,6 +256,24 @@ def test_channels_last_interior_float32(mode, padding, dims, device):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", SHIFT_PADDINGS)
+@pytest.mark.parametrize("spread", ["grouped", "wide"])
+@pytest.mark.parametrize("size", [(7, 7), (14, 11)])
+def test_channels_last_rounded_rows_float32(padding, spread, size, device):
+    """Rounded shifts in channels_last float32: interior rows gather with one plan, the edge rows and columns block
+    by block (few distinct shifts per 16 channels: "grouped") or channel by channel (many: "wide", in [-2, 2]); 37
+    channels (a partial block), maps where most pixels are edges."""
+    gen = torch.Generator().manual_seed(len(padding) + size[1])
+    x = channels_last(torch.randn(3, 37, *size, generator=gen))
+    if spread == "grouped":
+        s = torch.tensor([[c // 13 - 1, (c // 5) % 3 - 1] for c in range(37)], dtype=torch.float32)
+    else:
+        s = torch.randint(-2, 3, (37, 2), generator=gen).float()
+    for mode in ("sparse", "grouped"):
+        got = shift(x.to(device), s.to(device), padding, mode).cpu()
+        torch.testing.assert_close(got, shift_reference(x, s, padding, mode), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- shift_pool: the fused strided/cropped emulation
 
 def shift_pool_reference(x, shifts, padding, mode, pad, pool):
