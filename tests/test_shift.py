@@ -338,6 +338,35 @@ def test_shift_pool_rows_narrower_than_a_window(size, pad, pool, device):
     torch.testing.assert_close(got, shift_pool_reference(x, s, "zeros", "sparse", pad, pool), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("padding", SHIFT_PADDINGS)
+@pytest.mark.parametrize("pad1,pool1", POOL_CASES + [([0, 0], [3]), ([2, 0], [2])])
+@pytest.mark.parametrize("size", [(7, 7), (13, 10), (2, 3)])
+def test_shift_pool_channels_last_float32(padding, pad1, pool1, size, device):
+    """channels_last float32 with rounded shifts (the gather that pools straight into the output): 37 channels,
+    every crop/pad/pool case, whole and clipped windows, maps smaller than a window; a channels_last result."""
+    gen = torch.Generator().manual_seed(size[0] + pool1[0])
+    x = channels_last(torch.randn(2, 37, *size, generator=gen))
+    s = torch.randint(-2, 3, (37, 2), generator=gen).float()
+    pad, pool = pad1 * 2, pool1 * 2
+    if any(n + pad[2 * i] + pad[2 * i + 1] < 1 for i, n in enumerate(reversed(size))):
+        return
+    for mode in ("sparse", "grouped"):
+        got = torch.ops.fxeff.shift_pool(x.to(device), s.to(device), padding, mode, pad, pool).cpu()
+        want = shift_pool_reference(x.double(), s.double(), padding, mode, pad, pool)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_shift_pool_channels_last_large_input(device):
+    """An input above 8 MiB (the gather prefetches ahead), stride 2 with a crop, as MobileNet's strided layers."""
+    gen = torch.Generator().manual_seed(3)
+    x = channels_last(torch.randn(2, 72, 120, 123, generator=gen))
+    s = torch.randint(-1, 2, (72, 2), generator=gen).float()
+    got = torch.ops.fxeff.shift_pool(x.to(device), s.to(device), "zeros", "sparse", [0, -1, 0, -1], [2, 2]).cpu()
+    want = shift_pool_reference(x.double(), s.double(), "zeros", "sparse", [0, -1, 0, -1], [2, 2])
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
 def test_shift_pool_errors():
     x = torch.randn(1, 2, 4, 4)
     with pytest.raises(ValueError, match=r"fxeff.shift_pool: pad must have 2 \* dims = 4 entries"):

@@ -1207,41 +1207,6 @@ PoolGeometry pool_geometry(const char* op, const at::Tensor& x, at::IntArrayRef 
 // shift, then F.pad(pad) (negative = crop), then avg_pool(kernel = stride = pool, ceil_mode): the
 // geometry of a depthwise conv emulated by a shift layer. NCDHW float inputs run fused; other layouts
 // run the shift kernel and ATen's pad and pooling (fast on channels-last).
-at::Tensor shift_pool_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10::string_view padding,
-                          c10::string_view mode, at::IntArrayRef pad, at::IntArrayRef pool) {
-  const char* op = "fxeff.shift_pool";
-  check_shift_args(op, x_in, shifts, false);
-  const int64_t dims = x_in.dim() - 2;
-  const int first = kDims - static_cast<int>(dims);
-  std::vector<int64_t> kernel;
-  const PoolGeometry g = pool_geometry(op, x_in, pad, pool, &kernel);
-  const ShiftPadding pad_mode = parse_shift_padding(op, padding);
-  const bool linear = parse_shift_mode(op, mode) == ShiftMode::Active;
-  const ShiftPlan plan = make_plan(op, shifts, x_in.sizes().slice(2), pad_mode, linear);
-  const at::Tensor x = dense(x_in);
-  if (!is_channels_last(x) && x.numel() > 0) {
-    std::vector<int64_t> sizes = {x.size(0), x.size(1)};
-    for (int64_t d = 0; d < dims; ++d) sizes.push_back(g.out[first + d]);
-    at::Tensor out = at::empty(sizes, x.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxeff_shift_pool", [&] {
-      shift_pool_nchw<scalar_t, at::opmath_type<scalar_t>>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), plan,
-                                                           x.size(0), linear, g);
-    });
-    return out;
-  }
-  at::Tensor shifted = at::empty_like(x);
-  if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxeff_shift_pool", [&] {
-      run_forward<scalar_t, at::opmath_type<scalar_t>>(x, shifted, plan, linear, scalar_t(0));
-    });
-  }
-  if (std::any_of(pad.begin(), pad.end(), [](int64_t v) { return v != 0; })) shifted = at::constant_pad_nd(shifted, pad, 0);
-  if (std::all_of(pool.begin(), pool.end(), [](int64_t v) { return v == 1; })) return shifted;
-  if (dims == 1) return at::avg_pool1d(shifted, kernel, pool, {0}, true, true);
-  if (dims == 2) return at::avg_pool2d(shifted, kernel, pool, {0, 0}, true, true);
-  return at::avg_pool3d(shifted, kernel, pool, {0, 0, 0}, true, true);
-}
-
 // ------------------------------------------------------------------ shift_conv1x1: the shift fused into a 1x1 conv
 // conv1x1(clamp(scale * shift_pool(x) + offset), weight, bias): a shift layer, its BatchNorm (folded to a per-channel
 // scale and offset) and a clamp activation, read by a pointwise conv. Work items are bands of output rows of one
@@ -1565,6 +1530,66 @@ constexpr int64_t kImageTileBytes = 1024 * 1024;
 // Inputs above this size are prefetched by the channels-last gather (measured at MobileNetV2's sizes: batch 8's
 // 14.5-38.5 MB inputs 1.4-1.6x faster; batch 1's 4.8 MB ones, which the L3 still holds, 5-10% slower).
 constexpr int64_t kPrefetchInputBytes = 8 * 1024 * 1024;
+
+at::Tensor shift_pool_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10::string_view padding,
+                          c10::string_view mode, at::IntArrayRef pad, at::IntArrayRef pool) {
+  const char* op = "fxeff.shift_pool";
+  check_shift_args(op, x_in, shifts, false);
+  const int64_t dims = x_in.dim() - 2;
+  const int first = kDims - static_cast<int>(dims);
+  std::vector<int64_t> kernel;
+  const PoolGeometry g = pool_geometry(op, x_in, pad, pool, &kernel);
+  const ShiftPadding pad_mode = parse_shift_padding(op, padding);
+  const bool linear = parse_shift_mode(op, mode) == ShiftMode::Active;
+  const ShiftPlan plan = make_plan(op, shifts, x_in.sizes().slice(2), pad_mode, linear);
+  const at::Tensor x = dense(x_in);
+  if (!is_channels_last(x) && x.numel() > 0) {
+    std::vector<int64_t> sizes = {x.size(0), x.size(1)};
+    for (int64_t d = 0; d < dims; ++d) sizes.push_back(g.out[first + d]);
+    at::Tensor out = at::empty(sizes, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxeff_shift_pool", [&] {
+      shift_pool_nchw<scalar_t, at::opmath_type<scalar_t>>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), plan,
+                                                           x.size(0), linear, g);
+    });
+    return out;
+  }
+  if (dims == 2 && !linear && x.scalar_type() == at::kFloat && cpu_has_avx512f() && x.numel() > 0) {
+    // channels-last float32, rounded shifts: the fused op's gather builds the pooled map straight into the output
+    // (before: the whole shifted map, then ATen's pad and avg_pool over it; MobileNetV3's strided layers at batch 8
+    // took 3-6x their depthwise conv's time)
+    const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ho = g.out[1], Wo = g.out[2];
+    at::Tensor out = at::empty({N, C, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (out.numel() == 0) return out;
+    const std::vector<ShiftGroups> groups = shift_groups(plan);
+    const bool pooled = std::any_of(pad.begin(), pad.end(), [](int64_t v) { return v != 0; }) ||
+                        std::any_of(pool.begin(), pool.end(), [](int64_t v) { return v != 1; });
+    const bool prefetch = x.numel() * static_cast<int64_t>(sizeof(float)) > kPrefetchInputBytes;
+    const float* xp = x.const_data_ptr<float>();
+    float* op_ = out.data_ptr<float>();
+    const Epilogue<float> identity;
+    at::parallel_for(0, N * Ho, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, Wo * C)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end;) {  // the rows of one image at a time
+        const int64_t n = r / Ho, oy0 = r % Ho, oy1 = std::min(Ho, oy0 + (end - r));
+        fill_tile_cl_fast<float>(xp + n * C * H * W, op_ + r * Wo * C, plan, groups, g, pooled, identity, oy0, oy1,
+                                 prefetch);
+        r += oy1 - oy0;
+      }
+    });
+    return out;
+  }
+  at::Tensor shifted = at::empty_like(x);
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxeff_shift_pool", [&] {
+      run_forward<scalar_t, at::opmath_type<scalar_t>>(x, shifted, plan, linear, scalar_t(0));
+    });
+  }
+  if (std::any_of(pad.begin(), pad.end(), [](int64_t v) { return v != 0; })) shifted = at::constant_pad_nd(shifted, pad, 0);
+  if (std::all_of(pool.begin(), pool.end(), [](int64_t v) { return v == 1; })) return shifted;
+  if (dims == 1) return at::avg_pool1d(shifted, kernel, pool, {0}, true, true);
+  if (dims == 2) return at::avg_pool2d(shifted, kernel, pool, {0, 0}, true, true);
+  return at::avg_pool3d(shifted, kernel, pool, {0, 0, 0}, true, true);
+}
 
 at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10::string_view padding,
                              c10::string_view mode, at::IntArrayRef pad, at::IntArrayRef pool,
