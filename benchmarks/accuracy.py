@@ -8,7 +8,7 @@ top-1 agreement on the real photos. See fxeff.accuracy_report for what is measur
         [--finetune-lr 0.1] [--hetconv-init fit]
         [--focus-format channels_last|nchw] [--no-photos] [--threads 2] [--out docs/accuracy.md] [--plots docs/accuracy]
         [--rows docs/accuracy-rows.json] [--resume] [--keep-saved] [--retime] [--hetconv-format F] [--shift-format F]
-        [--students]
+        [--students] [--same-process] [--default-malloc]
 
 --students runs only the fine-tuned rows that have a target (HetConv P=4, sparse shift) and saves each fine-tuned
 model beside the reference checkpoints (fxeff/checkpoints/<arch>-<dataset>-<technique>.pt and .json, read by
@@ -58,6 +58,9 @@ def main(argv=None) -> None:
     parser.add_argument("--hetconv-init", default=accuracy_report.Settings.hetconv_init,
                         choices=("fit", "sum", "centre"), help="fxeff.passes.HetConv's init for the HetConv rows")
     parser.add_argument("--latency-runs", type=int, default=accuracy_report.Settings.latency_runs)
+    parser.add_argument("--latency-repeats", type=int, default=accuracy_report.Settings.latency_repeats,
+                        help="timings per latency pair (each --latency-runs interleaved runs); the median ratio "
+                             "is kept")
     parser.add_argument("--focus-format", default=accuracy_report.Settings.focus_format,
                         choices=sorted(accuracy_report.FORMATS), help="the memory format the focus rows are timed in")
     parser.add_argument("--hetconv-format", default=accuracy_report.Settings.hetconv_format,
@@ -65,6 +68,9 @@ def main(argv=None) -> None:
     parser.add_argument("--shift-format", default=accuracy_report.Settings.shift_format,
                         choices=sorted(accuracy_report.FORMATS), help="the memory format the shift rows are timed in")
     bench.add_malloc_option(parser)
+    parser.add_argument("--same-process", action="store_true",
+                        help="time each latency pair in this process (by default each pair runs in a fresh process, "
+                             "as a deployment does: fxeff.bench.interleaved_in_fresh_process)")
     parser.add_argument("--no-photos", action="store_true", help="skip the EfficientNet-Lite0 photo table")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--students", action="store_true",
@@ -99,9 +105,9 @@ def main(argv=None) -> None:
         hetconv_target_epochs=args.hetconv_target_epochs, shift_target_epochs=args.shift_target_epochs,
         finetune_lr=args.finetune_lr,
         hetconv_init=args.hetconv_init,
-        latency_runs=args.latency_runs, focus_format=args.focus_format,
+        latency_runs=args.latency_runs, latency_repeats=args.latency_repeats, focus_format=args.focus_format,
         hetconv_format=args.hetconv_format, shift_format=args.shift_format, keep_freed_memory=not args.default_malloc,
-        photos=not (args.no_photos or args.students), **only_students)
+        fresh_process=not args.same_process, photos=not (args.no_photos or args.students), **only_students)
     print(accuracy_report.run(settings, out, plots, rows_path=rows, resume=args.resume, keep=args.keep_saved,
                               retime=args.retime))
 

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import statistics
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -87,6 +88,15 @@ class Settings:
     # (the fine-tuned ResNet-20 measured 0.57 and 0.76 of the original in two processes). Recorded in the fine-tuned
     # rows' latency fingerprint; the focus and blocks rows keep what they were measured with.
     keep_freed_memory: bool = True
+    # Each latency pair (original, rewritten) timed in a fresh Python process, as a deployment runs a model alone
+    # (fxeff.bench.interleaved_in_fresh_process): nothing the report ran before (other models, their caches, the
+    # allocator's state, the fitting libraries' thread pools) is in the process. And timed latency_repeats times,
+    # the median ratio kept: this shared VM has spells, minutes long, in which the HetConv direct kernel (many short
+    # parallel regions) runs ~40% slower and oneDNN ~10% (the same fine-tuned ResNet-20 pair: 0.59-0.62 for three
+    # repeats, then 0.78 for two, in one process; 0.57-0.59 for nine in another; docs/benchmarks.md, fifteenth
+    # session). Both are recorded in the fine-tuned rows' latency fingerprint.
+    fresh_process: bool = True
+    latency_repeats: int = 3
     photos: bool = True                      # the EfficientNet-Lite0 agreement table
     focus_halos: Sequence[int] = FOCUS_HALOS
     focus_executions: Sequence[str] = FOCUS_EXECUTIONS
@@ -109,15 +119,28 @@ class Settings:
             if getattr(self, name) not in FORMATS:
                 raise ValueError(f"fxeff.accuracy_report.Settings: {name} must be one of {sorted(FORMATS)}, "
                                  f"got {getattr(self, name)!r}")
+        if self.latency_repeats < 1 or self.latency_runs < 1:
+            raise ValueError(f"fxeff.accuracy_report.Settings: latency_runs and latency_repeats must be >= 1, got "
+                             f"{self.latency_runs} and {self.latency_repeats}")
 
 
 def _batch(dataset: torch.utils.data.Dataset, n: int) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
 
 
-def _latency_ratio(model: torch.nn.Module, rewritten: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
-    before, after = bench.interleaved([lambda: model(x), lambda: rewritten(x)], runs)
-    return after / before
+def _latency_ratio(model: torch.nn.Module, rewritten: torch.nn.Module, x: torch.Tensor, settings: Settings) -> float:
+    """rewritten / original latency on ``x``: the median over ``settings.latency_repeats`` timings, each the ratio
+    of the medians of ``settings.latency_runs`` interleaved runs, each in a fresh process unless
+    ``settings.fresh_process`` is off."""
+    ratios = []
+    for _ in range(settings.latency_repeats):
+        if settings.fresh_process:
+            before, after = bench.interleaved_in_fresh_process([model, rewritten], x, settings.latency_runs,
+                                                               keep_freed=settings.keep_freed_memory)
+        else:
+            before, after = bench.interleaved([lambda: model(x), lambda: rewritten(x)], settings.latency_runs)
+        ratios.append(after / before)
+    return statistics.median(ratios)
 
 
 def _deploy_format(pass_name: str, settings: Settings) -> str:
@@ -200,7 +223,7 @@ class _Context:
         if fmt is not None:
             original, _, timing = self.in_format(fmt)
             row.update({"format": fmt,
-                        "latency ratio": _latency_ratio(original, rewritten, timing, self.settings.latency_runs)})
+                        "latency ratio": _latency_ratio(original, rewritten, timing, self.settings)})
         return row
 
     def time_deployed(self, row: Dict[str, object], student: torch.nn.Module, timed: str) -> None:
@@ -214,7 +237,7 @@ class _Context:
         original = self._deployed_originals[fmt]
         deployed = deploy(student, DEPLOY_FORMS[row["pass"]], timing, fmt)
         row.update({"format": fmt, "timed": timed,
-                    "latency ratio": _latency_ratio(original, deployed, timing, self.settings.latency_runs)})
+                    "latency ratio": _latency_ratio(original, deployed, timing, self.settings)})
 
     def finetune(self, row: Dict[str, object], student: torch.nn.Module) -> None:
         """Recovers ``student`` by distillation from the original and records the accuracy after, with the
@@ -539,7 +562,8 @@ def _latency_fingerprint(pass_name: str, settings: Settings) -> Optional[Dict[st
     if pass_name not in DEPLOY_FORMS:
         return None
     return {"format": _deploy_format(pass_name, settings), "form": DEPLOY_FORMS[pass_name],
-            "malloc": "freed memory kept" if settings.keep_freed_memory else "default"}
+            "malloc": "freed memory kept" if settings.keep_freed_memory else "default",
+            "process": "fresh" if settings.fresh_process else "the report's", "repeats": settings.latency_repeats}
 
 
 def _row_key(arch: str, dataset: str, pass_name: str, setting: str) -> str:
@@ -640,7 +664,10 @@ def run(settings: Settings, markdown_path: str, plot_folder: str, rows_path: Opt
              + (" (whole)" if settings.eval_images is None else f" (first {settings.eval_images} images)")
              + f". MAC and latency ratios are rewritten / original on a batch of {settings.latency_batch} test "
                f"images (latency: medians of {settings.latency_runs} interleaved runs, original and rewritten in the "
-               "memory format of the format column). Fine-tuning: "
+               "memory format of the format column"
+               + (f"; the rows this run measures: the median ratio of {settings.latency_repeats} such timings"
+                  + (", each in a fresh process" if settings.fresh_process else ""))
+               + "). Fine-tuning: "
                f"`fxeff.finetune` (distillation from the original) at peak lr {settings.finetune_lr}: the rows "
                f"with a target for whole epochs of the training split (HetConv P=4: {settings.hetconv_target_epochs}, "
                f"sparse shift: {settings.shift_target_epochs}), the others for {settings.finetune_epochs} epoch(s) of "

@@ -158,6 +158,48 @@ def interleaved(fns: Sequence[Callable[[], object]], runs: int, warmup: int = 2)
     return [statistics.median(t) for t in times]
 
 
+def interleaved_in_fresh_process(modules: Sequence[torch.nn.Module], x: torch.Tensor, runs: int, warmup: int = 2,
+                                 keep_freed: bool = True, timeout: float = 1800.0) -> List[float]:
+    """``interleaved`` over ``module(x)`` for each module, run in a new Python process (this interpreter, this
+    process's thread count): the modules and ``x`` are saved with ``torch.save`` to a temporary directory and timed
+    there, after ``keep_freed_memory()`` when ``keep_freed``. Nothing the caller ran before (other models and their
+    caches, the allocator's state, thread pools of other libraries) is in that process: the modules are timed as a
+    deployment runs them, alone. It does not shield from the machine itself (docs/benchmarks.md, fifteenth session:
+    spells of slower runs on a shared VM; repeat and take the median). Costs a process start (a few seconds:
+    importing torch and fxeff). The modules must pickle (``nn.Module``s and fx ``GraphModule``s of fxeff's passes do). Raises
+    RuntimeError with the child's error output when it fails."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fxeff-bench-") as folder:
+        path = os.path.join(folder, "timed.pt")
+        torch.save({"modules": list(modules), "x": x.detach(), "runs": int(runs), "warmup": int(warmup),
+                    "keep_freed": bool(keep_freed), "threads": torch.get_num_threads()}, path)
+        code = "import sys, fxeff.bench as b; b._time_saved(sys.argv[1])"
+        done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=timeout)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"fxeff.bench.interleaved_in_fresh_process: the timing process failed (exit "
+                           f"{done.returncode}):\n{done.stderr[-3000:]}")
+    return [float(t) for t in json.loads(lines[-1])["seconds"]]
+
+
+def _time_saved(path: str) -> None:
+    """The child of ``interleaved_in_fresh_process``: times what ``path`` holds, prints {"seconds": [...]}."""
+    import importlib
+
+    importlib.import_module("fxeff")  # registers the ops the saved modules call
+    spec = torch.load(path, weights_only=False)
+    torch.set_num_threads(spec["threads"])
+    if spec["keep_freed"] and not keep_freed_memory():
+        raise RuntimeError("fxeff.bench: keep_freed_memory needs glibc's mallopt, which this C library lacks")
+    x = spec["x"]
+    fns = [(lambda m=m: m(x)) for m in spec["modules"]]
+    print(json.dumps({"seconds": interleaved(fns, spec["runs"], spec["warmup"])}), flush=True)
+
+
 def macs(fn: Callable[[], object]) -> int:
     """MACs of one call of ``fn`` from torch.utils.flop_counter (FLOPs / 2; fxeff's ops count what they
     compute: focused_conv2d only its active outputs, hetconv2d its KxK and 1x1 parts)."""

@@ -21,6 +21,7 @@ def test_report_generator_writes_table_targets_and_plots(tmp_path, monkeypatch):
     settings = accuracy_report.Settings(archs=("resnet20",), datasets=("fashion-mnist",), eval_images=200,
                                         calibration_images=32, finetune_images=64, hetconv_target_epochs=1,
                                         latency_runs=2, latency_batch=4, photos=False, focus_halos=(2,),
+                                        fresh_process=False, latency_repeats=1,
                                         stem_fractions=(0.3,), hetconv_parts=(2, 4), progress=False,
                                         blocks_sparsities=(0.0, 0.5), blocks_train_images=64, blocks_epochs=1,
                                         blocks_composed_epochs=1)
@@ -190,6 +191,10 @@ def test_row_cache_keeps_saved_rows_and_finds_stale_latencies(tmp_path):
     other = accuracy_report.RowCache(path, dataclasses.replace(settings, hetconv_format="nchw"))
     assert other.get("vgg", "fashion-mnist", "hetconv", "P=4") == rows[0]
     assert [other.latency_stale("vgg", "fashion-mnist", r) for r in rows] == [True, False]
+    same = accuracy_report.RowCache(path, dataclasses.replace(settings, fresh_process=False))
+    assert [same.latency_stale("vgg", "fashion-mnist", r) for r in rows] == [True, False]
+    once = accuracy_report.RowCache(path, dataclasses.replace(settings, latency_repeats=1))
+    assert [once.latency_stale("vgg", "fashion-mnist", r) for r in rows] == [True, False]
     again = accuracy_report.RowCache(path, settings, retime=True)  # after a kernel change: the fine-tuned rows
     assert [again.latency_stale("vgg", "fashion-mnist", r) for r in rows] == [True, False]
     # keep: a row measured with other settings is returned and listed, and put keeps its saved settings
@@ -207,6 +212,8 @@ def test_formats_are_checked():
         accuracy_report.Settings(focus_format="nhwc")
     with pytest.raises(ValueError, match="shift_format must be one of"):
         accuracy_report.Settings(shift_format="nhwc")
+    with pytest.raises(ValueError, match="latency_repeats must be >= 1"):
+        accuracy_report.Settings(latency_repeats=0)
 
 
 def test_run_resume_needs_a_rows_path(tmp_path):
@@ -248,7 +255,7 @@ def test_students_are_saved_and_load_back_exactly(tmp_path, monkeypatch):
                                         calibration_images=32, hetconv_fit_images=16, hetconv_target_epochs=1,
                                         latency_runs=2, latency_batch=4, photos=False, focus_halos=(),
                                         stem_fractions=(), hetconv_parts=(2, 4), progress=False, save_students=True,
-                                        blocks=False)
+                                        blocks=False, fresh_process=False, latency_repeats=1)
     rows = accuracy_report.model_rows("resnet20", "fashion-mnist", settings)
     assert [r["setting"] for r in rows] == ["P=2", "P=4"]
     path = reference.finetuned_path("resnet20", "fashion-mnist", "hetconv P=4")
@@ -272,3 +279,25 @@ def test_students_are_saved_and_load_back_exactly(tmp_path, monkeypatch):
         reference.load_finetuned("vgg", "fashion-mnist", "hetconv P=4")
     with pytest.raises(ValueError, match="technique must be one of"):
         reference.finetuned_path("vgg", "fashion-mnist", "hetconv P=8")
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+def test_deployed_pair_timed_in_a_fresh_process():
+    """The latency of a deployed fine-tuned row (HetConv P=4 folded, channels_last) timed in a fresh process: the
+    pickled graph modules run there, and the ratio is a positive number."""
+    import torch
+
+    import fxeff
+    from fxeff.passes import HetConv
+
+    model = reference.load("resnet20", "fashion-mnist").eval()
+    x = torch.stack([reference.dataset("fashion-mnist", "test", limit=4)[i][0] for i in range(4)])
+    student = fxeff.transform(model, x, passes=[HetConv(part=4)]).eval()
+    fmt = "channels_last"
+    original = accuracy_report.deploy(model, "FoldBatchNorm", x, fmt)
+    deployed = accuracy_report.deploy(student, accuracy_report.DEPLOY_FORMS["hetconv"], x, fmt)
+    settings = accuracy_report.Settings(latency_runs=3, latency_repeats=2)
+    assert settings.fresh_process
+    ratio = accuracy_report._latency_ratio(original, deployed, x.contiguous(memory_format=torch.channels_last),
+                                           settings)
+    assert 0 < ratio < 100

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import fxeff
 from fxeff import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,3 +173,15 @@ def test_keep_freed_memory_applies_and_is_reported(monkeypatch):
     bench.apply_malloc_option(parser.parse_args([]))
     assert bench.environment()["malloc"] == "freed memory kept"
     assert bench.keep_freed_memory() is True
+
+
+def test_interleaved_in_fresh_process_times_pickled_modules():
+    """Two modules (a plain one and an fx GraphModule of a pass) timed in a child process: two positive medians;
+    a module that fails there raises with the child's error."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    folded = fxeff.transform(model, x, passes=[fxeff.FoldBatchNorm()])
+    times = bench.interleaved_in_fresh_process([model, folded], x, runs=3)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    with pytest.raises(RuntimeError, match="the timing process failed"):
+        bench.interleaved_in_fresh_process([torch.nn.Linear(5, 5)], x, runs=1)
