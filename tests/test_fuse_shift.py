@@ -363,6 +363,98 @@ def test_sort_channels_renumbers_the_producer_exactly(kind):
     assert "sorted" not in unsorted.sites[0].reason
 
 
+class SEBlock(nn.Module):
+    """MobileNetV3-style: expand, depthwise + BatchNorm + Hardswish, squeeze-excite, project: the shift it becomes is
+    read by the squeeze-excite block (not fusable); ``head`` reads the squeezed map through a flatten and a Linear
+    where ``flat`` is set (the channels cannot be renumbered there)."""
+
+    def __init__(self, flat=False):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(3, 48, 1, bias=False), nn.BatchNorm2d(48), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False), nn.BatchNorm2d(48), nn.Hardswish())
+        self.fc1, self.fc2 = nn.Conv2d(48, 12, 1), nn.Conv2d(12, 48, 1)
+        self.project = nn.Sequential(nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.flat = flat
+        self.head = nn.Linear(48, 5)
+
+    def forward(self, x):
+        y = self.dw(self.expand(x))
+        scale = F.hardsigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        out = self.project(y * scale)
+        if self.flat:
+            return out, self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+        return out
+
+
+def _se_shifted(flat=False, seed=6):
+    torch.manual_seed(seed)
+    model = randomize_batch_norms(SEBlock(flat)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    return fxeff.transform(model, x, passes=[Shift()]).eval(), x
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "export"])
+def test_sort_channels_at_an_unfused_site(kind):
+    """A shift read by a squeeze-excite block is not fused, but its channels are renumbered through everything that
+    carries them (the expand conv, BatchNorms, Hardswish, the pooling, fc2's output, the product) up to the convs
+    reading them (fc1, the projection): the report says so, the shifts are sorted and the output is the unfused
+    model's in both memory formats."""
+    shifted, x = _se_shifted()
+    with torch.no_grad():
+        want = shifted(x)
+    gm, report, out = rewritten(shifted, x, kind, FuseShift())
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert _fused_count(gm) == 0
+    site = report.sites[0]
+    assert site.status == "skipped" and "no 1x1 conv to fuse into" in site.reason
+    assert "its channels sorted by shift" in site.reason and "2 conv(s) writing them, 2 reading them" in site.reason
+    shift_nodes = [n for n in gm.graph.nodes if (n.op == "call_module" and isinstance(
+        gm.get_submodule(n.target), fxeff.nn.Shift2d)) or n.target in (torch.ops.fxeff.shift.default,
+                                                                       torch.ops.fxeff.shift)]
+    assert len(shift_nodes) == 1
+    node = shift_nodes[0]
+    shifts = (gm.get_submodule(node.target).shifts if node.op == "call_module" else
+              get_attr_value(gm, node.args[1].target))
+    keys = [tuple(r) for r in shifts.detach().round().tolist()]
+    assert keys == sorted(keys)
+    with torch.no_grad():
+        cl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(gm(cl), want, rtol=1e-5, atol=1e-5)
+    assert "sorted" not in rewritten(shifted, x, kind, FuseShift(sort_channels=False))[1].sites[0].reason
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "dynamo"])
+def test_unfused_channels_stay_where_they_cannot_be_renumbered(kind):
+    """Channels that reach a flatten and a Linear (symbolic), or tensors dynamo lifted to graph inputs: nothing is
+    renumbered, the output is unchanged."""
+    shifted, x = _se_shifted(flat=kind == "symbolic")
+    with torch.no_grad():
+        want = shifted(x)
+    gm, report, out = rewritten(shifted, x, kind, FuseShift())
+    for got, expected in zip(out if isinstance(out, tuple) else (out,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert "channels not sorted" in report.sites[0].reason
+
+
+def test_torchvision_mobilenet_v3_sorts_its_unfused_sites():
+    """MobileNetV3-Large: 3 of 15 shifts fuse; the 12 read by squeeze-excite blocks or Hardswish layers have their
+    channels sorted; the output equals the unfused model's in both memory formats."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_large().eval()
+    x = torch.randn(1, 3, 64, 64)
+    shifted = fxeff.transform(model, x, passes=[Shift(init="max_tap")]).eval()
+    fused = fxeff.transform(shifted, x, passes=[FuseShift()])
+    sites = fused.fxeff_report.sites
+    assert _fused_count(fused) == 3
+    assert sum("its channels sorted by shift" in s.reason for s in sites if s.status == "skipped") == 12
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), shifted(x), rtol=1e-4, atol=1e-4)
+        cl = x.contiguous(memory_format=torch.channels_last)
+        fused_cl, shifted_cl = (m.to(memory_format=torch.channels_last) for m in (fused, shifted))
+        torch.testing.assert_close(fused_cl(cl), shifted_cl(cl), rtol=1e-4, atol=1e-4)
+
+
 def test_sort_channels_must_be_a_bool():
     with pytest.raises(TypeError, match="sort_channels must be a bool"):
         FuseShift(sort_channels=1)
