@@ -49,3 +49,8 @@ def randomize_batch_norms(model):
                 m.bias.uniform_(-0.3, 0.3)
     return model
 
+
+def conv_bn_relu6(cin, cout, k=1, s=1, g=1):
+    """conv (no bias, "same" padding) -> BatchNorm -> ReLU6: the MobileNet block's unit, for the shift pass tests."""
+    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False),
+                               torch.nn.BatchNorm2d(cout), torch.nn.ReLU6())

@@ -7,7 +7,7 @@ from torch import nn
 import fxeff
 from fxeff.passes import FoldBatchNorm, FuseShift, HetConv, Shift
 
-from _graph_kinds import randomize_batch_norms, rewritten
+from _graph_kinds import conv_bn_relu6, randomize_batch_norms, rewritten
 
 HETCONV = torch.ops.fxeff.hetconv2d.default
 SHIFT_CONV = torch.ops.fxeff.shift_conv1x1.default
@@ -114,9 +114,7 @@ class MobileBlock(nn.Module):
     def __init__(self):
         super().__init__()
 
-        def cbr(cin, cout, k=1, s=1, g=1):
-            return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout),
-                                 nn.ReLU6())
+        cbr = conv_bn_relu6
 
         self.body = nn.Sequential(cbr(3, 32), cbr(32, 32, 3, 1, 32), nn.Conv2d(32, 16, 1, bias=False),
                                   nn.BatchNorm2d(16), cbr(16, 48), cbr(48, 48, 3, 2, 48), nn.Conv2d(48, 24, 1),

@@ -14,7 +14,7 @@ from fxeff.ops import shift_conv1x1
 from fxeff.passes import FuseShift, Shift
 from fxeff.passes.graph import get_attr_value
 
-from _graph_kinds import randomize_batch_norms, rewritten
+from _graph_kinds import conv_bn_relu6, randomize_batch_norms, rewritten
 from _shift_reference import shift_reference
 
 FUSED = torch.ops.fxeff.shift_conv1x1.default
@@ -206,9 +206,7 @@ class Block(nn.Module):
     def __init__(self):
         super().__init__()
 
-        def cbr(cin, cout, k=1, s=1, g=1):
-            return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout),
-                                 nn.ReLU6())
+        cbr = conv_bn_relu6
 
         self.expand = cbr(3, 48)
         self.dw1 = cbr(48, 48, 3, 1, 48)
