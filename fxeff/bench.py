@@ -166,8 +166,8 @@ def interleaved_in_fresh_process(modules: Sequence[torch.nn.Module], x: torch.Te
     caches, the allocator's state, thread pools of other libraries) is in that process: the modules are timed as a
     deployment runs them, alone. It does not shield from the machine itself (docs/benchmarks.md, fifteenth session:
     spells of slower runs on a shared VM; repeat and take the median). Costs a process start (a few seconds:
-    importing torch and fxeff). The modules must pickle (``nn.Module``s and fx ``GraphModule``s of fxeff's passes do). Raises
-    RuntimeError with the child's error output when it fails."""
+    importing torch and fxeff). The modules must pickle (``nn.Module``s and fx ``GraphModule``s of fxeff's passes
+    do). Raises RuntimeError with the child's error output when it fails."""
     import os
     import subprocess
     import sys
