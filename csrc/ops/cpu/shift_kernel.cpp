@@ -730,6 +730,40 @@ void forward_channels_last(const T* x, T* out, const ShiftPlan& p, int64_t N, bo
   const int64_t C = p.C, D = p.size[0], H = p.size[1], W = p.size[2];
   const int64_t row_len = W * C, image = D * H * row_len;
   const int nrow = p.ntaps[0] * p.ntaps[1], nx = p.ntaps[2], nterm = nrow * nx;
+  const bool use_select = std::is_same<T, float>::value && std::is_same<A, float>::value && cpu_has_avx512f();
+  const int64_t nblocks = (C + 15) / 16;
+  // Rounded shifts on the AVX-512 path: every row whose sources are all in range (any padding) gathers with the
+  // same offsets relative to its own pixels, so that plan is built once per call instead of per row (the per-row
+  // set-up below is O(C) scalar work, which cost more than the row itself on 7x7 and 14x14 maps).
+  const bool rel_rows = use_select && !linear;
+  // 2-D with few distinct shifts per block: the other rows and the edge pixels gather block by block, each
+  // source checked, instead of channel by channel through the tables after the per-row set-up (measured, 2 threads:
+  // shifts in [-1, 1], at most 9 per block, 1.2-1.3x faster at 14x14; shifts in [-2, 2], about 12 per block, 1.2x
+  // slower at 7x7, where most pixels are edges)
+  const std::vector<ShiftGroups> edge_groups = rel_rows && D == 1 ? shift_groups(p) : std::vector<ShiftGroups>();
+  int64_t loads = 0;
+  for (const ShiftGroups& b : edge_groups) loads += b.count;
+  const bool edge_blocks = !edge_groups.empty() && loads <= kEdgeBlockLoads * nblocks;
+  std::vector<LaneGroups> rel_groups(rel_rows ? nblocks : 0);
+  std::vector<int64_t> rel_row(rel_rows ? C : 0);  // channel c's source row relative to the output row
+  int64_t zlo = 0, zhi = 0, ylo = 0, yhi = 0, rxlo = 0, rxhi = 0;
+  if (rel_rows) {
+    int64_t tmin[kDims] = {0, 0, 0}, tmax[kDims] = {0, 0, 0};
+    std::vector<int64_t> rel(C);
+    for (int64_t c = 0; c < C; ++c) {
+      int64_t t[kDims];
+      for (int d = 0; d < kDims; ++d) {
+        t[d] = p.t[p.at(c, d, 0)];
+        tmin[d] = std::min(tmin[d], t[d]), tmax[d] = std::max(tmax[d], t[d]);
+      }
+      rel_row[c] = -(t[0] * H + t[1]) * row_len;
+      rel[c] = rel_row[c] - t[2] * C + c;
+    }
+    build_lane_groups(rel.data(), C, rel_groups.data());
+    zlo = std::max<int64_t>(0, tmax[0]), zhi = std::min(D, D + tmin[0]);
+    ylo = std::max<int64_t>(0, tmax[1]), yhi = std::min(H, H + tmin[1]);
+    rxlo = std::min(W, std::max<int64_t>(0, tmax[2])), rxhi = std::max(rxlo, std::min(W, W + tmin[2]));
+  }
   at::parallel_for(0, N * D * H, grain_for(row_len), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> roff(nrow * C), delta(nterm * C);
     std::vector<A> rweight(nrow * C), coef(nterm * C), acc(C);
@@ -738,42 +772,8 @@ void forward_channels_last(const T* x, T* out, const ShiftPlan& p, int64_t N, bo
     constexpr bool kFour = sizeof(T) == 4;
     const bool use_gather = kFour && cpu_has_avx2_fma() && image < (int64_t(1) << 31);
     std::vector<int32_t> delta32(use_gather ? nterm * C : 0);
-    const bool use_select = std::is_same<T, float>::value && std::is_same<A, float>::value && cpu_has_avx512f();
-    const int64_t nblocks = (C + 15) / 16;
     std::vector<LaneGroups> groups(use_select ? nterm * nblocks : 0);
     std::vector<float> coef32(use_select ? nterm * C : 0);
-    // Rounded shifts on the AVX-512 path: every row whose sources are all in range (any padding) gathers with the
-    // same offsets relative to its own pixels, so that plan is built once here instead of per row (the per-row
-    // set-up below is O(C) scalar work, which cost more than the row itself on 7x7 and 14x14 maps).
-    const bool rel_rows = use_select && !linear;
-    // 2-D with few distinct shifts per block: the other rows and the edge pixels gather block by block, each
-    // source checked, instead of channel by channel through the tables after the per-row set-up (measured, 2 threads:
-    // shifts in [-1, 1], at most 9 per block, 1.2-1.3x faster at 14x14; shifts in [-2, 2], about 12 per block, 1.2x
-    // slower at 7x7, where most pixels are edges)
-    std::vector<ShiftGroups> edge_groups = rel_rows && D == 1 ? shift_groups(p) : std::vector<ShiftGroups>();
-    int64_t loads = 0;
-    for (const ShiftGroups& b : edge_groups) loads += b.count;
-    const bool edge_blocks = !edge_groups.empty() && loads <= kEdgeBlockLoads * nblocks;
-    std::vector<LaneGroups> rel_groups(rel_rows ? nblocks : 0);
-    std::vector<int64_t> rel_row(rel_rows ? C : 0);  // channel c's source row relative to the output row
-    int64_t zlo = 0, zhi = 0, ylo = 0, yhi = 0, rxlo = 0, rxhi = 0;
-    if (rel_rows) {
-      int64_t tmin[kDims] = {0, 0, 0}, tmax[kDims] = {0, 0, 0};
-      std::vector<int64_t> rel(C);
-      for (int64_t c = 0; c < C; ++c) {
-        int64_t t[kDims];
-        for (int d = 0; d < kDims; ++d) {
-          t[d] = p.t[p.at(c, d, 0)];
-          tmin[d] = std::min(tmin[d], t[d]), tmax[d] = std::max(tmax[d], t[d]);
-        }
-        rel_row[c] = -(t[0] * H + t[1]) * row_len;
-        rel[c] = rel_row[c] - t[2] * C + c;
-      }
-      build_lane_groups(rel.data(), C, rel_groups.data());
-      zlo = std::max<int64_t>(0, tmax[0]), zhi = std::min(D, D + tmin[0]);
-      ylo = std::max<int64_t>(0, tmax[1]), yhi = std::min(H, H + tmin[1]);
-      rxlo = std::min(W, std::max<int64_t>(0, tmax[2])), rxhi = std::max(rxlo, std::min(W, W + tmin[2]));
-    }
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / (D * H), zy = r % (D * H), z = zy / H, y = zy % H;
       const T* xi = x + n * image;
@@ -1204,9 +1204,6 @@ PoolGeometry pool_geometry(const char* op, const at::Tensor& x, at::IntArrayRef 
   return g;
 }
 
-// shift, then F.pad(pad) (negative = crop), then avg_pool(kernel = stride = pool, ceil_mode): the
-// geometry of a depthwise conv emulated by a shift layer. NCDHW float inputs run fused; other layouts
-// run the shift kernel and ATen's pad and pooling (fast on channels-last).
 // ------------------------------------------------------------------ shift_conv1x1: the shift fused into a 1x1 conv
 // conv1x1(clamp(scale * shift_pool(x) + offset), weight, bias): a shift layer, its BatchNorm (folded to a per-channel
 // scale and offset) and a clamp activation, read by a pointwise conv. Work items are bands of output rows of one
@@ -1531,6 +1528,16 @@ constexpr int64_t kImageTileBytes = 1024 * 1024;
 // 14.5-38.5 MB inputs 1.4-1.6x faster; batch 1's 4.8 MB ones, which the L3 still holds, 5-10% slower).
 constexpr int64_t kPrefetchInputBytes = 8 * 1024 * 1024;
 
+// Whether a shift_pool geometry crops, pads or pools (else it is the plain shift).
+bool pads_or_pools(at::IntArrayRef pad, at::IntArrayRef pool) {
+  return std::any_of(pad.begin(), pad.end(), [](int64_t v) { return v != 0; }) ||
+         std::any_of(pool.begin(), pool.end(), [](int64_t v) { return v != 1; });
+}
+
+// shift, then F.pad(pad) (negative = crop), then avg_pool(kernel = stride = pool, ceil_mode): the geometry of a
+// depthwise conv emulated by a shift layer. NCDHW inputs run fused (shift_pool_nchw); channels-last float32 2-D
+// inputs with rounded shifts are pooled straight into the output by the gather of shift_conv1x1 (fill_tile_cl_fast);
+// the rest run the shift kernel, then ATen's pad and pooling.
 at::Tensor shift_pool_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10::string_view padding,
                           c10::string_view mode, at::IntArrayRef pad, at::IntArrayRef pool) {
   const char* op = "fxeff.shift_pool";
@@ -1561,8 +1568,7 @@ at::Tensor shift_pool_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10:
     at::Tensor out = at::empty({N, C, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
     if (out.numel() == 0) return out;
     const std::vector<ShiftGroups> groups = shift_groups(plan);
-    const bool pooled = std::any_of(pad.begin(), pad.end(), [](int64_t v) { return v != 0; }) ||
-                        std::any_of(pool.begin(), pool.end(), [](int64_t v) { return v != 1; });
+    const bool pooled = pads_or_pools(pad, pool);
     const bool prefetch = x.numel() * static_cast<int64_t>(sizeof(float)) > kPrefetchInputBytes;
     const float* xp = x.const_data_ptr<float>();
     float* op_ = out.data_ptr<float>();
@@ -1584,7 +1590,8 @@ at::Tensor shift_pool_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c10:
       run_forward<scalar_t, at::opmath_type<scalar_t>>(x, shifted, plan, linear, scalar_t(0));
     });
   }
-  if (std::any_of(pad.begin(), pad.end(), [](int64_t v) { return v != 0; })) shifted = at::constant_pad_nd(shifted, pad, 0);
+  if (std::any_of(pad.begin(), pad.end(), [](int64_t v) { return v != 0; }))
+    shifted = at::constant_pad_nd(shifted, pad, 0);
   if (std::all_of(pool.begin(), pool.end(), [](int64_t v) { return v == 1; })) return shifted;
   if (dims == 1) return at::avg_pool1d(shifted, kernel, pool, {0}, true, true);
   if (dims == 2) return at::avg_pool2d(shifted, kernel, pool, {0, 0}, true, true);
@@ -1622,8 +1629,7 @@ at::Tensor shift_conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& shifts, c
   TORCH_CHECK_VALUE(has_scale == has_offset, op, ": scale and offset go together (a folded BatchNorm), got ",
                     has_scale ? "scale without offset" : "offset without scale");
   const PoolGeometry g = pool_geometry(op, x_in, pad, pool);
-  const bool pooled = std::any_of(pad.begin(), pad.end(), [](int64_t v) { return v != 0; }) ||
-                      std::any_of(pool.begin(), pool.end(), [](int64_t v) { return v != 1; });
+  const bool pooled = pads_or_pools(pad, pool);
   const bool linear = parse_shift_mode(op, mode) == ShiftMode::Active;
   const ShiftPlan plan = make_plan(op, shifts, x_in.sizes().slice(2), parse_shift_padding(op, padding), linear);
   const at::Tensor x = dense(x_in);
