@@ -361,17 +361,63 @@ def _permuted_attr(gm: fx.GraphModule, before: fx.Node, ref: Any, perm: torch.Te
     return node
 
 
-def _permute_module(gm: fx.GraphModule, node: fx.Node, perm: torch.Tensor, base: str) -> None:
-    """node (a call_module of a conv or BatchNorm) gets a copy of its module with output channels in perm order."""
+_PER_CHANNEL_ATTRS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _permute_module(gm: fx.GraphModule, node: fx.Node, perm: torch.Tensor, base: str,
+                    attrs: Tuple[str, ...] = _PER_CHANNEL_ATTRS, dim: int = 0) -> None:
+    """node (a call_module) gets a copy of its module whose tensors ``attrs`` (those it has) are indexed by perm along
+    ``dim``: a conv's or BatchNorm's output channels by default, a conv's input channels with ("weight",) and dim 1,
+    a Shift2d's shifts with ("shifts",)."""
     module = copy.deepcopy(gm.get_submodule(node.target))
     with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var"):
+        for name in attrs:
             t = getattr(module, name, None)
             if isinstance(t, torch.Tensor):
-                t.copy_(t.index_select(0, perm.to(t.device)))
+                t.copy_(t.index_select(dim, perm.to(t.device)))
     name = unique_name(gm, base)
     gm.add_submodule(name, module)
     node.target = name
+
+
+def _permute_conv(gm: fx.GraphModule, site: ConvSite, perm: torch.Tensor, dim: int, base: str) -> List[fx.Node]:
+    """The conv of ``site`` with its output channels (dim 0: weight and bias) or input channels (dim 1: weight) in
+    perm order: a copy of its module, or new get_attr nodes for a conv call. Returns the nodes inserted."""
+    if site.node.op == "call_module":
+        _permute_module(gm, site.node, perm, base, ("weight", "bias") if dim == 0 else ("weight",), dim)
+        return []
+    names = tuple(a.name for a in site.node.target._schema.arguments) if isinstance(
+        site.node.target, torch._ops.OpOverload) else TORCH_CONVS[site.node.target][2]
+    inserted = []
+    for name, ref in (("weight", site.weight), ("bias", site.bias if dim == 0 else None)):
+        if ref is not None:
+            inserted.append(_permuted_attr(gm, site.node, ref, perm, dim if name == "weight" else 0,
+                                           f"{base}_{name}"))
+            _set_node_arg(site.node, names, name, inserted[-1])
+    return inserted
+
+
+def _permute_batch_norm(gm: fx.GraphModule, node: fx.Node, perm: torch.Tensor, base: str) -> List[fx.Node]:
+    """The BatchNorm computed by ``node`` (a module or a call) with its channels in perm order. Returns the nodes
+    inserted."""
+    if node.op == "call_module":
+        _permute_module(gm, node, perm, base)
+        return []
+    inserted = []
+    for name in _PER_CHANNEL_ATTRS:
+        ref = bn_arg(node, name)
+        if ref is not None:
+            inserted.append(_permuted_attr(gm, node, ref, perm, 0, f"{base}_{name}"))
+            _set_node_arg(node, BN_FUNCTIONS[node.target], name, inserted[-1])
+    return inserted
+
+
+def _shift_order(shifts: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """(the permutation that makes equal rounded shifts neighbours, the masked loads per channels-last pixel before
+    and after it)."""
+    rounded = _rounded(shifts)
+    perm = torch.sort(rounded[:, 0] * 4096 + rounded[:, 1], stable=True).indices
+    return perm, _block_groups(rounded), _block_groups(rounded[perm])
 
 
 def _set_node_arg(node: fx.Node, names: Tuple[str, ...], name: str, value: Any) -> None:
@@ -389,10 +435,7 @@ def _sort_channels(gm: fx.GraphModule, fused: fx.Node, base: str) -> str:
     x, shifts_ref, mode = fused.args[0], fused.args[1], fused.args[3]
     if mode == "active" or not (isinstance(shifts_ref, fx.Node) and shifts_ref.op == "get_attr"):
         return "channels not sorted: the shifts are interpolated or a graph input"
-    rounded = _rounded(get_attr_value(gm, shifts_ref.target))
-    keys = rounded[:, 0] * 4096 + rounded[:, 1]
-    perm = torch.sort(keys, stable=True).indices
-    before, after = _block_groups(rounded), _block_groups(rounded[perm])
+    perm, before, after = _shift_order(get_attr_value(gm, shifts_ref.target))
     if after >= before:
         return ""
     found = _producer_chain(gm, x)
@@ -401,25 +444,11 @@ def _sort_channels(gm: fx.GraphModule, fused: fx.Node, base: str) -> str:
     site, chain = found
     graph = gm.graph
     # the producer conv's and BatchNorms' output channels
-    if site.node.op == "call_module":
-        _permute_module(gm, site.node, perm, f"{base}_producer")
-    else:
-        names = tuple(a.name for a in site.node.target._schema.arguments) if isinstance(
-            site.node.target, torch._ops.OpOverload) else TORCH_CONVS[site.node.target][2]
-        for name, ref in (("weight", site.weight), ("bias", site.bias)):
-            if ref is not None:
-                new = _permuted_attr(gm, site.node, ref, perm, 0, f"{base}_producer_{name}")
-                _set_node_arg(site.node, names, name, new)
+    _permute_conv(gm, site, perm, 0, f"{base}_producer")
     for node in chain:
-        if node.op == "call_module" and type(gm.get_submodule(node.target)) in BN_MODULES:
-            _permute_module(gm, node, perm, f"{base}_producer_bn")
-        elif node.op == "call_function" and node.target in BN_FUNCTIONS:
-            names = BN_FUNCTIONS[node.target]
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                ref = bn_arg(node, name)
-                if ref is not None:
-                    new = _permuted_attr(gm, node, ref, perm, 0, f"{base}_producer_bn_{name}")
-                    _set_node_arg(node, names, name, new)
+        if (node.op == "call_module" and type(gm.get_submodule(node.target)) in BN_MODULES) or \
+                (node.op == "call_function" and node.target in BN_FUNCTIONS):
+            _permute_batch_norm(gm, node, perm, f"{base}_producer_bn")
     # the fused op's per-channel arguments and the 1x1 conv's input channels
     args = list(fused.args)
     args[1] = _permuted_attr(gm, fused, shifts_ref, perm, 0, f"{base}_shifts")
@@ -522,7 +551,7 @@ def _channel_closure(gm: fx.GraphModule, start: fx.Node, channels: int) -> Optio
         if not kind or (shape is not None and (len(shape) < 2 or shape[1] != channels)):
             return None
         if kind == "bn" and node.op == "call_function":
-            refs = [bn_arg(node, k) for k in ("weight", "bias", "running_mean", "running_var")]
+            refs = [bn_arg(node, k) for k in _PER_CHANNEL_ATTRS]
             if not held_by_module(*refs) or refs[2] is None or (node.target is not BN_NO_TRAINING and
                                                                  bn_arg(node, "training", False)):
                 return None
@@ -551,19 +580,6 @@ def _channel_closure(gm: fx.GraphModule, start: fx.Node, channels: int) -> Optio
     return closure
 
 
-def _permute_conv_module(gm: fx.GraphModule, node: fx.Node, perm: torch.Tensor, dim: int, base: str) -> None:
-    """node (a call_module of a conv) gets a copy of its module, its weight's ``dim`` (and for dim 0 its bias) in
-    perm order."""
-    module = copy.deepcopy(gm.get_submodule(node.target))
-    with torch.no_grad():
-        module.weight.copy_(module.weight.index_select(dim, perm.to(module.weight.device)))
-        if dim == 0 and module.bias is not None:
-            module.bias.copy_(module.bias.index_select(0, perm.to(module.bias.device)))
-    name = unique_name(gm, base)
-    gm.add_submodule(name, module)
-    node.target = name
-
-
 def _sort_unfused(gm: fx.GraphModule, call: _ShiftCall, base: str) -> str:
     """Renumbers the channels of an unfused shift (one read by a squeeze-excite block or a Hardswish, say) so that
     equal shifts are neighbours, as ``_sort_channels`` does for fused ones: through everything that carries its
@@ -574,50 +590,26 @@ def _sort_unfused(gm: fx.GraphModule, call: _ShiftCall, base: str) -> str:
         return ""
     if not (isinstance(shifts_ref, str) or (isinstance(shifts_ref, fx.Node) and shifts_ref.op == "get_attr")):
         return "channels not sorted: the shifts are a graph input"
-    rounded = _rounded(get_attr_value(gm, shifts_ref if isinstance(shifts_ref, str) else shifts_ref.target))
-    perm = torch.sort(rounded[:, 0] * 4096 + rounded[:, 1], stable=True).indices
-    before, after = _block_groups(rounded), _block_groups(rounded[perm])
+    shifts = get_attr_value(gm, shifts_ref if isinstance(shifts_ref, str) else shifts_ref.target)
+    perm, before, after = _shift_order(shifts)
     if after >= before:
         return ""
-    closure = _channel_closure(gm, call.node, rounded.shape[0])
+    closure = _channel_closure(gm, call.node, shifts.shape[0])
     if closure is None or any(_channel_kind(gm, n) == "shift" and n is not call.node for n in closure.inside):
         return "channels not sorted: they reach an op a renumbering does not pass through"
     inserted: List[fx.Node] = []
-
-    def permute_refs(node: fx.Node, refs: Dict[str, Any], names: Tuple[str, ...], dim: int, tag: str) -> None:
-        for name, ref in refs.items():
-            if ref is not None:
-                new = _permuted_attr(gm, node, ref, perm, dim if name == "weight" else 0, f"{base}_{tag}_{name}")
-                inserted.append(new)
-                _set_node_arg(node, names, name, new)
-
     for sites, dim, tag in ((closure.producers, 0, "producer"), (closure.readers, 1, "reader")):
         for site in sites:
-            if site.node.op == "call_module":
-                _permute_conv_module(gm, site.node, perm, dim, f"{base}_{tag}")
-                continue
-            names = tuple(a.name for a in site.node.target._schema.arguments) if isinstance(
-                site.node.target, torch._ops.OpOverload) else TORCH_CONVS[site.node.target][2]
-            refs = {"weight": site.weight, "bias": site.bias if dim == 0 else None}
-            permute_refs(site.node, refs, names, dim, tag)
+            inserted += _permute_conv(gm, site, perm, dim, f"{base}_{tag}")
     for node in closure.inside:
         kind = _channel_kind(gm, node)
-        if kind == "bn" and node.op == "call_module":
-            _permute_module(gm, node, perm, f"{base}_bn")
-        elif kind == "bn":
-            refs = {k: bn_arg(node, k) for k in ("weight", "bias", "running_mean", "running_var")}
-            permute_refs(node, refs, BN_FUNCTIONS[node.target], 0, "bn")
+        if kind == "bn":
+            inserted += _permute_batch_norm(gm, node, perm, f"{base}_bn")
         elif kind == "shift" and node.op == "call_module":
-            module = copy.deepcopy(gm.get_submodule(node.target))
-            with torch.no_grad():
-                module.shifts.copy_(module.shifts.index_select(0, perm.to(module.shifts.device)))
-            name = unique_name(gm, f"{base}_shift")
-            gm.add_submodule(name, module)
-            node.target = name
+            _permute_module(gm, node, perm, f"{base}_shift", ("shifts",))
         elif kind == "shift":
-            new = _permuted_attr(gm, node, shifts_ref, perm, 0, f"{base}_shifts")
-            inserted.append(new)
-            node.replace_input_with(shifts_ref, new)
+            inserted.append(_permuted_attr(gm, node, shifts_ref, perm, 0, f"{base}_shifts"))
+            node.replace_input_with(shifts_ref, inserted[-1])
     for node in inserted:
         node.meta[_ROLE] = True
     for node in list(gm.graph.nodes):  # the references the copies replaced
